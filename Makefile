@@ -1,0 +1,57 @@
+# PruneScope: `make run` sets everything up and opens the dashboard, `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PORT ?= 8501
+# Extra pip arguments for the torch install, e.g.
+#   make venv TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+
+.PHONY: venv venv-run run test bench demo clean
+
+# The bare venv plus torch. torch is installed on its own, first, so that the later
+# `pip install -e .` finds torch==2.13.0 satisfied and never pulls a CUDA build.
+$(VENV)/.stamp-torch:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "torch==2.13.0" $(TORCH_PIP_ARGS)
+	touch $@
+
+$(VENV)/.stamp-run: pyproject.toml $(VENV)/.stamp-torch
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-torch
+	$(PIP) install -e ".[test]"
+	touch $@
+
+$(VENV)/.stamp-bench: pyproject.toml $(VENV)/.stamp-test
+	$(PIP) install -e ".[test,bench]"
+	touch $@
+
+venv: $(VENV)/.stamp-test
+
+venv-run: $(VENV)/.stamp-run
+
+run: $(VENV)/.stamp-run
+	@if [ -f dashboard/app.py ]; then \
+		$(VENV)/bin/streamlit run dashboard/app.py --server.headless true \
+			--server.address 127.0.0.1 --server.port $(PORT); \
+	else \
+		echo "dashboard/app.py not found: pruning the demo model from the CLI instead"; \
+		$(VENV)/bin/prunescope prune demo --ratio 0.5 --out out/demo; \
+	fi
+
+test: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.stamp-bench
+	$(PY) -m bench
+
+demo: $(VENV)/.stamp-test
+	$(PY) assets/train_demo.py --out assets
+
+clean:
+	rm -rf out test-artifacts .pytest_cache .ruff_cache .hypothesis
