@@ -1,0 +1,98 @@
+"""The shipped demo model and its training script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from engine.demo import (
+    ASSETS_DIR,
+    DEMO_EVAL_PATH,
+    DEMO_PATH,
+    demo_example_inputs,
+    load_demo_eval,
+    load_demo_program,
+)
+
+MIN_ACCURACY = 0.95
+
+
+def _accuracy(program: torch.export.ExportedProgram, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        logits = program.module()(torch.from_numpy(x))
+    assert logits.shape == (len(x), 10)
+    return float((logits.argmax(dim=1).numpy() == y).mean())
+
+
+def test_shipped_assets_are_small() -> None:
+    total = sum(p.stat().st_size for p in (DEMO_PATH, DEMO_EVAL_PATH))
+    assert total < 1_000_000
+
+
+def test_shipped_demo_reaches_accuracy_on_eval_set() -> None:
+    x, y = load_demo_eval()
+    assert x.dtype == np.float32 and x.shape[1:] == (1, 8, 8)
+    assert y.dtype == np.int64 and y.shape == (len(x),)
+    assert _accuracy(load_demo_program(), x, y) >= MIN_ACCURACY
+
+
+def test_eval_set_is_the_held_out_quarter() -> None:
+    x, y = load_demo_eval()
+    n_all = len(load_digits().target)
+    # A stratified 25% hold-out of 1797 digits: 450 images, every class present.
+    assert 400 <= len(x) <= 500 < n_all - len(x)
+    assert set(np.unique(y).tolist()) == set(range(10))
+    assert np.bincount(y).min() >= 40
+
+
+def test_demo_batch_dimension_is_dynamic() -> None:
+    program = load_demo_program()
+    module = program.module()
+    x, _ = load_demo_eval()
+    example = demo_example_inputs()[0]
+    assert torch.equal(example, torch.from_numpy(x[: len(example)]))
+    with torch.no_grad():
+        one = module(torch.from_numpy(x[:1]))
+        many = module(torch.from_numpy(x[:37]))
+    assert one.shape == (1, 10) and many.shape == (37, 10)
+    torch.testing.assert_close(one[0], many[0], rtol=1e-4, atol=1e-5)
+
+
+def test_demo_contains_every_prunable_structure() -> None:
+    program = load_demo_program()
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    convs = [n for n in program.graph.nodes if str(n.target) == "aten.conv2d.default"]
+    groups = {n.args[6] if len(n.args) > 6 else 1 for n in convs}
+    assert {1, 4}.issubset(groups)  # plain and grouped (groups=4) convolutions
+    assert max(groups) == program.state_dict["block2.dwconv.weight"].shape[0]  # depthwise
+    assert "aten.scaled_dot_product_attention.default" in targets
+    assert "aten.view.default" in targets and "aten.layer_norm.default" in targets
+    assert targets.count("aten.add.Tensor") >= 3  # two residual blocks and the attention add
+    n_params = sum(p.numel() for p in program.parameters())
+    assert 20_000 <= n_params <= 80_000
+
+
+@pytest.mark.slow
+def test_training_script_reproduces_the_demo(tmp_path: Path) -> None:
+    script = ASSETS_DIR / "train_demo.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(tmp_path / "demo_eval.npz") as data:
+        x, y = data["x"], data["y"]
+    shipped_x, shipped_y = load_demo_eval()
+    # Same seed, same split: the fresh run evaluates on exactly the shipped eval set.
+    np.testing.assert_array_equal(x, shipped_x)
+    np.testing.assert_array_equal(y, shipped_y)
+    fresh = torch.export.load(str(tmp_path / "demo.pt2"))
+    assert _accuracy(fresh, x, y) >= MIN_ACCURACY
