@@ -1,0 +1,211 @@
+"""Where a model and its evaluation data come from: demo, upload, local path, trusted pickle.
+
+Uploads are written once into a private per-session temporary folder (``SessionFiles``);
+the folder is removed when the session's state is garbage-collected or the process exits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import ModelLoadError, PruneScopeError
+
+DEMO = "Demo model"
+UPLOAD_PT2 = "Upload .pt2"
+LOCAL_PATH = "Local file path"
+UPLOAD_PT = "Upload .pt (pickle)"
+SOURCES = (DEMO, UPLOAD_PT2, LOCAL_PATH, UPLOAD_PT)
+
+
+class SessionFiles:
+    """A private temporary folder for one browser session's uploads and outputs."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="prunescope-"))
+        # Runs when the session state (and this object) is collected, or at interpreter exit.
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
+        self._written: dict[str, Path] = {}
+
+    def subdir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def store_upload(self, file_id: str, name: str, data: bytes | Any) -> Path:
+        """Write an uploaded file once (reruns reuse it); returns its path on disk."""
+        if file_id in self._written and self._written[file_id].is_file():
+            return self._written[file_id]
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(name)) or "upload"
+        folder = self.subdir(f"upload-{hashlib.sha1(file_id.encode()).hexdigest()[:12]}")
+        path = folder / safe
+        with open(path, "wb") as out:
+            if isinstance(data, bytes | bytearray | memoryview):
+                out.write(data)
+            else:
+                data.seek(0)
+                shutil.copyfileobj(data, out, length=16 << 20)
+        # Only the latest upload of each kind is kept; older ones would only fill the disk.
+        for old_id, old_path in list(self._written.items()):
+            if old_path.suffix == path.suffix and old_id != file_id:
+                shutil.rmtree(old_path.parent, ignore_errors=True)
+                del self._written[old_id]
+        self._written[file_id] = path
+        return path
+
+    def cleanup(self) -> None:
+        self._finalizer()
+
+    @property
+    def alive(self) -> bool:
+        return self._finalizer.alive
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """Everything needed to load one model; ``key`` identifies it for caching."""
+
+    key: str
+    label: str
+    source: str  # "demo" or a file path
+    trust_pickle: bool = False
+    input_shapes: tuple[tuple[int, ...], ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def demo_request() -> ModelRequest:
+    from engine.demo import DEMO_PATH
+
+    stamp = _file_stamp(DEMO_PATH) if Path(DEMO_PATH).is_file() else "missing"
+    return ModelRequest(key=f"demo:{stamp}", label="built-in demo (digit classifier)",
+                        source="demo")
+
+
+def path_request(path: str | Path, *, trust_pickle: bool = False,
+                 input_shapes: tuple[tuple[int, ...], ...] | None = None,
+                 label: str | None = None) -> ModelRequest:
+    """A request for a model file on disk (a .pt2, or a trusted .pt with input shapes)."""
+    raw = str(path).strip()
+    if not raw:
+        raise ModelLoadError("no file path given")
+    p = Path(os.path.expanduser(raw))
+    if not p.exists():
+        raise ModelLoadError(f"file not found: {raw}")
+    if not p.is_file():
+        raise ModelLoadError(f"not a file: {raw}")
+    suffix = p.suffix.lower()
+    if suffix not in (".pt2", ".pt", ".pth"):
+        raise ModelLoadError(
+            f"unsupported model file {p.name!r}: expected a .pt2 (torch.export) file, "
+            "or a .pt/.pth pickle with 'runs code' ticked and input shapes"
+        )
+    if suffix in (".pt", ".pth"):
+        if not trust_pickle:
+            raise ModelLoadError(
+                f"{p.name} is a pickle: loading it runs code from the file; tick the box to "
+                "trust it, or export it to .pt2 with torch.export"
+            )
+        if not input_shapes:
+            raise ModelLoadError(f"{p.name} is a pickle: give its input shape(s), e.g. 1,3,224,224")
+    shapes = tuple(input_shapes) if input_shapes else None
+    key = f"path:{_file_stamp(p)}:{trust_pickle}:{shapes}"
+    return ModelRequest(key=key, label=label or str(p), source=str(p.resolve()),
+                        trust_pickle=trust_pickle, input_shapes=shapes)
+
+
+def _file_stamp(path: str | Path) -> str:
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
+    """Parse input shapes such as ``1,3,224,224`` or ``1,16; 1,16`` (one per model input)."""
+    shapes = []
+    for part in re.split(r"[;\n]", text or ""):
+        part = part.strip().strip("()[]")
+        if not part:
+            continue
+        try:
+            dims = tuple(int(d) for d in re.split(r"[,x×\s]+", part) if d)
+        except ValueError:
+            raise ModelLoadError(
+                f"bad input shape {part!r}: use integers separated by commas, e.g. 1,3,224,224;"
+                " separate several inputs with ';'"
+            ) from None
+        if not dims or any(d < 1 for d in dims):
+            raise ModelLoadError(f"bad input shape {part!r}: every dimension must be >= 1")
+        shapes.append(dims)
+    if not shapes:
+        raise ModelLoadError("no input shape given: e.g. 1,3,224,224 (';' between inputs)")
+    return tuple(shapes)
+
+
+@dataclass
+class EvalData:
+    """Calibration/evaluation samples: ``x`` (first axis = samples) and optional labels."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    label: str
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+
+def load_npz(data: bytes | Path | str, label: str = "uploaded data") -> EvalData:
+    """Read an ``.npz`` with ``x`` and optional integer ``y``; one readable error otherwise."""
+    try:
+        source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+        with np.load(source, allow_pickle=False) as npz:
+            names = list(npz.files)
+            if "x" not in names:
+                found = ", ".join(names) or "none"
+                raise ModelLoadError(f"{label}: the .npz has no array named 'x' (found: {found})")
+            x = np.asarray(npz["x"])
+            y = np.asarray(npz["y"]) if "y" in names else None
+    except PruneScopeError:
+        raise
+    except Exception as e:  # numpy raises many kinds for a file that is not an npz
+        raise ModelLoadError(f"{label}: not a readable .npz file ({one_line(e)})") from None
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ModelLoadError(f"{label}: 'x' must have at least one sample along its first axis")
+    if not np.issubdtype(x.dtype, np.number):
+        raise ModelLoadError(f"{label}: 'x' must be numeric, not {x.dtype}")
+    if y is not None:
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ModelLoadError(f"{label}: labels 'y' must be integers, not {y.dtype}")
+        y = y.reshape(-1)
+        if y.shape[0] != x.shape[0]:
+            raise ModelLoadError(
+                f"{label}: 'y' has {y.shape[0]} labels but 'x' has {x.shape[0]} samples"
+            )
+    if np.issubdtype(x.dtype, np.floating) and x.dtype != np.float32:
+        x = x.astype(np.float32)
+    return EvalData(x=x, y=y, label=label)
+
+
+def demo_eval() -> EvalData:
+    from engine.demo import load_demo_eval
+
+    x, y = load_demo_eval()
+    return EvalData(x=x, y=y, label="demo evaluation set")
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (never a traceback)."""
+    text = str(error).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if isinstance(error, PruneScopeError):
+        return line or type(error).__name__
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
