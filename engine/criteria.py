@@ -1,0 +1,170 @@
+"""Raw channel scores (criteria), one value per output channel; float64 numpy results.
+
+- ``l2`` / ``l1``: the norm of each filter ``W[c]`` (the slice at index ``c`` of ``out_dim``).
+- ``gm``: FPGM redundancy, ``sum_j ||W[c] - W[j]||_2`` over the layer's filters.
+- ``nuclear_norm``: from calibration features (see :func:`nuclear_norm_scores`).
+- ``random``: a seeded uniform draw, stable across runs and processes.
+
+Weights may be bf16/fp16: every criterion computes in float32 or float64, never in the
+storage dtype, and works through large layers in row chunks so an 11008 x 4096 projection
+stays within a few hundred MB.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+from engine.errors import OptionError
+from engine.normalize import ScoreError
+
+__all__ = [
+    "CRITERIA_NEEDING_CALIBRATION",
+    "WEIGHT_CRITERIA",
+    "nuclear_norm_scores",
+    "random_scores",
+    "weight_scores",
+]
+
+CRITERIA_NEEDING_CALIBRATION = {"nuclear_norm"}
+WEIGHT_CRITERIA = {"l1", "l2", "gm"}
+
+# Elements per chunk: 4M float64 = 32 MB for a norm chunk, and the (rows x n) distance block
+# of gm is bounded the same way.
+_CHUNK_ELEMENTS = 1 << 22
+# gm keeps the whole (centred) filter matrix in float64 up to this many elements (128 MB);
+# bigger layers use float32 for it (the sums are still accumulated in float64).
+_GM_FLOAT64_LIMIT = 1 << 24
+
+
+def _filters(weight: torch.Tensor, out_dim: int) -> torch.Tensor:
+    """``weight`` as an ``(n, rest)`` matrix, one row per output channel (storage dtype)."""
+    if not isinstance(weight, torch.Tensor):
+        raise ScoreError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() == 0:
+        raise ScoreError("weight is a scalar: it has no channels to score")
+    nd = weight.dim()
+    if not -nd <= out_dim < nd:
+        raise ScoreError(
+            f"out_dim={out_dim} is out of range for a weight of shape {tuple(weight.shape)}"
+        )
+    w = weight.detach()
+    if w.is_complex():
+        raise ScoreError("complex weights are not supported")
+    w = torch.movedim(w, out_dim, 0)
+    return w.reshape(w.shape[0], -1)
+
+
+def _rows_per_chunk(n_cols: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, n_cols))
+
+
+def weight_scores(weight: torch.Tensor, out_dim: int, criterion: str) -> np.ndarray:
+    """Score every slice of ``weight`` along ``out_dim`` by ``criterion`` (l2, l1 or gm)."""
+    if criterion not in WEIGHT_CRITERIA:
+        raise OptionError(
+            f"criterion {criterion!r} does not score weights; allowed: "
+            f"{', '.join(sorted(WEIGHT_CRITERIA))}"
+        )
+    w = _filters(weight, out_dim)
+    n, d = w.shape
+    if criterion == "gm":
+        return _gm(w)
+    ord_ = 2 if criterion == "l2" else 1
+    out = np.empty(n, dtype=np.float64)
+    step = _rows_per_chunk(d)
+    for start in range(0, n, step):
+        chunk = w[start : start + step].to(torch.float64)
+        out[start : start + step] = torch.linalg.vector_norm(chunk, ord=ord_, dim=1).numpy()
+    return out
+
+
+def _gm(w: torch.Tensor) -> np.ndarray:
+    n, d = w.shape
+    dtype = torch.float64 if n * d <= _GM_FLOAT64_LIMIT else torch.float32
+    # Distances do not change under translation; centring keeps |a|^2 + |b|^2 - 2ab from
+    # cancelling catastrophically when the filters share a large common offset.
+    mean = torch.zeros(d, dtype=torch.float64)
+    step = _rows_per_chunk(d)
+    for start in range(0, n, step):
+        mean += w[start : start + step].to(torch.float64).sum(dim=0)
+    mean /= n
+    c = torch.empty((n, d), dtype=dtype)
+    sq = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, step):
+        centred = w[start : start + step].to(torch.float64) - mean
+        sq[start : start + step] = (centred * centred).sum(dim=1)
+        c[start : start + step] = centred.to(dtype)
+    sq_c = sq.to(dtype)
+    out = np.empty(n, dtype=np.float64)
+    rows = _rows_per_chunk(n)
+    for start in range(0, n, rows):
+        block = c[start : start + rows]
+        d2 = sq_c[start : start + rows, None] + sq_c[None, :] - 2.0 * (block @ c.T)
+        d2.clamp_(min=0.0)
+        dist = d2.sqrt_()
+        # A filter's distance to itself is exactly 0, whatever rounding left in d2.
+        idx = torch.arange(start, min(start + rows, n))
+        dist[idx - start, idx] = 0.0
+        out[start : start + rows] = dist.sum(dim=1, dtype=torch.float64).numpy()
+    return out
+
+
+def random_scores(n: int, seed: int, key: str) -> np.ndarray:
+    """``n`` uniform draws in [0, 1), determined by ``seed`` and ``key`` (e.g. the layer path).
+
+    The stream is seeded with ``(seed, crc32(key))``: the same on every run and in every
+    process (Python's ``hash()`` is salted per process, so it is never used).
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ScoreError(f"random_scores: n must be an integer >= 0, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise OptionError(f"option seed={seed!r} must be an integer >= 0")
+    rng = np.random.default_rng([int(seed), zlib.crc32(key.encode("utf-8"))])
+    return rng.random(int(n))
+
+
+def nuclear_norm_scores(features: torch.Tensor, channel_dim: int) -> np.ndarray:
+    """Per channel: the nuclear norm of its feature map, averaged over the batch (dim 0).
+
+    A channel's feature map in one sample is what remains after removing the batch and
+    channel dims: 2 dims -> nuclear norm (sum of singular values); more than 2 -> reshaped to
+    ``(first, rest)`` first; 1 dim -> L2 norm (the nuclear norm of a vector); 0 dims -> abs.
+    ``channel_dim`` indexes ``features`` (batch included) and may be negative.
+    """
+    if not isinstance(features, torch.Tensor):
+        raise ScoreError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    nd = features.dim()
+    if nd < 2:
+        raise ScoreError(
+            f"features of shape {tuple(features.shape)} need a batch dim and a channel dim"
+        )
+    if not -nd <= channel_dim < nd or channel_dim % nd == 0:
+        raise ScoreError(
+            f"channel_dim={channel_dim} must index a non-batch dim of features with shape "
+            f"{tuple(features.shape)}"
+        )
+    if features.shape[0] == 0:
+        raise ScoreError("features have an empty batch: no calibration samples")
+    f = torch.movedim(features.detach(), channel_dim % nd, 1)
+    f = f.to(torch.float64 if f.dtype == torch.float64 else torch.float32)
+    batch, n = f.shape[0], f.shape[1]
+    rest = tuple(f.shape[2:])
+    if len(rest) == 0:
+        per = f.abs()
+    elif len(rest) == 1:
+        per = torch.linalg.vector_norm(f, ord=2, dim=2)
+    else:
+        mats = f.reshape(batch, n, rest[0], -1)
+        per = torch.empty((batch, n), dtype=f.dtype)
+        # Chunk over the batch so the SVD workspace stays bounded for large feature maps.
+        per_sample = max(1, n * rest[0] * mats.shape[-1])
+        step = max(1, _CHUNK_ELEMENTS // per_sample)
+        for start in range(0, batch, step):
+            per[start : start + step] = torch.linalg.svdvals(mats[start : start + step]).sum(-1)
+    scores = per.to(torch.float64).mean(dim=0).numpy()
+    if not np.all(np.isfinite(scores)):
+        raise ScoreError("non-finite calibration features: the nuclear norm is NaN or inf")
+    return scores

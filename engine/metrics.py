@@ -1,0 +1,106 @@
+"""Model metrics: parameter count, size in bytes, FLOPs and latency.
+
+Tied weights (one tensor reachable under two names, or two parameters viewing the same
+memory) are counted once, so a pruned model and its original are compared fairly.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from engine.errors import PruneScopeError
+
+__all__ = ["count_flops", "count_params", "measure_latency", "size_bytes"]
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of the memory a tensor covers: equal keys = the same values stored once."""
+    if t.device.type == "meta":
+        return ("id", id(t))
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return ("id", id(t))
+    if ptr == 0:
+        # Empty tensors (and some tensor subclasses) have no storage: never merge them.
+        return ("id", id(t))
+    return (t.device.type, ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    seen: set[tuple] = set()
+    out = []
+    for t in tensors:
+        key = _tensor_key(t)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def _check_module(module: Any) -> torch.nn.Module:
+    if not isinstance(module, torch.nn.Module):
+        raise PruneScopeError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    return module
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Number of parameter elements, each distinct tensor counted once (tied weights once)."""
+    module = _check_module(module)
+    params = (t for _, t in module.named_parameters(remove_duplicate=False))
+    return sum(t.numel() for t in _unique(params))
+
+
+def size_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (numel x dtype itemsize), shared tensors once."""
+    module = _check_module(module)
+    tensors = [t for _, t in module.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in module.named_buffers(remove_duplicate=False)]
+    return sum(t.numel() * t.element_size() for t in _unique(tensors))
+
+
+def _call(module: torch.nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, Mapping):
+        return module(**example_inputs)
+    if isinstance(example_inputs, tuple | list):
+        return module(*example_inputs)
+    return module(example_inputs)
+
+
+def count_flops(module: torch.nn.Module, example_inputs: Any) -> int:
+    """Total FLOPs of one forward pass (torch's FlopCounterMode: a multiply-add counts 2).
+
+    ``example_inputs``: a tuple/list of positional inputs, a dict of keyword inputs, or one
+    tensor. Works on eager modules and on ``ExportedProgram.module()``.
+    """
+    module = _check_module(module)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        _call(module, example_inputs)
+    return int(counter.get_total_flops())
+
+
+def measure_latency(
+    module: torch.nn.Module, example_inputs: Any, warmup: int = 2, runs: int = 10
+) -> float:
+    """Median wall time in seconds of ``runs`` forward passes after ``warmup`` untimed ones."""
+    module = _check_module(module)
+    if runs < 1 or warmup < 0:
+        raise PruneScopeError(
+            f"measure_latency needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}"
+        )
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            _call(module, example_inputs)
+        for _ in range(runs):
+            start = time.perf_counter()
+            _call(module, example_inputs)
+            times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
