@@ -1,0 +1,267 @@
+"""Atomic, checked exports: .pt2 programs, ONNX files and JSON reports.
+
+Every file is written to a temporary file in the destination directory and moved into place
+with os.replace, so a reader never sees a half-written file and a failed export leaves any
+earlier file at that path untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from engine.errors import ExportError
+
+MIN_OPSET = 17
+DEFAULT_OPSET = 18
+# Protobuf cannot serialise a single message above 2 GiB; we always write one self-contained
+# .onnx file (external-data files would break the atomic rename), so bigger models are refused.
+MAX_INLINE_ONNX_BYTES = 2**31 - 2**24
+
+# mkstemp creates files with mode 0600; give the final file the mode a plain open() would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _where(path: Path) -> Path:
+    """Check the destination directory up front so the error names the path, not a temp file."""
+    parent = path.parent
+    if not parent.exists():
+        raise ExportError(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {path}: {parent} is not a directory")
+    if path.is_dir():
+        raise ExportError(f"cannot write {path}: it is a directory")
+    return parent
+
+
+def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[Path], Any]) -> Path:
+    """Call write_fn(temp_path) to write a temp file next to path, then move it onto path.
+
+    On any exception the temp file is removed and an existing file at path is left as it was.
+    OS errors (permissions, full disk, missing directory) become an ExportError naming path;
+    other exceptions from write_fn propagate unchanged.
+    """
+    path = Path(path)
+    parent = _where(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            dir=parent, prefix=f".{path.name}.tmp-", suffix=path.suffix or ".tmp"
+        )
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write_fn(tmp)
+        if not tmp.is_file():
+            raise ExportError(f"cannot write {path}: the writer produced no file")
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write obj as strict JSON (numpy/torch numbers converted; NaN and infinity refused)."""
+    try:
+        text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+    except ValueError as e:
+        raise ExportError(f"cannot write {path}: the data contains NaN or infinity ({e})") from None
+    except TypeError as e:
+        raise ExportError(f"cannot write {path}: {e}") from None
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> Path:
+    """torch.export.save, atomically."""
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise ExportError(
+            f"cannot save {path}: expected a torch.export.ExportedProgram, "
+            f"got {type(program).__name__}"
+        )
+    return atomic_write(path, lambda tmp: torch.export.save(program, os.fspath(tmp)))
+
+
+def _one_line(exc: BaseException) -> str:
+    """The useful line of an exporter error: its 'Exception summary' root cause if present."""
+    text = _ANSI.sub("", str(exc))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "## Exception summary" in lines:
+        for ln in lines[lines.index("## Exception summary") + 1 :]:
+            m = re.match(r"<class '([\w.]+)'>: (.*)", ln)
+            if m:
+                return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter logs about optional torchvision ops and emits pytree deprecation
+    warnings; neither concerns the user's model, so they are hidden during export."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(
+    program: torch.export.ExportedProgram | torch.nn.Module,
+    path: str | os.PathLike[str],
+    opset: int = DEFAULT_OPSET,
+    example_inputs: Sequence[Any] | None = None,
+    dynamic_shapes: Any = None,
+) -> Path:
+    """Convert an ExportedProgram (or an nn.Module with example_inputs) to one .onnx file.
+
+    An ExportedProgram keeps its dynamic dimensions (the demo's batch dimension stays
+    symbolic in the ONNX graph). Conversion failures raise ExportError with a one-line reason.
+    """
+    path = Path(path)
+    _where(path)
+    if opset < MIN_OPSET:
+        raise ExportError(f"cannot export {path}: opset {opset} is too old; use >= {MIN_OPSET}")
+    if isinstance(program, torch.export.ExportedProgram):
+        args: tuple[Any, ...] = ()
+    elif isinstance(program, torch.nn.Module):
+        if example_inputs is None:
+            raise ExportError(f"cannot export {path}: an nn.Module needs example_inputs")
+        args = tuple(example_inputs)
+    else:
+        raise ExportError(
+            f"cannot export {path}: expected an ExportedProgram or nn.Module, "
+            f"got {type(program).__name__}"
+        )
+    try:
+        with _quiet_exporter():
+            onnx_program = torch.onnx.export(
+                program,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+            )
+    except Exception as e:
+        raise ExportError(f"ONNX conversion for {path} failed: {_one_line(e)}") from e
+    if onnx_program is None:
+        raise ExportError(f"ONNX conversion for {path} failed: the exporter returned nothing")
+
+    size = onnx_program.model_proto.ByteSize()
+    if size > MAX_INLINE_ONNX_BYTES:
+        raise ExportError(
+            f"cannot export {path}: the model needs {size / 2**30:.1f} GiB, more than one "
+            "ONNX file can hold (2 GiB)"
+        )
+    atomic_write(path, lambda tmp: onnx_program.save(os.fspath(tmp), external_data=False))
+    return path
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def _max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
+    if got.shape != want.shape:
+        raise ExportError(f"ONNX output shape {got.shape} differs from torch {want.shape}")
+    if got.size == 0:
+        return 0.0
+    if want.dtype == np.bool_ or got.dtype == np.bool_:
+        return float(np.any(got != want))
+    a, b = got.astype(np.float64), want.astype(np.float64)
+    diff = np.abs(a - b)
+    # Matching NaNs (or matching infinities) agree; any other NaN is an infinite mismatch.
+    agree = (np.isnan(a) & np.isnan(b)) | (a == b)
+    diff = np.where(agree, 0.0, diff)
+    diff = np.where(np.isnan(diff), math.inf, diff)
+    return float(diff.max())
+
+
+def check_onnx(
+    path: str | os.PathLike[str],
+    module: torch.nn.Module | torch.export.ExportedProgram,
+    example_inputs: Sequence[Any],
+) -> float:
+    """Run the ONNX file with ONNX Runtime (CPU) and return the largest absolute difference
+    from the torch module's outputs on the same inputs (nested outputs are flattened)."""
+    import onnxruntime as ort  # imported here: a second or so that only ONNX checks pay
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"cannot check {path}: no such file")
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
+    inputs = _tensor_leaves(tuple(example_inputs))
+    try:
+        with torch.no_grad():
+            want = [t.detach().cpu().numpy() for t in _tensor_leaves(module(*example_inputs))]
+    except Exception as e:
+        raise ExportError(
+            f"cannot check {path}: the torch model failed on the inputs: {_one_line(e)}"
+        ) from e
+
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != len(inputs):
+            raise ExportError(
+                f"{path} takes {len(names)} tensor inputs but {len(inputs)} were given"
+            )
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        got = session.run(None, feed)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"ONNX Runtime could not run {path}: {_one_line(e)}") from e
+
+    if len(got) != len(want):
+        raise ExportError(f"{path} returns {len(got)} outputs, the torch model {len(want)}")
+    return max((_max_abs_diff(np.asarray(g), w) for g, w in zip(got, want)), default=0.0)
