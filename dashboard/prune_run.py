@@ -1,0 +1,130 @@
+"""One "Prune" click: engine.apply, engine.save, latency and fidelity, as plain data.
+
+Kept apart from the page so it can be driven by a progress callback (the page's st.status)
+and tested without Streamlit. Pruning itself is the engine's; this only orchestrates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dashboard.evaluate import evaluate_pair
+from dashboard.sources import EvalData
+
+LATENCY_RUNS = 10
+
+
+@dataclass
+class PruneRun:
+    model_key: str
+    signature: str  # what the plan was made from, to tell a stale result
+    options: dict[str, Any]
+    ratio: float
+    files: dict[str, Path]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    fidelity_on: str = ""
+    channels_pruned: int = 0
+    channels_total: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _original_module(captured: Any):
+    return captured.program.module()
+
+
+def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: EvalData | None,
+              signature: str, ratio: float,
+              progress: Callable[[str], None] = lambda _msg: None) -> PruneRun:
+    """Apply ``plan`` to ``model``, save the artefacts, and measure before/after."""
+    progress("Removing the planned channels (engine.apply)…")
+    result = engine.apply(model.analysis, plan)
+    progress("Writing model.pt2, model.onnx and report.json (engine.save)…")
+    files = {name: Path(p) for name, p in engine.save(result, out_dir).items()}
+
+    example = tuple(model.captured.example_inputs)
+    before = dict(result.before)
+    after = dict(result.after)
+    notes: list[str] = []
+    original = _original_module(model.captured)
+    progress("Timing both models on the CPU (short run)…")
+    try:
+        before["latency_s"] = engine.metrics.measure_latency(original, example,
+                                                             runs=LATENCY_RUNS)
+        after["latency_s"] = engine.metrics.measure_latency(result.module, example,
+                                                            runs=LATENCY_RUNS)
+    except Exception as e:  # latency is informative only; the pruned files are already saved
+        notes.append(f"latency not measured: {e}")
+
+    fid: dict[str, Any] = {}
+    fid_on = ""
+    progress("Comparing outputs on the evaluation data…")
+    try:
+        if eval_data is not None and len(example) == 1:
+            fid = evaluate_pair(original, result.module, eval_data.x, eval_data.y, example)
+            fid_on = eval_data.label
+        else:
+            x = example[0].detach().cpu().numpy() if len(example) == 1 else None
+            if x is not None:
+                fid = evaluate_pair(original, result.module, x, None, example)
+                fid_on = "the example inputs (no evaluation data given)"
+            else:
+                notes.append("fidelity needs a single-input model or evaluation data")
+    except Exception as e:
+        notes.append(f"fidelity not measured: {e}")
+
+    total = int(sum(np.asarray(g.scores).size for g in plan.groups))
+    pruned = int(sum(np.asarray(g.pruned).size for g in plan.groups))
+    return PruneRun(
+        model_key=model.key,
+        signature=signature,
+        options=plan.options.to_dict() if hasattr(plan, "options") else {},
+        ratio=ratio,
+        files=files,
+        before=before,
+        after=after,
+        fidelity=fid,
+        fidelity_on=fid_on,
+        channels_pruned=pruned,
+        channels_total=total,
+        notes=notes,
+    )
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+def _human_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def comparison_rows(run: PruneRun) -> list[dict[str, str]]:
+    """Before/after table rows: metric, before, after, change."""
+    rows = []
+    specs = (
+        ("Parameters", "params", _human_count),
+        ("FLOPs", "flops", _human_count),
+        ("Size", "size_bytes", _human_bytes),
+        ("CPU latency", "latency_s", lambda s: f"{s * 1000:.2f} ms"),
+    )
+    for label, key, fmt in specs:
+        b, a = run.before.get(key), run.after.get(key)
+        if b is None or a is None:
+            continue
+        change = f"{(a - b) / b * 100:+.1f}%" if b else "n/a"
+        rows.append({"Metric": label, "Before": fmt(b), "After": fmt(a), "Change": change})
+    return rows
