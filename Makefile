@@ -5,17 +5,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PORT ?= 8501
-# Extra pip arguments for the torch install, e.g.
-#   make venv TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
-TORCH_PIP_ARGS ?=
+# The CPU build of torch. It is taken from pip's configured indexes/find-links when they have
+# it, else from PyTorch's CPU index; pinning the +cpu local version means a CUDA build is
+# never pulled.
+TORCH := torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: venv venv-run run test bench demo clean
 
 # The bare venv plus torch. torch is installed on its own, first, so that the later
-# `pip install -e .` finds torch==2.13.0 satisfied and never pulls a CUDA build.
+# `pip install -e .` finds torch==2.13.0 already satisfied.
 $(VENV)/.stamp-torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(PIP) install "$(TORCH)" || $(PIP) install "$(TORCH)" --extra-index-url $(TORCH_CPU_INDEX)
 	touch $@
 
 $(VENV)/.stamp-run: pyproject.toml $(VENV)/.stamp-torch
