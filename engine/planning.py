@@ -268,7 +268,8 @@ def combine(
     with np.errstate(over="ignore"):
         total = np.sum(rows, axis=0)
     if not np.all(np.isfinite(total)) and layer_norm in _SCALE_INVARIANT:
-        total = np.mean(rows, axis=0)
+        # Dividing each row before adding cannot overflow (np.mean adds first).
+        total = np.sum([r / len(rows) for r in rows], axis=0)
     if not np.all(np.isfinite(total)):
         raise ScoreError(
             f"{label}: the sum of the members' raw scores overflows float64 "
