@@ -150,6 +150,10 @@ def nuclear_norm_scores(features: torch.Tensor, channel_dim: int) -> np.ndarray:
         raise ScoreError("features have an empty batch: no calibration samples")
     f = torch.movedim(features.detach(), channel_dim % nd, 1)
     f = f.to(torch.float64 if f.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(f).all()):
+        # Checked up front: the SVD of a NaN matrix may fail to converge instead of
+        # returning NaN, which would surface as an obscure linear-algebra error.
+        raise ScoreError("non-finite calibration features: NaN or inf in the feature maps")
     batch, n = f.shape[0], f.shape[1]
     rest = tuple(f.shape[2:])
     if len(rest) == 0:
@@ -166,5 +170,5 @@ def nuclear_norm_scores(features: torch.Tensor, channel_dim: int) -> np.ndarray:
             per[start : start + step] = torch.linalg.svdvals(mats[start : start + step]).sum(-1)
     scores = per.to(torch.float64).mean(dim=0).numpy()
     if not np.all(np.isfinite(scores)):
-        raise ScoreError("non-finite calibration features: the nuclear norm is NaN or inf")
+        raise ScoreError("the nuclear norm of the calibration features overflows")
     return scores
