@@ -1,0 +1,19 @@
+"""User-facing errors: one clear line saying what is wrong and what is allowed."""
+
+from __future__ import annotations
+
+
+class PruneScopeError(Exception):
+    """Base class of every error the engine raises on purpose (bad input, bad option)."""
+
+
+class OptionError(PruneScopeError, ValueError):
+    """An option has a value outside the allowed set."""
+
+
+class ModelLoadError(PruneScopeError):
+    """A model file or object could not be loaded or captured."""
+
+
+class ExportError(PruneScopeError):
+    """Writing or checking an exported artefact failed."""

@@ -1,0 +1,103 @@
+"""Pruning options: names, allowed values and defaults from shared/spec/pruning-options.md."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from engine.errors import OptionError
+
+CRITERIA = ("l2", "l1", "gm", "nuclear_norm", "random", "index")
+POLICIES = ("sum", "average", "backward")
+LAYER_NORMS = ("standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none")
+GROUP_POLICIES = ("sum", "average", "count", "none")
+RESHAPE_CHANNEL_AXES = (0, 1, -1, -2)
+STEP_OPS = ("round", "round_up", "round_down", "none")
+
+ALLOWED: dict[str, tuple] = {
+    "criterion": CRITERIA,
+    "policy": POLICIES,
+    "layer_norm": LAYER_NORMS,
+    "group_policy": GROUP_POLICIES,
+    "reshape_channel_axis": RESHAPE_CHANNEL_AXES,
+    "step_op": STEP_OPS,
+}
+
+
+@dataclass(frozen=True)
+class PruningOptions:
+    criterion: str = "l2"
+    policy: str = "average"
+    layer_norm: str = "standard_score"
+    group_policy: str = "average"
+    reshape_channel_axis: int = -1
+    step_size: int = 2
+    step_op: str = "round"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        axis = self.reshape_channel_axis
+        if isinstance(axis, str):
+            try:
+                object.__setattr__(self, "reshape_channel_axis", int(axis.strip()))
+            except ValueError:
+                raise OptionError(_bad("reshape_channel_axis", axis)) from None
+        for name, allowed in ALLOWED.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in allowed:
+                raise OptionError(_bad(name, value))
+        for name in ("step_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value)
+                object.__setattr__(self, name, value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise OptionError(f"option {name}={value!r} is not an integer")
+        if self.step_size < 1:
+            raise OptionError(f"option step_size={self.step_size} must be an integer >= 1")
+        if self.seed < 0:
+            raise OptionError(f"option seed={self.seed} must be an integer >= 0")
+
+    @property
+    def prunes_whole_blocks(self) -> bool:
+        """reshape_channel_axis -2/0 removes whole blocks (heads); -1/1 shrinks every block."""
+        return self.reshape_channel_axis in (0, -2)
+
+    @property
+    def step_enabled(self) -> bool:
+        return self.step_op != "none" and self.step_size > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_any(cls, options: PruningOptions | dict[str, Any] | None) -> PruningOptions:
+        if options is None:
+            return cls()
+        if isinstance(options, PruningOptions):
+            return options
+        if isinstance(options, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise OptionError(
+                    f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+                )
+            return cls(**options)
+        raise OptionError(f"options must be PruningOptions or a dict, not {type(options).__name__}")
+
+
+def _bad(name: str, value: Any) -> str:
+    allowed = ", ".join(str(v) for v in ALLOWED[name])
+    return f"option {name}={value!r} is not allowed; allowed values: {allowed}"
+
+
+def check_ratio(ratio: Any, what: str = "ratio") -> float:
+    """A pruning ratio must be a number with 0 <= r < 1."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise OptionError(f"{what}={ratio!r} is not a number; allowed: 0 <= ratio < 1") from None
+    if not (0.0 <= value < 1.0):
+        raise OptionError(f"{what}={ratio!r} is out of range; allowed: 0 <= ratio < 1")
+    return value
