@@ -12,6 +12,7 @@ stays within a few hundred MB.
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -54,7 +55,7 @@ def _filters(weight: torch.Tensor, out_dim: int) -> torch.Tensor:
     if w.is_complex():
         raise ScoreError("complex weights are not supported")
     w = torch.movedim(w, out_dim, 0)
-    return w.reshape(w.shape[0], -1)
+    return w.reshape(w.shape[0], math.prod(w.shape[1:]))
 
 
 def _rows_per_chunk(n_cols: int) -> int:

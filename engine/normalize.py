@@ -143,7 +143,7 @@ LAYER_NORM_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 assert set(LAYER_NORM_FUNCTIONS) == set(LAYER_NORMS)
 
 
-def normalize(v: np.ndarray, layer_norm: str, *, what: str | None = None) -> np.ndarray:
+def normalize(v: np.ndarray, layer_norm: str, what: str | None = None) -> np.ndarray:
     """Apply the layer norm ``layer_norm`` to the raw score vector ``v`` (float64 result).
 
     ``what`` names the layer in error messages. Raises :class:`ScoreError` for non-finite or

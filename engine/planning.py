@@ -333,7 +333,9 @@ def _lowest(scores: np.ndarray, candidates: np.ndarray | None, count: int) -> np
     return idx[np.argsort(scores[idx], kind="stable")[:count]]
 
 
-def _select_flat(p: _Prepared, n_cut: int, marked: np.ndarray | None, opts: PruningOptions):
+def _select_flat(
+    p: _Prepared, n_cut: int, marked: np.ndarray | None, opts: PruningOptions
+) -> np.ndarray:
     """Channels removed from a group without blocks."""
     n = p.scores.size
     frozen = n - p.n_prunable
@@ -464,7 +466,15 @@ def make_plan(
     pinned: Iterable[str] = (),
     removals: Mapping[str, np.ndarray] | None = None,
 ) -> Plan:
-    """Decide which channels every group loses. Semantics: see the module docstring."""
+    """Decide which channels every group loses (full semantics: the module docstring).
+
+    ``ratio``: the global ratio shared by every group without a ratio of its own;
+    ``ratios``: per-group ratios (they take the group out of the global ranking);
+    ``pinned``: group names that lose nothing; ``removals``: exact channel indices per group
+    (criterion ``index``). Every ratio must satisfy ``0 <= r < 1``; an unknown group name, a
+    bad ratio or bad removal indices raise :class:`~engine.errors.OptionError` naming the
+    group; an inconsistent :class:`GroupInput` raises :class:`PlanError`.
+    """
     options = PruningOptions.from_any(options)
     index: dict[str, int] = {}
     for i, g in enumerate(groups):
