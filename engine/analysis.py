@@ -1,0 +1,234 @@
+"""Analysis: one captured model, its groups, and raw scores cached per criterion.
+
+Everything a redraw needs is cached here: the graph walk per block mode, and the raw score of
+every filter per criterion. Changing the layer norm, policy or ratio only re-plans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from engine.capture import Captured, load_model
+from engine.criteria import nuclear_norm_scores, random_scores, weight_scores
+from engine.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
+from engine.errors import OptionError
+from engine.options import CRITERIA, PruningOptions
+from engine.planning import GroupInput, Plan, make_plan
+
+
+class Analysis:
+    def __init__(self, captured: Captured) -> None:
+        self.captured = captured
+        self.gm: fx.GraphModule = captured.program.module()
+        self._structures: dict[bool, Structure] = {}
+        self._filter_scores: dict[tuple, dict[str, np.ndarray]] = {}
+        self.score_computations = 0  # how many times filter scores were computed (tests)
+
+    # ------------------------------------------------------------------ structure
+    def structure(self, whole_blocks: bool = False) -> Structure:
+        if whole_blocks not in self._structures:
+            self._structures[whole_blocks] = analyze_graph(self.gm, whole_blocks)
+        return self._structures[whole_blocks]
+
+    @property
+    def groups(self) -> list[GroupInfo]:
+        return [g for g in self.structure(False).groups if g.prunable.any()]
+
+    @property
+    def frozen(self) -> list[FrozenInfo]:
+        return self.structure(False).frozen
+
+    def prunable_groups(self, whole_blocks: bool) -> list[GroupInfo]:
+        return [g for g in self.structure(whole_blocks).groups if g.prunable.any()]
+
+    # --------------------------------------------------------------------- scores
+    def filter_scores(
+        self, criterion: str, calibration: np.ndarray | None = None, seed: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Raw score of every filter of every member layer (cached)."""
+        if criterion not in CRITERIA:
+            raise OptionError(f"criterion {criterion!r} is not allowed; allowed: {CRITERIA}")
+        if criterion == "index":
+            criterion = "l2"  # index pruning has no score; charts show l2
+        key = (criterion, seed if criterion == "random" else None,
+               id(calibration) if criterion == "nuclear_norm" else None)
+        if key not in self._filter_scores:
+            self.score_computations += 1
+            self._filter_scores[key] = self._compute_filter_scores(criterion, calibration, seed)
+        return self._filter_scores[key]
+
+    def _members(self) -> list:
+        seen = {}
+        for whole in (False,):
+            for m in self.structure(whole).state.members.values():
+                seen[m.layer] = m
+        return list(seen.values())
+
+    def _compute_filter_scores(self, criterion, calibration, seed) -> dict[str, np.ndarray]:
+        members = self._members()
+        if criterion == "random":
+            return {
+                m.layer: random_scores(self._param(m.param).shape[m.dim], seed, m.layer)
+                for m in members
+            }
+        if criterion == "nuclear_norm":
+            if calibration is None:
+                raise OptionError(
+                    "criterion nuclear_norm needs calibration inputs (--calibration FILE.npz)"
+                )
+            return _feature_scores(self, members, calibration)
+        return {m.layer: weight_scores(self._param(m.param), m.dim, criterion) for m in members}
+
+    def _param(self, name: str) -> torch.Tensor:
+        owner, _, attr = name.rpartition(".")
+        module = self.gm.get_submodule(owner) if owner else self.gm
+        return getattr(module, attr).detach()
+
+    def raw_scores(
+        self,
+        criterion: str = "l2",
+        calibration: np.ndarray | None = None,
+        seed: int = 0,
+        indices: Any = None,
+        whole_blocks: bool = False,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Per group, per member layer: the raw score of each group channel."""
+        filters = self.filter_scores(criterion, calibration, seed)
+        out = {}
+        for g in self.prunable_groups(whole_blocks):
+            out[g.name] = {layer: _per_channel(filters[layer], s) for layer, s in g.slots.items()}
+        return out
+
+    def group_inputs(self, options: PruningOptions, calibration=None) -> list[GroupInput]:
+        whole = options.prunes_whole_blocks
+        raw = self.raw_scores(options.criterion, calibration, options.seed, whole_blocks=whole)
+        inputs = []
+        for g in self.prunable_groups(whole):
+            inputs.append(
+                GroupInput(
+                    name=g.name,
+                    raw=raw[g.name],
+                    blocks=g.block_index,
+                    whole_blocks=False,
+                    prunable=g.prunable.copy(),
+                )
+            )
+        return inputs
+
+    def removals_from_indices(
+        self, indices: Mapping[str, Iterable[int]], whole_blocks: bool
+    ) -> dict[str, np.ndarray]:
+        """Criterion ``index``: layer -> filter indices, mapped onto group channels."""
+        layer_groups = {}
+        for g in self.prunable_groups(whole_blocks):
+            for layer in g.layers:
+                layer_groups[layer] = g
+        removals: dict[str, set[int]] = {}
+        for layer, wanted in indices.items():
+            if layer not in layer_groups:
+                raise OptionError(
+                    f"--indices names layer {layer!r}, which is not a prunable layer; "
+                    f"prunable layers include: {', '.join(list(layer_groups)[:8])}"
+                )
+            g = layer_groups[layer]
+            slots = g.slots[layer]
+            n = int(slots.member_size) if hasattr(slots, "member_size") else None
+            filters = self._param(slots.member.param).shape[slots.member.dim]
+            n = filters
+            for i in wanted:
+                if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
+                    raise OptionError(
+                        f"--indices: index {i!r} for layer {layer!r} is out of range 0..{n - 1}"
+                    )
+                channel = slots.channel[slots.slot_index == int(i)]
+                removals.setdefault(g.name, set()).update(int(c) for c in channel)
+        return {name: np.array(sorted(v), dtype=np.int64) for name, v in removals.items()}
+
+
+def _per_channel(filter_scores: np.ndarray, slots) -> np.ndarray:
+    """Mean raw score of a member's filters in each group channel."""
+    n = int(slots.channel.max()) + 1 if len(slots.channel) else 0
+    total = np.bincount(slots.channel, weights=filter_scores[slots.slot_index], minlength=n)
+    count = np.bincount(slots.channel, minlength=n)
+    return total / np.maximum(count, 1)
+
+
+def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dict:
+    wanted = {m.node: m for m in members}
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if n.name in wanted and isinstance(result, torch.Tensor):
+                captured[n.name].append(result.detach())
+            return result
+
+    x = torch.as_tensor(np.asarray(calibration))
+    example = analysis.captured.example_inputs[0]
+    if x.dtype != example.dtype:
+        x = x.to(example.dtype)
+    batch = _batch_size(analysis, x)
+    recorder = Recorder(analysis.gm)
+    with torch.inference_mode():
+        for start in range(0, min(len(x), 256), batch):
+            chunk = x[start : start + batch]
+            if len(chunk) != batch and not _dynamic_batch(analysis):
+                break
+            recorder.run(chunk, *analysis.captured.example_inputs[1:])
+    out = {}
+    for node, m in wanted.items():
+        if not captured[node]:
+            raise OptionError("nuclear_norm: the calibration data produced no feature maps")
+        feats = torch.cat(captured[node], dim=0).float()
+        out[m.layer] = nuclear_norm_scores(feats, m.out_dim)
+    return out
+
+
+def _dynamic_batch(analysis: Analysis) -> bool:
+    for node in analysis.captured.program.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
+                return True
+    return False
+
+
+def _batch_size(analysis: Analysis, x: torch.Tensor) -> int:
+    if _dynamic_batch(analysis):
+        return 32
+    return int(analysis.captured.example_inputs[0].shape[0])
+
+
+def analyze(model: Any, example_inputs: tuple | None = None, **load_kwargs) -> Analysis:
+    """Capture (if needed) and analyse a model: its groups, frozen layers and score cache."""
+    if isinstance(model, Analysis):
+        return model
+    return Analysis(load_model(model, example_inputs, **load_kwargs))
+
+
+def plan(
+    analysis: Analysis,
+    options: PruningOptions | dict | None = None,
+    *,
+    ratio: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    pinned: Iterable[str] = (),
+    calibration: np.ndarray | None = None,
+    indices: Mapping[str, Iterable[int]] | None = None,
+) -> Plan:
+    """Decide what every group loses; fast, reuses cached raw scores."""
+    options = PruningOptions.from_any(options)
+    removals = None
+    if options.criterion == "index":
+        if not indices:
+            raise OptionError("criterion index needs --indices FILE.json (layer -> indices)")
+        removals = analysis.removals_from_indices(indices, options.prunes_whole_blocks)
+    inputs = analysis.group_inputs(options, calibration)
+    return make_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                     removals=removals)

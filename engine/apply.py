@@ -1,0 +1,124 @@
+"""Applying a plan: slice the weights, rewrite shape constants, re-export a smaller program."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from engine.dependency import Structure
+from engine.ops import find_rule
+from engine.planning import Plan
+from engine.tracer import RewriteError, Tracer
+
+
+def pruned_roots(structure: Structure, plan: Plan) -> np.ndarray:
+    """Boolean over union-find roots: True where the component is removed."""
+    mask = np.zeros(len(structure.state.uf), dtype=bool)
+    for gp in plan.groups:
+        if len(gp.pruned):
+            mask[structure.group(gp.name).roots[gp.pruned]] = True
+    return mask
+
+
+class _Rules:
+    def get(self, node, default=None):
+        return find_rule(node)
+
+
+def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx.GraphModule:
+    """A copy of `gm` without the removed channels: sliced parameters, new shape constants."""
+    new = copy.deepcopy(gm)
+    tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
+    tracer.run(_Rules(), lambda node: node)
+    params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
+    for name in params:
+        tensor = tracer.param_tensor(name)
+        data = tensor.detach()
+        for (param, dim), index in sorted(tracer.gathers.items()):
+            if param == name and not (len(index) == data.shape[dim] and
+                                      np.array_equal(index, np.arange(data.shape[dim]))):
+                data = data.index_select(dim, torch.as_tensor(index, dtype=torch.long))
+        if name in tracer.grouped_gathers:
+            data = _gather_grouped(data, tracer.grouped_gathers[name])
+        _set_tensor(new, name, tensor, data.contiguous())
+    new.recompile()
+    return new
+
+
+def _gather_grouped(weight: torch.Tensor, columns: list[np.ndarray]) -> torch.Tensor:
+    groups = len(columns)
+    rows = weight.shape[0] // groups
+    parts = []
+    for g, cols in enumerate(columns):
+        block = weight[g * rows : (g + 1) * rows]
+        parts.append(block.index_select(1, torch.as_tensor(cols, dtype=torch.long)))
+    widths = {p.shape[1] for p in parts}
+    if len(widths) != 1:
+        raise RewriteError("grouped convolution groups would keep different channel counts")
+    return torch.cat(parts, dim=0)
+
+
+def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Tensor) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if isinstance(old, torch.nn.Parameter):
+        setattr(owner, attr, torch.nn.Parameter(data.clone(), requires_grad=old.requires_grad))
+    elif attr in getattr(owner, "_buffers", {}):
+        owner._buffers[attr] = data.clone()
+    else:
+        setattr(owner, attr, data.clone())
+
+
+class MaskedInterpreter(fx.Interpreter):
+    """Runs the original graph with every removed channel zeroed after each op (mask mode)."""
+
+    def __init__(self, gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> None:
+        super().__init__(gm)
+        roots = structure.state.uf.roots()
+        self.masks: dict[str, object] = {}
+        for name, ids in structure.state.labels.items():
+            self.masks[name] = _mask(ids, roots, removed)
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        mask = self.masks.get(n.name)
+        if mask is None:
+            return result
+        if isinstance(mask, list):
+            return type(result)(
+                _apply_mask(r, m) for r, m in zip(result, mask)
+            ) if isinstance(result, (list, tuple)) else result
+        return _apply_mask(result, mask)
+
+
+def _mask(ids, roots, removed):
+    if isinstance(ids, list):
+        masks = [_mask(i, roots, removed) for i in ids]
+        return masks if any(m is not None for m in masks) else None
+    if not isinstance(ids, np.ndarray):
+        return None
+    keep = np.ones(ids.shape, dtype=bool)
+    labelled = ids >= 0
+    keep[labelled] = ~removed[roots[ids[labelled]]]
+    if keep.all():
+        return None
+    return torch.from_numpy(keep)
+
+
+def _apply_mask(value, mask):
+    if mask is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    return value * mask.to(value.dtype)
+
+
+def masked_module(gm: fx.GraphModule, structure: Structure, removed: np.ndarray):
+    """A callable computing the original model with the removed channels zeroed."""
+    interpreter = MaskedInterpreter(gm, structure, removed)
+
+    def run(*args):
+        return interpreter.run(*args)
+
+    return run

@@ -1,0 +1,188 @@
+"""Capture: turn whatever the user brings into an ExportedProgram plus example inputs.
+
+Accepted: an ``nn.Module`` with example inputs, an ``ExportedProgram``, a ``.pt2`` file saved
+by ``torch.export.save``, a ``.pt``/``.pth`` pickle of an ``nn.Module`` or ``GraphModule``
+(only when the user trusts it, since unpickling runs code) with input shapes, and the word
+``demo``. Models are captured with ``torch.export`` (non-strict).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from engine.errors import ModelLoadError
+
+ACCEPTED = (
+    "'demo', a .pt2 file saved by torch.export.save, or a .pt/.pth pickle of an nn.Module "
+    "(with --trust-pickle and --input-shape)"
+)
+PICKLE_SUFFIXES = (".pt", ".pth")
+
+
+@dataclass
+class Captured:
+    program: torch.export.ExportedProgram
+    example_inputs: tuple
+    source: str
+    example_kwargs: dict | None = None
+
+
+def load_model(
+    source: Any,
+    example_inputs: tuple | None = None,
+    *,
+    trust_pickle: bool = False,
+    input_shapes: list[tuple[int, ...]] | None = None,
+) -> Captured:
+    """Capture `source` (module, program, path or 'demo'); errors are one-line ModelLoadErrors."""
+    if isinstance(source, Captured):
+        return source
+    if isinstance(source, torch.export.ExportedProgram):
+        return _from_program(source, example_inputs, "ExportedProgram")
+    if isinstance(source, torch.nn.Module):
+        if example_inputs is None:
+            raise ModelLoadError("an nn.Module needs example inputs to be captured")
+        return capture_module(source, _as_tuple(example_inputs), source=type(source).__name__)
+    if isinstance(source, (str, os.PathLike)):
+        if str(source) == "demo":
+            from engine.demo import demo_example_inputs, load_demo_program
+
+            return _from_program(load_demo_program(), demo_example_inputs(), "demo")
+        return _load_path(Path(source), example_inputs, trust_pickle, input_shapes)
+    raise ModelLoadError(f"cannot prune a {type(source).__name__}; give {ACCEPTED}")
+
+
+def _as_tuple(inputs: Any) -> tuple:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    return tuple(inputs)
+
+
+def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> Captured:
+    if not path.exists():
+        raise ModelLoadError(f"model file {path} does not exist")
+    if path.is_dir():
+        raise ModelLoadError(f"model path {path} is a directory; give {ACCEPTED}")
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"model file {path} is empty")
+    if suffix == ".pt2":
+        try:
+            program = torch.export.load(os.fspath(path))
+        except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
+            raise ModelLoadError(
+                f"model file {path} is not a readable .pt2 (torch.export.save) archive: "
+                f"{_one_line(exc)}"
+            ) from None
+        return _from_program(program, example_inputs, str(path))
+    if suffix in PICKLE_SUFFIXES:
+        if not trust_pickle:
+            raise ModelLoadError(
+                f"model file {path} is a pickle, and loading a pickle runs code from the file; "
+                "pass --trust-pickle (Python: trust_pickle=True) only if you trust it"
+            )
+        try:
+            obj = torch.load(os.fspath(path), weights_only=False, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"model file {path} could not be unpickled: {_one_line(exc)}") \
+                from None
+        if not isinstance(obj, torch.nn.Module):
+            raise ModelLoadError(
+                f"model file {path} holds a {type(obj).__name__}, not an nn.Module or "
+                "GraphModule (a state_dict alone has no architecture to prune)"
+            )
+        if example_inputs is None:
+            if not input_shapes:
+                raise ModelLoadError(
+                    f"model file {path} needs --input-shape (e.g. 1,3,224,224) to be captured"
+                )
+            example_inputs = tuple(torch.randn(*shape) for shape in input_shapes)
+        return capture_module(obj, _as_tuple(example_inputs), source=str(path))
+    raise ModelLoadError(f"model file {path} has an unsupported extension '{suffix}'; give {ACCEPTED}")
+
+
+def _from_program(program, example_inputs, source: str) -> Captured:
+    kwargs = None
+    if example_inputs is None:
+        stored = getattr(program, "example_inputs", None)
+        if not stored:
+            raise ModelLoadError(
+                f"{source} stores no example inputs; pass example inputs (or --input-shape)"
+            )
+        example_inputs, kwargs = stored
+    return Captured(program, _as_tuple(example_inputs), source, kwargs or None)
+
+
+def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str = "") -> Captured:
+    """Export a module (eval mode, outputs flattened to plain tensors so the .pt2 loads anywhere).
+
+    Models such as those of ``transformers`` return ``ModelOutput`` dataclasses; a program
+    whose output tree names such a class cannot be loaded where that class is not imported.
+    The captured program returns the output's tensor leaves as a flat tuple instead (the
+    order of ``torch.utils._pytree.tree_leaves``).
+    """
+    flat = _with_flat_outputs(module)
+    try:
+        program = torch.export.export(flat, example_inputs, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
+                             f"{_one_line(exc)}") from None
+    return Captured(program, example_inputs, source)
+
+
+def _with_flat_outputs(module: torch.nn.Module) -> torch.nn.Module:
+    wrapped = copy.copy(module)
+    base = type(module)
+    flat_cls = type(base.__name__, (base,), {"forward": _flat_forward(base.forward)})
+    wrapped.__class__ = flat_cls
+    wrapped.eval()
+    return wrapped
+
+
+def _flat_forward(forward):
+    def flat_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out
+        leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        return tuple(leaves)
+
+    return flat_forward
+
+
+def load_calibration(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Calibration/evaluation data: ``.npz`` with array ``x`` (and optional labels ``y``), or
+    a ``.npy`` array. Never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"calibration file {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                if "x" not in data:
+                    raise ModelLoadError(
+                        f"calibration file {path} has no array 'x' (found: {', '.join(data)})"
+                    )
+                y = data["y"] if "y" in data else None
+                return data["x"], y
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"calibration file {path} is unreadable: {_one_line(exc)}") from None
+    raise ModelLoadError(f"calibration file {path} must be .npz (array x) or .npy")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:300]

@@ -1,0 +1,127 @@
+"""Channel labels: which channel element every position of a tensor belongs to.
+
+A label array has the tensor's rank; each dimension is either the tensor's size (the labels
+vary along it) or 1 (constant along it). An entry is a channel element id, or -1 for data that
+carries no prunable channel (model inputs, constants, attention scores, ...). Element ids come
+from parameter dimensions ("slots"); a union-find joins ids that must be pruned together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NO_LABEL = -1
+
+
+class UnionFind:
+    """Growable union-find over non-negative integer ids, with per-root flags."""
+
+    def __init__(self) -> None:
+        self.parent = np.zeros(0, dtype=np.int64)
+
+    def allocate(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent = np.concatenate([self.parent, np.arange(start, start + n, dtype=np.int64)])
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return int(root)
+
+    def union_pairs(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Join a[k] with b[k] for every k where both are labelled."""
+        a = np.asarray(a, dtype=np.int64).ravel()
+        b = np.asarray(b, dtype=np.int64).ravel()
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if not keep.any():
+            return
+        pairs = np.unique(np.stack([a[keep], b[keep]], axis=1), axis=0)
+        for x, y in pairs:
+            rx, ry = self.find(int(x)), self.find(int(y))
+            if rx != ry:
+                if rx < ry:
+                    self.parent[ry] = rx
+                else:
+                    self.parent[rx] = ry
+
+    def union_all(self, ids: np.ndarray) -> None:
+        ids = np.unique(np.asarray(ids, dtype=np.int64).ravel())
+        ids = ids[ids >= 0]
+        if len(ids) > 1:
+            self.union_pairs(np.full(len(ids) - 1, ids[0]), ids[1:])
+
+    def roots(self) -> np.ndarray:
+        """The root of every id (fully compressed), vectorised."""
+        parent = self.parent.copy()
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
+
+
+def compress(ids: np.ndarray) -> np.ndarray:
+    """Shrink every dimension along which the labels are constant to size 1."""
+    for dim in range(ids.ndim):
+        if ids.shape[dim] > 1:
+            first = np.take(ids, [0], axis=dim)
+            if np.array_equal(np.broadcast_to(first, ids.shape), ids):
+                ids = first
+    return ids
+
+
+def unlabelled(ndim: int) -> np.ndarray:
+    return np.full((1,) * ndim, NO_LABEL, dtype=np.int64)
+
+
+def is_labelled(ids: np.ndarray | None) -> bool:
+    return ids is not None and bool((ids >= 0).any())
+
+
+def varying_dims(ids: np.ndarray) -> list[int]:
+    return [d for d in range(ids.ndim) if ids.shape[d] > 1]
+
+
+def broadcast_labels(ids: np.ndarray, ndim: int) -> np.ndarray:
+    """Right-align labels to a higher rank, as broadcasting does."""
+    if ids.ndim < ndim:
+        ids = ids.reshape((1,) * (ndim - ids.ndim) + ids.shape)
+    return ids
+
+
+def along(ids: np.ndarray, dim: int) -> np.ndarray | None:
+    """The 1-D labels along `dim` when the labels vary along no other dimension."""
+    dim = dim % ids.ndim
+    others = [d for d in range(ids.ndim) if d != dim and ids.shape[d] > 1]
+    if others:
+        return None
+    return ids.reshape(-1) if ids.shape[dim] > 1 else ids.reshape(1)
+
+
+def match_positions(reference: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """For each entry of `new`, its position in `reference`.
+
+    Equal ids are matched in order of occurrence (the k-th 5 in `new` is the k-th 5 in
+    `reference`), which is how repeated labels (a flattened feature map) keep their order.
+    """
+    reference = np.asarray(reference, dtype=np.int64).ravel()
+    new = np.asarray(new, dtype=np.int64).ravel()
+    order = np.argsort(reference, kind="stable")
+    sorted_ref = reference[order]
+    new_order = np.argsort(new, kind="stable")
+    sorted_new = new[new_order]
+    first = np.searchsorted(sorted_new, sorted_new, side="left")
+    rank = np.empty(len(new), dtype=np.int64)
+    rank[new_order] = np.arange(len(new)) - first
+    pos = np.searchsorted(sorted_ref, new, side="left") + rank
+    if len(new) and (pos.max() >= len(sorted_ref) or not np.array_equal(sorted_ref[pos], new)):
+        raise ValueError("pruned labels do not match the original channel layout")
+    return order[pos]

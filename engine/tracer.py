@@ -1,0 +1,416 @@
+"""Walks an ATen graph applying the op rules of :mod:`engine.ops` to channel labels.
+
+The same walk runs twice. The *analysis* pass gives every parameter dimension fresh element
+ids ("slots"), propagates them through the graph and joins (union-find) the ids that must be
+pruned together. The *apply* pass replays the rules on the labels that survive a plan: it
+yields each tensor's pruned layout, so the rules can rewrite shape constants, and it tells,
+for every parameter dimension, which original indices to keep and in which order.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from engine.labels import NO_LABEL, UnionFind, compress, is_labelled, match_positions
+
+Labels = np.ndarray | None | list  # one array per tensor; a list for multi-output ops
+
+
+class RewriteError(RuntimeError):
+    """The plan cannot be realised on this graph (an engine bug, never a user error)."""
+
+
+@dataclass
+class Member:
+    """A producing layer: its filters are the slots of one parameter dimension."""
+
+    layer: str
+    param: str
+    dim: int
+    node: str  # the node whose output carries the filters (nuclear_norm reads it)
+    out_dim: int  # channel dimension of that output
+
+
+@dataclass
+class Binding:
+    param: str
+    dim: int
+    reference: np.ndarray  # analysis-pass activation ids matched index by index to the slots
+    grouped: int = 0  # >0: grouped-conv input dim; reference has shape (groups, per_group)
+
+
+@dataclass
+class Split:
+    """A dimension laid out as (A, B) blocks: a reshape split or a grouped convolution."""
+
+    ids: np.ndarray  # (A, B) analysis ids
+    where: str
+
+
+@dataclass
+class AnalysisState:
+    uf: UnionFind = field(default_factory=UnionFind)
+    slots: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    members: dict[tuple[str, int], Member] = field(default_factory=dict)
+    bindings: dict[tuple[str, str, int], Binding] = field(default_factory=dict)
+    frozen: dict[int, str] = field(default_factory=dict)  # id -> first reason
+    inexact: dict[int, str] = field(default_factory=dict)
+    splits: list[Split] = field(default_factory=list)
+    labels: dict[str, Any] = field(default_factory=dict)  # node name -> labels
+
+
+def concrete(size: Any) -> int:
+    if isinstance(size, int):
+        return size
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        if hint is None:
+            hint = size.node.shape_env.size_hint(size.node.expr)
+        return int(hint)
+    return int(size)
+
+
+def val_shape(val: Any) -> tuple[int, ...] | None:
+    if isinstance(val, torch.Tensor):
+        return tuple(concrete(s) for s in val.shape)
+    return None
+
+
+class Tracer:
+    """Runs the rules over a graph module; `pruned` is None in the analysis pass."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        state: AnalysisState,
+        *,
+        whole_blocks: bool,
+        pruned: np.ndarray | None = None,
+    ) -> None:
+        self.gm = gm
+        self.state = state
+        self.whole_blocks = whole_blocks
+        self.apply_pass = pruned is not None
+        self.pruned_root = pruned  # bool per root id (apply pass)
+        self.roots = state.uf.roots() if self.apply_pass else None
+        self.labels: dict[str, Any] = {}
+        self.node: fx.Node | None = None
+        self.param_of: dict[str, str] = {}
+        self.gathers: dict[tuple[str, int], np.ndarray] = {}
+        self.grouped_gathers: dict[str, list[np.ndarray]] = {}
+        self.unknown: set[str] = set()
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                self.param_of[node.name] = node.target
+
+    # ----------------------------------------------------------------- queries for rules
+    def labels_of(self, arg: Any) -> np.ndarray | None:
+        if isinstance(arg, fx.Node):
+            value = self.labels.get(arg.name)
+            if isinstance(value, np.ndarray):
+                return value
+        return None
+
+    def label_dims(self, arg: Any) -> set[int]:
+        """Dimensions along which a tensor's labels vary, as found by the analysis pass.
+
+        In the apply pass a labelled dimension may have shrunk to size 1, so array shapes
+        alone cannot tell it from a broadcast one.
+        """
+        if not isinstance(arg, fx.Node):
+            return set()
+        ref = (self.state.labels if self.apply_pass else self.labels).get(arg.name)
+        if not isinstance(ref, np.ndarray):
+            return set()
+        return {d for d in range(ref.ndim) if ref.shape[d] > 1}
+
+    def orig_shape(self, arg: Any) -> tuple[int, ...] | None:
+        if isinstance(arg, fx.Node):
+            return val_shape(arg.meta.get("val"))
+        return None
+
+    def shape(self, arg: Any) -> tuple[int, ...] | None:
+        """The tensor's shape in this pass: original, or pruned in the apply pass."""
+        shape = self.orig_shape(arg)
+        if shape is None or not self.apply_pass:
+            return shape
+        ids = self.labels_of(arg)
+        ref = self.state.labels.get(arg.name)
+        if ids is None or not isinstance(ref, np.ndarray):
+            return shape
+        return tuple(ids.shape[d] if ref.shape[d] > 1 else shape[d] for d in range(len(shape)))
+
+    def tensor_labels(self, arg: Any) -> np.ndarray | None:
+        """Labels of a tensor argument; unlabelled tensors get an all -1 array."""
+        ids = self.labels_of(arg)
+        if ids is not None:
+            return ids
+        shape = self.orig_shape(arg)
+        if shape is None:
+            return None
+        return np.full((1,) * len(shape), NO_LABEL, dtype=np.int64)
+
+    def param(self, arg: Any) -> str | None:
+        if isinstance(arg, fx.Node):
+            return self.param_of.get(arg.name)
+        return None
+
+    def param_tensor(self, name: str) -> torch.Tensor:
+        module_path, _, attr = name.rpartition(".")
+        owner = self.gm.get_submodule(module_path) if module_path else self.gm
+        return getattr(owner, attr)
+
+    def kept(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask: which positions survive the plan (unlabelled ones always do)."""
+        ids = np.asarray(ids)
+        if not self.apply_pass:
+            return np.ones(ids.shape, dtype=bool)
+        out = np.ones(ids.shape, dtype=bool)
+        labelled = ids >= 0
+        out[labelled] = ~self.pruned_root[self.roots[ids[labelled]]]
+        return out
+
+    # ------------------------------------------------------------- slots and bindings
+    def slots(self, param: str, dim: int, *, member: str | None = None, out_dim: int = 1):
+        """Ids of a parameter dimension: all of them, or the surviving ones in the apply pass."""
+        key = (param, dim)
+        state = self.state
+        if key not in state.slots:
+            if self.apply_pass:
+                raise RewriteError(f"parameter {param} dim {dim} was not seen in the analysis")
+            size = self.param_tensor(param).shape[dim]
+            state.slots[key] = state.uf.allocate(size)
+        if member is not None and key not in state.members and not self.apply_pass:
+            state.members[key] = Member(member, param, dim, self.node.name, out_dim)
+        ids = state.slots[key]
+        if self.apply_pass:
+            keep = self.kept(ids)
+            self._record_gather(param, dim, np.nonzero(keep)[0])
+            return ids[keep]
+        return ids
+
+    def bind(self, param: str, dim: int, act_ids: np.ndarray) -> None:
+        """Parameter dimension `dim` is indexed by the activation channels `act_ids` (1-D)."""
+        act_ids = np.asarray(act_ids, dtype=np.int64).ravel()
+        key = (self.node.name, param, dim)
+        if not self.apply_pass:
+            slots = self.slots(param, dim)
+            if len(slots) != len(act_ids):
+                self.freeze(act_ids, f"{self.op_name()}: parameter {param} does not match")
+                return
+            self.state.bindings[key] = Binding(param, dim, act_ids)
+            self.state.uf.union_pairs(slots, act_ids)
+            return
+        binding = self.state.bindings.get(key)
+        if binding is None:
+            return
+        self._record_gather(param, dim, match_positions(binding.reference, act_ids))
+
+    def bind_grouped(self, param: str, act_ids: np.ndarray, groups: int) -> None:
+        """Input dim (1) of a grouped convolution weight: each group gathers its own columns."""
+        act_ids = np.asarray(act_ids, dtype=np.int64).ravel()
+        key = (self.node.name, param, 1)
+        if not self.apply_pass:
+            self.state.bindings[key] = Binding(param, 1, act_ids.reshape(groups, -1), groups)
+            self.record_split(act_ids.reshape(groups, -1), f"grouped conv input {param}")
+            return
+        binding = self.state.bindings[key]
+        rows = act_ids.reshape(groups, -1)
+        self.grouped_gathers[param] = [
+            match_positions(binding.reference[g], rows[g]) for g in range(groups)
+        ]
+
+    def _record_gather(self, param: str, dim: int, index: np.ndarray) -> None:
+        key = (param, dim)
+        previous = self.gathers.get(key)
+        if previous is not None and not np.array_equal(previous, index):
+            raise RewriteError(f"parameter {param} dim {dim} is sliced two different ways")
+        self.gathers[key] = np.asarray(index, dtype=np.int64)
+
+    # ------------------------------------------------------------------- constraints
+    def freeze(self, ids: np.ndarray | None, reason: str) -> None:
+        if ids is None or self.apply_pass:
+            return
+        for i in np.unique(np.asarray(ids).ravel()):
+            if i >= 0:
+                self.state.frozen.setdefault(int(i), reason)
+
+    def inexact(self, ids: np.ndarray | None, reason: str) -> None:
+        if ids is None or self.apply_pass:
+            return
+        for i in np.unique(np.asarray(ids).ravel()):
+            if i >= 0:
+                self.state.inexact.setdefault(int(i), reason)
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        if not self.apply_pass:
+            self.state.uf.union_pairs(a, b)
+
+    def record_split(self, ids_2d: np.ndarray, where: str) -> None:
+        if not self.apply_pass and is_labelled(ids_2d):
+            self.state.splits.append(Split(np.array(ids_2d, dtype=np.int64), where))
+
+    def align(self, args: list[Any], ndim: int, reason: str) -> np.ndarray:
+        """Elementwise ops: positions that meet must share their channel.
+
+        A labelled position that meets unlabelled data which is not broadcast along the
+        labelled dimensions (a computed tensor the engine cannot slice) is frozen.
+        """
+        operands = [_rank(self.tensor_labels(a), ndim) for a in args]
+        shapes = [(1,) * (ndim - len(s)) + s for s in (self.orig_shape(a) for a in args)]
+        varying = {
+            d + ndim - len(self.orig_shape(a)) for a in args for d in self.label_dims(a)
+        }
+        active = [
+            o
+            for a, o, s in zip(args, operands, shapes)
+            if self.label_dims(a) or is_labelled(o) or any(s[d] > 1 for d in varying)
+        ]
+        if not active:
+            return operands[0]
+        label_shape = _label_shape(ndim, active)
+        full = [np.broadcast_to(o, label_shape) for o in active]
+        out = full[0].copy()
+        for other in full[1:]:
+            both = (out >= 0) & (other >= 0)
+            if not self.apply_pass and both.any():
+                self.state.uf.union_pairs(out[both], other[both])
+            lone = (out >= 0) ^ (other >= 0)
+            if lone.any():
+                self.freeze(out[lone & (out >= 0)], reason)
+                self.freeze(other[lone & (other >= 0)], reason)
+            out = np.where(out >= 0, out, other)
+        return out
+
+    def op_name(self) -> str:
+        target = self.node.target if self.node is not None else "?"
+        return getattr(target, "__name__", str(target)) if not isinstance(target, str) else target
+
+    # -------------------------------------------------------------------- rewriting
+    def set_arg(self, index: int, value: Any) -> None:
+        if self.apply_pass:
+            args = list(self.node.args)
+            while len(args) <= index:
+                args.append(None)
+            args[index] = value
+            self.node.args = tuple(args)
+
+    def set_kwarg(self, name: str, value: Any) -> None:
+        if self.apply_pass:
+            kwargs = dict(self.node.kwargs)
+            kwargs[name] = value
+            self.node.kwargs = kwargs
+
+    def set_target(self, target: Callable, args: tuple, kwargs: dict | None = None) -> None:
+        if self.apply_pass:
+            self.node.target = target
+            self.node.args = args
+            self.node.kwargs = kwargs or {}
+
+    # ------------------------------------------------------------------------ walk
+    def run(self, rules: dict[str, Callable], key_of: Callable[[fx.Node], str]) -> None:
+        from engine.ops import unknown_op
+
+        for node in list(self.gm.graph.nodes):
+            self.node = node
+            if node.op == "get_attr":
+                self.labels[node.name] = self._param_labels(node)
+            elif node.op == "call_function":
+                if node.target is operator.getitem:
+                    source = self.labels.get(node.args[0].name)
+                    picked = source[node.args[1]] if isinstance(source, list) else None
+                    self.labels[node.name] = picked
+                    continue
+                rule = rules.get(key_of(node))
+                if rule is None:
+                    self.unknown.add(key_of(node))
+                    rule = unknown_op
+                result = rule(self, node)
+                self.labels[node.name] = self._conform(node, result)
+            elif node.op == "output":
+                for leaf in _flatten_nodes(node.args):
+                    ids = self.labels_of(leaf)
+                    if ids is not None:
+                        self.freeze(ids, "reaches a model output")
+            elif node.op == "call_module":
+                for arg in _flatten_nodes((node.args, node.kwargs)):
+                    if is_labelled(self.labels_of(arg)) and not node.target.startswith("_guards"):
+                        self.freeze(self.labels_of(arg), f"submodule {node.target}")
+        if not self.apply_pass:
+            self.state.labels = self.labels
+
+    def _param_labels(self, node: fx.Node) -> np.ndarray | None:
+        """A parameter used as data carries the slots of its one non-trivial dimension."""
+        shape = self.orig_shape(node)
+        if shape is None:
+            return None
+        big = [d for d, s in enumerate(shape) if s > 1]
+        if len(big) != 1:
+            return None
+        d = big[0]
+        ids = self.slots(node.target, d)
+        out_shape = [1] * len(shape)
+        out_shape[d] = len(ids)
+        return ids.reshape(out_shape)
+
+    def _conform(self, node: fx.Node, result: Any) -> Any:
+        val = node.meta.get("val")
+        if isinstance(result, list):
+            vals = list(val) if isinstance(val, (list, tuple)) else [None] * len(result)
+            return [self._conform_one(v, r, node, i) for i, (v, r) in enumerate(zip(vals, result))]
+        return self._conform_one(val, result, node, None)
+
+    def _conform_one(self, val: Any, ids: Any, node: fx.Node, index: int | None) -> Any:
+        if ids is None or not isinstance(val, torch.Tensor):
+            return None
+        if ids.ndim != val.dim():
+            raise RewriteError(f"rule for {node.target} gave labels of the wrong rank")
+        if not self.apply_pass:
+            if not is_labelled(ids):
+                return None
+            compressed = compress(ids)
+            # a tensor that is one channel throughout keeps its extent: it can vanish whole
+            if compressed.size == 1 and ids.size > 1:
+                return ids
+            return compressed
+        ref = self.state.labels.get(node.name)
+        if index is not None and isinstance(ref, list):
+            ref = ref[index]
+        if not isinstance(ref, np.ndarray):
+            return None
+        index_1 = tuple(slice(0, 1) if ref.shape[d] == 1 else slice(None) for d in range(ids.ndim))
+        return ids[index_1]
+
+
+def _rank(ids: np.ndarray, ndim: int) -> np.ndarray:
+    if ids.ndim < ndim:
+        return ids.reshape((1,) * (ndim - ids.ndim) + ids.shape)
+    return ids
+
+
+def _label_shape(ndim: int, operands: list[np.ndarray]) -> tuple[int, ...]:
+    sizes = [1] * ndim
+    for o in operands:
+        for d in range(ndim):
+            sizes[d] = max(sizes[d], o.shape[d])
+    return tuple(sizes)
+
+
+def _flatten_nodes(tree: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    if isinstance(tree, fx.Node):
+        out.append(tree)
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            out.extend(_flatten_nodes(item))
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            out.extend(_flatten_nodes(item))
+    return out
