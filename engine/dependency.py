@@ -138,7 +138,9 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
         signature = (tuple(sorted(counts.items())), tuple(sorted(comp_consumers[root])))
         by_signature[signature].append(root)
 
-    member_rank = {m.layer: k for k, m in enumerate(members)}
+    member_rank: dict[str, int] = {}
+    for k, m in enumerate(members):
+        member_rank.setdefault(m.layer, k)
     groups: list[GroupInfo] = []
     for (counts, consumers), comp_roots in by_signature.items():
         layers = sorted({layer for layer, _ in counts}, key=lambda x: member_rank[x])
@@ -156,6 +158,8 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
                 continue
             member_roots = roots[state.slots[(m.param, m.dim)]]
             idx = np.array([k for k, r in enumerate(member_roots) if int(r) in channel_of])
+            if not len(idx):
+                continue  # the layer's other dimension (tied weights) belongs elsewhere
             chan = np.array([channel_of[int(member_roots[k])] for k in idx], dtype=np.int64)
             slots[m.layer] = MemberSlots(m, idx.astype(np.int64), chan)
         prunable = np.array([r not in frozen_roots for r in comp_roots], dtype=bool)

@@ -527,9 +527,9 @@ def expand(t: Tracer, node: fx.Node) -> Any:
         new_in = t.shape(node.args[0])
         sizes = list(node.args[1])
         offset = ndim - len(new_in)
-        for d, size in enumerate(new_in):
-            if out.shape[d + offset] > 1 and isinstance(sizes[d + offset], int):
-                sizes[d + offset] = -1 if sizes[d + offset] == -1 else size
+        for d in t.label_dims(node.args[0]):
+            if isinstance(sizes[d + offset], int) and sizes[d + offset] != -1:
+                sizes[d + offset] = new_in[d]
         t.set_arg(1, sizes)
     return out
 

@@ -1,0 +1,308 @@
+"""The public pipeline: score, prune (apply + verify + metrics) and save."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from engine.analysis import Analysis, analyze, plan
+from engine.apply import masked_module, pruned_roots, rewrite
+from engine.errors import ExportError, PruneScopeError
+from engine.export import check_onnx, export_onnx, save_program, write_json
+from engine.metrics import count_flops, count_params, size_bytes
+from engine.options import PruningOptions, check_ratio
+from engine.planning import Plan
+
+EXACT_TOLERANCE = 1e-4  # relative: max |pruned - masked| / max |masked|
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Scores:
+    analysis: Analysis
+    plan: Plan
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = self.analysis.raw_scores(
+            self.plan.options.criterion, seed=self.plan.options.seed,
+            whole_blocks=self.plan.options.prunes_whole_blocks,
+        ) if self.plan.options.criterion != "nuclear_norm" else None
+        structure = self.analysis.structure(self.plan.options.prunes_whole_blocks)
+        groups = []
+        for gp in self.plan.groups:
+            info = structure.group(gp.name)
+            groups.append({
+                "name": gp.name,
+                "layers": gp.layers,
+                "channels": gp.n,
+                "raw": {k: v.tolist() for k, v in (raw or {}).get(gp.name, {}).items()},
+                "normalized": {k: v.tolist() for k, v in gp.normalized.items()},
+                "scores": gp.scores.tolist(),
+                "blocks": list(info.blocks) if info.blocks else None,
+                "exact": info.exact,
+            })
+        return {
+            "options": self.plan.options.to_dict(),
+            "groups": groups,
+            "frozen": [f.to_dict() for f in structure.frozen],
+            "unsupported_ops": structure.unsupported_ops,
+        }
+
+
+@dataclass
+class PruneResult:
+    module: torch.nn.Module
+    program: torch.export.ExportedProgram
+    report: dict[str, Any]
+    plan: Plan
+    analysis: Analysis = field(repr=False)
+    example_inputs: tuple = field(repr=False, default=())
+
+    @property
+    def before(self) -> dict[str, int]:
+        return self.report["before"]
+
+    @property
+    def after(self) -> dict[str, int]:
+        return self.report["after"]
+
+
+def score(
+    model: Any,
+    example_inputs: tuple | None = None,
+    options: PruningOptions | dict | None = None,
+    calibration: np.ndarray | None = None,
+    **load_kwargs: Any,
+) -> Scores:
+    """Raw, normalised and combined scores of every group (no pruning)."""
+    options = PruningOptions.from_any(options)
+    analysis = analyze(model, example_inputs, **load_kwargs)
+    indices = load_kwargs.pop("indices", None)
+    p = plan(analysis, options.__class__(**{**options.to_dict(), "criterion": "l2"})
+             if options.criterion == "index" and not indices else options,
+             calibration=calibration, indices=indices)
+    return Scores(analysis, p)
+
+
+def prune(
+    model: Any,
+    example_inputs: tuple | None = None,
+    options: PruningOptions | dict | None = None,
+    *,
+    ratio: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    pinned: Iterable[str] = (),
+    calibration: np.ndarray | None = None,
+    indices: Mapping[str, Iterable[int]] | None = None,
+    progress: Progress | None = None,
+    trust_pickle: bool = False,
+    input_shapes: list[tuple[int, ...]] | None = None,
+) -> PruneResult:
+    """Capture, analyse, plan, apply and verify in one call."""
+    options = PruningOptions.from_any(options)
+    if ratio is None and ratios is None and options.criterion != "index":
+        raise PruneScopeError("give a global ratio (--ratio R) or per-group ratios (--ratios F)")
+    if ratio is not None:
+        ratio = check_ratio(ratio)
+    say = progress or (lambda _msg: None)
+    say("capturing the model")
+    analysis = analyze(model, example_inputs, trust_pickle=trust_pickle, input_shapes=input_shapes)
+    say("analysing channel dependencies and scoring")
+    the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                    calibration=calibration, indices=indices)
+    return apply(analysis, the_plan, progress=progress)
+
+
+def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) -> PruneResult:
+    """Remove the planned channels for real, verify against mask mode, re-export."""
+    say = progress or (lambda _msg: None)
+    structure = analysis.structure(the_plan.options.prunes_whole_blocks)
+    removed = pruned_roots(structure, the_plan)
+    say("removing channels")
+    pruned_gm = rewrite(analysis.gm, structure, removed)
+    inputs = analysis.captured.example_inputs
+    kwargs = analysis.captured.example_kwargs or {}
+    say("verifying")
+    with torch.no_grad():
+        original = _leaves(analysis.gm(*inputs, **kwargs))
+        masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
+        try:
+            pruned = _leaves(pruned_gm(*inputs, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
+            raise PruneScopeError(f"the pruned model failed to run: {exc}".splitlines()[0]) \
+                from exc
+    verification = _verify(original, masked, pruned, the_plan, structure)
+    say("re-exporting")
+    program = _export(pruned_gm, analysis)
+    module = program.module()
+    say("measuring")
+    before = _metrics(analysis.gm, inputs, kwargs)
+    after = _metrics(module, inputs, kwargs)
+    report = {
+        "options": the_plan.options.to_dict(),
+        "groups": [
+            {
+                "name": gp.name,
+                "layers": gp.layers,
+                "channels": gp.n,
+                "kept": gp.kept.tolist(),
+                "pruned": gp.pruned.tolist(),
+                "exact": structure.group(gp.name).exact,
+            }
+            for gp in the_plan.groups
+        ],
+        "frozen": [f.to_dict() for f in structure.frozen],
+        "unsupported_ops": structure.unsupported_ops,
+        "before": before,
+        "after": after,
+        "verification": verification,
+    }
+    if the_plan.ratios is not None:
+        report["ratios"] = dict(the_plan.ratios)
+    if the_plan.ratio is not None or the_plan.ratios is None:
+        report["ratio"] = the_plan.ratio
+    return PruneResult(module, program, report, the_plan, analysis, inputs)
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def _verify(original, masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
+    shapes_match = len(original) == len(pruned) and all(
+        a.shape == b.shape for a, b in zip(original, pruned)
+    )
+    max_abs = 0.0
+    max_ref = 0.0
+    for m, p in zip(masked, pruned):
+        if m.shape == p.shape and m.is_floating_point():
+            max_abs = max(max_abs, float((m - p).abs().max()) if m.numel() else 0.0)
+            max_ref = max(max_ref, float(m.abs().max()) if m.numel() else 0.0)
+    relative = max_abs / max_ref if max_ref > 0 else max_abs
+    pruned_groups = [gp.name for gp in the_plan.groups if len(gp.pruned)]
+    expected_exact = all(structure.group(name).exact for name in pruned_groups)
+    agrees = relative <= EXACT_TOLERANCE
+    if not shapes_match:
+        raise PruneScopeError("verification failed: the pruned model's output shapes changed")
+    if expected_exact and not agrees:
+        raise PruneScopeError(
+            f"verification failed: the pruned model differs from the masked original by "
+            f"{relative:.3g} (relative), where it must agree exactly"
+        )
+    return {
+        "output_shapes_match": shapes_match,
+        "max_abs_diff_vs_masked": max_abs,
+        "relative_diff_vs_masked": relative,
+        "exact": bool(expected_exact and agrees),
+        "exact_expected": expected_exact,
+        "inexact_groups": [n for n in pruned_groups if not structure.group(n).exact],
+    }
+
+
+def _export(gm: torch.nn.Module, analysis: Analysis) -> torch.export.ExportedProgram:
+    inputs = analysis.captured.example_inputs
+    kwargs = analysis.captured.example_kwargs or {}
+    dynamic = _dynamic_shapes(analysis)
+    try:
+        return torch.export.export(gm, inputs, kwargs or None, dynamic_shapes=dynamic,
+                                   strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise PruneScopeError(
+            f"re-exporting the pruned model failed: {exc}".splitlines()[0]
+        ) from exc
+
+
+def _dynamic_shapes(analysis: Analysis):
+    program = analysis.captured.program
+    user_inputs = [
+        spec.arg.name
+        for spec in program.graph_signature.input_specs
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    ]
+    values = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    shapes = []
+    any_dynamic = False
+    for name in user_inputs:
+        val = values.get(name)
+        if isinstance(val, torch.Tensor):
+            dims = {d: torch.export.Dim.AUTO for d, s in enumerate(val.shape)
+                    if isinstance(s, torch.SymInt)}
+            any_dynamic |= bool(dims)
+            shapes.append(dims or None)
+        else:
+            shapes.append(None)
+    if not any_dynamic or analysis.captured.example_kwargs:
+        return None
+    if len(shapes) != len(analysis.captured.example_inputs):
+        return None
+    return tuple(shapes)
+
+
+def _metrics(module: torch.nn.Module, inputs: tuple, kwargs: dict) -> dict[str, int]:
+    return {
+        "params": count_params(module),
+        "flops": count_flops(module, kwargs) if kwargs and not inputs else
+        count_flops(module, inputs),
+        "size_bytes": size_bytes(module),
+    }
+
+
+def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
+         progress: Progress | None = None) -> dict[str, Path]:
+    """Write model.pt2, model.onnx and report.json; all or nothing.
+
+    Every file is first written into a temporary folder inside `out_dir`; only when all of
+    them are complete are they moved into place, so a failure leaves earlier results intact.
+    """
+    say = progress or (lambda _msg: None)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".prunescope-", dir=out))
+    except OSError as exc:
+        raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    try:
+        report = dict(result.report)
+        say("writing model.pt2")
+        save_program(result.program, staging / "model.pt2")
+        if onnx:
+            say("writing model.onnx")
+            export_onnx(result.program, staging / "model.onnx")
+            diff = check_onnx(staging / "model.onnx", result.module, result.example_inputs)
+            report["onnx"] = {"max_abs_diff_vs_torch": diff, "opset": 18}
+            if not np.isfinite(diff) or diff > 1e-3 * max(1.0, _output_scale(result)):
+                raise ExportError(f"model.onnx disagrees with the pruned torch model ({diff:.3g})")
+        write_json(staging / "report.json", report)
+        result.report = report
+        paths = {}
+        for name in ("model.pt2", "model.onnx", "report.json"):
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+                paths[name] = out / name
+        return paths
+    except OSError as exc:
+        raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _output_scale(result: PruneResult) -> float:
+    with torch.no_grad():
+        outs = _leaves(result.module(*result.example_inputs))
+    return max((float(o.abs().max()) for o in outs if o.is_floating_point() and o.numel()),
+               default=1.0)
+
+
+def masked(analysis: Analysis, the_plan: Plan) -> Callable:
+    """Mask mode: the original model with the planned channels zeroed (nothing removed)."""
+    structure = analysis.structure(the_plan.options.prunes_whole_blocks)
+    return masked_module(analysis.gm, structure, pruned_roots(structure, the_plan))
