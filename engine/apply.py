@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ class _Rules:
 
 def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx.GraphModule:
     """A copy of `gm` without the removed channels: sliced parameters, new shape constants."""
-    new = copy.deepcopy(gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
+        new = copy.deepcopy(gm)
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
     tracer.run(_Rules(), lambda node: node)
     params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)

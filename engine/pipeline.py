@@ -81,16 +81,17 @@ def score(
     example_inputs: tuple | None = None,
     options: PruningOptions | dict | None = None,
     calibration: np.ndarray | None = None,
+    *,
+    indices: Mapping[str, Iterable[int]] | None = None,
     **load_kwargs: Any,
 ) -> Scores:
     """Raw, normalised and combined scores of every group (no pruning)."""
     options = PruningOptions.from_any(options)
     analysis = analyze(model, example_inputs, **load_kwargs)
-    indices = load_kwargs.pop("indices", None)
-    p = plan(analysis, options.__class__(**{**options.to_dict(), "criterion": "l2"})
-             if options.criterion == "index" and not indices else options,
-             calibration=calibration, indices=indices)
-    return Scores(analysis, p)
+    if options.criterion == "index" and not indices:
+        # index pruning has no score of its own; show the l2 ranking
+        options = PruningOptions(**{**options.to_dict(), "criterion": "l2"})
+    return Scores(analysis, plan(analysis, options, calibration=calibration, indices=indices))
 
 
 def prune(
