@@ -24,6 +24,8 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import engine  # noqa: E402
+import engine.export  # noqa: E402
+import engine.metrics  # noqa: E402
 from dashboard import charts, frames, netron_server, sources, state  # noqa: E402
 from dashboard.prune_run import PruneRun, comparison_rows, run_prune  # noqa: E402
 from engine.errors import PruneScopeError  # noqa: E402
@@ -239,9 +241,9 @@ def sidebar_options() -> tuple[PruningOptions, float, str]:
     if criterion == "index":
         indices_text = sb.text_area(
             "Channel indices to remove", key="opt_indices",
-            placeholder="group_name: 0, 3, 5",
-            help="Criterion 'index': one line per group, 'group: i, j, k'. Group names are in "
-            "the Plan tab.",
+            placeholder="block1.conv1: 0, 3, 5",
+            help="Criterion 'index': one line per layer, 'layer: i, j, k' (filter indices of "
+            "that layer). Layer names are in the Plan tab.",
         )
     options = PruningOptions(
         criterion=criterion, policy=policy, layer_norm=layer_norm, group_policy=group_policy,
@@ -252,14 +254,14 @@ def sidebar_options() -> tuple[PruningOptions, float, str]:
 
 
 def parse_indices(text: str) -> dict[str, list[int]] | None:
-    """``group: 0, 3, 5`` lines to {group: [0, 3, 5]}; None when empty."""
+    """``layer: 0, 3, 5`` lines to {layer: [0, 3, 5]}; None when empty."""
     out: dict[str, list[int]] = {}
     for line in (text or "").splitlines():
         if not line.strip():
             continue
         name, sep, rest = line.rpartition(":")
         if not sep or not name.strip():
-            raise PruneScopeError(f"bad indices line {line.strip()!r}: use 'group: 0, 3, 5'")
+            raise PruneScopeError(f"bad indices line {line.strip()!r}: use 'layer: 0, 3, 5'")
         try:
             out[name.strip()] = [int(v) for v in re.split(r"[,\s]+", rest.strip()) if v]
         except ValueError:

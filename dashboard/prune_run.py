@@ -35,8 +35,12 @@ class PruneRun:
     notes: list[str] = field(default_factory=list)
 
 
-def _original_module(captured: Any):
-    return captured.program.module()
+def _original_module(model: Any):
+    """The original as a runnable module, built once per model (cached with the model)."""
+    module = model.cache.get("original_module")
+    if module is None:
+        module = model.cache["original_module"] = model.captured.program.module()
+    return module
 
 
 def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: EvalData | None,
@@ -44,15 +48,16 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Eval
               progress: Callable[[str], None] = lambda _msg: None) -> PruneRun:
     """Apply ``plan`` to ``model``, save the artefacts, and measure before/after."""
     progress("Removing the planned channels (engine.apply)…")
-    result = engine.apply(model.analysis, plan)
+    result = engine.apply(model.analysis, plan, progress=lambda m: progress(f"· {m}"))
     progress("Writing model.pt2, model.onnx and report.json (engine.save)…")
-    files = {name: Path(p) for name, p in engine.save(result, out_dir).items()}
+    saved = engine.save(result, out_dir, progress=lambda m: progress(f"· {m}"))
+    files = {name: Path(p) for name, p in saved.items()}
 
     example = tuple(model.captured.example_inputs)
     before = dict(result.before)
     after = dict(result.after)
     notes: list[str] = []
-    original = _original_module(model.captured)
+    original = _original_module(model)
     progress("Timing both models on the CPU (short run)…")
     try:
         before["latency_s"] = engine.metrics.measure_latency(original, example,

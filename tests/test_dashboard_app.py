@@ -1,0 +1,544 @@
+"""The Streamlit page, driven by streamlit.testing AppTest on the real demo model and engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+import engine
+import engine.analysis
+from dashboard import netron_server
+from engine.demo import load_demo_eval
+from engine.options import (
+    CRITERIA,
+    GROUP_POLICIES,
+    LAYER_NORMS,
+    POLICIES,
+    RESHAPE_CHANNEL_AXES,
+    STEP_OPS,
+    PruningOptions,
+)
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+TIMEOUT = 240
+
+OPTION_WIDGETS = {
+    "criterion": ("selectbox", "opt_criterion"),
+    "policy": ("selectbox", "opt_policy"),
+    "layer_norm": ("selectbox", "opt_layer_norm"),
+    "group_policy": ("selectbox", "opt_group_policy"),
+    "reshape_channel_axis": ("selectbox", "opt_reshape_channel_axis"),
+    "step_size": ("number_input", "opt_step_size"),
+    "step_op": ("selectbox", "opt_step_op"),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _open() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    _ok(at)
+    return at
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _model(at: AppTest):
+    return at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
+
+
+def _chart(at: AppTest, key: str) -> dict:
+    found = [el for el in at.get("plotly_chart") if getattr(el, "key", None) == key]
+    assert found, f"no chart {key!r} on the page"
+    return json.loads(found[0].proto.spec)
+
+
+def _traces(spec: dict, name: str | None = None, kind: str | None = None) -> list[dict]:
+    return [t for t in spec["data"]
+            if (name is None or t.get("name") == name) and (kind is None or t.get("type") == kind)]
+
+
+def _set(at: AppTest, option: str, value) -> None:
+    kind, key = OPTION_WIDGETS[option]
+    getattr(at, kind)(key=key).set_value(value)
+
+
+def _calibration():
+    return load_demo_eval()[0]
+
+
+def _expected_plan(at: AppTest, options: PruningOptions, ratio: float, **kw):
+    """The engine's own plan for the page's model, computed outside the page."""
+    model = _model(at)
+    calibration = at.session_state["_ps_eval"][1].x  # the page's cached array (same object)
+    return engine.plan(model.analysis, options, ratio=ratio, calibration=calibration, **kw)
+
+
+def _check_overview(at: AppTest, options: PruningOptions, ratio: float, **kw) -> None:
+    """The overview chart shows exactly the engine's plan for these options."""
+    expected = _expected_plan(at, options, ratio, **kw)
+    spec = _chart(at, "chart_overview")
+    names = [g.name for g in expected.groups]
+    assert spec["layout"]["xaxis"]["categoryarray"] == names
+    cut = _traces(spec, "global cut")
+    if expected.threshold is None:
+        assert not cut
+    else:
+        assert cut and cut[0]["y"] == pytest.approx([expected.threshold] * len(names))
+    bars = {t["name"]: t["y"] for t in _traces(spec, kind="bar")}
+    assert bars["pruned channels"] == [int(g.pruned.size) for g in expected.groups]
+    assert bars["kept channels"] == [int(g.kept.size) for g in expected.groups]
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+def test_opens_on_the_demo_with_scores_drawn():
+    at = _open()
+    assert "PruneScope" in at.title[0].value
+    assert at.radio(key="source").value == "Demo model"
+    model = _model(at)
+    assert model.captured.source == "demo"
+    # Network order = the engine's group order.
+    spec = _chart(at, "chart_overview")
+    assert spec["layout"]["xaxis"]["categoryarray"] == [g.name for g in model.analysis.groups]
+    assert {t["name"] for t in _traces(spec, kind="box")} == {"kept", "pruned"}
+    _check_overview(at, PruningOptions(), 0.5)
+    # The drill-down of the first group shows every member and the combined score.
+    detail = _chart(at, "chart_detail")
+    first = model.analysis.groups[0]
+    assert [t["name"] for t in detail["data"][: len(first.layers)]] == list(first.layers)
+    assert _traces(detail, "combined · pruned") and _traces(detail, "combined · kept")
+    # Every option label of the spec is on the page, with a help text.
+    labels = {w.label: w for w in [*at.selectbox, *at.number_input, *at.slider]}
+    for label in ("Criterion", "Policy", "Layer norm", "Group policy", "Reshape channel axis",
+                  "Step size", "Step op", "Pruning ratio"):
+        assert label in labels, label
+        assert labels[label].help, label
+    defaults = PruningOptions()
+    assert at.selectbox(key="opt_criterion").value == defaults.criterion
+    assert at.selectbox(key="opt_policy").value == defaults.policy
+    assert at.selectbox(key="opt_layer_norm").value == defaults.layer_norm
+    assert at.selectbox(key="opt_group_policy").value == defaults.group_policy
+    assert at.selectbox(key="opt_reshape_channel_axis").value == defaults.reshape_channel_axis
+    assert at.number_input(key="opt_step_size").value == defaults.step_size
+    assert at.selectbox(key="opt_step_op").value == defaults.step_op
+
+
+# ----------------------------------------------------------------------------- caching
+
+
+def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
+    calls = []
+    real = engine.analysis.weight_scores
+
+    def counting(*args, **kwargs):
+        calls.append(args[2] if len(args) > 2 else kwargs.get("criterion"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.analysis, "weight_scores", counting)
+    at = _open()
+    model = _model(at)
+    analysis = model.analysis
+    first_calls = len(calls)
+    assert first_calls > 0 and set(calls) == {"l2"}
+    cached = analysis.filter_scores("l2")
+    arrays = {k: v for k, v in cached.items()}
+    before = _chart(at, "chart_overview")
+
+    for norm in LAYER_NORMS[1:]:
+        _set(at, "layer_norm", norm)
+        at.run()
+        _ok(at)
+        _check_overview(at, PruningOptions(layer_norm=norm), 0.5)
+    for policy in POLICIES:
+        _set(at, "policy", policy)
+        at.run()
+        _ok(at)
+    at.slider(key="opt_ratio").set_value(0.3).run()
+    _ok(at)
+    # The chart did change (a redraw), yet no criterion ran again and nothing was replaced.
+    assert _chart(at, "chart_overview") != before
+    assert len(calls) == first_calls
+    assert _model(at).analysis is analysis
+    assert analysis.filter_scores("l2") is cached
+    assert all(cached[k] is v for k, v in arrays.items())
+    # The comparison views re-plan with every norm/policy: still no new raw scores.
+    at.segmented_control(key="score_view").set_value("Compare layer norms").run()
+    _ok(at)
+    at.segmented_control(key="score_view").set_value("Compare policies").run()
+    _ok(at)
+    assert len(calls) == first_calls
+    # A different criterion is computed once, then cached too (the counter does count).
+    at.segmented_control(key="score_view").set_value("Overview").run()
+    _set(at, "criterion", "l1")
+    at.run()
+    _ok(at)
+    assert len(calls) == 2 * first_calls and calls[-1] == "l1"
+    _set(at, "layer_norm", "tss_norm")
+    at.run()
+    _set(at, "criterion", "l2")
+    at.run()
+    _ok(at)
+    assert len(calls) == 2 * first_calls
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _default_value(option: str):
+    return getattr(PruningOptions(), option)
+
+
+OPTION_VALUES = {
+    "criterion": CRITERIA,
+    "policy": POLICIES,
+    "layer_norm": LAYER_NORMS,
+    "group_policy": GROUP_POLICIES,
+    "reshape_channel_axis": RESHAPE_CHANNEL_AXES,
+    "step_size": (1, 3, 8),
+    "step_op": STEP_OPS,
+}
+
+
+def _index_setup(at: AppTest) -> dict[str, list[int]]:
+    # A single-member group; one index per block keeps the blocks equal in size.
+    group = next(g for g in _model(at).analysis.groups if len(g.layers) == 1)
+    blocks, size = group.blocks or (1, group.channels)
+    chosen = [k * size + 1 for k in range(blocks)]
+    indices = {group.layers[0]: chosen}
+    at.text_area(key="opt_indices").set_value(f"{group.layers[0]}: {', '.join(map(str, chosen))}")
+    return indices
+
+
+def test_every_option_value_runs_one_at_a_time():
+    at = _open()
+    for option, values in OPTION_VALUES.items():
+        for value in values:
+            _set(at, option, value)
+            at.run()
+            kw = {}
+            if option == "criterion" and value == "index":
+                kw["indices"] = _index_setup(at)
+                at.run()
+            _ok(at)
+            _check_overview(at, replace(PruningOptions(), **{option: value}), 0.5, **kw)
+        _set(at, option, _default_value(option))
+        at.run()
+        _ok(at)
+    for ratio in (0.0, 0.05, 0.9, 0.95):
+        at.slider(key="opt_ratio").set_value(ratio).run()
+        _ok(at)
+        _check_overview(at, PruningOptions(), ratio)
+
+
+@pytest.mark.parametrize(
+    "combo",
+    [
+        {"criterion": "gm", "policy": "sum", "layer_norm": "tss_norm", "group_policy": "count",
+         "reshape_channel_axis": -2, "step_size": 4, "step_op": "round_up"},
+        {"criterion": "nuclear_norm", "policy": "backward", "layer_norm": "softmax_norm",
+         "group_policy": "none", "reshape_channel_axis": 0, "step_size": 1, "step_op": "none"},
+        {"criterion": "random", "policy": "average", "layer_norm": "linear_scaling",
+         "group_policy": "sum", "reshape_channel_axis": 1, "step_size": 8,
+         "step_op": "round_down"},
+    ],
+)
+def test_option_combinations_on_every_view(combo):
+    at = _open()
+    for option, value in combo.items():
+        _set(at, option, value)
+    at.slider(key="opt_ratio").set_value(0.7)
+    at.run()
+    _ok(at)
+    options = PruningOptions(**combo)
+    _check_overview(at, options, 0.7)
+    for view in ("Compare layer norms", "Compare policies", "Overview"):
+        at.segmented_control(key="score_view").set_value(view).run()
+        _ok(at)
+    at.session_state["main_tab"] = "Plan"
+    at.run()
+    _ok(at)
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def test_compare_layer_norms_one_trace_per_norm_with_each_cut():
+    at = _open()
+    at.slider(key="opt_ratio").set_value(0.4)
+    at.segmented_control(key="score_view").set_value("Compare layer norms").run()
+    _ok(at)
+    spec = _chart(at, "chart_norms")
+    boxes = _traces(spec, kind="box")
+    assert [b["name"] for b in boxes] == list(LAYER_NORMS)
+    groups = [g.name for g in _model(at).analysis.groups]
+    cuts = _traces(spec, "global cut")
+    for norm, box in zip(LAYER_NORMS, boxes):
+        assert box["x"] == groups
+        expected = _expected_plan(at, PruningOptions(layer_norm=norm), 0.4)
+        axis_cuts = [c for c in cuts if c.get("yaxis") == box.get("yaxis")]
+        assert len(axis_cuts) == 1
+        assert axis_cuts[0]["y"] == pytest.approx([expected.threshold] * len(groups))
+    counts = _chart(at, "chart_norm_counts")
+    assert [t["name"] for t in counts["data"]] == list(LAYER_NORMS)
+    for trace in counts["data"]:
+        expected = _expected_plan(at, PruningOptions(layer_norm=trace["name"]), 0.4)
+        assert trace["y"] == [int(g.pruned.size) for g in expected.groups]
+
+
+def test_compare_policies_for_connected_groups():
+    at = _open()
+    at.segmented_control(key="score_view").set_value("Compare policies").run()
+    _ok(at)
+    connected = [g.name for g in _model(at).analysis.groups if len(g.layers) > 1]
+    assert connected, "the demo has residual (connected) groups"
+    choose = [s for s in at.selectbox if s.label == "Connected group"][0]
+    assert list(choose.options) == connected
+    spec = _chart(at, "chart_policies")
+    bars = _traces(spec, kind="bar")
+    assert [b["name"] for b in bars] == list(POLICIES)
+    for bar in bars:
+        plan = _expected_plan(at, PruningOptions(policy=bar["name"]), 0.5)
+        gp = plan.group(connected[0])
+        assert bar["y"] == pytest.approx(gp.scores.tolist())
+        red = [i for i, c in enumerate(bar["marker"]["color"]) if c == "#e03131"]
+        assert red == gp.pruned.tolist()
+
+
+# ----------------------------------------------------------------------------- plan tab
+
+
+def test_plan_table_lists_groups_and_applies_own_ratio_and_pin():
+    at = _open()
+    at.session_state["main_tab"] = "Plan"
+    at.run()
+    _ok(at)
+    model = _model(at)
+    editor = at.data_editor[0]
+    table = editor.value
+    assert list(table["Group"]) == [g.name for g in model.analysis.groups]
+    assert list(table["Channels"]) == [g.channels for g in model.analysis.groups]
+    assert list(table["To prune"] + table["Kept"]) == list(table["Channels"])
+    frozen = at.dataframe[-1].value
+    assert list(frozen["Reason"]) == [f.reason for f in model.analysis.frozen]
+
+    groups = [g.name for g in model.analysis.groups]
+    at.session_state[editor.key] = {
+        "edited_rows": {0: {"Pinned": True}, 1: {"Own ratio": 0.25}},
+        "added_rows": [], "deleted_rows": [],
+    }
+    at.run()
+    _ok(at)
+    table = at.data_editor[0].value
+    expected = _expected_plan(at, PruningOptions(), 0.5, ratios={groups[1]: 0.25},
+                              pinned=(groups[0],))
+    assert table["To prune"].iloc[0] == 0
+    assert list(table["To prune"]) == [int(g.pruned.size) for g in expected.groups]
+    # The Scores tab follows the table.
+    at.session_state["main_tab"] = "Scores"
+    at.run()
+    _check_overview(at, PruningOptions(), 0.5, ratios={groups[1]: 0.25}, pinned=(groups[0],))
+
+
+# ----------------------------------------------------------------------------- prune
+
+
+def _prune(at: AppTest) -> None:
+    at.session_state["main_tab"] = "Prune & compare"
+    at.run()
+    _ok(at)
+    at.button(key="prune").click().run()
+    _ok(at)
+
+
+def _table(at: AppTest, first_column: str):
+    for df in at.dataframe:
+        value = df.value
+        if first_column in value.columns:
+            return value
+    raise AssertionError(f"no table with column {first_column!r}")
+
+
+def test_prune_shows_before_after_fidelity_and_downloads():
+    at = _open()
+    _prune(at)
+    run = at.session_state["_ps_result"]
+    metrics = _table(at, "Metric").set_index("Metric")
+    assert {"Parameters", "FLOPs", "Size", "CPU latency"} <= set(metrics.index)
+    assert run.after["params"] < run.before["params"]
+    assert run.after["flops"] < run.before["flops"]
+    # Fidelity: accuracy before matches an independent run of the original demo program.
+    x, y = load_demo_eval()
+    with torch.no_grad():
+        logits = engine.load_model("demo").program.module()(torch.from_numpy(x))
+    accuracy = float((logits.argmax(1).numpy() == y).mean())
+    assert run.fidelity["accuracy_before"] == pytest.approx(accuracy)
+    assert 0.0 <= run.fidelity["accuracy_after"] <= 1.0
+    assert 0.0 <= run.fidelity["top1_agreement"] <= 1.0
+    assert run.fidelity["max_abs_diff"] > 0.0  # half the channels went: outputs moved
+    fidelity = _table(at, "Measure").set_index("Measure")
+    assert fidelity.loc["Accuracy before", "Value"] == f"{accuracy:.2%}"
+    labels = [b.label for b in at.download_button]
+    assert {"Download model.pt2", "Download model.onnx", "Download report.json"} <= set(labels)
+    pt2 = next(p for p in run.files.values() if p.name == "model.pt2")
+    program = torch.export.load(str(pt2))
+    with torch.no_grad():
+        out = program.module()(torch.from_numpy(x[:16]))
+    assert out.shape == (16, logits.shape[1])
+    report = json.loads(next(p for p in run.files.values() if p.name == "report.json").read_text())
+    assert report
+    # Changing an option marks the result as stale instead of silently mixing them.
+    at.slider(key="opt_ratio").set_value(0.2).run()
+    _ok(at)
+    assert any("earlier options" in w.value for w in at.warning)
+
+
+# ----------------------------------------------------------------------------- graphs
+
+
+def _iframes(at: AppTest) -> list[str]:
+    return [el.proto.src for el in at.get("iframe")]
+
+
+def test_graphs_tab_serves_netron_once_per_file():
+    at = _open()
+    at.session_state["main_tab"] = "Graphs"
+    at.run()
+    _ok(at)
+    (url,) = _iframes(at)
+    assert url.startswith("http://127.0.0.1:")
+    servers = len(netron_server.running())
+    at.run()
+    at.run()
+    assert _iframes(at) == [url]
+    assert len(netron_server.running()) == servers
+    with urllib.request.urlopen(url, timeout=10) as page:
+        assert b"Netron" in page.read()
+    with urllib.request.urlopen(url + "data/original.onnx", timeout=10) as data:
+        body = data.read()
+    import onnx
+
+    assert onnx.load_from_string(body).graph.node
+    _prune(at)
+    at.session_state["main_tab"] = "Graphs"
+    at.run()
+    _ok(at)
+    urls = _iframes(at)
+    assert len(urls) == 2 and urls[0] == url and urls[1] != url
+    with urllib.request.urlopen(urls[1] + "data/model.onnx", timeout=10) as data:
+        assert onnx.load_from_string(data.read()).graph.node
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_upload_shows_error_and_demo_stays_usable():
+    at = _open()
+    at.radio(key="source").set_value("Upload .pt2").run()
+    assert not at.exception
+    at.file_uploader(key="upload_pt2").upload("broken.pt2", b"this is not a zip archive").run()
+    assert not at.exception
+    assert len(at.error) == 1
+    message = at.error[0].value
+    assert "broken.pt2" in message and "Traceback" not in message and "\n" not in message
+    # The demo is still there and still works.
+    assert _model(at).captured.source == "demo"
+    _check_overview(at, PruningOptions(), 0.5)
+    _set(at, "layer_norm", "tss_norm")
+    at.run()
+    assert not at.exception
+    _check_overview(at, PruningOptions(layer_norm="tss_norm"), 0.5)
+    at.radio(key="source").set_value("Demo model").run()
+    _ok(at)
+
+
+def test_bad_paths_and_data_show_one_line_errors(tmp_path):
+    at = _open()
+    at.radio(key="source").set_value("Local file path").run()
+    cases = {
+        str(tmp_path / "missing.pt2"): "not found",
+        str(_write(tmp_path / "notes.txt", b"hello")): "unsupported",
+        str(_write(tmp_path / "empty.pt2", b"")): "empty",
+        str(_write(tmp_path / "model.pt", b"junk")): "pickle",
+    }
+    for path, words in cases.items():
+        at.text_input(key="local_path").set_value(path).run()
+        assert not at.exception
+        assert len(at.error) == 1, path
+        assert words in at.error[0].value.lower()
+        assert "\n" not in at.error[0].value
+        assert _chart(at, "chart_overview")  # the demo is still drawn
+    bad = io.BytesIO()
+    np.savez(bad, inputs=np.zeros((2, 1, 8, 8), np.float32))
+    at.radio(key="source").set_value("Demo model").run()
+    at.file_uploader(key="upload_eval").upload("data.npz", bad.getvalue()).run()
+    assert not at.exception
+    assert any("no array named 'x'" in e.value for e in at.error)
+    assert _chart(at, "chart_overview")
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_local_pt2_path_loads_and_plans(tmp_path):
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 1, 8, 8),)), str(path))
+    at = _open()
+    at.radio(key="source").set_value("Local file path").run()
+    at.text_input(key="local_path").set_value(str(path)).run()
+    _ok(at)
+    loaded = _model(at)
+    assert loaded.captured.source == str(path.resolve())
+    assert {layer for g in loaded.analysis.groups for layer in g.layers} == {"conv1", "conv2"}
+    spec = _chart(at, "chart_overview")
+    assert spec["layout"]["xaxis"]["categoryarray"] == [g.name for g in loaded.analysis.groups]
+
+
+def test_trusted_pickle_upload_with_input_shape(tmp_path):
+    buf = io.BytesIO()
+    torch.save(_Tiny().eval(), buf)
+    at = _open()
+    at.radio(key="source").set_value("Upload .pt (pickle)").run()
+    assert at.file_uploader(key="upload_pt").proto.disabled  # no upload before the box is ticked
+    at.checkbox(key="trust_pickle").check()
+    at.text_input(key="pt_shapes").set_value("1,1,8,8")
+    at.run()
+    at.file_uploader(key="upload_pt").upload("tiny.pt", buf.getvalue()).run()
+    _ok(at)
+    loaded = _model(at)
+    assert loaded.captured.source.endswith("tiny.pt")
+    assert tuple(loaded.captured.example_inputs[0].shape) == (1, 1, 8, 8)
+    # A bad shape is a readable error, and the loaded model stays.
+    at.text_input(key="pt_shapes").set_value("1,a,8").run()
+    assert not at.exception
+    assert len(at.error) == 1 and "input shape" in at.error[0].value
+    assert _model(at) is loaded
