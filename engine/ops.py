@@ -85,7 +85,10 @@ def unknown_op(t: Tracer, node: fx.Node) -> Any:
     """No rule: every channel reaching the op is frozen; its output carries none."""
     name = op_key(node)
     for arg in _tensor_args(node):
-        t.freeze(t.labels_of(arg), f"unsupported op {name}")
+        ids = t.labels_of(arg)
+        if ids is not None:
+            t.freeze(ids, f"unsupported op {name}")
+            t.unknown.add(name)
     return None
 
 
@@ -108,7 +111,9 @@ def _channel_ids(t: Tracer, ids: np.ndarray | None, dim: int, what: str) -> np.n
     "cos", "erf", "square", "floor", "ceil", "round", "sign", "logical_not", "bitwise_not",
     "nan_to_num", "_to_copy", "to", "type_as", "gelu_", "clamp", "clamp_min", "clamp_max",
     "isnan", "isinf", "sigmoid_", "tanh_", "pow.Tensor_Scalar", "exp2", "trunc", "frac",
-    "logit", "threshold", "_assert_tensor_metadata",
+    "logit", "threshold", "_assert_tensor_metadata", "dropout_", "feature_dropout_",
+    "clamp_", "clamp_min_", "clamp_max_", "hardswish_", "hardsigmoid_", "leaky_relu_", "elu_",
+    "neg_", "exp_", "sqrt_", "rsqrt_", "abs_", "mish_",
 )
 def pass_through(t: Tracer, node: fx.Node) -> Any:
     return t.labels_of(node.args[0]) if _ndim(node) else None
@@ -124,7 +129,8 @@ def native_dropout(t: Tracer, node: fx.Node) -> Any:
     "add", "sub", "rsub", "mul", "div", "maximum", "minimum", "pow", "eq", "ne", "lt", "le",
     "gt", "ge", "where", "masked_fill", "logical_and", "logical_or", "bitwise_and",
     "bitwise_or", "floor_divide", "remainder", "fmod", "atan2", "addcmul", "addcdiv", "lerp",
-    "hypot", "copysign", "fill", "clamp.Tensor", "xlogy",
+    "hypot", "copysign", "fill", "clamp.Tensor", "xlogy", "add_", "sub_", "mul_", "div_",
+    "masked_fill_", "pow_", "maximum_", "minimum_",
 )
 def elementwise(t: Tracer, node: fx.Node) -> Any:
     ndim = _ndim(node)
@@ -562,6 +568,9 @@ def cat(t: Tracer, node: fx.Node) -> Any:
     labels = [t.tensor_labels(a) for a in tensors]
     if not any(is_labelled(x) for x in labels):
         return None
+    if not any(dim in t.label_dims(a) for a in tensors):
+        # joined along a non-channel dim (tokens): the pieces share their channels
+        return t.align(tensors, ndim, "cat with data that cannot be sliced")
     sizes = [1] * ndim
     for x in labels:
         for d in range(ndim):
@@ -654,11 +663,13 @@ def slice_(t: Tracer, node: fx.Node) -> Any:
     if not t.apply_pass:
         return np.take(ids, np.arange(start, end), axis=dim)
     ref = t.state.labels[x.name]
-    line = along(ref, dim)
-    if line is None:
-        raise RewriteError("slice over labels that vary along several dimensions")
-    new_start = _kept_count(t, line, 0, start)
-    new_end = new_start + _kept_count(t, line, start, end)
+    kept = np.moveaxis(t.kept(ref), dim, -1).reshape(-1, ref.shape[dim])
+    before = set(kept[:, :start].sum(axis=1).tolist())
+    inside = set(kept[:, start:end].sum(axis=1).tolist())
+    if len(before) != 1 or len(inside) != 1:
+        raise RewriteError(f"slice {node.name}: the kept channels differ between rows")
+    new_start = before.pop()
+    new_end = new_start + inside.pop()
     t.set_arg(2, new_start)
     t.set_arg(3, new_end)
     return np.take(ids, np.arange(new_start, new_end), axis=dim)

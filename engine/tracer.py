@@ -263,11 +263,11 @@ class Tracer:
         A labelled position that meets unlabelled data which is not broadcast along the
         labelled dimensions (a computed tensor the engine cannot slice) is frozen.
         """
-        operands = [_rank(self.tensor_labels(a), ndim) for a in args]
-        shapes = [(1,) * (ndim - len(s)) + s for s in (self.orig_shape(a) for a in args)]
         varying = {
             d + ndim - len(self.orig_shape(a)) for a in args for d in self.label_dims(a)
         }
+        operands = [_rank(self._operand_labels(a, ndim, varying), ndim) for a in args]
+        shapes = [(1,) * (ndim - len(s)) + s for s in (self.orig_shape(a) for a in args)]
         active = [
             o
             for a, o, s in zip(args, operands, shapes)
@@ -288,6 +288,23 @@ class Tracer:
                 self.freeze(other[lone & (other >= 0)], reason)
             out = np.where(out >= 0, out, other)
         return out
+
+    def _operand_labels(self, arg: Any, ndim: int, varying: set[int]) -> np.ndarray:
+        """A parameter met elementwise (position embeddings, layer scales) is sliced along
+        the one labelled dimension it meets."""
+        ids = self.tensor_labels(arg)
+        param = self.param(arg)
+        if param is None or is_labelled(ids):
+            return ids
+        shape = self.orig_shape(arg)
+        offset = ndim - len(shape)
+        dims = [d for d in range(len(shape)) if shape[d] > 1 and d + offset in varying]
+        if len(dims) != 1:
+            return ids
+        slots = self.slots(param, dims[0])
+        out = [1] * len(shape)
+        out[dims[0]] = len(slots)
+        return slots.reshape(out)
 
     def op_name(self) -> str:
         target = self.node.target if self.node is not None else "?"
@@ -330,7 +347,6 @@ class Tracer:
                     continue
                 rule = rules.get(key_of(node))
                 if rule is None:
-                    self.unknown.add(key_of(node))
                     rule = unknown_op
                 result = rule(self, node)
                 self.labels[node.name] = self._conform(node, result)
@@ -349,8 +365,8 @@ class Tracer:
     def _param_labels(self, node: fx.Node) -> np.ndarray | None:
         """A parameter used as data carries the slots of its one non-trivial dimension."""
         shape = self.orig_shape(node)
-        if shape is None:
-            return None
+        if shape is None or not node.meta["val"].is_floating_point():
+            return None  # integer buffers (position ids) carry no channels
         big = [d for d, s in enumerate(shape) if s > 1]
         if len(big) != 1:
             return None
