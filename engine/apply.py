@@ -65,14 +65,25 @@ def _gather_grouped(weight: torch.Tensor, columns: list[np.ndarray]) -> torch.Te
 
 
 def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Tensor) -> None:
-    owner_path, _, attr = name.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    """Replace a tensor everywhere it is registered (tied weights have several names)."""
     if isinstance(old, torch.nn.Parameter):
-        setattr(owner, attr, torch.nn.Parameter(data.clone(), requires_grad=old.requires_grad))
-    elif attr in getattr(owner, "_buffers", {}):
-        owner._buffers[attr] = data.clone()
+        new: torch.Tensor = torch.nn.Parameter(data.clone(), requires_grad=old.requires_grad)
     else:
-        setattr(owner, attr, data.clone())
+        new = data.clone()
+    owner_path, _, attr = name.rpartition(".")
+    places = {(owner_path, attr)}
+    for module_name, module in gm.named_modules(remove_duplicate=False):
+        for attr_name, value in list(module._parameters.items()) + list(module._buffers.items()):
+            if value is old:
+                places.add((module_name, attr_name))
+    for module_name, attr_name in places:
+        owner = gm.get_submodule(module_name) if module_name else gm
+        if attr_name in owner._parameters:
+            owner._parameters[attr_name] = new
+        elif attr_name in owner._buffers:
+            owner._buffers[attr_name] = new
+        else:
+            setattr(owner, attr_name, new)
 
 
 class MaskedInterpreter(fx.Interpreter):

@@ -1,0 +1,128 @@
+"""Every coupling case on a small real model: pruned for real, and exact against mask mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine
+from tests.zoo import ZOO, build
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_prune_is_smaller_and_exact(name, axis):
+    model, inputs = build(name)
+    with torch.no_grad():
+        original = model(*inputs)
+    opts = engine.PruningOptions(reshape_channel_axis=axis)
+    result = engine.prune(model, inputs, opts, ratio=0.5)
+    report = result.report
+    assert report["after"]["params"] < report["before"]["params"]
+    assert report["after"]["flops"] < report["before"]["flops"]
+    verification = report["verification"]
+    assert verification["output_shapes_match"]
+    assert verification["exact"], verification
+    with torch.no_grad():
+        pruned = result.module(*inputs)
+        masked = engine.masked(result.analysis, result.plan)(*inputs)
+    assert pruned.shape == original.shape
+    torch.testing.assert_close(pruned, masked, rtol=1e-4, atol=1e-5)
+    for group in report["groups"]:
+        assert len(group["kept"]) + len(group["pruned"]) == group["channels"]
+        assert group["kept"], group["name"]
+
+
+def _state(result):
+    return {k: tuple(v.shape) for k, v in result.module.state_dict().items()}
+
+
+def test_grouped_and_depthwise_structure():
+    model, inputs = build("grouped_depthwise")
+    result = engine.prune(model, inputs, ratio=0.5)
+    shapes = _state(result)
+    grouped_out, per_group_in = shapes["grouped.weight"][:2]
+    assert grouped_out % 4 == 0 and per_group_in * 4 == shapes["stem.weight"][0]
+    # depthwise keeps its channel multiplier 2 and reads every surviving grouped channel
+    assert shapes["depthwise.weight"][0] == 2 * grouped_out
+    assert shapes["depthwise.weight"][1] == 1
+    assert shapes["pointwise.weight"][1] == shapes["depthwise.weight"][0]
+
+
+def test_whole_heads_removed_with_gqa_groups_intact():
+    model, inputs = build("attention_gqa")  # 4 query heads, 2 key/value heads, head_dim 8
+    result = engine.prune(model, inputs, engine.PruningOptions(reshape_channel_axis=-2),
+                          ratio=0.5)
+    shapes = _state(result)
+    q_out, k_out = shapes["q.weight"][0], shapes["k.weight"][0]
+    assert k_out % 8 == 0 and q_out % 8 == 0, "whole heads of 8 channels"
+    assert q_out == 2 * k_out, "each key/value head keeps its two query heads"
+    assert shapes["o.weight"][1] == q_out
+
+
+def test_head_dim_shrinks_in_every_head():
+    model, inputs = build("attention_sdpa")  # 4 heads of 8
+    result = engine.prune(model, inputs, engine.PruningOptions(reshape_channel_axis=-1),
+                          ratio=0.5)
+    q_out = _state(result)["q.weight"][0]
+    assert q_out % 4 == 0 and q_out < 32, "4 heads remain, each with fewer channels"
+
+
+def test_pixel_shuffle_removes_whole_subpixel_sets():
+    model, inputs = build("pixel_shuffle")
+    result = engine.prune(model, inputs, ratio=0.5)
+    shapes = _state(result)
+    assert shapes["conv1.weight"][0] == 4 * shapes["conv2.weight"][1]
+
+
+def test_tied_weights_stay_tied_and_smaller():
+    model, inputs = build("tied_embedding")
+    result = engine.prune(model, inputs, ratio=0.5)
+    params = dict(result.module.named_parameters(remove_duplicate=False))
+    width = result.module(*inputs).shape
+    assert width == (2, 7, 50)
+    tied = [p for name, p in params.items() if name.endswith(("wte.weight", "lm_head.weight"))]
+    assert tied and all(p.shape[0] == 50 and p.shape[1] < 24 for p in tied)
+    assert result.report["after"]["params"] == sum(
+        p.numel() for p in {id(p): p for p in params.values()}.values()
+    )
+
+
+def test_unknown_op_freezes_and_reports_it():
+    model, inputs = build("conv_bn_residual")
+    from tests.zoo import Unsupported
+
+    torch.manual_seed(0)
+    model, inputs = Unsupported().eval(), (torch.randn(2, 3, 4, 4),)
+    an = engine.analyze(model, inputs)
+    frozen = {tuple(f.layers): f.reason for f in an.frozen}
+    assert ("a",) in frozen and "cummax" in frozen[("a",)]
+    assert [g.layers for g in an.groups] == [["b"]]
+    result = engine.prune(model, inputs, ratio=0.5)
+    assert _state(result)["a.weight"][0] == 8, "the frozen layer keeps every channel"
+    assert _state(result)["b.weight"][0] < 8
+    assert any("cummax" in op for op in result.report["unsupported_ops"])
+
+
+def test_channel_shuffle_feeding_grouped_conv_is_frozen_within_blocks():
+    model, inputs = build("channel_shuffle")
+    an = engine.analyze(model, inputs)
+    reasons = " ".join(f.reason for f in an.frozen)
+    assert "conflicting block layouts" in reasons
+
+
+def test_ratio_zero_reproduces_the_original():
+    model, inputs = build("attention_gqa")
+    result = engine.prune(model, inputs, ratio=0.0)
+    assert result.report["after"] == result.report["before"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_report_lists_layers_with_module_paths():
+    model, inputs = build("conv_bn_residual")
+    an = engine.analyze(model, inputs)
+    assert [sorted(g.layers) for g in an.groups] == [["conv_a", "conv_c"], ["conv_b"]]
+    assert set(an.groups[0].consumers) == {"bn_a", "conv_b", "head"}
+    names = [g.name for g in an.groups]
+    assert names == [g.name for g in engine.analyze(*build("conv_bn_residual")).groups]
