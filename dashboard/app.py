@@ -558,7 +558,7 @@ def show_result(run: PruneRun) -> None:
             continue
         col.download_button(
             f"Download {name}", data=lambda p=path: p.read_bytes(), file_name=name, mime=mime,
-            key=f"dl_{name}", icon="⬇️", width="stretch", on_click="ignore",
+            key=f"dl_{name.replace('.', '_')}", icon="⬇️", width="stretch", on_click="ignore",
         )
 
 
@@ -579,7 +579,7 @@ def tab_graphs(model: state.LoadedModel) -> None:
         try:
             path = _original_graph_file(model)
             server = netron_server.serve(path)
-            st.iframe(server.url, height=640)
+            st.iframe(server.url, height=720)
             st.caption(f"{path.name} · {server.url}")
         except Exception as e:
             _show_error(e, "Cannot show the original graph")
@@ -592,7 +592,7 @@ def tab_graphs(model: state.LoadedModel) -> None:
             return
         try:
             server = netron_server.serve(path)
-            st.iframe(server.url, height=640)
+            st.iframe(server.url, height=720)
             st.caption(f"{path.name} · {server.url}")
         except Exception as e:
             _show_error(e, "Cannot show the pruned graph")

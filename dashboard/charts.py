@@ -128,6 +128,10 @@ def score_overview(stats: pd.DataFrame, threshold: float | None, title: str = ""
                       row=1, col=1)
     if threshold is not None and groups:
         fig.add_trace(_cut_trace(groups, threshold), row=1, col=1)
+        # The trace runs between the first and last category centres; the shape carries the
+        # cut across the whole plot width.
+        fig.add_hline(y=float(threshold), line={"color": CUT_COLOR, "dash": "dash", "width": 1},
+                      opacity=0.6, row=1, col=1)
     counts = _counts(stats, groups)
     for subset, color in (("kept", KEPT_COLOR), ("pruned", PRUNED_COLOR)):
         fig.add_trace(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import netron
+import netron.server as _netron_server
 
 HOST = "127.0.0.1"
 
@@ -50,9 +51,24 @@ def serve(path: str | Path) -> NetronServer:
             netron.stop(_servers.pop(old_key).address)
         # Port 0: netron asks the OS for a free port, bound to loopback only.
         address = netron.start(key[0], address=(HOST, 0), browse=False)
+        _pin_content(address)
         server = NetronServer(path=key[0], address=(str(address[0]), int(address[1])))
         _servers[key] = server
         return server
+
+
+def _pin_content(address: tuple[str, int]) -> None:
+    """Give the server just started its own copy of the file it serves.
+
+    netron 9.3.3 stores the served file on its request-handler *class*, shared by every
+    server of the process, so each new server would make all the older ones serve the newest
+    file (the "original" frame would show the pruned model). A per-server subclass keeps each
+    server's content; called under ``_lock`` right after ``netron.start``, before any request.
+    """
+    handler = _netron_server._HTTPRequestHandler
+    for thread in _netron_server._threads(address):
+        own = type("PinnedNetronHandler", (handler,), {"content": handler.content})
+        thread.server.RequestHandlerClass = own
 
 
 def running() -> list[NetronServer]:

@@ -438,8 +438,16 @@ def test_graphs_tab_serves_netron_once_per_file():
     _ok(at)
     urls = _iframes(at)
     assert len(urls) == 2 and urls[0] == url and urls[1] != url
+    # Each frame serves its own file (netron keeps the served file on a shared class).
+    for frame_url, name in zip(urls, ("original.onnx", "model.onnx")):
+        with urllib.request.urlopen(frame_url, timeout=10) as page:
+            assert f'content="/data/{name}"'.encode() in page.read()
     with urllib.request.urlopen(urls[1] + "data/model.onnx", timeout=10) as data:
-        assert onnx.load_from_string(data.read()).graph.node
+        pruned = onnx.load_from_string(data.read())
+    with urllib.request.urlopen(url + "data/original.onnx", timeout=10) as data:
+        original = onnx.load_from_string(data.read())
+    size = sum(int(np.prod(t.dims)) for t in pruned.graph.initializer)
+    assert size < sum(int(np.prod(t.dims)) for t in original.graph.initializer)
 
 
 # ----------------------------------------------------------------------------- bad input

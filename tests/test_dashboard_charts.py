@@ -64,8 +64,11 @@ def test_overview_cut_line_at_threshold(stats):
     (cut,) = _by_name(fig, charts.CUT_NAME)
     assert set(cut.y) == {0.45}
     assert list(cut.x) == ["zeta.stem", "mid.block", "alpha.conv"]
+    # ... and a full-width line at the same height.
+    assert [(s.y0, s.y1) for s in fig.layout.shapes] == [(0.45, 0.45)]
     no_cut = charts.score_overview(stats, threshold=None)
     assert charts.CUT_NAME not in charts.trace_names(no_cut)
+    assert not no_cut.layout.shapes
 
 
 def test_overview_pruned_and_kept_are_separate_traces(stats):

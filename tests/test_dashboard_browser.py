@@ -1,0 +1,230 @@
+"""The dashboard in a real browser: `streamlit run` + Debian's Chromium driven by Playwright.
+
+Screenshots of every step land in test-artifacts/ (01-open.png ... 07-graphs.png).
+Uses /usr/bin/chromium (never `playwright install`); the test fails, not skips, without it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.demo import load_demo_eval
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+STARTUP_TIMEOUT_S = 120
+STEP_TIMEOUT_MS = 120_000
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
+    streamlit = Path(sys.executable).with_name("streamlit")
+    cmd = [str(streamlit), "run", "dashboard/app.py", "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port)]
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"streamlit exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not become healthy:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), (
+        f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium"
+    )
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _shot(page, name: str) -> Path:
+    _settle(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000  # a real rendering, not a blank page
+    return path
+
+
+def _overview_data(page) -> dict:
+    """Trace names and kept-box medians of the first Plotly chart, read from the DOM."""
+    return page.evaluate(
+        """() => {
+            const plot = document.querySelector('.js-plotly-plot');
+            if (!plot || !plot.data) return null;
+            const kept = plot.data.find(t => t.name === 'kept');
+            return {names: plot.data.map(t => t.name),
+                    median: kept ? Array.from(kept.median) : null,
+                    x: kept ? Array.from(kept.x) : null};
+        }"""
+    )
+
+
+def _settle(page) -> None:
+    """Wait until Streamlit has finished its script run (stale elements are then gone)."""
+    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+    for _ in range(2):  # twice: a run can start right after the first idle sighting
+        page.wait_for_selector(idle, timeout=STEP_TIMEOUT_MS)
+        time.sleep(0.4)
+
+
+def _changed(data: dict | None, before: dict) -> dict | None:
+    return data if data and data["median"] and data["median"] != before["median"] else None
+
+
+def _wait_for(probe, timeout_s: float = 60.0):
+    """Poll ``probe`` until it returns something truthy (Streamlit swaps elements in place)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError("the page did not reach the expected state in time")
+
+
+def _choose(page, label: str, value: str) -> None:
+    box = page.get_by_test_id("stSelectbox").filter(has_text=label).first
+    box.click()
+    page.get_by_role("option", name=value, exact=True).click()
+
+
+def test_dashboard_in_chromium(server_url, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1440, "height": 2200}, accept_downloads=True)
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+
+    # 1. Opens on the demo with the score chart drawn.
+    page.goto(server_url)
+    page.get_by_text("PruneScope").first.wait_for()
+    page.wait_for_selector(".js-plotly-plot .boxlayer")
+    page.wait_for_function("() => document.querySelector('.js-plotly-plot').data")
+    before = _overview_data(page)
+    assert {"kept", "pruned", "global cut"} <= set(before["names"])
+    assert page.get_by_text("built-in demo").first.is_visible()
+    assert page.locator("[data-testid='stException']").count() == 0
+    _shot(page, "01-open.png")
+
+    # 2. A layer-norm change redraws the chart from cached scores.
+    _choose(page, "Layer norm", "tss_norm")
+    page.get_by_text("layer norm tss_norm").first.wait_for()
+    after = _wait_for(lambda: _changed(_overview_data(page), before))
+    assert after["x"] == before["x"]  # same groups, same network order
+    assert page.locator("[data-testid='stException']").count() == 0
+    _shot(page, "02-norm-tss.png")
+
+    # 3. Compare layer norms: one subplot per norm.
+    page.get_by_text("Compare layer norms", exact=True).click()
+    page.get_by_text("The same groups under all five layer norms").wait_for()
+    norms = _wait_for(lambda: page.evaluate(
+        """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+                 .map(p => (p.data || []).filter(t => t.type === 'box').map(t => t.name))
+                 .find(n => n.length === 5)"""))
+    assert norms == ["standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none"]
+    _shot(page, "03-compare-norms.png")
+
+    # 4. The per-group plan table.
+    page.get_by_role("tab", name="Plan").click()
+    page.get_by_text("Frozen layers").wait_for()
+    page.get_by_text("reaches a model output").first.wait_for(state="attached")
+    _shot(page, "04-plan.png")
+
+    # 5. Prune runs with a status display and shows before/after numbers.
+    page.get_by_role("tab", name="Prune & compare").click()
+    page.locator(".st-key-prune button").click()
+    page.get_by_text("Pruned and saved").wait_for()
+    page.get_by_text("Before / after").wait_for()
+    page.get_by_text("Accuracy before").first.wait_for(state="attached")  # canvas grid cell
+    assert page.locator("[data-testid='stException']").count() == 0
+    _shot(page, "05-pruned.png")
+
+    # 6. A download arrives and loads with torch.export.load.
+    with page.expect_download() as info:
+        page.locator(".st-key-dl_model_pt2 button").click()
+    download = info.value
+    assert download.suggested_filename == "model.pt2"
+    saved = tmp_path / "model.pt2"
+    download.save_as(saved)
+    program = torch.export.load(str(saved))
+    x, y = load_demo_eval()
+    with torch.no_grad():
+        logits = program.module()(torch.from_numpy(x[:64]))
+    assert logits.shape[0] == 64
+    assert float(np.mean(logits.argmax(1).numpy() == y[:64])) > 0.2  # still a classifier
+    _shot(page, "06-download.png")
+
+    # 7. The Netron frames show the original and the pruned graph.
+    page.get_by_role("tab", name="Graphs").click()
+    frames = page.locator("iframe[src^='http://127.0.0.1']")
+    frames.nth(1).wait_for()
+    assert frames.count() == 2
+    texts = []
+    for i in range(2):
+        frame = page.frame_locator("iframe[src^='http://127.0.0.1']").nth(i)
+        # Netron asks once for cookie consent (the user's choice to make); accept it here.
+        accept = frame.get_by_text("Accept", exact=True)
+        try:
+            accept.click(timeout=15_000)
+        except Exception:
+            pass  # already accepted for 127.0.0.1 (the cookie ignores the port)
+        frame.locator("svg#canvas g.node").first.wait_for()
+        assert frame.locator("svg#canvas g.node").count() > 5
+        texts.append(frame.locator("svg#canvas").text_content())
+    # Two different graphs: the original's layer shapes are not the pruned ones.
+    assert texts[0] != texts[1]
+    time.sleep(1)  # let Netron finish its layout before the screenshot
+    _shot(page, "07-graphs.png")
+    page.close()
