@@ -194,8 +194,9 @@ def _dynamic_batch(analysis: Analysis) -> bool:
     for node in analysis.captured.program.graph.nodes:
         if node.op == "placeholder":
             val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
-                return True
+            if isinstance(val, torch.Tensor) and val.dim():
+                if isinstance(val.shape[0], torch.SymInt):
+                    return True
     return False
 
 

@@ -106,7 +106,9 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
                 )
             example_inputs = tuple(torch.randn(*shape) for shape in input_shapes)
         return capture_module(obj, _as_tuple(example_inputs), source=str(path))
-    raise ModelLoadError(f"model file {path} has an unsupported extension '{suffix}'; give {ACCEPTED}")
+    raise ModelLoadError(
+        f"model file {path} has an unsupported extension '{suffix}'; give {ACCEPTED}"
+    )
 
 
 def _from_program(program, example_inputs, source: str) -> Captured:

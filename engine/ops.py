@@ -782,7 +782,7 @@ def view(t: Tracer, node: fx.Node) -> Any:
             new_dst[d] = size
         target += sizes
     out = full.reshape(target)
-    for gi, gj in splits:
+    for _gi, gj in splits:
         rows = _rows(out, gj)
         if not t.apply_pass:
             if t.whole_blocks:
@@ -857,9 +857,8 @@ def _einsum_rule(t: Tracer, node: fx.Node, operands: list, equation: str, extra=
     ranks = [len(t.orig_shape(o)) for o in operands]
     n_ell = max([r - len(s.replace("...", "")) for r, s in zip(ranks, specs) if "..." in s] or [0])
     letters = "ABCDEFGHIJ"[:n_ell]
-    specs = [
-        s.replace("...", letters[n_ell - (r - len(s.replace("...", ""))):]) for s, r in zip(specs, ranks)
-    ]
+    fills = [r - len(s.replace("...", "")) for s, r in zip(specs, ranks)]
+    specs = [s.replace("...", letters[n_ell - f :]) for s, f in zip(specs, fills)]
     out_spec = out_spec.replace("...", letters)
     for e in extra:
         t.freeze(t.labels_of(e), f"{op_key(node)}: added input")

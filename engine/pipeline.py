@@ -18,7 +18,7 @@ from engine.analysis import Analysis, analyze, plan
 from engine.apply import masked_module, pruned_roots, rewrite
 from engine.errors import ExportError, PruneScopeError
 from engine.export import check_onnx, export_onnx, save_program, write_json
-from engine.metrics import count_flops, count_params, size_bytes
+from engine.metrics import count_params, graph_flops, size_bytes
 from engine.options import PruningOptions, check_ratio
 from engine.planning import Plan
 
@@ -134,20 +134,19 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) 
     kwargs = analysis.captured.example_kwargs or {}
     say("verifying")
     with torch.no_grad():
-        original = _leaves(analysis.gm(*inputs, **kwargs))
         masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
         try:
             pruned = _leaves(pruned_gm(*inputs, **kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
             raise PruneScopeError(f"the pruned model failed to run: {exc}".splitlines()[0]) \
                 from exc
-    verification = _verify(original, masked, pruned, the_plan, structure)
+    verification = _verify(masked, pruned, the_plan, structure)
     say("re-exporting")
     program = _export(pruned_gm, analysis)
     module = program.module()
     say("measuring")
-    before = _metrics(analysis.gm, inputs, kwargs)
-    after = _metrics(module, inputs, kwargs)
+    before = _metrics(analysis.gm)
+    after = _metrics(module)
     report = {
         "options": the_plan.options.to_dict(),
         "groups": [
@@ -178,9 +177,10 @@ def _leaves(out: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
-def _verify(original, masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
-    shapes_match = len(original) == len(pruned) and all(
-        a.shape == b.shape for a, b in zip(original, pruned)
+def _verify(masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
+    """Mask mode runs the original graph, so its outputs have the original shapes."""
+    shapes_match = len(masked) == len(pruned) and all(
+        a.shape == b.shape for a, b in zip(masked, pruned)
     )
     max_abs = 0.0
     max_ref = 0.0
@@ -248,11 +248,10 @@ def _dynamic_shapes(analysis: Analysis):
     return tuple(shapes)
 
 
-def _metrics(module: torch.nn.Module, inputs: tuple, kwargs: dict) -> dict[str, int]:
+def _metrics(module: torch.fx.GraphModule) -> dict[str, int]:
     return {
         "params": count_params(module),
-        "flops": count_flops(module, kwargs) if kwargs and not inputs else
-        count_flops(module, inputs),
+        "flops": graph_flops(module),
         "size_bytes": size_bytes(module),
     }
 

@@ -218,7 +218,10 @@ ZOO = {
     "swiglu": (SwiGLU, lambda: (torch.randn(2, 5, 16),)),
     "attention_sdpa": (lambda: Attention(), lambda: (torch.randn(2, 5, 6),)),
     "attention_matmul": (lambda: Attention(manual=True), lambda: (torch.randn(2, 5, 6),)),
-    "attention_gqa": (lambda: Attention(dim=32, heads=4, kv_heads=2), lambda: (torch.randn(2, 5, 6),)),
+    "attention_gqa": (
+        lambda: Attention(dim=32, heads=4, kv_heads=2),
+        lambda: (torch.randn(2, 5, 6),),
+    ),
     "channel_shuffle": (ChannelShuffle, lambda: image()),
     "pixel_shuffle": (PixelShuffle, lambda: image()),
     "tied_embedding": (TiedEmbedding, lambda: (torch.randint(0, 50, (2, 7)),)),
