@@ -1,0 +1,14 @@
+"""PruneScope benchmarks: ``python -m bench`` (or ``make bench``) runs them all.
+
+One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Section``:
+
+- ``e2e``: end to end against Torch-Pruning on ResNet-50, ViT-B/16 and BERT-base
+- ``rerank``: re-planning from cached raw scores (ResNet-50 and a 1,000+ layer model)
+- ``scaling``: Llama-style models at 4, 8 and 16 layers, time and peak memory
+- ``latency``: CPU latency of original and pruned models (torch eager, ONNX Runtime)
+- ``coverage``: the zoo and transformers models through both tools
+
+Wall-clock numbers live here and in ``bench/RESULTS.md``, never as assertions in tests.
+"""
+
+BENCHMARKS = ("e2e", "rerank", "scaling", "latency", "coverage")
