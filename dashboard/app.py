@@ -80,6 +80,22 @@ def _short(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+def _session_files() -> sources.SessionFiles:
+    """The session's temp folder; also removes the folders of sessions that have closed."""
+    session_id = None
+    try:
+        from streamlit.runtime import Runtime
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+        ctx = get_script_run_ctx()
+        session_id = ctx.session_id if ctx else None
+        if Runtime.exists():
+            sources.sweep(Runtime.instance().is_active_session)
+    except Exception:  # cleanup is best effort; the folders also go at process exit
+        pass
+    return state.session_files(st.session_state, session_id)
+
+
 def _show_error(error: BaseException, what: str = "") -> None:
     prefix = f"{what}: " if what else ""
     st.error(prefix + sources.one_line(error), icon="⚠️")
@@ -131,7 +147,7 @@ def sidebar_model() -> sources.ModelRequest | None:
         "(upload or path on this machine), or a pickled .pt if you trust it.",
     )
     limit = _upload_limit_mb()
-    files = state.session_files(st.session_state)
+    files = _session_files()
     if source == sources.DEMO:
         st.sidebar.caption("A small digit classifier (8×8 images) with residual, grouped, "
                            "depthwise and attention blocks, plus its own evaluation set.")
@@ -488,7 +504,7 @@ def tab_prune(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
         + (f" on **{eval_data.label}** ({eval_data.n} samples)." if eval_data else ".")
     )
     if st.button("Prune", type="primary", key="prune", icon="✂️"):
-        files = state.session_files(st.session_state)
+        files = _session_files()
         out_dir = files.subdir(f"pruned-{_short(model.key)}-{_short(signature)}")
         with st.status("Pruning…", expanded=True) as status:
             try:
@@ -603,7 +619,7 @@ def _original_graph_file(model: state.LoadedModel) -> Path:
     cached = model.cache.get("original_onnx")
     if cached is not None and Path(cached).is_file():
         return Path(cached)
-    files = state.session_files(st.session_state)
+    files = _session_files()
     out = files.subdir(f"original-{_short(model.key)}") / "original.onnx"
     with st.spinner("Exporting the original model to ONNX for Netron…"):
         engine.export.export_onnx(model.captured.program, out)
@@ -676,18 +692,26 @@ def main() -> None:
 
     tabs = st.tabs(TABS, key="main_tab", on_change="rerun")
     scores_tab, plan_tab, prune_tab, graphs_tab = tabs
+    # Lazy tabs: only the open tab's content runs (the Graphs tab exports ONNX on first use).
     if scores_tab.open is not False and plan is not None:
         with scores_tab:
-            tab_scores(model, plan, options, plan_args)
+            _guarded(tab_scores, model, plan, options, plan_args)
     if plan_tab.open is not False and plan is not None:
         with plan_tab:
-            tab_plan(model, plan)
+            _guarded(tab_plan, model, plan)
     if prune_tab.open is not False and plan is not None:
         with prune_tab:
-            tab_prune(model, plan, signature, ratio, eval_data)
+            _guarded(tab_prune, model, plan, signature, ratio, eval_data)
     if graphs_tab.open is not False:
         with graphs_tab:
-            tab_graphs(model)
+            _guarded(tab_graphs, model)
 
+
+def _guarded(render, *args) -> None:
+    """Run one tab; an unexpected error becomes a one-line message, the rest stays usable."""
+    try:
+        render(*args)
+    except Exception as e:  # st.rerun/st.stop are BaseExceptions and pass through
+        _show_error(e, "Something went wrong in this view")
 
 main()

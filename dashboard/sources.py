@@ -12,7 +12,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,32 @@ class SessionFiles:
     @property
     def alive(self) -> bool:
         return self._finalizer.alive
+
+
+_registry_lock = threading.Lock()
+_by_session: dict[str, SessionFiles] = {}
+
+
+def register(session_id: str, files: SessionFiles) -> None:
+    """Remember which session owns ``files`` so ``sweep`` can remove it once it closes."""
+    with _registry_lock:
+        _by_session[session_id] = files
+
+
+def sweep(is_active: Callable[[str], bool]) -> list[Path]:
+    """Remove the folders of sessions that are no longer active; returns what was removed.
+
+    Garbage collection of a closed session's state is not guaranteed to happen promptly, so
+    every page run sweeps the folders of sessions the runtime no longer knows.
+    """
+    removed = []
+    with _registry_lock:
+        for sid in [sid for sid in _by_session if not is_active(sid)]:
+            files = _by_session.pop(sid)
+            if files.alive:
+                files.cleanup()
+                removed.append(files.root)
+    return removed
 
 
 @dataclass(frozen=True)

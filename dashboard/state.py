@@ -12,6 +12,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dashboard import sources
 from dashboard.sources import SessionFiles
 
 MODELS_KEY = "_ps_models"
@@ -29,11 +30,14 @@ class LoadedModel:
     cache: dict[str, Any] = field(default_factory=dict)  # per-model derived artefacts
 
 
-def session_files(state: MutableMapping) -> SessionFiles:
+def session_files(state: MutableMapping, session_id: str | None = None) -> SessionFiles:
+    """This session's private temporary folder (created on first use)."""
     files = state.get(FILES_KEY)
     if files is None or not files.alive:
         files = SessionFiles()
         state[FILES_KEY] = files
+        if session_id is not None:
+            sources.register(session_id, files)
     return files
 
 

@@ -550,3 +550,81 @@ def test_trusted_pickle_upload_with_input_shape(tmp_path):
     assert not at.exception
     assert len(at.error) == 1 and "input shape" in at.error[0].value
     assert _model(at) is loaded
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_uploads_go_to_a_private_session_folder_that_is_removed():
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    from dashboard import sources
+
+    at = _open()
+    at.radio(key="source").set_value("Upload .pt2").run()
+    at.file_uploader(key="upload_pt2").upload("first.pt2", b"not a model").run()
+    files = at.session_state["_ps_files"]
+    root = files.root
+    stored = list(root.rglob("first.pt2"))
+    assert len(stored) == 1 and stored[0].read_bytes() == b"not a model"
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700  # private to this user
+    # A new upload replaces the previous one instead of piling up.
+    at.file_uploader(key="upload_pt2").set_value(("second.pt2", b"still not", "x")).run()
+    assert [p.name for p in root.rglob("*.pt2")] == ["second.pt2"]
+    # Once the runtime no longer knows the session, the next page run's sweep removes it.
+    (session_id,) = [sid for sid, f in sources._by_session.items() if f is files]
+    assert sources.sweep(lambda sid: sid != session_id) == [root]
+    assert not root.exists()
+    # And whatever is left goes when the server process exits.
+    code = ("from dashboard.sources import SessionFiles; f = SessionFiles(); "
+            "(f.root / 'x.pt2').write_bytes(b'1'); print(f.root)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(APP).parent.parent, check=True)
+    left = Path(out.stdout.strip())
+    assert left.name.startswith("prunescope-") and not left.exists()
+
+
+def test_shapes_and_npz_parsing():
+    from dashboard import sources
+    from engine.errors import ModelLoadError
+
+    assert sources.parse_shapes("1,3,224,224") == ((1, 3, 224, 224),)
+    assert sources.parse_shapes("(1, 16); 1x16") == ((1, 16), (1, 16))
+    for bad in ("", "1,a", "1,0,3"):
+        with pytest.raises(ModelLoadError):
+            sources.parse_shapes(bad)
+    good = io.BytesIO()
+    np.savez(good, x=np.zeros((4, 2), np.float64), y=np.array([0, 1, 1, 0]))
+    data = sources.load_npz(good.getvalue())
+    assert data.x.dtype == np.float32 and data.n == 4 and list(data.y) == [0, 1, 1, 0]
+    cases = {
+        b"garbage": "not a readable .npz",
+        _npz(x=np.zeros((3, 2)), y=np.array([0.5, 1, 2])): "integers",
+        _npz(x=np.zeros((3, 2)), y=np.array([0, 1])): "2 labels",
+        _npz(x=np.zeros((0, 2))): "at least one sample",
+    }
+    for raw, words in cases.items():
+        with pytest.raises(ModelLoadError, match=words):
+            sources.load_npz(raw)
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_fidelity_measures():
+    from dashboard.evaluate import fidelity
+
+    before = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0], [4.0, 0.0, 0.0]])
+    after = before.copy()
+    after[1] = [3.0, 0.0, 1.0]  # sample 1 flips from class 1 to class 0
+    y = np.array([0, 1, 2, 1])
+    result = fidelity(before, after, y)
+    assert result["top1_agreement"] == 0.75
+    assert result["max_abs_diff"] == 3.0
+    assert result["accuracy_before"] == 0.75 and result["accuracy_after"] == 0.5
