@@ -440,14 +440,14 @@ def compare_policies(model: state.LoadedModel, options: PruningOptions,
     st.dataframe(table, hide_index=True, width="stretch")
 
 
-def tab_plan(model: state.LoadedModel, plan: Any) -> None:
+def tab_plan(model: state.LoadedModel, plan: Any | None) -> None:
     st.markdown(
         "Every prunable group of connected channels, in network order. Set a group's **own "
         "ratio** (blank = the global ratio) or **pin** it to keep all its channels; the "
         "charts and the Prune button follow."
     )
     an = model.analysis
-    by_name = {g.name: g for g in plan.groups}
+    by_name = {g.name: g for g in plan.groups} if plan is not None else {}
     rows = []
     for g in an.groups:
         gp = by_name.get(g.name)
@@ -489,8 +489,9 @@ def tab_plan(model: state.LoadedModel, plan: Any) -> None:
         )
     else:
         st.caption("No frozen layers.")
-    st.download_button("Download plan.json", json.dumps(plan.to_dict(), default=float),
-                       file_name="plan.json", mime="application/json", key="dl_plan")
+    if plan is not None:
+        st.download_button("Download plan.json", json.dumps(plan.to_dict(), default=float),
+                           file_name="plan.json", mime="application/json", key="dl_plan")
 
 
 def tab_prune(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
@@ -685,10 +686,18 @@ def main() -> None:
                             "ratios": ratios, "pinned": sorted(pinned), "indices": indices,
                             "eval": eval_data.label if eval_data else None}, sort_keys=True)
     plan = None
-    try:
-        plan = make_plan(model, options, **plan_args)
-    except Exception as e:
-        _show_error(e, "Cannot plan with these options")
+    if options.criterion == "index" and not indices:
+        st.info("Criterion **index**: list the filter indices to remove under “Channel indices "
+                "to remove” in the sidebar (one line per layer, e.g. `block1.conv1: 0, 3`). "
+                "Layer names are in the Plan tab.", icon="✍️")
+    elif options.criterion == "nuclear_norm" and eval_data is None:
+        st.error("Criterion nuclear_norm needs calibration data: upload an .npz with an "
+                 "array 'x' under “Calibration / evaluation data” in the sidebar.", icon="⚠️")
+    else:
+        try:
+            plan = make_plan(model, options, **plan_args)
+        except Exception as e:
+            _show_error(e, "Cannot plan with these options")
 
     tabs = st.tabs(TABS, key="main_tab", on_change="rerun")
     scores_tab, plan_tab, prune_tab, graphs_tab = tabs
@@ -696,7 +705,7 @@ def main() -> None:
     if scores_tab.open is not False and plan is not None:
         with scores_tab:
             _guarded(tab_scores, model, plan, options, plan_args)
-    if plan_tab.open is not False and plan is not None:
+    if plan_tab.open is not False:
         with plan_tab:
             _guarded(tab_plan, model, plan)
     if prune_tab.open is not False and plan is not None:

@@ -223,6 +223,22 @@ def _index_setup(at: AppTest) -> dict[str, list[int]]:
     return indices
 
 
+def test_index_criterion_asks_for_indices_first():
+    at = _open()
+    _set(at, "criterion", "index")
+    at.run()
+    assert not at.exception and not at.error
+    assert any("Channel indices to remove" in i.value for i in at.info)
+    at.session_state["main_tab"] = "Plan"
+    at.run()
+    _ok(at)
+    names = list(at.data_editor[0].value["Group"])
+    assert names == [g.name for g in _model(at).analysis.groups]
+    at.text_area(key="opt_indices").set_value("no_such_layer: 1").run()
+    assert not at.exception
+    assert len(at.error) == 1 and "no_such_layer" in at.error[0].value
+
+
 def test_every_option_value_runs_one_at_a_time():
     at = _open()
     for option, values in OPTION_VALUES.items():
@@ -529,6 +545,17 @@ def test_local_pt2_path_loads_and_plans(tmp_path):
     assert {layer for g in loaded.analysis.groups for layer in g.layers} == {"conv1", "conv2"}
     spec = _chart(at, "chart_overview")
     assert spec["layout"]["xaxis"]["categoryarray"] == [g.name for g in loaded.analysis.groups]
+    # Without evaluation data there is nothing to calibrate nuclear_norm with: say so.
+    _set(at, "criterion", "nuclear_norm")
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "calibration data" in at.error[0].value
+    # With an .npz of matching inputs it scores, and the scores change.
+    data = _npz(x=torch.randn(16, 1, 8, 8).numpy(), y=np.arange(16) % 3)
+    at.file_uploader(key="upload_eval").upload("calib.npz", data).run()
+    _ok(at)
+    assert at.session_state["_ps_eval"][1].n == 16
+    _check_overview(at, PruningOptions(criterion="nuclear_norm"), 0.5)
 
 
 def test_trusted_pickle_upload_with_input_shape(tmp_path):
