@@ -113,8 +113,10 @@ class Analysis:
                 GroupInput(
                     name=g.name,
                     raw=raw[g.name],
-                    blocks=g.block_index,
-                    whole_blocks=False,
+                    # a head is one channel here; heads are not subject to the step rule
+                    blocks=np.arange(g.channels).reshape(-1, 1) if g.whole_blocks
+                    else g.block_index,
+                    whole_blocks=g.whole_blocks,
                     prunable=g.prunable.copy(),
                 )
             )

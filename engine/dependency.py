@@ -40,6 +40,7 @@ class GroupInfo:
     block_index: np.ndarray | None = field(default=None, repr=False)  # (A, B) channel indices
     slots: dict[str, MemberSlots] = field(default_factory=dict, repr=False)
     frozen_reason: str | None = None
+    whole_blocks: bool = False  # each channel is a whole block (an attention head)
 
     def to_dict(self) -> dict:
         return {
@@ -179,6 +180,9 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
                                    None),
             )
         )
+    block_roots = {int(roots[i]) for i in state.block_ids}
+    for g in groups:
+        g.whole_blocks = bool(block_roots) and all(int(r) in block_roots for r in g.roots)
     groups.sort(key=lambda g: member_rank[g.layers[0]])
     _assign_blocks(groups, state, roots)
     _name_groups(groups)

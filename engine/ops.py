@@ -788,6 +788,7 @@ def view(t: Tracer, node: fx.Node) -> Any:
             if t.whole_blocks:
                 for row in rows:
                     t.union(np.full(len(row) - 1, row[0]), row[1:])
+                    t.state.block_ids.append(int(row[0]))
             else:
                 t.record_split(rows, f"reshape {node.name}")
         if t.whole_blocks:

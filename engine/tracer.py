@@ -63,6 +63,7 @@ class AnalysisState:
     frozen: dict[int, str] = field(default_factory=dict)  # id -> first reason
     inexact: dict[int, str] = field(default_factory=dict)
     splits: list[Split] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # one id of each whole block (head)
     labels: dict[str, Any] = field(default_factory=dict)  # node name -> labels
 
 
@@ -267,6 +268,16 @@ class Tracer:
             d + ndim - len(self.orig_shape(a)) for a in args for d in self.label_dims(a)
         }
         operands = [_rank(self._operand_labels(a, ndim, varying), ndim) for a in args]
+        label_sets = [
+            frozenset(d + ndim - len(self.orig_shape(a)) for a in [arg] for d in self.label_dims(a))
+            for arg in args
+        ]
+        label_sets = [s for s in label_sets if s]
+        if any(not (a <= b or b <= a) for a in label_sets for b in label_sets):
+            # channels of one operand meet channels of another along other dimensions
+            for o in operands:
+                self.freeze(o, f"{self.op_name()}: channels cross other channels")
+            return np.full((1,) * ndim, NO_LABEL, dtype=np.int64)
         shapes = [(1,) * (ndim - len(s)) + s for s in (self.orig_shape(a) for a in args)]
         active = [
             o
@@ -365,8 +376,8 @@ class Tracer:
     def _param_labels(self, node: fx.Node) -> np.ndarray | None:
         """A parameter used as data carries the slots of its one non-trivial dimension."""
         shape = self.orig_shape(node)
-        if shape is None or not node.meta["val"].is_floating_point():
-            return None  # integer buffers (position ids) carry no channels
+        if shape is None or not isinstance(self.param_tensor(node.target), torch.nn.Parameter):
+            return None  # buffers (position ids, rotary frequencies) carry no channels
         big = [d for d, s in enumerate(shape) if s > 1]
         if len(big) != 1:
             return None

@@ -1,0 +1,146 @@
+"""transformers architectures built from configs (random weights, nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import engine
+
+tf = pytest.importorskip("transformers")
+
+
+def _resnet50():
+    return tf.ResNetForImageClassification(tf.ResNetConfig()), (torch.randn(1, 3, 224, 224),)
+
+
+def _mobilenet_v2():
+    model = tf.MobileNetV2ForImageClassification(tf.MobileNetV2Config())
+    return model, (torch.randn(1, 3, 224, 224),)
+
+
+def _vit():
+    return tf.ViTForImageClassification(tf.ViTConfig()), (torch.randn(1, 3, 224, 224),)
+
+
+def _bert():
+    model = tf.BertForSequenceClassification(tf.BertConfig())
+    return model, (torch.randint(0, 30000, (1, 32)),)
+
+
+def _gpt2():
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(use_cache=False))
+    return model, (torch.randint(0, 50000, (1, 32)),)
+
+
+def _llama():
+    config = tf.LlamaConfig(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=1000, use_cache=False,
+    )
+    return tf.LlamaForCausalLM(config), (torch.randint(0, 1000, (1, 32)),)
+
+
+MODELS = {
+    "resnet50": _resnet50,
+    "mobilenet_v2": _mobilenet_v2,
+    "vit_base": _vit,
+    "bert_base": _bert,
+    "gpt2": _gpt2,
+    "llama_gqa": _llama,
+}
+
+
+def _build(name):
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    return model.eval(), inputs
+
+
+def _check(result, min_removed=0.4):
+    report = result.report
+    removed = 1 - report["after"]["params"] / report["before"]["params"]
+    assert removed >= min_removed, f"only {removed:.1%} of the parameters removed"
+    verification = report["verification"]
+    assert verification["output_shapes_match"]
+    if verification["exact_expected"]:
+        assert verification["exact"]
+    # groups normalised over their channels (LayerNorm, RMSNorm) are the only inexact ones
+    for name in verification["inexact_groups"]:
+        assert any(g["name"] == name and not g["exact"] for g in report["groups"])
+    return removed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_global_half_with_default_options(name):
+    model, inputs = _build(name)
+    result = engine.prune(model, inputs, ratio=0.5)
+    _check(result)
+    with torch.no_grad():
+        out = result.module(*inputs)
+    assert all(torch.isfinite(t).all() for t in (out if isinstance(out, tuple) else (out,)))
+
+
+def _heads(result, layer_prefix):
+    shapes = {k: v.shape for k, v in result.module.state_dict().items()}
+    return {k: s[0] for k, s in shapes.items() if k.endswith(layer_prefix)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "query", "head_dim", "heads"),
+    [
+        ("vit_base", "attention.q_proj.weight", 64, 12),
+        ("bert_base", "attention.self.query.weight", 64, 12),
+        ("llama_gqa", "self_attn.q_proj.weight", 32, 8),
+    ],
+)
+def test_whole_heads_removed(name, query, head_dim, heads):
+    model, inputs = _build(name)
+    options = engine.PruningOptions(reshape_channel_axis=-2)
+    result = engine.prune(model, inputs, options, ratio=0.5)
+    _check(result, min_removed=0.3)
+    widths = _heads(result, query)
+    assert widths, "query projections found"
+    assert all(w % head_dim == 0 for w in widths.values()), "whole heads of full width"
+    assert min(widths.values()) < heads * head_dim, "some heads were removed"
+    if name == "llama_gqa":
+        kv = _heads(result, "self_attn.k_proj.weight")
+        for q_name, q_width in widths.items():
+            k_width = kv[q_name.replace("q_proj", "k_proj")]
+            assert q_width == 4 * k_width, "each key/value head keeps its 4 query heads"
+
+
+def test_modeloutput_program_loads_without_transformers(tmp_path):
+    config = tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, vocab_size=50)
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(config).eval()
+    inputs = (torch.randint(0, 50, (1, 8)),)
+    result = engine.prune(model, inputs, ratio=0.5)
+    paths = engine.save(result, tmp_path)
+    with torch.no_grad():
+        expected = result.module(*inputs)[0]
+    torch.save(inputs[0], tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        program = torch.export.load({str(paths['model.pt2'])!r})
+        ids = torch.load({str(tmp_path / 'ids.pt')!r})
+        out = program.module()(ids)
+        assert "transformers" not in sys.modules
+        print(float(out[0].sum()))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert abs(float(done.stdout.strip()) - float(expected.sum())) < 1e-4
+    assert result.report["onnx"]["max_abs_diff_vs_torch"] < 1e-4
