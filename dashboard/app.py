@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import replace
@@ -139,6 +140,11 @@ def _get_model(request: sources.ModelRequest) -> state.LoadedModel:
 def sidebar_model() -> sources.ModelRequest | None:
     """Model source widgets; returns the request to load (None while waiting for a file)."""
     st.sidebar.header("Model")
+    initial = os.environ.get("PRUNESCOPE_MODEL", "demo")
+    if initial != "demo" and "source" not in st.session_state:
+        # `prunescope dashboard MODEL` opens on that file
+        st.session_state["source"] = sources.LOCAL_PATH
+        st.session_state["local_path"] = initial
     source = st.sidebar.radio(
         "Model source",
         sources.SOURCES,

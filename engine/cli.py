@@ -157,11 +157,14 @@ def _run(args: argparse.Namespace) -> int:
     from engine.capture import load_calibration
 
     if args.command == "dashboard":
-        app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
-        env = dict(os.environ, PRUNESCOPE_MODEL=args.model)
+        root = Path(__file__).resolve().parent.parent
+        model = args.model if args.model == "demo" else str(Path(args.model).resolve())
+        env = dict(os.environ, PRUNESCOPE_MODEL=model)
         return subprocess.call(
-            [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
-             "--server.address", "127.0.0.1", "--server.port", str(args.port)], env=env,
+            [sys.executable, "-m", "streamlit", "run", str(root / "dashboard" / "app.py"),
+             "--server.headless", "true", "--server.address", "127.0.0.1",
+             "--server.port", str(args.port), "--server.maxUploadSize", "2048"],
+            env=env, cwd=root,
         )
     options = _options(args)
     calibration = load_calibration(args.calibration)[0] if args.calibration else None
