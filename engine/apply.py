@@ -31,9 +31,12 @@ class _Rules:
 
 def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx.GraphModule:
     """A copy of `gm` without the removed channels: sliced parameters, new shape constants."""
+    # copy the modules and the graph, not the weights: the sliced ones are replaced below and
+    # the untouched ones cloned at the end, so peak memory stays near one model
+    memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
-        new = copy.deepcopy(gm)
+        new = copy.deepcopy(gm, memo)
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
     tracer.run(_Rules(), lambda node: node)
     params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
@@ -47,8 +50,26 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
         if name in tracer.grouped_gathers:
             data = _gather_grouped(data, tracer.grouped_gathers[name])
         _set_tensor(new, name, tensor, data.contiguous())
+    _unshare(new, gm)
     new.recompile()
     return new
+
+
+def _unshare(new: fx.GraphModule, old: fx.GraphModule) -> None:
+    """Clone the tensors the pruned model still shares with the original."""
+    originals = {id(t) for t in list(old.parameters()) + list(old.buffers())}
+    clones: dict[int, torch.Tensor] = {}
+    for module in new.modules():
+        for store in (module._parameters, module._buffers):
+            for key, value in store.items():
+                if value is not None and id(value) in originals:
+                    if id(value) not in clones:
+                        data = value.detach().clone()
+                        clones[id(value)] = (
+                            torch.nn.Parameter(data, requires_grad=value.requires_grad)
+                            if isinstance(value, torch.nn.Parameter) else data
+                        )
+                    store[key] = clones[id(value)]
 
 
 def _gather_grouped(weight: torch.Tensor, columns: list[np.ndarray]) -> torch.Tensor:
@@ -66,10 +87,12 @@ def _gather_grouped(weight: torch.Tensor, columns: list[np.ndarray]) -> torch.Te
 
 def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Tensor) -> None:
     """Replace a tensor everywhere it is registered (tied weights have several names)."""
+    if data.data_ptr() == old.data_ptr():
+        data = data.clone()
     if isinstance(old, torch.nn.Parameter):
-        new: torch.Tensor = torch.nn.Parameter(data.clone(), requires_grad=old.requires_grad)
+        new: torch.Tensor = torch.nn.Parameter(data, requires_grad=old.requires_grad)
     else:
-        new = data.clone()
+        new = data
     owner_path, _, attr = name.rpartition(".")
     places = {(owner_path, attr)}
     for module_name, module in gm.named_modules(remove_duplicate=False):

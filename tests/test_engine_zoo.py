@@ -15,9 +15,14 @@ def test_prune_is_smaller_and_exact(name, axis):
     model, inputs = build(name)
     with torch.no_grad():
         original = model(*inputs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     opts = engine.PruningOptions(reshape_channel_axis=axis)
     result = engine.prune(model, inputs, opts, ratio=0.5)
     report = result.report
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"the user's model changed: {key}"
+    pruned_storage = {p.data_ptr() for p in result.module.parameters()}
+    assert not pruned_storage & {p.data_ptr() for p in model.parameters()}
     assert report["after"]["params"] < report["before"]["params"]
     assert report["after"]["flops"] < report["before"]["flops"]
     verification = report["verification"]
