@@ -5,11 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PORT ?= 8501
-# The CPU build of torch. It is taken from pip's configured indexes/find-links when they have
-# it, else from PyTorch's CPU index; pinning the +cpu local version means a CUDA build is
-# never pulled.
-TORCH := torch==2.13.0+cpu
-TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# The CPU build of torch, as this machine kind offers it through pip. Installed first and on
+# its own, so that nothing later resolves an unpinned torch (several GB of CUDA wheels).
+TORCH := torch==2.13.0
 
 .PHONY: venv venv-run run test bench demo clean
 
@@ -17,7 +15,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # `pip install -e .` finds torch==2.13.0 already satisfied.
 $(VENV)/.stamp-torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install "$(TORCH)" || $(PIP) install "$(TORCH)" --extra-index-url $(TORCH_CPU_INDEX)
+	$(PIP) install "$(TORCH)"
 	touch $@
 
 $(VENV)/.stamp-run: pyproject.toml $(VENV)/.stamp-torch
