@@ -58,10 +58,10 @@ def _warm_up() -> None:
 
 def _measure(bm: BenchModel, reps: int) -> dict:
     ref = output_shapes(bm.model, bm.inputs)
-    data: dict = {"ours": [], "capture": [], "phases": [], "tp": [], "tp_construct": [],
-                  "tp_step": [], "copy": [], "export": [], "ours_params": None,
-                  "tp_params": None, "verification": None, "tp_shapes_ok": None,
-                  "ours_error": None, "tp_error": None}
+    data: dict = {key: [] for key in ("ours", "capture", "phases", "tp", "tp_construct",
+                                      "tp_step", "ours_cpu", "tp_cpu", "copy", "export")}
+    data.update({key: None for key in ("ours_params", "tp_params", "verification",
+                                       "tp_shapes_ok", "ours_error", "tp_error")})
     for rep in range(reps):
         order = ("ours", "tp") if rep % 2 == 0 else ("tp", "ours")
         for who in order:
@@ -71,6 +71,7 @@ def _measure(bm: BenchModel, reps: int) -> dict:
                 if who == "ours":
                     run = run_ours(model, bm.inputs, RATIO)
                     data["ours"].append(run.total)
+                    data["ours_cpu"].append(run.cpu)
                     data["capture"].append(run.capture)
                     data["phases"].append(run.clock.phases())
                     data["ours_params"] = run.result.report["after"]["params"]
@@ -78,6 +79,7 @@ def _measure(bm: BenchModel, reps: int) -> dict:
                 else:
                     run = run_torch_pruning(bm, model, RATIO)
                     data["tp"].append(run.total)
+                    data["tp_cpu"].append(run.cpu)
                     data["tp_construct"].append(run.construct)
                     data["tp_step"].append(run.step)
                     data["tp_params"] = param_count(model)
@@ -132,6 +134,7 @@ def run(quick: bool = False) -> Section:
         ))
         raw_rows.append((bm.name, ", ".join(f"{t:.2f}" for t in d["ours"]),
                          ", ".join(f"{t:.2f}" for t in d["tp"]),
+                         f"{fmt_s(median(d['ours_cpu']))} / {fmt_s(median(d['tp_cpu']))}",
                          ", ".join(f"{t * 1000:.0f}" for t in d["copy"])))
         met_speed = speedup is not None and speedup >= SPEEDUP_GOAL
         met_floor = floor is not None and floor <= FLOOR_GOAL
@@ -164,8 +167,10 @@ def run(quick: bool = False) -> Section:
         "What each tool produced:",
         md_table(["model", "params before", "ours: params after", "ours: shapes kept",
                   "ours: verification", "TP: params after", "TP: shapes kept"], size_rows),
-        "Every run (seconds; copy in ms):",
-        md_table(["model", "ours", "Torch-Pruning", "weight copy (ms)"], raw_rows),
+        "Every run (wall seconds; copy in ms) and the median process CPU time (all threads; "
+        "less sensitive than wall time to other load on the machine):",
+        md_table(["model", "ours", "Torch-Pruning", "CPU: ours / TP", "weight copy (ms)"],
+                 raw_rows),
         *profiles,
     ]
     return Section(NAME, TITLE, "\n\n".join(body), goals)

@@ -25,6 +25,7 @@ def output_shapes(model: Any, inputs: tuple) -> list[tuple[int, ...]]:
 class OursRun:
     result: engine.PruneResult
     clock: PhaseClock
+    cpu: float  # process CPU seconds (all threads): less sensitive to other load than wall
 
     @property
     def total(self) -> float:
@@ -37,11 +38,12 @@ class OursRun:
 
 def run_ours(model: nn.Module, inputs: tuple, ratio: float, **options: Any) -> OursRun:
     """engine.prune, capture included, with the phase times taken from its progress messages."""
+    cpu = time.process_time()
     clock = PhaseClock()
     result = engine.prune(model, inputs, engine.PruningOptions(criterion="l2", **options),
                           ratio=ratio, progress=clock)
     clock.stop()
-    return OursRun(result, clock)
+    return OursRun(result, clock, time.process_time() - cpu)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class PeerRun:
     model: nn.Module
     construct: float
     step: float
+    cpu: float
 
     @property
     def total(self) -> float:
@@ -69,6 +72,7 @@ def run_torch_pruning(bm: BenchModel, model: nn.Module, ratio: float,
         kwargs["head_pruning_ratio"] = ratio
     ignored = bm.tp_ignored(model)
     heads = bm.tp_heads(model)
+    cpu = time.process_time()
     start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(
         model, bm.inputs, importance=tp.importance.MagnitudeImportance(p=2),
@@ -78,8 +82,9 @@ def run_torch_pruning(bm: BenchModel, model: nn.Module, ratio: float,
     built = time.perf_counter()
     pruner.step()
     done = time.perf_counter()
+    cpu = time.process_time() - cpu
     tp_fix_attributes(model)
-    return PeerRun(model, built - start, done - built)
+    return PeerRun(model, built - start, done - built, cpu)
 
 
 def pruned_fraction(before: int, after: int) -> str:
