@@ -298,6 +298,19 @@ def test_pickle_renamed_to_pt2_does_not_run(tmp_path: Path, zip_format: bool) ->
 def _pickle_in_archive(good: Path, dst: Path, marker: Path, where: str) -> None:
     """A real .pt2 with a code-running pickle where torch.export.load unpickles."""
     payload = torch_payload(marker)
+    if where == "legacy_format":
+        # the pre-2.7 layout that torch.export.load still falls back to
+        from torch._export.serde.schema import SCHEMA_VERSION
+        from torch._export.serde.serialize import serialize
+
+        artifact = serialize(torch.export.load(good))
+        with zipfile.ZipFile(dst, "w") as z:
+            z.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+            z.writestr("serialized_exported_program.json", artifact.exported_program)
+            z.writestr("serialized_state_dict.pt", artifact.state_dict)
+            z.writestr("serialized_constants.pt", artifact.constants)
+            z.writestr("serialized_example_inputs.pt", payload)
+        return
 
     def edit(name: str, data: bytes | None):
         if not name:
@@ -321,7 +334,7 @@ def _pickle_in_archive(good: Path, dst: Path, marker: Path, where: str) -> None:
     rewrite_zip(good, dst, edit)
 
 
-@pytest.mark.parametrize("where", ["sample_inputs", "weights", "constants"])
+@pytest.mark.parametrize("where", ["sample_inputs", "weights", "constants", "legacy_format"])
 @pytest.mark.xfail(strict=True, reason="engine: torch.export.load unpickles parts of a .pt2 "
                    "(weights_only=False fallback, pickle.loads) without --trust-pickle")
 def test_pickle_inside_pt2_does_not_run_without_trust(files: Path, tmp_path: Path,
