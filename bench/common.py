@@ -277,7 +277,10 @@ def profile(fn: Callable[[], Any], interval: float = 0.002) -> tuple[Any, list[F
     def walk(frame, active: frozenset) -> None:
         if frame.is_synthetic:
             return
-        key = (frame.function, f"{_short_path(frame.file_path)}:{frame.line_no}")
+        function = frame.function
+        if function.startswith("pybind11_detail_function_record"):
+            function = "(torch C++ op called through pybind11)"
+        key = (function, f"{_short_path(frame.file_path)}:{frame.line_no}")
         stat = stats.setdefault(key, FrameStat(key[0], key[1], 0.0, 0.0))
         if key not in active:
             stat.inclusive += frame.time

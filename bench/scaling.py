@@ -142,6 +142,8 @@ def run(quick: bool = False) -> Section:
     for a, b in zip(ok, ok[1:]):
         per_layer.append((f"{a['layers']} → {b['layers']}",
                           fmt_s((b["times"]["total"] - a["times"]["total"])
+                                / (b["layers"] - a["layers"])),
+                          fmt_s((b["times"]["cpu"] - a["times"]["cpu"])
                                 / (b["layers"] - a["layers"]))))
     if len(ok) >= 3:
         steps = [(b["times"]["total"] - a["times"]["total"]) / (b["layers"] - a["layers"])
@@ -173,7 +175,8 @@ def run(quick: bool = False) -> Section:
         "Phases:",
         md_table(["layers", *phase_names], phase_rows),
         "Marginal time per layer:",
-        md_table(["sizes", "seconds per added layer"], per_layer) if per_layer else "-",
+        md_table(["sizes", "wall per added layer", "CPU per added layer"], per_layer)
+        if per_layer else "-",
     ]
     if prof is not None:
         if "profile" in prof:
