@@ -8,7 +8,6 @@ layers form one group, ordered like the first member's filters.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,84 +104,132 @@ def _key(node: fx.Node) -> fx.Node:
     return node
 
 
+_SALT = np.random.default_rng(20261125).integers(1, 2**62, size=1 << 16, dtype=np.int64)
+
+
+def _incidence(roots: np.ndarray, sources: list[np.ndarray], keep: np.ndarray | None = None):
+    """(component root, source index, count) for every source id, vectorised."""
+    n = max(len(sources), 1)
+    parts = [roots[ids[ids >= 0]] * n + k for k, ids in enumerate(sources)]
+    keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if keep is not None:
+        keys = keys[keep[keys // n]]
+    uniq, counts = np.unique(keys, return_counts=True)
+    return uniq // n, uniq % n, counts
+
+
+def _signatures(comp, source, weight, size: int) -> np.ndarray:
+    """An order-independent 64-bit hash of each component's (source, weight) set."""
+    salt = _SALT[source % len(_SALT)].astype(np.uint64) + source.astype(np.uint64)
+    value = salt * (weight.astype(np.uint64) * np.uint64(2654435761) + np.uint64(1))
+    out = np.zeros(size, dtype=np.uint64)
+    np.add.at(out, comp, value)
+    return out
+
+
 def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[str]) -> Structure:
     roots = state.uf.roots()
     frozen_roots: dict[int, str] = {}
     for i, reason in state.frozen.items():
         frozen_roots.setdefault(int(roots[i]), reason)
-    inexact_roots = {int(roots[i]) for i in state.inexact}
+    inexact_roots = np.zeros(len(roots), dtype=bool)
+    inexact_roots[roots[list(state.inexact)]] = True
+    frozen_mask = np.zeros(len(roots), dtype=bool)
+    frozen_mask[list(frozen_roots)] = True
 
     order = _node_order(gm)
     members = sorted(state.members.values(), key=lambda m: (order.get(m.node, 0), m.param))
     member_keys = {(m.param, m.dim) for m in members}
-    comp_members: dict[int, dict[str, int]] = defaultdict(dict)
-    for m in members:
-        for r in roots[state.slots[(m.param, m.dim)]]:
-            comp_members[int(r)][m.layer] = comp_members[int(r)].get(m.layer, 0) + 1
-    comp_consumers: dict[int, set[str]] = defaultdict(set)
+    member_slots = [state.slots[(m.param, m.dim)] for m in members]
+    m_comp, m_source, m_count = _incidence(roots, member_slots)
+    is_member_comp = np.zeros(len(roots), dtype=bool)
+    is_member_comp[m_comp] = True
+
+    consumer_layers: list[str] = []
+    consumer_ids: list[np.ndarray] = []
     for (param, dim), ids in state.slots.items():
-        if (param, dim) in member_keys:
-            continue
-        layer = param.rsplit(".", 1)[0] if "." in param else param
-        for r in np.unique(roots[ids]):
-            if int(r) in comp_members:
-                comp_consumers[int(r)].add(layer)
+        if (param, dim) not in member_keys:
+            consumer_layers.append(param.rsplit(".", 1)[0] if "." in param else param)
+            consumer_ids.append(ids)
     for binding in state.bindings.values():
         if binding.grouped:
-            layer = binding.param.rsplit(".", 1)[0]
-            for r in np.unique(roots[binding.reference[binding.reference >= 0]]):
-                if int(r) in comp_members:
-                    comp_consumers[int(r)].add(layer)
-
-    by_signature: dict[tuple, list[int]] = defaultdict(list)
-    for root, counts in comp_members.items():
-        signature = (tuple(sorted(counts.items())), tuple(sorted(comp_consumers[root])))
-        by_signature[signature].append(root)
+            consumer_layers.append(binding.param.rsplit(".", 1)[0])
+            consumer_ids.append(binding.reference.ravel())
+    c_comp, c_source, _ = _incidence(roots, consumer_ids, keep=is_member_comp)
+    c_layer_index = np.array(
+        [sorted(set(consumer_layers)).index(x) for x in consumer_layers], dtype=np.int64
+    )
+    c_layer = c_layer_index[c_source] if len(c_source) else c_source
+    c_pairs = np.unique(np.stack([c_comp, c_layer]), axis=1) if len(c_comp) else \
+        np.zeros((2, 0), dtype=np.int64)
+    layer_index = {layer: i for i, layer in enumerate(sorted({m.layer for m in members}))}
+    m_layer = np.array([layer_index[members[k].layer] for k in range(len(members))],
+                       dtype=np.int64)[m_source] if len(m_source) else m_source
+    size = len(roots)
+    member_sig = _signatures(m_comp, m_layer, m_count, size)
+    consumer_sig = _signatures(c_pairs[0], c_pairs[1] + (1 << 15), np.ones_like(c_pairs[0]),
+                               size)
+    comps = np.unique(m_comp)
+    keys = np.stack([member_sig[comps], consumer_sig[comps]], axis=1)
+    _, group_of = np.unique(keys, axis=0, return_inverse=True)
+    sorted_layers = sorted(set(consumer_layers))
+    by_signature: dict[tuple, list[int]] = {}
+    for gid in range(int(group_of.max()) + 1 if len(comps) else 0):
+        group_comps = comps[group_of.ravel() == gid]
+        rep = group_comps[0]
+        counts = tuple(sorted(
+            (members[k].layer, int(c)) for k, c in zip(m_source[m_comp == rep],
+                                                       m_count[m_comp == rep])
+        ))
+        readers = tuple(sorted({sorted_layers[i] for i in c_pairs[1][c_pairs[0] == rep]}))
+        by_signature[(counts, readers, gid)] = group_comps.tolist()
 
     member_rank: dict[str, int] = {}
     for k, m in enumerate(members):
         member_rank.setdefault(m.layer, k)
+    block_roots = np.zeros(len(roots), dtype=bool)
+    block_roots[roots[state.block_ids]] = True
     groups: list[GroupInfo] = []
-    for (counts, consumers), comp_roots in by_signature.items():
+    for (counts, consumers, _), comp_roots in by_signature.items():
         layers = sorted({layer for layer, _ in counts}, key=lambda x: member_rank[x])
-        first = next(m for m in members if m.layer == layers[0])
-        first_roots = roots[state.slots[(first.param, first.dim)]]
-        position = {}
-        for k, r in enumerate(first_roots):
-            position.setdefault(int(r), k)
-        comp_roots.sort(key=lambda r: position.get(r, 1 << 60))
-        channel_of = {r: c for c, r in enumerate(comp_roots)}
+        first = next(k for k, m in enumerate(members) if m.layer == layers[0])
         group_roots = np.array(comp_roots, dtype=np.int64)
+        # channel order: the first member's filter order
+        first_roots = roots[member_slots[first]]
+        uniq, first_index = np.unique(first_roots, return_index=True)
+        position = np.full(len(group_roots), len(first_roots), dtype=np.int64)
+        found = np.isin(group_roots, uniq)
+        position[found] = first_index[np.searchsorted(uniq, group_roots[found])]
+        group_roots = group_roots[np.argsort(position, kind="stable")]
+        sorted_roots = np.argsort(group_roots)
         slots = {}
-        for m in members:
-            if m.layer not in layers:
+        for k, m in enumerate(members):
+            if m.layer not in layers or m.layer in slots:
                 continue
-            member_roots = roots[state.slots[(m.param, m.dim)]]
-            idx = np.array([k for k, r in enumerate(member_roots) if int(r) in channel_of])
-            if not len(idx):
+            member_roots = roots[member_slots[k]]
+            inside = np.isin(member_roots, group_roots)
+            if not inside.any():
                 continue  # the layer's other dimension (tied weights) belongs elsewhere
-            chan = np.array([channel_of[int(member_roots[k])] for k in idx], dtype=np.int64)
-            slots[m.layer] = MemberSlots(m, idx.astype(np.int64), chan)
-        prunable = np.array([r not in frozen_roots for r in comp_roots], dtype=bool)
-        consumer_list = [c for c in consumers if c not in layers]
+            idx = np.flatnonzero(inside)
+            chan = sorted_roots[np.searchsorted(group_roots[sorted_roots], member_roots[idx])]
+            slots[m.layer] = MemberSlots(m, idx.astype(np.int64), chan.astype(np.int64))
+        prunable = ~frozen_mask[group_roots]
+        frozen_here = group_roots[~prunable]
         groups.append(
             GroupInfo(
                 name="",
                 layers=layers,
-                consumers=consumer_list,
-                channels=len(comp_roots),
+                consumers=[c for c in consumers if c not in layers],
+                channels=len(group_roots),
                 blocks=None,
-                exact=not any(r in inexact_roots for r in comp_roots),
+                exact=not inexact_roots[group_roots].any(),
                 roots=group_roots,
                 prunable=prunable,
                 slots=slots,
-                frozen_reason=next((frozen_roots[r] for r in comp_roots if r in frozen_roots),
-                                   None),
+                frozen_reason=frozen_roots[int(frozen_here[0])] if len(frozen_here) else None,
+                whole_blocks=bool(block_roots[group_roots].all()),
             )
         )
-    block_roots = {int(roots[i]) for i in state.block_ids}
-    for g in groups:
-        g.whole_blocks = bool(block_roots) and all(int(r) in block_roots for r in g.roots)
     groups.sort(key=lambda g: member_rank[g.layers[0]])
     _assign_blocks(groups, state, roots)
     _name_groups(groups)

@@ -14,43 +14,35 @@ NO_LABEL = -1
 
 
 class UnionFind:
-    """Growable union-find over non-negative integer ids, with per-root flags."""
+    """Disjoint sets over integer ids, built from recorded pairs.
+
+    The analysis only adds ids and pairs; components are needed once at the end, so pairs
+    are collected and resolved in one vectorised pass (min-label propagation with pointer
+    jumping) instead of a Python-level find per pair.
+    """
 
     def __init__(self) -> None:
-        self.parent = np.zeros(0, dtype=np.int64)
+        self.size = 0
+        self._pairs: list[np.ndarray] = []
+        self._roots: np.ndarray | None = None
 
     def allocate(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent = np.concatenate([self.parent, np.arange(start, start + n, dtype=np.int64)])
+        start = self.size
+        self.size += n
+        self._roots = None
         return np.arange(start, start + n, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.parent)
-
-    def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return int(root)
+        return self.size
 
     def union_pairs(self, a: np.ndarray, b: np.ndarray) -> None:
         """Join a[k] with b[k] for every k where both are labelled."""
         a = np.asarray(a, dtype=np.int64).ravel()
         b = np.asarray(b, dtype=np.int64).ravel()
         keep = (a >= 0) & (b >= 0) & (a != b)
-        if not keep.any():
-            return
-        pairs = np.unique(np.stack([a[keep], b[keep]], axis=1), axis=0)
-        for x, y in pairs:
-            rx, ry = self.find(int(x)), self.find(int(y))
-            if rx != ry:
-                if rx < ry:
-                    self.parent[ry] = rx
-                else:
-                    self.parent[rx] = ry
+        if keep.any():
+            self._pairs.append(np.stack([a[keep], b[keep]]))
+            self._roots = None
 
     def union_all(self, ids: np.ndarray) -> None:
         ids = np.unique(np.asarray(ids, dtype=np.int64).ravel())
@@ -58,14 +50,32 @@ class UnionFind:
         if len(ids) > 1:
             self.union_pairs(np.full(len(ids) - 1, ids[0]), ids[1:])
 
+    def find(self, i: int) -> int:
+        return int(self.roots()[i])
+
     def roots(self) -> np.ndarray:
-        """The root of every id (fully compressed), vectorised."""
-        parent = self.parent.copy()
-        while True:
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                return parent
-            parent = grand
+        """The smallest id of each id's component."""
+        if self._roots is not None:
+            return self._roots
+        labels = np.arange(self.size, dtype=np.int64)
+        if self._pairs:
+            pairs = np.unique(np.concatenate(self._pairs, axis=1), axis=1)
+            self._pairs = [pairs]
+            left, right = pairs
+            while True:
+                low = np.minimum(labels[left], labels[right])
+                before = labels.copy()
+                np.minimum.at(labels, left, low)
+                np.minimum.at(labels, right, low)
+                while True:  # pointer jumping: every id points at its label's label
+                    jumped = labels[labels]
+                    if np.array_equal(jumped, labels):
+                        break
+                    labels = jumped
+                if np.array_equal(before, labels):
+                    break
+        self._roots = labels
+        return labels
 
 
 def compress(ids: np.ndarray) -> np.ndarray:
