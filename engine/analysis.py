@@ -16,7 +16,7 @@ import torch.fx as fx
 from engine.capture import Captured, load_model
 from engine.criteria import nuclear_norm_scores, random_scores, weight_scores
 from engine.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
-from engine.errors import OptionError
+from engine.errors import ModelLoadError, OptionError
 from engine.options import CRITERIA, PruningOptions
 from engine.planning import GroupInput, Plan, make_plan
 
@@ -25,6 +25,7 @@ class Analysis:
     def __init__(self, captured: Captured) -> None:
         self.captured = captured
         self.gm: fx.GraphModule = captured.program.module()
+        _check_finite(self.gm)
         self._structures: dict[bool, Structure] = {}
         self._filter_scores: dict[tuple, dict[str, np.ndarray]] = {}
         self.score_computations = 0  # how many times filter scores were computed (tests)
@@ -152,6 +153,21 @@ class Analysis:
         return {name: np.array(sorted(v), dtype=np.int64) for name, v in removals.items()}
 
 
+def _check_finite(gm: fx.GraphModule) -> None:
+    """A NaN or infinite weight makes every score and every comparison meaningless."""
+    bad = [
+        name
+        for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers())
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise ModelLoadError(
+            f"the model has NaN or infinite values in {', '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            + "; fix the weights before pruning"
+        )
+
+
 def _per_channel(filter_scores: np.ndarray, slots) -> np.ndarray:
     """Mean raw score of a member's filters in each group channel."""
     n = int(slots.channel.max()) + 1 if len(slots.channel) else 0
@@ -173,6 +189,11 @@ def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dic
 
     x = torch.as_tensor(np.asarray(calibration))
     example = analysis.captured.example_inputs[0]
+    if tuple(x.shape[1:]) != tuple(example.shape[1:]) or x.dim() != example.dim():
+        raise OptionError(
+            f"calibration inputs have shape {tuple(x.shape)}, but the model takes inputs of "
+            f"shape (N, {', '.join(str(s) for s in example.shape[1:])})"
+        )
     if x.dtype != example.dtype:
         x = x.to(example.dtype)
     batch = _batch_size(analysis, x)
@@ -228,6 +249,8 @@ def plan(
     """Decide what every group loses; fast, reuses cached raw scores."""
     options = PruningOptions.from_any(options)
     removals = None
+    if indices and options.criterion != "index":
+        raise OptionError("indices name filters to remove; they need criterion index")
     if options.criterion == "index":
         if not indices:
             raise OptionError("criterion index needs --indices FILE.json (layer -> indices)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from engine.errors import ModelLoadError
+from engine.safety import check_size, inspect_pt2, quiet_torch_load, root_cause
 
 ACCEPTED = (
     "'demo', a .pt2 file saved by torch.export.save, or a .pt/.pth pickle of an nn.Module "
@@ -74,14 +76,17 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
         raise ModelLoadError(f"model file {path} is empty")
+    check_size(path)
     if suffix == ".pt2":
-        try:
-            program = torch.export.load(os.fspath(path))
-        except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
-            raise ModelLoadError(
-                f"model file {path} is not a readable .pt2 (torch.export.save) archive: "
-                f"{_one_line(exc)}"
-            ) from None
+        inspect_pt2(path, trust_pickle)
+        with quiet_torch_load(weights_only=not trust_pickle) as log:
+            try:
+                program = torch.export.load(os.fspath(path))
+            except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
+                raise ModelLoadError(
+                    f"model file {path} is not a readable .pt2 (torch.export.save) archive: "
+                    f"{root_cause(exc, log)}"
+                ) from None
         return _from_program(program, example_inputs, str(path))
     if suffix in PICKLE_SUFFIXES:
         if not trust_pickle:
@@ -89,6 +94,10 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
                 f"model file {path} is a pickle, and loading a pickle runs code from the file; "
                 "pass --trust-pickle (Python: trust_pickle=True) only if you trust it"
             )
+        warnings.warn(
+            f"loading pickle {path}: it runs code from the file (trusted by the user)",
+            UserWarning, stacklevel=2,
+        )
         try:
             obj = torch.load(os.fspath(path), weights_only=False, map_location="cpu")
         except Exception as exc:  # noqa: BLE001

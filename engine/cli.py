@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,10 @@ def _int_option(name: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise OptionError(f"option --{name}={value!r} is not an integer") from None
+        least = 1 if name == "step-size" else 0
+        raise OptionError(
+            f"option --{name}={value!r} is not an integer; allowed: an integer >= {least}"
+        ) from None
 
 
 def _shapes(values: list[str]) -> list[tuple[int, ...]]:
@@ -167,6 +171,8 @@ def _run(args: argparse.Namespace) -> int:
             env=env, cwd=root,
         )
     options = _options(args)
+    if args.indices and options.criterion != "index":
+        raise OptionError("--indices names filters to remove; it needs --criterion index")
     calibration = load_calibration(args.calibration)[0] if args.calibration else None
     indices = _indices(args.indices)
     load = {"trust_pickle": args.trust_pickle, "input_shapes": _shapes(args.input_shape) or None}
@@ -216,8 +222,13 @@ def _report_frozen(frozen: list[dict]) -> None:
         print(f"frozen: {', '.join(item['layers'])}: {item['reason']}", file=sys.stderr)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"prunescope: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return _run(args)
     except PruneScopeError as exc:

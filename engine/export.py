@@ -8,6 +8,7 @@ earlier file at that path untouched.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -120,7 +121,11 @@ def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[
             f"cannot save {path}: expected a torch.export.ExportedProgram, "
             f"got {type(program).__name__}"
         )
-    return atomic_write(path, lambda tmp: torch.export.save(program, os.fspath(tmp)))
+    # serialise in memory first: torch's C++ writer aborts the process when the disk fills,
+    # whereas Python file I/O raises OSError (reported as ExportError, earlier file intact)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _one_line(exc: BaseException) -> str:

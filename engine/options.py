@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -37,6 +38,11 @@ class PruningOptions:
 
     def __post_init__(self) -> None:
         axis = self.reshape_channel_axis
+        if not isinstance(axis, (bool, str, int)):
+            try:
+                object.__setattr__(self, "reshape_channel_axis", operator.index(axis))
+            except TypeError:
+                pass
         if isinstance(axis, str):
             try:
                 object.__setattr__(self, "reshape_channel_axis", int(axis.strip()))
@@ -50,9 +56,17 @@ class PruningOptions:
             value = getattr(self, name)
             if isinstance(value, str) and value.strip().lstrip("-").isdigit():
                 value = int(value)
-                object.__setattr__(self, name, value)
+            elif not isinstance(value, bool):
+                try:
+                    value = operator.index(value)  # numpy integers too, never floats
+                except TypeError:
+                    pass
+            object.__setattr__(self, name, value)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise OptionError(f"option {name}={value!r} is not an integer")
+                least = 1 if name == "step_size" else 0
+                raise OptionError(
+                    f"option {name}={value!r} is not an integer; allowed: an integer >= {least}"
+                )
         if self.step_size < 1:
             raise OptionError(f"option step_size={self.step_size} must be an integer >= 1")
         if self.seed < 0:

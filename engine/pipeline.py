@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -185,9 +186,13 @@ def _verify(masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
     max_abs = 0.0
     max_ref = 0.0
     for m, p in zip(masked, pruned):
-        if m.shape == p.shape and m.is_floating_point():
-            max_abs = max(max_abs, float((m - p).abs().max()) if m.numel() else 0.0)
-            max_ref = max(max_ref, float(m.abs().max()) if m.numel() else 0.0)
+        if m.shape == p.shape and m.is_floating_point() and m.numel():
+            diff = float((m - p).abs().max())
+            if not np.isfinite(diff) and not torch.equal(m.isnan(), p.isnan()):
+                raise PruneScopeError("verification failed: the pruned model gives NaN or "
+                                      "infinite outputs where the masked original does not")
+            max_abs = max(max_abs, diff if np.isfinite(diff) else 0.0)
+            max_ref = max(max_ref, float(m.abs().max()))
     relative = max_abs / max_ref if max_ref > 0 else max_abs
     pruned_groups = [gp.name for gp in the_plan.groups if len(gp.pruned)]
     expected_exact = all(structure.group(name).exact for name in pruned_groups)
@@ -282,17 +287,47 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
             if not np.isfinite(diff) or diff > 1e-3 * max(1.0, _output_scale(result)):
                 raise ExportError(f"model.onnx disagrees with the pruned torch model ({diff:.3g})")
         write_json(staging / "report.json", report)
+        paths = _commit(staging, out, ("model.pt2", "model.onnx", "report.json"))
         result.report = report
-        paths = {}
-        for name in ("model.pt2", "model.onnx", "report.json"):
-            if (staging / name).exists():
-                os.replace(staging / name, out / name)
-                paths[name] = out / name
         return paths
     except OSError as exc:
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """Move the staged files into `out` as one unit.
+
+    Earlier results are first moved aside (a result without ONNX also retires an older
+    model.onnx, which would belong to another model); if any move fails, everything is put
+    back as it was.
+    """
+    for name in names:
+        if (out / name).is_dir():
+            raise ExportError(f"cannot write {out / name}: a folder of that name is in the way")
+    backup = staging / ".previous"
+    backup.mkdir()
+    moved_aside: list[str] = []
+    placed: list[str] = []
+    try:
+        for name in names:
+            if (out / name).exists():
+                os.replace(out / name, backup / name)
+                moved_aside.append(name)
+        for name in names:
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+                placed.append(name)
+    except OSError as exc:
+        for name in placed:
+            with contextlib.suppress(OSError):
+                os.remove(out / name)
+        for name in moved_aside:
+            with contextlib.suppress(OSError):
+                os.replace(backup / name, out / name)
+        raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    return {name: out / name for name in placed}
 
 
 def _output_scale(result: PruneResult) -> float:

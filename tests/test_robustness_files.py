@@ -213,8 +213,6 @@ def test_bad_file_cli_exits_2_with_error_naming_the_file(capfd, files: Path, nam
 
 
 @pytest.mark.parametrize("name", ["missing_entry.pt2", "npz_renamed.pt2", "truncated_tail.pt2"])
-@pytest.mark.xfail(strict=True, reason="engine: the .pt2 error says 'check the warnings above' "
-                   "instead of the cause (torch.export.load logs the cause as a traceback)")
 def test_unreadable_pt2_error_states_the_cause(files: Path, name: str) -> None:
     with pytest.raises(engine.ModelLoadError) as info:
         engine.load_model(files / name)
@@ -222,8 +220,6 @@ def test_unreadable_pt2_error_states_the_cause(files: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["random_bytes.pt2", "truncated_head.pt2"])
-@pytest.mark.xfail(strict=True, reason="engine: torch.export.load logs a full traceback on "
-                   "stderr before the one-line error")
 def test_unreadable_pt2_cli_prints_only_one_line(fresh_cli, name: str) -> None:
     rc, err = fresh_cli[name]
     assert rc == 2
@@ -237,8 +233,6 @@ def test_bad_file_cli_prints_only_one_line(fresh_cli, files: Path, name: str) ->
     assert str(files / name) in assert_one_clean_line(err)
 
 
-@pytest.mark.xfail(strict=True, reason="engine: zip checksums of a .pt2 are not verified; a "
-                   "bit flip in a weight loads silently as a different model")
 def test_bit_flipped_pt2_is_refused(files: Path, tmp_path: Path) -> None:
     data = bytearray((files / "good.pt2").read_bytes())
     with zipfile.ZipFile(files / "good.pt2") as z:
@@ -335,8 +329,6 @@ def _pickle_in_archive(good: Path, dst: Path, marker: Path, where: str) -> None:
 
 
 @pytest.mark.parametrize("where", ["sample_inputs", "weights", "constants", "legacy_format"])
-@pytest.mark.xfail(strict=True, reason="engine: torch.export.load unpickles parts of a .pt2 "
-                   "(weights_only=False fallback, pickle.loads) without --trust-pickle")
 def test_pickle_inside_pt2_does_not_run_without_trust(files: Path, tmp_path: Path,
                                                       where: str) -> None:
     marker = tmp_path / "pwned"
@@ -374,7 +366,6 @@ def test_trusted_pickle_that_cannot_be_captured(tmp_path: Path, obj, words: str)
         engine.load_model(path, trust_pickle=True)
 
 
-@pytest.mark.xfail(strict=True, reason="engine: loading a trusted pickle gives no warning")
 def test_trusted_pickle_warns_api(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     path = tmp_path / "checkpoint.pt"
@@ -384,7 +375,6 @@ def test_trusted_pickle_warns_api(tmp_path: Path) -> None:
     assert marker.exists()  # trusted: the code did run, and the user had been told
 
 
-@pytest.mark.xfail(strict=True, reason="engine/cli: --trust-pickle prints no warning")
 def test_trusted_pickle_warns_cli(capfd, tmp_path: Path) -> None:
     model, _ = tiny()
     path = tmp_path / "model.pt"
@@ -457,7 +447,6 @@ def custom_output_pt2(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="engine: torch.export.load logs a traceback on stderr")
 def test_unimportable_output_type_cli_prints_one_line(fresh_cli) -> None:
     rc, err = fresh_cli["custom_output"]
     assert rc == 2
@@ -470,8 +459,6 @@ def test_unimportable_output_type_is_a_model_load_error(custom_output_pt2: Path)
     assert str(custom_output_pt2) in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="engine: the error says 'check the warnings above' "
-                   "instead of naming the unregistered output type")
 def test_unimportable_output_type_error_names_the_type(custom_output_pt2: Path) -> None:
     with pytest.raises(engine.ModelLoadError, match="tinymodels.TinyOutput"):
         engine.load_model(custom_output_pt2)
@@ -538,7 +525,6 @@ def huge(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.xfail(strict=True, reason="engine: no size limit on model files")
 @pytest.mark.parametrize("suffix", [".pt2", ".pt"])
 def test_huge_model_file_is_refused_by_its_size(huge: dict[str, Path], suffix: str) -> None:
     with pytest.raises(engine.ModelLoadError, match=r"(?i)size limit|too large|larger than"):

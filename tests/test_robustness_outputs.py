@@ -175,9 +175,6 @@ def test_full_disk_leaves_earlier_results_in_place(full_disk_run, earlier) -> No
     assert snapshot(out) == earlier[1]  # same files, same bytes, no staging folder left
 
 
-@pytest.mark.xfail(strict=True, reason="engine: a write error inside torch.export.save is a "
-                   "RuntimeError (not OSError): traceback, then the process aborts in the C++ "
-                   "writer's destructor")
 def test_full_disk_is_a_one_line_error(full_disk_run) -> None:
     proc, out = full_disk_run
     assert proc.returncode == 2
@@ -187,8 +184,6 @@ def test_full_disk_is_a_one_line_error(full_disk_run) -> None:
 # ------------------------------------------------------------------ atomic results
 
 
-@pytest.mark.xfail(strict=True, reason="engine: save() moves files in one by one; a failure "
-                   "on a later file leaves the new model.pt2/model.onnx next to the old report")
 def test_failed_commit_leaves_earlier_results(tmp_path: Path, earlier, tiny_pt2: Path) -> None:
     out = copy_of(earlier, tmp_path / "out")
     (out / "report.json").unlink()
@@ -201,8 +196,6 @@ def test_failed_commit_leaves_earlier_results(tmp_path: Path, earlier, tiny_pt2:
     assert snapshot(out) == before
 
 
-@pytest.mark.xfail(strict=True, reason="engine: save(onnx=False) leaves an earlier model.onnx "
-                   "that belongs to another model next to the new model.pt2 and report.json")
 def test_no_onnx_run_does_not_leave_a_stale_onnx(tmp_path: Path, earlier, tiny_pt2: Path) -> None:
     out = copy_of(earlier, tmp_path / "out")
     result = engine.prune(tiny_pt2, None, None, ratio=0.0)
