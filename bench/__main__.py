@@ -17,14 +17,26 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import BENCHMARKS
-from bench.common import Goal, Section, load_average, machine_line, md_table, quiet
+from bench.common import (
+    Goal,
+    Section,
+    load_average,
+    machine_line,
+    md_table,
+    quiet,
+    set_threads,
+)
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = (
     "# Benchmark results\n\n"
     "Written by `python -m bench` (`make bench`); do not edit by hand. Each section records the "
     "machine, the command and the date of its own run. The issue's goals are in the summary; "
-    "wall-clock numbers are never asserted in tests.\n"
+    "wall-clock numbers are never asserted in tests.\n\n"
+    "Timings use one torch (and ONNX Runtime) thread unless `--threads N` is given: on this "
+    "shared 2-core machine, with other processes running, two OpenMP threads spin-wait on "
+    "each other and single runs vary tenfold (a ResNet-50 forward pass measured 150 ms to "
+    "2.3 s with two threads, 95 to 130 ms with one). Both tools get the same thread budget.\n"
 )
 GOALS_RE = re.compile(r"<!-- goals: (.*?) -->", re.S)
 
@@ -83,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true",
                         help="fewer models and repetitions (a smoke run; numbers are rougher)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch / ONNX Runtime threads (default 1: on a shared machine, "
+                        "OpenMP threads spin-waiting on descheduled peers make multi-threaded "
+                        "timings vary tenfold)")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="the Markdown file to update (default: bench/RESULTS.md)")
     args = parser.parse_args(argv)
@@ -91,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from "
                      f"{', '.join(BENCHMARKS)}")
     names = args.names or list(BENCHMARKS)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    set_threads(args.threads)
     quiet()
     command = "python -m bench" + "".join(f" {a}" for a in (argv if argv is not None
                                                              else sys.argv[1:]))

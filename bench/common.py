@@ -162,6 +162,17 @@ def collect() -> None:
     gc.collect()
 
 
+def set_threads(n: int) -> None:
+    """Use ``n`` threads here and in benchmark subprocesses (which read BENCH_THREADS)."""
+    os.environ["BENCH_THREADS"] = str(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
+def threads() -> int:
+    return int(os.environ.get("BENCH_THREADS", torch.get_num_threads()))
+
+
 # ------------------------------------------------------------------------- machine
 def _cpu_model() -> str:
     try:
@@ -255,6 +266,7 @@ class FrameStat:
     where: str
     inclusive: float
     self_time: float
+    passthrough: bool = False
 
 
 def profile(fn: Callable[[], Any], interval: float = 0.002) -> tuple[Any, list[FrameStat], float]:
@@ -273,8 +285,10 @@ def profile(fn: Callable[[], Any], interval: float = 0.002) -> tuple[Any, list[F
         profiler.stop()
     root = profiler.last_session.root_frame()
     stats: dict[tuple[str, str], FrameStat] = {}
+    # engine function -> engine callee -> time spent there (to spot pass-through wrappers)
+    callees: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
 
-    def walk(frame, active: frozenset) -> None:
+    def walk(frame, active: frozenset, engine_parent: tuple[str, str] | None) -> None:
         if frame.is_synthetic:
             return
         function = frame.function
@@ -286,11 +300,20 @@ def profile(fn: Callable[[], Any], interval: float = 0.002) -> tuple[Any, list[F
             stat.inclusive += frame.time
         children = [c for c in frame.children if not c.is_synthetic]
         stat.self_time += max(0.0, frame.time - sum(c.time for c in children))
+        if key[1].startswith("engine/"):
+            if engine_parent is not None and engine_parent != key:
+                into = callees.setdefault(engine_parent, {})
+                into[key] = into.get(key, 0.0) + frame.time
+            engine_parent = key
         for child in children:
-            walk(child, active | {key})
+            walk(child, active | {key}, engine_parent)
 
     if root is not None:
-        walk(root, frozenset())
+        walk(root, frozenset(), None)
+    for key, into in callees.items():
+        stat = stats[key]
+        # a wrapper whose time is almost all one engine callee adds no information
+        stat.passthrough = bool(into) and max(into.values()) >= 0.97 * stat.inclusive
     total = root.time if root is not None else 0.0
     return result, sorted(stats.values(), key=lambda s: -s.inclusive), total
 
@@ -308,14 +331,14 @@ def _short_path(path: str | None) -> str:
 
 def profile_tables(stats: list[FrameStat], total: float, top: int = 12) -> str:
     """Two tables: engine functions by inclusive time, and any function by self time."""
-    engine_rows = [s for s in stats if s.where.startswith("engine/")][:top]
+    engine_rows = [s for s in stats if s.where.startswith("engine/") and not s.passthrough][:top]
     self_rows = sorted(stats, key=lambda s: -s.self_time)[:top]
 
     def pct(x: float) -> str:
         return f"{100 * x / total:.0f}%" if total else "-"
 
     a = md_table(
-        ["engine function (inclusive)", "where", "s", "share"],
+        ["engine function (inclusive; pass-through wrappers left out)", "where", "s", "share"],
         [(f"`{s.function}`", f"`{s.where}`", f"{s.inclusive:.2f}", pct(s.inclusive))
          for s in engine_rows],
     )

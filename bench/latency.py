@@ -51,6 +51,8 @@ def _session(path: Path):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()  # the same budget as torch
+    options.inter_op_num_threads = 1
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -141,7 +143,7 @@ def _table(variants: list[Variant]) -> tuple[str, dict]:
 def run(quick: bool = False) -> Section:
     ratios = (0.5,) if quick else (0.3, 0.5)
     steps = (2, 16) if quick else (2, 8, 16)
-    rounds, per_round = (3, 2) if quick else (4, 2)
+    rounds, per_round = (3, 2) if quick else (5, 3)
     parts, goals = [], []
     for factory in (resnet50, bert_base):
         bm = factory()
@@ -168,7 +170,7 @@ def run(quick: bool = False) -> Section:
         collect()
     body = [
         f"torch {torch.__version__} with {torch.get_num_threads()} threads; ONNX Runtime "
-        "CPUExecutionProvider, default session options. Medians of "
+        f"CPUExecutionProvider with {torch.get_num_threads()} intra-op thread(s). Medians of "
         f"{rounds} interleaved rounds x {per_round} iterations after 2 warm-up calls. "
         "Ideal speed-up = FLOPs before / FLOPs after (torch's FlopCounterMode); "
         "\"/ ideal\" = measured speed-up / ideal speed-up (1.0: the FLOPs cut turns fully into "

@@ -34,6 +34,7 @@ from bench.common import (
     profile_tables,
     quiet,
     tensor_bytes,
+    threads,
 )
 
 NAME = "scaling"
@@ -47,6 +48,8 @@ MEMORY_GOAL = 2.0
 def _child(layers: int, do_profile: bool) -> dict:
     quiet()
     import torch
+
+    torch.set_num_threads(threads())
 
     import engine
     from bench.models import llama
