@@ -61,12 +61,21 @@ class Scores:
 
 @dataclass
 class PruneResult:
-    module: torch.nn.Module
-    program: torch.export.ExportedProgram
+    """The pruned model: `module` runs now; `program` is re-exported on first use."""
+
+    module: torch.fx.GraphModule
     report: dict[str, Any]
     plan: Plan
     analysis: Analysis = field(repr=False)
     example_inputs: tuple = field(repr=False, default=())
+    _program: torch.export.ExportedProgram | None = field(default=None, repr=False)
+
+    @property
+    def program(self) -> torch.export.ExportedProgram:
+        """The pruned model as an ExportedProgram (what `save` writes as model.pt2)."""
+        if self._program is None:
+            self._program = _export(self.module, self.analysis)
+        return self._program
 
     @property
     def before(self) -> dict[str, int]:
@@ -137,17 +146,14 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) 
     with torch.no_grad():
         masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
         try:
-            pruned = _leaves(pruned_gm(*inputs, **kwargs))
+            pruned = _leaves(_ShapeRecorder(pruned_gm).run(*inputs, **kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
             raise PruneScopeError(f"the pruned model failed to run: {exc}".splitlines()[0]) \
                 from exc
     verification = _verify(masked, pruned, the_plan, structure)
-    say("re-exporting")
-    program = _export(pruned_gm, analysis)
-    module = program.module()
     say("measuring")
     before = _metrics(analysis.gm)
-    after = _metrics(module)
+    after = _metrics(pruned_gm)
     report = {
         "options": the_plan.options.to_dict(),
         "groups": [
@@ -171,7 +177,22 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) 
         report["ratios"] = dict(the_plan.ratios)
     if the_plan.ratio is not None or the_plan.ratios is None:
         report["ratio"] = the_plan.ratio
-    return PruneResult(module, program, report, the_plan, analysis, inputs)
+    return PruneResult(pruned_gm, report, the_plan, analysis, inputs)
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs the pruned graph once and records each node's new shape in its metadata (the
+    FLOPs count reads it), so no second pass is needed."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["val"] = torch.empty_like(result, device="meta")
+        elif isinstance(result, (list, tuple)) and all(
+            isinstance(r, torch.Tensor) for r in result
+        ):
+            n.meta["val"] = [torch.empty_like(r, device="meta") for r in result]
+        return result
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
