@@ -259,28 +259,38 @@ def _assign_blocks(groups: list[GroupInfo], state: AnalysisState, roots: np.ndar
         located = [where.get(int(r)) for r in roots[ids].ravel()]
         if any(x is None for x in located):
             continue
-        group_ids = {x[0] for x in located}
-        if len(group_ids) != 1:
-            for gi in group_ids:
+        located_rows = [located[r * ids.shape[1]:(r + 1) * ids.shape[1]]
+                        for r in range(ids.shape[0])]
+        row_groups = [{x[0] for x in row} for row in located_rows]
+        if len(set().union(*row_groups)) > 1:
+            # e.g. a fused qkv viewed as (3, heads, head_dim): q/k and v would have to keep
+            # equally many channels per head, which the planner cannot promise
+            for gi in set().union(*row_groups):
                 _freeze_group(groups[gi], f"{split.where} spans several groups")
             continue
-        gi = group_ids.pop()
-        rows = np.array([x[1] for x in located], dtype=np.int64).reshape(ids.shape)
-        unique_rows = _unique_rows(rows)
-        flat = np.sort(unique_rows.ravel())
-        if len(flat) != groups[gi].channels or not np.array_equal(flat, np.arange(len(flat))):
-            _freeze_group(groups[gi], f"{split.where} does not split the channels into blocks")
-            continue
-        if unique_rows.shape[0] < 2:
-            continue
-        previous = layouts.get(gi)
-        if previous is not None and not _same_layout(previous, unique_rows):
-            _freeze_group(groups[gi], f"{split.where}: conflicting block layouts")
-            continue
-        layouts[gi] = unique_rows
+        for gi in {next(iter(g)) for g in row_groups}:
+            rows = np.array([[x[1] for x in row] for row, g in zip(located_rows, row_groups)
+                             if next(iter(g)) == gi], dtype=np.int64)
+            _layout(groups, layouts, gi, rows, split.where)
     for gi, layout in layouts.items():
         groups[gi].block_index = layout
         groups[gi].blocks = (int(layout.shape[0]), int(layout.shape[1]))
+
+
+def _layout(groups, layouts, gi: int, rows: np.ndarray, where: str) -> None:
+    """Record the block layout `rows` for group `gi` (or freeze it when it conflicts)."""
+    unique_rows = _unique_rows(rows)
+    flat = np.sort(unique_rows.ravel())
+    if len(flat) != groups[gi].channels or not np.array_equal(flat, np.arange(len(flat))):
+        _freeze_group(groups[gi], f"{where} does not split the channels into blocks")
+        return
+    if unique_rows.shape[0] < 2:
+        return
+    previous = layouts.get(gi)
+    if previous is not None and not _same_layout(previous, unique_rows):
+        _freeze_group(groups[gi], f"{where}: conflicting block layouts")
+        return
+    layouts[gi] = unique_rows
 
 
 def _unique_rows(rows: np.ndarray) -> np.ndarray:

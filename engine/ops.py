@@ -634,10 +634,23 @@ def unbind(t: Tracer, node: fx.Node) -> Any:
     if ids is None:
         return [None] * count
     dim = int(_arg(node, 1, "dim", 0)) % ids.ndim
-    if ids.shape[dim] > 1:
+    if dim not in t.label_dims(x):
+        return [np.squeeze(ids, dim)] * count
+    if t.label_dims(x) == {dim}:
         t.freeze(ids, "unbind along the channels")
         return [None] * count
-    return [np.squeeze(ids, dim)] * count
+    # fused projections laid out as (3, heads, head_dim): each piece is its own channels
+    _check_slices_survive(t, x, dim)
+    return [np.take(ids, i, axis=dim) for i in range(count)]
+
+
+def _check_slices_survive(t: Tracer, x: fx.Node, dim: int) -> None:
+    """Indexing along `dim` stays valid only while no index along it loses all channels."""
+    if not t.apply_pass:
+        return
+    kept = np.moveaxis(t.kept(t.state.labels[x.name]), dim, 0)
+    if not kept.reshape(kept.shape[0], -1).any(axis=1).all():
+        raise RewriteError("an indexed slice of channels would be removed entirely")
 
 
 @register("slice")
@@ -700,8 +713,9 @@ def select(t: Tracer, node: fx.Node) -> Any:
     ref = t.state.labels[x.name] if t.apply_pass else ids
     line = along(ref, dim)
     if line is None:
-        t.freeze(ids, "select along channels spread over several dimensions")
-        return None
+        # a slice of channels laid out over several dims (q of a fused qkv): kept whole
+        _check_slices_survive(t, x, dim)
+        return np.take(ids, index, axis=dim)
     t.freeze(line[index], "a single channel is selected")
     if t.apply_pass:
         new_index = _kept_count(t, line, 0, index)
@@ -783,29 +797,36 @@ def view(t: Tracer, node: fx.Node) -> Any:
         target += sizes
     out = full.reshape(target)
     for _gi, gj in splits:
-        rows = _rows(out, gj)
+        levels = [k for k in range(1, len(gj)) if out.shape[gj[k - 1]] > 1 or k > 1]
+        levels = [k for k in levels if _rows(out, gj, k).shape[0] > 1
+                  and _rows(out, gj, k).shape[1] > 1]
+        if not levels:
+            continue
         if not t.apply_pass:
             if t.whole_blocks:
-                for row in rows:
+                # the innermost split is the block (heads of head_dim in (3, heads, head_dim))
+                for row in _rows(out, gj, levels[-1]):
                     t.union(np.full(len(row) - 1, row[0]), row[1:])
                     t.state.block_ids.append(int(row[0]))
             else:
-                t.record_split(rows, f"reshape {node.name}")
+                for k in levels:
+                    t.record_split(_rows(out, gj, k), f"reshape {node.name}")
         if t.whole_blocks:
-            out = _first_of_block(out, gj)
+            out = _first_of_block(out, gj[levels[-1]:])
     if t.apply_pass:
         _rewrite_view(t, node, new_dst, labelled)
     return out
 
 
-def _rows(out: np.ndarray, gj: list[int]) -> np.ndarray:
+def _rows(out: np.ndarray, gj: list[int], level: int) -> np.ndarray:
+    """The split dims as (product of the first `level` dims, the rest)."""
     index = tuple(slice(None) if d in gj else 0 for d in range(out.ndim))
     block = out[index]
-    return block.reshape(block.shape[0], -1)
+    return block.reshape(int(np.prod(block.shape[:level])), -1)
 
 
-def _first_of_block(out: np.ndarray, gj: list[int]) -> np.ndarray:
-    index = tuple(slice(0, 1) if d in gj[1:] else slice(None) for d in range(out.ndim))
+def _first_of_block(out: np.ndarray, inner: list[int]) -> np.ndarray:
+    index = tuple(slice(0, 1) if d in inner else slice(None) for d in range(out.ndim))
     return out[index]
 
 

@@ -131,3 +131,15 @@ def test_report_lists_layers_with_module_paths():
     assert set(an.groups[0].consumers) == {"bn_a", "conv_b", "head"}
     names = [g.name for g in an.groups]
     assert names == [g.name for g in engine.analyze(*build("conv_bn_residual")).groups]
+
+
+def test_fused_qkv_viewed_as_three_heads_prunes_whole_heads():
+    model, inputs = build("einsum_attention")  # qkv: Linear(24, 72) viewed (3, 3 heads, 8)
+    result = engine.prune(model, inputs, engine.PruningOptions(reshape_channel_axis=-2),
+                          ratio=0.5)
+    width = _state(result)["qkv.weight"][0]
+    assert width % 24 == 0 and width < 72, "q, k and v lose the same whole heads"
+    assert result.report["verification"]["exact"]
+    # within heads, q/k and v would have to keep the same head_dim: frozen, and said so
+    an = engine.analyze(*build("einsum_attention"))
+    assert any(f.layers == ["qkv"] and "spans several groups" in f.reason for f in an.frozen)

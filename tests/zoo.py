@@ -206,6 +206,45 @@ class ConvTranspose(nn.Module):
         return self.out(F.relu(self.up(F.relu(self.conv(x))))).flatten(1)
 
 
+class EinsumAttention(nn.Module):
+    """Attention written with einsum on (batch, tokens, heads, head_dim) tensors."""
+
+    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.embed = nn.Linear(5, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.embed(x)
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, self.head_dim).unbind(2)
+        scores = torch.einsum("bthd,bshd->bhts", q, k) * self.head_dim**-0.5
+        a = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(b, t, -1)
+        return self.head(h + self.out(a))
+
+
+class Conv1d3d(nn.Module):
+    """1-D and 3-D convolutions with their batch norms and pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.c2 = nn.Conv1d(12, 6, 1)
+        self.c3 = nn.Conv3d(1, 8, 3, padding=1)
+        self.bn3 = nn.BatchNorm3d(8)
+        self.c4 = nn.Conv3d(8, 4, 1)
+
+    def forward(self, x):
+        seq = x.flatten(2)[:, :2]
+        a = self.c2(F.relu(self.bn1(self.c1(seq)))).mean(-1)
+        b = self.c4(F.relu(self.bn3(self.c3(x[:, :1, None])))).mean(dim=(2, 3, 4))
+        return torch.cat([a, b], dim=1)
+
+
 def image(batch: int = 2, size: int = 4) -> tuple[torch.Tensor]:
     return (torch.randn(batch, 3, size, size),)
 
@@ -226,6 +265,8 @@ ZOO = {
     "pixel_shuffle": (PixelShuffle, lambda: image()),
     "tied_embedding": (TiedEmbedding, lambda: (torch.randint(0, 50, (2, 7)),)),
     "conv_transpose": (ConvTranspose, lambda: image(size=8)),
+    "einsum_attention": (EinsumAttention, lambda: (torch.randn(2, 4, 5),)),
+    "conv1d_conv3d": (Conv1d3d, lambda: image()),
 }
 
 
