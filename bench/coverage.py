@@ -115,7 +115,7 @@ def run(quick: bool = False) -> Section:
         "`MetaPruner`, `MagnitudeImportance(p=2)`, pruning_ratio 0.5, the output layers "
         "ignored (classifier / lm_head; for the zoo, the layer(s) producing the output), "
         "`num_heads` for attention projections; Llama as in its LLM example (whole heads, "
-        "`prune_head_dims=False`). Times include ours' verification and re-export.",
+        "`prune_head_dims=False`). Ours' time includes its verification, not the lazy re-export.",
         md_table(["model", "ours: pruned", "ours: correct", "ours: time",
                   "Torch-Pruning: pruned", "Torch-Pruning: correct", "Torch-Pruning: time"],
                  rows),
