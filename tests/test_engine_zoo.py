@@ -143,3 +143,21 @@ def test_fused_qkv_viewed_as_three_heads_prunes_whole_heads():
     # within heads, q/k and v would have to keep the same head_dim: frozen, and said so
     an = engine.analyze(*build("einsum_attention"))
     assert any(f.layers == ["qkv"] and "spans several groups" in f.reason for f in an.frozen)
+
+
+def test_group_norm_keeps_equal_groups_and_is_reported_inexact():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(4, 16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 5, 1), torch.nn.Flatten(),
+    ).eval()
+    inputs = (torch.randn(2, 3, 4, 4),)
+    result = engine.prune(model, inputs, ratio=0.5)
+    kept = _state(result)["0.weight"][0]
+    assert kept < 16 and kept % 4 == 0, "every one of the 4 groups keeps as many channels"
+    assert _state(result)["1.weight"][0] == kept
+    verification = result.report["verification"]
+    assert verification["output_shapes_match"] and not verification["exact_expected"]
+    assert verification["inexact_groups"] == [result.report["groups"][0]["name"]]
+    with torch.no_grad():
+        assert result.module(*inputs).shape == model(*inputs).shape
