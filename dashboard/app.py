@@ -91,10 +91,38 @@ def _session_files() -> sources.SessionFiles:
         ctx = get_script_run_ctx()
         session_id = ctx.session_id if ctx else None
         if Runtime.exists():
-            sources.sweep(Runtime.instance().is_active_session)
+            runtime = Runtime.instance()
+            alive = _session_alive_check(runtime)
+            if sources.start_sweeper(alive, netron_server.stop_under, _sweep_interval_s()):
+                sources.remove_orphans()
+            sources.sweep(alive, netron_server.stop_under)
     except Exception:  # cleanup is best effort; the folders also go at process exit
         pass
     return state.session_files(st.session_state, session_id)
+
+
+def _session_alive_check(runtime: Any):
+    """A session still exists while it is connected or kept for a reconnect.
+
+    A briefly disconnected browser (network blip, laptop lid) reconnects to its session for
+    ``server.disconnectedSessionTTL`` seconds; its uploads must still be there then.
+    """
+    manager = getattr(runtime, "_session_mgr", None)
+    get_info = getattr(manager, "get_session_info", None)
+
+    def alive(session_id: str) -> bool:
+        if runtime.is_active_session(session_id):
+            return True
+        return get_info is not None and get_info(session_id) is not None
+
+    return alive
+
+
+def _sweep_interval_s() -> float:
+    try:
+        return max(0.2, float(os.environ.get("PRUNESCOPE_SWEEP_S", "30")))
+    except ValueError:
+        return 30.0
 
 
 def _show_error(error: BaseException, what: str = "") -> None:
@@ -107,6 +135,14 @@ def _upload_limit_mb() -> int:
         return int(st.get_option("server.maxUploadSize"))
     except Exception:
         return 200
+
+
+def _upload_limit_note(limit_mb: int) -> None:
+    # The browser refuses a file over the limit before the page sees it (the file's name
+    # turns red, the reason is in its tooltip), so the limit is stated up front.
+    st.sidebar.caption(f"Uploads up to {limit_mb} MB: a larger file is refused (its name "
+                       "turns red; hover it for the reason). Larger models: use “Local file "
+                       "path”, which reads the file in place.")
 
 
 def _load(request: sources.ModelRequest) -> tuple[Any, Any]:
@@ -130,8 +166,8 @@ def _get_model(request: sources.ModelRequest) -> state.LoadedModel:
         with st.spinner(f"Loading and analysing {request.label}…"):
             return state.get_model(ss, request.key, request.label, lambda: _load(request))
     except Exception as e:
-        failed[request.key] = sources.one_line(e)
-        raise
+        failed[request.key] = sources.readable(sources.one_line(e), request)
+        raise PruneScopeError(failed[request.key]) from None
 
 
 # ----------------------------------------------------------------------------- sidebar
@@ -163,11 +199,11 @@ def sidebar_model() -> sources.ModelRequest | None:
             "Model file (.pt2)", type=["pt2"], key="upload_pt2",
             help="A program saved with torch.export.save.",
         )
-        st.sidebar.caption(f"Uploads up to {limit} MB. Larger models: use “Local file path”.")
+        _upload_limit_note(limit)
         if up is None:
             return None
         path = files.store_upload(up.file_id, up.name, up)
-        return sources.path_request(path, label=f"upload {up.name}")
+        return sources.path_request(path, label=f"upload {up.name}", shown_as=up.name)
     if source == sources.LOCAL_PATH:
         raw = st.sidebar.text_input(
             "Path to a model file on this machine", key="local_path",
@@ -200,13 +236,13 @@ def sidebar_model() -> sources.ModelRequest | None:
     )
     up = st.sidebar.file_uploader("Model file (.pt)", type=["pt", "pth"], key="upload_pt",
                                   disabled=not trust)
-    st.sidebar.caption(f"Uploads up to {limit} MB. Larger models: use “Local file path”.")
+    _upload_limit_note(limit)
     if up is None or not trust:
         return None
     shapes = sources.parse_shapes(shapes_text)
     path = files.store_upload(up.file_id, up.name, up)
     return sources.path_request(path, trust_pickle=True, input_shapes=shapes,
-                                label=f"upload {up.name}")
+                                label=f"upload {up.name}", shown_as=up.name)
 
 
 def sidebar_eval(model: state.LoadedModel) -> sources.EvalData | None:

@@ -2,8 +2,11 @@
 
 Streamlit re-executes the page script on every interaction; starting a server there would
 leak one HTTP server per click. The registry below lives at module level (imported once per
-process), is keyed by (real path, mtime, size) so a rewritten file gets a fresh server, and
-stops the server of a file's previous version when that happens.
+process), is keyed by (real path, inode, mtime, ctime, size) so a rewritten file gets a fresh
+server, and stops the server of a file's previous version when that happens.
+
+Every served file lives in its session's private folder, so two sessions never share a
+server, even for files of the same name. Servers bind to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ class NetronServer:
 
 
 _lock = threading.Lock()
-_servers: dict[tuple[str, int, int], NetronServer] = {}
+_servers: dict[tuple[str, int, int, int, int], NetronServer] = {}
 
 
-def _key(path: str | Path) -> tuple[str, int, int]:
+def _key(path: str | Path) -> tuple[str, int, int, int, int]:
     real = os.path.realpath(path)
     st = os.stat(real)
-    return real, st.st_mtime_ns, st.st_size
+    return real, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
 
 def serve(path: str | Path) -> NetronServer:
@@ -83,3 +86,13 @@ def stop(path: str | Path | None = None) -> None:
     with _lock:
         for key in [k for k in _servers if real is None or k[0] == real]:
             netron.stop(_servers.pop(key).address)
+
+
+def stop_under(folder: str | Path) -> int:
+    """Stop the servers of every file inside ``folder`` (a closed session's folder)."""
+    base = os.path.realpath(folder)
+    with _lock:
+        keys = [k for k in _servers if os.path.commonpath([base, k[0]]) == base]
+        for key in keys:
+            netron.stop(_servers.pop(key).address)
+    return len(keys)

@@ -1,7 +1,10 @@
 """Where a model and its evaluation data come from: demo, upload, local path, trusted pickle.
 
-Uploads are written once into a private per-session temporary folder (``SessionFiles``);
-the folder is removed when the session's state is garbage-collected or the process exits.
+Uploads are written once into a private per-session temporary folder (``SessionFiles``,
+mode 0700 under the system temp dir). The folder is removed once its session has closed (a
+page run of any session, or the background sweeper, notices), when the session's state is
+garbage-collected, or when the process exits; folders left by a killed server are removed by
+the next server's first sweep.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +34,16 @@ UPLOAD_PT = "Upload .pt (pickle)"
 SOURCES = (DEMO, UPLOAD_PT2, LOCAL_PATH, UPLOAD_PT)
 
 
+PREFIX = "prunescope-"
+
+
 class SessionFiles:
     """A private temporary folder for one browser session's uploads and outputs."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="prunescope-"))
+        # mkdtemp makes the folder 0700; the pid in the name lets a later server recognise
+        # the folders of one that was killed before it could clean up.
+        self.root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
         # Runs when the session state (and this object) is collected, or at interpreter exit.
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
         self._written: dict[str, Path] = {}
@@ -83,19 +92,98 @@ def register(session_id: str, files: SessionFiles) -> None:
         _by_session[session_id] = files
 
 
-def sweep(is_active: Callable[[str], bool]) -> list[Path]:
-    """Remove the folders of sessions that are no longer active; returns what was removed.
+def sweep(is_alive: Callable[[str], bool],
+          on_removed: Callable[[Path], None] | None = None) -> list[Path]:
+    """Remove the folders of sessions that are no longer alive; returns what was removed.
 
-    Garbage collection of a closed session's state is not guaranteed to happen promptly, so
-    every page run sweeps the folders of sessions the runtime no longer knows.
+    Garbage collection of a closed session's state is not guaranteed to happen promptly (and
+    the registry itself holds the folder), so page runs and the background sweeper call this
+    with the runtime's idea of which sessions still exist. ``on_removed`` is told each removed
+    folder (the page stops the Netron servers that served files from it).
     """
     removed = []
     with _registry_lock:
-        for sid in [sid for sid in _by_session if not is_active(sid)]:
+        for sid in list(_by_session):
+            try:
+                alive = is_alive(sid)
+            except Exception:  # when in doubt keep the folder; a later sweep decides
+                alive = True
+            if alive:
+                continue
             files = _by_session.pop(sid)
             if files.alive:
                 files.cleanup()
                 removed.append(files.root)
+    for root in removed:
+        if on_removed is not None:
+            try:
+                on_removed(root)
+            except Exception:
+                pass
+    return removed
+
+
+_sweeper: threading.Thread | None = None
+
+
+def start_sweeper(is_alive: Callable[[str], bool], on_removed: Callable[[Path], None] | None,
+                  interval_s: float) -> bool:
+    """Sweep every ``interval_s`` seconds in a daemon thread (once per process).
+
+    Without it a closed session's uploads would stay on disk until some other session runs
+    the page. Returns True when this call started the thread.
+    """
+    global _sweeper
+    with _registry_lock:
+        if _sweeper is not None and _sweeper.is_alive():
+            return False
+
+        def loop() -> None:
+            while True:
+                time.sleep(interval_s)
+                try:
+                    sweep(is_alive, on_removed)
+                except Exception:  # never let the sweeper die on one bad folder
+                    pass
+
+        _sweeper = threading.Thread(target=loop, name="prunescope-sweeper", daemon=True)
+        _sweeper.start()
+        return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_orphans(temp_dir: str | Path | None = None) -> list[Path]:
+    """Remove this user's session folders whose server process no longer exists.
+
+    A server stopped with SIGKILL (or a crash) cannot run its exit cleanup; its folders are
+    recognised by the pid in their name.
+    """
+    base = Path(temp_dir or tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = list(base.glob(f"{PREFIX}*-*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        match = re.fullmatch(re.escape(PREFIX) + r"(\d+)-.+", folder.name)
+        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
     return removed
 
 
@@ -121,8 +209,12 @@ def demo_request() -> ModelRequest:
 
 def path_request(path: str | Path, *, trust_pickle: bool = False,
                  input_shapes: tuple[tuple[int, ...], ...] | None = None,
-                 label: str | None = None) -> ModelRequest:
-    """A request for a model file on disk (a .pt2, or a trusted .pt with input shapes)."""
+                 label: str | None = None, shown_as: str | None = None) -> ModelRequest:
+    """A request for a model file on disk (a .pt2, or a trusted .pt with input shapes).
+
+    ``shown_as`` is what messages call the file instead of its path (an upload's own name:
+    the server's temporary folder means nothing to the user).
+    """
     raw = str(path).strip()
     if not raw:
         raise ModelLoadError("no file path given")
@@ -147,13 +239,32 @@ def path_request(path: str | Path, *, trust_pickle: bool = False,
             raise ModelLoadError(f"{p.name} is a pickle: give its input shape(s), e.g. 1,3,224,224")
     shapes = tuple(input_shapes) if input_shapes else None
     key = f"path:{_file_stamp(p)}:{trust_pickle}:{shapes}"
+    extra: dict[str, Any] = {}
+    if shown_as:
+        extra = {"shown_as": shown_as, "paths": (str(p.resolve()), raw, str(p))}
     return ModelRequest(key=key, label=label or str(p), source=str(p.resolve()),
-                        trust_pickle=trust_pickle, input_shapes=shapes)
+                        trust_pickle=trust_pickle, input_shapes=shapes, extra=extra)
+
+
+def readable(message: str, request: ModelRequest) -> str:
+    """``message`` with the request's stored path replaced by the name the user knows."""
+    shown = request.extra.get("shown_as")
+    if not shown:
+        return message
+    for path in sorted(request.extra.get("paths", ()), key=len, reverse=True):
+        message = message.replace(path, shown)
+    return message
 
 
 def _file_stamp(path: str | Path) -> str:
+    """Identifies one version of a file without reading it (models can be GBs).
+
+    Inode and ctime are in it because mtime and size alone can be kept by a rewrite
+    (``os.utime`` can set mtime; ctime cannot be set back).
+    """
     st = os.stat(path)
-    return f"{os.path.realpath(path)}:{st.st_mtime_ns}:{st.st_size}"
+    return (f"{os.path.realpath(path)}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}:"
+            f"{st.st_size}")
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
