@@ -54,6 +54,7 @@ class Server:
     proc: subprocess.Popen
     temp: Path  # the server's TMPDIR: every session folder it makes is in here
     orphan: Path  # a folder left by a "killed" earlier server, to be removed at start
+    live: Path  # a folder of a process that is still running: never touched
     log: Path
 
 
@@ -75,6 +76,8 @@ def server(tmp_path_factory):
     orphan = temp / f"prunescope-{_dead_pid()}-leftover"
     orphan.mkdir(mode=0o700)
     (orphan / "old-upload.pt2").write_bytes(b"left by a killed server")
+    live = temp / f"prunescope-{os.getpid()}-live"
+    live.mkdir(mode=0o700)
     log_path = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
     port = _free_port()
     streamlit = Path(sys.executable).with_name("streamlit")
@@ -102,7 +105,7 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"streamlit did not become healthy:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield Server(url=url, proc=proc, temp=temp, orphan=orphan, log=log_path)
+        yield Server(url=url, proc=proc, temp=temp, orphan=orphan, live=live, log=log_path)
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -277,7 +280,9 @@ def _port(url: str) -> int:
 
 
 def _session_folders(server: Server) -> list[Path]:
-    return sorted(p for p in server.temp.iterdir() if p.name.startswith("prunescope-"))
+    """The folders the server made (the planted ones excluded)."""
+    return sorted(p for p in server.temp.iterdir()
+                  if p.name.startswith("prunescope-") and p not in (server.orphan, server.live))
 
 
 class _Tiny(torch.nn.Module):
@@ -400,6 +405,7 @@ def _check_two_sessions(server: Server, a, b, ctx_a, tmp_path: Path) -> None:
     # leftover folder is gone; B's upload is in one of them, A's path model is not copied.
     folders = _session_folders(server)
     assert not server.orphan.exists()
+    assert server.live.is_dir()  # another live process's folder is left alone
     assert len(folders) == 2, folders
     for folder in folders:
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
@@ -575,3 +581,4 @@ def test_stopping_the_server_removes_every_session_folder(server, browser):
     server.proc.terminate()
     server.proc.wait(timeout=30)
     assert _session_folders(server) == [], server.log.read_text()[-2000:]
+    assert server.live.is_dir()
