@@ -5,7 +5,7 @@ folder it makes can be seen, a short reconnect window and sweep interval so a cl
 session's cleanup can be observed) driven by Debian's Chromium through Playwright, with one
 browser context per session. Screenshots land in test-artifacts/safety-*.png.
 
-The tests run in file order and share the server; the last one stops it.
+The browser tests run in file order and share the server; the last of them stops it.
 """
 
 from __future__ import annotations
@@ -582,3 +582,27 @@ def test_stopping_the_server_removes_every_session_folder(server, browser):
     server.proc.wait(timeout=30)
     assert _session_folders(server) == [], server.log.read_text()[-2000:]
     assert server.live.is_dir()
+
+
+# ----------------------------------------------------------------------------- cache keys
+
+
+def test_rewritten_file_gets_a_new_cache_key_even_with_same_size_and_mtime(tmp_path):
+    """Model and Netron keys must change when a file's content is replaced, even if the
+    rewrite keeps its name, its size and (via os.utime) its modification time."""
+    from dashboard import netron_server, sources
+
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"A" * 64)
+    before = os.stat(path)
+    model_key = sources.path_request(path).key
+    netron_key = netron_server._key(path)
+    time.sleep(0.01)  # let the clock move on, so the rewrite's ctime differs
+    path.write_bytes(b"B" * 64)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert sources.path_request(path).key != model_key
+    assert netron_server._key(path) != netron_key
+    # Unchanged files keep their key (reruns must hit the caches).
+    assert sources.path_request(path).key == sources.path_request(path).key
