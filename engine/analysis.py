@@ -158,7 +158,7 @@ def _check_finite(gm: fx.GraphModule) -> None:
     bad = [
         name
         for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers())
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        if tensor.is_floating_point() and tensor.numel() and not _finite(tensor.detach())
     ]
     if bad:
         raise ModelLoadError(
@@ -166,6 +166,12 @@ def _check_finite(gm: fx.GraphModule) -> None:
             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             + "; fix the weights before pruning"
         )
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    # min/max propagate NaN and show infinities, without a full-size boolean temporary
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def _per_channel(filter_scores: np.ndarray, slots) -> np.ndarray:

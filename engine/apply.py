@@ -142,13 +142,13 @@ def _mask(ids, roots, removed):
     keep[labelled] = ~removed[roots[ids[labelled]]]
     if keep.all():
         return None
-    return torch.from_numpy(keep)
+    return torch.from_numpy(keep.astype(np.float32))
 
 
 def _apply_mask(value, mask):
     if mask is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return value
-    return value * mask.to(value.dtype)
+    return value * (mask if mask.dtype == value.dtype else mask.to(value.dtype))
 
 
 def masked_module(gm: fx.GraphModule, structure: Structure, removed: np.ndarray):
