@@ -765,4 +765,12 @@ def _guarded(render, *args) -> None:
     except Exception as e:  # st.rerun/st.stop are BaseExceptions and pass through
         _show_error(e, "Something went wrong in this view")
 
-main()
+def _run_page() -> None:
+    """The page, with any unexpected error shown as one line instead of a traceback."""
+    try:
+        main()
+    except Exception as e:  # st.rerun/st.stop are BaseExceptions and pass through
+        _show_error(e, "Something went wrong")
+
+
+_run_page()

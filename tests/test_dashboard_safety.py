@@ -569,6 +569,20 @@ def test_configured_upload_limit_is_stated_on_the_page(monkeypatch):
     assert any(f"Uploads up to {limit} MB" in c for c in captions), captions
 
 
+def test_unexpected_page_error_is_one_line_not_a_traceback():
+    """Page-level code outside the tabs: a broken value in the session (here: evaluation
+    data that is not EvalData) must end as one message, not Streamlit's traceback box."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=240)
+    at.session_state["_ps_eval"] = ("demo", "not evaluation data")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    (error,) = at.error
+    assert error.value.startswith("Something went wrong: AttributeError")
+    assert "\n" not in error.value and "Traceback" not in error.value
+
+
 # ----------------------------------------------------------------------------- 3: app stop
 
 
