@@ -144,3 +144,40 @@ def test_modeloutput_program_loads_without_transformers(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert abs(float(done.stdout.strip()) - float(expected.sum())) < 1e-4
     assert result.report["onnx"]["max_abs_diff_vs_torch"] < 1e-4
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "vit"])
+def test_with_normalised_streams_pinned_pruning_is_exact(family, axis):
+    """Only the LayerNorm/RMSNorm-normalised hidden stream is inexact: pin it, and every
+    other group (heads, MLPs) must match mask mode exactly."""
+    torch.manual_seed(0)
+    small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 128}
+    if family == "bert":
+        model = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=100, **small))
+        inputs = (torch.randint(0, 100, (1, 12)),)
+    elif family == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, num_key_value_heads=2,
+                                                   use_cache=False, **small))
+        inputs = (torch.randint(0, 100, (1, 12)),)
+    elif family == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4,
+                                                 vocab_size=100, use_cache=False))
+        inputs = (torch.randint(0, 100, (1, 12)),)
+    else:
+        model = tf.ViTForImageClassification(tf.ViTConfig(image_size=32, patch_size=8,
+                                                          **small))
+        inputs = (torch.randn(1, 3, 32, 32),)
+    model.eval()
+    an = engine.analyze(model, inputs)
+    options = engine.PruningOptions(reshape_channel_axis=axis)
+    structure = an.structure(options.prunes_whole_blocks)
+    inexact = [g.name for g in structure.groups if not g.exact and g.prunable.any()]
+    assert inexact, "the hidden stream is normalised over its channels"
+    plan = engine.plan(an, options, ratio=0.5, pinned=inexact)
+    assert sum(len(g.pruned) for g in plan.groups) > 0
+    result = engine.apply(an, plan)
+    verification = result.report["verification"]
+    assert verification["exact_expected"] and verification["exact"], verification
+    assert result.report["after"]["params"] < result.report["before"]["params"]
