@@ -169,7 +169,7 @@ def run(quick: bool = False) -> Section:
         del variants, bm
         collect()
     body = [
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads; ONNX Runtime "
+        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s); ONNX Runtime "
         f"CPUExecutionProvider with {torch.get_num_threads()} intra-op thread(s). Medians of "
         f"{rounds} interleaved rounds x {per_round} iterations after 2 warm-up calls. "
         "Ideal speed-up = FLOPs before / FLOPs after (torch's FlopCounterMode); "

@@ -62,6 +62,8 @@ def _heads_qkv(model: nn.Module) -> dict[nn.Module, int]:
         elif hasattr(m, "q") and hasattr(m, "k") and hasattr(m, "v") and hasattr(m, "heads"):
             heads[m.q] = m.heads
             heads[m.k] = heads[m.v] = getattr(m, "kv_heads", m.heads)
+        elif isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "heads"):
+            heads[m.qkv] = m.heads  # fused q/k/v, as for timm's ViT in its examples
     return heads
 
 
@@ -86,6 +88,8 @@ def tp_fix_attributes(model: nn.Module) -> None:
             m.embed_dim = m.c_proj.weight.shape[1]
         elif hasattr(m, "q") and hasattr(m, "head_dim") and hasattr(m, "heads"):
             m.head_dim = m.q.out_features // m.heads
+        elif isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "head_dim"):
+            m.head_dim = m.qkv.out_features // 3 // m.heads
 
 
 # --------------------------------------------------------------------- transformers
@@ -195,7 +199,16 @@ ZOO_OUTPUT_LAYERS = {
     "unsupported_op": ["c"],
     "unsupported": ["c"],
     "conv_transpose": ["out"],
+    "einsum_attention": ["head"],
+    "conv1d_conv3d": ["c2", "c4"],
 }
+
+
+def _last_weight_layer(model: nn.Module) -> list[nn.Module]:
+    """For a zoo model not listed above: the last registered layer with weights."""
+    layers = [m for m in model.modules()
+              if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    return layers[-1:]
 
 
 def zoo() -> dict[str, Callable[[], BenchModel]]:
@@ -206,12 +219,15 @@ def zoo() -> dict[str, Callable[[], BenchModel]]:
     def factory(name: str) -> Callable[[], BenchModel]:
         def make() -> BenchModel:
             model, inputs = build(name)
-            layers = ZOO_OUTPUT_LAYERS.get(name, [])
-            return BenchModel(
-                name, model, tuple(inputs),
-                tp_ignored=lambda m: [m.get_submodule(n) for n in layers if hasattr(m, n)],
-                tp_heads=_heads_qkv,
-            )
+            layers = ZOO_OUTPUT_LAYERS.get(name)
+
+            def ignored(m: nn.Module) -> list[nn.Module]:
+                if layers is None:
+                    return _last_weight_layer(m)
+                return [m.get_submodule(n) for n in layers if hasattr(m, n)]
+
+            return BenchModel(name, model, tuple(inputs), tp_ignored=ignored,
+                              tp_heads=_heads_qkv)
 
         return make
 
