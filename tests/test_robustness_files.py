@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 import engine
 from engine.cli import main
+from tests.zoo import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -32,22 +33,7 @@ TiB = 2**40
 # ------------------------------------------------------------------------------ helpers
 
 
-class Tiny(nn.Module):
-    """Three convolutions: two prunable groups, the last layer reaches the output."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.c = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        return self.c(F.relu(self.b(F.relu(self.a(x))))).mean(dim=(2, 3))
-
-
-def tiny() -> tuple[nn.Module, tuple[torch.Tensor]]:
-    torch.manual_seed(0)
-    return Tiny().eval(), (torch.randn(2, 3, 6, 6),)
 
 
 class Payload:

@@ -8,9 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import engine
 from engine.cli import main
@@ -31,25 +28,6 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-class Tiny(nn.Module):
-    """Groups 'a' and 'b' (8 channels each) are prunable; 'c' reaches the output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.c = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        return self.c(F.relu(self.b(F.relu(self.a(x))))).mean(dim=(2, 3))
-
-
-@pytest.fixture(scope="module")
-def tiny_pt2(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pt2"
-    torch.export.save(torch.export.export(Tiny().eval(), (torch.randn(2, 3, 6, 6),)), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -245,6 +245,25 @@ class Conv1d3d(nn.Module):
         return torch.cat([a, b], dim=1)
 
 
+class Tiny(nn.Module):
+    """Three convolutions: groups 'a' and 'b' (8 channels each) are prunable, 'c' reaches the
+    output. The robustness tests' smallest real model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(F.relu(self.a(x))))).mean(dim=(2, 3))
+
+
+def tiny() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return Tiny().eval(), (torch.randn(2, 3, 6, 6),)
+
+
 def image(batch: int = 2, size: int = 4) -> tuple[torch.Tensor]:
     return (torch.randn(batch, 3, size, size),)
 

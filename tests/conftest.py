@@ -1,0 +1,19 @@
+"""Fixtures shared by several test files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.zoo import tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_pt2(tmp_path_factory) -> Path:
+    """tests.zoo.Tiny saved as a .pt2 (example inputs of shape (2, 3, 6, 6) inside)."""
+    model, inputs = tiny()
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt2"
+    torch.export.save(torch.export.export(model, inputs), path)
+    return path
