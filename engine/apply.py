@@ -10,7 +10,6 @@ import torch
 import torch.fx as fx
 
 from engine.dependency import Structure
-from engine.ops import find_rule
 from engine.planning import Plan
 from engine.tracer import RewriteError, Tracer
 
@@ -24,11 +23,6 @@ def pruned_roots(structure: Structure, plan: Plan) -> np.ndarray:
     return mask
 
 
-class _Rules:
-    def get(self, node, default=None):
-        return find_rule(node)
-
-
 def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx.GraphModule:
     """A copy of `gm` without the removed channels: sliced parameters, new shape constants."""
     # copy the modules and the graph, not the weights: the sliced ones are replaced below and
@@ -38,7 +32,7 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
         new = copy.deepcopy(gm, memo)
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
-    tracer.run(_Rules(), lambda node: node)
+    tracer.run()
     params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
     for name in params:
         tensor = tracer.param_tensor(name)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
-from engine.ops import RULES, find_rule
+from engine.ops import RULES
 from engine.tracer import AnalysisState, Member, Tracer
 
 
@@ -82,26 +82,8 @@ class Structure:
 def analyze_graph(gm: fx.GraphModule, whole_blocks: bool) -> Structure:
     state = AnalysisState()
     tracer = Tracer(gm, state, whole_blocks=whole_blocks)
-    tracer.run(_rule_table(), _key)
+    tracer.run()
     return _build(gm, state, whole_blocks, sorted(tracer.unknown))
-
-
-class _RuleTable(dict):
-    def get(self, key, default=None):  # noqa: D401 - dict protocol
-        return key
-
-
-def _rule_table():
-    return _RuleLookup()
-
-
-class _RuleLookup:
-    def get(self, node, default=None):
-        return find_rule(node)
-
-
-def _key(node: fx.Node) -> fx.Node:
-    return node
 
 
 _SALT = np.random.default_rng(20261125).integers(1, 2**62, size=1 << 16, dtype=np.int64)

@@ -75,11 +75,6 @@ def _full(ids: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(ids, shape)
 
 
-def _label_dims(ids: np.ndarray | None) -> list[int]:
-    if ids is None:
-        return []
-    return [d for d in range(ids.ndim) if ids.shape[d] > 1]
-
 
 def unknown_op(t: Tracer, node: fx.Node) -> Any:
     """No rule: every channel reaching the op is frozen; its output carries none."""

@@ -343,8 +343,8 @@ class Tracer:
             self.node.kwargs = kwargs or {}
 
     # ------------------------------------------------------------------------ walk
-    def run(self, rules: dict[str, Callable], key_of: Callable[[fx.Node], str]) -> None:
-        from engine.ops import unknown_op
+    def run(self) -> None:
+        from engine.ops import find_rule, unknown_op
 
         for node in list(self.gm.graph.nodes):
             self.node = node
@@ -356,9 +356,7 @@ class Tracer:
                     picked = source[node.args[1]] if isinstance(source, list) else None
                     self.labels[node.name] = picked
                     continue
-                rule = rules.get(key_of(node))
-                if rule is None:
-                    rule = unknown_op
+                rule = find_rule(node) or unknown_op
                 result = rule(self, node)
                 self.labels[node.name] = self._conform(node, result)
             elif node.op == "output":
