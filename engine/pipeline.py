@@ -31,12 +31,13 @@ Progress = Callable[[str], None]
 class Scores:
     analysis: Analysis
     plan: Plan
+    calibration: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         raw = self.analysis.raw_scores(
-            self.plan.options.criterion, seed=self.plan.options.seed,
+            self.plan.options.criterion, self.calibration, seed=self.plan.options.seed,
             whole_blocks=self.plan.options.prunes_whole_blocks,
-        ) if self.plan.options.criterion != "nuclear_norm" else None
+        )
         structure = self.analysis.structure(self.plan.options.prunes_whole_blocks)
         groups = []
         for gp in self.plan.groups:
@@ -101,7 +102,8 @@ def score(
     if options.criterion == "index" and not indices:
         # index pruning has no score of its own; show the l2 ranking
         options = PruningOptions(**{**options.to_dict(), "criterion": "l2"})
-    return Scores(analysis, plan(analysis, options, calibration=calibration, indices=indices))
+    the_plan = plan(analysis, options, calibration=calibration, indices=indices)
+    return Scores(analysis, the_plan, calibration)
 
 
 def prune(
