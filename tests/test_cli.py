@@ -89,3 +89,21 @@ def test_python_dash_m_engine_is_the_cli(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("prunescope: error: option policy")
+
+
+def test_trusted_graphmodule_pickle_is_captured_and_pruned(capsys, tmp_path):
+    """The NetsPresso input format: a pickled torch.fx.GraphModule, with an input shape."""
+    from tests.zoo import tiny
+
+    model, (x,) = tiny()
+    traced = torch.fx.symbolic_trace(model)
+    torch.save(traced, tmp_path / "model.pt")
+    rc, out, err = _run(capsys, "prune", tmp_path / "model.pt", "--trust-pickle",
+                        "--input-shape", ",".join(map(str, x.shape)), "--ratio", "0.5",
+                        "--out", tmp_path / "out", "--no-onnx")
+    assert rc == 0, err
+    assert "warning" in err and "pickle" in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["after"]["params"] < report["before"]["params"]
+    assert report["verification"]["exact"]
+    assert sorted(layer for g in report["groups"] for layer in g["layers"]) == ["a", "b"]
