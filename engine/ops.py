@@ -169,17 +169,24 @@ def linear(t: Tracer, node: fx.Node) -> Any:
 def addmm(t: Tracer, node: fx.Node) -> Any:
     """GPT-2's Conv1D: ``addmm(bias, x, weight)`` with the weight stored (in, out)."""
     bias, x, weight = node.args[0], node.args[1], node.args[2]
-    param = t.param(weight)
-    if param is None or t.param(bias) is None:
+    view = t.param_view(weight)
+    if view is None or len(view[1]) != 2 or t.param(bias) is None:
         return _einsum_rule(t, node, [x, weight], "ik,kj->ij", extra=[bias])
-    x_ids = t.labels_of(x)
-    if x_ids is not None:
-        line = _channel_ids(t, x_ids, -1, "addmm")
-        if line is not None:
-            t.bind(param, 0, _full(line, (t.shape(x)[-1],)))
-    out = t.slots(param, 1, member=_layer(param), out_dim=1)
+    out = _by_param_matrix(t, node, x, view)
     t.bind(t.param(bias), 0, out)
     return out.reshape(1, -1)
+
+
+def _by_param_matrix(t: Tracer, node: fx.Node, x: fx.Node, view) -> np.ndarray:
+    """``x @ W`` with W a parameter matrix (or a transpose of one): W's first dim reads x's
+    channels, its second dim is the layer's filters."""
+    param, (in_dim, out_dim) = view
+    x_ids = t.labels_of(x)
+    if x_ids is not None:
+        line = _channel_ids(t, x_ids, -1, op_key(node))
+        if line is not None:
+            t.bind(param, in_dim, _full(line, (t.shape(x)[-1],)))
+    return t.slots(param, out_dim, member=_layer(param), out_dim=_ndim(node) - 1)
 
 
 def _conv_common(
@@ -965,14 +972,9 @@ def _matmul_spec(a_rank: int, b_rank: int) -> str:
 @register("matmul", "mm", "bmm")
 def matmul(t: Tracer, node: fx.Node) -> Any:
     a, b = node.args[0], node.args[1]
-    param = t.param(b)
-    if param is not None and len(t.orig_shape(b)) == 2:
-        a_ids = t.labels_of(a)
-        if a_ids is not None:
-            line = _channel_ids(t, a_ids, -1, "matmul")
-            if line is not None:
-                t.bind(param, 0, _full(line, (t.shape(a)[-1],)))
-        out = t.slots(param, 1, member=_layer(param), out_dim=_ndim(node) - 1)
+    view = t.param_view(b)
+    if view is not None and len(view[1]) == 2:
+        out = _by_param_matrix(t, node, a, view)
         return out.reshape((1,) * (_ndim(node) - 1) + (-1,))
     spec = _matmul_spec(len(t.orig_shape(a)), len(t.orig_shape(b)))
     return _einsum_rule(t, node, [a, b], spec)

@@ -110,6 +110,7 @@ class Tracer:
         for node in gm.graph.nodes:
             if node.op == "get_attr":
                 self.param_of[node.name] = node.target
+        self.param_views = self._find_param_views(gm)
 
     # ----------------------------------------------------------------- queries for rules
     def labels_of(self, arg: Any) -> np.ndarray | None:
@@ -162,6 +163,39 @@ class Tracer:
         if isinstance(arg, fx.Node):
             return self.param_of.get(arg.name)
         return None
+
+    def param_view(self, arg: Any) -> tuple[str, tuple[int, ...]] | None:
+        """A parameter, or a transpose/permute of one (decomposed graphs feed `addmm` with
+        ``permute(weight)``): its name and which parameter dim each of its dims is."""
+        if isinstance(arg, fx.Node):
+            return self.param_views.get(arg.name)
+        return None
+
+    def _find_param_views(self, gm: fx.GraphModule) -> dict[str, tuple[str, tuple[int, ...]]]:
+        views: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                val = node.meta.get("val")
+                rank = val.dim() if isinstance(val, torch.Tensor) else 0
+                views[node.name] = (node.target, tuple(range(rank)))
+                continue
+            if node.op != "call_function" or not node.args:
+                continue
+            source = views.get(getattr(node.args[0], "name", None))
+            name = getattr(node.target, "__name__", "")
+            if source is None:
+                continue
+            param, dims = source
+            if name.startswith(("t.", "numpy_T")) and len(dims) == 2:
+                views[node.name] = (param, (dims[1], dims[0]))
+            elif name.startswith("permute"):
+                views[node.name] = (param, tuple(dims[d] for d in node.args[1]))
+            elif name.startswith("transpose"):
+                a, b = (int(d) % len(dims) for d in node.args[1:3])
+                swapped = list(dims)
+                swapped[a], swapped[b] = swapped[b], swapped[a]
+                views[node.name] = (param, tuple(swapped))
+        return views
 
     def param_tensor(self, name: str) -> torch.Tensor:
         module_path, _, attr = name.rpartition(".")

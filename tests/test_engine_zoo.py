@@ -161,3 +161,18 @@ def test_group_norm_keeps_equal_groups_and_is_reported_inexact():
     assert verification["inexact_groups"] == [result.report["groups"][0]["name"]]
     with torch.no_grad():
         assert result.module(*inputs).shape == model(*inputs).shape
+
+
+@pytest.mark.parametrize(
+    "name", ["conv_bn_residual", "attention_gqa", "swiglu", "cat_split_flatten"]
+)
+def test_core_aten_decomposed_programs_prune_exactly(name):
+    """A .pt2 run through run_decompositions() (addmm on permuted weights, convolution,
+    _native_batch_norm_legit_no_training, bmm) is pruned and verified too."""
+    model, inputs = build(name)
+    program = torch.export.export(model, inputs).run_decompositions()
+    result = engine.prune(program, inputs, ratio=0.5)
+    assert result.report["after"]["params"] < result.report["before"]["params"]
+    assert result.report["verification"]["exact"]
+    with torch.no_grad():
+        assert result.module(*inputs).shape == model(*inputs).shape
