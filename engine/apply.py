@@ -45,8 +45,28 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
             data = _gather_grouped(data, tracer.grouped_gathers[name])
         _set_tensor(new, name, tensor, data.contiguous())
     _unshare(new, gm)
+    _resize_param_views(new, tracer)
     new.recompile()
     return new
+
+
+def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
+    """Shape constants of views of a weight (``expand(permute(w), [b, in, out])``) follow
+    the weight's new shape."""
+    for node in gm.graph.nodes:
+        view = tracer.param_views.get(node.name)
+        name = getattr(node.target, "__name__", "")
+        if view is None or node.op != "call_function" or not name.startswith(
+            ("expand", "view", "reshape", "_unsafe_view")
+        ):
+            continue
+        param, dims = view
+        shape = tracer.param_tensor(param).shape
+        sizes = list(node.args[1])
+        for k in (-2, -1):
+            if isinstance(sizes[k], int) and sizes[k] != -1:
+                sizes[k] = int(shape[dims[k]])
+        node.args = (node.args[0], sizes, *node.args[2:])
 
 
 def _unshare(new: fx.GraphModule, old: fx.GraphModule) -> None:

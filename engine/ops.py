@@ -169,18 +169,29 @@ def linear(t: Tracer, node: fx.Node) -> Any:
 def addmm(t: Tracer, node: fx.Node) -> Any:
     """GPT-2's Conv1D: ``addmm(bias, x, weight)`` with the weight stored (in, out)."""
     bias, x, weight = node.args[0], node.args[1], node.args[2]
-    view = t.param_view(weight)
-    if view is None or len(view[1]) != 2 or t.param(bias) is None:
+    view = _matrix_view(t, weight)
+    if view is None or t.param(bias) is None:
         return _einsum_rule(t, node, [x, weight], "ik,kj->ij", extra=[bias])
     out = _by_param_matrix(t, node, x, view)
     t.bind(t.param(bias), 0, out)
     return out.reshape(1, -1)
 
 
+def _matrix_view(t: Tracer, arg: Any):
+    """A parameter matrix (possibly transposed, possibly with broadcast batch dims)."""
+    view = t.param_view(arg)
+    if view is None or len(view[1]) < 2:
+        return None
+    *batch, in_dim, out_dim = view[1]
+    if any(d != -1 for d in batch) or in_dim < 0 or out_dim < 0 or in_dim == out_dim:
+        return None
+    return view
+
+
 def _by_param_matrix(t: Tracer, node: fx.Node, x: fx.Node, view) -> np.ndarray:
     """``x @ W`` with W a parameter matrix (or a transpose of one): W's first dim reads x's
     channels, its second dim is the layer's filters."""
-    param, (in_dim, out_dim) = view
+    param, (in_dim, out_dim) = view[0], view[1][-2:]
     x_ids = t.labels_of(x)
     if x_ids is not None:
         line = _channel_ids(t, x_ids, -1, op_key(node))
@@ -780,10 +791,7 @@ def view(t: Tracer, node: fx.Node) -> Any:
     new_src = t.shape(x)
     label_dims = t.label_dims(x)
     labelled = [g for g in groups if label_dims & set(g[0])]
-    splits = [g for g in labelled if sum(dst[d] > 1 for d in g[1]) >= 2]
-    if splits and len(labelled) > 1:
-        t.freeze(ids, "reshape of channels spread over several dimensions")
-        return None
+    splits = [g for g in labelled if _split_levels(dst, g[1])]
     label_dims = {d for g in labelled for d in g[0]}
     full = np.broadcast_to(ids, [new_src[d] if d in label_dims else 1 for d in range(len(src))])
     target: list[int] = []
@@ -798,10 +806,21 @@ def view(t: Tracer, node: fx.Node) -> Any:
             new_dst[d] = size
         target += sizes
     out = full.reshape(target)
+    levels_of = {}
     for _gi, gj in splits:
-        levels = [k for k in range(1, len(gj)) if out.shape[gj[k - 1]] > 1 or k > 1]
-        levels = [k for k in levels if _rows(out, gj, k).shape[0] > 1
-                  and _rows(out, gj, k).shape[1] > 1]
+        key = (node.name, tuple(gj))
+        if not t.apply_pass:
+            # a split whose outer blocks all carry the same channels is a folded batch
+            # (batch * heads -> batch, heads in decomposed attention), not a block layout
+            t.state.split_levels[key] = [
+                k for k in _split_levels(dst, gj) if _varies(out, gj[:k])
+            ]
+        levels_of[key] = t.state.split_levels.get(key, [])
+    if len(labelled) > 1 and any(levels_of.values()):
+        t.freeze(ids, "reshape of channels spread over several dimensions")
+        return None
+    for _gi, gj in splits:
+        levels = levels_of[(node.name, tuple(gj))]
         if not levels:
             continue
         if not t.apply_pass:
@@ -818,6 +837,24 @@ def view(t: Tracer, node: fx.Node) -> Any:
     if t.apply_pass:
         _rewrite_view(t, node, new_dst, labelled)
     return out
+
+
+def _varies(out: np.ndarray, dims: list[int]) -> bool:
+    return any(
+        out.shape[d] > 1 and not np.array_equal(np.broadcast_to(np.take(out, [0], axis=d),
+                                                                out.shape), out)
+        for d in dims
+    )
+
+
+def _split_levels(dst: tuple[int, ...], gj: list[int]) -> list[int]:
+    """Where the out dims `gj` of a reshape split into (outer blocks, inner channels), both
+    larger than 1: (heads, head_dim), or (3, heads * head_dim) and (3 * heads, head_dim)."""
+    sizes = [dst[d] for d in gj]
+    return [
+        k for k in range(1, len(sizes))
+        if int(np.prod(sizes[:k])) > 1 and int(np.prod(sizes[k:])) > 1
+    ]
 
 
 def _rows(out: np.ndarray, gj: list[int], level: int) -> np.ndarray:
@@ -972,8 +1009,8 @@ def _matmul_spec(a_rank: int, b_rank: int) -> str:
 @register("matmul", "mm", "bmm")
 def matmul(t: Tracer, node: fx.Node) -> Any:
     a, b = node.args[0], node.args[1]
-    view = t.param_view(b)
-    if view is not None and len(view[1]) == 2:
+    view = _matrix_view(t, b)
+    if view is not None:
         out = _by_param_matrix(t, node, a, view)
         return out.reshape((1,) * (_ndim(node) - 1) + (-1,))
     spec = _matmul_spec(len(t.orig_shape(a)), len(t.orig_shape(b)))

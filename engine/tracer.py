@@ -64,6 +64,7 @@ class AnalysisState:
     inexact: dict[int, str] = field(default_factory=dict)
     splits: list[Split] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # one id of each whole block (head)
+    split_levels: dict[tuple, list[int]] = field(default_factory=dict)  # reshape -> levels
     labels: dict[str, Any] = field(default_factory=dict)  # node name -> labels
 
 
@@ -195,6 +196,14 @@ class Tracer:
                 swapped = list(dims)
                 swapped[a], swapped[b] = swapped[b], swapped[a]
                 views[node.name] = (param, tuple(swapped))
+            elif name.startswith(("expand", "view", "reshape", "_unsafe_view", "unsqueeze")):
+                # batch dims put in front of a weight matrix (decomposed linear -> bmm)
+                out = val_shape(node.meta.get("val"))
+                src = val_shape(node.args[0].meta.get("val"))
+                if out is None or src is None or len(dims) < 2 or len(out) < 2:
+                    continue
+                if out[-2:] == src[-2:] and all(d == -1 for d in dims[:-2]):
+                    views[node.name] = (param, (-1,) * (len(out) - 2) + tuple(dims[-2:]))
         return views
 
     def param_tensor(self, name: str) -> torch.Tensor:

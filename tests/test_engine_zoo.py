@@ -164,14 +164,18 @@ def test_group_norm_keeps_equal_groups_and_is_reported_inexact():
 
 
 @pytest.mark.parametrize(
-    "name", ["conv_bn_residual", "attention_gqa", "swiglu", "cat_split_flatten"]
+    "name", ["conv_bn_residual", "attention_gqa", "attention_sdpa", "swiglu", "cat_split_flatten",
+             "grouped_depthwise"]
 )
-def test_core_aten_decomposed_programs_prune_exactly(name):
-    """A .pt2 run through run_decompositions() (addmm on permuted weights, convolution,
-    _native_batch_norm_legit_no_training, bmm) is pruned and verified too."""
+def test_core_aten_decomposed_programs_prune_like_the_originals(name):
+    """A .pt2 run through run_decompositions() (addmm/bmm on permuted and expanded weights,
+    convolution, _native_batch_norm_legit_no_training, SDPA unfolded into bmm with heads folded
+    into the batch) loses exactly what the high-level program loses, and is exact."""
     model, inputs = build(name)
-    program = torch.export.export(model, inputs).run_decompositions()
-    result = engine.prune(program, inputs, ratio=0.5)
+    program = torch.export.export(model, inputs)
+    reference = engine.prune(program, inputs, ratio=0.5)
+    result = engine.prune(program.run_decompositions(), inputs, ratio=0.5)
+    assert result.report["after"]["params"] == reference.report["after"]["params"]
     assert result.report["after"]["params"] < result.report["before"]["params"]
     assert result.report["verification"]["exact"]
     with torch.no_grad():
