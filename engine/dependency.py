@@ -152,8 +152,8 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
     consumer_sig = _signatures(c_pairs[0], c_pairs[1] + (1 << 15), np.ones_like(c_pairs[0]),
                                size)
     comps = np.unique(m_comp)
-    keys = np.stack([member_sig[comps], consumer_sig[comps]], axis=1)
-    _, group_of = np.unique(keys, axis=0, return_inverse=True)
+    keys = member_sig[comps] * np.uint64(0x9E3779B97F4A7C15) + consumer_sig[comps]
+    _, group_of = np.unique(keys, return_inverse=True)
     sorted_layers = sorted(set(consumer_layers))
     by_signature: dict[tuple, list[int]] = {}
     for gid in range(int(group_of.max()) + 1 if len(comps) else 0):
