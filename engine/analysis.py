@@ -27,7 +27,7 @@ class Analysis:
         self.gm: fx.GraphModule = captured.program.module()
         _check_finite(self.gm)
         self._structures: dict[bool, Structure] = {}
-        self._filter_scores: dict[tuple, dict[str, np.ndarray]] = {}
+        self._filter_scores: dict[tuple, dict[tuple[str, int], np.ndarray]] = {}
         self.score_computations = 0  # how many times filter scores were computed (tests)
 
     # ------------------------------------------------------------------ structure
@@ -50,7 +50,7 @@ class Analysis:
     # --------------------------------------------------------------------- scores
     def filter_scores(
         self, criterion: str, calibration: np.ndarray | None = None, seed: int = 0
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[tuple[str, int], np.ndarray]:
         """Raw score of every filter of every member layer (cached)."""
         if criterion not in CRITERIA:
             raise OptionError(f"criterion {criterion!r} is not allowed; allowed: {CRITERIA}")
@@ -64,17 +64,17 @@ class Analysis:
         return self._filter_scores[key]
 
     def _members(self) -> list:
-        seen = {}
-        for whole in (False,):
-            for m in self.structure(whole).state.members.values():
-                seen[m.layer] = m
-        return list(seen.values())
+        """Every scored parameter dimension (a tied weight can be a member twice)."""
+        return list(self.structure(False).state.members.values())
 
-    def _compute_filter_scores(self, criterion, calibration, seed) -> dict[str, np.ndarray]:
+    def _compute_filter_scores(
+        self, criterion: str, calibration: np.ndarray | None, seed: int
+    ) -> dict[tuple[str, int], np.ndarray]:
         members = self._members()
         if criterion == "random":
             return {
-                m.layer: random_scores(self._param(m.param).shape[m.dim], seed, m.layer)
+                (m.param, m.dim): random_scores(self._param(m.param).shape[m.dim], seed,
+                                                f"{m.layer}:{m.dim}")
                 for m in members
             }
         if criterion == "nuclear_norm":
@@ -83,7 +83,10 @@ class Analysis:
                     "criterion nuclear_norm needs calibration inputs (--calibration FILE.npz)"
                 )
             return _feature_scores(self, members, calibration)
-        return {m.layer: weight_scores(self._param(m.param), m.dim, criterion) for m in members}
+        return {
+            (m.param, m.dim): weight_scores(self._param(m.param), m.dim, criterion)
+            for m in members
+        }
 
     def _param(self, name: str) -> torch.Tensor:
         owner, _, attr = name.rpartition(".")
@@ -102,7 +105,10 @@ class Analysis:
         filters = self.filter_scores(criterion, calibration, seed)
         out = {}
         for g in self.prunable_groups(whole_blocks):
-            out[g.name] = {layer: _per_channel(filters[layer], s) for layer, s in g.slots.items()}
+            out[g.name] = {
+                layer: _per_channel(filters[(s.member.param, s.member.dim)], s)
+                for layer, s in g.slots.items()
+            }
         return out
 
     def group_inputs(self, options: PruningOptions, calibration=None) -> list[GroupInput]:
@@ -140,9 +146,7 @@ class Analysis:
                 )
             g = layer_groups[layer]
             slots = g.slots[layer]
-            n = int(slots.member_size) if hasattr(slots, "member_size") else None
-            filters = self._param(slots.member.param).shape[slots.member.dim]
-            n = filters
+            n = self._param(slots.member.param).shape[slots.member.dim]
             for i in wanted:
                 if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
                     raise OptionError(
@@ -215,7 +219,7 @@ def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dic
         if not captured[node]:
             raise OptionError("nuclear_norm: the calibration data produced no feature maps")
         feats = torch.cat(captured[node], dim=0).float()
-        out[m.layer] = nuclear_norm_scores(feats, m.out_dim)
+        out[(m.param, m.dim)] = nuclear_norm_scores(feats, m.out_dim)
     return out
 
 

@@ -293,8 +293,6 @@ def batch_norm(t: Tracer, node: fx.Node) -> Any:
                 t.bind(param, 0, _full(line, (channels,)))
             else:
                 t.slots(param, 0)
-    if op_key(node).startswith("aten.instance_norm"):
-        pass
     out = ids if line is not None else None
     if isinstance(node.meta.get("val"), (list, tuple)):
         return [out] + [None] * (len(node.meta["val"]) - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,16 @@ def test_core_aten_decomposed_programs_prune_like_the_originals(name):
     assert result.report["verification"]["exact"]
     with torch.no_grad():
         assert result.module(*inputs).shape == model(*inputs).shape
+
+
+def test_tied_weight_is_scored_along_the_dimension_of_its_group():
+    """A tied embedding/head weight is a member twice (vocab rows, hidden columns): the hidden
+    group must score it by its hidden columns, not by its vocabulary rows."""
+    model, inputs = build("tied_embedding")
+    an = engine.analyze(model, inputs)
+    weight = model.wte.weight.detach().double()
+    (group,) = [g for g in an.groups if g.channels == 24]
+    tied = [layer for layer in group.layers if layer in ("wte", "lm_head")]
+    assert tied, group.layers
+    raw = an.raw_scores("l2")[group.name][tied[0]]
+    np.testing.assert_allclose(np.sort(raw), np.sort(weight.norm(dim=0).numpy()), rtol=1e-9)
