@@ -17,3 +17,19 @@ def tiny_pt2(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt2"
     torch.export.save(torch.export.export(model, inputs), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (which never downloads a browser here)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import CHROMIUM, CHROMIUM_ARGS
+
+    assert Path(CHROMIUM).is_file(), (
+        f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium"
+    )
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 import engine
-from engine.cli import main
+from tests.helpers import cli
 from tests.zoo import tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,14 +50,6 @@ def torch_payload(marker: Path, zip_format: bool = True) -> bytes:
     buf = io.BytesIO()
     torch.save(Payload(marker), buf, _use_new_zipfile_serialization=zip_format)
     return buf.getvalue()
-
-
-def cli(capfd, *argv: object) -> tuple[int, str, str]:
-    """The real CLI entry point in this process; stdout/stderr captured at the fd level."""
-    capfd.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capfd.readouterr()
-    return rc, out, err
 
 
 # A fresh process runs several CLI invocations one after the other, so that what torch logs

@@ -14,16 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
-from engine.cli import main
 from engine.options import LAYER_NORMS, POLICIES
+from tests.helpers import cli
 from tests.zoo import build
-
-
-def cli(capfd, *argv: object) -> tuple[int, str, str]:
-    capfd.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capfd.readouterr()
-    return rc, out, err
 
 
 def leaves(out) -> list[torch.Tensor]:

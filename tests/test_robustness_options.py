@@ -12,22 +12,7 @@ import pytest
 import engine
 from engine.cli import main
 from engine.options import ALLOWED
-
-
-def cli(capfd, *argv: object) -> tuple[int, str, str]:
-    capfd.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capfd.readouterr()
-    return rc, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prunescope: error: ")
-    return lines[0]
-
-
+from tests.helpers import cli, one_error_line
 
 
 @pytest.fixture(scope="module")

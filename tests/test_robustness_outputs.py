@@ -20,25 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
-from engine.cli import main
+from tests.helpers import cli, one_error_line
 from tests.zoo import ZOO, build
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_FILES = ("model.pt2", "model.onnx", "report.json")
-
-
-def cli(capfd, *argv: object) -> tuple[int, str, str]:
-    capfd.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capfd.readouterr()
-    return rc, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prunescope: error: ")
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
