@@ -231,16 +231,8 @@ def group_detail(detail: pd.DataFrame, threshold: float | None, title: str = "")
             col=1,
         )
     if threshold is not None and not combined.empty:
-        channels = combined["channel"].tolist()
         fig.add_trace(
-            go.Scatter(
-                name=CUT_NAME,
-                x=[min(channels) - 0.5, max(channels) + 0.5],
-                y=[float(threshold)] * 2,
-                mode="lines",
-                line={"color": CUT_COLOR, "dash": "dash", "width": 1.5},
-                hovertemplate=f"{CUT_NAME}: {float(threshold):.4g}<extra></extra>",
-            ),
+            _cut_line(combined["channel"].tolist(), threshold),
             row=2,
             col=1,
         )
@@ -357,17 +349,8 @@ def policy_comparison(frame: pd.DataFrame, thresholds: dict[str, float | None]) 
         )
         threshold = thresholds.get(policy)
         if threshold is not None and not rows.empty:
-            channels = rows["channel"].tolist()
             fig.add_trace(
-                go.Scatter(
-                    name=CUT_NAME,
-                    x=[min(channels) - 0.5, max(channels) + 0.5],
-                    y=[float(threshold)] * 2,
-                    mode="lines",
-                    line={"color": CUT_COLOR, "dash": "dash", "width": 1.5},
-                    showlegend=False,
-                    hovertemplate=f"{CUT_NAME}: {float(threshold):.4g}<extra></extra>",
-                ),
+                _cut_line(rows["channel"].tolist(), threshold, showlegend=False),
                 row=i,
                 col=1,
             )
@@ -383,3 +366,16 @@ def policy_comparison(frame: pd.DataFrame, thresholds: dict[str, float | None]) 
 def trace_names(fig: go.Figure) -> list[str]:
     """Names of the traces of a figure, in drawing order (handy for tests and captions)."""
     return [str(t.name) for t in fig.data]
+
+
+def _cut_line(channels: list, threshold: float, **extra) -> go.Scatter:
+    """The global cut as a dashed horizontal line across a group's channels."""
+    return go.Scatter(
+        name=CUT_NAME,
+        x=[min(channels) - 0.5, max(channels) + 0.5],
+        y=[float(threshold)] * 2,
+        mode="lines",
+        line={"color": CUT_COLOR, "dash": "dash", "width": 1.5},
+        hovertemplate=f"{CUT_NAME}: {float(threshold):.4g}<extra></extra>",
+        **extra,
+    )
