@@ -158,11 +158,18 @@ class Analysis:
 
 
 def _check_finite(gm: fx.GraphModule) -> None:
-    """A NaN or infinite weight makes every score and every comparison meaningless."""
+    """A NaN or infinite weight makes every score and every comparison meaningless.
+
+    Buffers are only checked for NaN: some models keep masks of -inf in buffers on purpose.
+    """
     bad = [
         name
-        for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers())
+        for name, tensor in gm.named_parameters()
         if tensor.is_floating_point() and tensor.numel() and not _finite(tensor.detach())
+    ] + [
+        name
+        for name, tensor in gm.named_buffers()
+        if tensor.is_floating_point() and tensor.numel() and _has_nan(tensor.detach())
     ]
     if bad:
         raise ModelLoadError(
@@ -170,6 +177,10 @@ def _check_finite(gm: fx.GraphModule) -> None:
             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             + "; fix the weights before pruning"
         )
+
+
+def _has_nan(tensor: torch.Tensor) -> bool:
+    return bool(torch.isnan(torch.aminmax(tensor).min))
 
 
 def _finite(tensor: torch.Tensor) -> bool:

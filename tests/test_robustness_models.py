@@ -334,3 +334,24 @@ def test_one_channel_layer_cannot_lose_its_channel_by_index() -> None:
     model, x = OneChannel().eval(), torch.randn(2, 3, 4, 4)
     with pytest.raises(engine.OptionError, match="at least one"):
         engine.prune(model, (x,), {"criterion": "index"}, indices={"a": [0]})
+
+
+def test_an_infinite_mask_buffer_is_not_mistaken_for_broken_weights() -> None:
+    """Causal masks of -inf kept in a buffer are data, not a broken model."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(8, 4)
+            self.register_buffer("mask", torch.triu(torch.full((3, 3), float("-inf")), 1))
+
+        def forward(self, x):
+            weights = (x @ x.transpose(1, 2) + self.mask).softmax(-1)
+            return self.b(torch.relu(self.a(weights @ x)))
+
+    torch.manual_seed(0)
+    model, inputs = Masked().eval(), (torch.randn(2, 3, 4),)
+    result = engine.prune(model, inputs, ratio=0.5)
+    assert result.report["after"]["params"] < result.report["before"]["params"]
+    assert result.report["verification"]["exact"]
