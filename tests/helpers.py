@@ -64,3 +64,28 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A folder nobody can create files in, root included (chmod alone does not stop root)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    for candidate in (locked, Path("/sys")):
+        try:
+            (candidate / "probe").touch()
+        except OSError:
+            return candidate
+        (candidate / "probe").unlink()
+    pytest.fail("found no unwritable folder to test with")
+
+
+def wait_for(probe, timeout_s: float = 60.0):
+    """Poll ``probe`` until it returns something truthy (Streamlit swaps elements in place)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError("the page did not reach the expected state in time")

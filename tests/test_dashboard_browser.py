@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.demo import load_demo_eval
-from tests.helpers import free_port, stop, wait_healthy
+from tests.helpers import free_port, stop, wait_for, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -80,17 +80,6 @@ def _changed(data: dict | None, before: dict) -> dict | None:
     return data if data and data["median"] and data["median"] != before["median"] else None
 
 
-def _wait_for(probe, timeout_s: float = 60.0):
-    """Poll ``probe`` until it returns something truthy (Streamlit swaps elements in place)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError("the page did not reach the expected state in time")
-
-
 def _choose(page, label: str, value: str) -> None:
     box = page.get_by_test_id("stSelectbox").filter(has_text=label).first
     box.click()
@@ -115,7 +104,7 @@ def test_dashboard_in_chromium(server_url, browser, tmp_path):
     # 2. A layer-norm change redraws the chart from cached scores.
     _choose(page, "Layer norm", "tss_norm")
     page.get_by_text("layer norm tss_norm").first.wait_for()
-    after = _wait_for(lambda: _changed(_overview_data(page), before))
+    after = wait_for(lambda: _changed(_overview_data(page), before))
     assert after["x"] == before["x"]  # same groups, same network order
     assert page.locator("[data-testid='stException']").count() == 0
     _shot(page, "02-norm-tss.png")
@@ -123,7 +112,7 @@ def test_dashboard_in_chromium(server_url, browser, tmp_path):
     # 3. Compare layer norms: one subplot per norm.
     page.get_by_text("Compare layer norms", exact=True).click()
     page.get_by_text("The same groups under all five layer norms").wait_for()
-    norms = _wait_for(lambda: page.evaluate(
+    norms = wait_for(lambda: page.evaluate(
         """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
                  .map(p => (p.data || []).filter(t => t.type === 'box').map(t => t.name))
                  .find(n => n.length === 5)"""))

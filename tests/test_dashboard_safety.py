@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from engine.demo import load_demo_eval
-from tests.helpers import free_port, stop, wait_healthy
+from tests.helpers import free_port, stop, wait_for, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -118,16 +118,6 @@ def _shot(page, name: str) -> None:
     path = ARTIFACTS / f"safety-{name}.png"
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000  # a real rendering, not a blank page
-
-
-def _wait_for(probe, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError("the expected state was not reached in time")
 
 
 def _choose(page, label: str, value: str) -> None:
@@ -297,7 +287,7 @@ def _check_two_sessions(server: Server, a, b, ctx_a, tmp_path: Path) -> None:
     a.locator(".st-key-opt_ratio input[type='range']").focus()
     a.keyboard.press("Home")  # ratio 0.00
     _settle(a)
-    _wait_for(lambda: _metric(a, "Channels to prune") == "0")
+    wait_for(lambda: _metric(a, "Channels to prune") == "0")
     assert _ratio(a) == "0.00"
     assert _selected(a, "Layer norm") == "tss_norm"
     a.get_by_text("layer norm tss_norm").first.wait_for()
@@ -322,10 +312,10 @@ def _check_two_sessions(server: Server, a, b, ctx_a, tmp_path: Path) -> None:
     _source(a, "Local file path")
     a.locator(".st-key-local_path input").fill(str(path_a))
     a.locator(".st-key-local_path input").press("Enter")
-    _wait_for(lambda: "16 channels" in _model_caption(a))
+    wait_for(lambda: "16 channels" in _model_caption(a))
     _source(b, "Upload .pt2")
     _upload(b, "upload_pt2", upload_b)
-    _wait_for(lambda: "12 channels" in _model_caption(b))
+    wait_for(lambda: "12 channels" in _model_caption(b))
     assert "upload tiny.pt2" in _model_caption(b)
     _settle(a)
     assert "16 channels" in _model_caption(a) and str(path_a) in _model_caption(a)
@@ -378,8 +368,8 @@ def _check_two_sessions(server: Server, a, b, ctx_a, tmp_path: Path) -> None:
 
     # A closes its tab: its folder and its Netron server go, with no other session active.
     ctx_a.close()
-    _wait_for(lambda: not folder_a.exists(), timeout_s=30)
-    _wait_for(lambda: _port(urls["a"]) not in _listeners(server.proc.pid), timeout_s=10)
+    wait_for(lambda: not folder_a.exists(), timeout_s=30)
+    wait_for(lambda: _port(urls["a"]) not in _listeners(server.proc.pid), timeout_s=10)
     assert folder_b.exists() and uploads[0].exists()
     assert _port(urls["b"]) in _listeners(server.proc.pid)
     # B is untouched and still works.

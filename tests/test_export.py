@@ -25,6 +25,7 @@ from engine.export import (
     save_program,
     write_json,
 )
+from tests.helpers import unwritable_dir
 
 TOLERANCE = 1e-4
 
@@ -88,20 +89,6 @@ def _ort_run(path: Path, x: np.ndarray) -> list[np.ndarray]:
     return session.run(None, {session.get_inputs()[0].name: x})
 
 
-def _unwritable_dir(tmp_path: Path) -> Path:
-    """A directory the current user really cannot create files in (root ignores chmod)."""
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    for candidate in (locked, Path("/sys")):
-        try:
-            (candidate / "probe").touch()
-        except OSError:
-            return candidate
-        (candidate / "probe").unlink()
-    pytest.fail("found no unwritable directory to test with")
-
-
 # ---------------------------------------------------------------- atomic writes
 
 
@@ -146,7 +133,7 @@ def test_writer_os_error_becomes_export_error(tmp_path: Path) -> None:
 
 
 def test_unwritable_directory_raises_export_error_naming_path(tmp_path: Path) -> None:
-    target = _unwritable_dir(tmp_path) / "scores.json"
+    target = unwritable_dir(tmp_path) / "scores.json"
     with pytest.raises(ExportError) as info:
         write_json(target, {"a": 1})
     assert str(target) in str(info.value)

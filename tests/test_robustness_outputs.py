@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
-from tests.helpers import cli, one_error_line
+from tests.helpers import cli, one_error_line, unwritable_dir
 from tests.zoo import ZOO, build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,20 +33,6 @@ def snapshot(folder: Path) -> dict[str, str]:
         p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
         for p in sorted(folder.iterdir())
     }
-
-
-def unwritable_dir(tmp_path: Path) -> Path:
-    """A folder nobody can create files in, root included (chmod alone does not stop root)."""
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    for candidate in (locked, Path("/sys")):
-        try:
-            (candidate / "probe").touch()
-        except OSError:
-            return candidate
-        (candidate / "probe").unlink()
-    pytest.fail("found no unwritable folder to test with")
 
 
 
