@@ -44,15 +44,6 @@ class UnionFind:
             self._pairs.append(np.stack([a[keep], b[keep]]))
             self._roots = None
 
-    def union_all(self, ids: np.ndarray) -> None:
-        ids = np.unique(np.asarray(ids, dtype=np.int64).ravel())
-        ids = ids[ids >= 0]
-        if len(ids) > 1:
-            self.union_pairs(np.full(len(ids) - 1, ids[0]), ids[1:])
-
-    def find(self, i: int) -> int:
-        return int(self.roots()[i])
-
     def roots(self) -> np.ndarray:
         """The smallest id of each id's component."""
         if self._roots is not None:
@@ -89,23 +80,8 @@ def compress(ids: np.ndarray) -> np.ndarray:
     return ids
 
 
-def unlabelled(ndim: int) -> np.ndarray:
-    return np.full((1,) * ndim, NO_LABEL, dtype=np.int64)
-
-
 def is_labelled(ids: np.ndarray | None) -> bool:
     return ids is not None and bool((ids >= 0).any())
-
-
-def varying_dims(ids: np.ndarray) -> list[int]:
-    return [d for d in range(ids.ndim) if ids.shape[d] > 1]
-
-
-def broadcast_labels(ids: np.ndarray, ndim: int) -> np.ndarray:
-    """Right-align labels to a higher rank, as broadcasting does."""
-    if ids.ndim < ndim:
-        ids = ids.reshape((1,) * (ndim - ids.ndim) + ids.shape)
-    return ids
 
 
 def along(ids: np.ndarray, dim: int) -> np.ndarray | None:

@@ -20,8 +20,6 @@ import torch.fx as fx
 
 from engine.labels import NO_LABEL, UnionFind, compress, is_labelled, match_positions
 
-Labels = np.ndarray | None | list  # one array per tensor; a list for multi-output ops
-
 
 class RewriteError(RuntimeError):
     """The plan cannot be realised on this graph (an engine bug, never a user error)."""
