@@ -3,7 +3,7 @@ BERT-base at ratios 0.3 and 0.5, in torch eager and ONNX Runtime, against the FL
 
 The original is the captured program (``ExportedProgram.module()``), the same form as the
 pruned module, so both run the same ATen ops; both ONNX files come from the converter
-``engine.save`` uses (``engine.export.export_onnx``). Channel rounding: ``step_size`` 2 (the
+``engine.save`` uses (``engine.io.export.export_onnx``). Channel rounding: ``step_size`` 2 (the
 default), 8 and 16 keep a multiple of that many channels per group. Latencies are measured
 in interleaved rounds (every variant in every round) so load changes on a shared machine hit
 all variants alike; the number is the median of all iterations.
@@ -24,8 +24,8 @@ import torch
 import engine
 from bench.common import Goal, Section, collect, fmt_count, md_table, one_line
 from bench.models import BenchModel, bert_base, resnet50
-from engine.export import export_onnx
-from engine.metrics import count_flops, count_params
+from engine.io.export import export_onnx
+from engine.quality.metrics import count_flops, count_params
 
 NAME = "latency"
 TITLE = "4. Latency of pruned models on CPU (torch eager and ONNX Runtime)"

@@ -25,8 +25,8 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import engine  # noqa: E402
-import engine.export  # noqa: E402
-import engine.metrics  # noqa: E402
+import engine.io.export  # noqa: E402
+import engine.quality.metrics  # noqa: E402
 from dashboard import charts, frames, netron_server, sources, state  # noqa: E402
 from dashboard.prune_run import PruneRun, comparison_rows, run_prune  # noqa: E402
 from engine.errors import PruneScopeError  # noqa: E402
@@ -665,7 +665,7 @@ def _original_graph_file(model: state.LoadedModel) -> Path:
     files = _session_files()
     out = files.subdir(f"original-{_short(model.key)}") / "original.onnx"
     with st.spinner("Exporting the original model to ONNX for Netron…"):
-        engine.export.export_onnx(model.captured.program, out)
+        engine.io.export.export_onnx(model.captured.program, out)
     model.cache["original_onnx"] = out
     return out
 

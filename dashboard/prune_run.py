@@ -50,7 +50,7 @@ def _latencies(engine: Any, original: Any, pruned: Any, example: tuple) -> tuple
     interleaving two rounds and keeping each model's best median keeps that and background
     load out of the comparison.
     """
-    measure = engine.metrics.measure_latency
+    measure = engine.quality.metrics.measure_latency
     rounds: dict[str, list[float]] = {"before": [], "after": []}
     for _ in range(2):
         rounds["before"].append(measure(original, example, warmup=3, runs=LATENCY_RUNS))

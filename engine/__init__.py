@@ -7,13 +7,13 @@ Streamlit-free. Typical use::
     engine.save(result, "out/")
 """
 
-from engine.analysis import Analysis, analyze, plan
-from engine.capture import Captured, load_calibration, load_model
-from engine.dependency import FrozenInfo, GroupInfo
 from engine.errors import ExportError, ModelLoadError, OptionError, PruneScopeError
+from engine.graph.capture import Captured, load_calibration, load_model
+from engine.graph.dependency import FrozenInfo, GroupInfo
 from engine.options import PruningOptions
 from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
-from engine.planning import GroupPlan, Plan
+from engine.scoring.analysis import Analysis, analyze, plan
+from engine.scoring.planning import GroupPlan, Plan
 
 __all__ = [
     "Analysis",

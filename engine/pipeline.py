@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from engine.analysis import Analysis, analyze, plan
-from engine.apply import masked_module, pruned_roots, rewrite
 from engine.errors import ExportError, PruneScopeError
-from engine.export import check_onnx, export_onnx, save_program, write_json
-from engine.metrics import count_params, graph_flops, size_bytes
+from engine.io.export import check_onnx, export_onnx, save_program, write_json
 from engine.options import PruningOptions, check_ratio
-from engine.planning import Plan
+from engine.quality.metrics import count_params, graph_flops, size_bytes
+from engine.scoring.analysis import Analysis, analyze, plan
+from engine.scoring.planning import Plan
+from engine.transform.apply import masked_module, pruned_roots, rewrite
 
 EXACT_TOLERANCE = 1e-4  # relative: max |pruned - masked| / max |masked|
 Progress = Callable[[str], None]

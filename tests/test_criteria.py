@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-import engine.criteria as criteria
-from engine.criteria import (
+import engine.scoring.criteria as criteria
+from engine.errors import OptionError, PruneScopeError
+from engine.options import CRITERIA
+from engine.scoring.criteria import (
     CRITERIA_NEEDING_CALIBRATION,
     WEIGHT_CRITERIA,
     nuclear_norm_scores,
     random_scores,
     weight_scores,
 )
-from engine.errors import OptionError, PruneScopeError
-from engine.options import CRITERIA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,8 @@ def test_random_scores_are_seeded_by_seed_and_key():
 
 
 def test_random_scores_are_the_same_in_another_process():
-    code = "from engine.criteria import random_scores; print(random_scores(4, 3, 'k').tolist())"
+    code = ("from engine.scoring.criteria import random_scores; "
+            "print(random_scores(4, 3, 'k').tolist())")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True

@@ -14,7 +14,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import engine
-import engine.analysis
+import engine.scoring.analysis
 from dashboard import netron_server
 from engine.demo import load_demo_eval
 from engine.options import (
@@ -142,13 +142,13 @@ def test_opens_on_the_demo_with_scores_drawn():
 
 def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
     calls = []
-    real = engine.analysis.weight_scores
+    real = engine.scoring.analysis.weight_scores
 
     def counting(*args, **kwargs):
         calls.append(args[2] if len(args) > 2 else kwargs.get("criterion"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.analysis, "weight_scores", counting)
+    monkeypatch.setattr(engine.scoring.analysis, "weight_scores", counting)
     at = _open()
     model = _model(at)
     analysis = model.analysis

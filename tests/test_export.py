@@ -1,4 +1,4 @@
-"""engine.export: atomic writes, .pt2 saving, ONNX conversion checked with ONNX Runtime."""
+"""engine.io.export: atomic writes, .pt2 saving, ONNX conversion checked with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.demo import demo_example_inputs, load_demo_eval, load_demo_program
 from engine.errors import ExportError
-from engine.export import (
+from engine.io.export import (
     atomic_write,
     atomic_write_bytes,
     check_onnx,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.errors import PruneScopeError
-from engine.metrics import count_flops, count_params, measure_latency, size_bytes
+from engine.quality.metrics import count_flops, count_params, measure_latency, size_bytes
 
 
 class Net(nn.Module):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from engine.errors import OptionError, PruneScopeError
-from engine.normalize import LAYER_NORM_FUNCTIONS, ScoreError, normalize
 from engine.options import LAYER_NORMS
+from engine.scoring.normalize import LAYER_NORM_FUNCTIONS, ScoreError, normalize
 
 S_G = np.array([13.0, 22.0, 16.0, 29.0, 17.0])
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from engine.errors import OptionError, PruneScopeError
-from engine.normalize import ScoreError
 from engine.options import PruningOptions
-from engine.planning import (
+from engine.scoring.normalize import ScoreError
+from engine.scoring.planning import (
     GroupInput,
     PlanError,
     aligned_kept,

@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from engine.normalize import normalize
 from engine.options import GROUP_POLICIES, LAYER_NORMS, POLICIES, STEP_OPS, PruningOptions
-from engine.planning import GroupInput, make_plan, round_half_up
+from engine.scoring.normalize import normalize
+from engine.scoring.planning import GroupInput, make_plan, round_half_up
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import engine
-from engine.normalize import ScoreError, normalize
 from engine.options import GROUP_POLICIES, LAYER_NORMS, POLICIES, STEP_OPS, PruningOptions
-from engine.planning import GroupInput, make_plan, round_half_up
+from engine.scoring.normalize import ScoreError, normalize
+from engine.scoring.planning import GroupInput, make_plan, round_half_up
 from tests.test_properties import check_invariants, group_inputs, options_st, score_floats
 from tests.zoo import build
 

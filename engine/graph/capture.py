@@ -20,7 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from engine.errors import ModelLoadError
-from engine.safety import check_size, inspect_pt2, quiet_torch_load, root_cause
+from engine.graph.safety import check_size, inspect_pt2, quiet_torch_load, root_cause
 
 ACCEPTED = (
     "'demo', a .pt2 file saved by torch.export.save, or a .pt/.pth pickle of an nn.Module "

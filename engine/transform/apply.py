@@ -9,9 +9,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from engine.dependency import Structure
-from engine.planning import Plan
-from engine.tracer import RewriteError, Tracer
+from engine.graph.dependency import Structure
+from engine.graph.tracer import RewriteError, Tracer
+from engine.scoring.planning import Plan
 
 
 def pruned_roots(structure: Structure, plan: Plan) -> np.ndarray:

@@ -107,7 +107,7 @@ def measure_latency(
 
 
 def _shape(node: Any) -> tuple[int, ...]:
-    from engine.tracer import val_shape
+    from engine.graph.tracer import val_shape
 
     val = node.meta.get("val") if hasattr(node, "meta") else None
     return val_shape(val) or ()

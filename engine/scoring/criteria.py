@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from engine.errors import OptionError
-from engine.normalize import ScoreError
+from engine.scoring.normalize import ScoreError
 
 __all__ = [
     "CRITERIA_NEEDING_CALIBRATION",

@@ -73,8 +73,8 @@ from typing import Any
 import numpy as np
 
 from engine.errors import OptionError, PruneScopeError
-from engine.normalize import ScoreError, normalize
 from engine.options import POLICIES, PruningOptions, check_ratio
+from engine.scoring.normalize import ScoreError, normalize
 
 __all__ = [
     "GroupInput",

@@ -1,7 +1,7 @@
 """The op-rule registry: how each ATen op carries channel labels from inputs to outputs.
 
 One entry per op (``RULES["aten.<name>"]``, or ``"aten.<name>.<overload>"`` to single out
-an overload). A rule receives the :class:`~engine.tracer.Tracer` and the node and returns the
+an overload). A rule receives the :class:`~engine.graph.tracer.Tracer` and the node and returns the
 labels of the node's output (a list for ops with several outputs). The same rule serves the
 analysis pass (joining channels, binding parameters) and the apply pass (rewriting shape
 constants with the pruned sizes). An op with no entry freezes every channel that reaches it.
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from engine.labels import NO_LABEL, along, is_labelled
-from engine.tracer import RewriteError, Tracer
+from engine.graph.labels import NO_LABEL, along, is_labelled
+from engine.graph.tracer import RewriteError, Tracer
 
 aten = torch.ops.aten
 Rule = Callable[[Tracer, fx.Node], Any]

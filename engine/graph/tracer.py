@@ -1,4 +1,4 @@
-"""Walks an ATen graph applying the op rules of :mod:`engine.ops` to channel labels.
+"""Walks an ATen graph applying the op rules of :mod:`engine.graph.ops` to channel labels.
 
 The same walk runs twice. The *analysis* pass gives every parameter dimension fresh element
 ids ("slots"), propagates them through the graph and joins (union-find) the ids that must be
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from engine.labels import NO_LABEL, UnionFind, compress, is_labelled, match_positions
+from engine.graph.labels import NO_LABEL, UnionFind, compress, is_labelled, match_positions
 
 
 class RewriteError(RuntimeError):
@@ -385,7 +385,7 @@ class Tracer:
 
     # ------------------------------------------------------------------------ walk
     def run(self) -> None:
-        from engine.ops import find_rule, unknown_op
+        from engine.graph.ops import find_rule, unknown_op
 
         for node in list(self.gm.graph.nodes):
             self.node = node

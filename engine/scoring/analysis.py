@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from engine.capture import Captured, load_model
-from engine.criteria import nuclear_norm_scores, random_scores, weight_scores
-from engine.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
 from engine.errors import ModelLoadError, OptionError
+from engine.graph.capture import Captured, load_model
+from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
 from engine.options import CRITERIA, PruningOptions
-from engine.planning import GroupInput, Plan, make_plan
+from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_scores
+from engine.scoring.planning import GroupInput, Plan, make_plan
 
 
 class Analysis:

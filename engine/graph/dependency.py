@@ -1,6 +1,6 @@
 """Dependency analysis: the groups of connected channels of a captured graph.
 
-The analysis pass of :class:`~engine.tracer.Tracer` joins channel elements; here the joined
+The analysis pass of :class:`~engine.graph.tracer.Tracer` joins channel elements; here the joined
 sets ("components") become *channels* of *groups*. A component is one channel: everything in
 it goes or stays together. Components produced by the same layers and read by the same
 layers form one group, ordered like the first member's filters.
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
-from engine.ops import RULES
-from engine.tracer import AnalysisState, Member, Tracer
+from engine.graph.ops import RULES
+from engine.graph.tracer import AnalysisState, Member, Tracer
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""The `prunescope` command line: one module per command, registered in COMMANDS.
+
+Exit status: 0 success; 1 an internal error (a bug: one line, never a traceback); 2 bad
+input (one line saying what is allowed); 3 the pruned model, report.json and model.pt2 were
+written but the ONNX export failed (named in the report and on stderr); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from engine.cli import dashboard, prune, scores
+from engine.errors import PruneScopeError
+
+COMMANDS = (scores, prune, dashboard)
+
+EXIT_INTERNAL_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_ONNX_FAILED = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunescope",
+        description="Dependency-aware structured pruning of PyTorch models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"prunescope: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return args.run(args)
+    except PruneScopeError as exc:
+        print(f"prunescope: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("prunescope: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI edge: a bug is one line, not a traceback
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"prunescope: internal error (a bug in PruneScope, please report it): "
+              f"{type(exc).__name__}: {first}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""What several `prunescope` commands share: model and option flags, parsing helpers, the
+progress line and the frozen-layer report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from engine.errors import OptionError
+from engine.options import (
+    CRITERIA,
+    GROUP_POLICIES,
+    LAYER_NORMS,
+    POLICIES,
+    RESHAPE_CHANNEL_AXES,
+    STEP_OPS,
+    PruningOptions,
+)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model to load and how to load it."""
+    p.add_argument("model", help="'demo', a .pt2 file, or a .pt pickle (with --trust-pickle)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a .pt pickle (unpickling runs code from the file)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="1,3,224,224",
+                   help="shape of an example input (repeat for several inputs)")
+
+
+def add_option_args(p: argparse.ArgumentParser) -> None:
+    """The pruning options of the spec (one value each)."""
+    p.add_argument("--calibration", metavar="FILE",
+                   help=".npz with array x (or .npy): inputs for nuclear_norm")
+    p.add_argument("--indices", metavar="FILE.json",
+                   help="criterion index: {layer: [filter indices to remove]}")
+    p.add_argument("--criterion", default="l2", help=f"one of {', '.join(CRITERIA)}")
+    p.add_argument("--policy", default="average", help=f"one of {', '.join(POLICIES)}")
+    p.add_argument("--layer-norm", default="standard_score",
+                   help=f"one of {', '.join(LAYER_NORMS)}")
+    p.add_argument("--group-policy", default="average",
+                   help=f"one of {', '.join(GROUP_POLICIES)}")
+    p.add_argument("--reshape-channel-axis", default="-1",
+                   help=f"one of {', '.join(str(a) for a in RESHAPE_CHANNEL_AXES)}")
+    p.add_argument("--step-size", default="2", help="kept channels align to this (>= 1)")
+    p.add_argument("--step-op", default="round", help=f"one of {', '.join(STEP_OPS)}")
+    p.add_argument("--seed", default="0", help="seed of the random criterion")
+
+
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """How `engine` loads the model named on the command line."""
+    return {"trust_pickle": args.trust_pickle, "input_shapes": shapes(args.input_shape) or None}
+
+
+def options_from_args(args: argparse.Namespace) -> PruningOptions:
+    axis = args.reshape_channel_axis
+    try:
+        axis = int(axis)
+    except ValueError:
+        pass
+    step_size = int_option("step-size", args.step_size)
+    seed = int_option("seed", args.seed)
+    return PruningOptions(
+        criterion=args.criterion, policy=args.policy, layer_norm=args.layer_norm,
+        group_policy=args.group_policy, reshape_channel_axis=axis, step_size=step_size,
+        step_op=args.step_op, seed=seed,
+    )
+
+
+def int_option(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        least = 1 if name == "step-size" else 0
+        raise OptionError(
+            f"option --{name}={value!r} is not an integer; allowed: an integer >= {least}"
+        ) from None
+
+
+def shapes(values: list[str]) -> list[tuple[int, ...]]:
+    result = []
+    for value in values:
+        try:
+            shape = tuple(int(v) for v in value.split(","))
+        except ValueError:
+            raise OptionError(
+                f"--input-shape {value!r} must be comma-separated integers, e.g. 1,3,224,224"
+            ) from None
+        if not shape or any(s < 1 for s in shape):
+            raise OptionError(f"--input-shape {value!r} must have positive sizes")
+        result.append(shape)
+    return result
+
+
+def read_json(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise OptionError(f"{what} file {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"{what} file {path} is not valid JSON: {exc}") from None
+
+
+def indices_from(path: str | None) -> dict[str, list[int]] | None:
+    if path is None:
+        return None
+    data = read_json(path, "--indices")
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise OptionError(f"--indices file {path} must hold a JSON object {{layer: [indices]}}")
+    return data
+
+
+class Progress:
+    """A progress line on a terminal; silent otherwise."""
+
+    def __init__(self, steps: int) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, file=sys.stderr, leave=False, bar_format="{l_bar}{bar}")
+
+    def __call__(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(message)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def report_frozen(frozen: list[dict]) -> None:
+    for item in frozen:
+        print(f"frozen: {', '.join(item['layers'])}: {item['reason']}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Input/output: atomic writes of `.pt2`, ONNX and JSON results."""

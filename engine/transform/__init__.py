@@ -1,0 +1,1 @@
+"""Transforming the model: remove the planned channels for real (and mask mode)."""
