@@ -9,6 +9,7 @@ from engine.cli.common import (
     Progress,
     add_model_args,
     add_option_args,
+    calibration_from,
     indices_from,
     load_kwargs,
     options_from_args,
@@ -39,13 +40,12 @@ def _ratios(path: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     import engine
-    from engine.graph.capture import load_calibration
     from engine.options import check_ratio
 
     options = options_from_args(args)
     if args.indices and options.criterion != "index":
         raise OptionError("--indices names filters to remove; it needs --criterion index")
-    calibration = load_calibration(args.calibration)[0] if args.calibration else None
+    calibration = calibration_from(args.calibration)
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
