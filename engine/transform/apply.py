@@ -34,6 +34,7 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
     tracer.run()
     params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
+    places = _tensor_places(new)
     for name in params:
         tensor = tracer.param_tensor(name)
         data = tensor.detach()
@@ -43,7 +44,7 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
                 data = data.index_select(dim, torch.as_tensor(index, dtype=torch.long))
         if name in tracer.grouped_gathers:
             data = _gather_grouped(data, tracer.grouped_gathers[name])
-        _set_tensor(new, name, tensor, data.contiguous())
+        _set_tensor(new, name, tensor, data.contiguous(), places)
     _unshare(new, gm)
     _resize_param_views(new, tracer)
     new.recompile()
@@ -99,7 +100,20 @@ def _gather_grouped(weight: torch.Tensor, columns: list[np.ndarray]) -> torch.Te
     return torch.cat(parts, dim=0)
 
 
-def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Tensor) -> None:
+def _tensor_places(gm: fx.GraphModule) -> dict[int, set[tuple[str, str]]]:
+    """Every (module path, attribute) holding each parameter or buffer, by tensor id: one walk
+    over the modules instead of one per replaced tensor."""
+    places: dict[int, set[tuple[str, str]]] = {}
+    for module_name, module in gm.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
+            for attr_name, value in store.items():
+                if value is not None:
+                    places.setdefault(id(value), set()).add((module_name, attr_name))
+    return places
+
+
+def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Tensor,
+                places: dict[int, set[tuple[str, str]]]) -> None:
     """Replace a tensor everywhere it is registered (tied weights have several names)."""
     if data.data_ptr() == old.data_ptr():
         data = data.clone()
@@ -108,12 +122,9 @@ def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Te
     else:
         new = data
     owner_path, _, attr = name.rpartition(".")
-    places = {(owner_path, attr)}
-    for module_name, module in gm.named_modules(remove_duplicate=False):
-        for attr_name, value in list(module._parameters.items()) + list(module._buffers.items()):
-            if value is old:
-                places.add((module_name, attr_name))
-    for module_name, attr_name in places:
+    where = places.pop(id(old), set()) | {(owner_path, attr)}
+    places[id(new)] = where
+    for module_name, attr_name in where:
         owner = gm.get_submodule(module_name) if module_name else gm
         if attr_name in owner._parameters:
             owner._parameters[attr_name] = new
