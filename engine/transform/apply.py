@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,18 +24,26 @@ def pruned_roots(structure: Structure, plan: Plan) -> np.ndarray:
     return mask
 
 
-def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx.GraphModule:
-    """A copy of `gm` without the removed channels: sliced parameters, new shape constants."""
+def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
+            release: Callable[[torch.Tensor], None] | None = None) -> fx.GraphModule:
+    """A copy of `gm` without the removed channels: sliced parameters, new shape constants.
+
+    With `release`, the original is being given up (a model loaded from a file): each
+    original tensor is handed to `release` (which drops the caller's references) as soon as
+    its slice exists, and untouched tensors are shared instead of cloned, so the original and
+    the pruned weights are never all in memory together.
+    """
     # copy the modules and the graph, not the weights: the sliced ones are replaced below and
     # the untouched ones cloned at the end, so peak memory stays near one model
     memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
         new = copy.deepcopy(gm, memo)
+    del memo  # it holds every original tensor
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
     tracer.run()
     params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
-    places = _tensor_places(new)
+    places = tensor_places(new)
     for name in params:
         tensor = tracer.param_tensor(name)
         data = tensor.detach()
@@ -45,7 +54,11 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
         if name in tracer.grouped_gathers:
             data = _gather_grouped(data, tracer.grouped_gathers[name])
         _set_tensor(new, name, tensor, data.contiguous(), places)
-    _unshare(new, gm)
+        if release is not None:
+            release(tensor)
+        del tensor, data
+    if release is None:
+        _unshare(new, gm)
     _resize_param_views(new, tracer)
     new.recompile()
     return new
@@ -100,7 +113,7 @@ def _gather_grouped(weight: torch.Tensor, columns: list[np.ndarray]) -> torch.Te
     return torch.cat(parts, dim=0)
 
 
-def _tensor_places(gm: fx.GraphModule) -> dict[int, set[tuple[str, str]]]:
+def tensor_places(gm: fx.GraphModule) -> dict[int, set[tuple[str, str]]]:
     """Every (module path, attribute) holding each parameter or buffer, by tensor id: one walk
     over the modules instead of one per replaced tensor."""
     places: dict[int, set[tuple[str, str]]] = {}
