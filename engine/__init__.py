@@ -12,16 +12,26 @@ from engine.graph.capture import Captured, load_calibration, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo
 from engine.options import PruningOptions
 from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
+from engine.quality.evaluate import (
+    METRICS,
+    EvalData,
+    evaluate,
+    load_calibration_data,
+    load_eval_data,
+    quality_report,
+)
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import GroupPlan, Plan
 
 __all__ = [
     "Analysis",
     "Captured",
+    "EvalData",
     "ExportError",
     "FrozenInfo",
     "GroupInfo",
     "GroupPlan",
+    "METRICS",
     "ModelLoadError",
     "OptionError",
     "Plan",
@@ -31,11 +41,15 @@ __all__ = [
     "Scores",
     "analyze",
     "apply",
+    "evaluate",
     "load_calibration",
+    "load_calibration_data",
+    "load_eval_data",
     "load_model",
     "masked",
     "plan",
     "prune",
+    "quality_report",
     "save",
     "score",
 ]

@@ -48,6 +48,17 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", default="0", help="seed of the random criterion")
 
 
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Held-out data to measure the model on, and the metric."""
+    from engine.quality.evaluate import METRICS
+
+    p.add_argument("--eval-data", metavar="FILE.npz",
+                   help="held-out data: .npz with x (or x0, x1, ...) and optional labels y, a "
+                        ".npy, or a built-in name (demo, demo-lm); never the calibration set")
+    p.add_argument("--metric", help=f"one of {', '.join(METRICS)} (default: accuracy with "
+                                    "labels, perplexity for a language model, else agreement)")
+
+
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """How `engine` loads the model named on the command line."""
     return {"trust_pickle": args.trust_pickle, "input_shapes": shapes(args.input_shape) or None}

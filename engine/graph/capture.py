@@ -23,8 +23,8 @@ from engine.errors import ModelLoadError
 from engine.graph.safety import check_size, inspect_pt2, quiet_torch_load, root_cause
 
 ACCEPTED = (
-    "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, or a .pt/.pth pickle of an nn.Module "
-    "(with --trust-pickle and --input-shape)"
+    "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, or a .pt/.pth pickle of an "
+    "nn.Module (with --trust-pickle and --input-shape)"
 )
 PICKLE_SUFFIXES = (".pt", ".pth")
 
