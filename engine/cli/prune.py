@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from engine.cli.common import (
     Progress,
@@ -15,7 +16,7 @@ from engine.cli.common import (
     read_json,
     report_frozen,
 )
-from engine.errors import OptionError
+from engine.errors import OnnxExportError, OptionError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         result = engine.prune(args.model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
                               **load_kwargs(args))
-        paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
+        onnx_error = None
+        try:
+            paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
+        except OnnxExportError as exc:
+            onnx_error, paths = exc, exc.paths
     finally:
         progress.close()
     report = result.report
@@ -71,4 +76,9 @@ def run(args: argparse.Namespace) -> int:
     report_frozen(report["frozen"])
     for path in paths.values():
         print(f"wrote {path}")
+    if onnx_error is not None:
+        from engine.cli import EXIT_ONNX_FAILED
+
+        print(f"prunescope: error: {onnx_error}", file=sys.stderr)
+        return EXIT_ONNX_FAILED
     return 0
