@@ -130,8 +130,10 @@ class MaskedInterpreter(fx.Interpreter):
         super().__init__(gm)
         roots = structure.state.uf.roots()
         self.masks: dict[str, object] = {}
+        weights_only = _weights_only(gm)
         for name, ids in structure.state.labels.items():
-            self.masks[name] = _mask(ids, roots, removed)
+            if name not in weights_only:
+                self.masks[name] = _mask(ids, roots, removed)
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -143,6 +145,18 @@ class MaskedInterpreter(fx.Interpreter):
                 _apply_mask(r, m) for r, m in zip(result, mask)
             ) if isinstance(result, (list, tuple)) else result
         return _apply_mask(result, mask)
+
+
+def _weights_only(gm: fx.GraphModule) -> set[str]:
+    """Nodes computed from parameters alone (a weight standardised or normalised before
+    use). They are not activations: zeroing them would divide zero by zero in a norm, and
+    the layer they feed is masked anyway."""
+    out: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function" and node.all_input_nodes and
+                                     all(a.name in out for a in node.all_input_nodes)):
+            out.add(node.name)
+    return out
 
 
 def _mask(ids, roots, removed):
