@@ -248,7 +248,10 @@ def _outside_groups(gm: fx.GraphModule, state: AnalysisState, groups: list[Group
     out = []
     for layer, params in by_layer.items():
         if layer in covered_layers:
-            continue
+            # a layer reading a group's channels may still keep weights of its own whole
+            params = [p for p in params if sum(s > 1 for s in gm.get_parameter(p).shape) > 1]
+            if not params:
+                continue
         reason = _why_outside(params[0], uses.get(params[0]), state)
         out.append(FrozenInfo([layer], reason))
     return out
@@ -284,6 +287,10 @@ def _why_outside(param: str, user: fx.Node | None, state: AnalysisState) -> str:
         return state.failed[user.name]
     if find_rule(user) is None:
         return f"{param} is read by {key}, which has no channel rule"
+    for (p, _), ids in state.slots.items():
+        reasons = [state.frozen[int(i)] for i in ids if int(i) in state.frozen]
+        if p == param and reasons:
+            return reasons[0]
     if any(p == param for p, _ in state.slots):
         return f"{param}: its channels meet no prunable layer (model inputs or constants)"
     return f"{param} is read by {key} as data, not as a layer's weight"

@@ -844,6 +844,73 @@ def roll(t: Tracer, node: fx.Node) -> Any:
     return out
 
 
+@register("index.Tensor", "_unsafe_index.Tensor")
+def index(t: Tracer, node: fx.Node) -> Any:
+    """``x[idx]`` with index tensors over some dims: labels of the other dims pass through.
+
+    Indexing over channels is data dependent (which channels are read is decided by data):
+    frozen. A parameter table indexed along one dim (relative position bias tables,
+    ``table[index]`` of shape (positions, heads)) carries the slots of its remaining dim,
+    so its heads can go with the heads they are added to.
+    """
+    x, indices = node.args[0], list(node.args[1])
+    ids = t.labels_of(x)
+    shape = t.orig_shape(x)
+    present = [d for d, i in enumerate(indices) if i is not None]
+    for i in indices:
+        if isinstance(i, fx.Node):
+            t.freeze(t.labels_of(i), f"{op_key(node)}: channels used as indices")
+    if not present or present != list(range(present[0], present[-1] + 1)):
+        return unknown_op(t, node)
+    first, last = present[0], present[-1] + 1
+    param = t.param(x)
+    if ids is None and param is not None:
+        rest = [d for d in range(len(shape)) if not first <= d < last and shape[d] > 1]
+        if len(rest) != 1:
+            return None
+        slots = t.slots(param, rest[0])
+        if not t.whole_blocks:
+            t.freeze(slots, f"{param}: a per-head table (heads are removed whole only with "
+                     "reshape_channel_axis -2/0)")
+            return None
+        ids = slots.reshape([len(slots) if d == rest[0] else 1 for d in range(len(shape))])
+    if ids is None:
+        return None
+    if any(first <= d < last for d in t.label_dims(x)) or (param is not None and any(
+            first <= d < last and ids.shape[d] > 1 for d in range(ids.ndim))):
+        t.freeze(ids, f"{op_key(node)} over the channels (data-dependent)")
+        return None
+    out_rank = _ndim(node)
+    index_rank = out_rank - (len(shape) - (last - first))
+    return ids.reshape(ids.shape[:first] + (1,) * index_rank + ids.shape[last:])
+
+
+@register("lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input")
+def recurrent(t: Tracer, node: fx.Node) -> Any:
+    """RNN/LSTM/GRU: the first layer's input weights read x's channels (prunable, exact);
+    the hidden units feed back into the layer through time, so they stay."""
+    x, params = node.args[0], list(node.args[2])
+    has_biases, bidirectional = node.args[3], bool(node.args[7])
+    per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
+    reason = f"{op_key(node)}: recurrent hidden units feed back through time (kept)"
+    ids = t.labels_of(x)
+    line = _channel_ids(t, ids, -1, op_key(node)) if ids is not None else None
+    first_inputs = {0, per_layer // 2} if bidirectional else {0}
+    for k, weight in enumerate(params):
+        param = t.param(weight)
+        if param is None:
+            continue
+        if k in first_inputs and line is not None and k < per_layer:
+            t.bind(param, 1, _full(line, (t.shape(x)[-1],)))
+            t.freeze(t.slots(param, 0), reason)
+        else:
+            for dim, size in enumerate(t.param_tensor(param).shape):
+                if size > 1:
+                    t.freeze(t.slots(param, dim), reason)
+    count = len(node.meta["val"]) if isinstance(node.meta.get("val"), (list, tuple)) else 1
+    return [None] * count
+
+
 # -------------------------------------------------------------------- reshapes (views)
 def _dim_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
     """Pair up runs of dimensions with equal products (the classic view alignment)."""
