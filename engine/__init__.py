@@ -79,7 +79,34 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = sorted(
-    ["ExportError", "ModelLoadError", "OnnxExportError", "OptionError", "PruneScopeError",
-     *_LAZY]
-)
+__all__ = [
+    "Analysis",
+    "Captured",
+    "EvalData",
+    "ExportError",
+    "FrozenInfo",
+    "GroupInfo",
+    "GroupPlan",
+    "METRICS",
+    "ModelLoadError",
+    "OnnxExportError",
+    "OptionError",
+    "Plan",
+    "PruneResult",
+    "PruneScopeError",
+    "PruningOptions",
+    "Scores",
+    "analyze",
+    "apply",
+    "evaluate",
+    "load_calibration",
+    "load_calibration_data",
+    "load_eval_data",
+    "load_model",
+    "masked",
+    "plan",
+    "prune",
+    "quality_report",
+    "save",
+    "score",
+]
