@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
     from engine.graph.dependency import FrozenInfo, GroupInfo
     from engine.options import PruningOptions
     from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
+    from engine.quality.recovery import recover
     from engine.scoring.analysis import Analysis, analyze, plan
     from engine.scoring.planning import GroupPlan, Plan
 
@@ -39,6 +40,7 @@ _LAZY = {
     "prune": "engine.pipeline",
     "save": "engine.pipeline",
     "score": "engine.pipeline",
+    "recover": "engine.quality.recovery",
     "Analysis": "engine.scoring.analysis",
     "analyze": "engine.scoring.analysis",
     "plan": "engine.scoring.analysis",
@@ -87,6 +89,7 @@ __all__ = [
     "masked",
     "plan",
     "prune",
+    "recover",
     "save",
     "score",
 ]

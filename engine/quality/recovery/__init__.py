@@ -87,8 +87,8 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     """Recover a pruned model's quality; returns a new PruneResult (the input is untouched).
 
     `methods`: "auto" or names from bias, lsq, bn, norm, distill (comma string or list).
-    `budget_s` bounds distillation in seconds (counted from the start of the call);
-    `steps` fixes the number of distillation steps instead (reproducible with `seed`).
+    `budget_s` bounds the distillation's training time in seconds; `steps` fixes the number
+    of distillation steps instead (reproducible with `seed`; the budget is then ignored).
     `eval_holdout`: the fraction of calibration samples held back to measure the result and
     to pick the best distillation state.
     """
@@ -107,11 +107,11 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "calibration data"
     examples = analysis.captured.example_inputs
     shapes = data.expected_shapes(analysis.captured.program)
-    full = data.check(xs, y, shapes, examples, where)
     if shapes and shapes[0] and shapes[0][0] is not None:
         raise OptionError(f"recovery needs a model whose batch dimension is dynamic; this one "
                           f"takes exactly {shapes[0][0]} sample(s) (export it with a dynamic "
                           "batch dimension)")
+    full = data.check(xs, y, shapes, examples, where)
     fit, holdout = _split(full, eval_holdout, seed)
 
     wanted = list(DATA_LIGHT) if "auto" in names else [m for m in DATA_LIGHT if m in names]
@@ -147,16 +147,17 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
                 skipped[name] = _NOTHING[name]
                 del changed[name]
     details = {}
-    if distilling:
-        remaining = None if budget_s is None else budget_s - (time.monotonic() - start)
-        if steps is None and (remaining is None or remaining <= 0):
-            skipped["distill"] = "no time left in the budget (give --recover-budget or " \
-                "--recover-steps)"
+    nothing_pruned = all(len(gp.pruned) == 0 for gp in result.plan.groups)
+    if distilling and nothing_pruned:
+        skipped["distill"] = "nothing was pruned: the model is the original"
+    elif distilling:
+        if steps is None and not budget_s:
+            skipped["distill"] = "no time budget (give --recover-budget or --recover-steps)"
         else:
             base = 0.2 if wanted else 0.0
             details = distill.run(
                 module, fit, data.outputs(original, fit), holdout if len(holdout) else None,
-                teacher_hold, seconds=remaining, steps=steps, seed=seed,
+                teacher_hold, seconds=budget_s, steps=steps, seed=seed,
                 progress=lambda msg, f: say(msg, base + (1 - base) * f),
             )
             applied.append("distill")

@@ -16,7 +16,7 @@ import torch.fx as fx
 from engine.quality.recovery.layers import as_layer, columns, out_rows
 from engine.quality.recovery.lockstep import Context, Step, param_of, unchanged
 
-RIDGE = 1e-4  # lambda relative to the mean input energy of the layer
+RIDGE = 1e-6  # lambda relative to the mean input energy of the layer
 
 
 def solve(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
