@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
         load_eval_data,
         quality_report,
     )
+    from engine.quality.recovery import recover
     from engine.scoring.analysis import Analysis, analyze, plan
     from engine.scoring.planning import GroupPlan, Plan
 
@@ -53,6 +54,7 @@ _LAZY = {
     "load_calibration_data": "engine.quality.evaluate",
     "load_eval_data": "engine.quality.evaluate",
     "quality_report": "engine.quality.evaluate",
+    "recover": "engine.quality.recovery",
     "Analysis": "engine.scoring.analysis",
     "analyze": "engine.scoring.analysis",
     "plan": "engine.scoring.analysis",
@@ -107,6 +109,7 @@ __all__ = [
     "plan",
     "prune",
     "quality_report",
+    "recover",
     "save",
     "score",
 ]
