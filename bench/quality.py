@@ -55,8 +55,18 @@ def _fmt(metric: str, value: float | None) -> str:
     return f"{100 * value:.1f}%" if metric in ("accuracy", "agreement") else f"{value:.3g}"
 
 
-def _recover(result, calibration: dict, methods: str, quick: bool):
+def _recover_function():
     recover = getattr(engine, "recover", None)
+    if recover is None:
+        try:
+            from engine.quality.recovery import recover
+        except ImportError:
+            return None
+    return recover
+
+
+def _recover(result, calibration: dict, methods: str, quick: bool):
+    recover = _recover_function()
     if recover is None:
         return None
     budget = 5.0 if quick else DISTILL_BUDGET_S
