@@ -271,3 +271,21 @@ def test_prune_demo_with_wanda_writes_a_verified_model(capfd, tmp_path):
 
     x, _ = load_demo_eval()
     assert program.module()(torch.from_numpy(x[:5])).shape == (5, 10)
+
+
+def test_a_residual_channel_sums_every_reader_and_scores_every_member_alike():
+    from tests.zoo import ConvBNResidual
+
+    model, x, _ = _setup(ConvBNResidual(), (3, 6, 6), 5)
+    for bn in (model.bn_a, model.bn_b):  # non-trivial running statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        a = F.relu(model.bn_a(model.conv_a(x)))
+        y = a + model.conv_c(F.relu(model.bn_b(model.conv_b(a))))
+        pooled = y.mean(dim=(2, 3))
+    wb, wh = model.conv_b.weight.detach().double(), model.head.weight.detach().double()
+    expected = _variance(a) * (wb * wb).sum(dim=(0, 2, 3)) + _variance(pooled) * (wh * wh).sum(0)
+    scores = _scores(model, x, x.numpy(), "fluctuation")
+    np.testing.assert_allclose(scores[("conv_a.weight", 0)], expected.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(scores[("conv_c.weight", 0)], expected.numpy(), rtol=1e-6)
