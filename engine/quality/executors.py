@@ -1,6 +1,6 @@
 """Where sweep points run: in this process, in a local process pool, or on a Ray cluster.
 
-Every executor runs the same `run_point(job, options, ratio)` with one torch thread, so the
+Every executor runs the same `run_point(job, point)` with one torch thread, so the
 numbers are identical whichever runs them. The job (model source, evaluation data) goes to
 each worker once; each worker analyses the model once and keeps it for all its points.
 """
@@ -21,7 +21,7 @@ from typing import Any
 from engine.errors import OptionError
 from engine.quality.sweep import SweepJob, run_point
 
-Point = tuple[dict[str, Any], float]
+Point = dict[str, Any]  # {"options", "ratio"} or {"options", "ratios"}
 
 
 @contextlib.contextmanager
@@ -50,8 +50,8 @@ def execute(job: SweepJob, points: list[Point], *, workers: int | None = None,
 
 def _serial(job: SweepJob, points: list[Point]) -> Iterator[tuple[int, dict]]:
     with one_thread():
-        for index, (options, ratio) in enumerate(points):
-            yield index, run_point(job, options, ratio)
+        for index, point in enumerate(points):
+            yield index, run_point(job, point)
 
 
 # ------------------------------------------------------------------------- process pool
@@ -69,9 +69,9 @@ def _pool_init(job: SweepJob | None) -> None:
         _POOL_JOB = job
 
 
-def _pool_point(index: int, options: dict, ratio: float) -> tuple[int, dict]:
+def _pool_point(index: int, point: Point) -> tuple[int, dict]:
     assert _POOL_JOB is not None
-    return index, run_point(_POOL_JOB, options, ratio)
+    return index, run_point(_POOL_JOB, point)
 
 
 def _context() -> tuple[Any, bool]:
@@ -90,7 +90,7 @@ def _in_pool(job: SweepJob, points: list[Point], workers: int) -> Iterator[tuple
                                initargs=(None if forked else job,))
     pending = set()
     try:
-        pending = {pool.submit(_pool_point, i, o, r) for i, (o, r) in enumerate(points)}
+        pending = {pool.submit(_pool_point, i, p) for i, p in enumerate(points)}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -107,9 +107,9 @@ def _in_pool(job: SweepJob, points: list[Point], workers: int) -> Iterator[tuple
 
 
 # ------------------------------------------------------------------------------- Ray
-def _ray_point(job: SweepJob, index: int, options: dict, ratio: float) -> tuple[int, dict]:
+def _ray_point(job: SweepJob, index: int, point: Point) -> tuple[int, dict]:
     with one_thread():
-        return index, run_point(job, options, ratio)
+        return index, run_point(job, point)
 
 
 def import_ray():
@@ -167,7 +167,7 @@ def _on_ray(job: SweepJob, points: list[Point], address: str,
     job_ref = ray.put(_shippable(job))
     pending: dict = {}
     try:
-        pending = {task.remote(job_ref, i, o, r): i for i, (o, r) in enumerate(points)}
+        pending = {task.remote(job_ref, i, p): i for i, p in enumerate(points)}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:

@@ -174,16 +174,20 @@ def point_quality(result, data, metric: str | None = None) -> dict[str, Any]:
                     example_inputs=analysis.captured.example_inputs)
 
 
-def run_point(job: SweepJob, options: dict[str, Any], ratio: float) -> dict[str, Any]:
-    """Prune at one point of the grid and measure it (what `prune --eval-data` does)."""
+def run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
+    """Prune at one point and measure it (what `prune --eval-data` does).
+
+    `point` holds `options` and either a global `ratio` or per-group `ratios`.
+    """
     from engine.pipeline import apply
     from engine.scoring.analysis import plan
 
-    record: dict[str, Any] = {"options": dict(options), "ratio": ratio}
+    record: dict[str, Any] = dict(point)
     analysis = job_analysis(job)  # a worker's first point loads the model: not timed
     start = time.perf_counter()
     try:
-        the_plan = plan(analysis, options, ratio=ratio, calibration=job.calibration)
+        the_plan = plan(analysis, point["options"], ratio=point.get("ratio"),
+                        ratios=point.get("ratios"), calibration=job.calibration)
         result = apply(analysis, the_plan)
         record["params"] = result.after["params"]
         record["flops"] = result.after["flops"]
@@ -207,6 +211,96 @@ def _recovered_metric(job: SweepJob, result) -> float:
 
 
 # ---------------------------------------------------------------------------- the sweep
+@dataclass
+class Prepared:
+    """A model analysed once in this process, its evaluation data and its original metric."""
+
+    job: SweepJob
+    analysis: Any
+    original: dict[str, Any]
+    before: dict[str, int]
+
+
+def prepare(
+    model: Any,
+    *,
+    eval_data: Any,
+    metric: str | None = None,
+    criteria: Iterable[str] = ("l2",),
+    calibration: Any = None,
+    recover: str | None = None,
+    recover_steps: int | None = None,
+    ray: str | None = None,
+    example_inputs: tuple | None = None,
+    trust_pickle: bool = False,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    analysis: Any = None,
+) -> Prepared:
+    """Check everything that can be checked before work starts, analyse, score, evaluate.
+
+    `analysis` reuses one this process already has (`model` still says what workers load).
+    """
+    from engine.quality._eval_shim import evaluate, load_eval_data
+    from engine.quality.executors import check_executor
+    from engine.quality.metrics import count_params, graph_flops
+    from engine.scoring.analysis import analyze
+
+    check_executor(ray)
+    data = load_eval_data(eval_data) if isinstance(eval_data, (str, os.PathLike)) else eval_data
+    criteria = list(dict.fromkeys(criteria))
+    calib_x = _calibration_array(calibration)
+    if "nuclear_norm" in criteria and calib_x is None:
+        raise OptionError("criterion nuclear_norm needs calibration inputs (--calibration F)")
+    if recover and calibration is None:
+        raise OptionError("--recover needs calibration data (--calibration F)")
+    if analysis is None:
+        analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
+                           input_shapes=input_shapes)
+    source = _model_source(model, analysis, trust_pickle, input_shapes)
+    job = SweepJob(uuid.uuid4().hex, source, data, metric, calib_x, recover, calibration,
+                   recover_steps)
+    for criterion in criteria:
+        analysis.filter_scores(criterion, calib_x)  # once per criterion; forks inherit it
+    prime_worker_cache(job, analysis)
+    original = evaluate(analysis.gm, data, metric, reference=analysis.gm,
+                        example_inputs=analysis.captured.example_inputs)
+    before = {"params": count_params(analysis.gm), "flops": graph_flops(analysis.gm)}
+    return Prepared(job, analysis, original, before)
+
+
+def run_points(
+    prepared: Prepared,
+    points: list[dict[str, Any]],
+    report: dict[str, Any],
+    *,
+    workers: int | None = None,
+    ray: str | None = None,
+    progress: SweepProgress | None = None,
+    out_json: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run `points`, filling report["points"] (in point order) as they finish; after each,
+    rewrite `out_json` atomically so an interrupted run keeps what finished."""
+    from engine.quality.executors import execute
+
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise OptionError(f"--workers {workers!r} must be an integer >= 1")
+    report.update(points=[], total=len(points), complete=False)
+    finished: dict[int, dict] = {}
+    runner = execute(prepared.job, points, workers=workers, ray=ray)
+    try:
+        for index, record in runner:
+            finished[index] = {"index": index, **record}
+            report["points"] = [finished[i] for i in sorted(finished)]
+            report["complete"] = len(finished) == len(points)
+            if out_json is not None:
+                _write_json(out_json, report)
+            if progress is not None:
+                progress(len(finished), len(points), finished[index])
+    finally:
+        runner.close()
+    return report
+
+
 def sweep(
     model: Any,
     grid: Mapping[str, Any] | None,
@@ -230,80 +324,50 @@ def sweep(
     `grid` maps option names to a value, a list or "all"; `eval_data` is an EvalData or a
     file/name for `load_eval_data`. Returns (and, after every point, atomically writes to
     `out_json`) `{"model", "metric", "original", "before", "axes", "ratios", "points",
-    "complete"}`; an interrupted sweep keeps the finished points.
+    "complete"}`; each point has its `options`, `ratio`, `params`, `flops`, `metric`
+    (`recovered` with `recover`) and `seconds`. An interrupted sweep keeps finished points.
     """
-    from engine.quality._eval_shim import evaluate, load_eval_data
-    from engine.quality.executors import check_executor, execute
-    from engine.quality.metrics import count_params, graph_flops
-    from engine.scoring.analysis import analyze
-
     options_list = expand_grid(grid)
     ratio_list = parse_ratios(ratios)
-    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
-        raise OptionError(f"--workers {workers!r} must be an integer >= 1")
-    check_executor(ray)
-    data = load_eval_data(eval_data) if isinstance(eval_data, (str, os.PathLike)) else eval_data
-    needs_calibration = {o.criterion for o in options_list} & {"nuclear_norm"}
-    calib_x = _calibration_array(calibration)
-    if needs_calibration and calib_x is None:
-        raise OptionError("criterion nuclear_norm needs calibration inputs (--calibration F)")
-    if recover and calibration is None:
-        raise OptionError("--recover needs calibration data (--calibration F)")
-
-    analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
+    prepared = prepare(model, eval_data=eval_data, metric=metric,
+                       criteria=[o.criterion for o in options_list], calibration=calibration,
+                       recover=recover, recover_steps=recover_steps, ray=ray,
+                       example_inputs=example_inputs, trust_pickle=trust_pickle,
                        input_shapes=input_shapes)
-    source = _model_source(model, analysis, trust_pickle, input_shapes)
-    job = SweepJob(uuid.uuid4().hex, source, data, metric, calib_x, recover, calibration,
-                   recover_steps)
-    for criterion in dict.fromkeys(o.criterion for o in options_list):
-        analysis.filter_scores(criterion, calib_x)  # once per criterion, shared by forks
-    prime_worker_cache(job, analysis)
-
-    original = evaluate(analysis.gm, data, metric, reference=analysis.gm,
-                        example_inputs=analysis.captured.example_inputs)
-    points = [(o.to_dict(), r) for o in options_list for r in ratio_list]
-    before = {"params": count_params(analysis.gm), "flops": graph_flops(analysis.gm)}
-    report: dict[str, Any] = {
-        "model": source.name,
-        "eval_data": getattr(data, "source", None),
-        "metric": original["metric"],
-        "original": original["value"],
-        "samples": original["samples"],
-        "before": before,
-        "axes": {name: axis_values(name, grid[name]) for name in AXES if name in (grid or {})},
-        "ratios": ratio_list,
-        "points": [],
-        "total": len(points),
-        "complete": False,
-    }
+    report = base_report(prepared)
+    report["axes"] = {name: axis_values(name, grid[name]) for name in AXES
+                      if name in (grid or {})}
+    report["ratios"] = ratio_list
     if recover:
         report["recover"] = recover
-    finished: dict[int, dict] = {}
-    runner = execute(job, points, workers=workers, ray=ray)
-    try:
-        for index, record in runner:
-            finished[index] = {"index": index, **record}
-            report["points"] = [finished[i] for i in sorted(finished)]
-            report["complete"] = len(finished) == len(points)
-            if out_json is not None:
-                _write_json(out_json, report)
-            if progress is not None:
-                progress(len(finished), len(points), finished[index])
-    finally:
-        runner.close()
-    return report
+    points = [{"options": o.to_dict(), "ratio": r} for o in options_list for r in ratio_list]
+    return run_points(prepared, points, report, workers=workers, ray=ray, progress=progress,
+                      out_json=out_json)
+
+
+def base_report(prepared: Prepared) -> dict[str, Any]:
+    return {
+        "model": prepared.job.model.name,
+        "eval_data": getattr(prepared.job.eval_data, "source", None),
+        "metric": prepared.original["metric"],
+        "original": prepared.original["value"],
+        "samples": prepared.original["samples"],
+        "before": prepared.before,
+    }
 
 
 def _model_source(model, analysis, trust_pickle, input_shapes) -> ModelSource:
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         return ModelSource(name, name, trust_pickle=trust_pickle, input_shapes=input_shapes)
-    # an in-memory model travels as the .pt2 file of the program the parent captured
-    buffer = io.BytesIO()
+    # an in-memory model travels as the .pt2 file of the program this process captured; the
+    # file is ours (torch.export.save may pickle its example inputs), so workers may trust it
     import torch
 
+    buffer = io.BytesIO()
     torch.export.save(analysis.captured.program, buffer)
-    return ModelSource(type(model).__name__, None, buffer.getvalue())
+    name = getattr(getattr(model, "captured", None), "source", None) or type(model).__name__
+    return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 
 def _calibration_array(calibration: Any) -> np.ndarray | None:
