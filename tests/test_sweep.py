@@ -162,7 +162,7 @@ def test_an_in_memory_model_reaches_the_workers():
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     torch.manual_seed(0)
     x = torch.randn(40, 6)
-    from engine.quality._eval_shim import EvalData
+    from engine.quality.evaluate import EvalData
 
     data = EvalData((x.numpy(),), np.arange(40) % 3, "memory")
     serial = sweep(model, {}, [0.25, 0.5], eval_data=data, example_inputs=(x,), workers=1)

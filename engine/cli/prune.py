@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from engine.cli.common import (
     Progress,
+    add_eval_args,
     add_model_args,
     add_option_args,
+    calibration_from,
     indices_from,
     load_kwargs,
     options_from_args,
     read_json,
     report_frozen,
 )
-from engine.errors import OptionError
+from engine.errors import OnnxExportError, OptionError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ratio.add_argument("--ratios", metavar="FILE.json", help="{group name: ratio}")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    add_eval_args(p)
     p.set_defaults(run=run)
 
 
@@ -38,13 +42,19 @@ def _ratios(path: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     import engine
-    from engine.graph.capture import load_calibration
     from engine.options import check_ratio
+    from engine.quality.evaluate import (
+        check_data,
+        check_metric,
+        load_eval_data,
+        quality_line,
+        quality_report,
+    )
 
     options = options_from_args(args)
     if args.indices and options.criterion != "index":
         raise OptionError("--indices names filters to remove; it needs --criterion index")
-    calibration = load_calibration(args.calibration)[0] if args.calibration else None
+    calibration = calibration_from(args.calibration)
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
@@ -52,12 +62,28 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("prune needs --ratio R or --ratios FILE.json")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
-    progress = Progress(8)
+    metric = check_metric(args.metric)
+    if metric is not None and args.eval_data is None:
+        raise OptionError("--metric needs --eval-data FILE.npz (held-out data to measure on)")
+    eval_data = load_eval_data(args.eval_data) if args.eval_data else None
+    model = args.model
+    if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
+        model = engine.load_model(model, **load_kwargs(args))
+        check_data(model, eval_data)
+    progress = Progress(9 if eval_data else 8)
     try:
-        result = engine.prune(args.model, None, options, ratio=ratio, ratios=ratios,
+        result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
                               **load_kwargs(args))
-        paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
+        if eval_data is not None:
+            progress("evaluating on --eval-data")
+            result.report["quality"] = quality_report(result.analysis.captured, result,
+                                                      eval_data, metric)
+        onnx_error = None
+        try:
+            paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
+        except OnnxExportError as exc:
+            onnx_error, paths = exc, exc.paths
     finally:
         progress.close()
     report = result.report
@@ -68,7 +94,14 @@ def run(args: argparse.Namespace) -> int:
     v = report["verification"]
     print(f"verification: output shapes match={v['output_shapes_match']}, "
           f"max |pruned - masked| = {v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
+    if "quality" in report:
+        print(quality_line(report["quality"]))
     report_frozen(report["frozen"])
     for path in paths.values():
         print(f"wrote {path}")
+    if onnx_error is not None:
+        from engine.cli import EXIT_ONNX_FAILED
+
+        print(f"prunescope: error: {onnx_error}", file=sys.stderr)
+        return EXIT_ONNX_FAILED
     return 0

@@ -19,14 +19,14 @@ from engine.quality.sweep import (
     run_points,
 )
 
-# metrics where a smaller value is better; the drop is measured the other way round
-LOWER_IS_BETTER = ("perplexity", "relative_error", "output_error")
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def metric_drop(metric: str, original: float, value: float) -> float:
     """How much worse `value` is than `original` (positive = worse)."""
-    return value - original if metric in LOWER_IS_BETTER else original - value
+    from engine.quality.evaluate import HIGHER_IS_BETTER
+
+    return original - value if HIGHER_IS_BETTER.get(metric, True) else value - original
 
 
 def sensitivity(

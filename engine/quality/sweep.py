@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engine.errors import OptionError, PruneScopeError
 from engine.options import ALLOWED, PruningOptions, check_ratio
 
@@ -142,7 +140,7 @@ class SweepJob:
     model: ModelSource
     eval_data: Any
     metric: str | None
-    calibration: np.ndarray | None = None
+    calibration: Any = None
     recover: str | None = None
     recover_data: Any = None
     recover_steps: int | None = None
@@ -166,12 +164,11 @@ def prime_worker_cache(job: SweepJob, analysis) -> None:
 
 
 def point_quality(result, data, metric: str | None = None) -> dict[str, Any]:
-    """The metric of a pruned model on evaluation data, as `prune --eval-data` reports it."""
-    from engine.quality._eval_shim import evaluate
+    """The metric of a pruned model on evaluation data: the call `quality_report` makes for
+    report["quality"]["pruned"] in `prune --eval-data` (the original is the reference)."""
+    from engine.quality.evaluate import evaluate
 
-    analysis = result.analysis
-    return evaluate(result.module, data, metric, reference=analysis.gm,
-                    example_inputs=analysis.captured.example_inputs)
+    return evaluate(result, data, metric, reference=result.analysis.captured)
 
 
 def run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,30 +237,30 @@ def prepare(
 
     `analysis` reuses one this process already has (`model` still says what workers load).
     """
-    from engine.quality._eval_shim import evaluate, load_eval_data
+    from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
     from engine.quality.executors import check_executor
     from engine.quality.metrics import count_params, graph_flops
     from engine.scoring.analysis import analyze
 
     check_executor(ray)
+    check_metric(metric)
     data = load_eval_data(eval_data) if isinstance(eval_data, (str, os.PathLike)) else eval_data
     criteria = list(dict.fromkeys(criteria))
-    calib_x = _calibration_array(calibration)
-    if "nuclear_norm" in criteria and calib_x is None:
-        raise OptionError("criterion nuclear_norm needs calibration inputs (--calibration F)")
+    calibration = _calibration(calibration)
     if recover and calibration is None:
         raise OptionError("--recover needs calibration data (--calibration F)")
     if analysis is None:
         analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
                            input_shapes=input_shapes)
-    source = _model_source(model, analysis, trust_pickle, input_shapes)
-    job = SweepJob(uuid.uuid4().hex, source, data, metric, calib_x, recover, calibration,
-                   recover_steps)
+    check_data(analysis.captured, data)
     for criterion in criteria:
-        analysis.filter_scores(criterion, calib_x)  # once per criterion; forks inherit it
+        analysis.filter_scores(criterion, calibration)  # once per criterion; forks inherit it
+    # the metric as `prune --eval-data` resolves it: measured on the original first
+    original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
+    source = _model_source(model, analysis, trust_pickle, input_shapes)
+    job = SweepJob(uuid.uuid4().hex, source, data, original["metric"], calibration, recover,
+                   calibration, recover_steps)
     prime_worker_cache(job, analysis)
-    original = evaluate(analysis.gm, data, metric, reference=analysis.gm,
-                        example_inputs=analysis.captured.example_inputs)
     before = {"params": count_params(analysis.gm), "flops": graph_flops(analysis.gm)}
     return Prepared(job, analysis, original, before)
 
@@ -370,17 +367,14 @@ def _model_source(model, analysis, trust_pickle, input_shapes) -> ModelSource:
     return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 
-def _calibration_array(calibration: Any) -> np.ndarray | None:
-    if calibration is None:
-        return None
-    if isinstance(calibration, np.ndarray):
+def _calibration(calibration: Any) -> Any:
+    """A calibration file as the engine takes it (inputs, and labels y when present)."""
+    if not isinstance(calibration, (str, os.PathLike)):
         return calibration
-    inputs = getattr(calibration, "inputs", None)
-    if inputs:
-        return inputs[0]
     from engine.graph.capture import load_calibration
 
-    return load_calibration(calibration)[0]
+    x, y = load_calibration(calibration)
+    return x if y is None else {"x": x, "y": y}
 
 
 def _write_json(path, report: dict) -> None:

@@ -50,6 +50,10 @@ def ratios_for_target(
     flag = f"--target-{resource}"
     target = check_target(target_params if target_params is not None else target_flops, flag)
     options = PruningOptions.from_any(options)
+    if isinstance(sensitivity_data, str):
+        from engine.quality.evaluate import load_calibration_data
+
+        sensitivity_data = load_calibration_data(sensitivity_data)
     if analysis is None:
         analysis = analyze(model, **load_kwargs)
     start = time.perf_counter()
@@ -113,11 +117,11 @@ def ratios_for_target(
         },
     }
     if eval_data is not None:
-        from engine.quality._eval_shim import evaluate
+        from engine.quality.evaluate import evaluate
 
         data = _as_eval_data(eval_data)
-        original = evaluate(analysis.gm, data, metric, reference=analysis.gm,
-                            example_inputs=analysis.captured.example_inputs)
+        original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
+        metric = original["metric"]
         auto = point_quality(run(chosen, None), data, metric)
         flat = point_quality(run(None, uniform), data, metric)
         section["comparison"] = {"metric": auto["metric"], "data": data.source,
@@ -127,6 +131,6 @@ def ratios_for_target(
 
 
 def _as_eval_data(data: Any):
-    from engine.quality._eval_shim import load_eval_data
+    from engine.quality.evaluate import load_eval_data
 
     return load_eval_data(data) if isinstance(data, str) else data
