@@ -13,6 +13,7 @@ from typing import Any
 from engine.options import PruningOptions
 from engine.quality.sweep import (
     SweepProgress,
+    _ships,
     base_report,
     parse_ratios,
     prepare,
@@ -57,7 +58,7 @@ def sensitivity(
     prepared = prepare(model, eval_data=eval_data, metric=metric, criteria=[options.criterion],
                        calibration=calibration, ray=ray, example_inputs=example_inputs,
                        trust_pickle=trust_pickle, input_shapes=input_shapes,
-                       analysis=analysis)
+                       analysis=analysis, ship=_ships(workers, ray, 2))
     groups = prepared.analysis.prunable_groups(options.prunes_whole_blocks)
     report = base_report(prepared)
     report["options"] = options.to_dict()

@@ -232,10 +232,12 @@ def prepare(
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
     analysis: Any = None,
+    ship: bool = True,
 ) -> Prepared:
     """Check everything that can be checked before work starts, analyse, score, evaluate.
 
     `analysis` reuses one this process already has (`model` still says what workers load).
+    `ship=False`: every point runs in this process, so an in-memory model is not serialised.
     """
     from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
     from engine.quality.executors import check_executor
@@ -257,7 +259,7 @@ def prepare(
         analysis.filter_scores(criterion, calibration)  # once per criterion; forks inherit it
     # the metric as `prune --eval-data` resolves it: measured on the original first
     original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
-    source = _model_source(model, analysis, trust_pickle, input_shapes)
+    source = _model_source(model, analysis, trust_pickle, input_shapes, ship)
     job = SweepJob(uuid.uuid4().hex, source, data, original["metric"], calibration, recover,
                    calibration, recover_steps)
     prime_worker_cache(job, analysis)
@@ -330,7 +332,8 @@ def sweep(
                        criteria=[o.criterion for o in options_list], calibration=calibration,
                        recover=recover, recover_steps=recover_steps, ray=ray,
                        example_inputs=example_inputs, trust_pickle=trust_pickle,
-                       input_shapes=input_shapes)
+                       input_shapes=input_shapes, ship=_ships(workers, ray, len(options_list)
+                                                              * len(ratio_list)))
     report = base_report(prepared)
     report["axes"] = {name: axis_values(name, grid[name]) for name in AXES
                       if name in (grid or {})}
@@ -340,6 +343,11 @@ def sweep(
     points = [{"options": o.to_dict(), "ratio": r} for o in options_list for r in ratio_list]
     return run_points(prepared, points, report, workers=workers, ray=ray, progress=progress,
                       out_json=out_json)
+
+
+def _ships(workers: int | None, ray: str | None, points: int) -> bool:
+    """Whether points run in other processes (which must load the model themselves)."""
+    return ray is not None or min(int(workers or os.cpu_count() or 1), points) > 1
 
 
 def base_report(prepared: Prepared) -> dict[str, Any]:
@@ -353,17 +361,19 @@ def base_report(prepared: Prepared) -> dict[str, Any]:
     }
 
 
-def _model_source(model, analysis, trust_pickle, input_shapes) -> ModelSource:
+def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> ModelSource:
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         return ModelSource(name, name, trust_pickle=trust_pickle, input_shapes=input_shapes)
+    name = getattr(getattr(model, "captured", None), "source", None) or type(model).__name__
+    if not ship:  # this process's analysis is primed for the points; nothing to load
+        return ModelSource(name)
     # an in-memory model travels as the .pt2 file of the program this process captured; the
     # file is ours (torch.export.save may pickle its example inputs), so workers may trust it
     import torch
 
     buffer = io.BytesIO()
     torch.export.save(analysis.captured.program, buffer)
-    name = getattr(getattr(model, "captured", None), "source", None) or type(model).__name__
     return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 
