@@ -8,8 +8,17 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
 - ``latency``: CPU latency of original and pruned models (torch eager, ONNX Runtime)
 - ``coverage``: the zoo and transformers models through both tools
 - ``quality``: demo accuracy per criterion x recovery x ratio (held-out data)
+- ``sweep``: the demo's option sweep, sensitivity and automatic per-group ratios
 
 Wall-clock numbers live here and in ``bench/RESULTS.md``, never as assertions in tests.
 """
 
-BENCHMARKS = ("e2e", "rerank", "scaling", "latency", "coverage", "quality")
+BENCHMARKS = (
+    "e2e",
+    "rerank",
+    "scaling",
+    "latency",
+    "coverage",
+    "quality",
+    "sweep",
+)

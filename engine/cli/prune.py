@@ -17,6 +17,7 @@ from engine.cli.common import (
     read_json,
     report_frozen,
 )
+from engine.cli.targets import add_target_args, print_section, target_section, wants_target
 from engine.errors import OnnxExportError, OptionError
 
 
@@ -27,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ratio = p.add_mutually_exclusive_group()
     ratio.add_argument("--ratio", help="global pruning ratio, 0 <= R < 1")
     ratio.add_argument("--ratios", metavar="FILE.json", help="{group name: ratio}")
+    add_target_args(ratio, p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     add_eval_args(p)
@@ -58,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
-    if ratio is None and ratios is None and options.criterion != "index":
-        raise OptionError("prune needs --ratio R or --ratios FILE.json")
+    if ratio is None and ratios is None and not wants_target(args) \
+            and options.criterion != "index":
+        raise OptionError("prune needs --ratio R, --ratios FILE.json, --target-params F or "
+                          "--target-flops F")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
     metric = check_metric(args.metric)
@@ -70,11 +74,19 @@ def run(args: argparse.Namespace) -> int:
     if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
         model = engine.load_model(model, **load_kwargs(args))
         check_data(model, eval_data)
+    auto = None
+    if wants_target(args):
+        model = engine.analyze(model, **load_kwargs(args))
+        auto = target_section(args, model, options, eval_data, metric, calibration,
+                              load_kwargs(args))
+        ratios = auto["ratios"]
     progress = Progress(9 if eval_data else 8)
     try:
         result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
                               **load_kwargs(args))
+        if auto is not None:
+            result.report["auto_ratios"] = auto
         if eval_data is not None:
             progress("evaluating on --eval-data")
             result.report["quality"] = quality_report(result.analysis.captured, result,
@@ -96,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
           f"max |pruned - masked| = {v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
     if "quality" in report:
         print(quality_line(report["quality"]))
+    if auto is not None:
+        print_section(auto)
     report_frozen(report["frozen"])
     for path in paths.values():
         print(f"wrote {path}")
