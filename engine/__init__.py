@@ -5,15 +5,65 @@ Streamlit-free. Typical use::
     import engine
     result = engine.prune(model, (x,), engine.PruningOptions(layer_norm="tss_norm"), ratio=0.5)
     engine.save(result, "out/")
+
+The public names are imported on first use (module __getattr__), so `import engine` and
+`prunescope --help` do not pay for torch.
 """
 
-from engine.errors import ExportError, ModelLoadError, OptionError, PruneScopeError
-from engine.graph.capture import Captured, load_calibration, load_model
-from engine.graph.dependency import FrozenInfo, GroupInfo
-from engine.options import PruningOptions
-from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
-from engine.scoring.analysis import Analysis, analyze, plan
-from engine.scoring.planning import GroupPlan, Plan
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import ExportError, ModelLoadError, OnnxExportError, OptionError, PruneScopeError
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazily
+    from engine.graph.capture import Captured, load_calibration, load_model
+    from engine.graph.dependency import FrozenInfo, GroupInfo
+    from engine.options import PruningOptions
+    from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
+    from engine.scoring.analysis import Analysis, analyze, plan
+    from engine.scoring.planning import GroupPlan, Plan
+
+_LAZY = {
+    "Captured": "engine.graph.capture",
+    "load_calibration": "engine.graph.capture",
+    "load_model": "engine.graph.capture",
+    "FrozenInfo": "engine.graph.dependency",
+    "GroupInfo": "engine.graph.dependency",
+    "PruningOptions": "engine.options",
+    "PruneResult": "engine.pipeline",
+    "Scores": "engine.pipeline",
+    "apply": "engine.pipeline",
+    "masked": "engine.pipeline",
+    "prune": "engine.pipeline",
+    "save": "engine.pipeline",
+    "score": "engine.pipeline",
+    "Analysis": "engine.scoring.analysis",
+    "analyze": "engine.scoring.analysis",
+    "plan": "engine.scoring.analysis",
+    "GroupPlan": "engine.scoring.planning",
+    "Plan": "engine.scoring.planning",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+    try:  # `engine.pipeline` and friends after a bare `import engine`
+        return importlib.import_module(f"engine.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"engine.{name}":
+            raise
+        raise AttributeError(f"module 'engine' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Analysis",
@@ -23,6 +73,7 @@ __all__ = [
     "GroupInfo",
     "GroupPlan",
     "ModelLoadError",
+    "OnnxExportError",
     "OptionError",
     "Plan",
     "PruneResult",

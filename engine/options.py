@@ -8,7 +8,9 @@ from typing import Any
 
 from engine.errors import OptionError
 
-CRITERIA = ("l2", "l1", "gm", "nuclear_norm", "random", "index")
+# the spec's criteria, then the data-aware ones (beyond the spec; they need calibration data)
+CRITERIA = ("l2", "l1", "gm", "nuclear_norm", "random", "index",
+            "activation", "wanda", "taylor", "fluctuation")
 POLICIES = ("sum", "average", "backward")
 LAYER_NORMS = ("standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none")
 GROUP_POLICIES = ("sum", "average", "count", "none")

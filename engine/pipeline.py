@@ -15,8 +15,14 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from engine.errors import ExportError, PruneScopeError
-from engine.io.export import check_onnx, export_onnx, save_program, write_json
+from engine.errors import ExportError, OnnxExportError, PruneScopeError
+from engine.io.export import (
+    check_onnx,
+    export_onnx,
+    external_data_path,
+    save_program,
+    write_json,
+)
 from engine.options import PruningOptions, check_ratio
 from engine.quality.metrics import count_params, graph_flops, size_bytes
 from engine.scoring.analysis import Analysis, analyze, plan
@@ -24,6 +30,8 @@ from engine.scoring.planning import Plan
 from engine.transform.apply import masked_module, pruned_roots, rewrite
 
 EXACT_TOLERANCE = 1e-4  # relative: max |pruned - masked| / max |masked|
+ONNX_TOLERANCE = 1e-3  # absolute, per unit of output scale: ONNX Runtime vs the pruned module
+ONNX_FILES = ("model.onnx", "model.onnx.data")
 Progress = Callable[[str], None]
 
 
@@ -286,10 +294,13 @@ def _metrics(module: torch.fx.GraphModule) -> dict[str, int]:
 
 def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
          progress: Progress | None = None) -> dict[str, Path]:
-    """Write model.pt2, model.onnx and report.json; all or nothing.
+    """Write model.pt2, model.onnx (+ model.onnx.data for big models) and report.json.
 
     Every file is first written into a temporary folder inside `out_dir`; only when all of
     them are complete are they moved into place, so a failure leaves earlier results intact.
+    An ONNX failure (conversion, ONNX Runtime check) is not one: model.pt2 and report.json
+    (whose "onnx" entry holds {"error": ...}) are still written, then OnnxExportError is
+    raised, carrying the written paths.
     """
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
@@ -302,21 +313,49 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         report = dict(result.report)
         say("writing model.pt2")
         save_program(result.program, staging / "model.pt2")
+        onnx_error = None
         if onnx:
             say("writing model.onnx")
-            export_onnx(result.program, staging / "model.onnx")
-            diff = check_onnx(staging / "model.onnx", result.module, result.example_inputs)
-            report["onnx"] = {"max_abs_diff_vs_torch": diff, "opset": 18}
-            if not np.isfinite(diff) or diff > 1e-3 * max(1.0, _output_scale(result)):
-                raise ExportError(f"model.onnx disagrees with the pruned torch model ({diff:.3g})")
+            try:
+                report["onnx"] = _write_onnx(result, staging / "model.onnx")
+            except Exception as exc:  # noqa: BLE001 - any ONNX failure: keep the rest, say why
+                onnx_error = _onnx_failure(exc)
+                for name in ONNX_FILES:
+                    with contextlib.suppress(OSError):
+                        os.remove(staging / name)
+                report["onnx"] = {"error": onnx_error}
         write_json(staging / "report.json", report)
-        paths = _commit(staging, out, ("model.pt2", "model.onnx", "report.json"))
+        paths = _commit(staging, out, ("model.pt2", *ONNX_FILES, "report.json"))
         result.report = report
+        if onnx_error is not None:
+            raise OnnxExportError(f"ONNX export failed (model.pt2 and report.json written): "
+                                  f"{onnx_error}", paths, report)
         return paths
     except OSError as exc:
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_onnx(result: PruneResult, path: Path) -> dict[str, Any]:
+    """model.onnx (with model.onnx.data for big models), checked in ONNX Runtime."""
+    export_onnx(result.program, path)
+    diff = check_onnx(path, result.module, result.example_inputs)
+    if not np.isfinite(diff) or diff > ONNX_TOLERANCE * max(1.0, _output_scale(result)):
+        raise ExportError(f"model.onnx disagrees with the pruned torch model ({diff:.3g})")
+    entry: dict[str, Any] = {"max_abs_diff_vs_torch": diff, "opset": 18}
+    if external_data_path(path).exists():
+        entry["external_data"] = external_data_path(path).name
+    return entry
+
+
+def _onnx_failure(exc: BaseException) -> str:
+    """One line naming what went wrong in the ONNX step."""
+    text = str(exc).strip()
+    if isinstance(exc, PruneScopeError) and text:
+        return text.splitlines()[0]
+    first = text.splitlines()[0] if text else "no message"
+    return f"{type(exc).__name__}: {first}"
 
 
 def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]:

@@ -32,10 +32,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_option_args(p: argparse.ArgumentParser) -> None:
     """The pruning options of the spec (one value each)."""
     p.add_argument("--calibration", metavar="FILE",
-                   help=".npz with array x (or .npy): inputs for nuclear_norm")
+                   help=".npz with array x and optional labels y (or .npy): data for "
+                        "nuclear_norm and the data-aware criteria")
     p.add_argument("--indices", metavar="FILE.json",
                    help="criterion index: {layer: [filter indices to remove]}")
-    p.add_argument("--criterion", default="l2", help=f"one of {', '.join(CRITERIA)}")
+    p.add_argument("--criterion", default="l2",
+                   help=f"one of {', '.join(CRITERIA)} (nuclear_norm, activation, wanda, "
+                        "taylor and fluctuation need --calibration)")
     p.add_argument("--policy", default="average", help=f"one of {', '.join(POLICIES)}")
     p.add_argument("--layer-norm", default="standard_score",
                    help=f"one of {', '.join(LAYER_NORMS)}")
@@ -46,6 +49,17 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-size", default="2", help="kept channels align to this (>= 1)")
     p.add_argument("--step-op", default="round", help=f"one of {', '.join(STEP_OPS)}")
     p.add_argument("--seed", default="0", help="seed of the random criterion")
+
+
+def calibration_from(path: str | None) -> Any:
+    """--calibration FILE as the engine takes it: inputs, plus labels y when the file has them
+    (the taylor criterion uses them)."""
+    if path is None:
+        return None
+    from engine.graph.capture import load_calibration
+
+    x, y = load_calibration(path)
+    return x if y is None else {"x": x, "y": y}
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from engine.cli.common import (
     Progress,
     add_model_args,
     add_option_args,
+    calibration_from,
     indices_from,
     load_kwargs,
     options_from_args,
     read_json,
     report_frozen,
 )
-from engine.errors import OptionError
+from engine.errors import OnnxExportError, OptionError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,13 +40,12 @@ def _ratios(path: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     import engine
-    from engine.graph.capture import load_calibration
     from engine.options import check_ratio
 
     options = options_from_args(args)
     if args.indices and options.criterion != "index":
         raise OptionError("--indices names filters to remove; it needs --criterion index")
-    calibration = load_calibration(args.calibration)[0] if args.calibration else None
+    calibration = calibration_from(args.calibration)
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
@@ -57,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         result = engine.prune(args.model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
                               **load_kwargs(args))
-        paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
+        onnx_error = None
+        try:
+            paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
+        except OnnxExportError as exc:
+            onnx_error, paths = exc, exc.paths
     finally:
         progress.close()
     report = result.report
@@ -71,4 +76,9 @@ def run(args: argparse.Namespace) -> int:
     report_frozen(report["frozen"])
     for path in paths.values():
         print(f"wrote {path}")
+    if onnx_error is not None:
+        from engine.cli import EXIT_ONNX_FAILED
+
+        print(f"prunescope: error: {onnx_error}", file=sys.stderr)
+        return EXIT_ONNX_FAILED
     return 0

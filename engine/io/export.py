@@ -28,9 +28,12 @@ from engine.errors import ExportError
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
-# Protobuf cannot serialise a single message above 2 GiB; we always write one self-contained
-# .onnx file (external-data files would break the atomic rename), so bigger models are refused.
-MAX_INLINE_ONNX_BYTES = 2**31 - 2**24
+# Protobuf cannot serialise a single message above 2 GiB, so the weights of bigger models go
+# to `<name>.onnx.data` next to the graph (ONNX's external data format). Below this many bytes
+# of weights the .onnx file is self-contained (torch's own limit, above which it always writes
+# external data); PRUNESCOPE_ONNX_EXTERNAL_BYTES lowers or raises it.
+MAX_INLINE_ONNX_BYTES = 1536 * 2**20
+EXTERNAL_BYTES_ENV = "PRUNESCOPE_ONNX_EXTERNAL_BYTES"
 
 # mkstemp creates files with mode 0600; give the final file the mode a plain open() would.
 _UMASK = os.umask(0)
@@ -163,7 +166,8 @@ def export_onnx(
     example_inputs: Sequence[Any] | None = None,
     dynamic_shapes: Any = None,
 ) -> Path:
-    """Convert an ExportedProgram (or an nn.Module with example_inputs) to one .onnx file.
+    """Convert an ExportedProgram (or an nn.Module with example_inputs) to an .onnx file
+    (plus `<name>.onnx.data` holding the weights when they exceed external_data_threshold()).
 
     An ExportedProgram keeps its dynamic dimensions (the demo's batch dimension stays
     symbolic in the ONNX graph). Conversion failures raise ExportError with a one-line reason.
@@ -198,14 +202,55 @@ def export_onnx(
     if onnx_program is None:
         raise ExportError(f"ONNX conversion for {path} failed: the exporter returned nothing")
 
-    size = onnx_program.model_proto.ByteSize()
-    if size > MAX_INLINE_ONNX_BYTES:
-        raise ExportError(
-            f"cannot export {path}: the model needs {size / 2**30:.1f} GiB, more than one "
-            "ONNX file can hold (2 GiB)"
-        )
-    atomic_write(path, lambda tmp: onnx_program.save(os.fspath(tmp), external_data=False))
+    weights = sum(v.const_value.nbytes for v in onnx_program.model.graph.initializers.values()
+                  if v.const_value is not None)
+    if weights <= external_data_threshold():
+        atomic_write(path, lambda tmp: onnx_program.save(os.fspath(tmp), external_data=False))
+    else:
+        _write_with_external_data(onnx_program, path)
     return path
+
+
+def external_data_threshold() -> int:
+    """Bytes of weights above which an ONNX file keeps them in `<name>.onnx.data`."""
+    value = os.environ.get(EXTERNAL_BYTES_ENV)
+    if value is None:
+        return MAX_INLINE_ONNX_BYTES
+    try:
+        return int(value)
+    except ValueError:
+        raise ExportError(f"{EXTERNAL_BYTES_ENV}={value!r} is not an integer number of "
+                          "bytes") from None
+
+
+def external_data_path(path: str | os.PathLike[str]) -> Path:
+    """Where the weights of an ONNX file with external data live (named inside the file)."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def _write_with_external_data(onnx_program: Any, path: Path) -> None:
+    """Write `path` and `path.data` in a private folder next to them, then move them in (the
+    .onnx names its data file, so both keep their final names while being written)."""
+    data = external_data_path(path)
+    if data.is_dir():
+        raise ExportError(f"cannot write {data}: it is a directory")
+    try:
+        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        onnx_program.save(os.fspath(folder / path.name), external_data=True)
+        for written in (folder / path.name, folder / data.name):
+            os.chmod(written, 0o666 & ~_UMASK)
+        os.replace(folder / data.name, data)
+        os.replace(folder / path.name, path)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        folder.rmdir()
 
 
 def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
