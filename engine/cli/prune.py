@@ -16,6 +16,7 @@ from engine.cli.common import (
     read_json,
     report_frozen,
 )
+from engine.cli.structures import add_structure_args, print_structures, structure_kwargs
 from engine.errors import OnnxExportError, OptionError
 
 
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ratio.add_argument("--ratios", metavar="FILE.json", help="{group name: ratio}")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    add_structure_args(p)
     p.set_defaults(run=run)
 
 
@@ -49,15 +51,18 @@ def run(args: argparse.Namespace) -> int:
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
-    if ratio is None and ratios is None and options.criterion != "index":
-        raise OptionError("prune needs --ratio R or --ratios FILE.json")
+    structures = structure_kwargs(args)
+    if ratio is None and ratios is None and options.criterion != "index" and not any(
+            v is not None for v in structures.values()):
+        raise OptionError("prune needs --ratio R or --ratios FILE.json (or --expert-ratio R, "
+                          "--block-ratio R, --remove-blocks N)")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
     progress = Progress(8)
     try:
         result = engine.prune(args.model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
-                              **load_kwargs(args))
+                              **load_kwargs(args), **structures)
         onnx_error = None
         try:
             paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     v = report["verification"]
     print(f"verification: output shapes match={v['output_shapes_match']}, "
           f"max |pruned - masked| = {v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
+    print_structures(report)
     report_frozen(report["frozen"])
     for path in paths.values():
         print(f"wrote {path}")

@@ -68,10 +68,7 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
         if found is None:
             continue
         stream, branch, members = found
-        params = sorted({
-            arg.target for m in members for arg in m.all_input_nodes
-            if arg.op == "get_attr" and arg.target in weights
-        })
+        params = sorted(_weights_read(members, stream, weights))
         if not params:
             continue  # x + f(x) without weights (a GELU polynomial), not a block
         blocks.append(Block(
@@ -104,6 +101,26 @@ def _branch(stream: fx.Node, branch: fx.Node, index: dict):
             on_path.add(n)
     on_path.discard(stream)
     return stream, branch, on_path
+
+
+def _weights_read(members: set[fx.Node], stream: fx.Node, weights: dict[str, int],
+                  depth: int = 4) -> set[str]:
+    """Weights the branch reads, directly or through a few weight-only ops (transpose, cast)."""
+    found: set[str] = set()
+    todo = [(i, 0) for m in members for i in m.all_input_nodes
+            if i not in members and i is not stream]
+    seen: set[fx.Node] = set()
+    while todo:
+        n, level = todo.pop()
+        if n in seen or level > depth:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            if n.target in weights:
+                found.add(n.target)
+        elif n.op == "call_function":
+            todo.extend((i, level + 1) for i in n.all_input_nodes)
+    return found
 
 
 def _weights(gm: fx.GraphModule) -> dict[str, int]:

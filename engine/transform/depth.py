@@ -142,32 +142,13 @@ def masked_depth(gm: fx.GraphModule, removed: list[Block]) -> Callable:
     return run
 
 
-def score_inputs(analysis, calibration: np.ndarray | None) -> list[tuple]:
-    """The example inputs, or calibration batches in their place (first input)."""
-    inputs = tuple(analysis.captured.example_inputs)
+def score_inputs(analysis, calibration: Any) -> list[tuple]:
+    """The example inputs, or the calibration batches."""
     if calibration is None:
-        return [inputs]
-    from engine.scoring.analysis import _batch_size, _dynamic_batch
+        return [tuple(analysis.captured.example_inputs)]
+    from engine.scoring.calibration import as_calibration, batches
 
-    x = torch.as_tensor(np.asarray(calibration))
-    example = inputs[0]
-    if x.dim() != example.dim() or tuple(x.shape[1:]) != tuple(example.shape[1:]):
-        raise OptionError(
-            f"calibration inputs have shape {tuple(x.shape)}, but the model takes inputs of "
-            f"shape (N, {', '.join(str(s) for s in example.shape[1:])})"
-        )
-    x = x.to(example.dtype)
-    batch = _batch_size(analysis, x)
-    out = []
-    for start in range(0, min(len(x), 256), batch):
-        chunk = x[start:start + batch]
-        if len(chunk) != batch and not _dynamic_batch(analysis):
-            break
-        out.append((chunk, *inputs[1:]))
-    if not out:
-        raise OptionError(f"calibration data holds {len(x)} samples; the model needs batches "
-                          f"of {batch}")
-    return out
+    return [inputs for inputs, _labels in batches(analysis.captured, as_calibration(calibration))]
 
 
 def prune_depth(
