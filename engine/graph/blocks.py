@@ -27,8 +27,8 @@ class Block:
     stream: str  # the stream operand
     branch: str  # the branch operand
     nodes: list[str] = field(repr=False)  # branch nodes: on a path from stream to branch
-    params: list[str] = field(default_factory=list)  # weights the branch reads
-    numel: int = 0  # their total size (shared weights included)
+    params: list[str] = field(default_factory=list)  # parameters the branch reads
+    numel: int = 0  # their total size (shared parameters included)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "add": self.add, "params": self.numel}
@@ -53,6 +53,7 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
     """Every residual block of the graph, in network order."""
     nodes = list(gm.graph.nodes)
     index = {n: k for k, n in enumerate(nodes)}
+    sizes = {name: p.numel() for name, p in gm.named_parameters(remove_duplicate=False)}
     weights = _weights(gm)
     blocks: list[Block] = []
     for node in nodes:
@@ -68,13 +69,13 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
         if found is None:
             continue
         stream, branch, members = found
-        params = sorted(_weights_read(members, stream, weights))
-        if not params:
+        params = sorted(_weights_read(members, stream, sizes))
+        if not any(p in weights for p in params):
             continue  # x + f(x) without weights (a GELU polynomial), not a block
         blocks.append(Block(
             name=_common_prefix(params), add=node.name, stream=stream.name, branch=branch.name,
             nodes=[m.name for m in sorted(members, key=index.get)], params=params,
-            numel=sum(weights[p] for p in params),
+            numel=sum(sizes[p] for p in params),
         ))
     _unique_names(blocks)
     return blocks
@@ -103,9 +104,10 @@ def _branch(stream: fx.Node, branch: fx.Node, index: dict):
     return stream, branch, on_path
 
 
-def _weights_read(members: set[fx.Node], stream: fx.Node, weights: dict[str, int],
+def _weights_read(members: set[fx.Node], stream: fx.Node, params: dict[str, int],
                   depth: int = 4) -> set[str]:
-    """Weights the branch reads, directly or through a few weight-only ops (transpose, cast)."""
+    """Parameters the branch reads, directly or through a few weight-only ops (transpose,
+    cast)."""
     found: set[str] = set()
     todo = [(i, 0) for m in members for i in m.all_input_nodes
             if i not in members and i is not stream]
@@ -116,7 +118,7 @@ def _weights_read(members: set[fx.Node], stream: fx.Node, weights: dict[str, int
             continue
         seen.add(n)
         if n.op == "get_attr":
-            if n.target in weights:
+            if n.target in params:
                 found.add(n.target)
         elif n.op == "call_function":
             todo.extend((i, level + 1) for i in n.all_input_nodes)
