@@ -29,6 +29,7 @@ from dashboard.sidebar import (  # noqa: E402
 )
 from dashboard.tabs import graphs, prune, scores  # noqa: E402
 from dashboard.tabs import plan as plan_tab_view  # noqa: E402
+from engine.scoring.criteria import CRITERIA_NEEDING_CALIBRATION  # noqa: E402
 
 TABS = ("Scores", "Plan", "Prune & compare", "Graphs")
 
@@ -92,8 +93,8 @@ def main() -> None:
         st.info("Criterion **index**: list the filter indices to remove under “Channel indices "
                 "to remove” in the sidebar (one line per layer, e.g. `block1.conv1: 0, 3`). "
                 "Layer names are in the Plan tab.", icon="✍️")
-    elif options.criterion == "nuclear_norm" and eval_data is None:
-        st.error("Criterion nuclear_norm needs calibration data: upload an .npz with an "
+    elif options.criterion in CRITERIA_NEEDING_CALIBRATION and eval_data is None:
+        st.error(f"Criterion {options.criterion} needs calibration data: upload an .npz with an "
                  "array 'x' under “Calibration / evaluation data” in the sidebar.", icon="⚠️")
     else:
         try:

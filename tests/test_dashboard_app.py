@@ -82,7 +82,7 @@ def _calibration():
 def _expected_plan(at: AppTest, options: PruningOptions, ratio: float, **kw):
     """The engine's own plan for the page's model, computed outside the page."""
     model = _model(at)
-    calibration = at.session_state["_ps_eval"][1].x  # the page's cached array (same object)
+    calibration = at.session_state["_ps_eval"][1]  # the page's calibration data (x and y)
     return engine.plan(model.analysis, options, ratio=ratio, calibration=calibration, **kw)
 
 

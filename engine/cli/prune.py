@@ -7,6 +7,7 @@ import sys
 
 from engine.cli.common import (
     Progress,
+    add_eval_args,
     add_model_args,
     add_option_args,
     calibration_from,
@@ -30,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     add_structure_args(p)
+    add_eval_args(p)
     p.set_defaults(run=run)
 
 
@@ -43,6 +45,13 @@ def _ratios(path: str) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     import engine
     from engine.options import check_ratio
+    from engine.quality.evaluate import (
+        check_data,
+        check_metric,
+        load_eval_data,
+        quality_line,
+        quality_report,
+    )
 
     options = options_from_args(args)
     if args.indices and options.criterion != "index":
@@ -58,11 +67,23 @@ def run(args: argparse.Namespace) -> int:
                           "--block-ratio R, --remove-blocks N)")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
-    progress = Progress(8)
+    metric = check_metric(args.metric)
+    if metric is not None and args.eval_data is None:
+        raise OptionError("--metric needs --eval-data FILE.npz (held-out data to measure on)")
+    eval_data = load_eval_data(args.eval_data) if args.eval_data else None
+    model = args.model
+    if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
+        model = engine.load_model(model, **load_kwargs(args))
+        check_data(model, eval_data)
+    progress = Progress(9 if eval_data else 8)
     try:
-        result = engine.prune(args.model, None, options, ratio=ratio, ratios=ratios,
+        result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
                               **load_kwargs(args), **structures)
+        if eval_data is not None:
+            progress("evaluating on --eval-data")
+            result.report["quality"] = quality_report(model, result,
+                                                      eval_data, metric)
         onnx_error = None
         try:
             paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
@@ -79,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"verification: output shapes match={v['output_shapes_match']}, "
           f"max |pruned - masked| = {v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
     print_structures(report)
+    if "quality" in report:
+        print(quality_line(report["quality"]))
     report_frozen(report["frozen"])
     for path in paths.values():
         print(f"wrote {path}")

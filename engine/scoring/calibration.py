@@ -77,7 +77,12 @@ def as_calibration(data: Any) -> CalibrationSet:
         raise OptionError("calibration data has no inputs: give an array x (or x0, x1, ...)")
     arrays = tuple(_array(a) for a in inputs)
     n = arrays[0].shape[0] if arrays[0].ndim else 0
-    if any(a.ndim == 0 or a.shape[0] != n for a in arrays) or n == 0:
+    if arrays[0].ndim and n == 0:
+        raise OptionError(
+            f"calibration data has no samples (x has shape {arrays[0].shape}): it gives no "
+            "feature maps to score"
+        )
+    if any(a.ndim == 0 or a.shape[0] != n for a in arrays):
         raise OptionError(
             "calibration inputs must be arrays with the same number of samples (>= 1) along "
             f"dim 0; got shapes {', '.join(str(a.shape) for a in arrays)}"

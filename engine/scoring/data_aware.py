@@ -321,10 +321,13 @@ def _loss(outputs: Any, inputs: tuple, labels: torch.Tensor | None) -> torch.Ten
     if labels is not None:
         y = labels.to(torch.int64) if not labels.is_floating_point() else None
         if y is None or tuple(y.shape) != tuple(logits.shape[:-1]):
+            def shape(dims) -> str:
+                return "(" + ", ".join(["N", *(str(int(d)) for d in dims)]) + ")"
+
             raise OptionError(
-                f"criterion taylor: calibration labels y have shape {tuple(labels.shape)} "
-                f"({labels.dtype}); the model's output {tuple(logits.shape)} needs integer "
-                f"class indices of shape {tuple(logits.shape[:-1])}"
+                f"criterion taylor: calibration labels y have shape {shape(labels.shape[1:])} "
+                f"({labels.dtype}); the model's output {shape(logits.shape[1:])} needs integer "
+                f"class indices of shape {shape(logits.shape[1:-1])}"
             )
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
                                reduction="sum")

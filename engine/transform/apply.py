@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from engine.errors import PruneScopeError
 from engine.graph.dependency import Structure
 from engine.graph.tracer import RewriteError, Tracer
 from engine.scoring.planning import Plan
@@ -32,7 +33,20 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
         new = copy.deepcopy(gm, memo)
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
-    tracer.run()
+    try:
+        tracer.run()
+        _slice_params(new, tracer)
+    except Exception as exc:  # noqa: BLE001 - an engine bug reaches the user as one line
+        raise PruneScopeError(
+            f"removing the planned channels failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        ) from exc
+    _unshare(new, gm)
+    _resize_param_views(new, tracer)
+    new.recompile()
+    return new
+
+
+def _slice_params(new: fx.GraphModule, tracer: Tracer) -> None:
     params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
     for name in params:
         tensor = tracer.param_tensor(name)
@@ -44,10 +58,6 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
         if name in tracer.grouped_gathers:
             data = _gather_grouped(data, tracer.grouped_gathers[name])
         _set_tensor(new, name, tensor, data.contiguous())
-    _unshare(new, gm)
-    _resize_param_views(new, tracer)
-    new.recompile()
-    return new
 
 
 def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
@@ -130,8 +140,10 @@ class MaskedInterpreter(fx.Interpreter):
         super().__init__(gm)
         roots = structure.state.uf.roots()
         self.masks: dict[str, object] = {}
+        weights_only = _weights_only(gm)
         for name, ids in structure.state.labels.items():
-            self.masks[name] = _mask(ids, roots, removed)
+            if name not in weights_only:
+                self.masks[name] = _mask(ids, roots, removed)
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -143,6 +155,18 @@ class MaskedInterpreter(fx.Interpreter):
                 _apply_mask(r, m) for r, m in zip(result, mask)
             ) if isinstance(result, (list, tuple)) else result
         return _apply_mask(result, mask)
+
+
+def _weights_only(gm: fx.GraphModule) -> set[str]:
+    """Nodes computed from parameters alone (a weight standardised or normalised before
+    use). They are not activations: zeroing them would divide zero by zero in a norm, and
+    the layer they feed is masked anyway."""
+    out: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function" and node.all_input_nodes and
+                                     all(a.name in out for a in node.all_input_nodes)):
+            out.add(node.name)
+    return out
 
 
 def _mask(ids, roots, removed):
