@@ -17,6 +17,7 @@ from engine.cli.common import (
     read_json,
     report_frozen,
 )
+from engine.cli.structures import add_structure_args, print_structures, structure_kwargs
 from engine.cli.targets import add_target_args, print_section, target_section, wants_target
 from engine.errors import OnnxExportError, OptionError
 
@@ -31,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_target_args(ratio, p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    add_structure_args(p)
     add_eval_args(p)
     p.set_defaults(run=run)
 
@@ -60,10 +62,13 @@ def run(args: argparse.Namespace) -> int:
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
+    structures = structure_kwargs(args)
     if ratio is None and ratios is None and not wants_target(args) \
-            and options.criterion != "index":
+            and options.criterion != "index" and not any(
+                v is not None for v in structures.values()):
         raise OptionError("prune needs --ratio R, --ratios FILE.json, --target-params F or "
-                          "--target-flops F")
+                          "--target-flops F (or --expert-ratio R, --block-ratio R, "
+                          "--remove-blocks N)")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
     metric = check_metric(args.metric)
@@ -84,12 +89,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
-                              **load_kwargs(args))
+                              **load_kwargs(args), **structures)
         if auto is not None:
             result.report["auto_ratios"] = auto
         if eval_data is not None:
             progress("evaluating on --eval-data")
-            result.report["quality"] = quality_report(result.analysis.captured, result,
+            result.report["quality"] = quality_report(model, result,
                                                       eval_data, metric)
         onnx_error = None
         try:
@@ -106,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     v = report["verification"]
     print(f"verification: output shapes match={v['output_shapes_match']}, "
           f"max |pruned - masked| = {v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
+    print_structures(report)
     if "quality" in report:
         print(quality_line(report["quality"]))
     if auto is not None:
