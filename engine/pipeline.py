@@ -129,23 +129,43 @@ def prune(
     progress: Progress | None = None,
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
+    expert_ratio: float | None = None,
+    block_ratio: float | None = None,
+    remove_blocks: int | None = None,
 ) -> PruneResult:
-    """Capture, analyse, plan, apply and verify in one call."""
+    """Capture, analyse, plan, apply and verify in one call.
+
+    `expert_ratio` removes whole experts of mixtures of experts, `block_ratio` or
+    `remove_blocks` whole residual blocks; both run before width pruning (engine.transform).
+    """
+    from engine.transform import structural
+
     options = PruningOptions.from_any(options)
-    if ratio is None and ratios is None and options.criterion != "index":
+    structures = structural.wanted(expert_ratio, block_ratio, remove_blocks)
+    if ratio is None and ratios is None and options.criterion != "index" and not structures:
         raise PruneScopeError("give a global ratio (--ratio R) or per-group ratios (--ratios F)")
     if ratio is not None:
         ratio = check_ratio(ratio)
     say = progress or (lambda _msg: None)
     say("capturing the model")
-    analysis = analyze(model, example_inputs, trust_pickle=trust_pickle, input_shapes=input_shapes)
+    analysis = original = analyze(model, example_inputs, trust_pickle=trust_pickle,
+                                  input_shapes=input_shapes)
+    if structures:
+        analysis, sections = structural.remove_structures(
+            analysis, expert_ratio=expert_ratio, block_ratio=block_ratio,
+            remove_blocks=remove_blocks, calibration=calibration, progress=progress)
+        if ratio is None and ratios is None and options.criterion != "index":
+            ratio = 0.0
     say("analysing channel dependencies and scoring")
     the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
                     calibration=calibration, indices=indices)
     # a model loaded here from a file has no other owner: its weights are released while
     # the pruned ones are made, so the two are never all in memory together
-    owned = isinstance(model, (str, os.PathLike))
-    return apply(analysis, the_plan, progress=progress, release_original=owned)
+    owned = isinstance(model, (str, os.PathLike)) and not structures
+    result = apply(analysis, the_plan, progress=progress, release_original=owned)
+    if structures:
+        structural.finish(result.report, original, sections)
+    return result
 
 
 def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, *,

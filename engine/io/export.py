@@ -221,6 +221,9 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ExportError(f"cannot export {path}: opset {opset} is too old; use >= {MIN_OPSET}")
     if isinstance(program, torch.export.ExportedProgram):
+        from engine.io.custom_ops_onnx import without_custom_ops
+
+        program = without_custom_ops(program)
         args: tuple[Any, ...] = ()
     elif isinstance(program, torch.nn.Module):
         if example_inputs is None:
