@@ -16,6 +16,7 @@ from engine.cli.common import (
     read_json,
     report_frozen,
 )
+from engine.cli.recovery import add_recovery_args, check_recovery_args, run_recovery
 from engine.errors import OnnxExportError, OptionError
 
 
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ratio.add_argument("--ratios", metavar="FILE.json", help="{group name: ratio}")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    add_recovery_args(p)
     p.set_defaults(run=run)
 
 
@@ -53,11 +55,14 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("prune needs --ratio R or --ratios FILE.json")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
+    recovery = check_recovery_args(args)
     progress = Progress(8)
     try:
         result = engine.prune(args.model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
                               **load_kwargs(args))
+        if recovery is not None:
+            result = run_recovery(result, args.calibration, recovery)
         onnx_error = None
         try:
             paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
