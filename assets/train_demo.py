@@ -6,7 +6,7 @@ The network is tiny but contains every structure a pruning option acts on: a res
 attention built from separate q/k/v/out projections with a head split via view/transpose
 (reshape_channel_axis).
 
-    python assets/train_demo.py --out assets  # demo.pt2, demo_{calib,eval}.npz, demo_meta.json
+    python assets/train_demo.py --out assets  # demo.pt2, demo_calib/eval.npz, demo_meta.json
     python assets/train_demo.py --data-only      # only the two data sets (the split, no training)
 
 demo_calib.npz is the training split (with labels): the calibration set of recovery and of

@@ -27,10 +27,11 @@ from dashboard.sidebar import (  # noqa: E402
     sidebar_model,
     sidebar_options,
 )
-from dashboard.tabs import graphs, prune, scores  # noqa: E402
+from dashboard.tabs import compare, graphs, prune, scores  # noqa: E402
 from dashboard.tabs import plan as plan_tab_view  # noqa: E402
+from engine.scoring.criteria import CRITERIA_NEEDING_CALIBRATION  # noqa: E402
 
-TABS = ("Scores", "Plan", "Prune & compare", "Graphs")
+TABS = ("Scores", "Plan", "Prune & compare", "Compare on accuracy", "Graphs")
 
 
 def main() -> None:
@@ -67,6 +68,7 @@ def main() -> None:
             st.caption(f"Still showing: **{model.label}**")
 
     eval_data = sidebar_eval(model)
+    compare.apply_pending_choice()  # a point chosen in the comparison chart sets the sidebar
     try:
         options, ratio, indices_text = sidebar_options()
         indices = parse_indices(indices_text) if options.criterion == "index" else None
@@ -92,8 +94,8 @@ def main() -> None:
         st.info("Criterion **index**: list the filter indices to remove under “Channel indices "
                 "to remove” in the sidebar (one line per layer, e.g. `block1.conv1: 0, 3`). "
                 "Layer names are in the Plan tab.", icon="✍️")
-    elif options.criterion == "nuclear_norm" and eval_data is None:
-        st.error("Criterion nuclear_norm needs calibration data: upload an .npz with an "
+    elif options.criterion in CRITERIA_NEEDING_CALIBRATION and eval_data is None:
+        st.error(f"Criterion {options.criterion} needs calibration data: upload an .npz with an "
                  "array 'x' under “Calibration / evaluation data” in the sidebar.", icon="⚠️")
     else:
         try:
@@ -102,7 +104,7 @@ def main() -> None:
             show_error(e, "Cannot plan with these options")
 
     tabs = st.tabs(TABS, key="main_tab", on_change="rerun")
-    scores_tab, plan_tab, prune_tab, graphs_tab = tabs
+    scores_tab, plan_tab, prune_tab, compare_tab, graphs_tab = tabs
     # Lazy tabs: only the open tab's content runs (the Graphs tab exports ONNX on first use).
     if scores_tab.open is not False and plan is not None:
         with scores_tab:
@@ -113,6 +115,9 @@ def main() -> None:
     if prune_tab.open is not False and plan is not None:
         with prune_tab:
             _guarded(prune.render, model, plan, signature, ratio, eval_data)
+    if compare_tab.open is not False:
+        with compare_tab:
+            _guarded(compare.render, model, options, eval_data)
     if graphs_tab.open is not False:
         with graphs_tab:
             _guarded(graphs.render, model)

@@ -27,7 +27,10 @@ HELP = {
     "criterion": "How a channel's raw importance is measured: l2/l1 = norm of its filter; "
     "gm = distance to the other filters (redundant filters score low); nuclear_norm = "
     "size of its feature maps on calibration data; random = seeded baseline; index = "
-    "you name the channels to remove.",
+    "you name the channels to remove. Data-aware (beyond the spec, on the calibration data): "
+    "activation = mean |output|; wanda = |weight| x input norm over the weights the channel "
+    "removes; taylor = |weight x gradient| of the loss (labels y when given); fluctuation = "
+    "variance of the channel's input x squared weights reading it (FLAP).",
     "policy": "How the members of a connected group (e.g. the convs feeding a residual add) "
     "are combined into one score per channel: sum or average of their normalized scores, "
     "or backward = normalize the sum of the raw scores (the post-residual feature map).",
@@ -70,6 +73,11 @@ def sidebar_model() -> sources.ModelRequest | None:
         st.sidebar.caption("A small digit classifier (8×8 images) with residual, grouped, "
                            "depthwise and attention blocks, plus its own evaluation set.")
         return sources.demo_request()
+    if source == sources.DEMO_LM:
+        st.sidebar.caption("A small byte-level Llama (RMSNorm, rotary embeddings, grouped-query "
+                           "attention, SwiGLU) trained on Python source, with its own held-out "
+                           "text: the quality measure is perplexity.")
+        return sources.demo_lm_request()
     if source == sources.UPLOAD_PT2:
         up = st.sidebar.file_uploader(
             "Model file (.pt2)", type=["pt2"], key="upload_pt2",
@@ -125,7 +133,8 @@ def sidebar_eval(model: state.LoadedModel) -> sources.EvalData | None:
     up = st.sidebar.file_uploader(
         "Calibration / evaluation data (.npz, optional)", type=["npz"], key="upload_eval",
         help="An .npz with 'x' (model inputs, samples on the first axis) and optional integer "
-        "labels 'y'. Used by the nuclear_norm criterion and for the before/after fidelity. "
+        "labels 'y'. Used by the nuclear_norm and data-aware criteria and for the "
+        "before/after fidelity. "
         "The demo brings its own.",
     )
     ss = st.session_state
@@ -145,6 +154,11 @@ def sidebar_eval(model: state.LoadedModel) -> sources.EvalData | None:
         key = "demo"
         if cached is None or cached[0] != key:
             ss[EVAL_KEY] = cached = (key, sources.demo_eval())
+        return cached[1]
+    if model.key.startswith("demo-lm:"):
+        key = "demo-lm"
+        if cached is None or cached[0] != key:
+            ss[EVAL_KEY] = cached = (key, sources.builtin_eval(key))
         return cached[1]
     return None
 

@@ -22,6 +22,14 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
     from engine.graph.dependency import FrozenInfo, GroupInfo
     from engine.options import PruningOptions
     from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
+    from engine.quality.evaluate import (
+        METRICS,
+        EvalData,
+        evaluate,
+        load_calibration_data,
+        load_eval_data,
+        quality_report,
+    )
     from engine.quality.recovery import recover
     from engine.scoring.analysis import Analysis, analyze, plan
     from engine.scoring.planning import GroupPlan, Plan
@@ -40,6 +48,12 @@ _LAZY = {
     "prune": "engine.pipeline",
     "save": "engine.pipeline",
     "score": "engine.pipeline",
+    "METRICS": "engine.quality.evaluate",
+    "EvalData": "engine.quality.evaluate",
+    "evaluate": "engine.quality.evaluate",
+    "load_calibration_data": "engine.quality.evaluate",
+    "load_eval_data": "engine.quality.evaluate",
+    "quality_report": "engine.quality.evaluate",
     "recover": "engine.quality.recovery",
     "Analysis": "engine.scoring.analysis",
     "analyze": "engine.scoring.analysis",
@@ -70,10 +84,12 @@ def __dir__() -> list[str]:
 __all__ = [
     "Analysis",
     "Captured",
+    "EvalData",
     "ExportError",
     "FrozenInfo",
     "GroupInfo",
     "GroupPlan",
+    "METRICS",
     "ModelLoadError",
     "OnnxExportError",
     "OptionError",
@@ -84,11 +100,15 @@ __all__ = [
     "Scores",
     "analyze",
     "apply",
+    "evaluate",
     "load_calibration",
+    "load_calibration_data",
+    "load_eval_data",
     "load_model",
     "masked",
     "plan",
     "prune",
+    "quality_report",
     "recover",
     "save",
     "score",

@@ -16,6 +16,8 @@ LAYER_NORMS = ("standard_score", "tss_norm", "linear_scaling", "softmax_norm", "
 GROUP_POLICIES = ("sum", "average", "count", "none")
 RESHAPE_CHANNEL_AXES = (0, 1, -1, -2)
 STEP_OPS = ("round", "round_up", "round_down", "none")
+# What `engine.evaluate` measures (held-out data; see engine/quality/evaluate.py).
+METRICS = ("accuracy", "perplexity", "agreement", "relative_error")
 
 ALLOWED: dict[str, tuple] = {
     "criterion": CRITERIA,

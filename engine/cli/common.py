@@ -13,6 +13,7 @@ from engine.options import (
     CRITERIA,
     GROUP_POLICIES,
     LAYER_NORMS,
+    METRICS,
     POLICIES,
     RESHAPE_CHANNEL_AXES,
     STEP_OPS,
@@ -60,6 +61,18 @@ def calibration_from(path: str | None) -> Any:
 
     x, y = load_calibration(path)
     return x if y is None else {"x": x, "y": y}
+
+
+DEFAULT_METRIC_HELP = ("default: accuracy with labels y, perplexity for a causal language "
+                       "model, else agreement with the reference")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Held-out data to measure the model on, and the metric."""
+    p.add_argument("--eval-data", metavar="FILE.npz",
+                   help="held-out data: .npz with x (or x0, x1, ...) and optional labels y, a "
+                        ".npy, or a built-in name (demo, demo-lm); never the calibration set")
+    p.add_argument("--metric", help=f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})")
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -177,6 +177,9 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ExportError(f"cannot export {path}: opset {opset} is too old; use >= {MIN_OPSET}")
     if isinstance(program, torch.export.ExportedProgram):
+        from engine.io.custom_ops_onnx import without_custom_ops
+
+        program = without_custom_ops(program)
         args: tuple[Any, ...] = ()
     elif isinstance(program, torch.nn.Module):
         if example_inputs is None:
@@ -257,6 +260,11 @@ def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def _max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
     if got.shape != want.shape:
         raise ExportError(f"ONNX output shape {got.shape} differs from torch {want.shape}")
@@ -271,6 +279,16 @@ def _max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
     diff = np.where(agree, 0.0, diff)
     diff = np.where(np.isnan(diff), math.inf, diff)
     return float(diff.max())
+
+
+def check_onnx_structure(path: str | os.PathLike[str]) -> None:
+    """onnx.checker on the file (by path, so external data is checked where it lies)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"{path} is not a valid ONNX model: {_one_line(e)}") from e
 
 
 def check_onnx(
@@ -290,7 +308,7 @@ def check_onnx(
     inputs = _tensor_leaves(tuple(example_inputs))
     try:
         with torch.no_grad():
-            want = [t.detach().cpu().numpy() for t in _tensor_leaves(module(*example_inputs))]
+            want = [_numpy(t) for t in _tensor_leaves(module(*example_inputs))]
     except Exception as e:
         raise ExportError(
             f"cannot check {path}: the torch model failed on the inputs: {_one_line(e)}"

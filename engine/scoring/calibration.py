@@ -4,8 +4,8 @@ and run through the captured graph in batches.
 Accepted forms (the same layout as a calibration ``.npz``): an array (the inputs ``x``), a
 mapping with ``x`` (or ``x0``, ``x1``, ... for several inputs) and optional labels ``y`` (so
 ``np.load("calib.npz")`` works as it is), or an object with attributes ``x``/``inputs`` and
-``y``. Only the first ``limit`` samples are used (256 by default): per-channel statistics
-settle long before that, and the cost stays bounded on large calibration sets.
+``y``/``labels``. Only the first ``limit`` samples are used (256 by default): per-channel
+statistics settle long before that, and the cost stays bounded on large calibration sets.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def as_calibration(data: Any) -> CalibrationSet:
     elif hasattr(data, "x") or hasattr(data, "inputs"):
         found = getattr(data, "inputs", None)
         inputs = list(found) if isinstance(found, (list, tuple)) else [data.x]
-        labels = getattr(data, "y", None)
+        labels = getattr(data, "y", None) if hasattr(data, "y") else getattr(data, "labels",
+                                                                              None)
     else:
         raise OptionError(
             f"calibration data must be an array or an .npz-like mapping with x (or x0, x1, ...) "
@@ -77,7 +78,12 @@ def as_calibration(data: Any) -> CalibrationSet:
         raise OptionError("calibration data has no inputs: give an array x (or x0, x1, ...)")
     arrays = tuple(_array(a) for a in inputs)
     n = arrays[0].shape[0] if arrays[0].ndim else 0
-    if any(a.ndim == 0 or a.shape[0] != n for a in arrays) or n == 0:
+    if arrays[0].ndim and n == 0:
+        raise OptionError(
+            f"calibration data has no samples (x has shape {arrays[0].shape}): it gives no "
+            "feature maps to score"
+        )
+    if any(a.ndim == 0 or a.shape[0] != n for a in arrays):
         raise OptionError(
             "calibration inputs must be arrays with the same number of samples (>= 1) along "
             f"dim 0; got shapes {', '.join(str(a.shape) for a in arrays)}"

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from engine.errors import PruneScopeError
 from engine.graph.dependency import Structure
 from engine.graph.tracer import RewriteError, Tracer
 from engine.scoring.planning import Plan
@@ -32,7 +33,21 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
         new = copy.deepcopy(gm, memo)
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
-    tracer.run()
+    try:
+        tracer.run()
+        _slice_params(new, tracer)
+    except Exception as exc:  # noqa: BLE001 - an engine bug reaches the user as one line
+        raise PruneScopeError(
+            f"removing the planned channels failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        ) from exc
+    _unshare(new, gm)
+    _resize_param_views(new, tracer)
+    _explicit_copies(new)
+    new.recompile()
+    return new
+
+
+def _slice_params(new: fx.GraphModule, tracer: Tracer) -> None:
     params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
     for name in params:
         tensor = tracer.param_tensor(name)
@@ -44,10 +59,6 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
         if name in tracer.grouped_gathers:
             data = _gather_grouped(data, tracer.grouped_gathers[name])
         _set_tensor(new, name, tensor, data.contiguous())
-    _unshare(new, gm)
-    _resize_param_views(new, tracer)
-    new.recompile()
-    return new
 
 
 def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
@@ -67,6 +78,27 @@ def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
             if isinstance(sizes[k], int) and sizes[k] != -1:
                 sizes[k] = int(shape[dims[k]])
         node.args = (node.args[0], sizes, *node.args[2:])
+
+
+_STRIDE_OPS = ("transpose", "permute", "t", "swapaxes", "movedim")
+
+
+def _explicit_copies(gm: fx.GraphModule) -> None:
+    """``contiguous()`` after a transpose becomes a real copy.
+
+    Attention kernels return (batch, tokens, heads, head_dim) storage on CPU, so in
+    ``sdpa(...).transpose(1, 2).contiguous().reshape(...)`` the ``contiguous`` is a no-op at
+    capture and the reshape a view. The ONNX exporter drops the no-op, then decomposes
+    attention into plain products whose output is laid out the other way, and the view
+    fails (Swin: "Cannot view a tensor with shape ..."). A clone is never dropped.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.contiguous.default:
+            continue
+        source = node.args[0]
+        if getattr(getattr(source, "target", None), "_opname", None) in _STRIDE_OPS:
+            node.target = torch.ops.aten.clone.default
+            node.kwargs = {"memory_format": torch.contiguous_format}
 
 
 def _unshare(new: fx.GraphModule, old: fx.GraphModule) -> None:
@@ -130,8 +162,10 @@ class MaskedInterpreter(fx.Interpreter):
         super().__init__(gm)
         roots = structure.state.uf.roots()
         self.masks: dict[str, object] = {}
+        weights_only = _weights_only(gm)
         for name, ids in structure.state.labels.items():
-            self.masks[name] = _mask(ids, roots, removed)
+            if name not in weights_only:
+                self.masks[name] = _mask(ids, roots, removed)
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -143,6 +177,18 @@ class MaskedInterpreter(fx.Interpreter):
                 _apply_mask(r, m) for r, m in zip(result, mask)
             ) if isinstance(result, (list, tuple)) else result
         return _apply_mask(result, mask)
+
+
+def _weights_only(gm: fx.GraphModule) -> set[str]:
+    """Nodes computed from parameters alone (a weight standardised or normalised before
+    use). They are not activations: zeroing them would divide zero by zero in a norm, and
+    the layer they feed is masked anyway."""
+    out: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function" and node.all_input_nodes and
+                                     all(a.name in out for a in node.all_input_nodes)):
+            out.add(node.name)
+    return out
 
 
 def _mask(ids, roots, removed):
