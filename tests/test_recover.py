@@ -96,7 +96,8 @@ def test_distill_with_steps_is_reproducible(pruned, calib):
 @pytest.mark.parametrize("method", [*DATA_LIGHT, "distill"])
 def test_ratio_zero_is_left_unchanged(calib, method):
     result = engine.prune("demo", ratio=0.0)
-    recovered = engine.recover(result, calib, method, steps=5)
+    few = {"x": calib["x"][:200], "y": calib["y"][:200]}
+    recovered = engine.recover(result, few, method, steps=5)
     x = torch.from_numpy(calib["x"][:64])
     with torch.no_grad():
         assert torch.equal(recovered.module(x), result.module(x))
@@ -259,16 +260,22 @@ def test_recovered_model_saves_and_passes_the_onnx_check(data_light, tmp_path, e
 
 
 def test_auto_runs_data_light_then_distill(pruned, calib):
-    recovered = engine.recover(pruned, calib, "auto", steps=3)
+    few = {"x": calib["x"][:300], "y": calib["y"][:300]}
+    recovered = engine.recover(pruned, few, "auto", steps=3)
     assert recovered.report["recovery"]["methods"] == ["bias", "lsq", "bn", "norm", "distill"]
     assert recovered.report["recovery"]["distill"]["steps"] == 3
 
 
-def test_calibration_forms_and_built_in_name(pruned, calib):
-    by_name = engine.recover(pruned, "demo", "bn", eval_holdout=0)
-    by_array = engine.recover(pruned, {"x": calib["x"], "y": calib["y"]}, "bn", eval_holdout=0)
-    assert torch.equal(by_name.module.block1.bn1.running_mean,
-                       by_array.module.block1.bn1.running_mean)
+def test_calibration_forms_and_built_in_name(calib):
+    from engine.quality.recovery.data import load
+
+    for form in ("demo", ASSETS_DIR / "demo_calib.npz", calib,
+                 type("EvalData", (), {"x": calib["x"], "y": calib["y"]})()):
+        xs, y = load(form)
+        assert len(xs) == 1 and np.array_equal(xs[0], calib["x"])
+        assert np.array_equal(y, calib["y"])
+    xs, y = load({"x0": calib["x"][:3], "x1": calib["y"][:3]})
+    assert len(xs) == 2 and y is None
 
 
 @pytest.mark.parametrize(("kwargs", "text"), [
