@@ -289,3 +289,21 @@ def test_a_residual_channel_sums_every_reader_and_scores_every_member_alike():
     scores = _scores(model, x, x.numpy(), "fluctuation")
     np.testing.assert_allclose(scores[("conv_a.weight", 0)], expected.numpy(), rtol=1e-6)
     np.testing.assert_allclose(scores[("conv_c.weight", 0)], expected.numpy(), rtol=1e-6)
+
+
+def test_calibration_by_name_or_path_is_the_same_data_and_the_same_cache_entry(tmp_path):
+    from engine.demo import DEMO_CALIB_PATH
+
+    analysis = engine.analyze("demo")
+    with np.load(DEMO_CALIB_PATH) as data:
+        arrays = {"x": data["x"], "y": data["y"]}
+    by_arrays = engine.plan(analysis, {"criterion": "taylor"}, ratio=0.3, calibration=arrays)
+    assert analysis.score_computations == 1
+    for given in ("demo", DEMO_CALIB_PATH, str(DEMO_CALIB_PATH)):
+        plan = engine.plan(analysis, {"criterion": "taylor"}, ratio=0.3, calibration=given)
+        assert [g.pruned.tolist() for g in plan.groups] == \
+            [g.pruned.tolist() for g in by_arrays.groups]
+    assert analysis.score_computations == 1
+    # without the labels taylor falls back to the model's own predictions: other scores
+    engine.plan(analysis, {"criterion": "taylor"}, ratio=0.3, calibration=arrays["x"])
+    assert analysis.score_computations == 2
