@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
         load_eval_data,
         quality_report,
     )
+    from engine.quality.sensitivity import sensitivity
+    from engine.quality.sweep import sweep
+    from engine.quality.targets import ratios_for_target
     from engine.scoring.analysis import Analysis, analyze, plan
     from engine.scoring.planning import GroupPlan, Plan
 
@@ -58,6 +61,9 @@ _LAZY = {
     "plan": "engine.scoring.analysis",
     "GroupPlan": "engine.scoring.planning",
     "Plan": "engine.scoring.planning",
+    "sweep": "engine.quality.sweep",
+    "sensitivity": "engine.quality.sensitivity",
+    "ratios_for_target": "engine.quality.targets",
 }
 
 
@@ -107,6 +113,9 @@ __all__ = [
     "plan",
     "prune",
     "quality_report",
+    "ratios_for_target",
     "save",
     "score",
+    "sensitivity",
+    "sweep",
 ]
