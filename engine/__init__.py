@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
         load_eval_data,
         quality_report,
     )
+    from engine.quality.recovery import recover
     from engine.quality.sensitivity import sensitivity
     from engine.quality.sweep import sweep
     from engine.quality.targets import ratios_for_target
@@ -56,6 +57,7 @@ _LAZY = {
     "load_calibration_data": "engine.quality.evaluate",
     "load_eval_data": "engine.quality.evaluate",
     "quality_report": "engine.quality.evaluate",
+    "recover": "engine.quality.recovery",
     "Analysis": "engine.scoring.analysis",
     "analyze": "engine.scoring.analysis",
     "plan": "engine.scoring.analysis",
@@ -114,6 +116,7 @@ __all__ = [
     "prune",
     "quality_report",
     "ratios_for_target",
+    "recover",
     "save",
     "score",
     "sensitivity",

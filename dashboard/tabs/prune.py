@@ -68,18 +68,28 @@ def show_result(run: PruneRun) -> None:
         c[3].metric("Accuracy after", f"{fid['accuracy_after']:.1%}",
                     f"{fid['accuracy_after'] - fid['accuracy_before']:+.1%} "
                     f"(before {fid['accuracy_before']:.1%})")
+    elif "perplexity_after" in fid:
+        c[3].metric("Perplexity after", f"{fid['perplexity_after']:.3f}",
+                    f"{fid['perplexity_after'] - fid['perplexity_before']:+.3f} "
+                    f"(before {fid['perplexity_before']:.3f})", delta_color="inverse",
+                    help="exp of the mean next-token negative log-likelihood; lower is better")
     st.dataframe(pd.DataFrame(comparison_rows(run)), hide_index=True, width="stretch")
     if fid:
         rows = [{"Measure": "Samples", "Value": f"{fid.get('samples', 0):,}"}]
         if "top1_agreement" in fid:
             rows.append({"Measure": "Top-1 agreement with the original",
                          "Value": f"{fid['top1_agreement']:.2%}"})
-        if "max_abs_diff" in fid:
-            rows.append({"Measure": "Max abs output difference",
-                         "Value": f"{fid['max_abs_diff']:.4g}"})
+        if "relative_error" in fid:
+            rows.append({"Measure": "Relative output error (‖pruned − original‖ / ‖original‖)",
+                         "Value": f"{fid['relative_error']:.4g}"})
         if "accuracy_before" in fid:
             rows.append({"Measure": "Accuracy before", "Value": f"{fid['accuracy_before']:.2%}"})
             rows.append({"Measure": "Accuracy after", "Value": f"{fid['accuracy_after']:.2%}"})
+        if "perplexity_before" in fid:
+            rows.append({"Measure": "Perplexity before",
+                         "Value": f"{fid['perplexity_before']:.4f}"})
+            rows.append({"Measure": "Perplexity after",
+                         "Value": f"{fid['perplexity_after']:.4f}"})
         st.markdown(f"**Fidelity** on {run.fidelity_on}:")
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     for note in run.notes:

@@ -514,10 +514,13 @@ def pad(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(node.args[0])
     if ids is None:
         return None
-    padded = len(node.args[1]) // 2
-    if any(ids.shape[d] > 1 for d in range(ids.ndim - padded, ids.ndim)):
-        t.freeze(ids, "padding along the channels")
-        return None
+    amounts = list(node.args[1])
+    label_dims = t.label_dims(node.args[0])
+    for k in range(len(amounts) // 2):  # (last dim's before, after, next dim's ...)
+        dim = ids.ndim - 1 - k
+        if dim in label_dims and any(a != 0 for a in amounts[2 * k:2 * k + 2]):
+            t.freeze(ids, "padding along the channels")
+            return None
     return ids
 
 
@@ -870,8 +873,8 @@ def index(t: Tracer, node: fx.Node) -> Any:
             return None
         slots = t.slots(param, rest[0])
         if not t.whole_blocks:
-            t.freeze(slots, f"{param}: a per-head table (heads are removed whole only with "
-                     "reshape_channel_axis -2/0)")
+            t.freeze(slots, f"{param.rsplit('.', 1)[-1]}: a per-head table (heads are "
+                     "removed whole only with reshape_channel_axis -2/0)")
             return None
         ids = slots.reshape([len(slots) if d == rest[0] else 1 for d in range(len(shape))])
     if ids is None:

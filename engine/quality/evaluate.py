@@ -437,6 +437,25 @@ def evaluate(
     return result
 
 
+@torch.no_grad()
+def predict(model: Any, data: EvalData | str | os.PathLike, *, example_inputs: tuple | None = None,
+            max_samples: int | None = None, batch_size: int = 256) -> np.ndarray:
+    """The model's first output on every sample of `data`, as one array (float32), e.g. to
+    pass as `reference` to several `evaluate` calls without running the reference again."""
+    if not isinstance(data, EvalData):
+        data = load_eval_data(data)
+    data = data.head(max_samples)
+    runner = _runner(model, example_inputs, {})
+    inputs = _as_tensors(data, runner)
+    was_training = _set_eval(runner.module)
+    try:
+        outs = [runner([x[start:start + batch_size] for x in inputs], data).float()
+                for start in range(0, len(data), batch_size)]
+    finally:
+        _restore_training(runner.module, was_training)
+    return torch.cat(outs).numpy()
+
+
 def check_data(model: Any, data: EvalData, example_inputs: tuple | None = None) -> None:
     """Raise the one-line OptionError `evaluate` would raise for inputs that do not fit the
     model (count, shape, dtype), without running it: checked before a long pruning run."""

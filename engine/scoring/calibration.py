@@ -4,8 +4,8 @@ and run through the captured graph in batches.
 Accepted forms (the same layout as a calibration ``.npz``): an array (the inputs ``x``), a
 mapping with ``x`` (or ``x0``, ``x1``, ... for several inputs) and optional labels ``y`` (so
 ``np.load("calib.npz")`` works as it is), or an object with attributes ``x``/``inputs`` and
-``y``. Only the first ``limit`` samples are used (256 by default): per-channel statistics
-settle long before that, and the cost stays bounded on large calibration sets.
+``y``/``labels``. Only the first ``limit`` samples are used (256 by default): per-channel
+statistics settle long before that, and the cost stays bounded on large calibration sets.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def as_calibration(data: Any) -> CalibrationSet:
     elif hasattr(data, "x") or hasattr(data, "inputs"):
         found = getattr(data, "inputs", None)
         inputs = list(found) if isinstance(found, (list, tuple)) else [data.x]
-        labels = getattr(data, "y", None)
+        labels = getattr(data, "y", None) if hasattr(data, "y") else getattr(data, "labels",
+                                                                              None)
     else:
         raise OptionError(
             f"calibration data must be an array or an .npz-like mapping with x (or x0, x1, ...) "

@@ -42,6 +42,7 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
         ) from exc
     _unshare(new, gm)
     _resize_param_views(new, tracer)
+    _explicit_copies(new)
     new.recompile()
     return new
 
@@ -77,6 +78,27 @@ def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
             if isinstance(sizes[k], int) and sizes[k] != -1:
                 sizes[k] = int(shape[dims[k]])
         node.args = (node.args[0], sizes, *node.args[2:])
+
+
+_STRIDE_OPS = ("transpose", "permute", "t", "swapaxes", "movedim")
+
+
+def _explicit_copies(gm: fx.GraphModule) -> None:
+    """``contiguous()`` after a transpose becomes a real copy.
+
+    Attention kernels return (batch, tokens, heads, head_dim) storage on CPU, so in
+    ``sdpa(...).transpose(1, 2).contiguous().reshape(...)`` the ``contiguous`` is a no-op at
+    capture and the reshape a view. The ONNX exporter drops the no-op, then decomposes
+    attention into plain products whose output is laid out the other way, and the view
+    fails (Swin: "Cannot view a tensor with shape ..."). A clone is never dropped.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.contiguous.default:
+            continue
+        source = node.args[0]
+        if getattr(getattr(source, "target", None), "_opname", None) in _STRIDE_OPS:
+            node.target = torch.ops.aten.clone.default
+            node.kwargs = {"memory_format": torch.contiguous_format}
 
 
 def _unshare(new: fx.GraphModule, old: fx.GraphModule) -> None:
