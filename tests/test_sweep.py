@@ -227,3 +227,15 @@ def test_target_flops_from_stored_curves_writes_reusable_ratios(capfd, tmp_path)
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["after"] == report["after"]
     assert [g["pruned"] for g in again["groups"]] == [g["pruned"] for g in report["groups"]]
+
+
+def test_recovered_points_are_measured_like_a_recovery_run():
+    report = sweep("demo", {}, [0.5], eval_data="demo", recover="bn,bias,lsq,norm",
+                   calibration="demo", workers=1)
+    point = report["points"][0]
+    x, y = load_demo_eval()
+    result = engine.prune("demo", ratio=0.5)
+    recovered = engine.recover(result, "demo", methods="bn,bias,lsq,norm")
+    assert point["metric"] == _accuracy(result.module, x, y)
+    assert point["recovered"] == _accuracy(recovered.module, x, y)
+    assert point["recovered"] > point["metric"] + 0.3  # data-light recovery at 0.5
