@@ -22,7 +22,7 @@ from dashboard.charts_sweep import (
     sensitivity_heatmap,
     sweep_frame,
 )
-from dashboard.common import editor_key, short, show_error
+from dashboard.common import editor_key, session_files, short, show_error
 from engine.options import PruningOptions
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -76,10 +76,10 @@ def render(model: state.LoadedModel, options: PruningOptions,
         "in the sidebar."
     )
     is_demo = model.key.startswith("demo:")
-    report = _demo_report(DEMO_SWEEP) if is_demo else model.cache.get("sweep")
-    if not is_demo:
+    report = _demo_report(DEMO_SWEEP) if is_demo else None
+    if report is None:  # another model (or the demo without its stored sweep): sweep here
         _sweep_controls(model, eval_data)
-        report = model.cache.get("sweep")
+        report = _last_sweep(model)
     if report is None:
         st.info("No sweep yet: choose what to compare and press **Run sweep**.", icon="📈")
     else:
@@ -162,27 +162,43 @@ def _sweep_controls(model: state.LoadedModel, eval_data: sources.EvalData | None
 
     bar = st.progress(0.0, text="sweeping… (stop with ⏹ at the top right; finished points "
                                 "are kept)")
+
     def progress(done: int, total: int, record: dict) -> None:
         bar.progress(done / total, text=f"{done}/{total} points")
 
+    # written after every point, so a stopped sweep still shows what finished
+    path = session_files().subdir("sweeps") / f"{short(model.key)}.json"
+    path.unlink(missing_ok=True)
+    model.cache["sweep_path"] = str(path)
     try:
         # in this process (Streamlit's threads make forking unsafe): a stop stops it at once
-        report = sweep(model.analysis, {axis: values}, ratios, eval_data=_engine_data(eval_data),
-                       workers=1, progress=progress)
-        model.cache["sweep"] = report
+        sweep(model.analysis, {axis: values}, ratios, eval_data=_engine_data(eval_data),
+              workers=1, progress=progress, out_json=path)
     except Exception as e:  # noqa: BLE001 - one line in the page
         show_error(e, "The sweep failed")
+
+
+def _last_sweep(model: state.LoadedModel) -> dict | None:
+    path = model.cache.get("sweep_path")
+    if not path or not Path(path).is_file():
+        return None
+    report = json.loads(Path(path).read_text())
+    if not report.get("complete"):
+        st.caption(f"Stopped sweep: {len(report['points'])} of {report['total']} points.")
+    return report
 
 
 def _sensitivity(model: state.LoadedModel, options: PruningOptions,
                  eval_data: sources.EvalData | None, is_demo: bool) -> None:
     st.subheader("Sensitivity of each group")
-    report = _demo_report(DEMO_SENSITIVITY) if is_demo else model.cache.get("sensitivity")
-    if is_demo and report is not None:
+    report = _demo_report(DEMO_SENSITIVITY) if is_demo else None
+    if report is not None:
         st.caption("Each group pruned alone at each ratio, default options, measured on the "
                    "demo's calibration split (the evaluation set stays held out).")
-    if not is_demo and eval_data is not None:
-        if st.button("Measure sensitivity", key="sens_run"):
+    elif eval_data is not None:
+        report = model.cache.get("sensitivity")
+        if st.button("Measure sensitivity", key="sens_run",
+                     help="Each group pruned alone at 0.1 ... 0.9, on the sidebar's data"):
             from engine.quality.sensitivity import sensitivity
 
             bar = st.progress(0.0, text="measuring…")

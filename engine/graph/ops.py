@@ -1242,9 +1242,7 @@ def sdpa(t: Tracer, node: fx.Node) -> Any:
         t, node, [q_ids, k_ids], [var_q, var_k], [q_spec, k_spec], f"{lead}st"
     )
     if isinstance(mask, fx.Node):
-        mask_ids = t.labels_of(mask)
-        if mask_ids is not None:
-            t.freeze(mask_ids, "attention mask")
+        _attention_bias(t, mask, scores, ndim)
     out, _ = _einsum_labels(
         t, node, [scores if scores is not None else np.full((1,) * ndim, NO_LABEL), v_ids],
         [var_s, var_v], [f"{lead}st", v_spec], f"{lead}sd",
@@ -1253,6 +1251,24 @@ def sdpa(t: Tracer, node: fx.Node) -> Any:
         # the default scale is 1/sqrt(head_dim): keep the original one when head_dim shrinks
         t.set_kwarg("scale", 1.0 / math.sqrt(t.orig_shape(q)[-1]))
     return out
+
+
+def _attention_bias(t: Tracer, mask: fx.Node, scores: np.ndarray | None, ndim: int) -> None:
+    """A float mask is added to the scores: a per-head bias (a relative position table)
+    goes with the heads it is added to; anything else carrying channels is frozen."""
+    mask_ids = t.labels_of(mask)
+    if mask_ids is None:
+        return
+    offset = ndim - mask_ids.ndim
+    dims = {d + offset for d in t.label_dims(mask)}
+    if scores is None or not dims or max(dims) >= ndim - 2:
+        t.freeze(mask_ids, "attention mask")
+        return
+    bias = mask_ids.reshape((1,) * offset + mask_ids.shape)
+    bias, heads = np.broadcast_arrays(bias[..., :1, :1], scores[..., :1, :1])
+    both = (bias >= 0) & (heads >= 0)
+    t.union(bias[both], heads[both])
+    t.freeze(bias[(bias >= 0) & (heads < 0)], "attention mask")
 
 
 def _repeat_heads(ids: np.ndarray, rep: int) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 LayerNorm, RMSNorm and GroupNorm compute their statistics over channels; after pruning they
 average over fewer of them, so every sample is scaled and shifted differently than before.
-Per channel, the affine weight and bias are refitted so that the pruned normalisation's
-output matches the original's on the calibration data (a one-variable least-squares fit per
-channel; RMSNorm, which has no bias, through the origin).
+On the original network's activations, the normalised value over the kept channels only is
+fitted, per channel, to the normalised value over all channels (a one-variable least-squares
+fit: the mean ratio of the two scales and the mean shift of the centre; through the origin
+for RMSNorm, which has no bias), and the affine weight and bias absorb that fit. Using the
+original activations on both sides isolates the change of statistics from upstream drift.
 """
 
 from __future__ import annotations
@@ -70,29 +72,40 @@ def correct(ctx: Context, node: fx.Node, step: Step) -> str | None:
     rule = NORMS.get(node.target)
     if rule is None or not isinstance(node.args[0], fx.Node):
         return None
-    z, trailing, w_i, b_i = rule(node, step.pruned_args)
+    pruned_args = step.pruned_args
     x = step.original_args[0]
+    _, trailing, w_i, b_i = rule(node, pruned_args)
     dims = [1] if trailing is None else list(range(x.ndim - trailing, x.ndim))
     kept = ctx.layout.kept(node.args[0].name)
     if not any(d in kept and not kept[d].all() for d in dims):
         return None  # nothing was removed from the normalised channels
     weight_node = node.args[w_i] if len(node.args) > w_i else None
     weight = param_of(ctx.pruned, weight_node)
-    target = ctx.layout.restrict(node.name, step.original_out, like=z)
-    if weight is None or target is None:
+    x_kept = ctx.layout.restrict(node.args[0].name, x, like=pruned_args[0])
+    if weight is None or x_kept is None:
         return None
-    bias_node = node.args[b_i] if b_i is not None and len(node.args) > b_i else None
+    # the same original activations normalised over the kept channels only, and over all
+    # of them: how the statistics changed, without the drift of upstream layers
+    z_kept = rule(node, (x_kept, *pruned_args[1:]))[0]
+    z_full = ctx.layout.restrict(node.name, rule(node, step.original_args)[0], like=z_kept)
+    if z_full is None:
+        return None
     with_bias = b_i is not None
-    a, c = fit_affine(_rows(z, trailing), _rows(target, trailing), with_bias)
+    a, c = fit_affine(_rows(z_kept, trailing), _rows(z_full, trailing), with_bias)
+    old_weight = weight.detach().double().clone()
     with torch.no_grad():
-        weight.copy_(a.reshape(weight.shape).to(weight.dtype))
+        weight.copy_((old_weight * a.reshape(weight.shape)).to(weight.dtype))
         if with_bias:
+            bias_node = node.args[b_i] if len(node.args) > b_i else None
             if not isinstance(bias_node, fx.Node):
                 bias_node = add_parameter(ctx.pruned, node,
                                           str(weight_node.target).rpartition(".")[0],
                                           "bias", torch.zeros_like(weight))
                 args = list(node.args)
+                while len(args) <= b_i:
+                    args.append(None)
                 args[b_i] = bias_node
                 node.args = tuple(args)
-            param_of(ctx.pruned, bias_node).copy_(c.reshape(weight.shape).to(weight.dtype))
+            bias = param_of(ctx.pruned, bias_node)
+            bias.add_((old_weight * c.reshape(weight.shape)).to(bias.dtype))
     return str(weight_node.target).rpartition(".")[0]
