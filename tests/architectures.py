@@ -123,7 +123,7 @@ def mobilenet_v2():
 
 def efficientnet():
     return _vision("EfficientNetForImageClassification", "EfficientNetConfig",
-                   width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=128,
+                   width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320,
                    image_size=32, num_labels=10)
 
 
@@ -183,7 +183,7 @@ def yolos():
 
 def cvt():
     return _vision("CvtForImageClassification", "CvtConfig", embed_dim=[16, 32, 64],
-                   num_heads=[1, 2, 4], depth=[1, 1, 1], num_labels=10)
+                   num_heads=[1, 2, 4], depth=[1, 2, 3], num_labels=10)
 
 
 def pvt():

@@ -698,10 +698,13 @@ def split(t: Tracer, node: fx.Node) -> Any:
     if dim not in t.label_dims(x):
         return [ids] * count
     sizes = [int(v.shape[dim]) for v in vals]
+    if along(t.state.labels[x.name] if t.apply_pass else ids, dim) is None:
+        # per-head pieces (LeViT: (heads, q + k + v) split on the last dim): the planner
+        # cannot promise every head keeps the same share of each piece
+        t.freeze(ids, f"split along channels spread over several dimensions ({node.name})")
+        return [None] * count
     if t.apply_pass:
         line = along(t.state.labels[x.name], dim)
-        if line is None:
-            raise RewriteError(f"split {node.name} of labels spread over several dimensions")
         bounds = np.cumsum([0] + sizes)
         sizes = [_kept_count(t, line, bounds[i], bounds[i + 1]) for i in range(count)]
         t.set_target(aten.split_with_sizes.default, (x, sizes, dim))
