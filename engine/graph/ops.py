@@ -697,14 +697,15 @@ def split(t: Tracer, node: fx.Node) -> Any:
     dim = int(_arg(node, 2, "dim", 0)) % ids.ndim
     if dim not in t.label_dims(x):
         return [ids] * count
+    if along(ids, dim) is None and not t.apply_pass:
+        # (heads, head_dim) split inside each head: the pieces need not keep equal counts
+        t.freeze(ids, f"{op_key(node)} of channels spread over several dimensions")
     sizes = [int(v.shape[dim]) for v in vals]
-    if along(t.state.labels[x.name] if t.apply_pass else ids, dim) is None:
-        # per-head pieces (LeViT: (heads, q + k + v) split on the last dim): the planner
-        # cannot promise every head keeps the same share of each piece
-        t.freeze(ids, f"split along channels spread over several dimensions ({node.name})")
-        return [None] * count
     if t.apply_pass:
-        line = along(t.state.labels[x.name], dim)
+        ref = t.state.labels[x.name]
+        line = along(ref, dim)
+        if line is None:  # frozen in the analysis: every piece keeps its size
+            line = np.moveaxis(ref, dim, -1).reshape(-1, ref.shape[dim])[0]
         bounds = np.cumsum([0] + sizes)
         sizes = [_kept_count(t, line, bounds[i], bounds[i + 1]) for i in range(count)]
         t.set_target(aten.split_with_sizes.default, (x, sizes, dim))
@@ -1296,3 +1297,7 @@ def no_channels(t: Tracer, node: fx.Node) -> Any:
     if key.startswith("aten._local_scalar_dense"):
         t.freeze(t.labels_of(node.args[0]), "the channels are read as a Python number")
     return None
+
+
+# mixtures of experts: their entries live in their own module (registered on import)
+import engine.graph.ops_moe  # noqa: E402,F401
