@@ -811,6 +811,38 @@ def select(t: Tracer, node: fx.Node) -> Any:
     return np.take(ids, index, axis=dim)
 
 
+@register("im2col")
+def im2col(t: Tracer, node: fx.Node) -> Any:
+    """``unfold``: (N, C, H, W) -> (N, C * kh * kw, L), channel-major: each channel becomes
+    a block of kh * kw rows."""
+    ids = t.labels_of(node.args[0])
+    if ids is None:
+        return None
+    line = _channel_ids(t, ids, -3, op_key(node))
+    if line is None:
+        return None
+    block = int(np.prod([int(k) for k in node.args[1]]))
+    line = np.repeat(_full(line, (t.shape(node.args[0])[-3],)), block)
+    return line.reshape((1,) * (_ndim(node) - 2) + (-1, 1))
+
+
+@register("col2im")
+def col2im(t: Tracer, node: fx.Node) -> Any:
+    """``fold``: (N, C * kh * kw, L) -> (N, C, H, W); each block of kh * kw rows is one
+    channel, so the rows of a block go together."""
+    ids = t.labels_of(node.args[0])
+    if ids is None:
+        return None
+    line = _channel_ids(t, ids, -2, op_key(node))
+    if line is None:
+        return None
+    block = int(np.prod([int(k) for k in node.args[2]]))
+    rows = _full(line, (t.shape(node.args[0])[-2],)).reshape(-1, block)
+    for row in rows:
+        t.union(np.full(block - 1, row[0]), row[1:])
+    return rows[:, 0].reshape((1,) * (_ndim(node) - 3) + (-1, 1, 1))
+
+
 @register("roll")
 def roll(t: Tracer, node: fx.Node) -> Any:
     """Rolling (shifted windows) over other dims passes channels through. Over the channels
