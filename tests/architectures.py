@@ -189,6 +189,7 @@ def cvt():
 def pvt():
     return _vision("PvtForImageClassification", "PvtConfig", image_size=64, size=64,
                    hidden_sizes=[16, 32, 64, 128], num_encoder_blocks=4, depths=[1, 1, 1, 1],
+                   num_attention_heads=[1, 2, 4, 8],
                    num_labels=10)
 
 
