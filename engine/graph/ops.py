@@ -168,9 +168,20 @@ def _derived_layer(t: Tracer, node: fx.Node, x: fx.Node, weight: fx.Node, x_dim:
 
 
 def _bias(t: Tracer, node: fx.Node, index: int, name: str, out_ids: np.ndarray) -> None:
-    bias = t.param(_arg(node, index, name))
+    arg = _arg(node, index, name)
+    bias = t.param(arg)
     if bias is not None:
         t.bind(bias, 0, out_ids)
+    elif isinstance(arg, fx.Node):
+        # a computed bias (a fused q/k/v bias chunked, as nn.MultiheadAttention does): its
+        # channels go with the output's, or the output cannot be sliced
+        ids = t.labels_of(arg)
+        line = along(ids, -1) if ids is not None else None
+        if line is not None and len(line) == len(out_ids):
+            t.union(line, out_ids)
+        else:
+            t.freeze(out_ids, f"{op_key(node)}: a computed bias that cannot be sliced")
+            t.freeze(ids, f"{op_key(node)}: a computed bias that cannot be sliced")
 
 
 @register("linear")
@@ -242,7 +253,11 @@ def _conv_common(
             _bias(t, node, 2, "bias", out.ravel())
             return out
     if param is None:
-        return unknown_op(t, node)
+        reason = (f"{op_key(node)}: its weight is computed (only per-output-channel "
+                  "transforms of an ungrouped layer's weight are understood)")
+        for arg in _tensor_args(node):
+            t.freeze(t.labels_of(arg), reason)
+        return None
     x_ids = t.labels_of(x)
     in_line = _channel_ids(t, x_ids, 1, "convolution") if x_ids is not None else None
     in_channels = t.shape(x)[1]
@@ -462,7 +477,10 @@ def weight_norm(t: Tracer, node: fx.Node) -> Any:
     dim = int(_arg(node, 2, "dim", 0))
     multi = op_key(node).startswith("aten._weight_norm_interface")
     if dim != 0:
-        out = unknown_op(t, node)
+        reason = f"weight norm over dim {dim}, not the output channels"
+        for arg in _tensor_args(node):
+            t.freeze(t.labels_of(arg), reason)
+        out = None
     else:
         ndim = len(t.orig_shape(v))
         out = t.align([v, g], ndim, "weight norm of data that cannot be sliced")
