@@ -27,11 +27,11 @@ from dashboard.sidebar import (  # noqa: E402
     sidebar_model,
     sidebar_options,
 )
-from dashboard.tabs import blocks, graphs, prune, scores  # noqa: E402
+from dashboard.tabs import blocks, compare, graphs, prune, scores  # noqa: E402
 from dashboard.tabs import plan as plan_tab_view  # noqa: E402
 from engine.scoring.criteria import CRITERIA_NEEDING_CALIBRATION  # noqa: E402
 
-TABS = ("Scores", "Plan", "Prune & compare", "Graphs", "Blocks")
+TABS = ("Scores", "Plan", "Prune & compare", "Compare on accuracy", "Graphs", "Blocks")
 
 
 def main() -> None:
@@ -68,6 +68,7 @@ def main() -> None:
             st.caption(f"Still showing: **{model.label}**")
 
     eval_data = sidebar_eval(model)
+    compare.apply_pending_choice()  # a point chosen in the comparison chart sets the sidebar
     try:
         options, ratio, indices_text = sidebar_options()
         indices = parse_indices(indices_text) if options.criterion == "index" else None
@@ -103,7 +104,7 @@ def main() -> None:
             show_error(e, "Cannot plan with these options")
 
     tabs = st.tabs(TABS, key="main_tab", on_change="rerun")
-    scores_tab, plan_tab, prune_tab, graphs_tab, blocks_tab = tabs
+    scores_tab, plan_tab, prune_tab, compare_tab, graphs_tab, blocks_tab = tabs
     # Lazy tabs: only the open tab's content runs (the Graphs tab exports ONNX on first use).
     if scores_tab.open is not False and plan is not None:
         with scores_tab:
@@ -114,6 +115,9 @@ def main() -> None:
     if prune_tab.open is not False and plan is not None:
         with prune_tab:
             _guarded(prune.render, model, plan, signature, ratio, eval_data)
+    if compare_tab.open is not False:
+        with compare_tab:
+            _guarded(compare.render, model, options, eval_data)
     if graphs_tab.open is not False:
         with graphs_tab:
             _guarded(graphs.render, model)

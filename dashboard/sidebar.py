@@ -73,6 +73,11 @@ def sidebar_model() -> sources.ModelRequest | None:
         st.sidebar.caption("A small digit classifier (8×8 images) with residual, grouped, "
                            "depthwise and attention blocks, plus its own evaluation set.")
         return sources.demo_request()
+    if source == sources.DEMO_LM:
+        st.sidebar.caption("A small byte-level Llama (RMSNorm, rotary embeddings, grouped-query "
+                           "attention, SwiGLU) trained on Python source, with its own held-out "
+                           "text: the quality measure is perplexity.")
+        return sources.demo_lm_request()
     if source == sources.UPLOAD_PT2:
         up = st.sidebar.file_uploader(
             "Model file (.pt2)", type=["pt2"], key="upload_pt2",
@@ -149,6 +154,11 @@ def sidebar_eval(model: state.LoadedModel) -> sources.EvalData | None:
         key = "demo"
         if cached is None or cached[0] != key:
             ss[EVAL_KEY] = cached = (key, sources.demo_eval())
+        return cached[1]
+    if model.key.startswith("demo-lm:"):
+        key = "demo-lm"
+        if cached is None or cached[0] != key:
+            ss[EVAL_KEY] = cached = (key, sources.builtin_eval(key))
         return cached[1]
     return None
 

@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
         load_eval_data,
         quality_report,
     )
+    from engine.quality.recovery import recover
+    from engine.quality.sensitivity import sensitivity
+    from engine.quality.sweep import sweep
+    from engine.quality.targets import ratios_for_target
     from engine.scoring.analysis import Analysis, analyze, plan
     from engine.scoring.planning import GroupPlan, Plan
 
@@ -53,11 +57,15 @@ _LAZY = {
     "load_calibration_data": "engine.quality.evaluate",
     "load_eval_data": "engine.quality.evaluate",
     "quality_report": "engine.quality.evaluate",
+    "recover": "engine.quality.recovery",
     "Analysis": "engine.scoring.analysis",
     "analyze": "engine.scoring.analysis",
     "plan": "engine.scoring.analysis",
     "GroupPlan": "engine.scoring.planning",
     "Plan": "engine.scoring.planning",
+    "sweep": "engine.quality.sweep",
+    "sensitivity": "engine.quality.sensitivity",
+    "ratios_for_target": "engine.quality.targets",
 }
 
 
@@ -107,6 +115,10 @@ __all__ = [
     "plan",
     "prune",
     "quality_report",
+    "ratios_for_target",
+    "recover",
     "save",
     "score",
+    "sensitivity",
+    "sweep",
 ]

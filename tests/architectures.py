@@ -569,10 +569,14 @@ def unexplained_layers(result) -> list[str]:
         if group.prunable.any():
             accounted.update(group.layers)
             accounted.update(group.consumers)
+    aliases: dict[int, set[str]] = {}  # tied weights: any of their layers accounts for all
+    for name, value in result.analysis.gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(value), set()).add(layer_name(name))
+    tensors = dict(result.analysis.gm.named_parameters())
     missing = []
     for name, shape in before.items():
         layer = layer_name(name)
-        if sum(s > 1 for s in shape) == 0 or layer in accounted:
+        if sum(s > 1 for s in shape) == 0 or aliases[id(tensors[name])] & accounted:
             continue
         if after.get(name, shape) != shape:
             continue

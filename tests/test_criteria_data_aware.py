@@ -5,7 +5,6 @@ cache, the one-line error without calibration data, and the CLI end to end."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,26 +248,11 @@ def test_taylor_labels_of_the_wrong_shape_are_one_line(capfd, tmp_path):
 
 
 # ------------------------------------------------------------------------- end to end
-def _demo_calibration(tmp_path: Path) -> Path:
-    """The demo's training split (never its evaluation set), as the demo's calibration file."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.data.reshape(-1, 1, 8, 8).astype(np.float32) / 8.0) - 1.0
-    x_train, _, y_train, _ = train_test_split(x, digits.target.astype(np.int64),
-                                              test_size=0.25, stratify=digits.target,
-                                              random_state=0)
-    path = tmp_path / "demo_calib.npz"
-    np.savez(path, x=x_train, y=y_train)
-    return path
-
-
 def test_prune_demo_with_wanda_writes_a_verified_model(capfd, tmp_path):
-    calibration = _demo_calibration(tmp_path)
+    # --calibration demo: the demo's own calibration set (its training split)
     out = tmp_path / "D"
     rc, stdout, err = cli(capfd, "prune", "demo", "--criterion", "wanda", "--calibration",
-                          calibration, "--ratio", "0.5", "--out", out)
+                          "demo", "--ratio", "0.5", "--out", out)
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["options"]["criterion"] == "wanda"
@@ -287,3 +271,39 @@ def test_prune_demo_with_wanda_writes_a_verified_model(capfd, tmp_path):
 
     x, _ = load_demo_eval()
     assert program.module()(torch.from_numpy(x[:5])).shape == (5, 10)
+
+
+def test_a_residual_channel_sums_every_reader_and_scores_every_member_alike():
+    from tests.zoo import ConvBNResidual
+
+    model, x, _ = _setup(ConvBNResidual(), (3, 6, 6), 5)
+    for bn in (model.bn_a, model.bn_b):  # non-trivial running statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        a = F.relu(model.bn_a(model.conv_a(x)))
+        y = a + model.conv_c(F.relu(model.bn_b(model.conv_b(a))))
+        pooled = y.mean(dim=(2, 3))
+    wb, wh = model.conv_b.weight.detach().double(), model.head.weight.detach().double()
+    expected = _variance(a) * (wb * wb).sum(dim=(0, 2, 3)) + _variance(pooled) * (wh * wh).sum(0)
+    scores = _scores(model, x, x.numpy(), "fluctuation")
+    np.testing.assert_allclose(scores[("conv_a.weight", 0)], expected.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(scores[("conv_c.weight", 0)], expected.numpy(), rtol=1e-6)
+
+
+def test_calibration_by_name_or_path_is_the_same_data_and_the_same_cache_entry(tmp_path):
+    from engine.demo import DEMO_CALIB_PATH
+
+    analysis = engine.analyze("demo")
+    with np.load(DEMO_CALIB_PATH) as data:
+        arrays = {"x": data["x"], "y": data["y"]}
+    by_arrays = engine.plan(analysis, {"criterion": "taylor"}, ratio=0.3, calibration=arrays)
+    assert analysis.score_computations == 1
+    for given in ("demo", DEMO_CALIB_PATH, str(DEMO_CALIB_PATH)):
+        plan = engine.plan(analysis, {"criterion": "taylor"}, ratio=0.3, calibration=given)
+        assert [g.pruned.tolist() for g in plan.groups] == \
+            [g.pruned.tolist() for g in by_arrays.groups]
+    assert analysis.score_computations == 1
+    # without the labels taylor falls back to the model's own predictions: other scores
+    engine.plan(analysis, {"criterion": "taylor"}, ratio=0.3, calibration=arrays["x"])
+    assert analysis.score_computations == 2

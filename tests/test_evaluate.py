@@ -248,6 +248,8 @@ def test_unlabelled_data_needs_a_reference_or_a_metric(capfd, tmp_path: Path) ->
      "--metric needs --eval-data"),
     (["prune", "demo", "--ratio", "0.2", "--eval-data", "nope.npz", "--out", "o"],
      "--eval-data file nope.npz does not exist.*demo, demo-lm"),
+    (["prune", "demo", "--ratio", "0.2", "--calibration", str(DEMO_EVAL_PATH), "--eval-data",
+      "demo", "--out", "o"], "--eval-data demo is the --calibration file"),
 ])
 def test_bad_options_are_one_line(capfd, tmp_path, monkeypatch, argv, pattern) -> None:
     monkeypatch.chdir(tmp_path)

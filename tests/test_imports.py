@@ -36,7 +36,7 @@ def _probe(*argv: str) -> dict:
 
 
 @pytest.mark.parametrize("argv", [("--help",), ("prune", "--help"), ("scores", "--help"),
-                                  ("dashboard", "--help")])
+                                  ("dashboard", "--help"), ("evaluate", "--help")])
 def test_help_imports_no_heavy_library(argv):
     result = _probe(*argv)
     assert result["code"] == 0

@@ -16,7 +16,7 @@ def overrides(model: state.LoadedModel) -> tuple[dict[str, float], list[str]]:
     """Per-group ratios and pins from the Plan table's edits (read before drawing it)."""
     groups = [g.name for g in model.analysis.groups]
     edits = st.session_state.get(editor_key(model)) or {}
-    ratios: dict[str, float] = {}
+    ratios: dict[str, float] = dict(_auto_ratios(model))  # edits below win
     pinned: list[str] = []
     for row, change in (edits.get("edited_rows") or {}).items():
         i = int(row)
@@ -30,6 +30,13 @@ def overrides(model: state.LoadedModel) -> tuple[dict[str, float], list[str]]:
     return ratios, pinned
 
 
+def _auto_ratios(model: state.LoadedModel) -> dict[str, float]:
+    """Ratios the Compare tab's "Auto ratios" chose (they fill the Own ratio column)."""
+    from dashboard.tabs.compare import auto_ratios_key
+
+    return st.session_state.get(auto_ratios_key(model)) or {}
+
+
 def render(model: state.LoadedModel, plan: Any | None) -> None:
     st.markdown(
         "Every prunable group of connected channels, in network order. Set a group's **own "
@@ -38,6 +45,7 @@ def render(model: state.LoadedModel, plan: Any | None) -> None:
     )
     an = model.analysis
     by_name = {g.name: g for g in plan.groups} if plan is not None else {}
+    auto = _auto_ratios(model)
     rows = []
     for g in an.groups:
         gp = by_name.get(g.name)
@@ -47,7 +55,7 @@ def render(model: state.LoadedModel, plan: Any | None) -> None:
             "Channels": int(g.channels),
             "To prune": int(gp.pruned.size) if gp is not None else 0,
             "Kept": int(gp.kept.size) if gp is not None else int(g.channels),
-            "Own ratio": None,
+            "Own ratio": auto.get(g.name),
             "Pinned": False,
         })
     table = pd.DataFrame(rows).astype({"Own ratio": "float64"})
@@ -69,6 +77,9 @@ def render(model: state.LoadedModel, plan: Any | None) -> None:
     )
     if st.button("Reset per-group settings", key="reset_editor"):
         st.session_state.pop(editor_key(model), None)
+        from dashboard.tabs.compare import auto_ratios_key
+
+        st.session_state.pop(auto_ratios_key(model), None)
         st.rerun()
     st.subheader("Frozen layers")
     if an.frozen:

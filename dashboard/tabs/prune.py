@@ -12,6 +12,7 @@ import engine
 from dashboard import sources, state
 from dashboard.common import RESULT_KEY, session_files, short, show_error
 from dashboard.prune_run import PruneRun, comparison_rows, run_prune
+from dashboard.tabs import recover
 
 
 def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
@@ -45,6 +46,8 @@ def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
         st.warning("These results are for earlier options "
                    f"({_options_line(run.options, run.ratio)}). Press Prune to update.")
     show_result(run)
+    if run.signature == signature:
+        recover.render(model, run, eval_data)
 
 
 def _options_line(options: dict, ratio: float) -> str:
@@ -68,18 +71,28 @@ def show_result(run: PruneRun) -> None:
         c[3].metric("Accuracy after", f"{fid['accuracy_after']:.1%}",
                     f"{fid['accuracy_after'] - fid['accuracy_before']:+.1%} "
                     f"(before {fid['accuracy_before']:.1%})")
+    elif "perplexity_after" in fid:
+        c[3].metric("Perplexity after", f"{fid['perplexity_after']:.3f}",
+                    f"{fid['perplexity_after'] - fid['perplexity_before']:+.3f} "
+                    f"(before {fid['perplexity_before']:.3f})", delta_color="inverse",
+                    help="exp of the mean next-token negative log-likelihood; lower is better")
     st.dataframe(pd.DataFrame(comparison_rows(run)), hide_index=True, width="stretch")
     if fid:
         rows = [{"Measure": "Samples", "Value": f"{fid.get('samples', 0):,}"}]
         if "top1_agreement" in fid:
             rows.append({"Measure": "Top-1 agreement with the original",
                          "Value": f"{fid['top1_agreement']:.2%}"})
-        if "max_abs_diff" in fid:
-            rows.append({"Measure": "Max abs output difference",
-                         "Value": f"{fid['max_abs_diff']:.4g}"})
+        if "relative_error" in fid:
+            rows.append({"Measure": "Relative output error (‖pruned − original‖ / ‖original‖)",
+                         "Value": f"{fid['relative_error']:.4g}"})
         if "accuracy_before" in fid:
             rows.append({"Measure": "Accuracy before", "Value": f"{fid['accuracy_before']:.2%}"})
             rows.append({"Measure": "Accuracy after", "Value": f"{fid['accuracy_after']:.2%}"})
+        if "perplexity_before" in fid:
+            rows.append({"Measure": "Perplexity before",
+                         "Value": f"{fid['perplexity_before']:.4f}"})
+            rows.append({"Measure": "Perplexity after",
+                         "Value": f"{fid['perplexity_after']:.4f}"})
         st.markdown(f"**Fidelity** on {run.fidelity_on}:")
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     for note in run.notes:

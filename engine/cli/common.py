@@ -63,13 +63,16 @@ def calibration_from(path: str | None) -> Any:
     return x if y is None else {"x": x, "y": y}
 
 
+DEFAULT_METRIC_HELP = ("default: accuracy with labels y, perplexity for a causal language "
+                       "model, else agreement with the reference")
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """Held-out data to measure the model on, and the metric."""
     p.add_argument("--eval-data", metavar="FILE.npz",
                    help="held-out data: .npz with x (or x0, x1, ...) and optional labels y, a "
                         ".npy, or a built-in name (demo, demo-lm); never the calibration set")
-    p.add_argument("--metric", help=f"one of {', '.join(METRICS)} (default: accuracy with "
-                                    "labels, perplexity for a language model, else agreement)")
+    p.add_argument("--metric", help=f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})")
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:

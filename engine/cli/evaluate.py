@@ -5,19 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.cli.common import add_model_args, load_kwargs
+from engine.cli.common import DEFAULT_METRIC_HELP, add_model_args, load_kwargs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from engine.quality.evaluate import METRICS
+    from engine.options import METRICS
 
     p = sub.add_parser("evaluate", help="measure a model on held-out data (accuracy, ...)")
     add_model_args(p)
     p.add_argument("--data", required=True, metavar="FILE.npz",
                    help=".npz with x (or x0, x1, ...) and optional labels y, a .npy, or a "
                         "built-in name (demo, demo-lm: its evaluation set)")
-    p.add_argument("--metric", help=f"one of {', '.join(METRICS)} (default: accuracy with "
-                                    "labels, perplexity for a language model, else agreement)")
+    p.add_argument("--metric", help=f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})")
     p.add_argument("--reference", metavar="MODEL",
                    help="the model to compare with (agreement, relative_error)")
     p.add_argument("--max-samples", type=int, metavar="N", help="evaluate the first N samples")

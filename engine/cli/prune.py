@@ -17,7 +17,9 @@ from engine.cli.common import (
     read_json,
     report_frozen,
 )
+from engine.cli.recovery import add_recovery_args, check_recovery_args, run_recovery
 from engine.cli.structures import add_structure_args, print_structures, structure_kwargs
+from engine.cli.targets import add_target_args, print_section, target_section, wants_target
 from engine.errors import OnnxExportError, OptionError
 
 
@@ -28,10 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ratio = p.add_mutually_exclusive_group()
     ratio.add_argument("--ratio", help="global pruning ratio, 0 <= R < 1")
     ratio.add_argument("--ratios", metavar="FILE.json", help="{group name: ratio}")
+    add_target_args(ratio, p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     add_structure_args(p)
     add_eval_args(p)
+    add_recovery_args(p)
     p.set_defaults(run=run)
 
 
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         load_eval_data,
         quality_line,
         quality_report,
+        same_data_file,
     )
 
     options = options_from_args(args)
@@ -61,29 +66,47 @@ def run(args: argparse.Namespace) -> int:
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
     structures = structure_kwargs(args)
-    if ratio is None and ratios is None and options.criterion != "index" and not any(
-            v is not None for v in structures.values()):
-        raise OptionError("prune needs --ratio R or --ratios FILE.json (or --expert-ratio R, "
-                          "--block-ratio R, --remove-blocks N)")
+    if ratio is None and ratios is None and not wants_target(args) \
+            and options.criterion != "index" and not any(
+                v is not None for v in structures.values()):
+        raise OptionError("prune needs --ratio R, --ratios FILE.json, --target-params F or "
+                          "--target-flops F (or --expert-ratio R, --block-ratio R, "
+                          "--remove-blocks N)")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
     metric = check_metric(args.metric)
     if metric is not None and args.eval_data is None:
         raise OptionError("--metric needs --eval-data FILE.npz (held-out data to measure on)")
+    if args.eval_data and args.calibration and same_data_file(args.calibration, args.eval_data):
+        raise OptionError(f"--eval-data {args.eval_data} is the --calibration file; measure on "
+                          "held-out data the model was not calibrated on")
+    recovery = check_recovery_args(args)
     eval_data = load_eval_data(args.eval_data) if args.eval_data else None
     model = args.model
     if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
         model = engine.load_model(model, **load_kwargs(args))
         check_data(model, eval_data)
+    auto = None
+    if wants_target(args):
+        model = engine.analyze(model, **load_kwargs(args))
+        auto = target_section(args, model, options, eval_data, metric, calibration,
+                              load_kwargs(args))
+        ratios = auto["ratios"]
     progress = Progress(9 if eval_data else 8)
     try:
         result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
                               **load_kwargs(args), **structures)
+        if auto is not None:
+            result.report["auto_ratios"] = auto
+        pruned = result
+        if recovery is not None:
+            result = run_recovery(result, args.calibration, recovery)
         if eval_data is not None:
             progress("evaluating on --eval-data")
-            result.report["quality"] = quality_report(model, result,
-                                                      eval_data, metric)
+            result.report["quality"] = quality_report(
+                model, pruned, eval_data, metric,
+                recovered=result if recovery is not None else None)
         onnx_error = None
         try:
             paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
@@ -102,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     print_structures(report)
     if "quality" in report:
         print(quality_line(report["quality"]))
+    if auto is not None:
+        print_section(auto)
     report_frozen(report["frozen"])
     for path in paths.values():
         print(f"wrote {path}")

@@ -238,10 +238,13 @@ def _outside_groups(gm: fx.GraphModule, state: AnalysisState, groups: list[Group
         in_groups[g.roots] = True
     covered = {param for (param, _), ids in state.slots.items()
                if len(ids) and in_groups[roots[ids]].any()}
+    # tied weights have several names: one covered name covers the tensor
+    names = dict(gm.named_parameters(remove_duplicate=False))
+    covered_tensors = {id(names[p]) for p in covered if p in names}
     uses = _param_uses(gm)
     by_layer: dict[str, list[str]] = {}
     for name, value in gm.named_parameters():
-        if name in covered or sum(s > 1 for s in value.shape) == 0:
+        if id(value) in covered_tensors or sum(s > 1 for s in value.shape) == 0:
             continue
         by_layer.setdefault(layer_name(name), []).append(name)
     covered_layers = {layer_name(p) for p in covered}
@@ -263,7 +266,7 @@ def _param_uses(gm: fx.GraphModule) -> dict[str, fx.Node]:
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        todo = list(node.users)
+        todo = [u for u in node.users if not op_key(u).startswith("aten._assert")]
         while todo:
             user = todo.pop(0)
             if user.op == "call_function" and op_key(user).split(".")[1:2] in (
@@ -279,7 +282,7 @@ def _param_uses(gm: fx.GraphModule) -> dict[str, fx.Node]:
 
 def _why_outside(param: str, user: fx.Node | None, state: AnalysisState) -> str:
     if user is None:
-        return f"{param} is not used by the captured graph"
+        return f"{param} is not used by the captured graph (or only checked, never computed)"
     if user.op == "call_module":
         return f"{param} is used inside submodule {user.target}, which is not analysed"
     key = op_key(user)

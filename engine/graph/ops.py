@@ -514,10 +514,13 @@ def pad(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(node.args[0])
     if ids is None:
         return None
-    padded = len(node.args[1]) // 2
-    if any(ids.shape[d] > 1 for d in range(ids.ndim - padded, ids.ndim)):
-        t.freeze(ids, "padding along the channels")
-        return None
+    amounts = list(node.args[1])
+    label_dims = t.label_dims(node.args[0])
+    for k in range(len(amounts) // 2):  # (last dim's before, after, next dim's ...)
+        dim = ids.ndim - 1 - k
+        if dim in label_dims and any(a != 0 for a in amounts[2 * k:2 * k + 2]):
+            t.freeze(ids, "padding along the channels")
+            return None
     return ids
 
 
@@ -874,8 +877,8 @@ def index(t: Tracer, node: fx.Node) -> Any:
             return None
         slots = t.slots(param, rest[0])
         if not t.whole_blocks:
-            t.freeze(slots, f"{param}: a per-head table (heads are removed whole only with "
-                     "reshape_channel_axis -2/0)")
+            t.freeze(slots, f"{param.rsplit('.', 1)[-1]}: a per-head table (heads are "
+                     "removed whole only with reshape_channel_axis -2/0)")
             return None
         ids = slots.reshape([len(slots) if d == rest[0] else 1 for d in range(len(shape))])
     if ids is None:
@@ -1239,9 +1242,7 @@ def sdpa(t: Tracer, node: fx.Node) -> Any:
         t, node, [q_ids, k_ids], [var_q, var_k], [q_spec, k_spec], f"{lead}st"
     )
     if isinstance(mask, fx.Node):
-        mask_ids = t.labels_of(mask)
-        if mask_ids is not None:
-            t.freeze(mask_ids, "attention mask")
+        _attention_bias(t, mask, scores, ndim)
     out, _ = _einsum_labels(
         t, node, [scores if scores is not None else np.full((1,) * ndim, NO_LABEL), v_ids],
         [var_s, var_v], [f"{lead}st", v_spec], f"{lead}sd",
@@ -1250,6 +1251,24 @@ def sdpa(t: Tracer, node: fx.Node) -> Any:
         # the default scale is 1/sqrt(head_dim): keep the original one when head_dim shrinks
         t.set_kwarg("scale", 1.0 / math.sqrt(t.orig_shape(q)[-1]))
     return out
+
+
+def _attention_bias(t: Tracer, mask: fx.Node, scores: np.ndarray | None, ndim: int) -> None:
+    """A float mask is added to the scores: a per-head bias (a relative position table)
+    goes with the heads it is added to; anything else carrying channels is frozen."""
+    mask_ids = t.labels_of(mask)
+    if mask_ids is None:
+        return
+    offset = ndim - mask_ids.ndim
+    dims = {d + offset for d in t.label_dims(mask)}
+    if scores is None or not dims or max(dims) >= ndim - 2:
+        t.freeze(mask_ids, "attention mask")
+        return
+    bias = mask_ids.reshape((1,) * offset + mask_ids.shape)
+    bias, heads = np.broadcast_arrays(bias[..., :1, :1], scores[..., :1, :1])
+    both = (bias >= 0) & (heads >= 0)
+    t.union(bias[both], heads[both])
+    t.freeze(bias[(bias >= 0) & (heads < 0)], "attention mask")
 
 
 def _repeat_heads(ids: np.ndarray, rep: int) -> np.ndarray:

@@ -71,6 +71,22 @@ def load_calibration_data(path_or_name: str | os.PathLike, *,
     return _load(path_or_name, flag, "calibration")
 
 
+def same_data_file(calibration: str | os.PathLike, evaluation: str | os.PathLike) -> bool:
+    """Whether a calibration and an evaluation argument name the same file (built-in names
+    name two different sets)."""
+    from engine.demo import builtin_data_path, is_builtin
+
+    def resolve(arg, kind: str) -> Path:
+        name = os.fspath(arg)
+        return builtin_data_path(name, kind) if is_builtin(name) else Path(name)
+
+    a, b = resolve(calibration, "calibration"), resolve(evaluation, "eval")
+    try:
+        return a.is_file() and b.is_file() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def _load(path_or_name: str | os.PathLike, flag: str, kind: str) -> EvalData:
     from engine.demo import BUILTIN_NAMES, builtin_data_path, is_builtin
 
@@ -306,7 +322,8 @@ class _Accumulator:
                     f"[N, T] and a first output of logits [N, T, V]; got x {tuple(tokens.shape)}"
                     f" ({str(tokens.dtype).removeprefix('torch.')}) and output "
                     f"{tuple(out.shape)}; use --metric accuracy, agreement or relative_error")
-            logits = out[:, :-1].double()
+            # float32 is enough for one chunk's sum; the total is accumulated in Python floats
+            logits = out[:, :-1].float() if out.dtype != torch.float64 else out[:, :-1]
             targets = tokens[:, 1:].long()
             if int(targets.min()) < 0 or int(targets.max()) >= out.shape[-1]:
                 raise OptionError(f"perplexity on {where}: token ids must lie in "
@@ -435,6 +452,25 @@ def evaluate(
     if metric == "perplexity":
         result["tokens"] = acc.count
     return result
+
+
+@torch.no_grad()
+def predict(model: Any, data: EvalData | str | os.PathLike, *, example_inputs: tuple | None = None,
+            max_samples: int | None = None, batch_size: int = 256) -> np.ndarray:
+    """The model's first output on every sample of `data`, as one array (float32), e.g. to
+    pass as `reference` to several `evaluate` calls without running the reference again."""
+    if not isinstance(data, EvalData):
+        data = load_eval_data(data)
+    data = data.head(max_samples)
+    runner = _runner(model, example_inputs, {})
+    inputs = _as_tensors(data, runner)
+    was_training = _set_eval(runner.module)
+    try:
+        outs = [runner([x[start:start + batch_size] for x in inputs], data).float()
+                for start in range(0, len(data), batch_size)]
+    finally:
+        _restore_training(runner.module, was_training)
+    return torch.cat(outs).numpy()
 
 
 def check_data(model: Any, data: EvalData, example_inputs: tuple | None = None) -> None:

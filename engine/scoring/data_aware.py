@@ -247,10 +247,9 @@ class DataAwareScorer:
                                      lambda op: stats[(op.x, op.x_dim)].variance)
         out = {}
         for m in self.members:
-            ids = self.state.slots[(m.param, m.dim)]
-            read = np.isin(self.roots[ids], list(per_root))
+            read = per_root[self.roots[self.state.slots[(m.param, m.dim)]]]
             own = self._fit(stats[(m.node, m.out_dim)].variance, m)
-            out[(m.param, m.dim)] = np.where(read, self._from_roots(per_root, m), own)
+            out[(m.param, m.dim)] = np.where(np.isnan(read), own, read)
         return out
 
     # ------------------------------------------------------------------- helpers
@@ -268,24 +267,28 @@ class DataAwareScorer:
             )
         return np.asarray(values, dtype=np.float64)
 
-    def _reader_sums(self, elementwise, channel_factor, map_for=None) -> dict[int, float]:
-        """Root id -> sum over readers of (column sum) * (channel factor)."""
-        totals: dict[int, float] = {}
+    def _reader_sums(self, elementwise, channel_factor, map_for=None) -> np.ndarray:
+        """Per root id: the sum over readers of (column sum) * (channel factor); NaN where no
+        reader reads the channel."""
+        totals = np.zeros(len(self.roots), dtype=np.float64)
+        read = np.zeros(len(self.roots), dtype=bool)
         for op, reference in self.readers:
             fn = map_for(op) if map_for is not None else elementwise
             cols = row_col_sums(self._weight(op), op, fn)[1]
             factor = channel_factor(op) if channel_factor is not None else np.ones(len(cols))
             if len(factor) != len(cols) or len(reference) != len(cols):
                 continue  # shapes the reader rules did not bind one to one
-            value = cols * factor
-            for position in np.flatnonzero(reference >= 0):
-                root = int(self.roots[reference[position]])
-                totals[root] = totals.get(root, 0.0) + float(value[position])
+            valid = reference >= 0
+            roots = self.roots[reference[valid]]
+            np.add.at(totals, roots, (cols * factor)[valid])
+            read[roots] = True
+        totals[~read] = np.nan
         return totals
 
-    def _from_roots(self, per_root: dict[int, float], m: Member) -> np.ndarray:
-        ids = self.state.slots[(m.param, m.dim)]
-        return np.array([per_root.get(int(r), 0.0) for r in self.roots[ids]], dtype=np.float64)
+    def _from_roots(self, per_root: np.ndarray, m: Member) -> np.ndarray:
+        """The readers' part of each filter's score (0 where no reader reads it)."""
+        values = per_root[self.roots[self.state.slots[(m.param, m.dim)]]]
+        return np.where(np.isnan(values), 0.0, values)
 
     def _gradients(self) -> dict[str, torch.Tensor]:
         named = dict(self.gm.named_parameters())
