@@ -17,6 +17,7 @@ from engine.cli.common import (
     read_json,
     report_frozen,
 )
+from engine.cli.recovery import add_recovery_args, check_recovery_args, run_recovery
 from engine.cli.structures import add_structure_args, print_structures, structure_kwargs
 from engine.cli.targets import add_target_args, print_section, target_section, wants_target
 from engine.errors import OnnxExportError, OptionError
@@ -34,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     add_structure_args(p)
     add_eval_args(p)
+    add_recovery_args(p)
     p.set_defaults(run=run)
 
 
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         load_eval_data,
         quality_line,
         quality_report,
+        same_data_file,
     )
 
     options = options_from_args(args)
@@ -74,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     metric = check_metric(args.metric)
     if metric is not None and args.eval_data is None:
         raise OptionError("--metric needs --eval-data FILE.npz (held-out data to measure on)")
+    if args.eval_data and args.calibration and same_data_file(args.calibration, args.eval_data):
+        raise OptionError(f"--eval-data {args.eval_data} is the --calibration file; measure on "
+                          "held-out data the model was not calibrated on")
+    recovery = check_recovery_args(args)
     eval_data = load_eval_data(args.eval_data) if args.eval_data else None
     model = args.model
     if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
@@ -92,10 +99,14 @@ def run(args: argparse.Namespace) -> int:
                               **load_kwargs(args), **structures)
         if auto is not None:
             result.report["auto_ratios"] = auto
+        pruned = result
+        if recovery is not None:
+            result = run_recovery(result, args.calibration, recovery)
         if eval_data is not None:
             progress("evaluating on --eval-data")
-            result.report["quality"] = quality_report(model, result,
-                                                      eval_data, metric)
+            result.report["quality"] = quality_report(
+                model, pruned, eval_data, metric,
+                recovered=result if recovery is not None else None)
         onnx_error = None
         try:
             paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
