@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dashboard.evaluate import MAX_EVAL_SAMPLES, predict
+from dashboard.evaluate import evaluate_pair
 from dashboard.sources import EvalData
 
 METHOD_CHOICES = ("bias", "lsq", "bn", "norm", "distill")
@@ -41,17 +39,21 @@ def run_recover(engine: Any, result: Any, original: Any, calibration: Any, metho
     scored_on = ""
     example = tuple(result.example_inputs)
     if eval_data is not None and len(example) == 1:
-        x = eval_data.x[:MAX_EVAL_SAMPLES]
-        outs = {name: predict(module, x, example) for name, module in
-                (("original", original), ("pruned", result.module),
-                 ("recovered", recovered.module))}
-        reference = outs["original"].argmax(-1)
-        scores["Top-1 agreement with the original"] = {
-            k: float((v.argmax(-1) == reference).mean()) for k, v in outs.items()}
-        if eval_data.y is not None:
-            y = np.asarray(eval_data.y[:MAX_EVAL_SAMPLES])
-            scores["Accuracy"] = {k: float((v.argmax(-1) == y).mean()) for k, v in outs.items()}
-        scored_on = f"{eval_data.label} ({len(x)} samples)"
+        progress("Comparing original, pruned and recovered on the evaluation data…", 1.0)
+        pruned = evaluate_pair(original, result.module, eval_data.x, eval_data.y, example,
+                               eval_data.label)
+        after = evaluate_pair(original, recovered.module, eval_data.x, eval_data.y, example,
+                              eval_data.label)
+        metric = pruned.get("metric")
+        if metric is not None:
+            scores[metric.capitalize()] = {"original": pruned[f"{metric}_before"],
+                                           "pruned": pruned[f"{metric}_after"],
+                                           "recovered": after[f"{metric}_after"]}
+        if "top1_agreement" in pruned:
+            scores["Top-1 agreement with the original"] = {
+                "original": 1.0, "pruned": pruned["top1_agreement"],
+                "recovered": after["top1_agreement"]}
+        scored_on = f"{eval_data.label} ({pruned['samples']} samples)"
     return RecoverRun(
         prune_signature=signature,
         methods=list(methods),
@@ -70,8 +72,9 @@ def comparison_rows(run: RecoverRun) -> list[dict[str, str]]:
     rows = [{"Measure": "Parameters", **{k.capitalize(): f"{v:,}" for k, v in
                                           run.params.items()}}]
     for measure, values in run.scores.items():
+        fmt = "{:.4g}" if measure == "Perplexity" else "{:.2%}"
         rows.append({"Measure": measure,
-                     **{k.capitalize(): f"{v:.2%}" for k, v in values.items()}})
+                     **{k.capitalize(): fmt.format(v) for k, v in values.items()}})
     info = run.recovery
     if info.get("metric") is not None:
         rows.append({"Measure": f"{info['metric']} on {info['holdout_samples']} held-back "
