@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
         quality_report,
     )
     from engine.quality.recovery import recover
+    from engine.quality.sensitivity import sensitivity
+    from engine.quality.sweep import sweep
+    from engine.quality.targets import ratios_for_target
     from engine.scoring.analysis import Analysis, analyze, plan
     from engine.scoring.planning import GroupPlan, Plan
 
@@ -60,6 +63,9 @@ _LAZY = {
     "plan": "engine.scoring.analysis",
     "GroupPlan": "engine.scoring.planning",
     "Plan": "engine.scoring.planning",
+    "sweep": "engine.quality.sweep",
+    "sensitivity": "engine.quality.sensitivity",
+    "ratios_for_target": "engine.quality.targets",
 }
 
 
@@ -109,7 +115,10 @@ __all__ = [
     "plan",
     "prune",
     "quality_report",
+    "ratios_for_target",
     "recover",
     "save",
     "score",
+    "sensitivity",
+    "sweep",
 ]

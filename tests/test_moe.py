@@ -282,12 +282,15 @@ def test_transformers_moe_width_prunes_the_experts_and_verifies(build):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [_mixtral, _qwen2_moe, _qwen3_moe])
-def test_transformers_moe_whole_experts_are_exact(build):
+@pytest.mark.parametrize(("build", "routers"), [
+    (_mixtral, 2), (_qwen2_moe, 2), (_qwen3_moe, 2),
+    (_deepseek_v3, 1),  # sigmoid router, score bias, group mask, gather; layer 0 is dense
+])
+def test_transformers_moe_whole_experts_are_exact(build, routers):
     program = _program(build)
     result = engine.prune(program, expert_ratio=0.5)
     section = result.report["experts"]
-    assert len(section["routers"]) == 2
+    assert len(section["routers"]) == routers
     for router in section["routers"]:
         assert len(router["removed"]) == 2 and len(router["weights"]) == 2
     assert section["verification"]["exact"]

@@ -4,6 +4,7 @@ identical results from every executor (serial, process pool, a real local Ray), 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from engine.errors import OptionError
 from engine.options import CRITERIA, GROUP_POLICIES, LAYER_NORMS, POLICIES
 from engine.quality.sweep import axis_values, expand_grid, parse_ratios, sweep
 from tests.helpers import cli, one_error_line
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def _accuracy(module, x, y) -> float:
@@ -169,3 +172,70 @@ def test_an_in_memory_model_reaches_the_workers():
     pooled = sweep(model, {}, [0.25, 0.5], eval_data=data, example_inputs=(x,), workers=2)
     assert _without_seconds(serial) == _without_seconds(pooled)
     assert [p["params"] for p in serial["points"]] == [6 * 6 + 6 + 6 * 3 + 3, 4 * 6 + 4 + 4 * 3 + 3]
+
+
+def test_a_point_equals_what_prune_eval_data_reports(capfd, tmp_path, demo_sweep):
+    report, _ = demo_sweep
+    point = report["points"][3]  # linear_scaling at 0.4
+    rc, _, err = cli(capfd, "prune", "demo", "--layer-norm", point["options"]["layer_norm"],
+                     "--ratio", point["ratio"], "--eval-data", "demo", "--no-onnx",
+                     "--out", tmp_path)
+    assert rc == 0, err
+    pruned = json.loads((tmp_path / "report.json").read_text())
+    assert pruned["quality"]["metric"] == report["metric"] == "accuracy"
+    assert pruned["quality"]["original"] == report["original"]
+    assert pruned["quality"]["pruned"] == point["metric"]
+    assert (pruned["after"]["params"], pruned["after"]["flops"]) == \
+        (point["params"], point["flops"])
+
+
+# ----------------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--target-flops", "1.5"], "--target-flops='1.5' is out of range"),
+    (["--target-params", "0"], "0 < target < 1"),
+    (["--target-flops", "0.5"], "needs data to measure each group's sensitivity"),
+    (["--target-flops", "0.5", "--sensitivity", ASSETS / "demo_meta.json"], "no sensitivity"),
+])
+def test_bad_targets_are_one_line(capfd, tmp_path, args, needle):
+    rc, _, err = cli(capfd, "prune", "demo", "--out", tmp_path, "--no-onnx", *args)
+    assert rc == 2
+    assert needle in one_error_line(err)
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_target_flops_from_stored_curves_writes_reusable_ratios(capfd, tmp_path):
+    rc, out, err = cli(capfd, "prune", "demo", "--target-flops", "0.4", "--sensitivity",
+                       ASSETS / "demo_sensitivity.json", "--eval-data", "demo", "--no-onnx",
+                       "--out", tmp_path / "auto")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    auto = report["auto_ratios"]
+    removed = 1 - report["after"]["flops"] / report["before"]["flops"]
+    assert removed >= 0.4 and auto["removed"] == pytest.approx(removed)
+    assert auto["uniform"]["removed"] >= 0.4
+    assert report["ratios"] == auto["ratios"]
+    assert set(auto["ratios"]) == {g["name"] for g in report["groups"]}
+    assert auto["comparison"]["auto"] == report["quality"]["pruned"]
+    assert "auto ratios for 40% of the flops removed" in out
+    # the ratios are usable again with --ratios: the same model comes out
+    (tmp_path / "ratios.json").write_text(json.dumps(report["ratios"]))
+    rc, _, err = cli(capfd, "prune", "demo", "--ratios", tmp_path / "ratios.json", "--no-onnx",
+                     "--out", tmp_path / "again")
+    assert rc == 0, err
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["after"] == report["after"]
+    assert [g["pruned"] for g in again["groups"]] == [g["pruned"] for g in report["groups"]]
+
+
+def test_recovered_points_are_measured_like_a_recovery_run():
+    report = sweep("demo", {}, [0.5], eval_data="demo", recover="bn,bias,lsq,norm",
+                   calibration="demo", workers=1)
+    point = report["points"][0]
+    x, y = load_demo_eval()
+    result = engine.prune("demo", ratio=0.5)
+    recovered = engine.recover(result, "demo", methods="bn,bias,lsq,norm")
+    assert point["metric"] == _accuracy(result.module, x, y)
+    assert point["recovered"] == _accuracy(recovered.module, x, y)
+    assert point["recovered"] > point["metric"] + 0.3  # data-light recovery at 0.5

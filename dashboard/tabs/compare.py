@@ -22,7 +22,7 @@ from dashboard.charts_sweep import (
     sensitivity_heatmap,
     sweep_frame,
 )
-from dashboard.common import editor_key, short, show_error
+from dashboard.common import editor_key, session_files, short, show_error
 from engine.options import PruningOptions
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -76,10 +76,10 @@ def render(model: state.LoadedModel, options: PruningOptions,
         "in the sidebar."
     )
     is_demo = model.key.startswith("demo:")
-    report = _demo_report(DEMO_SWEEP) if is_demo else model.cache.get("sweep")
-    if not is_demo:
+    report = _demo_report(DEMO_SWEEP) if is_demo else None
+    if report is None:  # another model (or the demo without its stored sweep): sweep here
         _sweep_controls(model, eval_data)
-        report = model.cache.get("sweep")
+        report = _last_sweep(model)
     if report is None:
         st.info("No sweep yet: choose what to compare and press **Run sweep**.", icon="📈")
     else:
@@ -119,15 +119,34 @@ def _comparison(report: dict, options: PruningOptions) -> None:
                             higher_is_better=HIGHER_IS_BETTER.get(metric, True))
     event = st.plotly_chart(fig, key="cmp_chart", on_select="rerun", selection_mode="points",
                             width="stretch")
-    points = (event or {}).get("selection", {}).get("points", []) if event else []
-    if points and "customdata" in points[0]:
-        _choose(frame, int(np.ravel([points[0]["customdata"]])[0]))
+    chosen_index = _selected_index(event, fig)
+    # the chart keeps its selection across reruns: act on a new one only
+    if chosen_index is not None and chosen_index != st.session_state.get("_cmp_applied"):
+        st.session_state["_cmp_applied"] = chosen_index
+        _choose(frame, chosen_index)
     labels = {int(r["index"]): f"{r[axis]} @ ratio {r['ratio']:g}: {metric} {r['metric']:.4f}"
               for _, r in rows.iterrows()}
     c1, c2 = st.columns([3, 1])
     pick = c1.selectbox("Point", list(labels), format_func=labels.get, key="cmp_pick")
     if c2.button("Use this point", key="cmp_use"):
         _choose(frame, int(pick))
+
+
+def _selected_index(event, fig) -> int | None:
+    """The sweep index of the clicked point (its trace's customdata)."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    if not points:
+        return None
+    point = points[0]
+    if "customdata" in point:
+        return int(np.ravel([point["customdata"]])[0])
+    curve, at = point.get("curve_number"), point.get("point_index", point.get("point_number"))
+    if curve is None or at is None:
+        return None
+    return int(fig.data[curve].customdata[at])
 
 
 def _choose(frame, index: int) -> None:
@@ -138,7 +157,6 @@ def _choose(frame, index: int) -> None:
     options = {name: (row[name].item() if hasattr(row[name], "item") else row[name])
                for name in OPTION_KEYS if name in row}
     st.session_state[PENDING_KEY] = {"options": options, "ratio": float(row["ratio"])}
-    st.session_state.pop("cmp_chart", None)
     st.rerun()
 
 
@@ -162,27 +180,43 @@ def _sweep_controls(model: state.LoadedModel, eval_data: sources.EvalData | None
 
     bar = st.progress(0.0, text="sweeping… (stop with ⏹ at the top right; finished points "
                                 "are kept)")
+
     def progress(done: int, total: int, record: dict) -> None:
         bar.progress(done / total, text=f"{done}/{total} points")
 
+    # written after every point, so a stopped sweep still shows what finished
+    path = session_files().subdir("sweeps") / f"{short(model.key)}.json"
+    path.unlink(missing_ok=True)
+    model.cache["sweep_path"] = str(path)
     try:
         # in this process (Streamlit's threads make forking unsafe): a stop stops it at once
-        report = sweep(model.analysis, {axis: values}, ratios, eval_data=_engine_data(eval_data),
-                       workers=1, progress=progress)
-        model.cache["sweep"] = report
+        sweep(model.analysis, {axis: values}, ratios, eval_data=_engine_data(eval_data),
+              workers=1, progress=progress, out_json=path)
     except Exception as e:  # noqa: BLE001 - one line in the page
         show_error(e, "The sweep failed")
+
+
+def _last_sweep(model: state.LoadedModel) -> dict | None:
+    path = model.cache.get("sweep_path")
+    if not path or not Path(path).is_file():
+        return None
+    report = json.loads(Path(path).read_text())
+    if not report.get("complete"):
+        st.caption(f"Stopped sweep: {len(report['points'])} of {report['total']} points.")
+    return report
 
 
 def _sensitivity(model: state.LoadedModel, options: PruningOptions,
                  eval_data: sources.EvalData | None, is_demo: bool) -> None:
     st.subheader("Sensitivity of each group")
-    report = _demo_report(DEMO_SENSITIVITY) if is_demo else model.cache.get("sensitivity")
-    if is_demo and report is not None:
+    report = _demo_report(DEMO_SENSITIVITY) if is_demo else None
+    if report is not None:
         st.caption("Each group pruned alone at each ratio, default options, measured on the "
                    "demo's calibration split (the evaluation set stays held out).")
-    if not is_demo and eval_data is not None:
-        if st.button("Measure sensitivity", key="sens_run"):
+    elif eval_data is not None:
+        report = model.cache.get("sensitivity")
+        if st.button("Measure sensitivity", key="sens_run",
+                     help="Each group pruned alone at 0.1 ... 0.9, on the sidebar's data"):
             from engine.quality.sensitivity import sensitivity
 
             bar = st.progress(0.0, text="measuring…")

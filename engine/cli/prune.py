@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         load_eval_data,
         quality_line,
         quality_report,
+        same_data_file,
     )
 
     options = options_from_args(args)
@@ -76,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     metric = check_metric(args.metric)
     if metric is not None and args.eval_data is None:
         raise OptionError("--metric needs --eval-data FILE.npz (held-out data to measure on)")
+    if args.eval_data and args.calibration and same_data_file(args.calibration, args.eval_data):
+        raise OptionError(f"--eval-data {args.eval_data} is the --calibration file; measure on "
+                          "held-out data the model was not calibrated on")
     recovery = check_recovery_args(args)
     eval_data = load_eval_data(args.eval_data) if args.eval_data else None
     model = args.model

@@ -44,12 +44,11 @@ def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, 
     data = None
     if args.calibration:
         data = load_calibration_data(args.calibration)
-    elif eval_data is not None:
+    elif eval_data is not None and curves is None:
         data = eval_data
-        if curves is None:
-            warnings.warn("the group sensitivities are measured on --eval-data (no "
-                          "--calibration): the metric reported on it is then not held out",
-                          stacklevel=1)
+        warnings.warn("the group sensitivities are measured on --eval-data (no "
+                      "--calibration): the metric reported on it is then not held out",
+                      stacklevel=1)
     return ratios_for_target(
         args.model, options, target_params=args.target_params, target_flops=args.target_flops,
         sensitivity_data=data, eval_data=eval_data, metric=metric, sensitivity_report=curves,

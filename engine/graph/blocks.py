@@ -73,7 +73,8 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
         if not any(p in weights for p in params):
             continue  # x + f(x) without weights (a GELU polynomial), not a block
         blocks.append(Block(
-            name=_common_prefix(params), add=node.name, stream=stream.name, branch=branch.name,
+            name=_common_prefix([p for p in params if p in weights]), add=node.name,
+            stream=stream.name, branch=branch.name,
             nodes=[m.name for m in sorted(members, key=index.get)], params=params,
             numel=sum(sizes[p] for p in params),
         ))

@@ -1,9 +1,10 @@
 """Op rules for mixtures of experts (entries of the one registry, :data:`engine.graph.ops.RULES`).
 
 Routed experts as ``transformers`` 5 runs them: a router linear, softmax/sigmoid, ``topk``,
-tokens gathered per expert with ``index``, experts stored as 3-D weights ``(experts, out, in)``
-and run through a grouped matrix product (``aten._grouped_mm`` or the custom op
-``transformers.grouped_mm_fallback``), ``histc`` counting tokens per expert.
+tokens gathered per expert with ``index`` (the general rule in ops.py), experts stored as
+3-D weights ``(experts, out, in)`` and run through a grouped matrix product
+(``aten._grouped_mm`` or the custom op ``transformers.grouped_mm_fallback``), ``histc``
+counting tokens per expert.
 
 Width: channel ``j`` of a stacked 3-D expert weight is one channel of every expert (the
 stacked tensor must stay rectangular), scored on all experts' weights together.
@@ -48,44 +49,7 @@ RULES["transformers.grouped_mm_fallback"] = _grouped_mm
 
 
 _GROUPED_MM = ("aten._grouped_mm", "transformers.grouped_mm_fallback")
-_previous_index = RULES.get("aten.index.Tensor") or RULES.get("aten.index")
 _previous_gather = RULES.get("aten.gather")
-
-
-def index_tensor(t: Tracer, node: fx.Node) -> Any:
-    """``x[i0, i1, ...]`` with index tensors: rows picked by data (tokens per expert).
-
-    Labels of the dimensions that are not indexed move with the data. Any other case goes
-    to the general rule when the registry has one, else freezes what it touches.
-    """
-    x, indices = node.args[0], list(node.args[1])
-    ids = t.labels_of(x)
-    indexed = [d for d, index in enumerate(indices) if index is not None]
-    labelled_index = any(isinstance(i, fx.Node) and t.labels_of(i) is not None for i in indices)
-    if ids is None and not labelled_index:
-        return None
-    if ids is None or labelled_index or not indexed or set(indexed) & t.label_dims(x):
-        if _previous_index is not None:
-            return _previous_index(t, node)
-        t.freeze(ids, f"{op_key(node)} along the channels")
-        for index in indices:
-            if isinstance(index, fx.Node):
-                t.freeze(t.labels_of(index), "channels used as indices")
-        return None
-    kept = [d for d in range(ids.ndim) if d not in indexed]
-    index_rank = _ndim(node) - len(kept)
-    rest = ids
-    for d in indexed:
-        rest = np.take(rest, [0], axis=d)
-    rest = rest.reshape([ids.shape[d] for d in kept])
-    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
-    at = sum(1 for d in kept if d < indexed[0]) if adjacent else 0
-    shape = list(rest.shape[:at]) + [1] * index_rank + list(rest.shape[at:])
-    return rest.reshape(shape)
-
-
-for _name in ("aten.index.Tensor", "aten.index.Tensor_hacked_twin", "aten._unsafe_index.Tensor"):
-    RULES[_name] = index_tensor
 
 
 def _routing_topk(t: Tracer, start: Any, limit: int = 24) -> fx.Node | None:

@@ -144,6 +144,7 @@ class SweepJob:
     recover: str | None = None
     recover_data: Any = None
     recover_steps: int | None = None
+    recover_budget: float | None = 30
 
 
 _WORKER_ANALYSIS: dict[str, Any] = {}
@@ -198,12 +199,12 @@ def run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _recovered_metric(job: SweepJob, result) -> float:
-    import engine
+    from engine.quality.recovery import recover
 
-    recover = getattr(engine, "recover", None)
-    if recover is None:
-        raise OptionError("--recover needs recovery, which this PruneScope does not have yet")
-    recovered = recover(result, job.recover_data, methods=job.recover, steps=job.recover_steps)
+    # a fixed number of steps (seeded) makes the recovered metric the same on every executor;
+    # without it distillation is bounded by its time budget and may differ run to run
+    recovered = recover(result, job.recover_data, methods=job.recover, steps=job.recover_steps,
+                        budget_s=job.recover_budget)
     return point_quality(recovered, job.eval_data, job.metric)["value"]
 
 
@@ -249,8 +250,13 @@ def prepare(
     data = load_eval_data(eval_data) if isinstance(eval_data, (str, os.PathLike)) else eval_data
     criteria = list(dict.fromkeys(criteria))
     calibration = _calibration(calibration)
-    if recover and calibration is None:
-        raise OptionError("--recover needs calibration data (--calibration F)")
+    if recover:
+        from engine.quality.recovery import check_steps, parse_methods
+
+        parse_methods(recover)
+        check_steps(recover_steps)
+        if calibration is None:
+            raise OptionError("--recover needs calibration data (--calibration F)")
     if analysis is None:
         analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
                            input_shapes=input_shapes)

@@ -194,6 +194,9 @@ def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
     kwargs = analysis.captured.example_kwargs or {}
     try:
         pruned = rewrite(analysis.gm, structure, removed)
+        for r in routers:
+            _resize_routing_constants(pruned, structure, r, len(r.ids) - len(chosen[r.layer]))
+        pruned.recompile()
         with torch.no_grad():
             got = _leaves(pruned(*inputs, **kwargs))
     except Exception as exc:  # noqa: BLE001 - a routing the engine cannot shrink
@@ -209,6 +212,36 @@ def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
     program = _export(pruned, analysis)
     captured = Captured(program, inputs, analysis.captured.source, analysis.captured.example_kwargs)
     return Analysis(captured), report
+
+
+_SHAPED = ("aten.expand.default", "aten.view.default", "aten.reshape.default",
+           "aten._unsafe_view.default")
+
+
+def _resize_routing_constants(gm: fx.GraphModule, structure, router: Router, kept: int) -> None:
+    """Masks built from shapes inside the routing (DeepSeek's group mask, expanded to the
+    number of experts) hold no channel labels for the rewrite to follow: where such a tensor
+    between the router and its top-k ends in the expert count, it ends in the kept count."""
+    experts = len(router.ids)
+    if kept == experts:
+        return
+    nodes = {n.name: n for n in gm.graph.nodes}
+    start = nodes[router.node]
+    ancestors: set[fx.Node] = set()
+    todo = [nodes[name].args[0] for name in router.topks]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, fx.Node) and n not in ancestors and n is not start:
+            ancestors.add(n)
+            todo.extend(n.all_input_nodes)
+    labels = structure.state.labels
+    for n in ancestors:
+        if str(n.target) not in _SHAPED or isinstance(labels.get(n.name), np.ndarray):
+            continue
+        sizes = list(n.args[1])
+        if sizes and sizes[-1] == experts:
+            sizes[-1] = kept
+            n.args = (n.args[0], sizes, *n.args[2:])
 
 
 def _compare(expected, got) -> dict:
