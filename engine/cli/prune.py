@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
-                              **load_kwargs(args), **structures)
+                              **load_kwargs(args), **structures,
+                              # nothing after this needs the original: free it as we go
+                              release_original=recovery is None and eval_data is None)
         if auto is not None:
             result.report["auto_ratios"] = auto
         pruned = result
