@@ -239,3 +239,13 @@ def test_recovered_points_are_measured_like_a_recovery_run():
     assert point["metric"] == _accuracy(result.module, x, y)
     assert point["recovered"] == _accuracy(recovered.module, x, y)
     assert point["recovered"] > point["metric"] + 0.3  # data-light recovery at 0.5
+
+
+def test_a_missing_ray_extra_is_one_line(capfd, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
+    rc, _, err = cli(capfd, "sweep", "demo", "--eval-data", "demo", "--ratio", "0.1",
+                     "--ray", "local", "--json", tmp_path / "s.json")
+    assert rc == 2
+    assert "pip install 'prunescope[ray]'" in one_error_line(err)
