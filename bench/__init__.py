@@ -9,6 +9,9 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
 - ``coverage``: the zoo and transformers models through both tools
 - ``quality``: demo accuracy per criterion x recovery x ratio (held-out data)
 - ``sweep``: the demo's option sweep, sensitivity and automatic per-group ratios
+- ``depth``: depth vs width pruning at equal parameter counts, batch-1 CPU latency
+- ``coverage_v2``: about seventy real architectures (tiny configs) pruned, verified, exported
+- ``large``: bf16 Llama-style 0.85 B and 3B-shaped `.pt2` files pruned by the CLI vs the floor
 
 Wall-clock numbers live here and in ``bench/RESULTS.md``, never as assertions in tests.
 """
@@ -19,6 +22,9 @@ BENCHMARKS = (
     "scaling",
     "latency",
     "coverage",
+    "depth",
     "quality",
     "sweep",
+    "large",
+    "coverage_v2",
 )

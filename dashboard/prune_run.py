@@ -33,6 +33,7 @@ class PruneRun:
     channels_pruned: int = 0
     channels_total: int = 0
     notes: list[str] = field(default_factory=list)
+    result: Any = field(default=None, repr=False)  # the engine's PruneResult (for recovery)
 
 
 def _original_module(model: Any):
@@ -114,6 +115,7 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Eval
         channels_pruned=pruned,
         channels_total=total,
         notes=notes,
+        result=result,
     )
 
 

@@ -28,7 +28,7 @@ from engine.options import PruningOptions, check_ratio
 from engine.quality.metrics import count_params, graph_flops, size_bytes
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
-from engine.transform.apply import masked_module, pruned_roots, rewrite
+from engine.transform.apply import masked_module, pruned_roots, rewrite, tensor_places
 
 EXACT_TOLERANCE = 1e-4  # relative: max |pruned - masked| / max |masked|, float32
 HALF_EPSILONS = 4  # bf16/fp16 outputs: the tolerance is this many machine epsilons
@@ -129,34 +129,66 @@ def prune(
     progress: Progress | None = None,
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
+    expert_ratio: float | None = None,
+    block_ratio: float | None = None,
+    remove_blocks: int | None = None,
 ) -> PruneResult:
-    """Capture, analyse, plan, apply and verify in one call."""
+    """Capture, analyse, plan, apply and verify in one call.
+
+    `expert_ratio` removes whole experts of mixtures of experts, `block_ratio` or
+    `remove_blocks` whole residual blocks; both run before width pruning (engine.transform).
+    """
+    from engine.transform import structural
+
     options = PruningOptions.from_any(options)
-    if ratio is None and ratios is None and options.criterion != "index":
+    structures = structural.wanted(expert_ratio, block_ratio, remove_blocks)
+    if ratio is None and ratios is None and options.criterion != "index" and not structures:
         raise PruneScopeError("give a global ratio (--ratio R) or per-group ratios (--ratios F)")
     if ratio is not None:
         ratio = check_ratio(ratio)
     say = progress or (lambda _msg: None)
     say("capturing the model")
-    analysis = analyze(model, example_inputs, trust_pickle=trust_pickle, input_shapes=input_shapes)
+    analysis = original = analyze(model, example_inputs, trust_pickle=trust_pickle,
+                                  input_shapes=input_shapes)
+    if structures:
+        analysis, sections = structural.remove_structures(
+            analysis, expert_ratio=expert_ratio, block_ratio=block_ratio,
+            remove_blocks=remove_blocks, calibration=calibration, progress=progress)
+        if ratio is None and ratios is None and options.criterion != "index":
+            ratio = 0.0
     say("analysing channel dependencies and scoring")
     the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
                     calibration=calibration, indices=indices)
-    return apply(analysis, the_plan, progress=progress)
+    # a model loaded here from a file has no other owner: its weights are released while
+    # the pruned ones are made, so the two are never all in memory together
+    owned = isinstance(model, (str, os.PathLike)) and not structures
+    result = apply(analysis, the_plan, progress=progress, release_original=owned)
+    if structures:
+        structural.finish(result.report, original, sections)
+    return result
 
 
-def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) -> PruneResult:
-    """Remove the planned channels for real, verify against mask mode, re-export."""
+def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, *,
+          release_original: bool = False) -> PruneResult:
+    """Remove the planned channels for real, verify against mask mode, re-export.
+
+    `release_original=True` gives the analysed model up: its weights are freed as their
+    slices are made (the analysis cannot be applied or masked again afterwards).
+    """
     say = progress or (lambda _msg: None)
+    _check_not_released(analysis)
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     removed = pruned_roots(structure, the_plan)
-    say("removing channels")
-    pruned_gm = rewrite(analysis.gm, structure, removed)
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
+    before = _metrics(analysis.gm)
+    with torch.no_grad():  # mask mode first: the rewrite may release the original weights
+        masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
+    say("removing channels")
+    release = _releaser(analysis) if release_original else None
+    pruned_gm = rewrite(analysis.gm, structure, removed, release)
     say("verifying")
     with torch.no_grad():
-        masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
         try:
             pruned = _leaves(_ShapeRecorder(pruned_gm).run(*inputs, **kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
@@ -164,7 +196,6 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) 
                 from exc
     verification = _verify(masked, pruned, the_plan, structure)
     say("measuring")
-    before = _metrics(analysis.gm)
     after = _metrics(pruned_gm)
     report = {
         "options": the_plan.options.to_dict(),
@@ -190,6 +221,39 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) 
     if the_plan.ratio is not None or the_plan.ratios is None:
         report["ratio"] = the_plan.ratio
     return PruneResult(pruned_gm, report, the_plan, analysis, inputs)
+
+
+def _check_not_released(analysis: Analysis) -> None:
+    if getattr(analysis, "released", False):
+        raise PruneScopeError("this analysis gave its weights up to an earlier prune of a "
+                              "model file; analyse the model again")
+
+
+def _releaser(analysis: Analysis) -> Callable[[torch.Tensor], None]:
+    """Drops every reference the analysis holds to an original tensor (its module and its
+    program), leaving a meta tensor of the same shape; marks the analysis released."""
+    gm = analysis.gm
+    program = analysis.captured.program
+    places = tensor_places(gm)
+    stores = [program.state_dict, program.constants]
+    keys_by_id: dict[int, list[tuple[dict, str]]] = {}
+    for store in stores:
+        for key, value in store.items():
+            keys_by_id.setdefault(id(value), []).append((store, key))
+    analysis.released = True
+
+    def release(tensor: torch.Tensor) -> None:
+        meta = torch.empty_like(tensor, device="meta")
+        for module_name, attr in places.pop(id(tensor), ()):
+            owner = gm.get_submodule(module_name) if module_name else gm
+            if attr in owner._parameters:
+                owner._parameters[attr] = torch.nn.Parameter(meta, requires_grad=False)
+            elif attr in owner._buffers:
+                owner._buffers[attr] = meta
+        for store, key in keys_by_id.pop(id(tensor), ()):
+            store[key] = meta
+
+    return release
 
 
 class _ShapeRecorder(torch.fx.Interpreter):
@@ -423,5 +487,6 @@ def _output_scale(result: PruneResult) -> float:
 
 def masked(analysis: Analysis, the_plan: Plan) -> Callable:
     """Mask mode: the original model with the planned channels zeroed (nothing removed)."""
+    _check_not_released(analysis)
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     return masked_module(analysis.gm, structure, pruned_roots(structure, the_plan))

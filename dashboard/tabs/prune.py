@@ -12,6 +12,7 @@ import engine
 from dashboard import sources, state
 from dashboard.common import RESULT_KEY, session_files, short, show_error
 from dashboard.prune_run import PruneRun, comparison_rows, run_prune
+from dashboard.tabs import recover
 
 
 def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
@@ -45,6 +46,8 @@ def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
         st.warning("These results are for earlier options "
                    f"({_options_line(run.options, run.ratio)}). Press Prune to update.")
     show_result(run)
+    if run.signature == signature:
+        recover.render(model, run, eval_data)
 
 
 def _options_line(options: dict, ratio: float) -> str:

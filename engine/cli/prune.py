@@ -17,6 +17,8 @@ from engine.cli.common import (
     read_json,
     report_frozen,
 )
+from engine.cli.recovery import add_recovery_args, check_recovery_args, run_recovery
+from engine.cli.structures import add_structure_args, print_structures, structure_kwargs
 from engine.cli.targets import add_target_args, print_section, target_section, wants_target
 from engine.errors import OnnxExportError, OptionError
 
@@ -31,7 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_target_args(ratio, p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    add_structure_args(p)
     add_eval_args(p)
+    add_recovery_args(p)
     p.set_defaults(run=run)
 
 
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         load_eval_data,
         quality_line,
         quality_report,
+        same_data_file,
     )
 
     options = options_from_args(args)
@@ -60,15 +65,22 @@ def run(args: argparse.Namespace) -> int:
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
+    structures = structure_kwargs(args)
     if ratio is None and ratios is None and not wants_target(args) \
-            and options.criterion != "index":
+            and options.criterion != "index" and not any(
+                v is not None for v in structures.values()):
         raise OptionError("prune needs --ratio R, --ratios FILE.json, --target-params F or "
-                          "--target-flops F")
+                          "--target-flops F (or --expert-ratio R, --block-ratio R, "
+                          "--remove-blocks N)")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
     metric = check_metric(args.metric)
     if metric is not None and args.eval_data is None:
         raise OptionError("--metric needs --eval-data FILE.npz (held-out data to measure on)")
+    if args.eval_data and args.calibration and same_data_file(args.calibration, args.eval_data):
+        raise OptionError(f"--eval-data {args.eval_data} is the --calibration file; measure on "
+                          "held-out data the model was not calibrated on")
+    recovery = check_recovery_args(args)
     eval_data = load_eval_data(args.eval_data) if args.eval_data else None
     model = args.model
     if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
@@ -84,13 +96,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
-                              **load_kwargs(args))
+                              **load_kwargs(args), **structures)
         if auto is not None:
             result.report["auto_ratios"] = auto
+        pruned = result
+        if recovery is not None:
+            result = run_recovery(result, args.calibration, recovery)
         if eval_data is not None:
             progress("evaluating on --eval-data")
-            result.report["quality"] = quality_report(result.analysis.captured, result,
-                                                      eval_data, metric)
+            result.report["quality"] = quality_report(
+                model, pruned, eval_data, metric,
+                recovered=result if recovery is not None else None)
         onnx_error = None
         try:
             paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
@@ -106,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     v = report["verification"]
     print(f"verification: output shapes match={v['output_shapes_match']}, "
           f"max |pruned - masked| = {v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
+    print_structures(report)
     if "quality" in report:
         print(quality_line(report["quality"]))
     if auto is not None:

@@ -20,6 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from engine.errors import ModelLoadError
+from engine.graph.custom_ops import register_archive_ops
 from engine.graph.safety import check_size, inspect_pt2, quiet_torch_load, root_cause
 
 ACCEPTED = (
@@ -80,6 +81,7 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
     check_size(path)
     if suffix == ".pt2":
         inspect_pt2(path, trust_pickle)
+        register_archive_ops(path)
         with quiet_torch_load(weights_only=not trust_pickle) as log:
             try:
                 program = torch.export.load(os.fspath(path))

@@ -64,6 +64,7 @@ class AnalysisState:
     block_ids: list[int] = field(default_factory=list)  # one id of each whole block (head)
     split_levels: dict[tuple, list[int]] = field(default_factory=dict)  # reshape -> levels
     labels: dict[str, Any] = field(default_factory=dict)  # node name -> labels
+    routers: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (topk node, expert ids)
     failed: dict[str, str] = field(default_factory=dict)  # node name -> why its rule failed
 
 

@@ -30,9 +30,10 @@ MIN_OPSET = 17
 DEFAULT_OPSET = 18
 # Protobuf cannot serialise a single message above 2 GiB, so the weights of bigger models go
 # to `<name>.onnx.data` next to the graph (ONNX's external data format). Below this many bytes
-# of weights the .onnx file is self-contained (torch's own limit, above which it always writes
-# external data); PRUNESCOPE_ONNX_EXTERNAL_BYTES lowers or raises it.
-MAX_INLINE_ONNX_BYTES = 1536 * 2**20
+# of weights the .onnx file is self-contained (below torch's own 1.5 GiB limit, because an
+# inline file is serialised in memory: two more copies of the weights); the environment
+# variable PRUNESCOPE_ONNX_EXTERNAL_BYTES changes it.
+MAX_INLINE_ONNX_BYTES = 2**30
 EXTERNAL_BYTES_ENV = "PRUNESCOPE_ONNX_EXTERNAL_BYTES"
 
 # mkstemp creates files with mode 0600; give the final file the mode a plain open() would.
@@ -124,11 +125,55 @@ def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[
             f"cannot save {path}: expected a torch.export.ExportedProgram, "
             f"got {type(program).__name__}"
         )
-    # serialise in memory first: torch's C++ writer aborts the process when the disk fills,
-    # whereas Python file I/O raises OSError (reported as ExportError, earlier file intact)
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    # streamed to the temp file (no second copy of the weights in memory) through a writer
+    # that never raises into torch: its C++ zip writer aborts the process on a failed write
+    # (a full disk), so the first OSError is kept and raised once torch.export.save returns
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            sink = _DeferredErrorWriter(f)
+            torch.export.save(program, sink)
+            if sink.error is not None:
+                raise sink.error
+            f.flush()
+
+    return atomic_write(path, write)
+
+
+class _DeferredErrorWriter(io.RawIOBase):
+    """A seekable binary sink over a file that swallows write errors, keeping the first."""
+
+    def __init__(self, f: io.BufferedWriter) -> None:
+        super().__init__()
+        self.f = f
+        self.error: OSError | None = None
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        if self.error is None:
+            try:
+                self.f.write(data)
+            except OSError as e:
+                self.error = e
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if self.error is None:
+            try:
+                self.pos = self.f.seek(pos, whence)
+            except OSError as e:
+                self.error = e
+        return self.pos
 
 
 def _one_line(exc: BaseException) -> str:
@@ -177,6 +222,9 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ExportError(f"cannot export {path}: opset {opset} is too old; use >= {MIN_OPSET}")
     if isinstance(program, torch.export.ExportedProgram):
+        from engine.io.custom_ops_onnx import without_custom_ops
+
+        program = without_custom_ops(program)
         args: tuple[Any, ...] = ()
     elif isinstance(program, torch.nn.Module):
         if example_inputs is None:

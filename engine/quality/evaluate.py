@@ -71,6 +71,22 @@ def load_calibration_data(path_or_name: str | os.PathLike, *,
     return _load(path_or_name, flag, "calibration")
 
 
+def same_data_file(calibration: str | os.PathLike, evaluation: str | os.PathLike) -> bool:
+    """Whether a calibration and an evaluation argument name the same file (built-in names
+    name two different sets)."""
+    from engine.demo import builtin_data_path, is_builtin
+
+    def resolve(arg, kind: str) -> Path:
+        name = os.fspath(arg)
+        return builtin_data_path(name, kind) if is_builtin(name) else Path(name)
+
+    a, b = resolve(calibration, "calibration"), resolve(evaluation, "eval")
+    try:
+        return a.is_file() and b.is_file() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def _load(path_or_name: str | os.PathLike, flag: str, kind: str) -> EvalData:
     from engine.demo import BUILTIN_NAMES, builtin_data_path, is_builtin
 
@@ -211,6 +227,10 @@ def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Run
     elif isinstance(model, torch.nn.Module):
         module, examples, name = model, example_inputs, type(model).__name__
     else:
+        from engine.scoring.analysis import Analysis
+
+        if isinstance(model, Analysis):
+            model = model.captured
         captured = model if isinstance(model, Captured) else load_model(
             model, example_inputs, **load_kwargs)
         program, module = captured.program, captured.program.module()
@@ -306,7 +326,8 @@ class _Accumulator:
                     f"[N, T] and a first output of logits [N, T, V]; got x {tuple(tokens.shape)}"
                     f" ({str(tokens.dtype).removeprefix('torch.')}) and output "
                     f"{tuple(out.shape)}; use --metric accuracy, agreement or relative_error")
-            logits = out[:, :-1].double()
+            # float32 is enough for one chunk's sum; the total is accumulated in Python floats
+            logits = out[:, :-1].float() if out.dtype != torch.float64 else out[:, :-1]
             targets = tokens[:, 1:].long()
             if int(targets.min()) < 0 or int(targets.max()) >= out.shape[-1]:
                 raise OptionError(f"perplexity on {where}: token ids must lie in "
@@ -382,8 +403,8 @@ def evaluate(
     for perplexity).
 
     `model` and `reference` may be an nn.Module/GraphModule (with `example_inputs` to check
-    the data against), an ExportedProgram, a PruneResult, a Captured, a path or a built-in
-    name. `reference` may also be an array of the reference's first outputs on `data`.
+    the data against), an ExportedProgram, a PruneResult, a Captured or Analysis, a path or a
+    built-in name. `reference` may also be an array of the reference's first outputs on `data`.
     """
     check_metric(metric)
     if batch_size < 1:

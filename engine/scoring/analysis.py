@@ -32,6 +32,7 @@ class Analysis:
     def __init__(self, captured: Captured) -> None:
         self.captured = captured
         self.gm: fx.GraphModule = captured.program.module()
+        self.released = False  # True once a prune gave the original weights up (apply)
         _check_finite(self.gm)
         self._structures: dict[bool, Structure] = {}
         self._filter_scores: dict[tuple, dict[tuple[str, int], np.ndarray]] = {}

@@ -1,7 +1,8 @@
 """Calibration data for the data-aware criteria: what the user gives, normalised, fingerprinted
 and run through the captured graph in batches.
 
-Accepted forms (the same layout as a calibration ``.npz``): an array (the inputs ``x``), a
+Accepted forms (the same layout as a calibration ``.npz``): a path to one, or a built-in
+model's name (``"demo"``: its calibration set); an array (the inputs ``x``); a
 mapping with ``x`` (or ``x0``, ``x1``, ... for several inputs) and optional labels ``y`` (so
 ``np.load("calib.npz")`` works as it is), or an object with attributes ``x``/``inputs`` and
 ``y``/``labels``. Only the first ``limit`` samples are used (256 by default): per-channel
@@ -11,6 +12,7 @@ statistics settle long before that, and the cost stays bounded on large calibrat
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +55,12 @@ def as_calibration(data: Any) -> CalibrationSet:
     if isinstance(data, CalibrationSet):
         return data
     labels = None
+    if isinstance(data, (str, os.PathLike)):  # a file or a built-in model's name ("demo")
+        from engine.quality.recovery.data import load
+
+        inputs, labels = load(data)
+        data = {**{f"x{k}": a for k, a in enumerate(inputs)},
+                **({"y": labels} if labels is not None else {})}
     if isinstance(data, (np.ndarray, torch.Tensor)):
         inputs = [data]
     elif isinstance(data, Mapping) or hasattr(data, "files"):  # dict or np.load's NpzFile

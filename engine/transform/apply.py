@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,31 +25,42 @@ def pruned_roots(structure: Structure, plan: Plan) -> np.ndarray:
     return mask
 
 
-def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx.GraphModule:
-    """A copy of `gm` without the removed channels: sliced parameters, new shape constants."""
+def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
+            release: Callable[[torch.Tensor], None] | None = None) -> fx.GraphModule:
+    """A copy of `gm` without the removed channels: sliced parameters, new shape constants.
+
+    With `release`, the original is being given up (a model loaded from a file): each
+    original tensor is handed to `release` (which drops the caller's references) as soon as
+    its slice exists, and untouched tensors are shared instead of cloned, so the original and
+    the pruned weights are never all in memory together.
+    """
     # copy the modules and the graph, not the weights: the sliced ones are replaced below and
     # the untouched ones cloned at the end, so peak memory stays near one model
     memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
         new = copy.deepcopy(gm, memo)
+    del memo  # it holds every original tensor
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
     try:
         tracer.run()
-        _slice_params(new, tracer)
+        _slice_params(new, tracer, release)
     except Exception as exc:  # noqa: BLE001 - an engine bug reaches the user as one line
         raise PruneScopeError(
             f"removing the planned channels failed: {type(exc).__name__}: {exc}".splitlines()[0]
         ) from exc
-    _unshare(new, gm)
+    if release is None:
+        _unshare(new, gm)
     _resize_param_views(new, tracer)
     _explicit_copies(new)
     new.recompile()
     return new
 
 
-def _slice_params(new: fx.GraphModule, tracer: Tracer) -> None:
+def _slice_params(new: fx.GraphModule, tracer: Tracer,
+                  release: Callable[[torch.Tensor], None] | None) -> None:
     params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
+    places = tensor_places(new)
     for name in params:
         tensor = tracer.param_tensor(name)
         data = tensor.detach()
@@ -58,7 +70,10 @@ def _slice_params(new: fx.GraphModule, tracer: Tracer) -> None:
                 data = data.index_select(dim, torch.as_tensor(index, dtype=torch.long))
         if name in tracer.grouped_gathers:
             data = _gather_grouped(data, tracer.grouped_gathers[name])
-        _set_tensor(new, name, tensor, data.contiguous())
+        _set_tensor(new, name, tensor, data.contiguous(), places)
+        if release is not None:
+            release(tensor)
+        del tensor, data
 
 
 def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
@@ -131,7 +146,20 @@ def _gather_grouped(weight: torch.Tensor, columns: list[np.ndarray]) -> torch.Te
     return torch.cat(parts, dim=0)
 
 
-def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Tensor) -> None:
+def tensor_places(gm: fx.GraphModule) -> dict[int, set[tuple[str, str]]]:
+    """Every (module path, attribute) holding each parameter or buffer, by tensor id: one walk
+    over the modules instead of one per replaced tensor."""
+    places: dict[int, set[tuple[str, str]]] = {}
+    for module_name, module in gm.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
+            for attr_name, value in store.items():
+                if value is not None:
+                    places.setdefault(id(value), set()).add((module_name, attr_name))
+    return places
+
+
+def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Tensor,
+                places: dict[int, set[tuple[str, str]]]) -> None:
     """Replace a tensor everywhere it is registered (tied weights have several names)."""
     if data.data_ptr() == old.data_ptr():
         data = data.clone()
@@ -140,12 +168,9 @@ def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Te
     else:
         new = data
     owner_path, _, attr = name.rpartition(".")
-    places = {(owner_path, attr)}
-    for module_name, module in gm.named_modules(remove_duplicate=False):
-        for attr_name, value in list(module._parameters.items()) + list(module._buffers.items()):
-            if value is old:
-                places.add((module_name, attr_name))
-    for module_name, attr_name in places:
+    where = places.pop(id(old), set()) | {(owner_path, attr)}
+    places[id(new)] = where
+    for module_name, attr_name in where:
         owner = gm.get_submodule(module_name) if module_name else gm
         if attr_name in owner._parameters:
             owner._parameters[attr_name] = new

@@ -2,9 +2,11 @@
 
 LayerNorm, RMSNorm and GroupNorm compute their statistics over channels; after pruning they
 average over fewer of them, so every sample is scaled and shifted differently than before.
-Per channel, the affine weight and bias are refitted so that the pruned normalisation's
-output matches the original's on the calibration data (a one-variable least-squares fit per
-channel; RMSNorm, which has no bias, through the origin).
+On the original network's activations, the normalised value over the kept channels only is
+fitted, per channel, to the normalised value over all channels (a one-variable least-squares
+fit: the mean ratio of the two scales and the mean shift of the centre; through the origin
+for RMSNorm, which has no bias), and the affine weight and bias absorb that fit. Using the
+original activations on both sides isolates the change of statistics from upstream drift.
 """
 
 from __future__ import annotations
@@ -65,34 +67,112 @@ def _rows(t: torch.Tensor, trailing: int | None) -> torch.Tensor:
     return t.reshape(-1, math.prod(t.shape[t.ndim - trailing:]))
 
 
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
+
+
+def _written_out_rms(node: fx.Node) -> tuple[int, int] | None:
+    """`weight * cast(x * rsqrt(mean(x ** 2, -1, keepdim) + eps))`, RMSNorm as transformers
+    writes it (Llama, Mistral, Qwen): (index of the weight argument, of the normalised one)."""
+    if node.target != aten.mul.Tensor or len(node.args) != 2:
+        return None
+    for w_i in (0, 1):
+        weight, other = node.args[w_i], node.args[1 - w_i]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"
+                and isinstance(other, fx.Node)):
+            continue
+        inner = other
+        while inner.op == "call_function" and inner.target in _CASTS:
+            inner = inner.args[0]
+        if inner.op != "call_function" or inner.target != aten.mul.Tensor:
+            continue
+        for arg in inner.args:
+            if _is_inverse_rms(arg):
+                return w_i, 1 - w_i
+    return None
+
+
+def _is_inverse_rms(node) -> bool:
+    """rsqrt(mean(pow(x, 2), [-1], keepdim=True) + eps)."""
+    if not (isinstance(node, fx.Node) and node.target == aten.rsqrt.default):
+        return False
+    inner = node.args[0]
+    if isinstance(inner, fx.Node) and inner.target == aten.add.Tensor:
+        inner = inner.args[0]
+    if not (isinstance(inner, fx.Node) and inner.target == aten.mean.dim):
+        return False
+    square = inner.args[0]
+    return (list(inner.args[1]) in ([-1],) and isinstance(square, fx.Node)
+            and square.target == aten.pow.Tensor_Scalar and square.args[1] == 2)
+
+
+def _correct_written_out_rms(ctx: Context, node: fx.Node, step: Step) -> str | None:
+    """The RMSNorm of a written-out pattern: the original's normalised value over all
+    channels is at hand; re-normalising its kept channels gives the value over the kept
+    channels only (exact but for eps, negligible next to the mean square)."""
+    found = _written_out_rms(node)
+    if found is None:
+        return None
+    w_i, z_i = found
+    z_node = node.args[z_i]
+    keep = ctx.layout.kept(z_node.name)
+    last = step.original_args[z_i].ndim - 1
+    if last not in keep or keep[last].all():
+        return None
+    weight = param_of(ctx.pruned, node.args[w_i])
+    z_full = ctx.layout.restrict(z_node.name, step.original_args[z_i],
+                                 like=step.pruned_args[z_i])
+    if weight is None or weight.ndim != 1 or z_full is None:
+        return None
+    z_full = z_full.double()
+    z_kept = z_full * torch.rsqrt((z_full * z_full).mean(-1, keepdim=True).clamp_min(1e-12))
+    a, _ = fit_affine(z_kept.reshape(-1, z_kept.shape[-1]), z_full.reshape(-1, z_full.shape[-1]),
+                      with_bias=False)
+    with torch.no_grad():
+        weight.mul_(a.to(weight.dtype))
+    return str(node.args[w_i].target).rpartition(".")[0]
+
+
 def correct(ctx: Context, node: fx.Node, step: Step) -> str | None:
     """Correct one node of the pruned graph before it runs; the layer changed, or None."""
+    if node.target == aten.mul.Tensor:
+        return _correct_written_out_rms(ctx, node, step)
     rule = NORMS.get(node.target)
     if rule is None or not isinstance(node.args[0], fx.Node):
         return None
-    z, trailing, w_i, b_i = rule(node, step.pruned_args)
+    pruned_args = step.pruned_args
     x = step.original_args[0]
+    _, trailing, w_i, b_i = rule(node, pruned_args)
     dims = [1] if trailing is None else list(range(x.ndim - trailing, x.ndim))
     kept = ctx.layout.kept(node.args[0].name)
     if not any(d in kept and not kept[d].all() for d in dims):
         return None  # nothing was removed from the normalised channels
     weight_node = node.args[w_i] if len(node.args) > w_i else None
     weight = param_of(ctx.pruned, weight_node)
-    target = ctx.layout.restrict(node.name, step.original_out, like=z)
-    if weight is None or target is None:
+    x_kept = ctx.layout.restrict(node.args[0].name, x, like=pruned_args[0])
+    if weight is None or x_kept is None:
         return None
-    bias_node = node.args[b_i] if b_i is not None and len(node.args) > b_i else None
+    # the same original activations normalised over the kept channels only, and over all
+    # of them: how the statistics changed, without the drift of upstream layers
+    z_kept = rule(node, (x_kept, *pruned_args[1:]))[0]
+    z_full = ctx.layout.restrict(node.name, rule(node, step.original_args)[0], like=z_kept)
+    if z_full is None:
+        return None
     with_bias = b_i is not None
-    a, c = fit_affine(_rows(z, trailing), _rows(target, trailing), with_bias)
+    a, c = fit_affine(_rows(z_kept, trailing), _rows(z_full, trailing), with_bias)
+    old_weight = weight.detach().double().clone()
     with torch.no_grad():
-        weight.copy_(a.reshape(weight.shape).to(weight.dtype))
+        weight.copy_((old_weight * a.reshape(weight.shape)).to(weight.dtype))
         if with_bias:
+            bias_node = node.args[b_i] if len(node.args) > b_i else None
             if not isinstance(bias_node, fx.Node):
                 bias_node = add_parameter(ctx.pruned, node,
                                           str(weight_node.target).rpartition(".")[0],
                                           "bias", torch.zeros_like(weight))
                 args = list(node.args)
+                while len(args) <= b_i:
+                    args.append(None)
                 args[b_i] = bias_node
                 node.args = tuple(args)
-            param_of(ctx.pruned, bias_node).copy_(c.reshape(weight.shape).to(weight.dtype))
+            bias = param_of(ctx.pruned, bias_node)
+            bias.add_((old_weight * c.reshape(weight.shape)).to(bias.dtype))
     return str(weight_node.target).rpartition(".")[0]

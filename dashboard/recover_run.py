@@ -1,0 +1,84 @@
+"""One "Recover" click: engine.recover on the pruned result, engine.save, and the original /
+pruned / recovered comparison on the evaluation data, as plain data (testable without
+Streamlit). Recovery itself is the engine's; this only orchestrates and measures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dashboard.evaluate import MAX_EVAL_SAMPLES, as_engine_data
+from dashboard.sources import EvalData
+from engine.quality.evaluate import predict
+
+METHOD_CHOICES = ("bias", "lsq", "bn", "norm", "distill")
+DEFAULT_METHODS = ("bias", "lsq", "bn", "norm")
+
+
+@dataclass
+class RecoverRun:
+    prune_signature: str  # the pruned result it recovered (a newer Prune makes it stale)
+    methods: list[str]
+    budget_s: float
+    files: dict[str, Path]
+    recovery: dict[str, Any]  # report["recovery"]
+    params: dict[str, int]  # original / pruned / recovered
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # measure -> model -> v
+    scored_on: str = ""
+
+
+def run_recover(engine: Any, result: Any, original: Any, calibration: Any, methods: list[str],
+                budget_s: float, out_dir: Path, eval_data: EvalData | None, signature: str,
+                progress: Callable[[str, float], None] = lambda _m, _f: None) -> RecoverRun:
+    recovered = engine.recover(result, calibration, methods, budget_s=budget_s,
+                               progress=progress)
+    progress("Writing model.pt2, model.onnx and report.json (engine.save)…", 1.0)
+    saved = engine.save(recovered, out_dir)
+    scores: dict[str, dict[str, float]] = {}
+    scored_on = ""
+    example = tuple(result.example_inputs)
+    if eval_data is not None:
+        data = as_engine_data(eval_data.x, eval_data.y, eval_data.label).head(MAX_EVAL_SAMPLES)
+        models = (("original", original), ("pruned", result.module),
+                  ("recovered", recovered.module))
+        task = {name: engine.evaluate(module, data, example_inputs=example)
+                for name, module in models}
+        metric = task["original"]["metric"]
+        if metric in ("accuracy", "perplexity"):
+            scores[metric.capitalize()] = {k: v["value"] for k, v in task.items()}
+        reference = predict(original, data, example_inputs=example)
+        scores["Top-1 agreement with the original"] = {
+            name: engine.evaluate(module, data, "agreement", reference=reference,
+                                  example_inputs=example)["value"]
+            for name, module in models}
+        scored_on = f"{eval_data.label} ({len(data)} samples)"
+    return RecoverRun(
+        prune_signature=signature,
+        methods=list(methods),
+        budget_s=budget_s,
+        files={name: Path(p) for name, p in saved.items()},
+        recovery=recovered.report["recovery"],
+        params={"original": result.before["params"], "pruned": result.after["params"],
+                "recovered": recovered.after["params"]},
+        scores=scores,
+        scored_on=scored_on,
+    )
+
+
+def comparison_rows(run: RecoverRun) -> list[dict[str, str]]:
+    """Original / pruned / recovered side by side."""
+    rows = [{"Measure": "Parameters", **{k.capitalize(): f"{v:,}" for k, v in
+                                          run.params.items()}}]
+    for measure, values in run.scores.items():
+        shown = "{:.3f}" if measure == "Perplexity" else "{:.2%}"
+        rows.append({"Measure": measure,
+                     **{k.capitalize(): shown.format(v) for k, v in values.items()}})
+    info = run.recovery
+    if info.get("metric") is not None:
+        rows.append({"Measure": f"{info['metric']} on {info['holdout_samples']} held-back "
+                                "calibration samples",
+                     "Original": "", "Pruned": f"{info['metric_before']:.2%}",
+                     "Recovered": f"{info['metric_after']:.2%}"})
+    return rows
