@@ -129,7 +129,7 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             out.append((r["name"], r.get("family", ""), "-", "-", "-", f"error: {r['error']}"))
             continue
-        exact = "yes" if r["exact"] else ("no (LayerNorm/RMSNorm over pruned channels)"
+        exact = "yes" if r["exact"] else ("by design no: normalised over pruned channels"
                                           if r["inexact_groups"] else "**no**")
         onnx = "yes" if r["onnx"] == "ok" else f"**no**: {r['onnx']}"
         frozen = "; ".join(f"{reason} ({n})" for reason, n in r["frozen"][:3]) or "nothing"
