@@ -1,4 +1,4 @@
-"""6. Coverage v2: about seventy real architectures (tests/architectures.py) as a new user
+"""Coverage v2: about seventy real architectures (tests/architectures.py) as a new user
 would prune them: built from tiny transformers configs with random weights, wrapped to
 return one tensor, ``engine.prune(model, inputs, ratio=0.5)`` with default options, then
 ``engine.save`` (``model.pt2`` and ONNX checked with ONNX Runtime).
@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.common import REPO, Goal, Section, md_table
 
 NAME = "coverage_v2"
-TITLE = "6. Coverage v2: real architectures at ratio 0.5, default options (prune, verify, export)"
+TITLE = "Coverage v2: real architectures at ratio 0.5, default options (prune, verify, export)"
 RATIO = 0.5
 TIMEOUT_S = 600
 BATCH = 6
