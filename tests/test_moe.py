@@ -358,3 +358,41 @@ def test_expert_ratio_on_a_model_without_experts_is_one_line(tiny_pt2, tmp_path,
     rc, _out, err = cli(capfd, "prune", tiny_pt2, "--expert-ratio", "0.5", "--out", tmp_path)
     assert rc == 2
     assert "no routed experts" in one_error_line(err)
+
+
+class SharedExpertGate(nn.Module):
+    """Qwen2-MoE's shared expert: a one-output gate, sigmoid, times the expert's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.inp = nn.Linear(8, DIM)
+        self.gate = nn.Linear(DIM, 1, bias=False)
+        self.up = nn.Linear(DIM, HIDDEN)
+        self.down = nn.Linear(HIDDEN, DIM)
+        self.head = nn.Linear(DIM, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(h + torch.sigmoid(self.gate(h)) * self.down(F.relu(self.up(h))))
+
+
+def test_a_one_channel_gate_does_not_fuse_the_stream_it_scales():
+    model = SharedExpertGate().eval()
+    x = _tokens()
+    analysis = engine.analyze(model, (x,))
+    (stream,) = [g for g in analysis.groups if "inp" in g.layers]
+    assert stream.channels == DIM  # not one channel fused with the gate's single output
+    assert any("gate" in f.layers and "broadcast" in f.reason for f in analysis.frozen)
+    result = engine.apply(analysis, engine.plan(analysis, ratios={stream.name: 0.5}))
+    assert result.report["verification"]["exact"]
+    (pruned,) = [g for g in result.report["groups"] if "inp" in g["layers"]]
+    assert 0 < len(pruned["pruned"]) < DIM
+    kept = pruned["kept"]
+    reference = SharedExpertGate().eval()
+    with torch.no_grad():  # independent mask mode: the stream's dropped channels zeroed
+        dropped = [c for c in range(DIM) if c not in kept]
+        for layer in (reference.inp, reference.down):
+            layer.weight[dropped] = 0
+            layer.bias[dropped] = 0
+        torch.testing.assert_close(result.module(x), reference(x), rtol=1e-5, atol=1e-5)
