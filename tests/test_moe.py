@@ -396,3 +396,21 @@ def test_a_one_channel_gate_does_not_fuse_the_stream_it_scales():
             layer.weight[dropped] = 0
             layer.bias[dropped] = 0
         torch.testing.assert_close(result.module(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_group_limited_routing_refuses_expert_removal_in_one_line():
+    def build():
+        config = tf.DeepseekV3Config(
+            hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+            q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=16, vocab_size=100, use_cache=False)
+        return tf.DeepseekV3ForCausalLM(config)
+
+    program = _program(build)
+    with pytest.raises(engine.PruneScopeError, match="cannot be removed") as caught:
+        engine.prune(program, expert_ratio=0.5)
+    assert "\n" not in str(caught.value)
+    assert engine.prune(program, ratio=0.5).report["verification"]["output_shapes_match"]
