@@ -119,8 +119,15 @@ def prune(
     progress: Progress | None = None,
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
+    seq_len: int | None = None,
+    uniform: bool = False,
 ) -> PruneResult:
-    """Capture, analyse, plan, apply and verify in one call."""
+    """Capture, analyse, plan, apply and verify in one call.
+
+    ``uniform``: every repeated layer of the same kind loses the same number of channels
+    (engine/scoring/uniform.py), so a transformers model's pruned config stays standard and
+    `save` can write OUT/hf/. ``seq_len``: tokens of the example inputs made from a
+    transformers text model's config."""
     options = PruningOptions.from_any(options)
     if ratio is None and ratios is None and options.criterion != "index":
         raise PruneScopeError("give a global ratio (--ratio R) or per-group ratios (--ratios F)")
@@ -128,11 +135,18 @@ def prune(
         ratio = check_ratio(ratio)
     say = progress or (lambda _msg: None)
     say("capturing the model")
-    analysis = analyze(model, example_inputs, trust_pickle=trust_pickle, input_shapes=input_shapes)
+    analysis = analyze(model, example_inputs, trust_pickle=trust_pickle, input_shapes=input_shapes,
+                       seq_len=seq_len)
     say("analysing channel dependencies and scoring")
     the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
-                    calibration=calibration, indices=indices)
-    return apply(analysis, the_plan, progress=progress)
+                    calibration=calibration, indices=indices, uniform=uniform)
+    result = apply(analysis, the_plan, progress=progress)
+    if uniform:
+        from engine.scoring.uniform import family_counts
+
+        result.report["uniform"] = family_counts(
+            the_plan, analysis.group_inputs(the_plan.options, calibration))
+    return result
 
 
 def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) -> PruneResult:
@@ -286,7 +300,8 @@ def _metrics(module: torch.fx.GraphModule) -> dict[str, int]:
 
 def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
          progress: Progress | None = None) -> dict[str, Path]:
-    """Write model.pt2, model.onnx and report.json; all or nothing.
+    """Write model.pt2, model.onnx, report.json (and hf/ for a transformers model); all or
+    nothing.
 
     Every file is first written into a temporary folder inside `out_dir`; only when all of
     them are complete are they moved into place, so a failure leaves earlier results intact.
@@ -309,14 +324,29 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
             report["onnx"] = {"max_abs_diff_vs_torch": diff, "opset": 18}
             if not np.isfinite(diff) or diff > 1e-3 * max(1.0, _output_scale(result)):
                 raise ExportError(f"model.onnx disagrees with the pruned torch model ({diff:.3g})")
+        if result.analysis.captured.hf is not None:
+            say("writing hf/")
+            report["hf"] = _write_hf(result, staging / "hf")
         write_json(staging / "report.json", report)
-        paths = _commit(staging, out, ("model.pt2", "model.onnx", "report.json"))
+        paths = _commit(staging, out, ("model.pt2", "model.onnx", "report.json", "hf"))
         result.report = report
         return paths
     except OSError as exc:
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_hf(result: PruneResult, folder: Path) -> dict[str, Any]:
+    """OUT/hf/ for a transformers model (engine/io/hf_export.py); a reason when it cannot be."""
+    import warnings
+
+    from engine.io.hf_export import write_hf
+
+    entry = write_hf(result, folder)
+    if not entry["written"]:
+        warnings.warn(f"hf/ not written: {entry['reason']}", UserWarning, stacklevel=3)
+    return entry
 
 
 def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]:
@@ -327,7 +357,7 @@ def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
     back as it was.
     """
     for name in names:
-        if (out / name).is_dir():
+        if name != "hf" and (out / name).is_dir():
             raise ExportError(f"cannot write {out / name}: a folder of that name is in the way")
     backup = staging / ".previous"
     backup.mkdir()
@@ -345,7 +375,10 @@ def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
     except OSError as exc:
         for name in placed:
             with contextlib.suppress(OSError):
-                os.remove(out / name)
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    os.remove(out / name)
         for name in moved_aside:
             with contextlib.suppress(OSError):
                 os.replace(backup / name, out / name)

@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ratio.add_argument("--ratios", metavar="FILE.json", help="{group name: ratio}")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--uniform", action="store_true",
+                   help="every repeated layer of the same kind loses the same number of "
+                        "channels (a standard transformers config for OUT/hf/)")
     p.set_defaults(run=run)
 
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = engine.prune(args.model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
-                              **load_kwargs(args))
+                              uniform=args.uniform, **load_kwargs(args))
         paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
     finally:
         progress.close()
@@ -69,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"verification: output shapes match={v['output_shapes_match']}, "
           f"max |pruned - masked| = {v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
     report_frozen(report["frozen"])
+    hf = report.get("hf")
+    if hf and hf["written"]:
+        print(f"hf/: loads with transformers.{hf['auto_class']}, outputs equal model.pt2 "
+              f"(max relative difference {hf['max_rel_diff_vs_pt2']:.2g})")
     for path in paths.values():
         print(f"wrote {path}")
     return 0
