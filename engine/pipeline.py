@@ -144,8 +144,16 @@ def prune(
     if uniform:
         from engine.scoring.uniform import family_counts
 
-        result.report["uniform"] = family_counts(
-            the_plan, analysis.group_inputs(the_plan.options, calibration))
+        whole = the_plan.options.prunes_whole_blocks
+        result.report["uniform"] = {"families": family_counts(
+            the_plan, analysis.prunable_groups(whole))}
+        if analysis.captured.hf is not None:
+            from engine.io.hf_export import groups_config_keeps
+
+            result.report["uniform"]["kept_for_config"] = [
+                {"group": name, "reason": why}
+                for name, why in groups_config_keeps(analysis, whole).items()
+            ]
     return result
 
 

@@ -16,6 +16,7 @@ relative, or the folder is not written. The check goes into ``report.json`` as `
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -134,6 +135,74 @@ RULES: dict[str, Callable[[Any, Shapes], dict[str, Any]]] = {
 }
 
 
+# What each config cannot describe whatever the counts: "head_channels" (channels inside a
+# head: one head size, and the attention scale follows it), "heads" (the number of heads:
+# BertConfig and GPT2Config derive the head size from hidden_size / heads), "hidden" (the
+# hidden size, for the same reason). --uniform keeps such groups whole on these models.
+_LLAMA_FIXED = ("head_channels",)
+_TIED_FIXED = ("head_channels", "heads", "hidden")
+FIXED: dict[str, tuple[str, ...]] = {
+    **{t: _LLAMA_FIXED for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")},
+    **{t: _TIED_FIXED for t in ("bert", "roberta", "xlm-roberta", "camembert")},
+    "vit": _LLAMA_FIXED,
+    "gpt2": _TIED_FIXED,
+}
+_EMBEDDING = re.compile(r"(word_embeddings|embed_tokens|wte|wpe|patch_embeddings\.projection)$")
+_POOLER = re.compile(r"pooler\.dense$")  # BertConfig: the pooler is hidden_size wide
+_WHY = {
+    "head_channels": "has one head size (channels inside heads cannot shrink)",
+    "heads": "derives the head size from hidden_size / heads (heads cannot go)",
+    "hidden": "derives the head size from hidden_size / heads (the hidden size cannot shrink)",
+}
+
+
+def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
+    """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
+    hf = analysis.captured.hf
+    fixed = FIXED.get(getattr(hf.config, "model_type", None), ())
+    name = type(hf.config).__name__
+    keep = {}
+    for g in analysis.prunable_groups(whole_blocks):
+        if g.whole_blocks and "heads" in fixed:
+            keep[g.name] = f"{name} {_WHY['heads']}"
+        elif g.blocks and "head_channels" in fixed and not g.whole_blocks:
+            keep[g.name] = f"{name} {_WHY['head_channels']}"
+        elif "hidden" in fixed and any(_EMBEDDING.search(x) or _POOLER.search(x)
+                                       for x in g.layers):
+            keep[g.name] = f"{name} {_WHY['hidden']}"
+    return keep
+
+
+def count_adjuster(analysis, options):
+    """For --uniform on Llama-like models: LlamaConfig requires hidden_size to be a multiple
+    of num_attention_heads, so the hidden stream keeps such a multiple (the heads left after
+    pruning whole heads; the step size too when the step rule is on)."""
+    hf = analysis.captured.hf
+    if FIXED.get(getattr(hf.config, "model_type", None)) is not _LLAMA_FIXED or \
+            hf.config.model_type == "vit":
+        return None
+    groups = analysis.prunable_groups(options.prunes_whole_blocks)
+    hidden = next((g.name for g in groups if any(_EMBEDDING.search(x) for x in g.layers)), None)
+    heads = [g.name for g in groups
+             if g.whole_blocks and any(x.endswith("q_proj") for x in g.layers)]
+    if hidden is None:
+        return None
+    n_heads = hf.config.num_attention_heads
+    n_kv = getattr(hf.config, "num_key_value_heads", None) or n_heads
+    step = options.step_size if options.step_op != "none" else 1
+
+    def adjust(counts: dict[str, int], sizes: dict[str, int]) -> dict[str, int]:
+        left = n_heads
+        if heads:  # one channel of a heads group: a key/value head with its query heads
+            left = (sizes[heads[0]] - counts[heads[0]]) * (n_heads // n_kv)
+        multiple = math.lcm(left, step)
+        size = sizes[hidden]
+        kept = max((size - counts[hidden]) // multiple * multiple, min(multiple, size))
+        return {**counts, hidden: size - kept}
+
+    return adjust
+
+
 def supported_model_types() -> list[str]:
     return sorted(RULES)
 
@@ -153,6 +222,24 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def check_uniform(result) -> None:
+    """A config has one size per layer kind: repeated layers must lose the same count."""
+    from engine.scoring.uniform import families
+
+    structure = result.analysis.structure(result.plan.options.prunes_whole_blocks)
+    pruned = {gp.name: int(gp.pruned.size) for gp in result.plan.groups}
+    for names in families(g for g in structure.groups if g.name in pruned):
+        counts = {pruned[n] for n in names}
+        if len(counts) > 1:
+            low = min(names, key=pruned.get)
+            high = max(names, key=pruned.get)
+            config_name = type(result.analysis.captured.hf.config).__name__
+            raise NotDescribable(
+                f"--uniform is needed for hf/: {config_name} has one size for every layer, "
+                f"and {low} loses {pruned[low]} channels where {high} loses {pruned[high]}"
+            )
 
 
 def check_heads(result) -> None:
@@ -255,13 +342,12 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     "carried": [files]}`` or ``{"written": False, "reason": one line}``.
     """
     hf: HFSource = result.analysis.captured.hf
-    uniform = bool(result.report.get("uniform"))
     try:
+        check_uniform(result)
         check_heads(result)
         model = build_pretrained(hf, result.module)
     except NotDescribable as exc:
-        hint = "" if uniform else "; --uniform makes every repeated layer lose the same count"
-        return {"written": False, "reason": f"{exc}{hint}"}
+        return {"written": False, "reason": str(exc)}
     with quiet_transformers():
         model.save_pretrained(os.fspath(folder), safe_serialization=True)
     carried = []

@@ -284,7 +284,15 @@ def plan(
     if uniform:
         from engine.scoring.uniform import uniform_plan
 
+        pinned = [pinned] if isinstance(pinned, str) else list(pinned)
+        adjust = None
+        if analysis.captured.hf is not None:
+            from engine.io.hf_export import count_adjuster, groups_config_keeps
+
+            pinned += sorted(set(groups_config_keeps(analysis, options.prunes_whole_blocks))
+                             - set(pinned))
+            adjust = count_adjuster(analysis, options)
         return uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
-                            removals=removals)
+                            removals=removals, adjust=adjust)
     return make_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
                      removals=removals)

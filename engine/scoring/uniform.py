@@ -25,25 +25,31 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 import numpy as np
 
 from engine.errors import OptionError
+from engine.graph.dependency import GroupInfo
 from engine.scoring.planning import GroupInput, Plan, make_plan, round_half_up
 
 _LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
-def family_key(group: GroupInput) -> tuple:
+def family_key(group: GroupInput | GroupInfo) -> tuple:
     """Groups with equal keys are one layer kind repeated."""
-    n = len(next(iter(group.raw.values())))
-    blocks = None if group.blocks is None else tuple(np.shape(group.blocks))
+    if isinstance(group, GroupInput):
+        n = len(next(iter(group.raw.values())))
+        blocks = None if group.blocks is None else tuple(np.shape(group.blocks))
+    else:
+        n, blocks = group.channels, None if group.blocks is None else tuple(group.blocks)
+        if group.whole_blocks:
+            blocks = (n, 1)  # a head is one channel, as in Analysis.group_inputs
     return _LAYER_NUMBER.sub("#", group.name), n, blocks, group.whole_blocks
 
 
-def families(groups: Iterable[GroupInput]) -> list[list[str]]:
+def families(groups: Iterable[GroupInput | GroupInfo]) -> list[list[str]]:
     """Names of the groups of each family of two or more repeated layers, network order."""
     by_key: dict[tuple, list[str]] = defaultdict(list)
     for g in groups:
@@ -60,8 +66,12 @@ def uniform_plan(
     ratios: Mapping[str, float] | None = None,
     pinned: Iterable[str] = (),
     removals: Mapping[str, np.ndarray] | None = None,
+    adjust: Callable[[dict[str, int], dict[str, int]], dict[str, int]] | None = None,
 ) -> Plan:
-    """A plan in which every family's groups lose the same number of channels."""
+    """A plan in which every family's groups lose the same number of channels.
+
+    ``adjust(counts, sizes)``: a last say on the per-group counts (a config's divisibility
+    rules, e.g. a hidden size that must be a multiple of the number of heads)."""
     if removals:
         raise OptionError("uniform counts are chosen from scores; they cannot be combined "
                           "with criterion index (explicit indices)")
@@ -78,6 +88,8 @@ def uniform_plan(
         count = round_half_up(sum(asked[n] for n in free) / len(free))
         for name in free:
             per_group[name] = count
+    if adjust is not None:
+        per_group = adjust(per_group, sizes)
     second = make_plan(
         groups, options,
         ratios={name: min(count / sizes[name], 1 - 1e-12) for name, count in per_group.items()
@@ -89,7 +101,7 @@ def uniform_plan(
                    _by_name={})
 
 
-def family_counts(plan: Plan, groups: Iterable[GroupInput]) -> list[dict]:
+def family_counts(plan: Plan, groups: Iterable[GroupInput | GroupInfo]) -> list[dict]:
     """Per family: its layer kind and the channels each of its groups lost (the report)."""
     pruned = {gp.name: int(gp.pruned.size) for gp in plan.groups}
     out = []
