@@ -349,7 +349,7 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     except NotDescribable as exc:
         return {"written": False, "reason": str(exc)}
     with quiet_transformers():
-        model.save_pretrained(os.fspath(folder), safe_serialization=True)
+        model.save_pretrained(os.fspath(folder))
     carried = []
     for name in hf.carried:
         if hf.folder is not None and (hf.folder / name).is_file():
