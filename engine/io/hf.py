@@ -102,8 +102,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / CONFIG
     if not config_path.is_file():
         raise ModelLoadError(
-            f"model folder {path} has no config.json; a Hugging Face model folder holds "
-            "config.json and *.safetensors (as save_pretrained writes them)"
+            f"model path {path} is a directory without config.json; a Hugging Face model "
+            "folder holds config.json and *.safetensors (as save_pretrained writes them)"
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
