@@ -9,7 +9,7 @@ PORT ?= 8501
 # its own, so that nothing later resolves an unpinned torch (several GB of CUDA wheels).
 TORCH := torch==2.13.0
 
-.PHONY: venv venv-run run test bench demo clean
+.PHONY: venv venv-run run test bench demo demo-lm clean
 
 # The bare venv plus torch. torch is installed on its own, first, so that the later
 # `pip install -e .` finds torch==2.13.0 already satisfied.
@@ -52,6 +52,9 @@ bench: $(VENV)/.stamp-bench
 
 demo: $(VENV)/.stamp-test
 	$(PY) assets/train_demo.py --out assets
+
+demo-lm: $(VENV)/.stamp-test
+	$(PY) assets/train_demo_lm.py --out assets
 
 clean:
 	rm -rf out test-artifacts .pytest_cache .ruff_cache .hypothesis

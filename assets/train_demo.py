@@ -6,7 +6,11 @@ The network is tiny but contains every structure a pruning option acts on: a res
 attention built from separate q/k/v/out projections with a head split via view/transpose
 (reshape_channel_axis).
 
-    python assets/train_demo.py --out assets     # writes demo.pt2, demo_eval.npz, demo_meta.json
+    python assets/train_demo.py --out assets  # demo.pt2, demo_calib/eval.npz, demo_meta.json
+    python assets/train_demo.py --data-only      # only the two data sets (the split, no training)
+
+demo_calib.npz is the training split (with labels): the calibration set of recovery and of
+data-aware criteria. demo_eval.npz is the held-out quarter, the only set quality is measured on.
 """
 
 from __future__ import annotations
@@ -129,6 +133,13 @@ def split_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     return x_tr, x_te, y_tr, y_te
 
 
+def write_data(out: Path, seed: int) -> None:
+    """The two data sets, from the same deterministic split the model is trained on."""
+    x_tr, x_te, y_tr, y_te = split_data(seed)
+    np.savez_compressed(out / "demo_calib.npz", x=x_tr, y=y_tr)
+    np.savez_compressed(out / "demo_eval.npz", x=x_te, y=y_te)
+
+
 def shift_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random shifts by up to one pixel: digits are small, this is the cheap regulariser."""
     padded = F.pad(x, (1, 1, 1, 1))
@@ -198,16 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=2, help="torch threads (fixed so runs are repeatable)"
     )
+    parser.add_argument("--data-only", action="store_true",
+                        help="write demo_calib.npz and demo_eval.npz only (no training)")
     args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.data_only:
+        write_data(args.out, args.seed)
+        return 0
 
     torch.set_num_threads(args.threads)
     model, info = train(args.seed, args.epochs)
-    args.out.mkdir(parents=True, exist_ok=True)
 
-    x_eval, y_eval = info.pop("x_eval"), info.pop("y_eval")
+    x_eval = info.pop("x_eval")
+    info.pop("y_eval")
     program = export_program(model, torch.from_numpy(x_eval[:8]))
     torch.export.save(program, os.fspath(args.out / "demo.pt2"))
-    np.savez_compressed(args.out / "demo_eval.npz", x=x_eval, y=y_eval)
+    write_data(args.out, args.seed)
 
     meta = {
         **info,

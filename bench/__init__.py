@@ -7,8 +7,22 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
 - ``scaling``: Llama-style models at 4, 8 and 16 layers, time and peak memory
 - ``latency``: CPU latency of original and pruned models (torch eager, ONNX Runtime)
 - ``coverage``: the zoo and transformers models through both tools
+- ``quality``: demo accuracy per criterion x recovery x ratio (held-out data)
+- ``sweep``: the demo's option sweep, sensitivity and automatic per-group ratios
+- ``depth``: depth vs width pruning at equal parameter counts, batch-1 CPU latency
+- ``large``: bf16 Llama-style 0.85 B and 3B-shaped `.pt2` files pruned by the CLI vs the floor
 
 Wall-clock numbers live here and in ``bench/RESULTS.md``, never as assertions in tests.
 """
 
-BENCHMARKS = ("e2e", "rerank", "scaling", "latency", "coverage")
+BENCHMARKS = (
+    "e2e",
+    "rerank",
+    "scaling",
+    "latency",
+    "coverage",
+    "depth",
+    "quality",
+    "sweep",
+    "large",
+)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from dashboard.evaluate import evaluate_pair
-from dashboard.sources import EvalData
+from dashboard.sources import EvalData, one_line
 
 LATENCY_RUNS = 10
 
@@ -33,6 +33,7 @@ class PruneRun:
     channels_pruned: int = 0
     channels_total: int = 0
     notes: list[str] = field(default_factory=list)
+    result: Any = field(default=None, repr=False)  # the engine's PruneResult (for recovery)
 
 
 def _original_module(model: Any):
@@ -85,17 +86,19 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Eval
     progress("Comparing outputs on the evaluation data…")
     try:
         if eval_data is not None and len(example) == 1:
-            fid = evaluate_pair(original, result.module, eval_data.x, eval_data.y, example)
+            fid = evaluate_pair(original, result.module, eval_data.x, eval_data.y, example,
+                                eval_data.label)
             fid_on = eval_data.label
         else:
             x = example[0].detach().cpu().numpy() if len(example) == 1 else None
             if x is not None:
-                fid = evaluate_pair(original, result.module, x, None, example)
+                fid = evaluate_pair(original, result.module, x, None, example,
+                                    "the example inputs")
                 fid_on = "the example inputs (no evaluation data given)"
             else:
                 notes.append("fidelity needs a single-input model or evaluation data")
     except Exception as e:
-        notes.append(f"fidelity not measured: {e}")
+        notes.append(f"fidelity not measured: {one_line(e)}")
 
     total = int(sum(np.asarray(g.scores).size for g in plan.groups))
     pruned = int(sum(np.asarray(g.pruned).size for g in plan.groups))
@@ -112,6 +115,7 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Eval
         channels_pruned=pruned,
         channels_total=total,
         notes=notes,
+        result=result,
     )
 
 

@@ -28,10 +28,11 @@ import numpy as np
 from engine.errors import ModelLoadError, PruneScopeError
 
 DEMO = "Demo model"
+DEMO_LM = "Demo language model (demo-lm)"
 UPLOAD_PT2 = "Upload .pt2"
 LOCAL_PATH = "Local file path"
 UPLOAD_PT = "Upload .pt (pickle)"
-SOURCES = (DEMO, UPLOAD_PT2, LOCAL_PATH, UPLOAD_PT)
+SOURCES = (DEMO, DEMO_LM, UPLOAD_PT2, LOCAL_PATH, UPLOAD_PT)
 
 
 PREFIX = "prunescope-"
@@ -207,6 +208,15 @@ def demo_request() -> ModelRequest:
                         source="demo")
 
 
+def demo_lm_request() -> ModelRequest:
+    from engine.demo import DEMO_LM_PATH
+
+    stamp = _file_stamp(DEMO_LM_PATH) if Path(DEMO_LM_PATH).is_file() else "missing"
+    return ModelRequest(key=f"demo-lm:{stamp}",
+                        label="built-in demo-lm (byte-level Llama language model)",
+                        source="demo-lm")
+
+
 def path_request(path: str | Path, *, trust_pickle: bool = False,
                  input_shapes: tuple[tuple[int, ...], ...] | None = None,
                  label: str | None = None, shown_as: str | None = None) -> ModelRequest:
@@ -339,6 +349,14 @@ def demo_eval() -> EvalData:
 
     x, y = load_demo_eval()
     return EvalData(x=x, y=y, label="demo evaluation set")
+
+
+def builtin_eval(name: str) -> EvalData:
+    """A built-in model's held-out evaluation set (engine.load_eval_data)."""
+    from engine.quality.evaluate import load_eval_data
+
+    data = load_eval_data(name)
+    return EvalData(x=data.inputs[0], y=data.labels, label=f"{name} evaluation set")
 
 
 def one_line(error: BaseException) -> str:

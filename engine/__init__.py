@@ -5,24 +5,99 @@ Streamlit-free. Typical use::
     import engine
     result = engine.prune(model, (x,), engine.PruningOptions(layer_norm="tss_norm"), ratio=0.5)
     engine.save(result, "out/")
+
+The public names are imported on first use (module __getattr__), so `import engine` and
+`prunescope --help` do not pay for torch.
 """
 
-from engine.errors import ExportError, ModelLoadError, OptionError, PruneScopeError
-from engine.graph.capture import Captured, load_calibration, load_model
-from engine.graph.dependency import FrozenInfo, GroupInfo
-from engine.options import PruningOptions
-from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
-from engine.scoring.analysis import Analysis, analyze, plan
-from engine.scoring.planning import GroupPlan, Plan
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import ExportError, ModelLoadError, OnnxExportError, OptionError, PruneScopeError
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazily
+    from engine.graph.capture import Captured, load_calibration, load_model
+    from engine.graph.dependency import FrozenInfo, GroupInfo
+    from engine.options import PruningOptions
+    from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
+    from engine.quality.evaluate import (
+        METRICS,
+        EvalData,
+        evaluate,
+        load_calibration_data,
+        load_eval_data,
+        quality_report,
+    )
+    from engine.quality.recovery import recover
+    from engine.quality.sensitivity import sensitivity
+    from engine.quality.sweep import sweep
+    from engine.quality.targets import ratios_for_target
+    from engine.scoring.analysis import Analysis, analyze, plan
+    from engine.scoring.planning import GroupPlan, Plan
+
+_LAZY = {
+    "Captured": "engine.graph.capture",
+    "load_calibration": "engine.graph.capture",
+    "load_model": "engine.graph.capture",
+    "FrozenInfo": "engine.graph.dependency",
+    "GroupInfo": "engine.graph.dependency",
+    "PruningOptions": "engine.options",
+    "PruneResult": "engine.pipeline",
+    "Scores": "engine.pipeline",
+    "apply": "engine.pipeline",
+    "masked": "engine.pipeline",
+    "prune": "engine.pipeline",
+    "save": "engine.pipeline",
+    "score": "engine.pipeline",
+    "METRICS": "engine.quality.evaluate",
+    "EvalData": "engine.quality.evaluate",
+    "evaluate": "engine.quality.evaluate",
+    "load_calibration_data": "engine.quality.evaluate",
+    "load_eval_data": "engine.quality.evaluate",
+    "quality_report": "engine.quality.evaluate",
+    "recover": "engine.quality.recovery",
+    "Analysis": "engine.scoring.analysis",
+    "analyze": "engine.scoring.analysis",
+    "plan": "engine.scoring.analysis",
+    "GroupPlan": "engine.scoring.planning",
+    "Plan": "engine.scoring.planning",
+    "sweep": "engine.quality.sweep",
+    "sensitivity": "engine.quality.sensitivity",
+    "ratios_for_target": "engine.quality.targets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+    try:  # `engine.pipeline` and friends after a bare `import engine`
+        return importlib.import_module(f"engine.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"engine.{name}":
+            raise
+        raise AttributeError(f"module 'engine' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Analysis",
     "Captured",
+    "EvalData",
     "ExportError",
     "FrozenInfo",
     "GroupInfo",
     "GroupPlan",
+    "METRICS",
     "ModelLoadError",
+    "OnnxExportError",
     "OptionError",
     "Plan",
     "PruneResult",
@@ -31,11 +106,19 @@ __all__ = [
     "Scores",
     "analyze",
     "apply",
+    "evaluate",
     "load_calibration",
+    "load_calibration_data",
+    "load_eval_data",
     "load_model",
     "masked",
     "plan",
     "prune",
+    "quality_report",
+    "ratios_for_target",
+    "recover",
     "save",
     "score",
+    "sensitivity",
+    "sweep",
 ]

@@ -1,4 +1,6 @@
-"""The built-in demo model: a digit classifier trained by assets/train_demo.py.
+"""The built-in demo models: a digit classifier (`demo`, assets/train_demo.py) and a small
+byte-level Llama language model (`demo-lm`, assets/train_demo_lm.py), each with its own
+calibration set (the training split) and evaluation set (held out).
 
 The assets live in the repository's assets/ folder next to engine/ (the package is installed
 editable), so they are found relative to this file.
@@ -18,12 +20,46 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEMO_PATH = ASSETS_DIR / "demo.pt2"
 DEMO_EVAL_PATH = ASSETS_DIR / "demo_eval.npz"
 DEMO_META_PATH = ASSETS_DIR / "demo_meta.json"
+DEMO_CALIB_PATH = ASSETS_DIR / "demo_calib.npz"
+DEMO_LM_PATH = ASSETS_DIR / "demo_lm.pt2"
+DEMO_LM_CALIB_PATH = ASSETS_DIR / "demo_lm_calib.npz"
+DEMO_LM_EVAL_PATH = ASSETS_DIR / "demo_lm_eval.npz"
+DEMO_LM_META_PATH = ASSETS_DIR / "demo_lm_meta.json"
+DEMO_LM_HF_DIR = ASSETS_DIR / "demo_lm"
+
+# name -> (model, calibration set, evaluation set, `make` target that recreates them)
+BUILTINS: dict[str, tuple[Path, Path, Path, str]] = {
+    "demo": (DEMO_PATH, DEMO_CALIB_PATH, DEMO_EVAL_PATH, "demo"),
+    "demo-lm": (DEMO_LM_PATH, DEMO_LM_CALIB_PATH, DEMO_LM_EVAL_PATH, "demo-lm"),
+}
+BUILTIN_NAMES = tuple(BUILTINS)
 
 
-def _require(path: Path) -> Path:
+def _require(path: Path, target: str = "demo") -> Path:
     if not path.is_file():
-        raise ModelLoadError(f"demo asset {path} is missing; run `make demo` to recreate it")
+        raise ModelLoadError(f"demo asset {path} is missing; run `make {target}` to recreate it")
     return path
+
+
+def is_builtin(name: object) -> bool:
+    return isinstance(name, str) and name in BUILTINS
+
+
+def builtin_data_path(name: str, kind: str) -> Path:
+    """The calibration (`kind="calibration"`) or evaluation (`"eval"`) set of a built-in model."""
+    model, calib, evaluation, target = BUILTINS[name]
+    return _require(calib if kind == "calibration" else evaluation, target)
+
+
+def load_builtin_program(name: str) -> torch.export.ExportedProgram:
+    model, _, _, target = BUILTINS[name]
+    return torch.export.load(os.fspath(_require(model, target)))
+
+
+def builtin_example_inputs(name: str, batch: int = 8) -> tuple[torch.Tensor]:
+    """A few real samples of the model's evaluation set, for capturing or checking it."""
+    with np.load(builtin_data_path(name, "eval"), allow_pickle=False) as data:
+        return (torch.from_numpy(data["x"][:batch]).clone(),)
 
 
 def load_demo_program() -> torch.export.ExportedProgram:

@@ -17,3 +17,13 @@ class ModelLoadError(PruneScopeError):
 
 class ExportError(PruneScopeError):
     """Writing or checking an exported artefact failed."""
+
+
+class OnnxExportError(ExportError):
+    """The ONNX export (or its ONNX Runtime check) failed after everything else was written:
+    model.pt2 and report.json are in place, the report names the failure."""
+
+    def __init__(self, message: str, paths: dict | None = None, report: dict | None = None):
+        super().__init__(message)
+        self.paths = paths or {}
+        self.report = report

@@ -8,12 +8,16 @@ from typing import Any
 
 from engine.errors import OptionError
 
-CRITERIA = ("l2", "l1", "gm", "nuclear_norm", "random", "index")
+# the spec's criteria, then the data-aware ones (beyond the spec; they need calibration data)
+CRITERIA = ("l2", "l1", "gm", "nuclear_norm", "random", "index",
+            "activation", "wanda", "taylor", "fluctuation")
 POLICIES = ("sum", "average", "backward")
 LAYER_NORMS = ("standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none")
 GROUP_POLICIES = ("sum", "average", "count", "none")
 RESHAPE_CHANNEL_AXES = (0, 1, -1, -2)
 STEP_OPS = ("round", "round_up", "round_down", "none")
+# What `engine.evaluate` measures (held-out data; see engine/quality/evaluate.py).
+METRICS = ("accuracy", "perplexity", "agreement", "relative_error")
 
 ALLOWED: dict[str, tuple] = {
     "criterion": CRITERIA,

@@ -15,15 +15,25 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from engine.errors import ExportError, PruneScopeError
-from engine.io.export import check_onnx, export_onnx, save_program, write_json
+from engine.errors import ExportError, OnnxExportError, PruneScopeError
+from engine.io.export import (
+    check_onnx,
+    check_onnx_structure,
+    export_onnx,
+    external_data_path,
+    save_program,
+    write_json,
+)
 from engine.options import PruningOptions, check_ratio
 from engine.quality.metrics import count_params, graph_flops, size_bytes
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
-from engine.transform.apply import masked_module, pruned_roots, rewrite
+from engine.transform.apply import masked_module, pruned_roots, rewrite, tensor_places
 
-EXACT_TOLERANCE = 1e-4  # relative: max |pruned - masked| / max |masked|
+EXACT_TOLERANCE = 1e-4  # relative: max |pruned - masked| / max |masked|, float32
+HALF_EPSILONS = 4  # bf16/fp16 outputs: the tolerance is this many machine epsilons
+ONNX_TOLERANCE = 1e-3  # absolute, per unit of output scale: ONNX Runtime vs the pruned module
+ONNX_FILES = ("model.onnx", "model.onnx.data")
 Progress = Callable[[str], None]
 
 
@@ -121,54 +131,88 @@ def prune(
     input_shapes: list[tuple[int, ...]] | None = None,
     seq_len: int | None = None,
     uniform: bool = False,
+    expert_ratio: float | None = None,
+    block_ratio: float | None = None,
+    remove_blocks: int | None = None,
 ) -> PruneResult:
     """Capture, analyse, plan, apply and verify in one call.
 
-    ``uniform``: every repeated layer of the same kind loses the same number of channels
+    `expert_ratio` removes whole experts of mixtures of experts, `block_ratio` or
+    `remove_blocks` whole residual blocks; both run before width pruning (engine.transform).
+    `uniform`: every repeated layer of the same kind loses the same number of channels
     (engine/scoring/uniform.py), so a transformers model's pruned config stays standard and
-    `save` can write OUT/hf/. ``seq_len``: tokens of the example inputs made from a
-    transformers text model's config."""
+    `save` can write OUT/hf/. `seq_len`: tokens of the example inputs made from a
+    transformers text model's config.
+    """
+    from engine.transform import structural
+
     options = PruningOptions.from_any(options)
-    if ratio is None and ratios is None and options.criterion != "index":
+    structures = structural.wanted(expert_ratio, block_ratio, remove_blocks)
+    if ratio is None and ratios is None and options.criterion != "index" and not structures:
         raise PruneScopeError("give a global ratio (--ratio R) or per-group ratios (--ratios F)")
     if ratio is not None:
         ratio = check_ratio(ratio)
     say = progress or (lambda _msg: None)
     say("capturing the model")
-    analysis = analyze(model, example_inputs, trust_pickle=trust_pickle, input_shapes=input_shapes,
-                       seq_len=seq_len)
+    analysis = original = analyze(model, example_inputs, trust_pickle=trust_pickle,
+                                  input_shapes=input_shapes, seq_len=seq_len)
+    if structures:
+        analysis, sections = structural.remove_structures(
+            analysis, expert_ratio=expert_ratio, block_ratio=block_ratio,
+            remove_blocks=remove_blocks, calibration=calibration, progress=progress)
+        if ratio is None and ratios is None and options.criterion != "index":
+            ratio = 0.0
     say("analysing channel dependencies and scoring")
     the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
                     calibration=calibration, indices=indices, uniform=uniform)
-    result = apply(analysis, the_plan, progress=progress)
+    # a model loaded here from a file has no other owner: its weights are released while
+    # the pruned ones are made, so the two are never all in memory together
+    owned = isinstance(model, (str, os.PathLike)) and not structures
+    result = apply(analysis, the_plan, progress=progress, release_original=owned)
+    if structures:
+        structural.finish(result.report, original, sections)
     if uniform:
-        from engine.scoring.uniform import family_counts
-
-        whole = the_plan.options.prunes_whole_blocks
-        result.report["uniform"] = {"families": family_counts(
-            the_plan, analysis.prunable_groups(whole))}
-        if analysis.captured.hf is not None:
-            from engine.io.hf_export import groups_config_keeps
-
-            result.report["uniform"]["kept_for_config"] = [
-                {"group": name, "reason": why}
-                for name, why in groups_config_keeps(analysis, whole).items()
-            ]
+        _report_uniform(result, analysis)
     return result
 
 
-def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) -> PruneResult:
-    """Remove the planned channels for real, verify against mask mode, re-export."""
+def _report_uniform(result: PruneResult, analysis: Analysis) -> None:
+    """report["uniform"]: each repeated layer kind and what its layers lost; for a
+    transformers model, the groups kept whole because its config cannot describe them."""
+    from engine.scoring.uniform import family_counts
+
+    whole = result.plan.options.prunes_whole_blocks
+    entry: dict[str, Any] = {"families": family_counts(result.plan,
+                                                       analysis.prunable_groups(whole))}
+    if analysis.captured.hf is not None:
+        from engine.io.hf_export import groups_config_keeps
+
+        entry["kept_for_config"] = [{"group": name, "reason": why}
+                                    for name, why in groups_config_keeps(analysis, whole).items()]
+    result.report["uniform"] = entry
+
+
+def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, *,
+          release_original: bool = False) -> PruneResult:
+    """Remove the planned channels for real, verify against mask mode, re-export.
+
+    `release_original=True` gives the analysed model up: its weights are freed as their
+    slices are made (the analysis cannot be applied or masked again afterwards).
+    """
     say = progress or (lambda _msg: None)
+    _check_not_released(analysis)
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     removed = pruned_roots(structure, the_plan)
-    say("removing channels")
-    pruned_gm = rewrite(analysis.gm, structure, removed)
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
+    before = _metrics(analysis.gm)
+    with torch.no_grad():  # mask mode first: the rewrite may release the original weights
+        masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
+    say("removing channels")
+    release = _releaser(analysis) if release_original else None
+    pruned_gm = rewrite(analysis.gm, structure, removed, release)
     say("verifying")
     with torch.no_grad():
-        masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
         try:
             pruned = _leaves(_ShapeRecorder(pruned_gm).run(*inputs, **kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
@@ -176,7 +220,6 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) 
                 from exc
     verification = _verify(masked, pruned, the_plan, structure)
     say("measuring")
-    before = _metrics(analysis.gm)
     after = _metrics(pruned_gm)
     report = {
         "options": the_plan.options.to_dict(),
@@ -202,6 +245,39 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None) 
     if the_plan.ratio is not None or the_plan.ratios is None:
         report["ratio"] = the_plan.ratio
     return PruneResult(pruned_gm, report, the_plan, analysis, inputs)
+
+
+def _check_not_released(analysis: Analysis) -> None:
+    if getattr(analysis, "released", False):
+        raise PruneScopeError("this analysis gave its weights up to an earlier prune of a "
+                              "model file; analyse the model again")
+
+
+def _releaser(analysis: Analysis) -> Callable[[torch.Tensor], None]:
+    """Drops every reference the analysis holds to an original tensor (its module and its
+    program), leaving a meta tensor of the same shape; marks the analysis released."""
+    gm = analysis.gm
+    program = analysis.captured.program
+    places = tensor_places(gm)
+    stores = [program.state_dict, program.constants]
+    keys_by_id: dict[int, list[tuple[dict, str]]] = {}
+    for store in stores:
+        for key, value in store.items():
+            keys_by_id.setdefault(id(value), []).append((store, key))
+    analysis.released = True
+
+    def release(tensor: torch.Tensor) -> None:
+        meta = torch.empty_like(tensor, device="meta")
+        for module_name, attr in places.pop(id(tensor), ()):
+            owner = gm.get_submodule(module_name) if module_name else gm
+            if attr in owner._parameters:
+                owner._parameters[attr] = torch.nn.Parameter(meta, requires_grad=False)
+            elif attr in owner._buffers:
+                owner._buffers[attr] = meta
+        for store, key in keys_by_id.pop(id(tensor), ()):
+            store[key] = meta
+
+    return release
 
 
 class _ShapeRecorder(torch.fx.Interpreter):
@@ -241,7 +317,8 @@ def _verify(masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
     relative = max_abs / max_ref if max_ref > 0 else max_abs
     pruned_groups = [gp.name for gp in the_plan.groups if len(gp.pruned)]
     expected_exact = all(structure.group(name).exact for name in pruned_groups)
-    agrees = relative <= EXACT_TOLERANCE
+    tolerance = exact_tolerance(t.dtype for t in masked)
+    agrees = relative <= tolerance
     if not shapes_match:
         raise PruneScopeError("verification failed: the pruned model's output shapes changed")
     if expected_exact and not agrees:
@@ -254,9 +331,19 @@ def _verify(masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
         "max_abs_diff_vs_masked": max_abs,
         "relative_diff_vs_masked": relative,
         "exact": bool(expected_exact and agrees),
+        "tolerance": tolerance,
         "exact_expected": expected_exact,
         "inexact_groups": [n for n in pruned_groups if not structure.group(n).exact],
     }
+
+
+def exact_tolerance(dtypes: Iterable[torch.dtype]) -> float:
+    """Relative tolerance of "exact": 1e-4 in float32; for half-precision outputs 4 machine
+    epsilons of the coarsest one (float16 3.9e-3, bfloat16 3.1e-2): removing zeroed channels
+    changes how a product's sum is blocked, and each rounding to 8 (bf16) or 11 (fp16)
+    significant bits can move a result by an epsilon."""
+    eps = [torch.finfo(d).eps for d in dtypes if d.is_floating_point]
+    return max([EXACT_TOLERANCE, *(HALF_EPSILONS * e for e in eps)])
 
 
 def _export(gm: torch.nn.Module, analysis: Analysis) -> torch.export.ExportedProgram:
@@ -308,11 +395,14 @@ def _metrics(module: torch.fx.GraphModule) -> dict[str, int]:
 
 def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
          progress: Progress | None = None) -> dict[str, Path]:
-    """Write model.pt2, model.onnx, report.json (and hf/ for a transformers model); all or
-    nothing.
+    """Write model.pt2, model.onnx (+ model.onnx.data for big models), report.json and, for a
+    transformers model, hf/.
 
     Every file is first written into a temporary folder inside `out_dir`; only when all of
     them are complete are they moved into place, so a failure leaves earlier results intact.
+    An ONNX failure (conversion, ONNX Runtime check) is not one: model.pt2 and report.json
+    (whose "onnx" entry holds {"error": ...}) are still written, then OnnxExportError is
+    raised, carrying the written paths.
     """
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
@@ -325,19 +415,26 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         report = dict(result.report)
         say("writing model.pt2")
         save_program(result.program, staging / "model.pt2")
+        onnx_error = None
         if onnx:
             say("writing model.onnx")
-            export_onnx(result.program, staging / "model.onnx")
-            diff = check_onnx(staging / "model.onnx", result.module, result.example_inputs)
-            report["onnx"] = {"max_abs_diff_vs_torch": diff, "opset": 18}
-            if not np.isfinite(diff) or diff > 1e-3 * max(1.0, _output_scale(result)):
-                raise ExportError(f"model.onnx disagrees with the pruned torch model ({diff:.3g})")
+            try:
+                report["onnx"] = _write_onnx(result, staging / "model.onnx")
+            except Exception as exc:  # noqa: BLE001 - any ONNX failure: keep the rest, say why
+                onnx_error = _onnx_failure(exc)
+                for name in ONNX_FILES:
+                    with contextlib.suppress(OSError):
+                        os.remove(staging / name)
+                report["onnx"] = {"error": onnx_error}
         if result.analysis.captured.hf is not None:
             say("writing hf/")
             report["hf"] = _write_hf(result, staging / "hf")
         write_json(staging / "report.json", report)
-        paths = _commit(staging, out, ("model.pt2", "model.onnx", "report.json", "hf"))
+        paths = _commit(staging, out, ("model.pt2", *ONNX_FILES, "report.json", "hf"))
         result.report = report
+        if onnx_error is not None:
+            raise OnnxExportError(f"ONNX export failed (model.pt2 and report.json written): "
+                                  f"{onnx_error}", paths, report)
         return paths
     except OSError as exc:
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
@@ -355,6 +452,36 @@ def _write_hf(result: PruneResult, folder: Path) -> dict[str, Any]:
     if not entry["written"]:
         warnings.warn(f"hf/ not written: {entry['reason']}", UserWarning, stacklevel=3)
     return entry
+
+
+def _write_onnx(result: PruneResult, path: Path) -> dict[str, Any]:
+    """model.onnx (with model.onnx.data for big models), checked in ONNX Runtime."""
+    export_onnx(result.program, path)
+    if any(p.dtype == torch.bfloat16 for p in result.module.parameters()):
+        check_onnx_structure(path)
+        entry: dict[str, Any] = {"max_abs_diff_vs_torch": None, "opset": 18,
+                                 "checked": "structure only (onnx.checker): ONNX Runtime's "
+                                            "CPU provider has no bfloat16 kernels"}
+    else:
+        diff = check_onnx(path, result.module, result.example_inputs)
+        # float16 outputs get the verification's half-precision tolerance (3.9e-3)
+        dtypes = [p.dtype for p in result.module.parameters()]
+        tolerance = max(ONNX_TOLERANCE, exact_tolerance(dtypes))
+        if not np.isfinite(diff) or diff > tolerance * max(1.0, _output_scale(result)):
+            raise ExportError(f"model.onnx disagrees with the pruned torch model ({diff:.3g})")
+        entry = {"max_abs_diff_vs_torch": diff, "opset": 18}
+    if external_data_path(path).exists():
+        entry["external_data"] = external_data_path(path).name
+    return entry
+
+
+def _onnx_failure(exc: BaseException) -> str:
+    """One line naming what went wrong in the ONNX step."""
+    text = str(exc).strip()
+    if isinstance(exc, PruneScopeError) and text:
+        return text.splitlines()[0]
+    first = text.splitlines()[0] if text else "no message"
+    return f"{type(exc).__name__}: {first}"
 
 
 def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]:
@@ -403,5 +530,6 @@ def _output_scale(result: PruneResult) -> float:
 
 def masked(analysis: Analysis, the_plan: Plan) -> Callable:
     """Mask mode: the original model with the planned channels zeroed (nothing removed)."""
+    _check_not_released(analysis)
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     return masked_module(analysis.gm, structure, pruned_roots(structure, the_plan))

@@ -82,7 +82,7 @@ def _calibration():
 def _expected_plan(at: AppTest, options: PruningOptions, ratio: float, **kw):
     """The engine's own plan for the page's model, computed outside the page."""
     model = _model(at)
-    calibration = at.session_state["_ps_eval"][1].x  # the page's cached array (same object)
+    calibration = at.session_state["_ps_eval"][1]  # the page's calibration data (x and y)
     return engine.plan(model.analysis, options, ratio=ratio, calibration=calibration, **kw)
 
 
@@ -404,7 +404,7 @@ def test_prune_shows_before_after_fidelity_and_downloads():
     assert run.fidelity["accuracy_before"] == pytest.approx(accuracy)
     assert 0.0 <= run.fidelity["accuracy_after"] <= 1.0
     assert 0.0 <= run.fidelity["top1_agreement"] <= 1.0
-    assert run.fidelity["max_abs_diff"] > 0.0  # half the channels went: outputs moved
+    assert run.fidelity["relative_error"] > 0.0  # half the channels went: outputs moved
     fidelity = _table(at, "Measure").set_index("Measure")
     assert fidelity.loc["Accuracy before", "Value"] == f"{accuracy:.2%}"
     labels = [b.label for b in at.download_button]
@@ -645,13 +645,24 @@ def _npz(**arrays) -> bytes:
 
 
 def test_fidelity_measures():
-    from dashboard.evaluate import fidelity
+    from dashboard.evaluate import evaluate_pair
+
+    class Fixed(torch.nn.Module):
+        """Returns the row of a fixed table named by the sample's first value."""
+
+        def __init__(self, table):
+            super().__init__()
+            self.table = torch.tensor(table, dtype=torch.float32)
+
+        def forward(self, x):
+            return self.table[x[:, 0].long()]
 
     before = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0], [4.0, 0.0, 0.0]])
     after = before.copy()
     after[1] = [3.0, 0.0, 1.0]  # sample 1 flips from class 1 to class 0
     y = np.array([0, 1, 2, 1])
-    result = fidelity(before, after, y)
+    x = np.arange(4, dtype=np.float32).reshape(4, 1)
+    result = evaluate_pair(Fixed(before), Fixed(after), x, y, (torch.from_numpy(x),))
     assert result["top1_agreement"] == 0.75
-    assert result["max_abs_diff"] == 3.0
+    assert result["relative_error"] == pytest.approx(np.sqrt(18 / 57))  # (3² + 3²) / Σ before²
     assert result["accuracy_before"] == 0.75 and result["accuracy_after"] == 0.5

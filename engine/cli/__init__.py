@@ -11,10 +11,10 @@ import argparse
 import sys
 import warnings
 
-from engine.cli import dashboard, prune, scores
+from engine.cli import dashboard, evaluate, prune, scores, sensitivity, sweep
 from engine.errors import PruneScopeError
 
-COMMANDS = (scores, prune, dashboard)
+COMMANDS = (scores, prune, evaluate, sweep, sensitivity, dashboard)
 
 EXIT_INTERNAL_ERROR = 1
 EXIT_BAD_INPUT = 2

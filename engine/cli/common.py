@@ -13,6 +13,7 @@ from engine.options import (
     CRITERIA,
     GROUP_POLICIES,
     LAYER_NORMS,
+    METRICS,
     POLICIES,
     RESHAPE_CHANNEL_AXES,
     STEP_OPS,
@@ -36,10 +37,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_option_args(p: argparse.ArgumentParser) -> None:
     """The pruning options of the spec (one value each)."""
     p.add_argument("--calibration", metavar="FILE",
-                   help=".npz with array x (or .npy): inputs for nuclear_norm")
+                   help=".npz with array x and optional labels y (or .npy): data for "
+                        "nuclear_norm and the data-aware criteria")
     p.add_argument("--indices", metavar="FILE.json",
                    help="criterion index: {layer: [filter indices to remove]}")
-    p.add_argument("--criterion", default="l2", help=f"one of {', '.join(CRITERIA)}")
+    p.add_argument("--criterion", default="l2",
+                   help=f"one of {', '.join(CRITERIA)} (nuclear_norm, activation, wanda, "
+                        "taylor and fluctuation need --calibration)")
     p.add_argument("--policy", default="average", help=f"one of {', '.join(POLICIES)}")
     p.add_argument("--layer-norm", default="standard_score",
                    help=f"one of {', '.join(LAYER_NORMS)}")
@@ -50,6 +54,29 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-size", default="2", help="kept channels align to this (>= 1)")
     p.add_argument("--step-op", default="round", help=f"one of {', '.join(STEP_OPS)}")
     p.add_argument("--seed", default="0", help="seed of the random criterion")
+
+
+def calibration_from(path: str | None) -> Any:
+    """--calibration FILE as the engine takes it: inputs, plus labels y when the file has them
+    (the taylor criterion uses them)."""
+    if path is None:
+        return None
+    from engine.graph.capture import load_calibration
+
+    x, y = load_calibration(path)
+    return x if y is None else {"x": x, "y": y}
+
+
+DEFAULT_METRIC_HELP = ("default: accuracy with labels y, perplexity for a causal language "
+                       "model, else agreement with the reference")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Held-out data to measure the model on, and the metric."""
+    p.add_argument("--eval-data", metavar="FILE.npz",
+                   help="held-out data: .npz with x (or x0, x1, ...) and optional labels y, a "
+                        ".npy, or a built-in name (demo, demo-lm); never the calibration set")
+    p.add_argument("--metric", help=f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})")
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from engine.cli.common import (
     Progress,
+    add_eval_args,
     add_model_args,
     add_option_args,
+    calibration_from,
     indices_from,
     load_kwargs,
     options_from_args,
     read_json,
     report_frozen,
 )
-from engine.errors import OptionError
+from engine.cli.recovery import add_recovery_args, check_recovery_args, run_recovery
+from engine.cli.structures import add_structure_args, print_structures, structure_kwargs
+from engine.cli.targets import add_target_args, print_section, target_section, wants_target
+from engine.errors import OnnxExportError, OptionError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,11 +30,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ratio = p.add_mutually_exclusive_group()
     ratio.add_argument("--ratio", help="global pruning ratio, 0 <= R < 1")
     ratio.add_argument("--ratios", metavar="FILE.json", help="{group name: ratio}")
+    add_target_args(ratio, p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     p.add_argument("--uniform", action="store_true",
                    help="every repeated layer of the same kind loses the same number of "
                         "channels (a standard transformers config for OUT/hf/)")
+    add_structure_args(p)
+    add_eval_args(p)
+    add_recovery_args(p)
     p.set_defaults(run=run)
 
 
@@ -41,26 +51,70 @@ def _ratios(path: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     import engine
-    from engine.graph.capture import load_calibration
     from engine.options import check_ratio
+    from engine.quality.evaluate import (
+        check_data,
+        check_metric,
+        load_eval_data,
+        quality_line,
+        quality_report,
+        same_data_file,
+    )
 
     options = options_from_args(args)
     if args.indices and options.criterion != "index":
         raise OptionError("--indices names filters to remove; it needs --criterion index")
-    calibration = load_calibration(args.calibration)[0] if args.calibration else None
+    calibration = calibration_from(args.calibration)
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
-    if ratio is None and ratios is None and options.criterion != "index":
-        raise OptionError("prune needs --ratio R or --ratios FILE.json")
+    structures = structure_kwargs(args)
+    if ratio is None and ratios is None and not wants_target(args) \
+            and options.criterion != "index" and not any(
+                v is not None for v in structures.values()):
+        raise OptionError("prune needs --ratio R, --ratios FILE.json, --target-params F or "
+                          "--target-flops F (or --expert-ratio R, --block-ratio R, "
+                          "--remove-blocks N)")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
-    progress = Progress(8)
+    metric = check_metric(args.metric)
+    if metric is not None and args.eval_data is None:
+        raise OptionError("--metric needs --eval-data FILE.npz (held-out data to measure on)")
+    if args.eval_data and args.calibration and same_data_file(args.calibration, args.eval_data):
+        raise OptionError(f"--eval-data {args.eval_data} is the --calibration file; measure on "
+                          "held-out data the model was not calibrated on")
+    recovery = check_recovery_args(args)
+    eval_data = load_eval_data(args.eval_data) if args.eval_data else None
+    model = args.model
+    if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
+        model = engine.load_model(model, **load_kwargs(args))
+        check_data(model, eval_data)
+    auto = None
+    if wants_target(args):
+        model = engine.analyze(model, **load_kwargs(args))
+        auto = target_section(args, model, options, eval_data, metric, calibration,
+                              load_kwargs(args))
+        ratios = auto["ratios"]
+    progress = Progress(9 if eval_data else 8)
     try:
-        result = engine.prune(args.model, None, options, ratio=ratio, ratios=ratios,
+        result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
-                              uniform=args.uniform, **load_kwargs(args))
-        paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
+                              uniform=args.uniform, **load_kwargs(args), **structures)
+        if auto is not None:
+            result.report["auto_ratios"] = auto
+        pruned = result
+        if recovery is not None:
+            result = run_recovery(result, args.calibration, recovery)
+        if eval_data is not None:
+            progress("evaluating on --eval-data")
+            result.report["quality"] = quality_report(
+                model, pruned, eval_data, metric,
+                recovered=result if recovery is not None else None)
+        onnx_error = None
+        try:
+            paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
+        except OnnxExportError as exc:
+            onnx_error, paths = exc, exc.paths
     finally:
         progress.close()
     report = result.report
@@ -71,6 +125,11 @@ def run(args: argparse.Namespace) -> int:
     v = report["verification"]
     print(f"verification: output shapes match={v['output_shapes_match']}, "
           f"max |pruned - masked| = {v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
+    print_structures(report)
+    if "quality" in report:
+        print(quality_line(report["quality"]))
+    if auto is not None:
+        print_section(auto)
     report_frozen(report["frozen"])
     hf = report.get("hf")
     if hf and hf["written"]:
@@ -78,4 +137,9 @@ def run(args: argparse.Namespace) -> int:
               f"(max relative difference {hf['max_rel_diff_vs_pt2']:.2g})")
     for path in paths.values():
         print(f"wrote {path}")
+    if onnx_error is not None:
+        from engine.cli import EXIT_ONNX_FAILED
+
+        print(f"prunescope: error: {onnx_error}", file=sys.stderr)
+        return EXIT_ONNX_FAILED
     return 0

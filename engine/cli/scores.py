@@ -8,6 +8,7 @@ import json
 from engine.cli.common import (
     add_model_args,
     add_option_args,
+    calibration_from,
     indices_from,
     load_kwargs,
     options_from_args,
@@ -26,12 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import engine
-    from engine.graph.capture import load_calibration
 
     options = options_from_args(args)
     if args.indices and options.criterion != "index":
         raise OptionError("--indices names filters to remove; it needs --criterion index")
-    calibration = load_calibration(args.calibration)[0] if args.calibration else None
+    calibration = calibration_from(args.calibration)
     result = engine.score(args.model, None, options, calibration,
                           indices=indices_from(args.indices), **load_kwargs(args))
     data = result.to_dict()

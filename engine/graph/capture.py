@@ -3,7 +3,7 @@
 Accepted: an ``nn.Module`` with example inputs, an ``ExportedProgram``, a ``.pt2`` file saved
 by ``torch.export.save``, a ``.pt``/``.pth`` pickle of an ``nn.Module`` or ``GraphModule``
 (only when the user trusts it, since unpickling runs code) with input shapes, and the word
-``demo``. Models are captured with ``torch.export`` (non-strict).
+``demo`` / ``demo-lm``. Models are captured with ``torch.export`` (non-strict).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import torch
 from torch.utils import _pytree as pytree
 
 from engine.errors import ModelLoadError
+from engine.graph.custom_ops import register_archive_ops
 from engine.graph.safety import check_size, inspect_pt2, quiet_torch_load, root_cause
 
 ACCEPTED = (
-    "'demo', a .pt2 file saved by torch.export.save, a Hugging Face model folder (config.json "
-    "and *.safetensors), or a .pt/.pth pickle of an nn.Module (with --trust-pickle and "
-    "--input-shape)"
+    "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
+    "(config.json and *.safetensors), or a .pt/.pth pickle of an nn.Module (with "
+    "--trust-pickle and --input-shape)"
 )
 PICKLE_SUFFIXES = (".pt", ".pth")
 
@@ -63,10 +64,11 @@ def load_model(
             raise ModelLoadError("an nn.Module needs example inputs to be captured")
         return capture_module(source, _as_tuple(example_inputs), source=type(source).__name__)
     if isinstance(source, (str, os.PathLike)):
-        if str(source) == "demo":
-            from engine.demo import demo_example_inputs, load_demo_program
+        from engine.demo import builtin_example_inputs, is_builtin, load_builtin_program
 
-            return _from_program(load_demo_program(), demo_example_inputs(), "demo")
+        if is_builtin(str(source)):
+            name = str(source)
+            return _from_program(load_builtin_program(name), builtin_example_inputs(name), name)
         path = Path(source)
         if path.is_dir():
             return _load_folder(path, trust_pickle, input_shapes, seq_len)
@@ -114,6 +116,7 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
     check_size(path)
     if suffix == ".pt2":
         inspect_pt2(path, trust_pickle)
+        register_archive_ops(path)
         with quiet_torch_load(weights_only=not trust_pickle) as log:
             try:
                 program = torch.export.load(os.fspath(path))
@@ -222,7 +225,11 @@ def _flat_forward(forward, input_names: tuple[str, ...] = ()):
 
 def load_calibration(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """Calibration/evaluation data: ``.npz`` with array ``x`` (and optional labels ``y``), or
-    a ``.npy`` array. Never unpickles."""
+    a ``.npy`` array, or a built-in model's name (its calibration set). Never unpickles."""
+    from engine.demo import builtin_data_path, is_builtin
+
+    if is_builtin(str(path)):
+        path = builtin_data_path(str(path), "calibration")
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"calibration file {path} does not exist")

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
-from engine.graph.ops import RULES
-from engine.graph.tracer import AnalysisState, Member, Tracer
+from engine.graph.ops import RULES, find_rule, op_key
+from engine.graph.tracer import AnalysisState, Member, Tracer, layer_name
 
 
 @dataclass
@@ -57,9 +57,10 @@ class GroupInfo:
 class FrozenInfo:
     layers: list[str]
     reason: str
+    readers: list[str] = field(default_factory=list)  # layers reading these channels
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "reason": self.reason}
+        return {"layers": self.layers, "reason": self.reason, "readers": self.readers}
 
 
 @dataclass
@@ -131,11 +132,11 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
     consumer_ids: list[np.ndarray] = []
     for (param, dim), ids in state.slots.items():
         if (param, dim) not in member_keys:
-            consumer_layers.append(param.rsplit(".", 1)[0] if "." in param else param)
+            consumer_layers.append(layer_name(param))
             consumer_ids.append(ids)
     for binding in state.bindings.values():
         if binding.grouped:
-            consumer_layers.append(binding.param.rsplit(".", 1)[0])
+            consumer_layers.append(layer_name(binding.param))
             consumer_ids.append(binding.reference.ravel())
     c_comp, c_source, _ = _incidence(roots, consumer_ids, keep=is_member_comp)
     c_layer_index = np.array(
@@ -220,12 +221,82 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
     for g in groups:
         n_frozen = int((~g.prunable).sum())
         if n_frozen == g.channels:
-            frozen.append(FrozenInfo(g.layers, g.frozen_reason or "frozen"))
+            frozen.append(FrozenInfo(g.layers, g.frozen_reason or "frozen", g.consumers))
         elif n_frozen:
-            frozen.append(
-                FrozenInfo(g.layers, f"{n_frozen} of {g.channels} channels: {g.frozen_reason}")
-            )
+            frozen.append(FrozenInfo(
+                g.layers, f"{n_frozen} of {g.channels} channels: {g.frozen_reason}", g.consumers
+            ))
+    frozen.extend(_outside_groups(gm, state, groups, roots))
     return Structure(state, whole, groups, frozen, unknown)
+
+
+def _outside_groups(gm: fx.GraphModule, state: AnalysisState, groups: list[GroupInfo],
+                    roots: np.ndarray) -> list[FrozenInfo]:
+    """Layers with parameters that belong to no group: never left alone unexplained."""
+    in_groups = np.zeros(len(roots), dtype=bool)
+    for g in groups:
+        in_groups[g.roots] = True
+    covered = {param for (param, _), ids in state.slots.items()
+               if len(ids) and in_groups[roots[ids]].any()}
+    # tied weights have several names: one covered name covers the tensor
+    names = dict(gm.named_parameters(remove_duplicate=False))
+    covered_tensors = {id(names[p]) for p in covered if p in names}
+    uses = _param_uses(gm)
+    by_layer: dict[str, list[str]] = {}
+    for name, value in gm.named_parameters():
+        if id(value) in covered_tensors or sum(s > 1 for s in value.shape) == 0:
+            continue
+        by_layer.setdefault(layer_name(name), []).append(name)
+    covered_layers = {layer_name(p) for p in covered}
+    out = []
+    for layer, params in by_layer.items():
+        if layer in covered_layers:
+            # a layer reading a group's channels may still keep weights of its own whole
+            params = [p for p in params if sum(s > 1 for s in gm.get_parameter(p).shape) > 1]
+            if not params:
+                continue
+        reason = _why_outside(params[0], uses.get(params[0]), state)
+        out.append(FrozenInfo([layer], reason))
+    return out
+
+
+def _param_uses(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The first op reading each parameter, past views of it."""
+    firsts: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        todo = [u for u in node.users if not op_key(u).startswith("aten._assert")]
+        while todo:
+            user = todo.pop(0)
+            if user.op == "call_function" and op_key(user).split(".")[1:2] in (
+                ["t"], ["permute"], ["transpose"], ["expand"], ["view"], ["reshape"],
+                ["_to_copy"], ["to"], ["detach"], ["alias"], ["contiguous"],
+            ) and find_rule(user) is not None and len(user.users) == 1:
+                todo.extend(user.users)
+                continue
+            firsts.setdefault(node.target, user)
+            break
+    return firsts
+
+
+def _why_outside(param: str, user: fx.Node | None, state: AnalysisState) -> str:
+    if user is None:
+        return f"{param} is not used by the captured graph (or only checked, never computed)"
+    if user.op == "call_module":
+        return f"{param} is used inside submodule {user.target}, which is not analysed"
+    key = op_key(user)
+    if user.name in state.failed:
+        return state.failed[user.name]
+    if find_rule(user) is None:
+        return f"{param} is read by {key}, which has no channel rule"
+    for (p, _), ids in state.slots.items():
+        reasons = [state.frozen[int(i)] for i in ids if int(i) in state.frozen]
+        if p == param and reasons:
+            return reasons[0]
+    if any(p == param for p, _ in state.slots):
+        return f"{param}: its channels meet no prunable layer (model inputs or constants)"
+    return f"{param} is read by {key} as data, not as a layer's weight"
 
 
 def _assign_blocks(groups: list[GroupInfo], state: AnalysisState, roots: np.ndarray) -> None:

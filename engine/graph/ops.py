@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from engine.graph.labels import NO_LABEL, along, is_labelled
-from engine.graph.tracer import RewriteError, Tracer
+from engine.graph.tracer import RewriteError, Tracer, layer_name
 
 aten = torch.ops.aten
 Rule = Callable[[Tracer, fx.Node], Any]
@@ -139,7 +139,32 @@ def elementwise(t: Tracer, node: fx.Node) -> Any:
 
 # ------------------------------------------------------------------ producing layers
 def _layer(param: str) -> str:
-    return param.rsplit(".", 1)[0] if "." in param else param
+    return layer_name(param)
+
+
+def _derived_layer(t: Tracer, node: fx.Node, x: fx.Node, weight: fx.Node, x_dim: int,
+                   out_shape: tuple[int, ...]) -> Any:
+    """A linear/conv layer whose weight is computed from a parameter (weight
+    standardisation, weight norm): the parameter's output channels are the layer's filters,
+    its input channels read x's. Statistics taken over the input channels make pruning them
+    inexact; output channels stay exact."""
+    derived = t.derived_weights.get(weight.name) if isinstance(weight, fx.Node) else None
+    w_line = along(t.labels_of(weight), 0) if t.labels_of(weight) is not None else None
+    if derived is None or w_line is None:
+        return None
+    param = derived.param
+    x_ids = t.labels_of(x)
+    if x_ids is not None:
+        line = _channel_ids(t, x_ids, x_dim, op_key(node))
+        if line is not None:
+            line = _full(line, (t.shape(x)[x_dim],))
+            t.bind(param, 1, line)
+            if derived.normalised:
+                t.inexact(line, f"{_layer(param)}: its weight is normalised over the input "
+                          "channels")
+    out = t.slots(param, 0, member=_layer(param), out_dim=x_dim % len(out_shape))
+    t.union(out, w_line)
+    return out.reshape(out_shape)
 
 
 def _bias(t: Tracer, node: fx.Node, index: int, name: str, out_ids: np.ndarray) -> None:
@@ -153,6 +178,11 @@ def linear(t: Tracer, node: fx.Node) -> Any:
     x, weight = node.args[0], node.args[1]
     param = t.param(weight)
     ndim = _ndim(node)
+    if param is None and weight.name in t.derived_weights:
+        out = _derived_layer(t, node, x, weight, -1, (1,) * (ndim - 1) + (-1,))
+        if out is not None:
+            _bias(t, node, 2, "bias", out.ravel())
+            return out
     if param is None:
         return _einsum_rule(t, node, [x, weight], "...k,ok->...o")
     x_ids = t.labels_of(x)
@@ -206,6 +236,11 @@ def _conv_common(
     x, weight = node.args[0], node.args[1]
     param = t.param(weight)
     ndim = _ndim(node)
+    if param is None and groups == 1 and not transposed:
+        out = _derived_layer(t, node, x, weight, 1, (1, -1) + (1,) * (ndim - 2))
+        if out is not None:
+            _bias(t, node, 2, "bias", out.ravel())
+            return out
     if param is None:
         return unknown_op(t, node)
     x_ids = t.labels_of(x)
@@ -359,20 +394,30 @@ def group_norm(t: Tracer, node: fx.Node) -> Any:
 
 
 # ------------------------------------------------------------------- reductions etc.
+# where each reduction keeps its dims (``norm(x, p, dim)``: the second argument is p)
+_DIM_ARG = {"norm": (2, "dim"), "linalg_vector_norm": (2, "dim")}
+
+
 def _dims(node: fx.Node, index: int, name: str, ndim: int) -> list[int] | None:
+    """The reduced dims, or None for all of them. Anything but ints is a rule error (the
+    tracer freezes what the op touches, with this message)."""
     dims = _arg(node, index, name)
     if dims is None:
         return None
     if isinstance(dims, int):
         dims = [dims]
-    return [d % ndim for d in dims]
+    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        raise TypeError(f"dims {dims!r} are not integers")
+    return [d % ndim for d in dims] if dims else None
 
 
-def _reduce(t: Tracer, node: fx.Node, count_dependent: bool) -> Any:
+def _reduce(t: Tracer, node: fx.Node, count_dependent: bool, out_rank: int | None = None) -> Any:
     ids = t.labels_of(node.args[0])
     if ids is None:
         return None
-    dims = _dims(node, 1, "dim", ids.ndim) or list(range(ids.ndim))
+    name = op_key(node).split(".")[1]
+    index, key = _DIM_ARG.get(name, (1, "dim"))
+    dims = _dims(node, index, key, ids.ndim) or list(range(ids.ndim))
     label_dims = t.label_dims(node.args[0])
     if label_dims & set(dims):
         if count_dependent:
@@ -380,7 +425,8 @@ def _reduce(t: Tracer, node: fx.Node, count_dependent: bool) -> Any:
         if label_dims - set(dims):
             t.freeze(ids, f"{op_key(node)} mixes channels of several dimensions")
         return None
-    if _ndim(node) < ids.ndim:
+    rank = _ndim(node) if out_rank is None else out_rank
+    if rank < ids.ndim:
         ids = ids.reshape([s for d, s in enumerate(ids.shape) if d not in dims])
     return ids
 
@@ -396,10 +442,33 @@ def mean(t: Tracer, node: fx.Node) -> Any:
     return _reduce(t, node, True)
 
 
+@register("var_mean", "std_mean")
+def var_mean(t: Tracer, node: fx.Node) -> Any:
+    val = node.meta.get("val")
+    out = _reduce(t, node, True, out_rank=val[0].dim())
+    return [out, out]
+
+
 @register("max.dim", "min.dim")
 def max_dim(t: Tracer, node: fx.Node) -> Any:
-    out = _reduce(t, node, False)
+    out = _reduce(t, node, False, out_rank=node.meta["val"][0].dim())
     return [out, out]
+
+
+@register("_weight_norm", "_weight_norm_interface")
+def weight_norm(t: Tracer, node: fx.Node) -> Any:
+    """``v * g / ||v||`` per slice of ``dim`` (0: per output channel): v and g share it."""
+    v, g = node.args[0], node.args[1]
+    dim = int(_arg(node, 2, "dim", 0))
+    multi = op_key(node).startswith("aten._weight_norm_interface")
+    if dim != 0:
+        out = unknown_op(t, node)
+    else:
+        ndim = len(t.orig_shape(v))
+        out = t.align([v, g], ndim, "weight norm of data that cannot be sliced")
+        if not is_labelled(out):
+            out = None
+    return [out, None] if multi else out
 
 
 @register("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod")
@@ -445,10 +514,13 @@ def pad(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(node.args[0])
     if ids is None:
         return None
-    padded = len(node.args[1]) // 2
-    if any(ids.shape[d] > 1 for d in range(ids.ndim - padded, ids.ndim)):
-        t.freeze(ids, "padding along the channels")
-        return None
+    amounts = list(node.args[1])
+    label_dims = t.label_dims(node.args[0])
+    for k in range(len(amounts) // 2):  # (last dim's before, after, next dim's ...)
+        dim = ids.ndim - 1 - k
+        if dim in label_dims and any(a != 0 for a in amounts[2 * k:2 * k + 2]):
+            t.freeze(ids, "padding along the channels")
+            return None
     return ids
 
 
@@ -625,11 +697,15 @@ def split(t: Tracer, node: fx.Node) -> Any:
     dim = int(_arg(node, 2, "dim", 0)) % ids.ndim
     if dim not in t.label_dims(x):
         return [ids] * count
+    if along(ids, dim) is None and not t.apply_pass:
+        # (heads, head_dim) split inside each head: the pieces need not keep equal counts
+        t.freeze(ids, f"{op_key(node)} of channels spread over several dimensions")
     sizes = [int(v.shape[dim]) for v in vals]
     if t.apply_pass:
-        line = along(t.state.labels[x.name], dim)
-        if line is None:
-            raise RewriteError(f"split {node.name} of labels spread over several dimensions")
+        ref = t.state.labels[x.name]
+        line = along(ref, dim)
+        if line is None:  # frozen in the analysis: every piece keeps its size
+            line = np.moveaxis(ref, dim, -1).reshape(-1, ref.shape[dim])[0]
         bounds = np.cumsum([0] + sizes)
         sizes = [_kept_count(t, line, bounds[i], bounds[i + 1]) for i in range(count)]
         t.set_target(aten.split_with_sizes.default, (x, sizes, dim))
@@ -735,6 +811,113 @@ def select(t: Tracer, node: fx.Node) -> Any:
     return np.take(ids, index, axis=dim)
 
 
+@register("roll")
+def roll(t: Tracer, node: fx.Node) -> Any:
+    """Rolling (shifted windows) over other dims passes channels through. Over the channels
+    it is a cyclic permutation; its restriction to the kept channels is again one, shifted
+    by the number of kept channels among those that wrap around."""
+    x = node.args[0]
+    ids = t.labels_of(x)
+    if ids is None:
+        return None
+    shifts = _arg(node, 1, "shifts")
+    dims = _arg(node, 2, "dims", [])
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims:
+        t.freeze(ids, "roll of the flattened tensor")
+        return None
+    if not all(isinstance(v, int) for v in shifts + dims):
+        raise TypeError(f"roll shifts {shifts!r} / dims {dims!r} are not integers")
+    dims = [d % ids.ndim for d in dims]
+    label_dims = t.label_dims(x)
+    out = ids
+    new_shifts = list(shifts)
+    for k, (shift, dim) in enumerate(zip(shifts, dims)):
+        if dim not in label_dims:
+            continue
+        ref = t.state.labels[x.name] if t.apply_pass else ids
+        line = along(ref, dim)
+        if line is None:
+            t.freeze(ids, "roll along channels spread over several dimensions")
+            return None
+        size = t.orig_shape(x)[dim]
+        wrapped = shift % size
+        if t.apply_pass:
+            new_shifts[k] = _kept_count(t, line, size - wrapped, size) if wrapped else 0
+        out = np.roll(out, new_shifts[k], axis=dim)
+    if t.apply_pass and new_shifts != shifts:
+        t.set_arg(1, new_shifts)
+    return out
+
+
+@register("index.Tensor", "_unsafe_index.Tensor")
+def index(t: Tracer, node: fx.Node) -> Any:
+    """``x[idx]`` with index tensors over some dims: labels of the other dims pass through.
+
+    Indexing over channels is data dependent (which channels are read is decided by data):
+    frozen. A parameter table indexed along one dim (relative position bias tables,
+    ``table[index]`` of shape (positions, heads)) carries the slots of its remaining dim,
+    so its heads can go with the heads they are added to.
+    """
+    x, indices = node.args[0], list(node.args[1])
+    ids = t.labels_of(x)
+    shape = t.orig_shape(x)
+    present = [d for d, i in enumerate(indices) if i is not None]
+    for i in indices:
+        if isinstance(i, fx.Node):
+            t.freeze(t.labels_of(i), f"{op_key(node)}: channels used as indices")
+    if not present or present != list(range(present[0], present[-1] + 1)):
+        return unknown_op(t, node)
+    first, last = present[0], present[-1] + 1
+    param = t.param(x)
+    if ids is None and param is not None:
+        rest = [d for d in range(len(shape)) if not first <= d < last and shape[d] > 1]
+        if len(rest) != 1:
+            return None
+        slots = t.slots(param, rest[0])
+        if not t.whole_blocks:
+            t.freeze(slots, f"{param.rsplit('.', 1)[-1]}: a per-head table (heads are "
+                     "removed whole only with reshape_channel_axis -2/0)")
+            return None
+        ids = slots.reshape([len(slots) if d == rest[0] else 1 for d in range(len(shape))])
+    if ids is None:
+        return None
+    if any(first <= d < last for d in t.label_dims(x)) or (param is not None and any(
+            first <= d < last and ids.shape[d] > 1 for d in range(ids.ndim))):
+        t.freeze(ids, f"{op_key(node)} over the channels (data-dependent)")
+        return None
+    out_rank = _ndim(node)
+    index_rank = out_rank - (len(shape) - (last - first))
+    return ids.reshape(ids.shape[:first] + (1,) * index_rank + ids.shape[last:])
+
+
+@register("lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input")
+def recurrent(t: Tracer, node: fx.Node) -> Any:
+    """RNN/LSTM/GRU: the first layer's input weights read x's channels (prunable, exact);
+    the hidden units feed back into the layer through time, so they stay."""
+    x, params = node.args[0], list(node.args[2])
+    has_biases, bidirectional = node.args[3], bool(node.args[7])
+    per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
+    reason = f"{op_key(node)}: recurrent hidden units feed back through time (kept)"
+    ids = t.labels_of(x)
+    line = _channel_ids(t, ids, -1, op_key(node)) if ids is not None else None
+    first_inputs = {0, per_layer // 2} if bidirectional else {0}
+    for k, weight in enumerate(params):
+        param = t.param(weight)
+        if param is None:
+            continue
+        if k in first_inputs and line is not None and k < per_layer:
+            t.bind(param, 1, _full(line, (t.shape(x)[-1],)))
+            t.freeze(t.slots(param, 0), reason)
+        else:
+            for dim, size in enumerate(t.param_tensor(param).shape):
+                if size > 1:
+                    t.freeze(t.slots(param, dim), reason)
+    count = len(node.meta["val"]) if isinstance(node.meta.get("val"), (list, tuple)) else 1
+    return [None] * count
+
+
 # -------------------------------------------------------------------- reshapes (views)
 def _dim_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
     """Pair up runs of dimensions with equal products (the classic view alignment)."""
@@ -771,7 +954,8 @@ def _dim_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[i
     return groups
 
 
-@register("view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_copy")
+@register("view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_copy", "reshape_as",
+          "view_as")
 def view(t: Tracer, node: fx.Node) -> Any:
     """Reshapes move labels with the data; a split of a labelled dim into blocks is recorded.
 
@@ -892,6 +1076,11 @@ def _rewrite_view(t: Tracer, node: fx.Node, new_dst: list[int], labelled) -> Non
     out_dims = {d for _, gj in labelled for d in gj}
     key = op_key(node)
     if key.startswith("aten.flatten"):
+        return
+    if key.startswith(("aten.reshape_as", "aten.view_as")):
+        # the shape comes from another tensor: keep it when that one shrank alike
+        if t.shape(node.args[1]) != tuple(new_dst):
+            t.set_target(aten.reshape.default, (node.args[0], list(new_dst)))
         return
     if key.startswith("aten.unflatten"):
         dim = int(node.args[1]) % len(t.orig_shape(node.args[0]))
@@ -1053,9 +1242,7 @@ def sdpa(t: Tracer, node: fx.Node) -> Any:
         t, node, [q_ids, k_ids], [var_q, var_k], [q_spec, k_spec], f"{lead}st"
     )
     if isinstance(mask, fx.Node):
-        mask_ids = t.labels_of(mask)
-        if mask_ids is not None:
-            t.freeze(mask_ids, "attention mask")
+        _attention_bias(t, mask, scores, ndim)
     out, _ = _einsum_labels(
         t, node, [scores if scores is not None else np.full((1,) * ndim, NO_LABEL), v_ids],
         [var_s, var_v], [f"{lead}st", v_spec], f"{lead}sd",
@@ -1064,6 +1251,24 @@ def sdpa(t: Tracer, node: fx.Node) -> Any:
         # the default scale is 1/sqrt(head_dim): keep the original one when head_dim shrinks
         t.set_kwarg("scale", 1.0 / math.sqrt(t.orig_shape(q)[-1]))
     return out
+
+
+def _attention_bias(t: Tracer, mask: fx.Node, scores: np.ndarray | None, ndim: int) -> None:
+    """A float mask is added to the scores: a per-head bias (a relative position table)
+    goes with the heads it is added to; anything else carrying channels is frozen."""
+    mask_ids = t.labels_of(mask)
+    if mask_ids is None:
+        return
+    offset = ndim - mask_ids.ndim
+    dims = {d + offset for d in t.label_dims(mask)}
+    if scores is None or not dims or max(dims) >= ndim - 2:
+        t.freeze(mask_ids, "attention mask")
+        return
+    bias = mask_ids.reshape((1,) * offset + mask_ids.shape)
+    bias, heads = np.broadcast_arrays(bias[..., :1, :1], scores[..., :1, :1])
+    both = (bias >= 0) & (heads >= 0)
+    t.union(bias[both], heads[both])
+    t.freeze(bias[(bias >= 0) & (heads < 0)], "attention mask")
 
 
 def _repeat_heads(ids: np.ndarray, rep: int) -> np.ndarray:
@@ -1092,3 +1297,7 @@ def no_channels(t: Tracer, node: fx.Node) -> Any:
     if key.startswith("aten._local_scalar_dense"):
         t.freeze(t.labels_of(node.args[0]), "the channels are read as a Python number")
     return None
+
+
+# mixtures of experts: their entries live in their own module (registered on import)
+import engine.graph.ops_moe  # noqa: E402,F401

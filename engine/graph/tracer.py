@@ -64,6 +64,48 @@ class AnalysisState:
     block_ids: list[int] = field(default_factory=list)  # one id of each whole block (head)
     split_levels: dict[tuple, list[int]] = field(default_factory=dict)  # reshape -> levels
     labels: dict[str, Any] = field(default_factory=dict)  # node name -> labels
+    routers: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (topk node, expert ids)
+    failed: dict[str, str] = field(default_factory=dict)  # node name -> why its rule failed
+
+
+@dataclass
+class DerivedWeight:
+    """A layer weight computed from a parameter before use (weight standardisation,
+    weight norm): ``param`` has the weight's shape, its output channels map one to one."""
+
+    param: str
+    normalised: bool  # statistics over the input channels: pruning them is inexact
+
+
+# ops a weight may pass through on its way to a layer and stay per-output-channel
+WEIGHT_TRANSFORMS = frozenset({
+    "reshape", "view", "reshape_as", "view_as", "_unsafe_view", "batch_norm",
+    "_native_batch_norm_legit", "_native_batch_norm_legit_functional", "native_batch_norm",
+    "var_mean", "var", "std", "std_mean", "mean", "sum", "sub", "add", "mul", "div", "sqrt",
+    "rsqrt", "pow", "_weight_norm", "_weight_norm_interface", "norm", "linalg_vector_norm",
+    "norm_except_dim", "clamp", "clamp_min", "abs", "neg", "_to_copy", "to", "clone",
+    "contiguous", "detach", "alias", "reciprocal", "getitem", "expand", "expand_as",
+})
+NORMALISING = frozenset({
+    "batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+    "native_batch_norm", "var_mean", "var", "std", "std_mean", "mean", "sum", "_weight_norm",
+    "_weight_norm_interface", "norm", "linalg_vector_norm", "norm_except_dim",
+})
+LAYER_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "convolution"})
+
+
+def layer_name(param: str) -> str:
+    """The module owning a parameter (``conv`` for ``conv.parametrizations.weight.original0``)."""
+    if ".parametrizations." in param:
+        return param.split(".parametrizations.", 1)[0]
+    return param.rsplit(".", 1)[0] if "." in param else param
+
+
+def _short_op(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    return getattr(target, "__name__", str(target))
 
 
 def concrete(size: Any) -> int:
@@ -110,6 +152,8 @@ class Tracer:
             if node.op == "get_attr":
                 self.param_of[node.name] = node.target
         self.param_views = self._find_param_views(gm)
+        self.derived_weights = self._find_derived_weights(gm)
+        self.derived_sources = {d.param for d in self.derived_weights.values()}
 
     # ----------------------------------------------------------------- queries for rules
     def labels_of(self, arg: Any) -> np.ndarray | None:
@@ -203,6 +247,43 @@ class Tracer:
                 if out[-2:] == src[-2:] and all(d == -1 for d in dims[:-2]):
                     views[node.name] = (param, (-1,) * (len(out) - 2) + tuple(dims[-2:]))
         return views
+
+    def _find_derived_weights(self, gm: fx.GraphModule) -> dict[str, DerivedWeight]:
+        """Weights of linear/conv layers computed from one parameter by per-channel ops."""
+        found: dict[str, DerivedWeight] = {}
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or _short_op(node) not in LAYER_OPS:
+                continue
+            if _short_op(node) == "convolution" and (len(node.args) < 7 or node.args[6]):
+                continue  # transposed: the output channels are dim 1
+            weight = node.args[1] if len(node.args) > 1 else None
+            if not isinstance(weight, fx.Node) or weight.op != "call_function":
+                continue
+            derived = self._trace_weight(weight)
+            if derived is not None:
+                found[weight.name] = derived
+        return found
+
+    def _trace_weight(self, weight: fx.Node) -> DerivedWeight | None:
+        shape = val_shape(weight.meta.get("val"))
+        todo, seen, params, normalised = [weight], set(), [], False
+        while todo:
+            node = todo.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op == "get_attr":
+                params.append(node.target)
+                continue
+            if node.op != "call_function" or _short_op(node) not in WEIGHT_TRANSFORMS:
+                return None
+            normalised |= _short_op(node) in NORMALISING
+            todo.extend(node.all_input_nodes)
+        main = [p for p in params if isinstance(self.param_tensor(p), torch.nn.Parameter)
+                and tuple(self.param_tensor(p).shape) == shape]
+        if len(main) != 1 or shape is None or len(shape) < 2:
+            return None
+        return DerivedWeight(main[0], normalised)
 
     def param_tensor(self, name: str) -> torch.Tensor:
         module_path, _, attr = name.rpartition(".")
@@ -397,9 +478,7 @@ class Tracer:
                     picked = source[node.args[1]] if isinstance(source, list) else None
                     self.labels[node.name] = picked
                     continue
-                rule = find_rule(node) or unknown_op
-                result = rule(self, node)
-                self.labels[node.name] = self._conform(node, result)
+                self.labels[node.name] = self._run_rule(node, find_rule(node) or unknown_op)
             elif node.op == "output":
                 for leaf in _flatten_nodes(node.args):
                     ids = self.labels_of(leaf)
@@ -412,12 +491,57 @@ class Tracer:
         if not self.apply_pass:
             self.state.labels = self.labels
 
+    def _run_rule(self, node: fx.Node, rule: Callable) -> Any:
+        """A rule that meets arguments it does not expect freezes what the op touches.
+
+        The analysis pass records the failure, so the apply pass skips the rule rather than
+        meet the same arguments again; an error there is an engine bug (RewriteError).
+        """
+        if node.name in self.state.failed:
+            return None
+        size_before = self.state.uf.size
+        members_before = set(self.state.members)
+        try:
+            return self._conform(node, rule(self, node))
+        except RewriteError:
+            if self.apply_pass:
+                raise
+            problem = "the rule gave labels it cannot place"
+        except Exception as exc:  # noqa: BLE001 - any rule bug must freeze, never crash
+            if self.apply_pass:
+                raise RewriteError(f"{self.op_name()} at {node.name}: "
+                                   f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+            problem = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+        self._freeze_failed(node, problem, size_before, members_before)
+        return None
+
+    def _freeze_failed(self, node: fx.Node, problem: str, size_before: int,
+                       members_before: set) -> None:
+        from engine.graph.ops import op_key
+
+        reason = f"{op_key(node)}: unexpected arguments ({problem})"
+        self.state.failed[node.name] = reason
+        for arg in _flatten_nodes((node.args, node.kwargs)):
+            self.freeze(self.labels_of(arg), reason)
+            view = self.param_view(arg)
+            if view is not None:
+                for (param, _dim), ids in self.state.slots.items():
+                    if param == view[0]:
+                        self.freeze(ids, reason)
+        self.freeze(np.arange(size_before, self.state.uf.size), reason)
+        for key in set(self.state.members) - members_before:
+            self.freeze(self.state.slots[key], reason)
+        for key in [k for k in self.state.bindings if k[0] == node.name]:
+            self.freeze(self.state.bindings.pop(key).reference, reason)
+
     def _param_labels(self, node: fx.Node) -> np.ndarray | None:
         """A parameter used as data carries the slots of its one non-trivial dimension."""
         shape = self.orig_shape(node)
         if shape is None or not isinstance(self.param_tensor(node.target), torch.nn.Parameter):
             return None  # buffers (position ids, rotary frequencies) carry no channels
         big = [d for d, s in enumerate(shape) if s > 1]
+        if node.target in self.derived_sources:
+            big = [0]  # a weight transformed before use: its output channels
         if len(big) != 1:
             return None
         d = big[0]

@@ -28,9 +28,12 @@ from engine.errors import ExportError
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
-# Protobuf cannot serialise a single message above 2 GiB; we always write one self-contained
-# .onnx file (external-data files would break the atomic rename), so bigger models are refused.
-MAX_INLINE_ONNX_BYTES = 2**31 - 2**24
+# Protobuf cannot serialise a single message above 2 GiB, so the weights of bigger models go
+# to `<name>.onnx.data` next to the graph (ONNX's external data format). Below this many bytes
+# of weights the .onnx file is self-contained (torch's own limit, above which it always writes
+# external data); PRUNESCOPE_ONNX_EXTERNAL_BYTES lowers or raises it.
+MAX_INLINE_ONNX_BYTES = 1536 * 2**20
+EXTERNAL_BYTES_ENV = "PRUNESCOPE_ONNX_EXTERNAL_BYTES"
 
 # mkstemp creates files with mode 0600; give the final file the mode a plain open() would.
 _UMASK = os.umask(0)
@@ -121,11 +124,55 @@ def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[
             f"cannot save {path}: expected a torch.export.ExportedProgram, "
             f"got {type(program).__name__}"
         )
-    # serialise in memory first: torch's C++ writer aborts the process when the disk fills,
-    # whereas Python file I/O raises OSError (reported as ExportError, earlier file intact)
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    # streamed to the temp file (no second copy of the weights in memory) through a writer
+    # that never raises into torch: its C++ zip writer aborts the process on a failed write
+    # (a full disk), so the first OSError is kept and raised once torch.export.save returns
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            sink = _DeferredErrorWriter(f)
+            torch.export.save(program, sink)
+            if sink.error is not None:
+                raise sink.error
+            f.flush()
+
+    return atomic_write(path, write)
+
+
+class _DeferredErrorWriter(io.RawIOBase):
+    """A seekable binary sink over a file that swallows write errors, keeping the first."""
+
+    def __init__(self, f: io.BufferedWriter) -> None:
+        super().__init__()
+        self.f = f
+        self.error: OSError | None = None
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        if self.error is None:
+            try:
+                self.f.write(data)
+            except OSError as e:
+                self.error = e
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if self.error is None:
+            try:
+                self.pos = self.f.seek(pos, whence)
+            except OSError as e:
+                self.error = e
+        return self.pos
 
 
 def _one_line(exc: BaseException) -> str:
@@ -163,7 +210,8 @@ def export_onnx(
     example_inputs: Sequence[Any] | None = None,
     dynamic_shapes: Any = None,
 ) -> Path:
-    """Convert an ExportedProgram (or an nn.Module with example_inputs) to one .onnx file.
+    """Convert an ExportedProgram (or an nn.Module with example_inputs) to an .onnx file
+    (plus `<name>.onnx.data` holding the weights when they exceed external_data_threshold()).
 
     An ExportedProgram keeps its dynamic dimensions (the demo's batch dimension stays
     symbolic in the ONNX graph). Conversion failures raise ExportError with a one-line reason.
@@ -173,6 +221,9 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ExportError(f"cannot export {path}: opset {opset} is too old; use >= {MIN_OPSET}")
     if isinstance(program, torch.export.ExportedProgram):
+        from engine.io.custom_ops_onnx import without_custom_ops
+
+        program = without_custom_ops(program)
         args: tuple[Any, ...] = ()
     elif isinstance(program, torch.nn.Module):
         if example_inputs is None:
@@ -198,18 +249,64 @@ def export_onnx(
     if onnx_program is None:
         raise ExportError(f"ONNX conversion for {path} failed: the exporter returned nothing")
 
-    size = onnx_program.model_proto.ByteSize()
-    if size > MAX_INLINE_ONNX_BYTES:
-        raise ExportError(
-            f"cannot export {path}: the model needs {size / 2**30:.1f} GiB, more than one "
-            "ONNX file can hold (2 GiB)"
-        )
-    atomic_write(path, lambda tmp: onnx_program.save(os.fspath(tmp), external_data=False))
+    weights = sum(v.const_value.nbytes for v in onnx_program.model.graph.initializers.values()
+                  if v.const_value is not None)
+    if weights <= external_data_threshold():
+        atomic_write(path, lambda tmp: onnx_program.save(os.fspath(tmp), external_data=False))
+    else:
+        _write_with_external_data(onnx_program, path)
     return path
+
+
+def external_data_threshold() -> int:
+    """Bytes of weights above which an ONNX file keeps them in `<name>.onnx.data`."""
+    value = os.environ.get(EXTERNAL_BYTES_ENV)
+    if value is None:
+        return MAX_INLINE_ONNX_BYTES
+    try:
+        return int(value)
+    except ValueError:
+        raise ExportError(f"{EXTERNAL_BYTES_ENV}={value!r} is not an integer number of "
+                          "bytes") from None
+
+
+def external_data_path(path: str | os.PathLike[str]) -> Path:
+    """Where the weights of an ONNX file with external data live (named inside the file)."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def _write_with_external_data(onnx_program: Any, path: Path) -> None:
+    """Write `path` and `path.data` in a private folder next to them, then move them in (the
+    .onnx names its data file, so both keep their final names while being written)."""
+    data = external_data_path(path)
+    if data.is_dir():
+        raise ExportError(f"cannot write {data}: it is a directory")
+    try:
+        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        onnx_program.save(os.fspath(folder / path.name), external_data=True)
+        for written in (folder / path.name, folder / data.name):
+            os.chmod(written, 0o666 & ~_UMASK)
+        os.replace(folder / data.name, data)
+        os.replace(folder / path.name, path)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        folder.rmdir()
 
 
 def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
@@ -226,6 +323,16 @@ def _max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
     diff = np.where(agree, 0.0, diff)
     diff = np.where(np.isnan(diff), math.inf, diff)
     return float(diff.max())
+
+
+def check_onnx_structure(path: str | os.PathLike[str]) -> None:
+    """onnx.checker on the file (by path, so external data is checked where it lies)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"{path} is not a valid ONNX model: {_one_line(e)}") from e
 
 
 def check_onnx(
@@ -245,7 +352,7 @@ def check_onnx(
     inputs = _tensor_leaves(tuple(example_inputs))
     try:
         with torch.no_grad():
-            want = [t.detach().cpu().numpy() for t in _tensor_leaves(module(*example_inputs))]
+            want = [_numpy(t) for t in _tensor_leaves(module(*example_inputs))]
     except Exception as e:
         raise ExportError(
             f"cannot check {path}: the torch model failed on the inputs: {_one_line(e)}"

@@ -17,7 +17,14 @@ from engine.errors import ModelLoadError, OptionError
 from engine.graph.capture import Captured, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
 from engine.options import CRITERIA, PruningOptions
-from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_scores
+from engine.scoring.calibration import as_calibration
+from engine.scoring.criteria import (
+    CRITERIA_NEEDING_CALIBRATION,
+    nuclear_norm_scores,
+    random_scores,
+    weight_scores,
+)
+from engine.scoring.data_aware import DATA_CRITERIA, DataAwareScorer
 from engine.scoring.planning import GroupInput, Plan, make_plan
 
 
@@ -25,6 +32,7 @@ class Analysis:
     def __init__(self, captured: Captured) -> None:
         self.captured = captured
         self.gm: fx.GraphModule = captured.program.module()
+        self.released = False  # True once a prune gave the original weights up (apply)
         _check_finite(self.gm)
         self._structures: dict[bool, Structure] = {}
         self._filter_scores: dict[tuple, dict[tuple[str, int], np.ndarray]] = {}
@@ -49,15 +57,26 @@ class Analysis:
 
     # --------------------------------------------------------------------- scores
     def filter_scores(
-        self, criterion: str, calibration: np.ndarray | None = None, seed: int = 0
+        self, criterion: str, calibration: Any = None, seed: int = 0
     ) -> dict[tuple[str, int], np.ndarray]:
-        """Raw score of every filter of every member layer (cached)."""
+        """Raw score of every filter of every member layer (cached per criterion, seed and
+        calibration content). ``calibration``: an array of inputs, or an ``.npz``-like mapping
+        with ``x`` (or ``x0``, ``x1``, ...) and optional labels ``y``."""
         if criterion not in CRITERIA:
             raise OptionError(f"criterion {criterion!r} is not allowed; allowed: {CRITERIA}")
         if criterion == "index":
             criterion = "l2"  # index pruning has no score; charts show l2
-        key = (criterion, seed if criterion == "random" else None,
-               id(calibration) if criterion == "nuclear_norm" else None)
+        data_key = None
+        if criterion in CRITERIA_NEEDING_CALIBRATION:
+            if calibration is None:
+                raise OptionError(
+                    f"--criterion {criterion} needs --calibration FILE.npz (calibration inputs "
+                    "x, optional labels y)"
+                )
+            calibration = as_calibration(calibration)
+            # keyed by content, so equal data loaded again (a new array) still hits the cache
+            data_key = calibration.fingerprint()
+        key = (criterion, seed if criterion == "random" else None, data_key)
         if key not in self._filter_scores:
             self.score_computations += 1
             self._filter_scores[key] = self._compute_filter_scores(criterion, calibration, seed)
@@ -78,11 +97,11 @@ class Analysis:
                 for m in members
             }
         if criterion == "nuclear_norm":
-            if calibration is None:
-                raise OptionError(
-                    "criterion nuclear_norm needs calibration inputs (--calibration FILE.npz)"
-                )
-            return _feature_scores(self, members, calibration)
+            return _feature_scores(self, members, calibration.inputs[0])
+        if criterion in DATA_CRITERIA:
+            scorer = DataAwareScorer(self.gm, self.captured, self.structure(False).state,
+                                     calibration)
+            return scorer.scores(criterion)
         return {
             (m.param, m.dim): weight_scores(self._param(m.param), m.dim, criterion)
             for m in members

@@ -29,7 +29,8 @@ __all__ = [
     "weight_scores",
 ]
 
-CRITERIA_NEEDING_CALIBRATION = {"nuclear_norm"}
+# nuclear_norm (the spec) and the data-aware criteria of engine.scoring.data_aware
+CRITERIA_NEEDING_CALIBRATION = {"nuclear_norm", "activation", "wanda", "taylor", "fluctuation"}
 WEIGHT_CRITERIA = {"l1", "l2", "gm"}
 
 # Elements per chunk: 4M float64 = 32 MB for a norm chunk, and the (rows x n) distance block

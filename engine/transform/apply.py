@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.fx as fx
 
+from engine.errors import PruneScopeError
 from engine.graph.dependency import Structure
 from engine.graph.tracer import RewriteError, Tracer
 from engine.scoring.planning import Plan
@@ -23,17 +25,42 @@ def pruned_roots(structure: Structure, plan: Plan) -> np.ndarray:
     return mask
 
 
-def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx.GraphModule:
-    """A copy of `gm` without the removed channels: sliced parameters, new shape constants."""
+def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
+            release: Callable[[torch.Tensor], None] | None = None) -> fx.GraphModule:
+    """A copy of `gm` without the removed channels: sliced parameters, new shape constants.
+
+    With `release`, the original is being given up (a model loaded from a file): each
+    original tensor is handed to `release` (which drops the caller's references) as soon as
+    its slice exists, and untouched tensors are shared instead of cloned, so the original and
+    the pruned weights are never all in memory together.
+    """
     # copy the modules and the graph, not the weights: the sliced ones are replaced below and
     # the untouched ones cloned at the end, so peak memory stays near one model
     memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
         new = copy.deepcopy(gm, memo)
+    del memo  # it holds every original tensor
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
-    tracer.run()
+    try:
+        tracer.run()
+        _slice_params(new, tracer, release)
+    except Exception as exc:  # noqa: BLE001 - an engine bug reaches the user as one line
+        raise PruneScopeError(
+            f"removing the planned channels failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        ) from exc
+    if release is None:
+        _unshare(new, gm)
+    _resize_param_views(new, tracer)
+    _explicit_copies(new)
+    new.recompile()
+    return new
+
+
+def _slice_params(new: fx.GraphModule, tracer: Tracer,
+                  release: Callable[[torch.Tensor], None] | None) -> None:
     params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
+    places = tensor_places(new)
     for name in params:
         tensor = tracer.param_tensor(name)
         data = tensor.detach()
@@ -43,11 +70,10 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray) -> fx
                 data = data.index_select(dim, torch.as_tensor(index, dtype=torch.long))
         if name in tracer.grouped_gathers:
             data = _gather_grouped(data, tracer.grouped_gathers[name])
-        _set_tensor(new, name, tensor, data.contiguous())
-    _unshare(new, gm)
-    _resize_param_views(new, tracer)
-    new.recompile()
-    return new
+        _set_tensor(new, name, tensor, data.contiguous(), places)
+        if release is not None:
+            release(tensor)
+        del tensor, data
 
 
 def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
@@ -67,6 +93,27 @@ def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
             if isinstance(sizes[k], int) and sizes[k] != -1:
                 sizes[k] = int(shape[dims[k]])
         node.args = (node.args[0], sizes, *node.args[2:])
+
+
+_STRIDE_OPS = ("transpose", "permute", "t", "swapaxes", "movedim")
+
+
+def _explicit_copies(gm: fx.GraphModule) -> None:
+    """``contiguous()`` after a transpose becomes a real copy.
+
+    Attention kernels return (batch, tokens, heads, head_dim) storage on CPU, so in
+    ``sdpa(...).transpose(1, 2).contiguous().reshape(...)`` the ``contiguous`` is a no-op at
+    capture and the reshape a view. The ONNX exporter drops the no-op, then decomposes
+    attention into plain products whose output is laid out the other way, and the view
+    fails (Swin: "Cannot view a tensor with shape ..."). A clone is never dropped.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.contiguous.default:
+            continue
+        source = node.args[0]
+        if getattr(getattr(source, "target", None), "_opname", None) in _STRIDE_OPS:
+            node.target = torch.ops.aten.clone.default
+            node.kwargs = {"memory_format": torch.contiguous_format}
 
 
 def _unshare(new: fx.GraphModule, old: fx.GraphModule) -> None:
@@ -99,7 +146,20 @@ def _gather_grouped(weight: torch.Tensor, columns: list[np.ndarray]) -> torch.Te
     return torch.cat(parts, dim=0)
 
 
-def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Tensor) -> None:
+def tensor_places(gm: fx.GraphModule) -> dict[int, set[tuple[str, str]]]:
+    """Every (module path, attribute) holding each parameter or buffer, by tensor id: one walk
+    over the modules instead of one per replaced tensor."""
+    places: dict[int, set[tuple[str, str]]] = {}
+    for module_name, module in gm.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
+            for attr_name, value in store.items():
+                if value is not None:
+                    places.setdefault(id(value), set()).add((module_name, attr_name))
+    return places
+
+
+def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Tensor,
+                places: dict[int, set[tuple[str, str]]]) -> None:
     """Replace a tensor everywhere it is registered (tied weights have several names)."""
     if data.data_ptr() == old.data_ptr():
         data = data.clone()
@@ -108,12 +168,9 @@ def _set_tensor(gm: fx.GraphModule, name: str, old: torch.Tensor, data: torch.Te
     else:
         new = data
     owner_path, _, attr = name.rpartition(".")
-    places = {(owner_path, attr)}
-    for module_name, module in gm.named_modules(remove_duplicate=False):
-        for attr_name, value in list(module._parameters.items()) + list(module._buffers.items()):
-            if value is old:
-                places.add((module_name, attr_name))
-    for module_name, attr_name in places:
+    where = places.pop(id(old), set()) | {(owner_path, attr)}
+    places[id(new)] = where
+    for module_name, attr_name in where:
         owner = gm.get_submodule(module_name) if module_name else gm
         if attr_name in owner._parameters:
             owner._parameters[attr_name] = new
@@ -130,8 +187,10 @@ class MaskedInterpreter(fx.Interpreter):
         super().__init__(gm)
         roots = structure.state.uf.roots()
         self.masks: dict[str, object] = {}
+        weights_only = _weights_only(gm)
         for name, ids in structure.state.labels.items():
-            self.masks[name] = _mask(ids, roots, removed)
+            if name not in weights_only:
+                self.masks[name] = _mask(ids, roots, removed)
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -143,6 +202,18 @@ class MaskedInterpreter(fx.Interpreter):
                 _apply_mask(r, m) for r, m in zip(result, mask)
             ) if isinstance(result, (list, tuple)) else result
         return _apply_mask(result, mask)
+
+
+def _weights_only(gm: fx.GraphModule) -> set[str]:
+    """Nodes computed from parameters alone (a weight standardised or normalised before
+    use). They are not activations: zeroing them would divide zero by zero in a norm, and
+    the layer they feed is masked anyway."""
+    out: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function" and node.all_input_nodes and
+                                     all(a.name in out for a in node.all_input_nodes)):
+            out.add(node.name)
+    return out
 
 
 def _mask(ids, roots, removed):

@@ -1,0 +1,116 @@
+"""Figures for the "Compare on accuracy" view: pure functions, DataFrame in, figure out.
+
+Frames
+------
+sweep frame (one row per measured point; `sweep_frame` makes it from a sweep report):
+    index, criterion, policy, layer_norm, group_policy, reshape_channel_axis, step_size,
+    step_op, seed, ratio, params, flops, params_kept, flops_kept, metric
+sensitivity frame (`sensitivity_frame`): group, order, ratio, metric, drop
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from dashboard.charts import SERIES_COLORS
+
+X_AXES = {"ratio": "pruning ratio", "params_kept": "parameters kept (fraction)",
+          "flops_kept": "FLOPs kept (fraction)"}
+PARETO_NAME = "Pareto front"
+ORIGINAL_COLOR = "#868e96"
+PARETO_COLOR = "#1c1c1c"
+
+
+def sweep_frame(report: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per finished point of a sweep report (points with an error are left out)."""
+    before = report["before"]
+    rows = []
+    for p in report["points"]:
+        if "metric" not in p:
+            continue
+        rows.append({"index": p["index"], **p["options"], "ratio": p["ratio"],
+                     "params": p["params"], "flops": p["flops"],
+                     "params_kept": p["params"] / max(before["params"], 1),
+                     "flops_kept": p["flops"] / max(before["flops"], 1),
+                     "metric": p["metric"]})
+    return pd.DataFrame(rows)
+
+
+def sensitivity_frame(report: Mapping[str, Any]) -> pd.DataFrame:
+    rows = [{"group": g["name"], "order": i, "ratio": c["ratio"], "metric": c["metric"],
+             "drop": c["drop"]}
+            for i, g in enumerate(report["groups"]) for c in g["curve"] if c["ratio"] > 0]
+    return pd.DataFrame(rows, columns=["group", "order", "ratio", "metric", "drop"])
+
+
+def pareto_mask(x: np.ndarray, y: np.ndarray, smaller_x_better: bool) -> np.ndarray:
+    """Points no other point beats on both x and y (y: higher is better)."""
+    x = -np.asarray(x, dtype=float) if smaller_x_better else np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    keep = np.ones(len(x), dtype=bool)
+    for i in range(len(x)):
+        dominated = (x >= x[i]) & (y >= y[i]) & ((x > x[i]) | (y > y[i]))
+        keep[i] = not dominated.any()
+    return keep
+
+
+def comparison_figure(frame: pd.DataFrame, axis: str, x: str = "ratio", *,
+                      original: float | None = None, metric: str = "accuracy",
+                      higher_is_better: bool = True) -> go.Figure:
+    """The metric against `x`, one trace per value of `axis`; the original level as a line;
+    the Pareto front (best metric for the size, over every trace) as open rings.
+
+    Each marker's customdata is the point's `index` (what a click selects)."""
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {', '.join(X_AXES)}")
+    fig = go.Figure()
+    for i, (value, rows) in enumerate(frame.groupby(axis, sort=False)):
+        rows = rows.sort_values(x)
+        fig.add_trace(go.Scatter(
+            x=rows[x], y=rows["metric"], mode="lines+markers", name=str(value),
+            customdata=rows["index"], marker={"size": 9},
+            line={"color": SERIES_COLORS[i % len(SERIES_COLORS)]},
+            hovertemplate=f"{axis}={value}<br>ratio %{{text}}<br>{metric} %{{y:.4f}}"
+                          "<extra></extra>",
+            text=[f"{r:g}" for r in rows["ratio"]],
+        ))
+    if len(frame):
+        y = frame["metric"].to_numpy() * (1 if higher_is_better else -1)
+        front = frame[pareto_mask(frame[x].to_numpy(), y, smaller_x_better=x != "ratio")]
+        front = front.sort_values(x)
+        fig.add_trace(go.Scatter(
+            x=front[x], y=front["metric"], mode="markers", name=PARETO_NAME,
+            customdata=front["index"],
+            marker={"size": 16, "symbol": "circle-open", "color": PARETO_COLOR,
+                    "line": {"width": 2}},
+            hovertemplate=f"Pareto front<br>{metric} %{{y:.4f}}<extra></extra>",
+        ))
+    if original is not None:
+        fig.add_hline(y=original, line_dash="dash", line_color=ORIGINAL_COLOR,
+                      annotation_text=f"original {original:.4g}",
+                      annotation_position="bottom left")
+    fig.update_layout(xaxis_title=X_AXES[x], yaxis_title=metric, legend_title=axis,
+                      height=460, margin={"t": 30, "b": 40}, clickmode="event+select")
+    if x != "ratio":
+        fig.update_xaxes(autorange="reversed")  # smaller models to the right, like the ratio
+    return fig
+
+
+def sensitivity_heatmap(frame: pd.DataFrame, metric: str = "accuracy") -> go.Figure:
+    """Group x ratio: the metric drop when only that group is pruned at that ratio."""
+    order = frame.sort_values("order").drop_duplicates("group")["group"].tolist()
+    table = frame.pivot_table(index="group", columns="ratio", values="drop").reindex(order)
+    fig = go.Figure(go.Heatmap(
+        z=table.to_numpy(), x=[f"{r:g}" for r in table.columns], y=table.index.tolist(),
+        colorscale="Reds", zmin=0, colorbar={"title": f"{metric} drop"},
+        hovertemplate="%{y}<br>ratio %{x}<br>drop %{z:.4f}<extra></extra>",
+    ))
+    fig.update_layout(xaxis_title="ratio of this group alone", yaxis_title="group",
+                      height=max(260, 40 + 28 * len(order)), margin={"t": 30, "b": 40})
+    fig.update_yaxes(autorange="reversed")
+    return fig

@@ -1,0 +1,130 @@
+"""What the dashboard's views share: session files, one-line errors, model loading and the
+plan call. No pruning logic: every number comes from the engine."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import streamlit as st
+
+import engine
+from dashboard import netron_server, sources, state
+from engine.errors import PruneScopeError
+from engine.options import PruningOptions
+
+RESULT_KEY = "_ps_result"
+FAILED_KEY = "_ps_failed"
+EVAL_KEY = "_ps_eval"
+
+
+def short(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def session_files() -> sources.SessionFiles:
+    """The session's temp folder; also removes the folders of sessions that have closed."""
+    session_id = None
+    try:
+        from streamlit.runtime import Runtime
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+        ctx = get_script_run_ctx()
+        session_id = ctx.session_id if ctx else None
+        if Runtime.exists():
+            runtime = Runtime.instance()
+            alive = _session_alive_check(runtime)
+            if sources.start_sweeper(alive, netron_server.stop_under, _sweep_interval_s()):
+                sources.remove_orphans()
+            sources.sweep(alive, netron_server.stop_under)
+    except Exception:  # cleanup is best effort; the folders also go at process exit
+        pass
+    return state.session_files(st.session_state, session_id)
+
+
+def _session_alive_check(runtime: Any):
+    """A session still exists while it is connected or kept for a reconnect.
+
+    A briefly disconnected browser (network blip, laptop lid) reconnects to its session for
+    ``server.disconnectedSessionTTL`` seconds; its uploads must still be there then.
+    """
+    manager = getattr(runtime, "_session_mgr", None)
+    get_info = getattr(manager, "get_session_info", None)
+
+    def alive(session_id: str) -> bool:
+        if runtime.is_active_session(session_id):
+            return True
+        return get_info is not None and get_info(session_id) is not None
+
+    return alive
+
+
+def _sweep_interval_s() -> float:
+    try:
+        return max(0.2, float(os.environ.get("PRUNESCOPE_SWEEP_S", "30")))
+    except ValueError:
+        return 30.0
+
+
+def show_error(error: BaseException, what: str = "") -> None:
+    prefix = f"{what}: " if what else ""
+    st.error(prefix + sources.one_line(error), icon="⚠️")
+
+
+def upload_limit_mb() -> int:
+    try:
+        return int(st.get_option("server.maxUploadSize"))
+    except Exception:
+        return 200
+
+
+def upload_limit_note(limit_mb: int) -> None:
+    # The browser refuses a file over the limit before the page sees it (the file's name
+    # turns red, the reason is in its tooltip), so the limit is stated up front.
+    st.sidebar.caption(f"Uploads up to {limit_mb} MB: a larger file is refused (its name "
+                       "turns red; hover it for the reason). Larger models: use “Local file "
+                       "path”, which reads the file in place.")
+
+
+def _load(request: sources.ModelRequest) -> tuple[Any, Any]:
+    kwargs: dict[str, Any] = {}
+    if request.trust_pickle:
+        kwargs["trust_pickle"] = True
+    if request.input_shapes:
+        kwargs["input_shapes"] = [tuple(s) for s in request.input_shapes]
+    captured = engine.load_model(request.source, **kwargs)
+    analysis = engine.analyze(captured)
+    return captured, analysis
+
+
+def get_model(request: sources.ModelRequest) -> state.LoadedModel:
+    ss = st.session_state
+    failed: dict[str, str] = ss.setdefault(FAILED_KEY, {})
+    if request.key in failed:
+        # The same failing request is not retried on every rerun; the message stays.
+        raise PruneScopeError(failed[request.key])
+    try:
+        with st.spinner(f"Loading and analysing {request.label}…"):
+            return state.get_model(ss, request.key, request.label, lambda: _load(request))
+    except Exception as e:
+        failed[request.key] = sources.readable(sources.one_line(e), request)
+        raise PruneScopeError(failed[request.key]) from None
+
+
+def editor_key(model: state.LoadedModel) -> str:
+    return f"layers_{short(model.key)}"
+
+
+def make_plan(model: state.LoadedModel, options: PruningOptions, ratio: float,
+              ratios: dict[str, float], pinned: list[str], calibration: Any,
+              indices: dict[str, list[int]] | None) -> Any:
+    return engine.plan(model.analysis, options, ratio=ratio, ratios=ratios or None,
+                       pinned=tuple(pinned), calibration=calibration, indices=indices)
+
+
+def calibration_for(eval_data: sources.EvalData | None) -> Any:
+    """The calibration data (inputs x and labels y, which the taylor criterion uses); the
+    engine's raw-score cache is keyed by its content, so every rerun hits it."""
+    return eval_data
+

@@ -1,0 +1,81 @@
+"""One "Recover" click: engine.recover on the pruned result, engine.save, and the original /
+pruned / recovered comparison on the evaluation data, as plain data (testable without
+Streamlit). Recovery itself is the engine's; this only orchestrates and measures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dashboard.evaluate import MAX_EVAL_SAMPLES, predict
+from dashboard.sources import EvalData
+
+METHOD_CHOICES = ("bias", "lsq", "bn", "norm", "distill")
+DEFAULT_METHODS = ("bias", "lsq", "bn", "norm")
+
+
+@dataclass
+class RecoverRun:
+    prune_signature: str  # the pruned result it recovered (a newer Prune makes it stale)
+    methods: list[str]
+    budget_s: float
+    files: dict[str, Path]
+    recovery: dict[str, Any]  # report["recovery"]
+    params: dict[str, int]  # original / pruned / recovered
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # measure -> model -> v
+    scored_on: str = ""
+
+
+def run_recover(engine: Any, result: Any, original: Any, calibration: Any, methods: list[str],
+                budget_s: float, out_dir: Path, eval_data: EvalData | None, signature: str,
+                progress: Callable[[str, float], None] = lambda _m, _f: None) -> RecoverRun:
+    recovered = engine.recover(result, calibration, methods, budget_s=budget_s,
+                               progress=progress)
+    progress("Writing model.pt2, model.onnx and report.json (engine.save)…", 1.0)
+    saved = engine.save(recovered, out_dir)
+    scores: dict[str, dict[str, float]] = {}
+    scored_on = ""
+    example = tuple(result.example_inputs)
+    if eval_data is not None and len(example) == 1:
+        x = eval_data.x[:MAX_EVAL_SAMPLES]
+        outs = {name: predict(module, x, example) for name, module in
+                (("original", original), ("pruned", result.module),
+                 ("recovered", recovered.module))}
+        reference = outs["original"].argmax(-1)
+        scores["Top-1 agreement with the original"] = {
+            k: float((v.argmax(-1) == reference).mean()) for k, v in outs.items()}
+        if eval_data.y is not None:
+            y = np.asarray(eval_data.y[:MAX_EVAL_SAMPLES])
+            scores["Accuracy"] = {k: float((v.argmax(-1) == y).mean()) for k, v in outs.items()}
+        scored_on = f"{eval_data.label} ({len(x)} samples)"
+    return RecoverRun(
+        prune_signature=signature,
+        methods=list(methods),
+        budget_s=budget_s,
+        files={name: Path(p) for name, p in saved.items()},
+        recovery=recovered.report["recovery"],
+        params={"original": result.before["params"], "pruned": result.after["params"],
+                "recovered": recovered.after["params"]},
+        scores=scores,
+        scored_on=scored_on,
+    )
+
+
+def comparison_rows(run: RecoverRun) -> list[dict[str, str]]:
+    """Original / pruned / recovered side by side."""
+    rows = [{"Measure": "Parameters", **{k.capitalize(): f"{v:,}" for k, v in
+                                          run.params.items()}}]
+    for measure, values in run.scores.items():
+        rows.append({"Measure": measure,
+                     **{k.capitalize(): f"{v:.2%}" for k, v in values.items()}})
+    info = run.recovery
+    if info.get("metric") is not None:
+        rows.append({"Measure": f"{info['metric']} on {info['holdout_samples']} held-back "
+                                "calibration samples",
+                     "Original": "", "Pruned": f"{info['metric_before']:.2%}",
+                     "Recovered": f"{info['metric_after']:.2%}"})
+    return rows

@@ -1,0 +1,247 @@
+"""The "Compare on accuracy" tab: what each option does to the model's metric at each size.
+
+The sweep and the sensitivity curves come from the engine (engine.quality.sweep /
+sensitivity); the demo's are precomputed in assets/ (assets/make_demo_sweep.py) so they show at
+once. Choosing a point (a click on the chart, or the picker below it) sets its options and
+ratio in the sidebar; "Auto ratios" fills the Plan tab's per-group table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from dashboard import sources, state
+from dashboard.charts_sweep import (
+    X_AXES,
+    comparison_figure,
+    sensitivity_frame,
+    sensitivity_heatmap,
+    sweep_frame,
+)
+from dashboard.common import editor_key, session_files, short, show_error
+from engine.options import PruningOptions
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+DEMO_SWEEP = ASSETS / "demo_sweep.json"
+DEMO_SENSITIVITY = ASSETS / "demo_sensitivity.json"
+COMPARE_AXES = {"layer_norm": "layer norm", "policy": "policy", "criterion": "criterion",
+                "group_policy": "group policy"}
+OPTION_KEYS = ("criterion", "policy", "layer_norm", "group_policy", "reshape_channel_axis",
+               "step_size", "step_op", "seed")
+PENDING_KEY = "_ps_pending_point"
+DEFAULT_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7"
+
+
+def auto_ratios_key(model: state.LoadedModel) -> str:
+    return f"auto_ratios_{short(model.key)}"
+
+
+def apply_pending_choice() -> None:
+    """Set the sidebar to a chosen point; runs before the sidebar's widgets exist."""
+    ss = st.session_state
+    choice = ss.pop(PENDING_KEY, None)
+    if not choice:
+        return
+    for name in OPTION_KEYS:
+        if name in choice["options"]:
+            ss[f"opt_{name}"] = choice["options"][name]
+    ss["opt_ratio"] = float(choice["ratio"])
+
+
+@st.cache_data(show_spinner=False)
+def _read_json(path: str, stamp: float) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _demo_report(path: Path) -> dict | None:
+    return _read_json(str(path), path.stat().st_mtime) if path.is_file() else None
+
+
+def _engine_data(eval_data: sources.EvalData):
+    from engine.quality.evaluate import EvalData
+
+    return EvalData((eval_data.x,), eval_data.y, eval_data.label)
+
+
+def render(model: state.LoadedModel, options: PruningOptions,
+           eval_data: sources.EvalData | None) -> None:
+    st.markdown(
+        "What each option does to the model's **metric** at each size, measured on the "
+        "evaluation data: one curve per value of the option you compare, the other options "
+        "as in the sidebar. **Click a point** (or pick it below) to set its options and ratio "
+        "in the sidebar."
+    )
+    is_demo = model.key.startswith("demo:")
+    report = _demo_report(DEMO_SWEEP) if is_demo else None
+    if report is None:  # another model (or the demo without its stored sweep): sweep here
+        _sweep_controls(model, eval_data)
+        report = _last_sweep(model)
+    if report is None:
+        st.info("No sweep yet: choose what to compare and press **Run sweep**.", icon="📈")
+    else:
+        _comparison(report, options)
+    st.divider()
+    _sensitivity(model, options, eval_data, is_demo)
+
+
+def _comparison(report: dict, options: PruningOptions) -> None:
+    frame = sweep_frame(report)
+    if frame.empty:
+        st.warning("The sweep has no finished points.")
+        return
+    axes = [a for a in COMPARE_AXES if a in frame.columns and frame[a].nunique() > 1] \
+        or ["layer_norm"]
+    c1, c2 = st.columns(2)
+    axis = c1.selectbox("Compare", axes, format_func=lambda a: COMPARE_AXES.get(a, a),
+                        key="cmp_axis")
+    x = c2.radio("Against", list(X_AXES), format_func=X_AXES.get, horizontal=True,
+                 key="cmp_x")
+    chosen = options.to_dict()
+    rows = frame
+    fixed = []
+    for name in OPTION_KEYS:
+        if name == axis or name not in rows.columns or rows[name].nunique() <= 1:
+            continue
+        # the other options as in the sidebar, when the sweep has that value
+        value = chosen[name] if (rows[name] == chosen[name]).any() else rows[name].iloc[0]
+        rows = rows[rows[name] == value]
+        fixed.append(f"{name} {value}")
+    if fixed:
+        st.caption("Other options: " + ", ".join(fixed))
+    from engine.quality.evaluate import HIGHER_IS_BETTER
+
+    metric = report["metric"]
+    fig = comparison_figure(rows, axis, x, original=report["original"], metric=metric,
+                            higher_is_better=HIGHER_IS_BETTER.get(metric, True))
+    event = st.plotly_chart(fig, key="cmp_chart", on_select="rerun", selection_mode="points",
+                            width="stretch")
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    if points and "customdata" in points[0]:
+        _choose(frame, int(np.ravel([points[0]["customdata"]])[0]))
+    labels = {int(r["index"]): f"{r[axis]} @ ratio {r['ratio']:g}: {metric} {r['metric']:.4f}"
+              for _, r in rows.iterrows()}
+    c1, c2 = st.columns([3, 1])
+    pick = c1.selectbox("Point", list(labels), format_func=labels.get, key="cmp_pick")
+    if c2.button("Use this point", key="cmp_use"):
+        _choose(frame, int(pick))
+
+
+def _choose(frame, index: int) -> None:
+    row = frame[frame["index"] == index]
+    if row.empty:
+        return
+    row = row.iloc[0]
+    options = {name: (row[name].item() if hasattr(row[name], "item") else row[name])
+               for name in OPTION_KEYS if name in row}
+    st.session_state[PENDING_KEY] = {"options": options, "ratio": float(row["ratio"])}
+    st.session_state.pop("cmp_chart", None)
+    st.rerun()
+
+
+def _sweep_controls(model: state.LoadedModel, eval_data: sources.EvalData | None) -> None:
+    if eval_data is None:
+        st.info("Upload evaluation data (an .npz with x and labels y) in the sidebar to "
+                "compare options on this model's metric.", icon="📈")
+        return
+    from engine.options import ALLOWED
+
+    c1, c2, c3 = st.columns([2, 3, 1])
+    axis = c1.selectbox("Sweep over", list(COMPARE_AXES), format_func=COMPARE_AXES.get,
+                        key="sweep_axis")
+    values = c2.multiselect("Values", list(v for v in ALLOWED[axis] if v != "index"),
+                            default=[v for v in ALLOWED[axis] if v != "index"][:5],
+                            key=f"sweep_values_{axis}")
+    ratios = c3.text_input("Ratios", DEFAULT_RATIOS, key="sweep_ratios")
+    if not st.button("Run sweep", key="sweep_run", type="primary", disabled=not values):
+        return
+    from engine.quality.sweep import sweep
+
+    bar = st.progress(0.0, text="sweeping… (stop with ⏹ at the top right; finished points "
+                                "are kept)")
+
+    def progress(done: int, total: int, record: dict) -> None:
+        bar.progress(done / total, text=f"{done}/{total} points")
+
+    # written after every point, so a stopped sweep still shows what finished
+    path = session_files().subdir("sweeps") / f"{short(model.key)}.json"
+    path.unlink(missing_ok=True)
+    model.cache["sweep_path"] = str(path)
+    try:
+        # in this process (Streamlit's threads make forking unsafe): a stop stops it at once
+        sweep(model.analysis, {axis: values}, ratios, eval_data=_engine_data(eval_data),
+              workers=1, progress=progress, out_json=path)
+    except Exception as e:  # noqa: BLE001 - one line in the page
+        show_error(e, "The sweep failed")
+
+
+def _last_sweep(model: state.LoadedModel) -> dict | None:
+    path = model.cache.get("sweep_path")
+    if not path or not Path(path).is_file():
+        return None
+    report = json.loads(Path(path).read_text())
+    if not report.get("complete"):
+        st.caption(f"Stopped sweep: {len(report['points'])} of {report['total']} points.")
+    return report
+
+
+def _sensitivity(model: state.LoadedModel, options: PruningOptions,
+                 eval_data: sources.EvalData | None, is_demo: bool) -> None:
+    st.subheader("Sensitivity of each group")
+    report = _demo_report(DEMO_SENSITIVITY) if is_demo else None
+    if report is not None:
+        st.caption("Each group pruned alone at each ratio, default options, measured on the "
+                   "demo's calibration split (the evaluation set stays held out).")
+    elif eval_data is not None:
+        report = model.cache.get("sensitivity")
+        if st.button("Measure sensitivity", key="sens_run",
+                     help="Each group pruned alone at 0.1 ... 0.9, on the sidebar's data"):
+            from engine.quality.sensitivity import sensitivity
+
+            bar = st.progress(0.0, text="measuring…")
+            try:
+                report = sensitivity(
+                    model.analysis, options, eval_data=_engine_data(eval_data), workers=1,
+                    progress=lambda d, n, r: bar.progress(d / n, text=f"{d}/{n} points"))
+                model.cache["sensitivity"] = report
+            except Exception as e:  # noqa: BLE001
+                show_error(e, "Measuring the sensitivity failed")
+    if report is None:
+        st.caption("No sensitivity curves yet.")
+        return
+    st.plotly_chart(sensitivity_heatmap(sensitivity_frame(report), report["metric"]),
+                    key="sens_heatmap", width="stretch")
+    _auto_ratios(model, report)
+
+
+def _auto_ratios(model: state.LoadedModel, report: dict) -> None:
+    c1, c2, c3 = st.columns([1, 2, 1])
+    resource = c1.radio("Target", ["flops", "params"], horizontal=True, key="auto_resource",
+                        format_func={"flops": "FLOPs", "params": "parameters"}.get)
+    target = c2.slider("Fraction to remove", 0.05, 0.9, 0.5, 0.05, key="auto_target")
+    if not c3.button("Auto ratios", key="auto_run", type="primary"):
+        chosen = st.session_state.get(auto_ratios_key(model))
+        if chosen:
+            st.caption("Per-group ratios in the Plan tab: "
+                       + ", ".join(f"{k} {v:g}" for k, v in chosen.items()))
+        return
+    from engine.quality.targets import ratios_for_target
+
+    sens_options = PruningOptions.from_any(report["options"])
+    try:
+        with st.spinner("choosing per-group ratios…"):
+            section = ratios_for_target(
+                model.analysis, sens_options, sensitivity_report=report,
+                analysis=model.analysis,
+                **{f"target_{resource}": target})
+    except Exception as e:  # noqa: BLE001
+        show_error(e, "Auto ratios failed")
+        return
+    st.session_state[auto_ratios_key(model)] = section["ratios"]
+    st.session_state.pop(editor_key(model), None)  # the table shows the new ratios
+    st.success(f"{section['removed']:.1%} of the {resource} removed; the uniform global ratio "
+               f"removing as much is {section['uniform']['ratio']:g}. Per-group ratios are in "
+               "the Plan tab.")

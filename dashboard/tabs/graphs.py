@@ -1,0 +1,55 @@
+"""The Graphs tab: the original and the pruned graph in a local Netron."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+import engine.io.export
+from dashboard import netron_server, state
+from dashboard.common import RESULT_KEY, session_files, short, show_error
+from dashboard.prune_run import PruneRun
+from dashboard.tabs.prune import file_named
+
+
+def render(model: state.LoadedModel) -> None:
+    st.markdown("The original and the pruned graph in [Netron](https://netron.app), served "
+                "locally (127.0.0.1) from the ONNX files.")
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Original**")
+        try:
+            path = _original_graph_file(model)
+            server = netron_server.serve(path)
+            st.iframe(server.url, height=720)
+            st.caption(f"{path.name} · {server.url}")
+        except Exception as e:
+            show_error(e, "Cannot show the original graph")
+    with right:
+        st.markdown("**Pruned**")
+        run: PruneRun | None = st.session_state.get(RESULT_KEY)
+        path = file_named(run, "model.onnx") if run and run.model_key == model.key else None
+        if path is None:
+            st.info("Prune the model (Prune & compare tab) to see its graph here.")
+            return
+        try:
+            server = netron_server.serve(path)
+            st.iframe(server.url, height=720)
+            st.caption(f"{path.name} · {server.url}")
+        except Exception as e:
+            show_error(e, "Cannot show the pruned graph")
+
+
+def _original_graph_file(model: state.LoadedModel) -> Path:
+    """ONNX of the original (Netron reads it best), exported once per model."""
+    cached = model.cache.get("original_onnx")
+    if cached is not None and Path(cached).is_file():
+        return Path(cached)
+    files = session_files()
+    out = files.subdir(f"original-{short(model.key)}") / "original.onnx"
+    with st.spinner("Exporting the original model to ONNX for Netron…"):
+        engine.io.export.export_onnx(model.captured.program, out)
+    model.cache["original_onnx"] = out
+    return out
+

@@ -1,0 +1,121 @@
+"""The Prune & compare tab: prune, before/after numbers, fidelity and downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+import engine
+from dashboard import sources, state
+from dashboard.common import RESULT_KEY, session_files, short, show_error
+from dashboard.prune_run import PruneRun, comparison_rows, run_prune
+from dashboard.tabs import recover
+
+
+def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
+              eval_data: sources.EvalData | None) -> None:
+    total = sum(int(g.scores.size) for g in plan.groups)
+    pruned = sum(int(g.pruned.size) for g in plan.groups)
+    st.markdown(
+        f"The current plan removes **{pruned:,} of {total:,}** prunable channels "
+        f"({pruned / max(total, 1):.1%}). Prune builds the smaller model, saves it as "
+        "`model.pt2`, `model.onnx` and `report.json`, and compares it with the original"
+        + (f" on **{eval_data.label}** ({eval_data.n} samples)." if eval_data else ".")
+    )
+    if st.button("Prune", type="primary", key="prune", icon="✂️"):
+        files = session_files()
+        out_dir = files.subdir(f"pruned-{short(model.key)}-{short(signature)}")
+        with st.status("Pruning…", expanded=True) as status:
+            try:
+                run = run_prune(engine, model, plan, out_dir, eval_data, signature, ratio,
+                                progress=st.write)
+            except Exception as e:
+                status.update(label="Pruning failed", state="error")
+                show_error(e, "Pruning failed")
+            else:
+                st.session_state[RESULT_KEY] = run
+                status.update(label="Pruned and saved", state="complete", expanded=False)
+    run: PruneRun | None = st.session_state.get(RESULT_KEY)
+    if run is None or run.model_key != model.key:
+        st.info("Press **Prune** to build the pruned model and see before/after numbers.")
+        return
+    if run.signature != signature:
+        st.warning("These results are for earlier options "
+                   f"({_options_line(run.options, run.ratio)}). Press Prune to update.")
+    show_result(run)
+    if run.signature == signature:
+        recover.render(model, run, eval_data)
+
+
+def _options_line(options: dict, ratio: float) -> str:
+    parts = [f"{k}={v}" for k, v in options.items() if k != "seed"]
+    return ", ".join(parts + [f"ratio={ratio:.2f}"])
+
+
+def show_result(run: PruneRun) -> None:
+    st.subheader("Before / after")
+    c = st.columns(4)
+    b, a = run.before, run.after
+    for col, label, key in ((c[0], "Parameters", "params"), (c[1], "FLOPs", "flops")):
+        if b.get(key) and a.get(key) is not None:
+            col.metric(label, f"{a[key]:,}", f"{(a[key] - b[key]) / b[key]:+.1%}",
+                       delta_color="inverse")
+    fid = run.fidelity
+    if "top1_agreement" in fid:
+        c[2].metric("Top-1 agreement", f"{fid['top1_agreement']:.1%}",
+                    help="Share of samples where the pruned model predicts the same class")
+    if "accuracy_after" in fid:
+        c[3].metric("Accuracy after", f"{fid['accuracy_after']:.1%}",
+                    f"{fid['accuracy_after'] - fid['accuracy_before']:+.1%} "
+                    f"(before {fid['accuracy_before']:.1%})")
+    elif "perplexity_after" in fid:
+        c[3].metric("Perplexity after", f"{fid['perplexity_after']:.3f}",
+                    f"{fid['perplexity_after'] - fid['perplexity_before']:+.3f} "
+                    f"(before {fid['perplexity_before']:.3f})", delta_color="inverse",
+                    help="exp of the mean next-token negative log-likelihood; lower is better")
+    st.dataframe(pd.DataFrame(comparison_rows(run)), hide_index=True, width="stretch")
+    if fid:
+        rows = [{"Measure": "Samples", "Value": f"{fid.get('samples', 0):,}"}]
+        if "top1_agreement" in fid:
+            rows.append({"Measure": "Top-1 agreement with the original",
+                         "Value": f"{fid['top1_agreement']:.2%}"})
+        if "relative_error" in fid:
+            rows.append({"Measure": "Relative output error (‖pruned − original‖ / ‖original‖)",
+                         "Value": f"{fid['relative_error']:.4g}"})
+        if "accuracy_before" in fid:
+            rows.append({"Measure": "Accuracy before", "Value": f"{fid['accuracy_before']:.2%}"})
+            rows.append({"Measure": "Accuracy after", "Value": f"{fid['accuracy_after']:.2%}"})
+        if "perplexity_before" in fid:
+            rows.append({"Measure": "Perplexity before",
+                         "Value": f"{fid['perplexity_before']:.4f}"})
+            rows.append({"Measure": "Perplexity after",
+                         "Value": f"{fid['perplexity_after']:.4f}"})
+        st.markdown(f"**Fidelity** on {run.fidelity_on}:")
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    for note in run.notes:
+        st.caption(note)
+    st.subheader("Downloads")
+    c = st.columns(3)
+    mimes = {"model.pt2": "application/octet-stream", "model.onnx": "application/octet-stream",
+             "report.json": "application/json"}
+    for col, (name, mime) in zip(c, mimes.items()):
+        path = file_named(run, name)
+        if path is None:
+            col.caption(f"{name}: not written")
+            continue
+        col.download_button(
+            f"Download {name}", data=lambda p=path: p.read_bytes(), file_name=name, mime=mime,
+            key=f"dl_{name.replace('.', '_')}", icon="⬇️", width="stretch", on_click="ignore",
+        )
+
+
+def file_named(run: PruneRun, name: str) -> Path | None:
+    for key, path in run.files.items():
+        if path.name == name or key == name or key == Path(name).stem:
+            if path.is_file():
+                return path
+    return None
+

@@ -1,0 +1,113 @@
+"""The Recover step of the Prune & compare tab: choose methods and a budget, recover the
+pruned model from calibration data, see original / pruned / recovered side by side, and
+download the recovered model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+import engine
+from dashboard import sources, state
+from dashboard.common import session_files, short, show_error
+from dashboard.prune_run import PruneRun
+from dashboard.recover_run import (
+    DEFAULT_METHODS,
+    METHOD_CHOICES,
+    RecoverRun,
+    comparison_rows,
+    run_recover,
+)
+
+RECOVER_KEY = "_ps_recover"
+METHOD_HELP = (
+    "bias: fold the removed channels' mean contribution into the next layer's bias · "
+    "lsq: least-squares refit of each layer to the original's outputs · "
+    "bn: recompute BatchNorm statistics · norm: refit LayerNorm/RMSNorm/GroupNorm affines · "
+    "distill: train against the original for the budget"
+)
+
+
+def _calibration(model: state.LoadedModel) -> Any:
+    """The built-in model's own calibration set, or an uploaded .npz."""
+    if model.key.startswith("demo:"):
+        st.caption("Calibration data: the demo's training split (`assets/demo_calib.npz`); "
+                   "the comparison below uses the held-out evaluation set.")
+        return "demo"
+    up = st.file_uploader("Calibration data for recovery (.npz with x, optional y)",
+                          type=["npz"], key="upload_calib",
+                          help="Never the evaluation data: quality is measured on that.")
+    if up is None:
+        return None
+    try:
+        return sources.load_npz(up.getvalue(), label=up.name)
+    except Exception as e:
+        show_error(e, "Calibration data")
+        return None
+
+
+def render(model: state.LoadedModel, run: PruneRun,
+           eval_data: sources.EvalData | None) -> None:
+    st.subheader("Recover")
+    if run.result is None:
+        st.info("Press **Prune** again to recover this model.")
+        return
+    st.markdown("Get accuracy back from a little calibration data. The data-light methods "
+                "need one pass and no training; `distill` trains for the budget.")
+    c = st.columns([3, 1])
+    methods = c[0].multiselect("Methods", METHOD_CHOICES, default=list(DEFAULT_METHODS),
+                               key="recover_methods", help=METHOD_HELP)
+    budget = c[1].number_input("Budget (s)", min_value=1, max_value=600, value=30, step=5,
+                               key="recover_budget", help="Time for distillation")
+    calibration = _calibration(model)
+    if st.button("Recover", key="recover", icon="🩹", disabled=not methods or
+                 calibration is None):
+        files = session_files()
+        out_dir = files.subdir(f"recovered-{short(model.key)}-{short(run.signature)}")
+        bar = st.progress(0.0, text="Starting recovery…")
+
+        def progress(message: str, fraction: float) -> None:
+            bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+
+        try:
+            done = run_recover(engine, run.result, _original(model), calibration, methods,
+                               float(budget), out_dir, eval_data, run.signature, progress)
+        except Exception as e:
+            bar.empty()
+            show_error(e, "Recovery failed")
+        else:
+            bar.progress(1.0, text="Recovered and saved")
+            st.session_state[RECOVER_KEY] = done
+    done: RecoverRun | None = st.session_state.get(RECOVER_KEY)
+    if done is None or done.prune_signature != run.signature:
+        return
+    show_recovery(done)
+
+
+def _original(model: state.LoadedModel):
+    module = model.cache.get("original_module")
+    if module is None:
+        module = model.cache["original_module"] = model.captured.program.module()
+    return module
+
+
+def show_recovery(done: RecoverRun) -> None:
+    info = done.recovery
+    st.markdown(f"Applied **{', '.join(info['methods']) or 'nothing'}** in "
+                f"{info['seconds']:.1f} s" + (f"; compared on {done.scored_on}."
+                                               if done.scored_on else "."))
+    st.dataframe(pd.DataFrame(comparison_rows(done)), hide_index=True, width="stretch")
+    for method, reason in info["skipped"].items():
+        st.caption(f"skipped {method}: {reason}")
+    st.markdown("**Downloads** (the recovered model)")
+    c = st.columns(3)
+    for col, name in zip(c, ("model.pt2", "model.onnx", "report.json")):
+        path = done.files.get(name)
+        if path is None or not path.is_file():
+            col.caption(f"{name}: not written")
+            continue
+        col.download_button(f"Download recovered {name}", data=lambda p=path: p.read_bytes(),
+                            file_name=f"recovered_{name}", key=f"dl_recovered_{name}",
+                            icon="⬇️", width="stretch", on_click="ignore")

@@ -1,0 +1,56 @@
+"""`prunescope sensitivity`: prune one group at a time at several ratios, measure the drop."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.cli.common import (
+    add_model_args,
+    add_option_args,
+    calibration_from,
+    int_option,
+    load_kwargs,
+    options_from_args,
+)
+from engine.cli.sweep import SweepBar
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sensitivity",
+                       help="metric drop of each group pruned alone at several ratios")
+    add_model_args(p)
+    add_option_args(p)
+    p.add_argument("--ratio", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                   metavar="R1,R2,...", help="ratios to prune each group at, each 0 <= R < 1")
+    p.add_argument("--eval-data", required=True, metavar="F.npz",
+                   help="data to measure on (x, optional y), or a built-in name")
+    p.add_argument("--metric", help="accuracy, perplexity, agreement or relative_error")
+    p.add_argument("--workers", metavar="N", help="local processes (default: number of cores)")
+    p.add_argument("--ray", metavar="ADDRESS", help="a Ray cluster (HOST:PORT), or `local`")
+    p.add_argument("--json", required=True, metavar="OUT.json", help="the curves")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.quality.sensitivity import sensitivity
+    from engine.quality.sweep import parse_ratios
+
+    options = options_from_args(args)
+    ratios = parse_ratios(args.ratio)
+    workers = int_option("workers", args.workers) if args.workers is not None else None
+    bar = SweepBar()
+    try:
+        report = sensitivity(args.model, options, ratios, eval_data=args.eval_data,
+                             metric=args.metric, calibration=calibration_from(args.calibration),
+                             workers=workers, ray=args.ray, progress=bar, out_json=args.json,
+                             **load_kwargs(args))
+    finally:
+        bar.close()
+    print(f"{report['metric']} drop per group (original {report['original']:.4g})")
+    print(" | ".join(["group"] + [f"{r:g}" for r in report["ratios"]]))
+    for group in report["groups"]:
+        drops = {c["ratio"]: c["drop"] for c in group["curve"]}
+        print(" | ".join([group["name"]] + [f"{drops[r]:.4g}" if r in drops else ""
+                                            for r in report["ratios"]]))
+    print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,68 @@
+"""`prune --target-params F` / `--target-flops F`: per-group ratios chosen automatically."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from typing import Any
+
+
+def add_target_args(ratio_group: argparse._MutuallyExclusiveGroup,
+                    p: argparse.ArgumentParser) -> None:
+    ratio_group.add_argument("--target-params", metavar="F",
+                             help="fraction of parameters to remove (0 < F < 1); per-group "
+                                  "ratios chosen from sensitivity curves")
+    ratio_group.add_argument("--target-flops", metavar="F",
+                             help="fraction of FLOPs to remove (0 < F < 1), likewise")
+    p.add_argument("--sensitivity", metavar="CURVES.json",
+                   help="with a target: curves from `prunescope sensitivity` (default: measured "
+                        "now on --calibration, else on --eval-data)")
+
+
+def wants_target(args: argparse.Namespace) -> bool:
+    return args.target_params is not None or args.target_flops is not None
+
+
+def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, metric,
+                   calibration, load_kwargs: dict) -> dict[str, Any]:
+    """The `auto_ratios` section of report.json; its "ratios" are what prune then uses."""
+    from engine.cli.common import read_json
+    from engine.quality.evaluate import load_calibration_data
+    from engine.quality.targets import ratios_for_target
+    from engine.scoring.auto_ratios import check_target
+
+    for flag, value in (("--target-params", args.target_params),
+                        ("--target-flops", args.target_flops)):
+        if value is not None:
+            check_target(value, flag)  # before any work
+    curves = read_json(args.sensitivity, "--sensitivity") if args.sensitivity else None
+    if curves is not None and not (isinstance(curves, dict) and "groups" in curves):
+        from engine.errors import OptionError
+
+        raise OptionError(f"--sensitivity file {args.sensitivity} holds no sensitivity curves; "
+                          "write one with `prunescope sensitivity MODEL ... --json FILE`")
+    data = None
+    if args.calibration:
+        data = load_calibration_data(args.calibration)
+    elif eval_data is not None and curves is None:
+        data = eval_data
+        warnings.warn("the group sensitivities are measured on --eval-data (no "
+                      "--calibration): the metric reported on it is then not held out",
+                      stacklevel=1)
+    return ratios_for_target(
+        args.model, options, target_params=args.target_params, target_flops=args.target_flops,
+        sensitivity_data=data, eval_data=eval_data, metric=metric, sensitivity_report=curves,
+        calibration=calibration, analysis=analysis, **load_kwargs)
+
+
+def print_section(section: dict[str, Any]) -> None:
+    target = section["target"]
+    print(f"auto ratios for {target['remove']:.0%} of the {target['resource']} removed "
+          f"({section['removed']:.1%} reached): "
+          + ", ".join(f"{k} {v:g}" for k, v in section["ratios"].items()))
+    print(f"uniform global ratio removing as much: {section['uniform']['ratio']:g} "
+          f"({section['uniform']['removed']:.1%})")
+    comparison = section.get("comparison")
+    if comparison:
+        print(f"{comparison['metric']}: auto {comparison['auto']:.4g}, uniform "
+              f"{comparison['uniform']:.4g}, original {comparison['original']:.4g}")

@@ -1,0 +1,522 @@
+"""Evaluation: one number saying how well a model does on held-out data.
+
+Data is a ``.npz`` with ``x`` (or ``x0``, ``x1``, ... for a model with several inputs) and
+optional labels ``y``, a ``.npy`` holding ``x`` only, or a built-in model's name (``demo``,
+``demo-lm``: its held-out evaluation set). Files are read with ``allow_pickle=False``.
+
+Metrics (of the model's first output):
+
+- ``accuracy``: top-1 over the last axis against the labels ``y``;
+- ``perplexity``: a causal language model (``x`` = token ids ``[N, T]``, first output logits
+  ``[N, T, V]``): exp of the mean next-token negative log-likelihood;
+- ``agreement``: share of top-1 predictions equal to a reference model's;
+- ``relative_error``: ``||out - ref|| / ||ref||`` against a reference model's output.
+
+Default: ``accuracy`` with labels; ``perplexity`` when the data are token ids and the model
+gives next-token logits over them; otherwise ``agreement`` (which needs a reference).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from engine.errors import OptionError, PruneScopeError
+from engine.options import METRICS
+
+HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "agreement": True,
+                    "relative_error": False}
+NEEDS_REFERENCE = ("agreement", "relative_error")
+DATA_FORMAT = ".npz with x (or x0, x1, ... for several inputs) and optional labels y, or a .npy"
+
+
+@dataclass
+class EvalData:
+    """Inputs for a model with one or several inputs (same first dimension), optional labels."""
+
+    inputs: tuple[np.ndarray, ...]
+    labels: np.ndarray | None
+    source: str  # file path or built-in name, for messages
+    flag: str = "--eval-data"
+
+    def __len__(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def head(self, n: int | None) -> EvalData:
+        if n is None or n >= len(self):
+            return self
+        labels = None if self.labels is None else self.labels[:n]
+        return EvalData(tuple(x[:n] for x in self.inputs), labels, self.source, self.flag)
+
+
+# ----------------------------------------------------------------------------- data files
+
+def load_eval_data(path_or_name: str | os.PathLike, *, flag: str = "--eval-data") -> EvalData:
+    """Held-out data to measure a model on; a built-in name gives its evaluation set."""
+    return _load(path_or_name, flag, "eval")
+
+
+def load_calibration_data(path_or_name: str | os.PathLike, *,
+                          flag: str = "--calibration") -> EvalData:
+    """Calibration data (same format); a built-in name gives its training split."""
+    return _load(path_or_name, flag, "calibration")
+
+
+def same_data_file(calibration: str | os.PathLike, evaluation: str | os.PathLike) -> bool:
+    """Whether a calibration and an evaluation argument name the same file (built-in names
+    name two different sets)."""
+    from engine.demo import builtin_data_path, is_builtin
+
+    def resolve(arg, kind: str) -> Path:
+        name = os.fspath(arg)
+        return builtin_data_path(name, kind) if is_builtin(name) else Path(name)
+
+    a, b = resolve(calibration, "calibration"), resolve(evaluation, "eval")
+    try:
+        return a.is_file() and b.is_file() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def _load(path_or_name: str | os.PathLike, flag: str, kind: str) -> EvalData:
+    from engine.demo import BUILTIN_NAMES, builtin_data_path, is_builtin
+
+    name = os.fspath(path_or_name)
+    if is_builtin(name):
+        path = builtin_data_path(name, kind)
+        return _read(path, flag, source=f"{name} ({path.name})")
+    allowed = f"give a {DATA_FORMAT}, or one of {', '.join(BUILTIN_NAMES)}"
+    path = Path(name)
+    if not path.is_file():
+        raise OptionError(f"{flag} file {path} does not exist; {allowed}")
+    if path.suffix.lower() not in (".npz", ".npy"):
+        raise OptionError(f"{flag} file {path} has extension '{path.suffix}'; {allowed}")
+    return _read(path, flag, source=str(path))
+
+
+def _read(path: Path, flag: str, source: str) -> EvalData:
+    try:
+        if path.suffix.lower() == ".npy":
+            return _checked((np.load(path, allow_pickle=False),), None, flag, source)
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except OptionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
+        text = str(exc).strip().splitlines()
+        raise OptionError(f"{flag} file {source} is unreadable ({DATA_FORMAT}): "
+                          f"{type(exc).__name__}: {text[0] if text else ''}"[:300]) from None
+    numbered = sorted((k for k in arrays if re.fullmatch(r"x\d+", k)), key=lambda k: int(k[1:]))
+    unknown = sorted(set(arrays) - {"x", "y", *numbered})
+    if unknown or ("x" in arrays) == bool(numbered):
+        found = ", ".join(sorted(arrays)) or "nothing"
+        raise OptionError(f"{flag} file {source} holds {found}; allowed arrays: x (or x0, x1, "
+                          "... for several inputs, not both) and optional labels y")
+    if numbered and numbered != [f"x{i}" for i in range(len(numbered))]:
+        raise OptionError(f"{flag} file {source} holds {', '.join(numbered)}; several inputs "
+                          "are numbered x0, x1, ... without gaps")
+    inputs = (arrays["x"],) if "x" in arrays else tuple(arrays[k] for k in numbered)
+    return _checked(inputs, arrays.get("y"), flag, source)
+
+
+def _checked(inputs: tuple[np.ndarray, ...], labels: np.ndarray | None, flag: str,
+             source: str) -> EvalData:
+    for i, x in enumerate(inputs):
+        name = "x" if len(inputs) == 1 else f"x{i}"
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise OptionError(f"{flag} file {source}: {name} has shape {x.shape}; it needs "
+                              "at least one sample along its first axis")
+        if x.dtype.kind not in "biuf":
+            raise OptionError(f"{flag} file {source}: {name} has dtype {x.dtype}; allowed: "
+                              "numbers (float for features, integers for token ids)")
+        if x.shape[0] != inputs[0].shape[0]:
+            raise OptionError(f"{flag} file {source}: the inputs hold different numbers of "
+                              f"samples ({', '.join(str(a.shape[0]) for a in inputs)})")
+    if labels is not None:
+        if labels.ndim == 0 or labels.shape[0] != inputs[0].shape[0]:
+            raise OptionError(f"{flag} file {source}: labels y have shape {labels.shape} for "
+                              f"{inputs[0].shape[0]} samples; y needs one label per sample")
+        if labels.dtype.kind not in "biu":
+            raise OptionError(f"{flag} file {source}: labels y have dtype {labels.dtype}; "
+                              "allowed: integer class indices")
+    return EvalData(tuple(inputs), labels, source, flag)
+
+
+# --------------------------------------------------------------------------- the model side
+
+class _Runner:
+    """Runs one model on chunks of samples and returns its first output.
+
+    An exported program may have a static batch size: it is then fed fixed-size chunks, the
+    last one padded with copies of its last sample. A module that fails on a free batch size
+    is retried with its example inputs' batch size.
+    """
+
+    def __init__(self, module: Callable, expected: list[tuple] | None,
+                 fixed_batch: int | None, fallback_batch: int | None, name: str) -> None:
+        self.module = module
+        self.expected = expected  # per input: (shape with None for free sizes, dtype)
+        self.fixed_batch = fixed_batch
+        self.fallback_batch = fallback_batch
+        self.name = name
+
+    @torch.no_grad()
+    def __call__(self, chunk: Sequence[torch.Tensor], data: EvalData) -> torch.Tensor:
+        if self.fixed_batch is None:
+            try:
+                return _first_tensor(self.module(*chunk))
+            except PruneScopeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried with the example's batch size
+                if self.fallback_batch is None:
+                    raise self._error(exc, chunk, data) from None
+                self.fixed_batch = self.fallback_batch
+        size = self.fixed_batch
+        outs = []
+        for start in range(0, chunk[0].shape[0], size):
+            part = [x[start:start + size] for x in chunk]
+            real = part[0].shape[0]
+            if real < size:
+                part = [torch.cat([x, x[-1:].expand(size - real, *x.shape[1:])]) for x in part]
+            try:
+                outs.append(_first_tensor(self.module(*part))[:real])
+            except PruneScopeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the user's data or model: one line
+                raise self._error(exc, part, data) from None
+        return torch.cat(outs)
+
+    def _error(self, exc: Exception, chunk, data: EvalData) -> OptionError:
+        text = str(exc).strip().splitlines()
+        shapes = ", ".join(str(tuple(x.shape)) for x in chunk)
+        return OptionError(f"{self.name} fails on {data.flag} {data.source} (inputs {shapes}): "
+                           f"{type(exc).__name__}: {text[0] if text else ''}"[:400])
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
+    if not leaves and hasattr(output, "to_tuple"):
+        leaves = [x for x in output.to_tuple() if isinstance(x, torch.Tensor)]
+    if not leaves:
+        raise OptionError(f"the model's output ({type(output).__name__}) holds no tensor")
+    return leaves[0].detach()
+
+
+def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Runner:
+    from engine.graph.capture import Captured, load_model
+    from engine.pipeline import PruneResult
+
+    program = None
+    if isinstance(model, PruneResult):
+        examples = example_inputs or model.example_inputs
+        program = model.analysis.captured.program  # same input constraints as the pruned one
+        module, name = model.module, "the pruned model"
+    elif isinstance(model, torch.export.ExportedProgram):
+        program, module, name = model, model.module(), "the program"
+        stored = getattr(model, "example_inputs", None)
+        examples = example_inputs or (stored[0] if stored else None)
+    elif isinstance(model, torch.nn.Module):
+        module, examples, name = model, example_inputs, type(model).__name__
+    else:
+        captured = model if isinstance(model, Captured) else load_model(
+            model, example_inputs, **load_kwargs)
+        program, module = captured.program, captured.program.module()
+        examples, name = captured.example_inputs, f"model {captured.source}"
+    if isinstance(examples, torch.Tensor):
+        examples = (examples,)
+    expected = _expected_inputs(program, examples)
+    fixed = None
+    if program is not None and expected and expected[0][0] and expected[0][0][0] is not None:
+        fixed = expected[0][0][0]
+    fallback = None
+    if examples and isinstance(examples[0], torch.Tensor) and examples[0].ndim:
+        fallback = int(examples[0].shape[0])
+    return _Runner(module, expected, fixed, fallback, name)
+
+
+def _expected_inputs(program, examples) -> list[tuple] | None:
+    """Per user input: its shape (None where the size is free) and dtype."""
+    if program is not None:
+        from torch.export.graph_signature import InputKind
+
+        user = [s.arg.name for s in program.graph_signature.input_specs
+                if s.kind == InputKind.USER_INPUT]
+        vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+        if all(isinstance(vals.get(u), torch.Tensor) for u in user):
+            return [(tuple(s if isinstance(s, int) else None for s in vals[u].shape),
+                     vals[u].dtype) for u in user]
+    if examples:
+        # An eager module: only the batch size is known to be free.
+        return [((None, *x.shape[1:]), x.dtype) for x in examples
+                if isinstance(x, torch.Tensor)] or None
+    return None
+
+
+def _as_tensors(data: EvalData, runner: _Runner) -> tuple[torch.Tensor, ...]:
+    """The data as the model's input tensors; a mismatch with the model's inputs is one line."""
+    where = f"{data.flag} {data.source}"
+    expected = runner.expected
+    if expected is not None and len(expected) != len(data.inputs):
+        got = "x" if len(data.inputs) == 1 else ", ".join(f"x{i}" for i in range(len(data.inputs)))
+        raise OptionError(f"{where} holds {len(data.inputs)} input array(s) ({got}) but "
+                          f"{runner.name} takes {len(expected)}; give x for one input or x0, "
+                          "x1, ... for several")
+    tensors = []
+    for i, x in enumerate(data.inputs):
+        name = "x" if len(data.inputs) == 1 else f"x{i}"
+        if expected is None:
+            dtype = torch.get_default_dtype() if x.dtype.kind == "f" else None
+            t = torch.from_numpy(np.ascontiguousarray(x))
+            tensors.append(t.to(dtype) if dtype is not None else t)
+            continue
+        shape, dtype = expected[i]
+        want = "(" + ", ".join("N" if s is None and d == 0 else "*" if s is None else str(s)
+                               for d, s in enumerate(shape)) + ")"
+        if x.ndim != len(shape) or any(s is not None and d > 0 and x.shape[d] != s
+                                       for d, s in enumerate(shape)):
+            raise OptionError(f"{where}: {name} has shape {x.shape}, but {runner.name} takes "
+                              f"inputs of shape {want}")
+        if (x.dtype.kind == "f") != dtype.is_floating_point:
+            kind = "floating-point" if dtype.is_floating_point else "integer"
+            raise OptionError(f"{where}: {name} has dtype {x.dtype}, but {runner.name} takes "
+                              f"{kind} inputs ({str(dtype).removeprefix('torch.')})")
+        tensors.append(torch.from_numpy(np.ascontiguousarray(x)).to(dtype))
+    return tuple(tensors)
+
+
+# ------------------------------------------------------------------------------ the metrics
+
+class _Accumulator:
+    def __init__(self, metric: str, data: EvalData, runner_name: str) -> None:
+        self.metric, self.data, self.name = metric, data, runner_name
+        self.total = 0.0
+        self.count = 0
+        self.ref_total = 0.0
+
+    def add(self, out: torch.Tensor, x: Sequence[torch.Tensor], labels: np.ndarray | None,
+            ref: torch.Tensor | None) -> None:
+        where = f"{self.data.flag} {self.data.source}"
+        if self.metric == "accuracy":
+            pred = out.argmax(dim=-1).numpy() if out.ndim >= 2 else None
+            if pred is None or pred.shape != labels.shape:
+                raise OptionError(
+                    f"accuracy on {where}: labels y have shape {labels.shape[1:]} per sample, "
+                    f"but {self.name}'s first output has shape {tuple(out.shape[1:])} (top-1 "
+                    "over its last axis must give one prediction per label)")
+            self.total += float((pred == labels).sum())
+            self.count += pred.size
+        elif self.metric == "perplexity":
+            tokens = x[0]
+            if not _is_lm(out, tokens):
+                raise OptionError(
+                    f"perplexity on {where} needs a causal language model: x = token ids "
+                    f"[N, T] and a first output of logits [N, T, V]; got x {tuple(tokens.shape)}"
+                    f" ({str(tokens.dtype).removeprefix('torch.')}) and output "
+                    f"{tuple(out.shape)}; use --metric accuracy, agreement or relative_error")
+            # float32 is enough for one chunk's sum; the total is accumulated in Python floats
+            logits = out[:, :-1].float() if out.dtype != torch.float64 else out[:, :-1]
+            targets = tokens[:, 1:].long()
+            if int(targets.min()) < 0 or int(targets.max()) >= out.shape[-1]:
+                raise OptionError(f"perplexity on {where}: token ids must lie in "
+                                  f"[0, {out.shape[-1]}) (the vocabulary of the logits)")
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            self.total += float(nll)
+            self.count += targets.numel()
+        else:
+            if ref.shape != out.shape:
+                raise OptionError(f"{self.metric}: the reference's first output has shape "
+                                  f"{tuple(ref.shape)}, the model's {tuple(out.shape)}")
+            if self.metric == "agreement":
+                if out.ndim < 2:
+                    raise OptionError(f"agreement needs class scores (top-1 over the last "
+                                      f"axis); the first output has shape {tuple(out.shape)}")
+                same = out.argmax(dim=-1) == ref.argmax(dim=-1)
+                self.total += float(same.sum())
+                self.count += same.numel()
+            else:
+                self.total += float(((out.double() - ref.double()) ** 2).sum())
+                self.ref_total += float((ref.double() ** 2).sum())
+                self.count += out.numel()
+
+    def value(self) -> float:
+        if self.metric == "perplexity":
+            return math.exp(self.total / self.count) if self.count else float("nan")
+        if self.metric == "relative_error":
+            if self.ref_total == 0:
+                return 0.0 if self.total == 0 else float("inf")
+            return math.sqrt(self.total / self.ref_total)
+        return self.total / self.count if self.count else float("nan")
+
+
+def _is_lm(out: torch.Tensor, tokens: torch.Tensor) -> bool:
+    return (not tokens.is_floating_point() and tokens.ndim == 2 and tokens.shape[1] >= 2
+            and out.ndim == 3 and tuple(out.shape[:2]) == tuple(tokens.shape)
+            and out.is_floating_point())
+
+
+def _default_metric(data: EvalData, out: torch.Tensor, x, has_reference: bool) -> str:
+    if data.labels is not None:
+        return "accuracy"
+    if _is_lm(out, x[0]):
+        return "perplexity"
+    if has_reference:
+        return "agreement"
+    raise OptionError(
+        f"{data.flag} {data.source} has no labels y, so accuracy is not possible; give "
+        "--metric perplexity for a causal language model, or a reference model (agreement, "
+        "relative_error: prunescope evaluate --reference MODEL; prune compares with the original)")
+
+
+def check_metric(metric: str | None, flag: str = "--metric") -> str | None:
+    if metric is not None and metric not in METRICS:
+        raise OptionError(f"{flag} {metric!r} is not allowed; allowed: {', '.join(METRICS)}")
+    return metric
+
+
+def evaluate(
+    model: Any,
+    data: EvalData | str | os.PathLike,
+    metric: str | None = None,
+    *,
+    reference: Any = None,
+    example_inputs: tuple | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 256,
+    trust_pickle: bool = False,
+    input_shapes: list[tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
+    """Measure `model` on `data`: ``{"metric", "value", "samples", "data"}`` (+ ``"tokens"``
+    for perplexity).
+
+    `model` and `reference` may be an nn.Module/GraphModule (with `example_inputs` to check
+    the data against), an ExportedProgram, a PruneResult, a Captured, a path or a built-in
+    name. `reference` may also be an array of the reference's first outputs on `data`.
+    """
+    check_metric(metric)
+    if batch_size < 1:
+        raise OptionError(f"batch_size {batch_size} must be >= 1")
+    if max_samples is not None and max_samples < 1:
+        raise OptionError(f"max_samples {max_samples} must be >= 1")
+    if not isinstance(data, EvalData):
+        data = load_eval_data(data)
+    data = data.head(max_samples)
+    load_kwargs = {"trust_pickle": trust_pickle, "input_shapes": input_shapes}
+    runner = _runner(model, example_inputs, load_kwargs)
+    inputs = _as_tensors(data, runner)
+    ref_runner = ref_array = None
+    if isinstance(reference, np.ndarray | torch.Tensor):
+        ref_array = torch.as_tensor(reference)
+        if ref_array.shape[0] < len(data):
+            raise OptionError(f"reference outputs hold {ref_array.shape[0]} samples, the data "
+                              f"{len(data)}")
+    elif reference is not None:
+        ref_runner = _runner(reference, example_inputs, load_kwargs)
+        ref_runner.name = f"the reference ({ref_runner.name})"
+        ref_inputs = _as_tensors(data, ref_runner)
+    if metric in NEEDS_REFERENCE and reference is None:
+        raise OptionError(f"metric {metric} compares with a reference model; give one "
+                          "(prunescope evaluate --reference MODEL), or --metric accuracy / "
+                          "perplexity")
+
+    acc: _Accumulator | None = None
+    was_training = _set_eval(runner.module)
+    try:
+        for start in range(0, len(data), batch_size):
+            chunk = [x[start:start + batch_size] for x in inputs]
+            out = runner(chunk, data)
+            if acc is None:
+                metric = metric or _default_metric(data, out, chunk, reference is not None)
+                acc = _Accumulator(metric, data, runner.name)
+            ref = None
+            if metric in NEEDS_REFERENCE:
+                if ref_array is not None:
+                    ref = ref_array[start:start + len(chunk[0])]
+                else:
+                    ref = ref_runner([x[start:start + batch_size] for x in ref_inputs], data)
+            labels = None if data.labels is None else data.labels[start:start + batch_size]
+            acc.add(out.float() if metric != "perplexity" else out, chunk, labels, ref)
+    finally:
+        _restore_training(runner.module, was_training)
+    result: dict[str, Any] = {"metric": metric, "value": acc.value(), "samples": len(data),
+                              "data": data.source}
+    if metric == "perplexity":
+        result["tokens"] = acc.count
+    return result
+
+
+@torch.no_grad()
+def predict(model: Any, data: EvalData | str | os.PathLike, *, example_inputs: tuple | None = None,
+            max_samples: int | None = None, batch_size: int = 256) -> np.ndarray:
+    """The model's first output on every sample of `data`, as one array (float32), e.g. to
+    pass as `reference` to several `evaluate` calls without running the reference again."""
+    if not isinstance(data, EvalData):
+        data = load_eval_data(data)
+    data = data.head(max_samples)
+    runner = _runner(model, example_inputs, {})
+    inputs = _as_tensors(data, runner)
+    was_training = _set_eval(runner.module)
+    try:
+        outs = [runner([x[start:start + batch_size] for x in inputs], data).float()
+                for start in range(0, len(data), batch_size)]
+    finally:
+        _restore_training(runner.module, was_training)
+    return torch.cat(outs).numpy()
+
+
+def check_data(model: Any, data: EvalData, example_inputs: tuple | None = None) -> None:
+    """Raise the one-line OptionError `evaluate` would raise for inputs that do not fit the
+    model (count, shape, dtype), without running it: checked before a long pruning run."""
+    _as_tensors(data, _runner(model, example_inputs, {}))
+
+
+def _set_eval(module: Any) -> bool | None:
+    if isinstance(module, torch.nn.Module) and not isinstance(module, torch.fx.GraphModule):
+        was = module.training
+        module.eval()
+        return was
+    return None
+
+
+def _restore_training(module: Any, was_training: bool | None) -> None:
+    if was_training:
+        module.train()
+
+
+def quality_report(original: Any, pruned: Any, data: EvalData | str, metric: str | None = None,
+                   recovered: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """``report["quality"]``: the metric of the original and the pruned model (and of the
+    recovered one, when recovery ran) on the same held-out data; references are the original."""
+    if not isinstance(data, EvalData):
+        data = load_eval_data(data)
+    before = evaluate(original, data, metric, reference=original, **kwargs)
+    metric = before["metric"]
+    after = evaluate(pruned, data, metric, reference=original, **kwargs)
+    report = {"metric": metric, "original": before["value"], "pruned": after["value"],
+              "samples": before["samples"], "data": data.source}
+    if recovered is not None:
+        report["recovered"] = evaluate(recovered, data, metric, reference=original,
+                                       **kwargs)["value"]
+    return report
+
+
+def format_value(metric: str, value: float) -> str:
+    return f"{value:.4f}" if metric in ("accuracy", "agreement", "perplexity") else f"{value:.4g}"
+
+
+def quality_line(quality: dict[str, Any]) -> str:
+    """One line for the CLI: ``quality: accuracy original 0.9933, pruned 0.2533 (...)``."""
+    metric = quality["metric"]
+    parts = [f"{key} {format_value(metric, quality[key])}"
+             for key in ("original", "pruned", "recovered") if key in quality]
+    return f"quality: {metric} {', '.join(parts)} ({quality['samples']} samples of " \
+           f"{quality['data']})"

@@ -1,0 +1,187 @@
+"""Where sweep points run: in this process, in a local process pool, or on a Ray cluster.
+
+Every executor runs the same `run_point(job, point)` with one torch thread, so the
+numbers are identical whichever runs them. The job (model source, evaluation data) goes to
+each worker once; each worker analyses the model once and keeps it for all its points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any
+
+from engine.errors import OptionError
+from engine.quality.sweep import SweepJob, run_point
+
+Point = dict[str, Any]  # {"options", "ratio"} or {"options", "ratios"}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Points use one torch thread wherever they run (same arithmetic, no oversubscription)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def execute(job: SweepJob, points: list[Point], *, workers: int | None = None,
+            ray: str | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (index, record) for every point as it finishes; close() stops the rest."""
+    if ray is not None:
+        return _on_ray(job, points, ray, workers)
+    workers = min(int(workers or os.cpu_count() or 1), len(points))
+    if workers <= 1:
+        return _serial(job, points)
+    return _in_pool(job, points, workers)
+
+
+def _serial(job: SweepJob, points: list[Point]) -> Iterator[tuple[int, dict]]:
+    with one_thread():
+        for index, point in enumerate(points):
+            yield index, run_point(job, point)
+
+
+# ------------------------------------------------------------------------- process pool
+_POOL_JOB: SweepJob | None = None
+
+
+def _pool_init(job: SweepJob | None) -> None:
+    global _POOL_JOB
+    # Ctrl-C is the parent's to handle: it stops the pool and keeps what finished
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(1)
+    if job is not None:  # spawned workers get the job here; forked ones inherit it
+        _POOL_JOB = job
+
+
+def _pool_point(index: int, point: Point) -> tuple[int, dict]:
+    assert _POOL_JOB is not None
+    return index, run_point(_POOL_JOB, point)
+
+
+def _context() -> tuple[Any, bool]:
+    """fork when it is safe (Linux, no other threads): the workers inherit the analysis
+    already in memory; otherwise spawn, and each worker analyses the model itself."""
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        return multiprocessing.get_context("fork"), True
+    return multiprocessing.get_context("spawn"), False
+
+
+def _in_pool(job: SweepJob, points: list[Point], workers: int) -> Iterator[tuple[int, dict]]:
+    global _POOL_JOB
+    context, forked = _context()
+    _POOL_JOB = job
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_init,
+                               initargs=(None if forked else job,))
+    pending = set()
+    try:
+        pending = {pool.submit(_pool_point, i, p) for i, p in enumerate(points)}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    finally:
+        if pending:
+            for future in pending:
+                future.cancel()
+            # points still running are abandoned: stop their processes now
+            for process in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(Exception):
+                    process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------- Ray
+def _ray_point(job: SweepJob, index: int, point: Point) -> tuple[int, dict]:
+    with one_thread():
+        return index, run_point(job, point)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise OptionError(
+            "--ray needs the Ray extra: pip install 'prunescope[ray]'"
+        ) from None
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in one line, quickly, when nothing listens at host:port (ray.init would retry)."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return
+    except (ValueError, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise OptionError(
+            f"--ray {address}: cannot reach a Ray cluster there ({reason}); "
+            "give HOST:PORT of a running cluster, or `local`"
+        ) from None
+
+
+def check_executor(ray: str | None) -> None:
+    """Before any work: the Ray extra is installed and the cluster answers."""
+    if ray is not None:
+        import_ray()
+        if ray != "local":
+            _check_reachable(ray)
+
+
+def _on_ray(job: SweepJob, points: list[Point], address: str,
+            workers: int | None) -> Iterator[tuple[int, dict]]:
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        else:
+            try:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            except Exception as exc:  # noqa: BLE001 - any failure to connect is one line
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise OptionError(f"--ray {address}: cannot connect: {first}") from None
+        started = True
+    task = ray.remote(num_cpus=1)(_ray_point)
+    # a remote worker may not see this machine's files: the model travels as bytes
+    job_ref = ray.put(_shippable(job))
+    pending: dict = {}
+    try:
+        pending = {task.remote(job_ref, i, p): i for i, p in enumerate(points)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                del pending[ref]
+                yield ray.get(ref)
+    finally:
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+
+
+def _shippable(job: SweepJob) -> SweepJob:
+    from dataclasses import replace
+
+    return replace(job, model=job.model.with_bytes())

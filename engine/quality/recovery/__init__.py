@@ -1,0 +1,207 @@
+"""Recovery: get back the accuracy pruning took, from a little calibration data.
+
+`recover(result, calibration, methods)` returns a new PruneResult whose module has the same
+shapes as the pruned one, with refitted weights. Data-light methods (`bias`, `lsq`, `bn`,
+`norm`) need one pass over the calibration data each and no gradients; `distill` trains
+against the original model for a time budget or a fixed number of steps. Quality is measured
+on calibration samples held back from every method, never on evaluation data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from engine.errors import OptionError, PruneScopeError
+from engine.quality.recovery import bias, bn, data, distill, lsq, norm
+from engine.quality.recovery.lockstep import Context, Layout
+
+# Data-light methods share one pass over the calibration data, node by node in network order,
+# so each correction sees the corrections upstream of it; at one layer a bias shift comes
+# before a least-squares refit (which refits the bias too).
+DATA_LIGHT = ("bias", "lsq", "bn", "norm")
+METHODS = (*DATA_LIGHT, "distill")
+ALLOWED = (*METHODS, "auto")
+MAX_SAMPLES = 2048  # samples one data-light pass runs on at once
+RecoverProgress = Callable[[str, float], None]
+
+_CORRECTIONS = {"bias": bias.correct, "lsq": lsq.correct, "bn": bn.correct,
+                "norm": norm.correct}
+_NOTHING = {
+    "bias": "no layer lost input channels",
+    "lsq": "no linear or convolution layer's output changed",
+    "bn": "no BatchNorm input changed",
+    "norm": "no LayerNorm/RMSNorm/GroupNorm lost normalised channels",
+}
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """A comma list or sequence of method names, checked; `auto` stays as given."""
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    names = [str(m).strip() for m in names if str(m).strip()]
+    if not names:
+        raise OptionError(f"no recovery method given; allowed: {', '.join(ALLOWED)}")
+    for name in names:
+        if name not in ALLOWED:
+            raise OptionError(f"unknown recovery method {name!r}; allowed: {', '.join(ALLOWED)}"
+                              " (comma-separated)")
+    return list(dict.fromkeys(names))
+
+
+def check_budget(budget_s: Any, flag: str = "budget_s") -> float | None:
+    if budget_s is None:
+        return None
+    if isinstance(budget_s, str):
+        try:
+            budget_s = float(budget_s)
+        except ValueError:
+            budget_s = math.nan
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or \
+            not math.isfinite(budget_s) or budget_s < 0:
+        raise OptionError(f"{flag} {budget_s!r} is not allowed; allowed: a positive number "
+                          "of seconds")
+    return float(budget_s)
+
+
+def check_steps(steps: Any, flag: str = "steps") -> int | None:
+    if steps is None:
+        return None
+    if isinstance(steps, str):
+        try:
+            steps = int(steps)
+        except ValueError:
+            steps = -1
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise OptionError(f"{flag} {steps!r} is not allowed; allowed: a positive integer")
+    return steps
+
+
+def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
+            budget_s: float | None = 30, steps: int | None = None, seed: int = 0,
+            progress: RecoverProgress | None = None, eval_holdout: float = 0.1):
+    """Recover a pruned model's quality; returns a new PruneResult (the input is untouched).
+
+    `methods`: "auto" or names from bias, lsq, bn, norm, distill (comma string or list).
+    `budget_s` bounds the distillation's training time in seconds; `steps` fixes the number
+    of distillation steps instead (reproducible with `seed`; the budget is then ignored).
+    `eval_holdout`: the fraction of calibration samples held back to measure the result and
+    to pick the best distillation state.
+    """
+    from engine.pipeline import PruneResult, _metrics
+
+    start = time.monotonic()
+    names = parse_methods(methods)
+    budget_s = check_budget(budget_s)
+    steps = check_steps(steps)
+    if not 0 <= eval_holdout < 1:
+        raise OptionError(f"eval_holdout {eval_holdout!r} is not allowed; allowed: 0 <= f < 1")
+    say = progress or (lambda _msg, _fraction: None)
+    analysis = result.analysis
+    xs, y = data.load(calibration)
+    where = f"calibration data {calibration}" if isinstance(calibration, str) else \
+        "calibration data"
+    examples = analysis.captured.example_inputs
+    shapes = data.expected_shapes(analysis.captured.program)
+    if shapes and shapes[0] and shapes[0][0] is not None:
+        raise OptionError(f"recovery needs a model whose batch dimension is dynamic; this one "
+                          f"takes exactly {shapes[0][0]} sample(s) (export it with a dynamic "
+                          "batch dimension)")
+    full = data.check(xs, y, shapes, examples, where)
+    fit, holdout = _split(full, eval_holdout, seed)
+
+    wanted = list(DATA_LIGHT) if "auto" in names else [m for m in DATA_LIGHT if m in names]
+    distilling = "distill" in names or ("auto" in names and (steps or (budget_s or 0) > 0))
+    module = copy.deepcopy(result.module)
+    original = analysis.gm
+    teacher_hold = data.outputs(original, holdout) if len(holdout) else None
+    metric_name, before = _measure(module, holdout, teacher_hold)
+    applied: list[str] = []
+    skipped: dict[str, str] = {}
+    changed: dict[str, list[str]] = {}
+    if wanted:
+        structure = analysis.structure(result.plan.options.prunes_whole_blocks)
+        from engine.transform.apply import pruned_roots
+
+        ctx = Context(original, module, Layout(structure, pruned_roots(structure, result.plan)))
+        light = fit.take(torch.arange(min(len(fit), MAX_SAMPLES)))
+        say(f"recovery: {', '.join(wanted)}", 0.0)
+        for name in wanted:
+            changed[name] = []
+
+        def correct(node, step) -> None:
+            for name in wanted:
+                layer = _CORRECTIONS[name](ctx, node, step)
+                if layer is not None:
+                    changed[name].append(layer)
+
+        ctx.run(tuple(light.xs), correct)
+        for name in wanted:
+            if changed[name]:
+                applied.append(name)
+            else:
+                skipped[name] = _NOTHING[name]
+                del changed[name]
+    details = {}
+    nothing_pruned = all(len(gp.pruned) == 0 for gp in result.plan.groups)
+    if distilling and nothing_pruned:
+        skipped["distill"] = "nothing was pruned: the model is the original"
+    elif distilling:
+        if steps is None and not budget_s:
+            skipped["distill"] = "no time budget (give --recover-budget or --recover-steps)"
+        else:
+            base = 0.2 if wanted else 0.0
+            details = distill.run(
+                module, fit, data.outputs(original, fit), holdout if len(holdout) else None,
+                teacher_hold, seconds=budget_s, steps=steps, seed=seed,
+                progress=lambda msg, f: say(msg, base + (1 - base) * f),
+            )
+            applied.append("distill")
+    module.recompile()
+    _check_shapes(module, original, examples, analysis.captured.example_kwargs)
+    _, after = _measure(module, holdout, teacher_hold)
+    say("recovery: done", 1.0)
+    report = copy.deepcopy(result.report)
+    report["after"] = _metrics(module)
+    report["recovery"] = {
+        "methods": applied,
+        "skipped": skipped,
+        "layers": changed,
+        "seconds": round(time.monotonic() - start, 3),
+        "metric": metric_name,
+        "metric_before": before,
+        "metric_after": after,
+        "holdout_samples": len(holdout),
+        "calibration_samples": len(fit),
+        **({"distill": details} if details else {}),
+    }
+    return PruneResult(module, report, result.plan, analysis, result.example_inputs)
+
+
+def _split(full: data.CalibrationSet, fraction: float, seed: int):
+    n = len(full)
+    n_hold = int(round(n * fraction)) if n >= 10 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return full.take(order[n_hold:].sort().values), full.take(order[:n_hold].sort().values)
+
+
+def _measure(module, holdout: data.CalibrationSet, teacher) -> tuple[str | None, float | None]:
+    if not len(holdout):
+        return None, None
+    name, value = data.metric(data.outputs(module, holdout), teacher, holdout.y)
+    return name, round(value, 6)
+
+
+def _check_shapes(module, original, inputs: tuple, kwargs: dict | None) -> None:
+    with torch.no_grad():
+        got = data.leaves(module(*inputs, **(kwargs or {})))
+        want = data.leaves(original(*inputs, **(kwargs or {})))
+    if [t.shape for t in got] != [t.shape for t in want]:
+        raise PruneScopeError("recovery changed the model's output shapes (an engine bug)")
+
+
+__all__ = ["ALLOWED", "METHODS", "check_budget", "check_steps", "parse_methods", "recover"]

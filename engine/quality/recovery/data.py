@@ -1,0 +1,177 @@
+"""Calibration data for recovery: loading, checking against the model, splitting, scoring."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from engine.errors import ModelLoadError, OptionError
+
+CHUNK = 256  # samples per forward pass when only outputs are needed
+
+
+@dataclass
+class CalibrationSet:
+    xs: list[torch.Tensor]  # one tensor per model input, samples along dim 0
+    y: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.xs[0].shape[0])
+
+    def take(self, index: torch.Tensor) -> CalibrationSet:
+        return CalibrationSet([x[index] for x in self.xs],
+                              None if self.y is None else self.y[index])
+
+    def chunks(self, size: int = CHUNK):
+        for start in range(0, len(self), size):
+            yield [x[start:start + size] for x in self.xs]
+
+
+def load(calibration: Any) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Arrays (inputs, labels) from an array, a mapping or object with x / x0.. (and y), a
+    .npz/.npy path, or a built-in model's name."""
+    if isinstance(calibration, (str, os.PathLike)):
+        return _from_mapping(_read(calibration), str(calibration))
+    if isinstance(calibration, (np.ndarray, torch.Tensor)):
+        return [_array(calibration)], None
+    if isinstance(calibration, Mapping):
+        return _from_mapping(calibration, "calibration data")
+    if isinstance(calibration, Sequence) and calibration and all(
+        isinstance(x, (np.ndarray, torch.Tensor)) for x in calibration
+    ):
+        return [_array(x) for x in calibration], None
+    fields = {k: getattr(calibration, k) for k in ("x", "xs", "inputs", "y")
+              if getattr(calibration, k, None) is not None}
+    if fields:
+        xs = fields.get("xs", fields.get("inputs"))
+        if xs is not None and not isinstance(xs, (np.ndarray, torch.Tensor)):
+            return [_array(x) for x in xs], _maybe(fields.get("y"))
+        return _from_mapping(fields, "calibration data")
+    raise OptionError("calibration data must be an array, a .npz/.npy file or a built-in "
+                      f"model name; got {type(calibration).__name__}")
+
+
+def _read(path_like: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = _builtin(str(path_like)) or Path(path_like)
+    if not path.is_file():
+        raise ModelLoadError(f"calibration file {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            return {"x": np.load(path, allow_pickle=False)}
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"calibration file {path} is unreadable: {first}") from None
+    raise ModelLoadError(f"calibration file {path} must be .npz (array x) or .npy")
+
+
+def _builtin(name: str) -> Path | None:
+    from engine import demo
+
+    if hasattr(demo, "is_builtin"):
+        return demo.builtin_data_path(name, "calibration") if demo.is_builtin(name) else None
+    return demo.ASSETS_DIR / "demo_calib.npz" if name == "demo" else None
+
+
+def _from_mapping(data: Mapping, where: str) -> tuple[list[np.ndarray], np.ndarray | None]:
+    if "x" in data:
+        xs = [_array(data["x"])]
+    else:
+        xs = []
+        while f"x{len(xs)}" in data:
+            xs.append(_array(data[f"x{len(xs)}"]))
+    if not xs:
+        raise OptionError(f"{where} has no array 'x' (or x0, x1, ...); found: "
+                          f"{', '.join(map(str, data)) or 'nothing'}")
+    return xs, _maybe(data.get("y"))
+
+
+def _array(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _maybe(y: Any) -> np.ndarray | None:
+    return None if y is None else _array(y)
+
+
+def expected_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | None, ...]]:
+    """Each user input's shape, None where the dimension is dynamic."""
+    from torch.export.graph_signature import InputKind
+
+    names = [s.arg.name for s in program.graph_signature.input_specs
+             if s.kind == InputKind.USER_INPUT]
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    shapes = []
+    for name in names:
+        val = vals.get(name)
+        if isinstance(val, torch.Tensor):
+            shapes.append(tuple(s if isinstance(s, int) else None for s in val.shape))
+    return shapes
+
+
+def check(xs: list[np.ndarray], y: np.ndarray | None, shapes, example_inputs: tuple,
+          where: str) -> CalibrationSet:
+    """Tensors shaped and typed like the model's inputs, or a one-line error."""
+    if len(xs) != len(shapes):
+        raise OptionError(f"{where} gives {len(xs)} input array(s); the model takes "
+                          f"{len(shapes)} (x, or x0, x1, ... in order)")
+    tensors = []
+    for k, (x, shape, example) in enumerate(zip(xs, shapes, example_inputs)):
+        fits = x.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
+        if not fits or x.shape[0] < 1:
+            want = ", ".join("N" if s is None else str(s) for s in shape)
+            name = "x" if len(xs) == 1 else f"x{k}"
+            raise OptionError(f"{where}: {name} has shape {tuple(x.shape)}; the model takes "
+                              f"({want}) (N: any number of samples)")
+        if x.dtype.kind == "f" and example.is_floating_point():
+            tensors.append(torch.from_numpy(np.ascontiguousarray(x)).to(example.dtype))
+        elif x.dtype.kind in "iub" and not example.is_floating_point():
+            tensors.append(torch.from_numpy(np.ascontiguousarray(x)).to(example.dtype))
+        else:
+            raise OptionError(f"{where}: input {k} has dtype {x.dtype}; the model takes "
+                              f"{str(example.dtype).removeprefix('torch.')}")
+    if len({t.shape[0] for t in tensors}) != 1:
+        raise OptionError(f"{where}: the input arrays hold different numbers of samples")
+    labels = None
+    if y is not None:
+        if y.shape[0] != tensors[0].shape[0] or y.dtype.kind not in "iu":
+            raise OptionError(f"{where}: y must hold one integer label per sample "
+                              f"({tensors[0].shape[0]}); got shape {tuple(y.shape)}, {y.dtype}")
+        labels = torch.from_numpy(np.ascontiguousarray(y)).long()
+    return CalibrationSet(tensors, labels)
+
+
+def outputs(module: torch.nn.Module, data: CalibrationSet) -> list[torch.Tensor]:
+    """The module's output leaves on every sample (chunked, no gradients)."""
+    parts: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for xs in data.chunks():
+            parts.append(leaves(module(*xs)))
+    return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def leaves(out: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def metric(student: list[torch.Tensor], teacher: list[torch.Tensor],
+           y: torch.Tensor | None) -> tuple[str, float]:
+    """accuracy with labels, else top-1 agreement with the original, on the first output;
+    a relative output error where the output has no class dimension."""
+    s, t = student[0], teacher[0]
+    if s.ndim >= 2 and s.shape[-1] > 1:
+        pred = s.argmax(-1)
+        if y is not None and y.shape == pred.shape:
+            return "accuracy", float((pred == y).float().mean())
+        return "agreement", float((pred == t.argmax(-1)).float().mean())
+    err = float((s - t).norm() / t.norm().clamp_min(1e-12))
+    return "relative_error", err

@@ -1,0 +1,193 @@
+"""Run the original and the pruned graph side by side, node by node, on calibration data.
+
+`rewrite` copies the original graph, so both graphs have the same nodes under the same names;
+only shape constants and parameter sizes differ. Walking them together gives, at every node,
+the original value and the pruned value, which is what every data-light recovery method
+needs: a method may change the pruned node's parameters before the node runs, so the layers
+after it see the already-corrected activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from engine.graph.dependency import Structure
+
+# (node of the pruned graph, the step) -> None; may change the pruned module's tensors
+Hook = Callable[[fx.Node, "Step"], None]
+
+
+@dataclass
+class Step:
+    """Values available when a node is about to run in the pruned graph."""
+
+    original_args: tuple  # the node's arguments in the original graph (tensors evaluated)
+    original_out: Any  # what the node returned in the original graph
+    fetch: Callable[[], tuple]  # the node's arguments in the pruned graph, as they are now
+
+    @property
+    def pruned_args(self) -> tuple:
+        """Fetched on each use: an earlier method may have given the node a new bias."""
+        return self.fetch()
+
+
+class Layout:
+    """Where the channels of each original activation went: kept or removed."""
+
+    def __init__(self, structure: Structure, removed: np.ndarray) -> None:
+        self.labels = structure.state.labels
+        self.roots = structure.state.uf.roots()
+        self.removed = removed
+
+    def kept(self, node_name: str) -> dict[int, np.ndarray]:
+        """Per labelled dimension of a node's output: True where the channel survives."""
+        ids = self.labels.get(node_name)
+        if not isinstance(ids, np.ndarray):
+            return {}
+        out = {}
+        for dim in range(ids.ndim):
+            if ids.shape[dim] <= 1:
+                continue
+            index = [0] * ids.ndim
+            index[dim] = slice(None)
+            along = ids[tuple(index)]
+            keep = np.ones(along.shape, dtype=bool)
+            labelled = along >= 0
+            keep[labelled] = ~self.removed[self.roots[along[labelled]]]
+            out[dim] = keep
+        return out
+
+    def restrict(self, node_name: str, value: Any, like: Any = None) -> torch.Tensor | None:
+        """The original activation cut down to the channels the pruned graph keeps (None when
+        the channels cannot be matched one dimension at a time)."""
+        if not isinstance(value, torch.Tensor):
+            return None
+        for dim, keep in self.kept(node_name).items():
+            if value.shape[dim] != len(keep):
+                return None
+            if not keep.all():
+                value = value.index_select(dim, torch.as_tensor(np.flatnonzero(keep)))
+        if isinstance(like, torch.Tensor) and value.shape != like.shape:
+            return None
+        return value
+
+    def removed_along(self, node_name: str, dim: int) -> np.ndarray | None:
+        """Boolean over the original channels of `dim`: True where removed (None: unlabelled)."""
+        keep = self.kept(node_name).get(dim % max(self._ndim(node_name), 1))
+        return None if keep is None else ~keep
+
+    def _ndim(self, node_name: str) -> int:
+        ids = self.labels.get(node_name)
+        return ids.ndim if isinstance(ids, np.ndarray) else 0
+
+
+def run_lockstep(original: fx.GraphModule, pruned: fx.GraphModule, inputs: tuple,
+                 hook: Hook) -> Any:
+    """Run both graphs on `inputs` (flat tensors), calling `hook` before each pruned node."""
+    o_run = fx.Interpreter(original)
+    p_run = fx.Interpreter(pruned)
+    o_by_name = {n.name: n for n in original.graph.nodes}
+    p_nodes = list(pruned.graph.nodes)
+    mirrored = [o_by_name[n.name].name for n in p_nodes if n.name in o_by_name]
+    if mirrored != list(o_by_name):
+        raise RuntimeError("the pruned graph does not mirror the original graph")
+    o_run.env, p_run.env = {}, {}
+    o_run.args_iter = iter(inputs)
+    p_run.args_iter = iter(inputs)
+    result = None
+    with torch.no_grad():
+        for p_node in p_nodes:
+            o_node = o_by_name.get(p_node.name)
+            if o_node is None:  # a parameter an earlier method added (a new bias)
+                p_run.env[p_node] = p_run.run_node(p_node)
+                continue
+            o_out = o_run.run_node(o_node)
+            o_run.env[o_node] = o_out
+            if p_node.op == "call_function":
+                o_args = o_run.fetch_args_kwargs_from_env(o_node)[0]
+                hook(p_node, Step(o_args, o_out, _fetcher(p_run, p_node)))
+                _fetcher(p_run, p_node)()
+            p_run.env[p_node] = p_run.run_node(p_node)
+            if p_node.op == "output":
+                result = p_run.env[p_node]
+            for run, node in ((o_run, o_node), (p_run, p_node)):
+                for dead in run.user_to_last_uses.get(node, []):
+                    run.env.pop(dead, None)
+    return result
+
+
+def _fetcher(run: fx.Interpreter, node: fx.Node) -> Callable[[], tuple]:
+    def fetch() -> tuple:
+        for arg in node.all_input_nodes:  # parameter nodes a hook added
+            if arg not in run.env:
+                run.env[arg] = run.run_node(arg)
+        return run.fetch_args_kwargs_from_env(node)[0]
+
+    return fetch
+
+
+def param_of(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    """The parameter or buffer a get_attr node reads."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        owner, _, attr = arg.target.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        return getattr(module, attr)
+    return None
+
+
+def set_tensor(gm: fx.GraphModule, arg: fx.Node, data: torch.Tensor) -> None:
+    """Overwrite a parameter's values in place (same shape)."""
+    tensor = param_of(gm, arg)
+    with torch.no_grad():
+        tensor.copy_(data.to(tensor.dtype))
+
+
+def add_parameter(gm: fx.GraphModule, before: fx.Node, owner_path: str, attr: str,
+                  data: torch.Tensor) -> fx.Node:
+    """Register a new parameter (a bias a layer did not have) and a get_attr node reading
+    it, placed just before `before`."""
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    name = attr
+    k = 1
+    while hasattr(owner, name):
+        name = f"{attr}_{k}"
+        k += 1
+    owner.register_parameter(name, torch.nn.Parameter(data.detach().clone()))
+    target = f"{owner_path}.{name}" if owner_path else name
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(target)
+    return node
+
+
+def owner_path(weight: fx.Node) -> str:
+    """The module path holding a layer's weight (`block1.conv2` for block1.conv2.weight)."""
+    return str(weight.target).rpartition(".")[0]
+
+
+@dataclass
+class Context:
+    """What a data-light method works on: both graphs and where the channels went."""
+
+    original: fx.GraphModule
+    pruned: fx.GraphModule
+    layout: Layout
+
+    def run(self, inputs: tuple, hook: Hook) -> Any:
+        out = run_lockstep(self.original, self.pruned, inputs, hook)
+        self.pruned.recompile()
+        return out
+
+
+def unchanged(pruned: torch.Tensor, original: torch.Tensor | None) -> bool:
+    """The pruned activation equals the original's surviving channels (nothing to correct)."""
+    if original is None or original.shape != pruned.shape:
+        return False
+    scale = float(original.abs().max()) if original.numel() else 0.0
+    return bool((pruned - original).abs().max() <= 1e-6 * max(scale, 1e-12)) \
+        if pruned.numel() else True

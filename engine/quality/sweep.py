@@ -1,0 +1,427 @@
+"""Sweeps: prune one model over a grid of options and ratios and measure each point.
+
+A point is exactly `prunescope prune` with those options and that ratio followed by the
+evaluation `--eval-data` runs (same analysis, plan, apply and `point_quality`), so its
+metric is the one `prune` reports. Points run in a local process pool or on Ray
+(engine/quality/executors.py); each worker analyses the model once and keeps the analysis
+(and its cached raw scores) for all the points it runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import OptionError, PruneScopeError
+from engine.options import ALLOWED, PruningOptions, check_ratio
+
+# option name -> command-line flag, for the options that can be an axis of the grid
+AXES = {
+    "criterion": "--criterion",
+    "policy": "--policy",
+    "layer_norm": "--layer-norm",
+    "group_policy": "--group-policy",
+    "reshape_channel_axis": "--reshape-channel-axis",
+    "step_op": "--step-op",
+}
+# `index` removes the filters the user names: it has no ranking for a ratio to cut
+NOT_SWEEPABLE = {"criterion": ("index",)}
+
+SweepProgress = Callable[[int, int, dict], None]
+
+
+def axis_values(name: str, value: Any) -> list[Any]:
+    """One axis of the grid: a single value, a comma list or a sequence, or `all`."""
+    if name not in AXES:
+        raise OptionError(f"{name!r} cannot be swept; axes: {', '.join(AXES)}")
+    flag = AXES[name]
+    sweepable = [v for v in ALLOWED[name] if v not in NOT_SWEEPABLE.get(name, ())]
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, Iterable):
+        items = list(value)
+    else:
+        items = [value]
+    if any(isinstance(v, str) and v == "all" for v in items):
+        if len(items) != 1:
+            raise OptionError(f"{flag}: `all` stands alone; allowed: all or a comma list")
+        return list(sweepable)
+    allowed_text = ", ".join(str(v) for v in sweepable) + ", all"
+    values = []
+    for item in items:
+        if isinstance(item, str) and item == "":
+            raise OptionError(f"{flag} has an empty value; allowed: {allowed_text}")
+        if name == "reshape_channel_axis" and isinstance(item, str):
+            try:
+                item = int(item)
+            except ValueError:
+                pass
+        if isinstance(item, bool) or item not in sweepable:
+            raise OptionError(f"{flag} value {item!r} is not allowed; allowed: {allowed_text}")
+        if item not in values:
+            values.append(item)
+    return values
+
+
+def expand_grid(grid: Mapping[str, Any] | None) -> list[PruningOptions]:
+    """Every combination of the grid's axes (in the order of AXES, last axis fastest).
+
+    Keys that are not axes (step_size, seed) are single values given to every point.
+    """
+    grid = dict(grid or {})
+    fixed = {k: grid.pop(k) for k in list(grid) if k not in AXES}
+    axes = {name: axis_values(name, grid[name]) for name in AXES if name in grid}
+    combos: list[dict[str, Any]] = [{}]
+    for name, values in axes.items():
+        combos = [{**c, name: v} for c in combos for v in values]
+    return [PruningOptions.from_any({**fixed, **c}) for c in combos]
+
+
+def parse_ratios(value: str | Sequence[float], flag: str = "--ratio") -> list[float]:
+    """A list of pruning ratios, each 0 <= r < 1, at least one."""
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    else:
+        items = list(value)
+    if not items:
+        raise OptionError(f"{flag} needs at least one ratio, e.g. {flag} 0.1,0.3,0.5")
+    ratios = []
+    for item in items:
+        r = check_ratio(item, flag)
+        if r not in ratios:
+            ratios.append(r)
+    return ratios
+
+
+# ---------------------------------------------------------------------------- the job
+@dataclass
+class ModelSource:
+    """What a worker loads: a name or path it can open, or the .pt2 file's bytes."""
+
+    name: str
+    path: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+    suffix: str = ".pt2"
+    trust_pickle: bool = False
+    input_shapes: list[tuple[int, ...]] | None = None
+
+    def load(self):
+        from engine.scoring.analysis import analyze
+
+        kwargs = {"trust_pickle": self.trust_pickle, "input_shapes": self.input_shapes}
+        if self.data is None:
+            return analyze(self.path, **kwargs)
+        with tempfile.TemporaryDirectory(prefix="prunescope-worker-") as tmp:
+            path = Path(tmp) / f"model{self.suffix}"
+            path.write_bytes(self.data)
+            return analyze(str(path), **kwargs)
+
+    def with_bytes(self) -> ModelSource:
+        """The same source carrying its file, for workers on other machines."""
+        if self.data is not None or self.path in (None, "demo"):
+            return self
+        return ModelSource(self.name, self.path, Path(self.path).read_bytes(),
+                           Path(self.path).suffix, self.trust_pickle, self.input_shapes)
+
+
+@dataclass
+class SweepJob:
+    """Everything a worker needs besides the point itself (shipped once per worker)."""
+
+    key: str
+    model: ModelSource
+    eval_data: Any
+    metric: str | None
+    calibration: Any = None
+    recover: str | None = None
+    recover_data: Any = None
+    recover_steps: int | None = None
+    recover_budget: float | None = 30
+
+
+_WORKER_ANALYSIS: dict[str, Any] = {}
+
+
+def job_analysis(job: SweepJob):
+    """This process's analysis of the job's model (one per process; re-plans are cheap)."""
+    if job.key not in _WORKER_ANALYSIS:
+        _WORKER_ANALYSIS.clear()
+        _WORKER_ANALYSIS[job.key] = job.model.load()
+    return _WORKER_ANALYSIS[job.key]
+
+
+def prime_worker_cache(job: SweepJob, analysis) -> None:
+    """Let forked workers (and the serial path) use an analysis this process already has."""
+    _WORKER_ANALYSIS.clear()
+    _WORKER_ANALYSIS[job.key] = analysis
+
+
+def point_quality(result, data, metric: str | None = None) -> dict[str, Any]:
+    """The metric of a pruned model on evaluation data: the call `quality_report` makes for
+    report["quality"]["pruned"] in `prune --eval-data` (the original is the reference)."""
+    from engine.quality.evaluate import evaluate
+
+    return evaluate(result, data, metric, reference=result.analysis.captured)
+
+
+def run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
+    """Prune at one point and measure it (what `prune --eval-data` does).
+
+    `point` holds `options` and either a global `ratio` or per-group `ratios`.
+    """
+    from engine.pipeline import apply
+    from engine.scoring.analysis import plan
+
+    record: dict[str, Any] = dict(point)
+    analysis = job_analysis(job)  # a worker's first point loads the model: not timed
+    start = time.perf_counter()
+    try:
+        the_plan = plan(analysis, point["options"], ratio=point.get("ratio"),
+                        ratios=point.get("ratios"), calibration=job.calibration)
+        result = apply(analysis, the_plan)
+        record["params"] = result.after["params"]
+        record["flops"] = result.after["flops"]
+        record["metric"] = point_quality(result, job.eval_data, job.metric)["value"]
+        if job.recover:
+            record["recovered"] = _recovered_metric(job, result)
+    except PruneScopeError as exc:
+        record["error"] = str(exc)
+    record["seconds"] = round(time.perf_counter() - start, 4)
+    return record
+
+
+def _recovered_metric(job: SweepJob, result) -> float:
+    from engine.quality.recovery import recover
+
+    # a fixed number of steps (seeded) makes the recovered metric the same on every executor;
+    # without it distillation is bounded by its time budget and may differ run to run
+    recovered = recover(result, job.recover_data, methods=job.recover, steps=job.recover_steps,
+                        budget_s=job.recover_budget)
+    return point_quality(recovered, job.eval_data, job.metric)["value"]
+
+
+# ---------------------------------------------------------------------------- the sweep
+@dataclass
+class Prepared:
+    """A model analysed once in this process, its evaluation data and its original metric."""
+
+    job: SweepJob
+    analysis: Any
+    original: dict[str, Any]
+    before: dict[str, int]
+
+
+def prepare(
+    model: Any,
+    *,
+    eval_data: Any,
+    metric: str | None = None,
+    criteria: Iterable[str] = ("l2",),
+    calibration: Any = None,
+    recover: str | None = None,
+    recover_steps: int | None = None,
+    ray: str | None = None,
+    example_inputs: tuple | None = None,
+    trust_pickle: bool = False,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    analysis: Any = None,
+    ship: bool = True,
+) -> Prepared:
+    """Check everything that can be checked before work starts, analyse, score, evaluate.
+
+    `analysis` reuses one this process already has (`model` still says what workers load).
+    `ship=False`: every point runs in this process, so an in-memory model is not serialised.
+    """
+    from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
+    from engine.quality.executors import check_executor
+    from engine.quality.metrics import count_params, graph_flops
+    from engine.scoring.analysis import analyze
+
+    check_executor(ray)
+    check_metric(metric)
+    data = load_eval_data(eval_data) if isinstance(eval_data, (str, os.PathLike)) else eval_data
+    criteria = list(dict.fromkeys(criteria))
+    calibration = _calibration(calibration)
+    if recover:
+        from engine.quality.recovery import check_steps, parse_methods
+
+        parse_methods(recover)
+        check_steps(recover_steps)
+        if calibration is None:
+            raise OptionError("--recover needs calibration data (--calibration F)")
+    if analysis is None:
+        analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
+                           input_shapes=input_shapes)
+    check_data(analysis.captured, data)
+    for criterion in criteria:
+        analysis.filter_scores(criterion, calibration)  # once per criterion; forks inherit it
+    # the metric as `prune --eval-data` resolves it: measured on the original first
+    original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
+    source = _model_source(model, analysis, trust_pickle, input_shapes, ship)
+    job = SweepJob(uuid.uuid4().hex, source, data, original["metric"], calibration, recover,
+                   calibration, recover_steps)
+    prime_worker_cache(job, analysis)
+    before = {"params": count_params(analysis.gm), "flops": graph_flops(analysis.gm)}
+    return Prepared(job, analysis, original, before)
+
+
+def run_points(
+    prepared: Prepared,
+    points: list[dict[str, Any]],
+    report: dict[str, Any],
+    *,
+    workers: int | None = None,
+    ray: str | None = None,
+    progress: SweepProgress | None = None,
+    out_json: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run `points`, filling report["points"] (in point order) as they finish; after each,
+    rewrite `out_json` atomically so an interrupted run keeps what finished."""
+    from engine.quality.executors import execute
+
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise OptionError(f"--workers {workers!r} must be an integer >= 1")
+    report.update(points=[], total=len(points), complete=False)
+    finished: dict[int, dict] = {}
+    runner = execute(prepared.job, points, workers=workers, ray=ray)
+    try:
+        for index, record in runner:
+            finished[index] = {"index": index, **record}
+            report["points"] = [finished[i] for i in sorted(finished)]
+            report["complete"] = len(finished) == len(points)
+            if out_json is not None:
+                _write_json(out_json, report)
+            if progress is not None:
+                progress(len(finished), len(points), finished[index])
+    finally:
+        runner.close()
+    return report
+
+
+def sweep(
+    model: Any,
+    grid: Mapping[str, Any] | None,
+    ratios: str | Sequence[float],
+    *,
+    eval_data: Any,
+    metric: str | None = None,
+    recover: str | None = None,
+    calibration: Any = None,
+    recover_steps: int | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
+    progress: SweepProgress | None = None,
+    out_json: str | os.PathLike | None = None,
+    example_inputs: tuple | None = None,
+    trust_pickle: bool = False,
+    input_shapes: list[tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
+    """Prune `model` at every point of `grid` x `ratios` and measure each pruned model.
+
+    `grid` maps option names to a value, a list or "all"; `eval_data` is an EvalData or a
+    file/name for `load_eval_data`. Returns (and, after every point, atomically writes to
+    `out_json`) `{"model", "metric", "original", "before", "axes", "ratios", "points",
+    "complete"}`; each point has its `options`, `ratio`, `params`, `flops`, `metric`
+    (`recovered` with `recover`) and `seconds`. An interrupted sweep keeps finished points.
+    """
+    options_list = expand_grid(grid)
+    ratio_list = parse_ratios(ratios)
+    prepared = prepare(model, eval_data=eval_data, metric=metric,
+                       criteria=[o.criterion for o in options_list], calibration=calibration,
+                       recover=recover, recover_steps=recover_steps, ray=ray,
+                       example_inputs=example_inputs, trust_pickle=trust_pickle,
+                       input_shapes=input_shapes, ship=_ships(workers, ray, len(options_list)
+                                                              * len(ratio_list)))
+    report = base_report(prepared)
+    report["axes"] = {name: axis_values(name, grid[name]) for name in AXES
+                      if name in (grid or {})}
+    report["ratios"] = ratio_list
+    if recover:
+        report["recover"] = recover
+    points = [{"options": o.to_dict(), "ratio": r} for o in options_list for r in ratio_list]
+    return run_points(prepared, points, report, workers=workers, ray=ray, progress=progress,
+                      out_json=out_json)
+
+
+def _ships(workers: int | None, ray: str | None, points: int) -> bool:
+    """Whether points run in other processes (which must load the model themselves)."""
+    return ray is not None or min(int(workers or os.cpu_count() or 1), points) > 1
+
+
+def base_report(prepared: Prepared) -> dict[str, Any]:
+    return {
+        "model": prepared.job.model.name,
+        "eval_data": getattr(prepared.job.eval_data, "source", None),
+        "metric": prepared.original["metric"],
+        "original": prepared.original["value"],
+        "samples": prepared.original["samples"],
+        "before": prepared.before,
+    }
+
+
+def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> ModelSource:
+    if isinstance(model, (str, os.PathLike)):
+        name = os.fspath(model)
+        return ModelSource(name, name, trust_pickle=trust_pickle, input_shapes=input_shapes)
+    name = getattr(getattr(model, "captured", None), "source", None) or type(model).__name__
+    if not ship:  # this process's analysis is primed for the points; nothing to load
+        return ModelSource(name)
+    # an in-memory model travels as the .pt2 file of the program this process captured; the
+    # file is ours (torch.export.save may pickle its example inputs), so workers may trust it
+    import torch
+
+    buffer = io.BytesIO()
+    torch.export.save(analysis.captured.program, buffer)
+    return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
+
+
+def _calibration(calibration: Any) -> Any:
+    """A calibration file as the engine takes it (inputs, and labels y when present)."""
+    if not isinstance(calibration, (str, os.PathLike)):
+        return calibration
+    from engine.graph.capture import load_calibration
+
+    x, y = load_calibration(calibration)
+    return x if y is None else {"x": x, "y": y}
+
+
+def _write_json(path, report: dict) -> None:
+    from engine.io.export import write_json
+
+    write_json(path, report)
+
+
+# ---------------------------------------------------------------------------- tables
+def sweep_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per point: every option, ratio, params, FLOPs, metric(s), seconds."""
+    rows = []
+    for p in report["points"]:
+        row = {**p["options"], "ratio": p["ratio"]}
+        for key in ("params", "flops", "metric", "recovered", "seconds", "error"):
+            if key in p:
+                row[key] = p[key]
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: str | os.PathLike, report: Mapping[str, Any]) -> None:
+    """The points as CSV, written atomically."""
+    from engine.io.export import atomic_write_bytes
+
+    rows = sweep_rows(report)
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, text.getvalue().encode())

@@ -1,0 +1,136 @@
+"""Prune to a target (a fraction of params or FLOPs to remove) with automatic per-group ratios,
+and compare them with the uniform global ratio that removes as much."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from engine.options import PruningOptions
+from engine.quality.sensitivity import DEFAULT_RATIOS, metric_drop, sensitivity
+from engine.scoring.auto_ratios import check_target, fit_ratios, greedy_measured, uniform_ratio
+
+
+def ratios_for_target(
+    model: Any,
+    options: PruningOptions | dict | None = None,
+    *,
+    target_params: float | None = None,
+    target_flops: float | None = None,
+    sensitivity_data: Any = None,
+    eval_data: Any = None,
+    metric: str | None = None,
+    sensitivity_report: dict | None = None,
+    sensitivity_ratios: Sequence[float] = DEFAULT_RATIOS,
+    calibration: Any = None,
+    workers: int | None = None,
+    ray: str | None = None,
+    progress=None,
+    analysis: Any = None,
+    **load_kwargs: Any,
+) -> dict[str, Any]:
+    """Per-group ratios that remove the target with the least predicted metric loss.
+
+    The sensitivity curves are measured on `sensitivity_data` (or read from a saved
+    `sensitivity_report`). With `eval_data`, the chosen ratios and the uniform global ratio
+    removing as much are both evaluated there. Returns the `auto_ratios` section of
+    report.json: `{"target", "ratios", "predicted_loss", "removed", "uniform", "sensitivity",
+    "comparison"}`.
+    """
+    from engine.pipeline import apply
+    from engine.quality.sweep import point_quality
+    from engine.scoring.analysis import analyze, plan
+
+    if (target_params is None) == (target_flops is None):
+        from engine.errors import OptionError
+
+        raise OptionError("give one target: --target-params F or --target-flops F")
+    resource = "params" if target_params is not None else "flops"
+    flag = f"--target-{resource}"
+    target = check_target(target_params if target_params is not None else target_flops, flag)
+    options = PruningOptions.from_any(options)
+    if isinstance(sensitivity_data, str):
+        from engine.quality.evaluate import load_calibration_data
+
+        sensitivity_data = load_calibration_data(sensitivity_data)
+    if analysis is None:
+        analysis = analyze(model, **load_kwargs)
+    start = time.perf_counter()
+    if sensitivity_report is None:
+        if sensitivity_data is None:
+            from engine.errors import OptionError
+
+            raise OptionError(f"{flag} needs data to measure each group's sensitivity: "
+                              "--calibration F (or --eval-data F)")
+        sensitivity_report = sensitivity(
+            model, options, sensitivity_ratios, eval_data=sensitivity_data, metric=metric,
+            calibration=calibration, workers=workers, ray=ray, progress=progress,
+            analysis=analysis, **load_kwargs)
+    sensitivity_seconds = time.perf_counter() - start
+    total = sensitivity_report["before"][resource]
+    results: dict[tuple, Any] = {}
+
+    def run(ratios: dict[str, float] | None, ratio: float | None):
+        key = (tuple(sorted((ratios or {}).items())), ratio)
+        if key not in results:
+            the_plan = plan(analysis, options, ratio=ratio, ratios=ratios,
+                            calibration=calibration)
+            results.clear()  # keep one pruned model in memory at a time
+            results[key] = apply(analysis, the_plan)
+        return results[key]
+
+    def removed(ratios, ratio) -> float:
+        return 1.0 - run(ratios, ratio).after[resource] / total
+
+    method = "curves"
+    trail: list[dict] = []
+    if sensitivity_data is not None:
+        # measured greedy on the sensitivity data (never the evaluation data)
+        data = _as_eval_data(sensitivity_data)
+
+        def loss_of(ratios: dict[str, float]) -> float:
+            value = point_quality(run(ratios, None), data, metric)
+            return metric_drop(value["metric"], 0.0, value["value"])
+
+        chosen, achieved, trail = greedy_measured(sensitivity_report, resource, target,
+                                                  removed, loss_of)
+        predicted = None
+        method = "measured greedy"
+    else:
+        choice, achieved = fit_ratios(sensitivity_report, resource, target, removed)
+        chosen, predicted = choice.ratios, choice.predicted_loss
+    uniform, uniform_removed = uniform_ratio(resource, target, removed)
+    section: dict[str, Any] = {
+        "target": {"resource": resource, "remove": target},
+        "ratios": chosen,
+        "method": method,
+        "predicted_loss": predicted,
+        "removed": achieved,
+        "steps": trail,
+        "uniform": {"ratio": uniform, "removed": uniform_removed},
+        "sensitivity": {
+            "data": sensitivity_report.get("eval_data"),
+            "metric": sensitivity_report["metric"],
+            "ratios": sensitivity_report["ratios"],
+            "seconds": round(sensitivity_seconds, 2),
+        },
+    }
+    if eval_data is not None:
+        from engine.quality.evaluate import evaluate
+
+        data = _as_eval_data(eval_data)
+        original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
+        metric = original["metric"]
+        auto = point_quality(run(chosen, None), data, metric)
+        flat = point_quality(run(None, uniform), data, metric)
+        section["comparison"] = {"metric": auto["metric"], "data": data.source,
+                                 "original": original["value"], "auto": auto["value"],
+                                 "uniform": flat["value"]}
+    return section
+
+
+def _as_eval_data(data: Any):
+    from engine.quality.evaluate import load_eval_data
+
+    return load_eval_data(data) if isinstance(data, str) else data

@@ -1,0 +1,229 @@
+"""Automatic per-group ratios: meet a params/FLOPs target with the smallest predicted loss.
+
+The prediction comes from sensitivity curves (one group pruned at a time, metric drop and
+params/FLOPs measured at each ratio). Each group's curve is interpolated on a fine ratio grid
+(the loss made non-decreasing in the ratio, so noise never makes more pruning look free), and
+the choice of one ratio per group is a multiple-choice knapsack: minimise the summed loss
+subject to the summed removal reaching the target, solved exactly by dynamic programming over
+the removal in small units. Removals of neighbouring groups are not exactly additive (a layer
+between two pruned groups loses both its inputs and outputs), so the chosen ratios are applied
+for real and the target raised by any shortfall until the measured removal meets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.errors import OptionError
+
+RESOURCES = ("params", "flops")
+UNITS = 1000  # the removal target is resolved to 0.1% of the model
+CANDIDATES = np.round(np.arange(0.0, 0.951, 0.025), 4)
+
+
+def check_target(value: Any, flag: str) -> float:
+    """A target is the fraction to remove: 0 < t < 1."""
+    try:
+        target = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{flag}={value!r} is not a number; allowed: 0 < target < 1 "
+                          "(the fraction to remove)") from None
+    if not 0.0 < target < 1.0:
+        raise OptionError(f"{flag}={value!r} is out of range; allowed: 0 < target < 1 "
+                          "(the fraction to remove)")
+    return target
+
+
+@dataclass
+class Choice:
+    ratios: dict[str, float]
+    predicted_loss: float
+    predicted_removed: float  # fraction of the resource, assuming removals add up
+
+
+def group_tables(sensitivity: Mapping[str, Any], resource: str,
+                 candidates: np.ndarray = CANDIDATES) -> dict[str, tuple]:
+    """Per group: candidate ratios, predicted loss and removed fraction at each of them."""
+    total = float(sensitivity["before"][resource])
+    tables = {}
+    for g in sensitivity["groups"]:
+        curve = sorted(g["curve"], key=lambda c: c["ratio"])
+        r = np.array([c["ratio"] for c in curve], dtype=float)
+        loss = np.maximum.accumulate(np.maximum([c["drop"] for c in curve], 0.0))
+        removed = np.maximum.accumulate(
+            np.maximum([(total - c[resource]) / total for c in curve], 0.0))
+        cand = candidates[candidates <= r.max() + 1e-9]
+        tables[g["name"]] = (cand, np.interp(cand, r, loss), np.interp(cand, r, removed))
+    return tables
+
+
+def choose_ratios(sensitivity: Mapping[str, Any], resource: str, target: float,
+                  candidates: np.ndarray = CANDIDATES, cap: float = 1.0) -> Choice:
+    """One ratio per group with summed predicted removal >= target, least summed loss;
+    no group above `cap`."""
+    if resource not in RESOURCES:
+        raise OptionError(f"resource {resource!r} is not allowed; allowed: {RESOURCES}")
+    tables = group_tables(sensitivity, resource, candidates[candidates <= cap + 1e-9])
+    need = int(np.ceil(target * UNITS - 1e-9))
+    # best[j]: least loss reaching j units of removal (j capped at `need`); pick[g][j]: choice
+    best = np.full(need + 1, np.inf)
+    best[0] = 0.0
+    picks = []
+    for cand, loss, removed in tables.values():
+        units = np.floor(removed * UNITS + 1e-9).astype(int)
+        new = np.full(need + 1, np.inf)
+        choice = np.zeros(need + 1, dtype=int)
+        for k in range(len(cand)):
+            u = min(int(units[k]), need)
+            value = best + loss[k]
+            reached = np.full(need + 1, np.inf)
+            source = np.zeros(need + 1, dtype=int)
+            reached[u:need] = value[:need - u]  # j -> j + u below the cap
+            source[u:need] = np.arange(need - u)
+            low = need - u  # every j from here reaches the cap
+            source[need] = low + int(np.argmin(value[low:]))
+            reached[need] = value[source[need]]
+            better = reached < new
+            new[better] = reached[better]
+            choice[better] = k * (need + 1) + source[better]
+        picks.append(choice)
+        best = new
+    if not np.isfinite(best[need]):
+        most = sum(t[2][-1] for t in tables.values())
+        raise OptionError(f"the target removes {target:.0%} of the {resource}, but pruning "
+                          f"every group as far as its curve goes removes at most {most:.0%}")
+    ratios: dict[str, float] = {}
+    j = need
+    names = list(tables)
+    for g in range(len(names) - 1, -1, -1):
+        k, j = divmod(int(picks[g][j]), need + 1)
+        ratios[names[g]] = float(tables[names[g]][0][k])
+    ratios = {name: ratios[name] for name in names}
+    loss = sum(float(np.interp(ratios[n], t[0], t[1])) for n, t in tables.items())
+    removed = sum(float(np.interp(ratios[n], t[0], t[2])) for n, t in tables.items())
+    return Choice(ratios, loss, removed)
+
+
+Measure = Callable[[dict[str, float] | None, float | None], float]
+
+
+def fit_ratios(sensitivity: Mapping[str, Any], resource: str, target: float,
+               measure: Measure, rounds: int = 6, cap: float = 1.0) -> tuple[Choice, float]:
+    """choose_ratios, checked by `measure(ratios, None)` (the removed fraction for real) and
+    re-chosen with the target raised by the shortfall until it is met."""
+    aim = target
+    for _ in range(rounds):
+        choice = choose_ratios(sensitivity, resource, min(aim, 0.999), cap=cap)
+        achieved = measure(choice.ratios, None)
+        if achieved >= target - 1e-9:
+            return choice, achieved
+        aim += target - achieved + 1.0 / UNITS
+    raise OptionError(f"could not reach {target:.0%} of the {resource} removed with per-group "
+                      f"ratios (reached {achieved:.1%}); try more sensitivity ratios")
+
+
+def uniform_ratio(resource: str, target: float, measure: Measure,
+                  tolerance: float = 1e-3) -> tuple[float, float]:
+    """The smallest global ratio whose measured removal reaches the target (bisection)."""
+    low, high = 0.0, 0.99
+    high_removed = measure(None, high)
+    if high_removed < target:
+        raise OptionError(f"a global ratio of {high} removes only {high_removed:.0%} of the "
+                          f"{resource}; the target {target:.0%} cannot be met with a global ratio")
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        removed = measure(None, mid)
+        if removed >= target:
+            high, high_removed = mid, removed
+        else:
+            low = mid
+    return round(high, 4), high_removed
+
+
+# Predicted losses add up only roughly: two groups that each cost little alone can cost a lot
+# together (the query and value channels of one attention). Capping every group's ratio
+# spreads the removal; each cap gives one candidate, and the measured best one wins.
+CAPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+
+
+def candidate_choices(sensitivity: Mapping[str, Any], resource: str, target: float,
+                      measure: Measure) -> list[tuple[float, Choice, float]]:
+    """(cap, choice, measured removal) for every cap under which the target can be met."""
+    out: list[tuple[float, Choice, float]] = []
+    for cap in CAPS:
+        try:
+            choice, achieved = fit_ratios(sensitivity, resource, target, measure, cap=cap)
+        except OptionError:
+            continue
+        if all(choice.ratios != c.ratios for _, c, _ in out):
+            out.append((cap, choice, achieved))
+    if not out:  # no cap works: say why, with the uncapped search's own message
+        fit_ratios(sensitivity, resource, target, measure)
+    return out
+
+
+Loss = Callable[[dict[str, float]], float]
+
+
+def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float,
+                    measure: Measure, loss_of: Loss, shortlist: int = 4,
+                    steps: tuple[float, ...] = tuple(np.round(np.arange(0.1, 0.951, 0.1), 2)),
+                    ) -> tuple[dict[str, float], float, list[dict]]:
+    """Measured greedy: from no pruning, repeatedly take the step (one group to its next
+    ratio) that costs the least measured loss per removed unit, until the target is met.
+
+    Only the `shortlist` groups whose next step is cheapest by the sensitivity curves are
+    measured each round, so a round costs at most `shortlist` evaluations. The last step is
+    shortened by bisection to just meet the target. Returns ratios, removal and the trail.
+    """
+    tables = group_tables(sensitivity, resource)
+    ratios = {name: 0.0 for name in tables}
+    removed, loss = 0.0, loss_of(ratios)
+    trail: list[dict] = []
+
+    def predicted(name: str, r: float) -> tuple[float, float]:
+        cand, lo, rem = tables[name]
+        return float(np.interp(r, cand, lo)), float(np.interp(r, cand, rem))
+
+    while removed < target - 1e-9:
+        options = []
+        for name in tables:
+            nxt = [s for s in steps if s > ratios[name] + 1e-9]
+            if nxt:
+                (l0, r0), (l1, r1) = predicted(name, ratios[name]), predicted(name, nxt[0])
+                options.append(((l1 - l0) / max(r1 - r0, 1e-9), name, nxt))
+        options.sort()
+        best = None
+        for _, name, nxt in options[:shortlist]:
+            for r in nxt:  # a step the step rule swallows removes nothing: take the next
+                trial = {**ratios, name: r}
+                got = measure(trial, None)
+                if got > removed + 1e-9:
+                    break
+            else:
+                continue
+            trial_loss = loss_of(trial)
+            rate = (trial_loss - loss) / (got - removed)
+            if best is None or rate < best[0]:
+                best = (rate, name, trial, got, trial_loss)
+        if best is None:
+            raise OptionError(f"could not reach {target:.0%} of the {resource} removed with "
+                              f"per-group ratios (reached {removed:.1%})")
+        _, name, trial, got, trial_loss = best
+        if got > target:  # shorten the last step to just meet the target
+            low, high = ratios[name], trial[name]
+            while high - low > 0.005:
+                mid = (low + high) / 2
+                if measure({**ratios, name: mid}, None) >= target:
+                    high = mid
+                else:
+                    low = mid
+            trial = {**ratios, name: round(high, 4)}
+            got, trial_loss = measure(trial, None), loss_of(trial)
+        ratios, removed, loss = trial, got, trial_loss
+        trail.append({"group": name, "ratio": trial[name], "removed": got, "loss": loss})
+    return ratios, removed, trail

@@ -1,0 +1,201 @@
+"""Depth pruning: remove whole residual blocks (found by :mod:`engine.graph.blocks`).
+
+A removed block's add returns the stream itself; the branch's nodes and weights are dropped.
+The least important blocks go: with calibration inputs by *block influence* (1 - cosine
+similarity of the stream before and after the block), otherwise by the branch's output norm
+relative to the stream's on the example inputs. Mask mode for depth is the original model
+with the removed branches' outputs zeroed at their adds, which the pruned model must equal.
+
+Combined with width pruning, blocks are removed first and the smaller model is re-captured;
+width pruning then plans on what remains (scores of removed blocks never compete).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from engine.errors import OptionError, PruneScopeError
+from engine.graph.blocks import Block, block_scores, find_blocks
+from engine.options import check_ratio
+
+EXACT_TOLERANCE = 1e-4
+
+
+def blocks_to_remove(n_blocks: int, block_ratio: Any = None, remove_blocks: Any = None) -> int:
+    """How many blocks go; one-line errors for values outside what is allowed."""
+    if block_ratio is not None and remove_blocks is not None:
+        raise OptionError("give --block-ratio R or --remove-blocks N, not both")
+    if block_ratio is not None:
+        ratio = check_ratio(block_ratio, "--block-ratio")
+        count = int(round(ratio * n_blocks))
+        return min(count, max(n_blocks - 1, 0))
+    if remove_blocks is None:
+        return 0
+    if isinstance(remove_blocks, bool):
+        raise OptionError(f"--remove-blocks={remove_blocks!r} is not an integer; allowed: 0 <= N")
+    try:
+        count = int(str(remove_blocks).strip()) if isinstance(remove_blocks, str) \
+            else int(remove_blocks)
+        if count != remove_blocks and not isinstance(remove_blocks, str):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise OptionError(
+            f"--remove-blocks={remove_blocks!r} is not an integer; allowed: 0 <= N"
+        ) from None
+    if count < 0:
+        raise OptionError(f"--remove-blocks={count} is negative; allowed: 0 <= N")
+    if count and count >= n_blocks:
+        raise OptionError(
+            f"--remove-blocks={count}: the model has {n_blocks} removable residual block"
+            f"{'s' if n_blocks != 1 else ''}; allowed: 0 <= N < {max(n_blocks, 1)}"
+            if n_blocks else f"--remove-blocks={count}: the model has no removable residual "
+            "blocks (a branch added back to the stream it leaves)"
+        )
+    return count
+
+
+def choose(scores: dict[str, float], count: int) -> list[str]:
+    """The `count` lowest-scoring blocks (ties: the later block goes first)."""
+    names = list(scores)
+    order = sorted(range(len(names)), key=lambda k: (scores[names[k]], -k))
+    return [names[k] for k in order[:count]]
+
+
+def remove(gm: fx.GraphModule, removed: list[Block]) -> fx.GraphModule:
+    """A copy of `gm` without the removed blocks' branches and weights."""
+    memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        new = copy.deepcopy(gm, memo)
+    nodes = {n.name: n for n in new.graph.nodes}
+    used_before = {n.target for n in new.graph.nodes if n.op == "get_attr"}
+    branch_nodes: set[fx.Node] = set()
+    for block in removed:
+        add = nodes[block.add]
+        add.replace_all_uses_with(nodes[block.stream])
+        branch_nodes.update(nodes[name] for name in block.nodes)
+    _drop_dead(new.graph, branch_nodes)
+    used_after = {n.target for n in new.graph.nodes if n.op == "get_attr"}
+    for name in used_before - used_after:
+        owner_path, _, attr = name.rpartition(".")
+        owner = new.get_submodule(owner_path) if owner_path else new
+        if hasattr(owner, attr):
+            delattr(owner, attr)
+    from engine.transform.apply import _unshare
+
+    _unshare(new, gm)
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def _drop_dead(graph: fx.Graph, branch_nodes: set[fx.Node]) -> None:
+    """Erase nodes nothing uses. Side-effect nodes (assertions, in-place writes) are erased
+    only where they act on what the removed branches computed."""
+    region = set(branch_nodes)
+    for node in graph.nodes:
+        if node not in region and any(i in region for i in node.all_input_nodes):
+            region.add(node)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op in ("placeholder", "output") or node.users:
+                continue
+            if node.op == "call_module":
+                continue
+            if node.is_impure() and node not in region:
+                continue
+            graph.erase_node(node)
+            changed = True
+
+
+class _DepthMasked(fx.Interpreter):
+    """The original graph with each removed block's branch zeroed at its add."""
+
+    def __init__(self, gm: fx.GraphModule, removed: list[Block]) -> None:
+        super().__init__(gm)
+        self.zeroed = {b.add: b for b in removed}
+        self.names = {n.name: n for n in gm.graph.nodes}
+
+    def run_node(self, n: fx.Node):
+        block = self.zeroed.get(n.name)
+        if block is None:
+            return super().run_node(n)
+        stream = self.env[self.names[block.stream]]
+        return stream + torch.zeros_like(self.env[self.names[block.branch]])
+
+
+def masked_depth(gm: fx.GraphModule, removed: list[Block]) -> Callable:
+    interpreter = _DepthMasked(gm, removed)
+
+    def run(*args, **kwargs):
+        return interpreter.run(*args, **kwargs)
+
+    return run
+
+
+def score_inputs(analysis, calibration: Any) -> list[tuple]:
+    """The example inputs, or the calibration batches."""
+    if calibration is None:
+        return [tuple(analysis.captured.example_inputs)]
+    from engine.scoring.calibration import as_calibration, batches
+
+    return [inputs for inputs, _labels in batches(analysis.captured, as_calibration(calibration))]
+
+
+def prune_depth(
+    analysis, *, block_ratio: Any = None, remove_blocks: Any = None,
+    calibration: np.ndarray | None = None,
+):
+    """Remove the least important blocks: (the re-captured Analysis, the report section)."""
+    from engine.graph.capture import Captured
+    from engine.pipeline import _export, _leaves
+    from engine.scoring.analysis import Analysis
+
+    blocks = find_blocks(analysis.gm)
+    count = blocks_to_remove(len(blocks), block_ratio, remove_blocks)
+    kwargs = analysis.captured.example_kwargs or {}
+    scores = block_scores(analysis.gm, blocks, score_inputs(analysis, calibration), kwargs,
+                          influence=calibration is not None) if blocks else {}
+    chosen = set(choose(scores, count))
+    removed = [b for b in blocks if b.name in chosen]
+    report = {
+        "criterion": "block_influence" if calibration is not None else "relative_branch_norm",
+        "blocks": [{"name": b.name, "score": scores[b.name], "removed": b.name in chosen,
+                    "params": b.numel} for b in blocks],
+    }
+    if not removed:
+        return analysis, report
+    pruned = remove(analysis.gm, removed)
+    inputs = analysis.captured.example_inputs
+    with torch.no_grad():
+        expected = _leaves(masked_depth(analysis.gm, removed)(*inputs, **kwargs))
+        got = _leaves(pruned(*inputs, **kwargs))
+    report["verification"] = _compare(expected, got)
+    program = _export(pruned, analysis)
+    captured = Captured(program, inputs, analysis.captured.source, analysis.captured.example_kwargs)
+    return Analysis(captured), report
+
+
+def _compare(expected: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
+    if len(expected) != len(got) or any(a.shape != b.shape for a, b in zip(expected, got)):
+        raise PruneScopeError("depth verification failed: the output shapes changed")
+    diff = max((float((a - b).abs().max()) for a, b in zip(expected, got)
+                if a.is_floating_point() and a.numel()), default=0.0)
+    scale = max((float(a.abs().max()) for a in expected if a.is_floating_point() and a.numel()),
+                default=0.0)
+    relative = diff / scale if scale > 0 else diff
+    if not relative <= EXACT_TOLERANCE:
+        raise PruneScopeError(
+            f"depth verification failed: the model without the blocks differs from the "
+            f"original with their branches zeroed by {relative:.3g} (relative)"
+        )
+    return {"max_abs_diff_vs_masked": diff, "relative_diff_vs_masked": relative, "exact": True}

@@ -1,0 +1,94 @@
+"""The "Compare on accuracy" chart in a real browser: it renders, and clicking a point sets
+that point's options and ratio in the sidebar. Screenshots: test-artifacts/compare-*.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, stop, wait_for, wait_healthy
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+SWEEP = json.loads((ROOT / "assets" / "demo_sweep.json").read_text())
+STEP_TIMEOUT_MS = 120_000
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
+    streamlit = Path(sys.executable).with_name("streamlit")
+    cmd = [str(streamlit), "run", "dashboard/app.py", "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port)]
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log_path, 120)
+        yield url
+    finally:
+        stop(proc)
+
+
+def _settle(page) -> None:
+    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+    for _ in range(2):
+        page.wait_for_selector(idle, timeout=STEP_TIMEOUT_MS)
+        time.sleep(0.4)
+
+
+def _shot(page, name: str) -> None:
+    _settle(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+
+
+CHART = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+    .find(p => p.data && p.data.some(t => t.name === 'Pareto front'))"""
+
+
+def test_comparison_chart_renders_and_a_click_chooses_a_point(server_url, browser):
+    page = browser.new_page(viewport={"width": 1440, "height": 2000})
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page.goto(server_url)
+    page.get_by_text("PruneScope").first.wait_for()
+    _settle(page)
+    page.get_by_role("tab", name="Compare on accuracy").click()
+    names = wait_for(lambda: page.evaluate(
+        f"() => {{ const p = ({CHART})(); return p ? p.data.map(t => t.name) : null; }}"))
+    assert names == ["standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none",
+                     "Pareto front"]
+    assert page.locator("[data-testid='stException']").count() == 0
+    _shot(page, "compare-01-chart.png")
+
+    # tss_norm (trace 1) at ratio 0.3 (its third point): click its marker
+    target = next(p for p in SWEEP["points"] if p["options"] == {
+        **p["options"], "layer_norm": "tss_norm", "policy": "average", "criterion": "l2",
+        "group_policy": "average"} and p["ratio"] == 0.3)
+    where = page.evaluate(f"""() => {{
+        const p = ({CHART})();
+        p.scrollIntoView();
+        const trace = p.querySelectorAll('g.scatterlayer g.trace')[1];
+        const r = trace.querySelectorAll('path.point')[2].getBoundingClientRect();
+        return {{x: r.x + r.width / 2, y: r.y + r.height / 2}};
+    }}""")
+    page.mouse.click(where["x"], where["y"])
+    layer_norm = page.get_by_test_id("stSelectbox").filter(has_text="Layer norm").first
+    wait_for(lambda: "tss_norm" in layer_norm.inner_text())
+    slider = page.get_by_test_id("stSlider").filter(has_text="Pruning ratio").first
+    wait_for(lambda: "0.30" in slider.inner_text())
+    assert page.locator("[data-testid='stException']").count() == 0
+    _shot(page, "compare-02-point-chosen.png")
+    assert target["metric"] > 0  # the point clicked is a measured point of the stored sweep
