@@ -10,6 +10,8 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
 - ``quality``: demo accuracy per criterion x recovery x ratio (held-out data)
 - ``sweep``: the demo's option sweep, sensitivity and automatic per-group ratios
 - ``depth``: depth vs width pruning at equal parameter counts, batch-1 CPU latency
+- ``hf_uniform``: Hugging Face folders pruned with and without ``--uniform`` (parameters,
+  demo-lm held-out perplexity) and which architectures round-trip through OUT/hf/
 - ``large``: bf16 Llama-style 0.85 B and 3B-shaped `.pt2` files pruned by the CLI vs the floor
 
 Wall-clock numbers live here and in ``bench/RESULTS.md``, never as assertions in tests.
@@ -25,4 +27,5 @@ BENCHMARKS = (
     "quality",
     "sweep",
     "large",
+    "hf_uniform",
 )
