@@ -281,3 +281,32 @@ def test_seq_len_and_input_shape_set_the_example_inputs(folders, capfd):
     assert tuple(captured.example_inputs[0].shape) == (2, 3, 32, 32)
     rc, _, err = cli(capfd, "scores", folders["gpt2"], "--seq-len", "0")
     assert rc == 2 and "--seq-len" in one_error_line(err)
+
+
+def test_evaluate_and_sweep_take_a_folder(folders, tmp_path, capfd):
+    """Text folders take input_ids and attention_mask: held-out data gives x0 and x1."""
+    import numpy as np
+
+    gen = np.random.default_rng(7)
+    ids = gen.integers(0, 100, size=(6, 16))
+    data = tmp_path / "heldout.npz"
+    np.savez(data, x0=ids, x1=np.ones_like(ids))
+    rc, out, err = cli(capfd, "evaluate", folders["llama"], "--data", data, "--metric",
+                       "perplexity", "--seq-len", "16", "--json", tmp_path / "ppl.json")
+    assert rc == 0, err
+    measured = json.loads((tmp_path / "ppl.json").read_text())["value"]
+    model = tf.LlamaForCausalLM.from_pretrained(folders["llama"], local_files_only=True).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(ids)).logits
+    # perplexity by hand: next-token cross entropy over every position
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 100),
+                                            torch.as_tensor(ids)[:, 1:].reshape(-1))
+    assert measured == pytest.approx(float(torch.exp(nll)), rel=1e-5)
+    from engine.quality.sweep import sweep
+
+    report = sweep(str(folders["llama"]), {"layer_norm": "tss_norm"},
+                                        [0.3], eval_data=str(data), metric="perplexity",
+                                        seq_len=16, workers=1)
+    assert report["complete"] and len(report["points"]) == 1
+    assert report["original"] == pytest.approx(measured, rel=1e-5)
+    assert report["points"][0]["params"] < report["before"]["params"]

@@ -86,8 +86,10 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         seq_len = int_option("seq-len", seq_len)
         if seq_len < 1:
             raise OptionError(f"option --seq-len={seq_len} must be an integer >= 1")
-    return {"trust_pickle": args.trust_pickle, "input_shapes": shapes(args.input_shape) or None,
-            "seq_len": seq_len}
+    kwargs = {"trust_pickle": args.trust_pickle, "input_shapes": shapes(args.input_shape) or None}
+    if seq_len is not None:
+        kwargs["seq_len"] = seq_len
+    return kwargs
 
 
 def options_from_args(args: argparse.Namespace) -> PruningOptions:
