@@ -10,8 +10,9 @@ heads and key/value heads; a plan that cuts layer 3 deeper than layer 7 has no s
    ``model.layers.#.mlp.gate_proj+1``) and they have the same channel count and blocks.
 3. Each family's per-layer count is chosen from the counts the scores asked for: the sum of
    the counts the ranking asked of its layers (before the step rule), divided by the number
-   of layers and rounded half up. The total stays what the ranking asked for; only its
-   spread over the layers changes.
+   of layers and rounded to the nearest integer, a tie rounding down (a family of whole
+   heads asked for 0, 0, 1, 1 keeps every head rather than losing half of them). The total
+   stays close to what the ranking asked for; only its spread over the layers changes.
 4. The plan is made again with that count as every family member's own ratio (and every
    other group's count as its ratio), so the step rule and block rules apply equally to
    every layer of a family; each layer still drops its own lowest-scoring channels.
@@ -23,6 +24,7 @@ compatible with uniform counts.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -32,9 +34,14 @@ import numpy as np
 
 from engine.errors import OptionError
 from engine.graph.dependency import GroupInfo
-from engine.scoring.planning import GroupInput, Plan, make_plan, round_half_up
+from engine.scoring.planning import GroupInput, Plan, make_plan
 
 _LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def round_half_down(x: float) -> int:
+    """Nearest integer, ties down (``ceil(x - 0.5)``; 1e-9 absorbs float noise)."""
+    return int(math.ceil(x - 0.5 - 1e-9))
 
 
 def family_key(group: GroupInput | GroupInfo) -> tuple:
@@ -85,7 +92,7 @@ def uniform_plan(
         free = [n for n in names if n not in pinned_set]
         if not free:
             continue
-        count = round_half_up(sum(asked[n] for n in free) / len(free))
+        count = round_half_down(sum(asked[n] for n in free) / len(free))
         for name in free:
             per_group[name] = count
     if adjust is not None:
