@@ -10,6 +10,7 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
 - ``quality``: demo accuracy per criterion x recovery x ratio (held-out data)
 - ``sweep``: the demo's option sweep, sensitivity and automatic per-group ratios
 - ``depth``: depth vs width pruning at equal parameter counts, batch-1 CPU latency
+- ``coverage_v2``: about seventy real architectures (tiny configs) pruned, verified, exported
 - ``hf_uniform``: Hugging Face folders pruned with and without ``--uniform`` (parameters,
   demo-lm held-out perplexity) and which architectures round-trip through OUT/hf/
 - ``large``: bf16 Llama-style 0.85 B and 3B-shaped `.pt2` files pruned by the CLI vs the floor
@@ -27,5 +28,6 @@ BENCHMARKS = (
     "quality",
     "sweep",
     "large",
+    "coverage_v2",
     "hf_uniform",
 )

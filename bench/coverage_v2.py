@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 from bench.common import REPO, Goal, Section, md_table
 
@@ -28,7 +30,11 @@ QUICK = ("ResNet-50 style", "Swin", "BERT", "Llama (GQA)", "Mamba")
 
 
 def _short(reason: str) -> str:
+    """One reason per kind: without channel counts, node numbers and module paths."""
     reason = reason.split(": ", 1)[1] if reason[:1].isdigit() and ": " in reason else reason
+    reason = re.sub(r"\bmodel(\.\w+)+", lambda m: m.group(0).rsplit(".", 2)[-2] + "."
+                    + m.group(0).rsplit(".", 1)[-1], reason)
+    reason = re.sub(r"\b([a-z][a-z_]*?)_\d+\b", r"\1", reason)
     return reason if len(reason) <= 70 else reason[:67] + "..."
 
 
@@ -146,6 +152,10 @@ def run(quick: bool = False) -> Section:
         for row in _subprocess(names[start:start + BATCH]):
             print(f"  {row['name']}: {json.dumps(row)[:300]}", flush=True)
             rows.append(row)
+    return section(rows)
+
+
+def section(rows: list[dict]) -> Section:
     ok = sum(succeeded(r) for r in rows)
     n = len(rows)
     unexplained = sum(bool(r.get("unexplained")) for r in rows)
@@ -161,13 +171,39 @@ def run(quick: bool = False) -> Section:
         "`engine.prune(model, inputs, ratio=0.5)` with default options, then `engine.save` "
         "(`model.pt2`, `model.onnx` checked against torch with ONNX Runtime). *Exact*: the "
         "pruned model equals the original with the removed channels zeroed (1e-4 relative); "
-        "groups normalised by LayerNorm/RMSNorm over their own channels differ by design. "
-        "*Frozen*: the reasons the report gives for the channels left alone (most frequent "
-        "first; the count is of frozen entries).",
+        "groups normalised by LayerNorm/RMSNorm (or weights standardised) over their own "
+        "channels differ by design. *Frozen*: the reasons the report gives for the channels "
+        "left alone (most frequent first; the count is of frozen entries). *Unexplained*: "
+        "layers with parameters neither changed, nor frozen with a reason, nor in a scored "
+        "group (`tests/architectures.py:unexplained_layers`).",
         table(rows),
         f"Succeeded (pruned, verified, exported, >= 20% of parameters removed): {ok}/{n}.",
     ])
     return Section(NAME, TITLE, body, goals)
+
+
+def _write_section(paths: list[Path]) -> None:
+    from datetime import datetime  # noqa: PLC0415
+
+    from bench.__main__ import _render, write_results  # noqa: PLC0415
+    from bench.common import load_average  # noqa: PLC0415
+
+    sys.path.insert(0, str(REPO))
+    from tests.architectures import ARCHITECTURES  # noqa: PLC0415
+
+    by_name: dict[str, dict] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                by_name[row["name"]] = row
+    rows = [by_name[n] for n in ARCHITECTURES if n in by_name]
+    result = section(rows)
+    command = "python -m bench.coverage_v2 --one NAME ... (batches of 6, rows merged with " \
+              "--from-rows)"
+    write_results([_render(result, command, datetime.now().astimezone(), load_average())],
+                  [NAME])
+    print(result.body)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", nargs="+", metavar="NAME",
                         help="run these architectures here, print one JSON row each")
     parser.add_argument("--only", nargs="*", help="architectures to run (default: all)")
+    parser.add_argument("--from-rows", nargs="+", type=Path, metavar="JSONL",
+                        help="write the RESULTS.md section from rows already measured "
+                        "(JSON lines as --one prints them; a later row of a name wins)")
     args = parser.parse_args(argv)
     from bench.common import quiet  # noqa: PLC0415
 
@@ -182,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         for name in args.one:
             print(json.dumps(run_one(name)), flush=True)
+        return 0
+    if args.from_rows:
+        _write_section(args.from_rows)
         return 0
     if args.only:
         rows = []

@@ -1,7 +1,8 @@
 """6. Large models in bf16: `prunescope prune --ratio 0.3` on a `.pt2` against the floor.
 
 Models: Llama-3.2-3B-shaped (hidden 3072, intermediate 8192, 28 layers, 24/8 heads,
-vocabulary 128,256) and, first, a 0.85 B Llama-style model (hidden 2048, intermediate 5632,
+vocabulary 128,256, tied embeddings as in Llama-3.2-3B: 3.2 B parameters, 6.0 GiB) and,
+first, a 0.85 B Llama-style model (hidden 2048, intermediate 5632,
 16 layers, 16/4 heads, vocabulary 32,000), both bf16 with random weights, built from their
 configs and exported with an 8-token example input (the verification runs on it). Each is
 built once, in its own subprocess, and cached under ``$PRUNESCOPE_BENCH_CACHE`` (default
@@ -37,14 +38,16 @@ SEQ = 8
 RSS_GOAL = 1.5
 TIME_GOAL = 1.5
 ONNX_GOAL = 1.0  # ONNX may add at most one more floor
+FIRST_CHART_GOAL = 20.0
+REPLAN_GOAL = 0.2
 
 MODELS = {
     "llama-0.85b": {"label": "Llama-style 0.85 B (2048 hidden, 16 layers)", "hidden": 2048,
                     "intermediate": 5632, "layers": 16, "heads": 16, "kv_heads": 4,
-                    "vocab": 32000},
+                    "vocab": 32000, "tied": False},
     "llama-3.2-3b": {"label": "Llama-3.2-3B shape (3072 hidden, 28 layers)", "hidden": 3072,
                      "intermediate": 8192, "layers": 28, "heads": 24, "kv_heads": 8,
-                     "vocab": 128256},
+                     "vocab": 128256, "tied": True},
 }
 
 
@@ -66,7 +69,8 @@ def _build(name: str, path: Path) -> None:
     cfg = LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
                       num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
                       num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
-                      use_cache=False, attn_implementation="sdpa", tie_word_embeddings=False)
+                      use_cache=False, attn_implementation="sdpa",
+                      tie_word_embeddings=spec["tied"])
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -201,7 +205,53 @@ def measure(name: str, cap: int) -> dict:
     for key in ("floor", "prune", "onnx"):
         out[key].pop("stdout", None)
         out[key].pop("stderr", None)
+    # kept next to the model: a long run interrupted later still leaves this model's numbers
+    (cache_dir() / f"{name}-last-run.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def _dashboard(path: Path) -> dict:
+    """The engine calls the dashboard makes on a model opened by path: load + analyse + plan
+    + the score-overview chart (first chart), then re-plans after one option change."""
+    quiet()
+    import statistics
+
+    import engine
+    from dashboard import charts, frames
+
+    start = time.perf_counter()
+    captured = engine.load_model(str(path))
+    analysis = engine.analyze(captured)
+    groups = len(analysis.groups)
+    options = engine.PruningOptions()
+    plan = engine.plan(analysis, options, ratio=0.5)
+    charts.score_overview(frames.stats_frame(plan), plan.threshold)
+    first = time.perf_counter() - start
+    changes = [("layer_norm", v) for v in ("tss_norm", "linear_scaling", "none")] + [
+        ("policy", v) for v in ("sum", "backward")] + [
+        ("group_policy", v) for v in ("sum", "count")] + [("step_size", 8)]
+    replans = {}
+    for key, value in changes:
+        opts = engine.PruningOptions(**{**options.to_dict(), key: value})
+        t = time.perf_counter()
+        engine.plan(analysis, opts, ratio=0.5)
+        replans[f"{key}={value}"] = time.perf_counter() - t
+    for ratio in (0.3, 0.7):
+        t = time.perf_counter()
+        engine.plan(analysis, options, ratio=ratio)
+        replans[f"ratio={ratio}"] = time.perf_counter() - t
+    return {"first_chart_s": first, "groups": groups, "replans": replans,
+            "replan_median_s": statistics.median(replans.values()),
+            "replan_max_s": max(replans.values())}
+
+
+def _dashboard_run(cap: int) -> dict:
+    path, _ = _model_file("llama-0.85b")
+    run = measured([sys.executable, "-m", "bench.large", "--dashboard", str(path)], cap)
+    lines = [ln for ln in run["stdout"].splitlines() if ln.startswith("{")]
+    if "error" in run or not lines:
+        return {"error": run.get("error", "no output")}
+    return {**json.loads(lines[-1]), "peak_rss": run["peak_rss"]}
 
 
 def _cell(run: dict, floor: float | None, model_bytes: int) -> tuple[str, str]:
@@ -262,6 +312,29 @@ def run(quick: bool = False) -> Section:
         if "report" in r and r["report"].get("onnx"):
             entry = json.dumps(r["report"]["onnx"])
             notes.append(f"{r['label']}: report.json onnx entry: `{entry}`")
+    dash = _dashboard_run(cap) if "llama-0.85b" in names else None
+    dash_text = []
+    if dash is not None:
+        if "error" in dash:
+            goals.append(Goal(NAME, "dashboard on the 0.85 B model: first chart < 20 s",
+                              dash["error"], False))
+        else:
+            first, worst = dash["first_chart_s"], dash["replan_max_s"]
+            goals.append(Goal(NAME, "dashboard on the 0.85 B model (by path): first chart "
+                              f"< {FIRST_CHART_GOAL:g} s", fmt_s(first), first < FIRST_CHART_GOAL))
+            slowest = max(dash["replans"], key=dash["replans"].get)
+            goals.append(Goal(NAME, "dashboard on the 0.85 B model: re-plan after an option "
+                              f"change < {REPLAN_GOAL * 1000:g} ms",
+                              f"worst {worst * 1000:.0f} ms ({slowest})", worst < REPLAN_GOAL))
+            dash_text = [
+                "Dashboard engine calls on the 0.85 B bf16 `.pt2` opened by path (one fresh "
+                "subprocess): first chart = `engine.load_model` + `engine.analyze` + "
+                "`engine.plan` (default options, ratio 0.5) + the score-overview chart; then "
+                "one re-plan per option change.",
+                md_table(["first chart", "groups", *dash["replans"]],
+                         [(fmt_s(first), dash["groups"],
+                           *[f"{v * 1000:.0f} ms" for v in dash["replans"].values()])]),
+            ]
     body = [
         f"bf16 weights, ratio {RATIO}, default options, verification on the stored {SEQ}-token "
         "example. Floor = `torch.export.load` + `torch.export.save` of the original `.pt2`. "
@@ -272,6 +345,7 @@ def run(quick: bool = False) -> Section:
                   "prune --no-onnx", "peak RSS (x model)", "prune with ONNX", "peak RSS (x model)"],
                  rows),
         *notes,
+        *dash_text,
     ]
     return Section(NAME, TITLE, "\n\n".join(body), goals)
 
@@ -281,10 +355,13 @@ if __name__ == "__main__":
     parser.add_argument("--build", nargs=2, metavar=("NAME", "PATH"))
     parser.add_argument("--floor", nargs=2, metavar=("SRC", "DST"))
     parser.add_argument("--measure", metavar="NAME", help="one model, JSON on stdout")
+    parser.add_argument("--dashboard", metavar="PT2", help="the dashboard's engine calls")
     args = parser.parse_args()
     if args.build:
         _build(args.build[0], Path(args.build[1]))
     elif args.floor:
         _floor(Path(args.floor[0]), Path(args.floor[1]))
+    elif args.dashboard:
+        print(json.dumps(_dashboard(Path(args.dashboard))))
     elif args.measure:
         print(json.dumps(measure(args.measure, _default_cap()), indent=1))

@@ -27,11 +27,11 @@ from dashboard.sidebar import (  # noqa: E402
     sidebar_model,
     sidebar_options,
 )
-from dashboard.tabs import compare, graphs, prune, scores  # noqa: E402
+from dashboard.tabs import blocks, compare, graphs, prune, scores  # noqa: E402
 from dashboard.tabs import plan as plan_tab_view  # noqa: E402
 from engine.scoring.criteria import CRITERIA_NEEDING_CALIBRATION  # noqa: E402
 
-TABS = ("Scores", "Plan", "Prune & compare", "Compare on accuracy", "Graphs")
+TABS = ("Scores", "Plan", "Prune & compare", "Compare on accuracy", "Graphs", "Blocks")
 
 
 def main() -> None:
@@ -104,7 +104,7 @@ def main() -> None:
             show_error(e, "Cannot plan with these options")
 
     tabs = st.tabs(TABS, key="main_tab", on_change="rerun")
-    scores_tab, plan_tab, prune_tab, compare_tab, graphs_tab = tabs
+    scores_tab, plan_tab, prune_tab, compare_tab, graphs_tab, blocks_tab = tabs
     # Lazy tabs: only the open tab's content runs (the Graphs tab exports ONNX on first use).
     if scores_tab.open is not False and plan is not None:
         with scores_tab:
@@ -121,6 +121,9 @@ def main() -> None:
     if graphs_tab.open is not False:
         with graphs_tab:
             _guarded(graphs.render, model)
+    if blocks_tab.open is not False:
+        with blocks_tab:
+            _guarded(blocks.render, model, calibration_for(eval_data))
 
 
 def _guarded(render, *args) -> None:

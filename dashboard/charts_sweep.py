@@ -72,8 +72,8 @@ def comparison_figure(frame: pd.DataFrame, axis: str, x: str = "ratio", *,
     for i, (value, rows) in enumerate(frame.groupby(axis, sort=False)):
         rows = rows.sort_values(x)
         fig.add_trace(go.Scatter(
-            x=rows[x], y=rows["metric"], mode="lines+markers", name=str(value),
-            customdata=rows["index"], marker={"size": 9},
+            x=rows[x].tolist(), y=rows["metric"].tolist(), mode="lines+markers",
+            name=str(value), customdata=rows["index"].tolist(), marker={"size": 9},
             line={"color": SERIES_COLORS[i % len(SERIES_COLORS)]},
             hovertemplate=f"{axis}={value}<br>ratio %{{text}}<br>{metric} %{{y:.4f}}"
                           "<extra></extra>",
@@ -84,8 +84,8 @@ def comparison_figure(frame: pd.DataFrame, axis: str, x: str = "ratio", *,
         front = frame[pareto_mask(frame[x].to_numpy(), y, smaller_x_better=x != "ratio")]
         front = front.sort_values(x)
         fig.add_trace(go.Scatter(
-            x=front[x], y=front["metric"], mode="markers", name=PARETO_NAME,
-            customdata=front["index"],
+            x=front[x].tolist(), y=front["metric"].tolist(), mode="markers", name=PARETO_NAME,
+            customdata=front["index"].tolist(),
             marker={"size": 16, "symbol": "circle-open", "color": PARETO_COLOR,
                     "line": {"width": 2}},
             hovertemplate=f"Pareto front<br>{metric} %{{y:.4f}}<extra></extra>",
@@ -106,7 +106,8 @@ def sensitivity_heatmap(frame: pd.DataFrame, metric: str = "accuracy") -> go.Fig
     order = frame.sort_values("order").drop_duplicates("group")["group"].tolist()
     table = frame.pivot_table(index="group", columns="ratio", values="drop").reindex(order)
     fig = go.Figure(go.Heatmap(
-        z=table.to_numpy(), x=[f"{r:g}" for r in table.columns], y=table.index.tolist(),
+        z=table.to_numpy().tolist(), x=[f"{r:g}" for r in table.columns],
+        y=table.index.tolist(),
         colorscale="Reds", zmin=0, colorbar={"title": f"{metric} drop"},
         hovertemplate="%{y}<br>ratio %{x}<br>drop %{z:.4f}<extra></extra>",
     ))

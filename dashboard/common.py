@@ -124,7 +124,15 @@ def make_plan(model: state.LoadedModel, options: PruningOptions, ratio: float,
 
 
 def calibration_for(eval_data: sources.EvalData | None) -> Any:
-    """The calibration data (inputs x and labels y, which the taylor criterion uses); the
-    engine's raw-score cache is keyed by its content, so every rerun hits it."""
+    """The data the calibration criteria score on: a built-in model's own calibration set
+    (its training split, so the evaluation set the page measures on stays held out), else
+    the uploaded data (inputs x and labels y, which taylor uses). The engine's raw-score cache
+    is keyed by the data's content, so every rerun hits it."""
+    from engine.demo import BUILTIN_NAMES
+
+    cached = st.session_state.get(EVAL_KEY)
+    if eval_data is not None and cached is not None and cached[0] in BUILTIN_NAMES \
+            and cached[1] is eval_data:
+        return cached[0]  # the built-in name: engine loads its calibration set
     return eval_data
 

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dashboard.evaluate import MAX_EVAL_SAMPLES, predict
+from dashboard.evaluate import MAX_EVAL_SAMPLES, as_engine_data
 from dashboard.sources import EvalData
+from engine.quality.evaluate import predict
 
 METHOD_CHOICES = ("bias", "lsq", "bn", "norm", "distill")
 DEFAULT_METHODS = ("bias", "lsq", "bn", "norm")
@@ -40,18 +39,21 @@ def run_recover(engine: Any, result: Any, original: Any, calibration: Any, metho
     scores: dict[str, dict[str, float]] = {}
     scored_on = ""
     example = tuple(result.example_inputs)
-    if eval_data is not None and len(example) == 1:
-        x = eval_data.x[:MAX_EVAL_SAMPLES]
-        outs = {name: predict(module, x, example) for name, module in
-                (("original", original), ("pruned", result.module),
-                 ("recovered", recovered.module))}
-        reference = outs["original"].argmax(-1)
+    if eval_data is not None:
+        data = as_engine_data(eval_data.x, eval_data.y, eval_data.label).head(MAX_EVAL_SAMPLES)
+        models = (("original", original), ("pruned", result.module),
+                  ("recovered", recovered.module))
+        task = {name: engine.evaluate(module, data, example_inputs=example)
+                for name, module in models}
+        metric = task["original"]["metric"]
+        if metric in ("accuracy", "perplexity"):
+            scores[metric.capitalize()] = {k: v["value"] for k, v in task.items()}
+        reference = predict(original, data, example_inputs=example)
         scores["Top-1 agreement with the original"] = {
-            k: float((v.argmax(-1) == reference).mean()) for k, v in outs.items()}
-        if eval_data.y is not None:
-            y = np.asarray(eval_data.y[:MAX_EVAL_SAMPLES])
-            scores["Accuracy"] = {k: float((v.argmax(-1) == y).mean()) for k, v in outs.items()}
-        scored_on = f"{eval_data.label} ({len(x)} samples)"
+            name: engine.evaluate(module, data, "agreement", reference=reference,
+                                  example_inputs=example)["value"]
+            for name, module in models}
+        scored_on = f"{eval_data.label} ({len(data)} samples)"
     return RecoverRun(
         prune_signature=signature,
         methods=list(methods),
@@ -70,8 +72,9 @@ def comparison_rows(run: RecoverRun) -> list[dict[str, str]]:
     rows = [{"Measure": "Parameters", **{k.capitalize(): f"{v:,}" for k, v in
                                           run.params.items()}}]
     for measure, values in run.scores.items():
+        shown = "{:.3f}" if measure == "Perplexity" else "{:.2%}"
         rows.append({"Measure": measure,
-                     **{k.capitalize(): f"{v:.2%}" for k, v in values.items()}})
+                     **{k.capitalize(): shown.format(v) for k, v in values.items()}})
     info = run.recovery
     if info.get("metric") is not None:
         rows.append({"Measure": f"{info['metric']} on {info['holdout_samples']} held-back "

@@ -123,7 +123,7 @@ def mobilenet_v2():
 
 def efficientnet():
     return _vision("EfficientNetForImageClassification", "EfficientNetConfig",
-                   width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=128,
+                   width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320,
                    image_size=32, num_labels=10)
 
 
@@ -183,12 +183,13 @@ def yolos():
 
 def cvt():
     return _vision("CvtForImageClassification", "CvtConfig", embed_dim=[16, 32, 64],
-                   num_heads=[1, 2, 4], depth=[1, 1, 1], num_labels=10)
+                   num_heads=[1, 2, 4], depth=[1, 2, 3], num_labels=10)
 
 
 def pvt():
     return _vision("PvtForImageClassification", "PvtConfig", image_size=64, size=64,
                    hidden_sizes=[16, 32, 64, 128], num_encoder_blocks=4, depths=[1, 1, 1, 1],
+                   num_attention_heads=[1, 2, 4, 8],
                    num_labels=10)
 
 

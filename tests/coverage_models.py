@@ -168,7 +168,24 @@ class DataDependentGather(nn.Module):
         return self.b(torch.gather(h, -1, idx))
 
 
+class UnfoldFold(nn.Module):
+    """MobileViT-style patches: ``unfold`` to (N, C * k * k, L), a pointwise mix, ``fold``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv1d(8 * 4, 8 * 4, 1)
+        self.b = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        f = F.relu(self.a(x))
+        patches = F.unfold(f, kernel_size=2, stride=2)
+        back = F.fold(self.mix(patches), output_size=f.shape[-2:], kernel_size=2, stride=2)
+        return self.b(F.relu(back)).mean(dim=(2, 3))
+
+
 COVERAGE = {
+    "unfold_fold": (UnfoldFold, lambda: (torch.randn(2, 3, 4, 4),)),
     "reshape_as": (ReshapeAs, lambda: (torch.randn(2, 3, 4, 4),)),
     "roll_spatial": (RollSpatial, lambda: (torch.randn(2, 3, 5, 5),)),
     "roll_channels": (RollChannels, lambda: (torch.randn(2, 3, 4, 4),)),

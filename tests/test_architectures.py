@@ -119,3 +119,18 @@ def test_an_unexplained_layer_would_be_caught():
     result = engine.prune(model, inputs, ratio=0.5)
     result.report["frozen"] = [f for f in result.report["frozen"] if f["layers"] != ["a"]]
     assert unexplained_layers(result) == ["a"]
+
+
+@pytest.mark.slow
+def test_t5_relative_attention_bias_loses_the_removed_heads():
+    """T5's bias is an embedding of (buckets, heads), computed in the first layer and passed
+    to every layer's attention as its float mask: one head index across all layers."""
+    model, inputs = build_architecture("T5 encoder")
+    result = engine.prune(model, inputs, engine.PruningOptions(reshape_channel_axis=-2),
+                          ratio=0.5)
+    after = {k: tuple(v.shape) for k, v in result.module.state_dict().items()}
+    bias = next(v for k, v in after.items() if k.endswith("relative_attention_bias.weight"))
+    queries = [v for k, v in after.items() if k.endswith("SelfAttention.q.weight")]
+    assert bias[1] < 4, "heads were removed"
+    assert all(q[0] == bias[1] * 16 for q in queries), "every layer keeps the same heads"
+    assert result.report["verification"]["exact"]

@@ -73,7 +73,7 @@ def test_frames_from_reports_and_the_heatmap():
                        {"name": "a", "curve": [{"ratio": 0.5, "metric": 0.9, "drop": 0.1}]}]}
     fig = sensitivity_heatmap(sensitivity_frame(sens))
     assert list(fig.data[0].y) == ["b", "a"]  # network order, not alphabetical
-    assert fig.data[0].z.tolist() == [[0.25], [0.1]]
+    assert [list(row) for row in fig.data[0].z] == [[0.25], [0.1]]
 
 
 # ------------------------------------------------------------------------- auto ratios

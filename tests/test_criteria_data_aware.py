@@ -307,3 +307,47 @@ def test_calibration_by_name_or_path_is_the_same_data_and_the_same_cache_entry(t
     # without the labels taylor falls back to the model's own predictions: other scores
     engine.plan(analysis, {"criterion": "taylor"}, ratio=0.3, calibration=arrays["x"])
     assert analysis.score_computations == 2
+
+
+class TinyLM(nn.Module):
+    """token ids -> embedding -> fc1 -> relu -> fc2 -> (N, T, vocab) logits."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6, hidden: int = 9) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        return self.fc2(F.relu(self.fc1(self.embed(ids))))
+
+
+def test_language_model_scores_next_tokens_and_one_hot_embedding_inputs():
+    torch.manual_seed(1)
+    model = TinyLM().eval()
+    ids = torch.randint(0, 11, (12, 7))
+    ids[:, 0] = 3  # a frequent token, so the counts differ
+    analysis = engine.analyze(model, (ids[:4],))
+    # taylor without labels: next-token cross-entropy, mean over every predicted position
+    logits = model(ids)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    g_embed, g1, g2 = torch.autograd.grad(loss, [model.embed.weight, model.fc1.weight,
+                                                 model.fc2.weight])
+    w_embed, w1, w2 = (p.detach() for p in (model.embed.weight, model.fc1.weight,
+                                            model.fc2.weight))
+    taylor = analysis.filter_scores("taylor", ids.numpy())
+    np.testing.assert_allclose(taylor[("fc1.weight", 0)],
+                               (_abs_sum_except(w1 * g1, 0) + _abs_sum_except(w2 * g2, 1)),
+                               rtol=1e-4)
+    # the embedding's filters are its columns (the hidden size); fc1 reads them
+    np.testing.assert_allclose(taylor[("embed.weight", 1)],
+                               (_abs_sum_except(w_embed * g_embed, 1)
+                                + _abs_sum_except(w1 * g1, 1)), rtol=1e-4)
+    # wanda: the embedding row of channel d reads one-hot tokens, ||X_j|| = sqrt(count of j)
+    counts = torch.bincount(ids.reshape(-1), minlength=11).double()
+    with torch.no_grad():
+        embedded = model.embed(ids)
+    expected = (w_embed.double().abs() * counts.sqrt()[:, None]).sum(0) \
+        + _abs_sum_except(w1, 1) * embedded.reshape(-1, 6).double().norm(dim=0)
+    np.testing.assert_allclose(analysis.filter_scores("wanda", ids.numpy())[("embed.weight", 1)],
+                               expected.numpy(), rtol=1e-6)

@@ -82,7 +82,10 @@ def _calibration():
 def _expected_plan(at: AppTest, options: PruningOptions, ratio: float, **kw):
     """The engine's own plan for the page's model, computed outside the page."""
     model = _model(at)
-    calibration = at.session_state["_ps_eval"][1]  # the page's calibration data (x and y)
+    # a built-in model scores on its own calibration set (never the evaluation set the page
+    # measures on); uploaded data is used as uploaded
+    key, data = at.session_state["_ps_eval"]
+    calibration = key if key in ("demo", "demo-lm") else data
     return engine.plan(model.analysis, options, ratio=ratio, calibration=calibration, **kw)
 
 

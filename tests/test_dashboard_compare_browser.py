@@ -55,6 +55,13 @@ def _shot(page, name: str) -> None:
     assert path.stat().st_size > 10_000
 
 
+def _shown(locator) -> str:
+    """A widget's visible text and the values of its inputs (a selectbox shows its value in
+    an input)."""
+    return locator.evaluate("e => e.textContent + ' ' + Array.from(e.querySelectorAll('input'))"
+                            ".map(i => i.value).join(' ')")
+
+
 CHART = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
     .find(p => p.data && p.data.some(t => t.name === 'Pareto front'))"""
 
@@ -79,16 +86,21 @@ def test_comparison_chart_renders_and_a_click_chooses_a_point(server_url, browse
         "group_policy": "average"} and p["ratio"] == 0.3)
     where = page.evaluate(f"""() => {{
         const p = ({CHART})();
-        p.scrollIntoView();
         const trace = p.querySelectorAll('g.scatterlayer g.trace')[1];
         const r = trace.querySelectorAll('path.point')[2].getBoundingClientRect();
         return {{x: r.x + r.width / 2, y: r.y + r.height / 2}};
     }}""")
+    # plotly picks the clicked point from its hover state: hover first, then click
+    page.mouse.move(where["x"] - 30, where["y"] - 30)
+    page.mouse.move(where["x"], where["y"], steps=5)
+    page.wait_for_selector(".js-plotly-plot .hoverlayer .hovertext")
+    time.sleep(1)
     page.mouse.click(where["x"], where["y"])
-    layer_norm = page.get_by_test_id("stSelectbox").filter(has_text="Layer norm").first
-    wait_for(lambda: "tss_norm" in layer_norm.inner_text())
-    slider = page.get_by_test_id("stSlider").filter(has_text="Pruning ratio").first
-    wait_for(lambda: "0.30" in slider.inner_text())
+    sidebar = page.get_by_test_id("stSidebar")
+    layer_norm = sidebar.get_by_test_id("stSelectbox").filter(has_text="Layer norm").first
+    wait_for(lambda: "tss_norm" in _shown(layer_norm))
+    slider = sidebar.get_by_test_id("stSlider").filter(has_text="Pruning ratio").first
+    wait_for(lambda: "0.30" in _shown(slider))
     assert page.locator("[data-testid='stException']").count() == 0
     _shot(page, "compare-02-point-chosen.png")
     assert target["metric"] > 0  # the point clicked is a measured point of the stored sweep

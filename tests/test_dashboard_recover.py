@@ -27,7 +27,7 @@ def _table(at: AppTest, column: str):
 
 
 def test_recover_step_compares_original_pruned_recovered_and_offers_downloads():
-    at = AppTest.from_file(APP, default_timeout=300).run()
+    at = AppTest.from_file(APP, default_timeout=600).run()
     _ok(at)
     at.session_state["main_tab"] = "Prune & compare"
     at.run()
@@ -35,11 +35,11 @@ def test_recover_step_compares_original_pruned_recovered_and_offers_downloads():
     at.button(key="prune").click().run()
     _ok(at)
     assert at.multiselect(key="recover_methods").value == ["bias", "lsq", "bn", "norm"]
-    at.multiselect(key="recover_methods").set_value(["lsq", "bn"]).run()
+    at.multiselect(key="recover_methods").set_value(["lsq"]).run()
     at.button(key="recover").click().run()
     _ok(at)
     done = at.session_state["_ps_recover"]
-    assert done.recovery["methods"] == ["lsq", "bn"]
+    assert done.recovery["methods"] == ["lsq"]
     table = _table(at, "Recovered").set_index("Measure")
     accuracy = {k: float(v.rstrip("%")) / 100 for k, v in table.loc["Accuracy"].items()}
     assert accuracy["Recovered"] >= 0.9 > accuracy["Pruned"]

@@ -257,3 +257,17 @@ def test_bad_options_are_one_line(capfd, tmp_path, monkeypatch, argv, pattern) -
     rc, _, err = cli(capfd, *argv)
     assert rc == 2
     assert re.search(pattern, one_error_line(err))
+
+
+def test_every_form_of_a_model_measures_the_same() -> None:
+    from engine.demo import DEMO_META_PATH
+
+    by_name = engine.evaluate("demo", "demo")["value"]
+    assert by_name == pytest.approx(json.loads(DEMO_META_PATH.read_text())["accuracy"], abs=1e-4)
+    analysis = engine.analyze("demo")
+    captured = analysis.captured
+    assert engine.evaluate(analysis, "demo")["value"] == by_name
+    assert engine.evaluate(captured, "demo")["value"] == by_name
+    assert engine.evaluate(captured.program, "demo")["value"] == by_name
+    assert engine.evaluate(analysis.gm, "demo",
+                           example_inputs=captured.example_inputs)["value"] == by_name

@@ -36,7 +36,8 @@ def _probe(*argv: str) -> dict:
 
 
 @pytest.mark.parametrize("argv", [("--help",), ("prune", "--help"), ("scores", "--help"),
-                                  ("dashboard", "--help"), ("evaluate", "--help")])
+                                  ("dashboard", "--help"), ("evaluate", "--help"),
+                                  ("sweep", "--help"), ("sensitivity", "--help")])
 def test_help_imports_no_heavy_library(argv):
     result = _probe(*argv)
     assert result["code"] == 0

@@ -295,3 +295,53 @@ def test_bad_input_is_one_line(pruned, calib, kwargs, text):
         engine.recover(pruned, args.pop("calibration"), **args)
     message = str(info.value)
     assert "\n" not in message and text in message
+
+
+def test_norm_and_lsq_on_a_llama_with_written_out_rms_norm():
+    """transformers' Llama writes RMSNorm out (pow, mean, rsqrt, mul): `norm` finds it and
+    rescales its weight by the hand-computed least-squares factor; `lsq` brings the logits
+    closer to the original's on held-out tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    llama = LlamaForCausalLM(config).eval()
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.llama = llama
+
+        def forward(self, ids):
+            return self.llama(input_ids=ids, use_cache=False).logits
+
+    model = Logits().eval()
+    gen = torch.Generator().manual_seed(0)
+    calib, held = (torch.randint(0, 64, (n, 16), generator=gen) for n in (128, 64))
+    result = engine.prune(_dynamic_program(model, calib[:4]), ratio=0.3)
+    recovered = engine.recover(result, calib.numpy(), "norm", eval_holdout=0)
+    name = "llama.model.layers.0.input_layernorm"
+    assert name in recovered.report["recovery"]["layers"]["norm"]
+    hidden = next(g for g in result.report["groups"] if g["name"].startswith("llama.model.embed"))
+    kept = torch.tensor(hidden["kept"])
+    assert 0 < len(kept) < 64
+    with torch.no_grad():
+        h = llama.model.embed_tokens(calib).double()
+        eps = config.rms_norm_eps
+        z_full = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))[..., kept]
+        z_kept = h[..., kept] * torch.rsqrt(h[..., kept].pow(2).mean(-1, keepdim=True) + eps)
+        factor = (z_kept * z_full).sum((0, 1)) / (z_kept * z_kept).sum((0, 1))
+        expected = llama.model.layers[0].input_layernorm.weight[kept].double() * factor
+    got = recovered.module.get_submodule(name).weight.double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+    refitted = engine.recover(result, calib.numpy(), "lsq")
+    with torch.no_grad():
+        want = model(held)
+
+        def error(m):
+            return float((m(held) - want).norm() / want.norm())
+
+        # measured: 0.65 -> 0.37 relative logits error (random weights)
+        assert error(refitted.module) < 0.75 * error(result.module)

@@ -13,7 +13,7 @@ from tests.helpers import cli, one_error_line
 
 def test_prune_with_recovery_writes_the_recovered_model(capfd, tmp_path):
     rc, out, err = cli(capfd, "prune", "demo", "--ratio", "0.5", "--calibration", "demo",
-                       "--recover", "bias,lsq,bn,norm", "--out", tmp_path)
+                       "--recover", "bias,lsq,bn,norm", "--eval-data", "demo", "--out", tmp_path)
     assert rc == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     recovery = report["recovery"]
@@ -22,6 +22,9 @@ def test_prune_with_recovery_writes_the_recovered_model(capfd, tmp_path):
     assert recovery["metric_after"] > recovery["metric_before"] + 0.3
     assert report["onnx"]["max_abs_diff_vs_torch"] < 1e-4
     assert "recovery: bias, lsq, bn, norm" in out
+    quality = report["quality"]  # on the held-out evaluation set, not the calibration set
+    assert quality["metric"] == "accuracy"
+    assert quality["pruned"] < 0.5 and quality["recovered"] >= 0.9
     # model.pt2 is the recovered model: its accuracy on the held-out set is far above pruning's
     program = torch.export.load(tmp_path / "model.pt2")
     with np.load("assets/demo_eval.npz") as data:

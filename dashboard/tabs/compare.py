@@ -119,15 +119,34 @@ def _comparison(report: dict, options: PruningOptions) -> None:
                             higher_is_better=HIGHER_IS_BETTER.get(metric, True))
     event = st.plotly_chart(fig, key="cmp_chart", on_select="rerun", selection_mode="points",
                             width="stretch")
-    points = (event or {}).get("selection", {}).get("points", []) if event else []
-    if points and "customdata" in points[0]:
-        _choose(frame, int(np.ravel([points[0]["customdata"]])[0]))
+    chosen_index = _selected_index(event, fig)
+    # the chart keeps its selection across reruns: act on a new one only
+    if chosen_index is not None and chosen_index != st.session_state.get("_cmp_applied"):
+        st.session_state["_cmp_applied"] = chosen_index
+        _choose(frame, chosen_index)
     labels = {int(r["index"]): f"{r[axis]} @ ratio {r['ratio']:g}: {metric} {r['metric']:.4f}"
               for _, r in rows.iterrows()}
     c1, c2 = st.columns([3, 1])
     pick = c1.selectbox("Point", list(labels), format_func=labels.get, key="cmp_pick")
     if c2.button("Use this point", key="cmp_use"):
         _choose(frame, int(pick))
+
+
+def _selected_index(event, fig) -> int | None:
+    """The sweep index of the clicked point (its trace's customdata)."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    if not points:
+        return None
+    point = points[0]
+    if "customdata" in point:
+        return int(np.ravel([point["customdata"]])[0])
+    curve, at = point.get("curve_number"), point.get("point_index", point.get("point_number"))
+    if curve is None or at is None:
+        return None
+    return int(fig.data[curve].customdata[at])
 
 
 def _choose(frame, index: int) -> None:
@@ -138,7 +157,6 @@ def _choose(frame, index: int) -> None:
     options = {name: (row[name].item() if hasattr(row[name], "item") else row[name])
                for name in OPTION_KEYS if name in row}
     st.session_state[PENDING_KEY] = {"options": options, "ratio": float(row["ratio"])}
-    st.session_state.pop("cmp_chart", None)
     st.rerun()
 
 

@@ -168,9 +168,20 @@ def _derived_layer(t: Tracer, node: fx.Node, x: fx.Node, weight: fx.Node, x_dim:
 
 
 def _bias(t: Tracer, node: fx.Node, index: int, name: str, out_ids: np.ndarray) -> None:
-    bias = t.param(_arg(node, index, name))
+    arg = _arg(node, index, name)
+    bias = t.param(arg)
     if bias is not None:
         t.bind(bias, 0, out_ids)
+    elif isinstance(arg, fx.Node):
+        # a computed bias (a fused q/k/v bias chunked, as nn.MultiheadAttention does): its
+        # channels go with the output's, or the output cannot be sliced
+        ids = t.labels_of(arg)
+        line = along(ids, -1) if ids is not None else None
+        if line is not None and len(line) == len(out_ids):
+            t.union(line, out_ids)
+        else:
+            t.freeze(out_ids, f"{op_key(node)}: a computed bias that cannot be sliced")
+            t.freeze(ids, f"{op_key(node)}: a computed bias that cannot be sliced")
 
 
 @register("linear")
@@ -242,7 +253,11 @@ def _conv_common(
             _bias(t, node, 2, "bias", out.ravel())
             return out
     if param is None:
-        return unknown_op(t, node)
+        reason = (f"{op_key(node)}: its weight is computed (only per-output-channel "
+                  "transforms of an ungrouped layer's weight are understood)")
+        for arg in _tensor_args(node):
+            t.freeze(t.labels_of(arg), reason)
+        return None
     x_ids = t.labels_of(x)
     in_line = _channel_ids(t, x_ids, 1, "convolution") if x_ids is not None else None
     in_channels = t.shape(x)[1]
@@ -462,7 +477,10 @@ def weight_norm(t: Tracer, node: fx.Node) -> Any:
     dim = int(_arg(node, 2, "dim", 0))
     multi = op_key(node).startswith("aten._weight_norm_interface")
     if dim != 0:
-        out = unknown_op(t, node)
+        reason = f"weight norm over dim {dim}, not the output channels"
+        for arg in _tensor_args(node):
+            t.freeze(t.labels_of(arg), reason)
+        out = None
     else:
         ndim = len(t.orig_shape(v))
         out = t.align([v, g], ndim, "weight norm of data that cannot be sliced")
@@ -809,6 +827,38 @@ def select(t: Tracer, node: fx.Node) -> Any:
         t.set_arg(2, new_index)
         return np.take(ids, new_index, axis=dim)
     return np.take(ids, index, axis=dim)
+
+
+@register("im2col")
+def im2col(t: Tracer, node: fx.Node) -> Any:
+    """``unfold``: (N, C, H, W) -> (N, C * kh * kw, L), channel-major: each channel becomes
+    a block of kh * kw rows."""
+    ids = t.labels_of(node.args[0])
+    if ids is None:
+        return None
+    line = _channel_ids(t, ids, -3, op_key(node))
+    if line is None:
+        return None
+    block = int(np.prod([int(k) for k in node.args[1]]))
+    line = np.repeat(_full(line, (t.shape(node.args[0])[-3],)), block)
+    return line.reshape((1,) * (_ndim(node) - 2) + (-1, 1))
+
+
+@register("col2im")
+def col2im(t: Tracer, node: fx.Node) -> Any:
+    """``fold``: (N, C * kh * kw, L) -> (N, C, H, W); each block of kh * kw rows is one
+    channel, so the rows of a block go together."""
+    ids = t.labels_of(node.args[0])
+    if ids is None:
+        return None
+    line = _channel_ids(t, ids, -2, op_key(node))
+    if line is None:
+        return None
+    block = int(np.prod([int(k) for k in node.args[2]]))
+    rows = _full(line, (t.shape(node.args[0])[-2],)).reshape(-1, block)
+    for row in rows:
+        t.union(np.full(block - 1, row[0]), row[1:])
+    return rows[:, 0].reshape((1,) * (_ndim(node) - 3) + (-1, 1, 1))
 
 
 @register("roll")

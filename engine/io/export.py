@@ -30,9 +30,10 @@ MIN_OPSET = 17
 DEFAULT_OPSET = 18
 # Protobuf cannot serialise a single message above 2 GiB, so the weights of bigger models go
 # to `<name>.onnx.data` next to the graph (ONNX's external data format). Below this many bytes
-# of weights the .onnx file is self-contained (torch's own limit, above which it always writes
-# external data); PRUNESCOPE_ONNX_EXTERNAL_BYTES lowers or raises it.
-MAX_INLINE_ONNX_BYTES = 1536 * 2**20
+# of weights the .onnx file is self-contained (below torch's own 1.5 GiB limit, because an
+# inline file is serialised in memory: two more copies of the weights); the environment
+# variable PRUNESCOPE_ONNX_EXTERNAL_BYTES changes it.
+MAX_INLINE_ONNX_BYTES = 2**30
 EXTERNAL_BYTES_ENV = "PRUNESCOPE_ONNX_EXTERNAL_BYTES"
 
 # mkstemp creates files with mode 0600; give the final file the mode a plain open() would.

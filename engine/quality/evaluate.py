@@ -227,6 +227,10 @@ def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Run
     elif isinstance(model, torch.nn.Module):
         module, examples, name = model, example_inputs, type(model).__name__
     else:
+        from engine.scoring.analysis import Analysis
+
+        if isinstance(model, Analysis):
+            model = model.captured
         captured = model if isinstance(model, Captured) else load_model(
             model, example_inputs, **load_kwargs)
         program, module = captured.program, captured.program.module()
@@ -400,8 +404,8 @@ def evaluate(
     for perplexity).
 
     `model` and `reference` may be an nn.Module/GraphModule (with `example_inputs` to check
-    the data against), an ExportedProgram, a PruneResult, a Captured, a path or a built-in
-    name. `reference` may also be an array of the reference's first outputs on `data`.
+    the data against), an ExportedProgram, a PruneResult, a Captured or Analysis, a path or a
+    built-in name. `reference` may also be an array of the reference's first outputs on `data`.
     """
     check_metric(metric)
     if batch_size < 1:

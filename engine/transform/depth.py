@@ -151,6 +151,25 @@ def score_inputs(analysis, calibration: Any) -> list[tuple]:
     return [inputs for inputs, _labels in batches(analysis.captured, as_calibration(calibration))]
 
 
+def plan_depth(
+    analysis, *, block_ratio: Any = None, remove_blocks: Any = None,
+    calibration: np.ndarray | None = None,
+) -> tuple[list[Block], dict]:
+    """Every block with its score and whether it would go (nothing is removed here)."""
+    blocks = find_blocks(analysis.gm)
+    count = blocks_to_remove(len(blocks), block_ratio, remove_blocks)
+    kwargs = analysis.captured.example_kwargs or {}
+    scores = block_scores(analysis.gm, blocks, score_inputs(analysis, calibration), kwargs,
+                          influence=calibration is not None) if blocks else {}
+    chosen = set(choose(scores, count))
+    report = {
+        "criterion": "block_influence" if calibration is not None else "relative_branch_norm",
+        "blocks": [{"name": b.name, "score": scores[b.name], "removed": b.name in chosen,
+                    "params": b.numel} for b in blocks],
+    }
+    return blocks, report
+
+
 def prune_depth(
     analysis, *, block_ratio: Any = None, remove_blocks: Any = None,
     calibration: np.ndarray | None = None,
@@ -160,18 +179,11 @@ def prune_depth(
     from engine.pipeline import _export, _leaves
     from engine.scoring.analysis import Analysis
 
-    blocks = find_blocks(analysis.gm)
-    count = blocks_to_remove(len(blocks), block_ratio, remove_blocks)
-    kwargs = analysis.captured.example_kwargs or {}
-    scores = block_scores(analysis.gm, blocks, score_inputs(analysis, calibration), kwargs,
-                          influence=calibration is not None) if blocks else {}
-    chosen = set(choose(scores, count))
+    blocks, report = plan_depth(analysis, block_ratio=block_ratio, remove_blocks=remove_blocks,
+                                calibration=calibration)
+    chosen = {b["name"] for b in report["blocks"] if b["removed"]}
     removed = [b for b in blocks if b.name in chosen]
-    report = {
-        "criterion": "block_influence" if calibration is not None else "relative_branch_norm",
-        "blocks": [{"name": b.name, "score": scores[b.name], "removed": b.name in chosen,
-                    "params": b.numel} for b in blocks],
-    }
+    kwargs = analysis.captured.example_kwargs or {}
     if not removed:
         return analysis, report
     pruned = remove(analysis.gm, removed)

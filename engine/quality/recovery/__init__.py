@@ -175,6 +175,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "metric": metric_name,
         "metric_before": before,
         "metric_after": after,
+        "output_shapes_match": True,  # checked above; a mismatch is an error
         "holdout_samples": len(holdout),
         "calibration_samples": len(fit),
         **({"distill": details} if details else {}),

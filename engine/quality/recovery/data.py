@@ -75,11 +75,9 @@ def _read(path_like: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _builtin(name: str) -> Path | None:
-    from engine import demo
+    from engine.demo import builtin_data_path, is_builtin
 
-    if hasattr(demo, "is_builtin"):
-        return demo.builtin_data_path(name, "calibration") if demo.is_builtin(name) else None
-    return demo.ASSETS_DIR / "demo_calib.npz" if name == "demo" else None
+    return builtin_data_path(name, "calibration") if is_builtin(name) else None
 
 
 def _from_mapping(data: Mapping, where: str) -> tuple[list[np.ndarray], np.ndarray | None]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from engine.quality.recovery.data import CalibrationSet, leaves
 
 TEMPERATURE = 2.0
-LEARNING_RATE = 2e-3
+LEARNING_RATE = 5e-3
 BATCH = 64
 
 

@@ -67,8 +67,75 @@ def _rows(t: torch.Tensor, trailing: int | None) -> torch.Tensor:
     return t.reshape(-1, math.prod(t.shape[t.ndim - trailing:]))
 
 
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
+
+
+def _written_out_rms(node: fx.Node) -> tuple[int, int] | None:
+    """`weight * cast(x * rsqrt(mean(x ** 2, -1, keepdim) + eps))`, RMSNorm as transformers
+    writes it (Llama, Mistral, Qwen): (index of the weight argument, of the normalised one)."""
+    if node.target != aten.mul.Tensor or len(node.args) != 2:
+        return None
+    for w_i in (0, 1):
+        weight, other = node.args[w_i], node.args[1 - w_i]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"
+                and isinstance(other, fx.Node)):
+            continue
+        inner = other
+        while inner.op == "call_function" and inner.target in _CASTS:
+            inner = inner.args[0]
+        if inner.op != "call_function" or inner.target != aten.mul.Tensor:
+            continue
+        for arg in inner.args:
+            if _is_inverse_rms(arg):
+                return w_i, 1 - w_i
+    return None
+
+
+def _is_inverse_rms(node) -> bool:
+    """rsqrt(mean(pow(x, 2), [-1], keepdim=True) + eps)."""
+    if not (isinstance(node, fx.Node) and node.target == aten.rsqrt.default):
+        return False
+    inner = node.args[0]
+    if isinstance(inner, fx.Node) and inner.target == aten.add.Tensor:
+        inner = inner.args[0]
+    if not (isinstance(inner, fx.Node) and inner.target == aten.mean.dim):
+        return False
+    square = inner.args[0]
+    return (list(inner.args[1]) in ([-1],) and isinstance(square, fx.Node)
+            and square.target == aten.pow.Tensor_Scalar and square.args[1] == 2)
+
+
+def _correct_written_out_rms(ctx: Context, node: fx.Node, step: Step) -> str | None:
+    """The RMSNorm of a written-out pattern: the original's normalised value over all
+    channels is at hand; re-normalising its kept channels gives the value over the kept
+    channels only (exact but for eps, negligible next to the mean square)."""
+    found = _written_out_rms(node)
+    if found is None:
+        return None
+    w_i, z_i = found
+    z_node = node.args[z_i]
+    keep = ctx.layout.kept(z_node.name)
+    last = step.original_args[z_i].ndim - 1
+    if last not in keep or keep[last].all():
+        return None
+    weight = param_of(ctx.pruned, node.args[w_i])
+    z_full = ctx.layout.restrict(z_node.name, step.original_args[z_i],
+                                 like=step.pruned_args[z_i])
+    if weight is None or weight.ndim != 1 or z_full is None:
+        return None
+    z_full = z_full.double()
+    z_kept = z_full * torch.rsqrt((z_full * z_full).mean(-1, keepdim=True).clamp_min(1e-12))
+    a, _ = fit_affine(z_kept.reshape(-1, z_kept.shape[-1]), z_full.reshape(-1, z_full.shape[-1]),
+                      with_bias=False)
+    with torch.no_grad():
+        weight.mul_(a.to(weight.dtype))
+    return str(node.args[w_i].target).rpartition(".")[0]
+
+
 def correct(ctx: Context, node: fx.Node, step: Step) -> str | None:
     """Correct one node of the pruned graph before it runs; the layer changed, or None."""
+    if node.target == aten.mul.Tensor:
+        return _correct_written_out_rms(ctx, node, step)
     rule = NORMS.get(node.target)
     if rule is None or not isinstance(node.args[0], fx.Node):
         return None

@@ -1,0 +1,63 @@
+"""The Blocks tab and its chart builder: residual block scores, removed ones marked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard.block_chart import block_scores
+from engine.transform.depth import plan_depth
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+
+
+def test_chart_has_one_bar_per_block_in_network_order():
+    frame = pd.DataFrame({"block": ["b0", "b1", "b2", "b3"], "score": [0.5, 0.1, 0.9, 0.2],
+                          "removed": [False, True, False, True]})
+    fig = block_scores(frame, "relative branch norm")
+    bars = {t.name: (list(t.x), list(t.y)) for t in fig.data}
+    assert bars["kept"] == (["b0", "b2"], [0.5, 0.9])
+    assert bars["removed"] == (["b1", "b3"], [0.1, 0.2])
+    assert list(fig.layout.xaxis.categoryarray) == ["b0", "b1", "b2", "b3"]
+    assert fig.layout.yaxis.title.text == "relative branch norm"
+    assert fig.data[0].marker.color != fig.data[1].marker.color
+
+
+def test_chart_refuses_a_frame_without_its_columns():
+    with pytest.raises(ValueError, match="removed"):
+        block_scores(pd.DataFrame({"block": ["b0"], "score": [1.0]}))
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_blocks_tab_shows_the_engine_scores_and_marks_the_lowest():
+    at = AppTest.from_file(APP, default_timeout=240).run()
+    _ok(at)
+    at.session_state["main_tab"] = "Blocks"
+    at.run()
+    _ok(at)
+    model = at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
+    calibration = at.session_state["_ps_eval"][1] if "_ps_eval" in at.session_state else None
+    _blocks, expected = plan_depth(model.analysis, calibration=calibration)
+    table = at.dataframe[0].value
+    assert list(table["block"]) == [b["name"] for b in expected["blocks"]] == \
+        ["block1", "block2", "attn"]
+    assert list(table["score"]) == pytest.approx([b["score"] for b in expected["blocks"]])
+    assert not table["removed"].any()
+    at.slider(key="blocks_to_remove").set_value(1)
+    at.run()
+    _ok(at)
+    table = at.dataframe[0].value
+    lowest = min(expected["blocks"], key=lambda b: b["score"])["name"]
+    assert list(table.loc[table["removed"], "block"]) == [lowest]
+    chart = [el for el in at.get("plotly_chart") if getattr(el, "key", None) == "block_chart"]
+    spec = json.loads(chart[0].proto.spec)
+    removed = [t for t in spec["data"] if t["name"] == "removed"]
+    assert removed[0]["x"] == [lowest]
