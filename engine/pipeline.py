@@ -132,8 +132,14 @@ def prune(
     expert_ratio: float | None = None,
     block_ratio: float | None = None,
     remove_blocks: int | None = None,
+    release_original: bool = False,
 ) -> PruneResult:
     """Capture, analyse, plan, apply and verify in one call.
+
+    `release_original=True` with a model file: the original's weights are freed as the pruned
+    ones are made (the two are never all in memory together), so the result cannot be
+    recovered or compared with the original afterwards (the CLI uses it when nothing needs
+    the original).
 
     `expert_ratio` removes whole experts of mixtures of experts, `block_ratio` or
     `remove_blocks` whole residual blocks; both run before width pruning (engine.transform).
@@ -159,9 +165,8 @@ def prune(
     say("analysing channel dependencies and scoring")
     the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
                     calibration=calibration, indices=indices)
-    # a model loaded here from a file has no other owner: its weights are released while
-    # the pruned ones are made, so the two are never all in memory together
-    owned = isinstance(model, (str, os.PathLike)) and not structures
+    # only a model loaded here from a file has no other owner whose weights could be freed
+    owned = release_original and isinstance(model, (str, os.PathLike)) and not structures
     result = apply(analysis, the_plan, progress=progress, release_original=owned)
     if structures:
         structural.finish(result.report, original, sections)

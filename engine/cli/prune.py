@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     recovery = check_recovery_args(args)
     eval_data = load_eval_data(args.eval_data) if args.eval_data else None
     model = args.model
+    if recovery is not None:  # loaded here, the original keeps its weights for recovery
+        model = engine.load_model(model, **load_kwargs(args))
     if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
         model = engine.load_model(model, **load_kwargs(args))
         check_data(model, eval_data)
@@ -96,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
-                              **load_kwargs(args), **structures)
+                              **load_kwargs(args), **structures,
+                              # nothing after this needs the original: free it as we go
+                              release_original=recovery is None and eval_data is None)
         if auto is not None:
             result.report["auto_ratios"] = auto
         pruned = result
