@@ -92,8 +92,9 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     `eval_holdout`: the fraction of calibration samples held back to measure the result and
     to pick the best distillation state.
     """
-    from engine.pipeline import PruneResult, _metrics
+    from engine.pipeline import PruneResult, _check_not_released, _metrics
 
+    _check_not_released(result.analysis)  # recovery fits to the original's outputs
     start = time.monotonic()
     names = parse_methods(methods)
     budget_s = check_budget(budget_s)
