@@ -11,6 +11,8 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
 - ``sweep``: the demo's option sweep, sensitivity and automatic per-group ratios
 - ``depth``: depth vs width pruning at equal parameter counts, batch-1 CPU latency
 - ``coverage_v2``: about seventy real architectures (tiny configs) pruned, verified, exported
+- ``hf_uniform``: Hugging Face folders pruned with and without ``--uniform`` (parameters,
+  demo-lm held-out perplexity) and which architectures round-trip through OUT/hf/
 - ``large``: bf16 Llama-style 0.85 B and 3B-shaped `.pt2` files pruned by the CLI vs the floor
 
 Wall-clock numbers live here and in ``bench/RESULTS.md``, never as assertions in tests.
@@ -27,4 +29,5 @@ BENCHMARKS = (
     "sweep",
     "large",
     "coverage_v2",
+    "hf_uniform",
 )

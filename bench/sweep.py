@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import time
 
 from bench.common import Goal, Section, md_table
@@ -20,6 +21,14 @@ NAME = "sweep"
 TITLE = "6. Sweeps, sensitivity and automatic ratios (demo)"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 TARGET = 0.5
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the pool's workers): what the
+    work costs, whatever else the machine is running."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run(quick: bool = False) -> Section:
@@ -33,25 +42,27 @@ def run(quick: bool = False) -> Section:
 
     ratios = RATIOS[::3] if quick else RATIOS
     workers = os.cpu_count()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     report = sweep("demo", {"layer_norm": "all"}, ratios, eval_data="demo", workers=workers)
-    sweep_s = time.perf_counter() - start
+    sweep_s, sweep_cpu = time.perf_counter() - start, _cpu_s() - cpu
     table = {}
     for p in report["points"]:
         table.setdefault(p["options"]["layer_norm"], {})[p["ratio"]] = p["metric"]
     body = [f"Sweep: {len(report['points'])} points, {workers} workers, "
-            f"**{sweep_s:.1f} s** (original accuracy {report['original']:.3f}).",
+            f"**{sweep_s:.1f} s** ({sweep_cpu:.1f} CPU-seconds; original accuracy "
+            f"{report['original']:.3f}).",
             md_table(["layer norm", *[f"{r:g}" for r in ratios]],
                      [[n, *[f"{table[n][r]:.3f}" for r in ratios]] for n in table])]
 
     calib = load_calibration_data("demo")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     sens = sensitivity("demo", {}, (0.3, 0.6, 0.9) if quick else
                        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                        eval_data=calib, workers=workers)
-    sens_s = time.perf_counter() - start
+    sens_s, sens_cpu = time.perf_counter() - start, _cpu_s() - cpu
     body.append(f"Sensitivity: {len(sens['points'])} points ({len(sens['groups'])} groups), "
-                f"**{sens_s:.1f} s**, accuracy drop on the calibration split:")
+                f"**{sens_s:.1f} s** ({sens_cpu:.1f} CPU-seconds), accuracy drop on the "
+                "calibration split:")
     body.append(md_table(["group", *[f"{r:g}" for r in sens["ratios"]]],
                          [[g["name"], *[f"{c['drop']:.3f}" for c in g["curve"][1:]]]
                           for g in sens["groups"]]))
@@ -82,9 +93,10 @@ def run(quick: bool = False) -> Section:
                 f"{auto_s:.1f} s after the sensitivity), accuracy on the evaluation set:")
     body.append(md_table(["ratios", "global ratio", "FLOPs removed", "accuracy"], rows))
     goals = [
-        Goal(NAME, "demo sweep (5 layer norms x 7 ratios) < 15 s", f"{sweep_s:.1f} s",
-             None if quick else sweep_s < 15),
-        Goal(NAME, "demo sensitivity < 30 s", f"{sens_s:.1f} s", None if quick else sens_s < 30),
+        Goal(NAME, "demo sweep (5 layer norms x 7 ratios) < 15 s",
+             f"{sweep_s:.1f} s ({sweep_cpu:.1f} CPU-s)", None if quick else sweep_s < 15),
+        Goal(NAME, "demo sensitivity < 30 s", f"{sens_s:.1f} s ({sens_cpu:.1f} CPU-s)",
+             None if quick else sens_s < 30),
         Goal(NAME, "auto ratios beat the best global ratio (5 layer norms) by >= 10 points "
              "at 50% FLOPs", f"{auto['comparison']['auto']:.3f} vs {best:.3f} "
              f"({100 * gain:+.1f} points)", gain >= 0.10),

@@ -6,6 +6,7 @@ and tested without Streamlit. Pruning itself is the engine's; this only orchestr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,13 +67,18 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Eval
     progress("Removing the planned channels (engine.apply)…")
     result = engine.apply(model.analysis, plan, progress=lambda m: progress(f"· {m}"))
     progress("Writing model.pt2, model.onnx and report.json (engine.save)…")
-    saved = engine.save(result, out_dir, progress=lambda m: progress(f"· {m}"))
+    with warnings.catch_warnings():  # the hf/ reason is shown as a note below
+        warnings.filterwarnings("ignore", message="hf/ not written")
+        saved = engine.save(result, out_dir, progress=lambda m: progress(f"· {m}"))
     files = {name: Path(p) for name, p in saved.items()}
 
     example = tuple(model.captured.example_inputs)
     before = dict(result.before)
     after = dict(result.after)
     notes: list[str] = []
+    hf = result.report.get("hf")
+    if hf and not hf["written"]:
+        notes.append(f"hf/ not written: {hf['reason']}")
     original = _original_module(model)
     progress("Timing both models on the CPU (short run)…")
     try:

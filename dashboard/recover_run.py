@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dashboard.evaluate import MAX_EVAL_SAMPLES, as_engine_data
+from dashboard.evaluate import evaluate_pair
 from dashboard.sources import EvalData
-from engine.quality.evaluate import predict
 
 METHOD_CHOICES = ("bias", "lsq", "bn", "norm", "distill")
 DEFAULT_METHODS = ("bias", "lsq", "bn", "norm")
@@ -39,21 +38,22 @@ def run_recover(engine: Any, result: Any, original: Any, calibration: Any, metho
     scores: dict[str, dict[str, float]] = {}
     scored_on = ""
     example = tuple(result.example_inputs)
-    if eval_data is not None:
-        data = as_engine_data(eval_data.x, eval_data.y, eval_data.label).head(MAX_EVAL_SAMPLES)
-        models = (("original", original), ("pruned", result.module),
-                  ("recovered", recovered.module))
-        task = {name: engine.evaluate(module, data, example_inputs=example)
-                for name, module in models}
-        metric = task["original"]["metric"]
-        if metric in ("accuracy", "perplexity"):
-            scores[metric.capitalize()] = {k: v["value"] for k, v in task.items()}
-        reference = predict(original, data, example_inputs=example)
-        scores["Top-1 agreement with the original"] = {
-            name: engine.evaluate(module, data, "agreement", reference=reference,
-                                  example_inputs=example)["value"]
-            for name, module in models}
-        scored_on = f"{eval_data.label} ({len(data)} samples)"
+    if eval_data is not None and len(example) == 1:
+        progress("Comparing original, pruned and recovered on the evaluation data…", 1.0)
+        pruned = evaluate_pair(original, result.module, eval_data.x, eval_data.y, example,
+                               eval_data.label)
+        after = evaluate_pair(original, recovered.module, eval_data.x, eval_data.y, example,
+                              eval_data.label)
+        metric = pruned.get("metric")
+        if metric is not None:
+            scores[metric.capitalize()] = {"original": pruned[f"{metric}_before"],
+                                           "pruned": pruned[f"{metric}_after"],
+                                           "recovered": after[f"{metric}_after"]}
+        if "top1_agreement" in pruned:
+            scores["Top-1 agreement with the original"] = {
+                "original": 1.0, "pruned": pruned["top1_agreement"],
+                "recovered": after["top1_agreement"]}
+        scored_on = f"{eval_data.label} ({pruned['samples']} samples)"
     return RecoverRun(
         prune_signature=signature,
         methods=list(methods),
@@ -72,9 +72,9 @@ def comparison_rows(run: RecoverRun) -> list[dict[str, str]]:
     rows = [{"Measure": "Parameters", **{k.capitalize(): f"{v:,}" for k, v in
                                           run.params.items()}}]
     for measure, values in run.scores.items():
-        shown = "{:.3f}" if measure == "Perplexity" else "{:.2%}"
+        fmt = "{:.4g}" if measure == "Perplexity" else "{:.2%}"
         rows.append({"Measure": measure,
-                     **{k.capitalize(): shown.format(v) for k, v in values.items()}})
+                     **{k.capitalize(): fmt.format(v) for k, v in values.items()}})
     info = run.recovery
     if info.get("metric") is not None:
         rows.append({"Measure": f"{info['metric']} on {info['holdout_samples']} held-back "

@@ -90,9 +90,10 @@ def sidebar_model() -> sources.ModelRequest | None:
         return sources.path_request(path, label=f"upload {up.name}", shown_as=up.name)
     if source == sources.LOCAL_PATH:
         raw = st.sidebar.text_input(
-            "Path to a model file on this machine", key="local_path",
+            "Path to a model file or Hugging Face folder on this machine", key="local_path",
             placeholder="/models/resnet50.pt2",
-            help="Read in place, never copied: for models too large to upload.",
+            help="Read in place, never copied: for models too large to upload. A folder holds "
+                 "config.json and *.safetensors, as save_pretrained writes them.",
         )
         trust = False
         shapes = None

@@ -231,6 +231,8 @@ def path_request(path: str | Path, *, trust_pickle: bool = False,
     p = Path(os.path.expanduser(raw))
     if not p.exists():
         raise ModelLoadError(f"file not found: {raw}")
+    if p.is_dir():
+        return _folder_request(p, raw, label)
     if not p.is_file():
         raise ModelLoadError(f"not a file: {raw}")
     suffix = p.suffix.lower()
@@ -254,6 +256,19 @@ def path_request(path: str | Path, *, trust_pickle: bool = False,
         extra = {"shown_as": shown_as, "paths": (str(p.resolve()), raw, str(p))}
     return ModelRequest(key=key, label=label or str(p), source=str(p.resolve()),
                         trust_pickle=trust_pickle, input_shapes=shapes, extra=extra)
+
+
+def _folder_request(p: Path, raw: str, label: str | None) -> ModelRequest:
+    """A Hugging Face model folder (config.json + *.safetensors); the engine loads it."""
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(
+            f"folder {raw} has no config.json: a Hugging Face model folder holds config.json "
+            "and *.safetensors (as save_pretrained writes them)"
+        )
+    weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.json"))
+    stamp = "|".join(_file_stamp(f) for f in weights)
+    return ModelRequest(key=f"folder:{p.resolve()}:{stamp}", label=label or str(p),
+                        source=str(p.resolve()))
 
 
 def readable(message: str, request: ModelRequest) -> str:

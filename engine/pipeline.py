@@ -129,14 +129,26 @@ def prune(
     progress: Progress | None = None,
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
+    seq_len: int | None = None,
+    uniform: bool = False,
     expert_ratio: float | None = None,
     block_ratio: float | None = None,
     remove_blocks: int | None = None,
+    release_original: bool = False,
 ) -> PruneResult:
     """Capture, analyse, plan, apply and verify in one call.
 
+    `release_original=True` with a model file: the original's weights are freed as the pruned
+    ones are made (the two are never all in memory together), so the result cannot be
+    recovered or compared with the original afterwards (the CLI uses it when nothing needs
+    the original).
+
     `expert_ratio` removes whole experts of mixtures of experts, `block_ratio` or
     `remove_blocks` whole residual blocks; both run before width pruning (engine.transform).
+    `uniform`: every repeated layer of the same kind loses the same number of channels
+    (engine/scoring/uniform.py), so a transformers model's pruned config stays standard and
+    `save` can write OUT/hf/. `seq_len`: tokens of the example inputs made from a
+    transformers text model's config.
     """
     from engine.transform import structural
 
@@ -149,7 +161,7 @@ def prune(
     say = progress or (lambda _msg: None)
     say("capturing the model")
     analysis = original = analyze(model, example_inputs, trust_pickle=trust_pickle,
-                                  input_shapes=input_shapes)
+                                  input_shapes=input_shapes, seq_len=seq_len)
     if structures:
         analysis, sections = structural.remove_structures(
             analysis, expert_ratio=expert_ratio, block_ratio=block_ratio,
@@ -158,14 +170,31 @@ def prune(
             ratio = 0.0
     say("analysing channel dependencies and scoring")
     the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
-                    calibration=calibration, indices=indices)
-    # a model loaded here from a file has no other owner: its weights are released while
-    # the pruned ones are made, so the two are never all in memory together
-    owned = isinstance(model, (str, os.PathLike)) and not structures
+                    calibration=calibration, indices=indices, uniform=uniform)
+    # only a model loaded here from a file has no other owner whose weights could be freed
+    owned = release_original and isinstance(model, (str, os.PathLike)) and not structures
     result = apply(analysis, the_plan, progress=progress, release_original=owned)
     if structures:
         structural.finish(result.report, original, sections)
+    if uniform:
+        _report_uniform(result, analysis)
     return result
+
+
+def _report_uniform(result: PruneResult, analysis: Analysis) -> None:
+    """report["uniform"]: each repeated layer kind and what its layers lost; for a
+    transformers model, the groups kept whole because its config cannot describe them."""
+    from engine.scoring.uniform import family_counts
+
+    whole = result.plan.options.prunes_whole_blocks
+    entry: dict[str, Any] = {"families": family_counts(result.plan,
+                                                       analysis.prunable_groups(whole))}
+    if analysis.captured.hf is not None:
+        from engine.io.hf_export import groups_config_keeps
+
+        entry["kept_for_config"] = [{"group": name, "reason": why}
+                                    for name, why in groups_config_keeps(analysis, whole).items()]
+    result.report["uniform"] = entry
 
 
 def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, *,
@@ -371,7 +400,8 @@ def _metrics(module: torch.fx.GraphModule) -> dict[str, int]:
 
 def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
          progress: Progress | None = None) -> dict[str, Path]:
-    """Write model.pt2, model.onnx (+ model.onnx.data for big models) and report.json.
+    """Write model.pt2, model.onnx (+ model.onnx.data for big models), report.json and, for a
+    transformers model, hf/.
 
     Every file is first written into a temporary folder inside `out_dir`; only when all of
     them are complete are they moved into place, so a failure leaves earlier results intact.
@@ -401,8 +431,11 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
                     with contextlib.suppress(OSError):
                         os.remove(staging / name)
                 report["onnx"] = {"error": onnx_error}
+        if result.analysis.captured.hf is not None:
+            say("writing hf/")
+            report["hf"] = _write_hf(result, staging / "hf")
         write_json(staging / "report.json", report)
-        paths = _commit(staging, out, ("model.pt2", *ONNX_FILES, "report.json"))
+        paths = _commit(staging, out, ("model.pt2", *ONNX_FILES, "report.json", "hf"))
         result.report = report
         if onnx_error is not None:
             raise OnnxExportError(f"ONNX export failed (model.pt2 and report.json written): "
@@ -412,6 +445,18 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_hf(result: PruneResult, folder: Path) -> dict[str, Any]:
+    """OUT/hf/ for a transformers model (engine/io/hf_export.py); a reason when it cannot be."""
+    import warnings
+
+    from engine.io.hf_export import write_hf
+
+    entry = write_hf(result, folder)
+    if not entry["written"]:
+        warnings.warn(f"hf/ not written: {entry['reason']}", UserWarning, stacklevel=3)
+    return entry
 
 
 def _write_onnx(result: PruneResult, path: Path) -> dict[str, Any]:
@@ -452,7 +497,7 @@ def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
     back as it was.
     """
     for name in names:
-        if (out / name).is_dir():
+        if name != "hf" and (out / name).is_dir():
             raise ExportError(f"cannot write {out / name}: a folder of that name is in the way")
     backup = staging / ".previous"
     backup.mkdir()
@@ -470,7 +515,10 @@ def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
     except OSError as exc:
         for name in placed:
             with contextlib.suppress(OSError):
-                os.remove(out / name)
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    os.remove(out / name)
         for name in moved_aside:
             with contextlib.suppress(OSError):
                 os.replace(backup / name, out / name)

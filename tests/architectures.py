@@ -251,8 +251,10 @@ def sew():
 def whisper_encoder():
     tf = _tf()
     config = tf.WhisperConfig(d_model=64, encoder_layers=2, encoder_attention_heads=4,
-                              encoder_ffn_dim=128, decoder_layers=1, num_mel_bins=16,
-                              max_source_positions=20, vocab_size=128)
+                              encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4,
+                              decoder_ffn_dim=128, num_mel_bins=16,
+                              max_source_positions=20, vocab_size=128, pad_token_id=0,
+                              bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
     g = torch.Generator().manual_seed(3)
     return _wrap(tf.WhisperModel(config).get_encoder(),
                  (torch.randn(1, 16, 40, generator=g),), "last_hidden_state")
@@ -310,7 +312,8 @@ def xlm_roberta():
 
 def modernbert():
     return _text("ModernBertForSequenceClassification", "ModernBertConfig", **TEXT,
-                 global_attn_every_n_layers=2, local_attention=8)
+                 global_attn_every_n_layers=2, local_attention=8, pad_token_id=0,
+                 bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0)
 
 
 def convbert():
@@ -395,7 +398,7 @@ def mpt():
 
 
 def stablelm():
-    return _text("StableLmForCausalLM", "StableLmConfig", **DECODER)
+    return _text("StableLmForCausalLM", "StableLmConfig", **DECODER, num_key_value_heads=4)
 
 
 def olmo():

@@ -358,3 +358,59 @@ def test_expert_ratio_on_a_model_without_experts_is_one_line(tiny_pt2, tmp_path,
     rc, _out, err = cli(capfd, "prune", tiny_pt2, "--expert-ratio", "0.5", "--out", tmp_path)
     assert rc == 2
     assert "no routed experts" in one_error_line(err)
+
+
+class SharedExpertGate(nn.Module):
+    """Qwen2-MoE's shared expert: a one-output gate, sigmoid, times the expert's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.inp = nn.Linear(8, DIM)
+        self.gate = nn.Linear(DIM, 1, bias=False)
+        self.up = nn.Linear(DIM, HIDDEN)
+        self.down = nn.Linear(HIDDEN, DIM)
+        self.head = nn.Linear(DIM, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(h + torch.sigmoid(self.gate(h)) * self.down(F.relu(self.up(h))))
+
+
+def test_a_one_channel_gate_does_not_fuse_the_stream_it_scales():
+    model = SharedExpertGate().eval()
+    x = _tokens()
+    analysis = engine.analyze(model, (x,))
+    (stream,) = [g for g in analysis.groups if "inp" in g.layers]
+    assert stream.channels == DIM  # not one channel fused with the gate's single output
+    assert any("gate" in f.layers and "broadcast" in f.reason for f in analysis.frozen)
+    result = engine.apply(analysis, engine.plan(analysis, ratios={stream.name: 0.5}))
+    assert result.report["verification"]["exact"]
+    (pruned,) = [g for g in result.report["groups"] if "inp" in g["layers"]]
+    assert 0 < len(pruned["pruned"]) < DIM
+    kept = pruned["kept"]
+    reference = SharedExpertGate().eval()
+    with torch.no_grad():  # independent mask mode: the stream's dropped channels zeroed
+        dropped = [c for c in range(DIM) if c not in kept]
+        for layer in (reference.inp, reference.down):
+            layer.weight[dropped] = 0
+            layer.bias[dropped] = 0
+        torch.testing.assert_close(result.module(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_group_limited_routing_refuses_expert_removal_in_one_line():
+    def build():
+        config = tf.DeepseekV3Config(
+            hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+            q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=16, vocab_size=100, use_cache=False)
+        return tf.DeepseekV3ForCausalLM(config)
+
+    program = _program(build)
+    with pytest.raises(engine.PruneScopeError, match="cannot be removed") as caught:
+        engine.prune(program, expert_ratio=0.5)
+    assert "\n" not in str(caught.value)
+    assert engine.prune(program, ratio=0.5).report["verification"]["output_shapes_match"]

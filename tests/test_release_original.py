@@ -40,7 +40,7 @@ def _saved(tmp_path: Path) -> tuple[Path, torch.Tensor]:
 
 def test_file_prune_matches_in_memory_prune_and_releases_weights(tmp_path: Path) -> None:
     path, ids = _saved(tmp_path)
-    from_file = engine.prune(path, ratio=0.4)
+    from_file = engine.prune(path, ratio=0.4, release_original=True)
     in_memory = engine.prune(torch.export.load(path), ratio=0.4)
     assert from_file.report["before"] == in_memory.report["before"]
     assert from_file.report["after"] == in_memory.report["after"]

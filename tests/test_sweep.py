@@ -107,6 +107,7 @@ def test_a_point_equals_the_matching_prune_run(demo_sweep):
         assert point["metric"] == _accuracy(result.module, x, y)
 
 
+@pytest.mark.slow
 def test_process_pool_and_serial_give_identical_results(demo_sweep):
     report, _ = demo_sweep
     pooled = sweep("demo", {"layer_norm": "tss_norm,linear_scaling"}, [0.2, 0.4],
@@ -129,6 +130,7 @@ def test_ray_gives_the_same_results_as_the_process_pool(demo_sweep):
     assert _without_seconds(on_ray) == _without_seconds(report)
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_keeps_the_finished_points(tmp_path):
     out = tmp_path / "partial.json"
     seen = []
@@ -161,6 +163,7 @@ def test_cli_writes_json_csv_and_a_table(capfd, tmp_path):
         [p["metric"] for p in report["points"]], abs=5e-4)
 
 
+@pytest.mark.slow
 def test_an_in_memory_model_reaches_the_workers():
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     torch.manual_seed(0)
@@ -205,6 +208,7 @@ def test_bad_targets_are_one_line(capfd, tmp_path, args, needle):
     assert not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.slow
 def test_target_flops_from_stored_curves_writes_reusable_ratios(capfd, tmp_path):
     rc, out, err = cli(capfd, "prune", "demo", "--target-flops", "0.4", "--sensitivity",
                        ASSETS / "demo_sensitivity.json", "--eval-data", "demo", "--no-onnx",
@@ -229,6 +233,7 @@ def test_target_flops_from_stored_curves_writes_reusable_ratios(capfd, tmp_path)
     assert [g["pruned"] for g in again["groups"]] == [g["pruned"] for g in report["groups"]]
 
 
+@pytest.mark.slow
 def test_recovered_points_are_measured_like_a_recovery_run():
     report = sweep("demo", {}, [0.5], eval_data="demo", recover="bn,bias,lsq,norm",
                    calibration="demo", workers=1)
@@ -239,3 +244,13 @@ def test_recovered_points_are_measured_like_a_recovery_run():
     assert point["metric"] == _accuracy(result.module, x, y)
     assert point["recovered"] == _accuracy(recovered.module, x, y)
     assert point["recovered"] > point["metric"] + 0.3  # data-light recovery at 0.5
+
+
+def test_a_missing_ray_extra_is_one_line(capfd, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
+    rc, _, err = cli(capfd, "sweep", "demo", "--eval-data", "demo", "--ratio", "0.1",
+                     "--ray", "local", "--json", tmp_path / "s.json")
+    assert rc == 2
+    assert "pip install 'prunescope[ray]'" in one_error_line(err)

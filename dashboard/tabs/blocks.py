@@ -30,7 +30,8 @@ def render(model: state.LoadedModel, calibration: Any = None) -> None:
         "calibration data, by block influence (1 - cosine similarity of the stream before "
         "and after the block)."
     )
-    key = ("blocks", getattr(calibration, "label", None))
+    which = calibration if isinstance(calibration, str) else getattr(calibration, "label", None)
+    key = ("blocks", calibration is None, which)
     cached = model.cache.get(key)
     if cached is None:
         with st.spinner("Scoring the residual blocks…"):

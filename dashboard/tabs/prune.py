@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +100,9 @@ def show_result(run: PruneRun) -> None:
     for note in run.notes:
         st.caption(note)
     st.subheader("Downloads")
-    c = st.columns(3)
+    hf_dir = run.files.get("hf")
+    has_hf = hf_dir is not None and hf_dir.is_dir()
+    c = st.columns(4 if has_hf else 3)
     mimes = {"model.pt2": "application/octet-stream", "model.onnx": "application/octet-stream",
              "report.json": "application/json"}
     for col, (name, mime) in zip(c, mimes.items()):
@@ -110,6 +114,23 @@ def show_result(run: PruneRun) -> None:
             f"Download {name}", data=lambda p=path: p.read_bytes(), file_name=name, mime=mime,
             key=f"dl_{name.replace('.', '_')}", icon="⬇️", width="stretch", on_click="ignore",
         )
+    if has_hf:
+        c[3].download_button(
+            "Download hf/ (zip)", data=lambda p=hf_dir: zip_folder(p), file_name="hf.zip",
+            mime="application/zip", key="dl_hf_zip", icon="⬇️", width="stretch",
+            on_click="ignore", help="The pruned model as a folder transformers loads with "
+                                    "from_pretrained (no custom code)",
+        )
+
+
+def zip_folder(folder: Path) -> bytes:
+    """`folder` as zip bytes, its files under ``hf/`` (what the user unpacks)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, f"{folder.name}/{path.relative_to(folder)}")
+    return buffer.getvalue()
 
 
 def file_named(run: PruneRun, name: str) -> Path | None:

@@ -23,11 +23,15 @@ from engine.options import (
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model to load and how to load it."""
-    p.add_argument("model", help="'demo', a .pt2 file, or a .pt pickle (with --trust-pickle)")
+    p.add_argument("model", help="'demo', a .pt2 file, a Hugging Face model folder "
+                   "(config.json + *.safetensors), or a .pt pickle (with --trust-pickle)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a .pt pickle (unpickling runs code from the file)")
     p.add_argument("--input-shape", action="append", default=[], metavar="1,3,224,224",
                    help="shape of an example input (repeat for several inputs)")
+    p.add_argument("--seq-len", default=None, metavar="N",
+                   help="tokens in the example inputs of a model folder's text model "
+                        "(default 32)")
 
 
 def add_option_args(p: argparse.ArgumentParser) -> None:
@@ -77,7 +81,15 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """How `engine` loads the model named on the command line."""
-    return {"trust_pickle": args.trust_pickle, "input_shapes": shapes(args.input_shape) or None}
+    seq_len = getattr(args, "seq_len", None)
+    if seq_len is not None:
+        seq_len = int_option("seq-len", seq_len)
+        if seq_len < 1:
+            raise OptionError(f"option --seq-len={seq_len} must be an integer >= 1")
+    kwargs = {"trust_pickle": args.trust_pickle, "input_shapes": shapes(args.input_shape) or None}
+    if seq_len is not None:
+        kwargs["seq_len"] = seq_len
+    return kwargs
 
 
 def options_from_args(args: argparse.Namespace) -> PruningOptions:
@@ -99,7 +111,7 @@ def int_option(name: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        least = 1 if name == "step-size" else 0
+        least = 1 if name in ("step-size", "seq-len") else 0
         raise OptionError(
             f"option --{name}={value!r} is not an integer; allowed: an integer >= {least}"
         ) from None

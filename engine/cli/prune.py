@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_target_args(ratio, p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--uniform", action="store_true",
+                   help="every repeated layer of the same kind loses the same number of "
+                        "channels (a standard transformers config for OUT/hf/)")
     add_structure_args(p)
     add_eval_args(p)
     add_recovery_args(p)
@@ -83,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     recovery = check_recovery_args(args)
     eval_data = load_eval_data(args.eval_data) if args.eval_data else None
     model = args.model
+    if recovery is not None:  # loaded here, the original keeps its weights for recovery
+        model = engine.load_model(model, **load_kwargs(args))
     if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
         model = engine.load_model(model, **load_kwargs(args))
         check_data(model, eval_data)
@@ -96,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
-                              **load_kwargs(args), **structures)
+                              uniform=args.uniform, **load_kwargs(args), **structures,
+                              # nothing after this needs the original: free it as we go
+                              release_original=recovery is None and eval_data is None)
         if auto is not None:
             result.report["auto_ratios"] = auto
         pruned = result
@@ -128,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     if auto is not None:
         print_section(auto)
     report_frozen(report["frozen"])
+    hf = report.get("hf")
+    if hf and hf["written"]:
+        print(f"hf/: loads with transformers.{hf['auto_class']}, outputs equal model.pt2 "
+              f"(max relative difference {hf['max_rel_diff_vs_pt2']:.2g})")
     for path in paths.values():
         print(f"wrote {path}")
     if onnx_error is not None:

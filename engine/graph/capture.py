@@ -24,8 +24,9 @@ from engine.graph.custom_ops import register_archive_ops
 from engine.graph.safety import check_size, inspect_pt2, quiet_torch_load, root_cause
 
 ACCEPTED = (
-    "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, or a .pt/.pth pickle of an "
-    "nn.Module (with --trust-pickle and --input-shape)"
+    "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
+    "(config.json and *.safetensors), or a .pt/.pth pickle of an nn.Module (with "
+    "--trust-pickle and --input-shape)"
 )
 PICKLE_SUFFIXES = (".pt", ".pth")
 
@@ -36,6 +37,7 @@ class Captured:
     example_inputs: tuple
     source: str
     example_kwargs: dict | None = None
+    hf: Any = None  # engine.io.hf.HFSource when the model is a transformers model
 
 
 def load_model(
@@ -44,13 +46,20 @@ def load_model(
     *,
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
+    seq_len: int | None = None,
 ) -> Captured:
-    """Capture `source` (module, program, path or 'demo'); errors are one-line ModelLoadErrors."""
+    """Capture `source` (module, program, path, model folder or 'demo'); errors are one-line
+    ModelLoadErrors. `seq_len`: tokens of the example inputs made for a transformers text
+    model that comes without example inputs."""
     if isinstance(source, Captured):
         return source
     if isinstance(source, torch.export.ExportedProgram):
         return _from_program(source, example_inputs, "ExportedProgram")
     if isinstance(source, torch.nn.Module):
+        from engine.io.hf import is_pretrained_model
+
+        if is_pretrained_model(source):
+            return _capture_transformers(source, example_inputs, input_shapes, seq_len)
         if example_inputs is None:
             raise ModelLoadError("an nn.Module needs example inputs to be captured")
         return capture_module(source, _as_tuple(example_inputs), source=type(source).__name__)
@@ -60,7 +69,10 @@ def load_model(
         if is_builtin(str(source)):
             name = str(source)
             return _from_program(load_builtin_program(name), builtin_example_inputs(name), name)
-        return _load_path(Path(source), example_inputs, trust_pickle, input_shapes)
+        path = Path(source)
+        if path.is_dir():
+            return _load_folder(path, trust_pickle, input_shapes, seq_len)
+        return _load_path(path, example_inputs, trust_pickle, input_shapes)
     raise ModelLoadError(f"cannot prune a {type(source).__name__}; give {ACCEPTED}")
 
 
@@ -68,6 +80,29 @@ def _as_tuple(inputs: Any) -> tuple:
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
     return tuple(inputs)
+
+
+def _load_folder(path: Path, trust_pickle: bool, input_shapes, seq_len) -> Captured:
+    from engine.io.hf import load_folder
+
+    model, inputs, hf = load_folder(path, trust_pickle=trust_pickle, input_shapes=input_shapes,
+                                    seq_len=seq_len)
+    captured = capture_module(model, inputs, source=str(path), input_names=hf.input_names)
+    captured.hf = hf
+    return captured
+
+
+def _capture_transformers(model, example_inputs, input_shapes, seq_len) -> Captured:
+    """A PreTrainedModel: example inputs from its config unless given; hf/ export enabled."""
+    from engine.io.hf import example_inputs_for, source_of_model
+
+    names: tuple[str, ...] = ()
+    if example_inputs is None:
+        example_inputs, names = example_inputs_for(model, input_shapes, seq_len)
+    captured = capture_module(model, _as_tuple(example_inputs), source=type(model).__name__,
+                              input_names=names)
+    captured.hf = source_of_model(model, names)
+    return captured
 
 
 def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> Captured:
@@ -135,34 +170,50 @@ def _from_program(program, example_inputs, source: str) -> Captured:
     return Captured(program, _as_tuple(example_inputs), source, kwargs or None)
 
 
-def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str = "") -> Captured:
+def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str = "",
+                   input_names: tuple[str, ...] = ()) -> Captured:
     """Export a module (eval mode, outputs flattened to plain tensors so the .pt2 loads anywhere).
 
     Models such as those of ``transformers`` return ``ModelOutput`` dataclasses; a program
     whose output tree names such a class cannot be loaded where that class is not imported.
     The captured program returns the output's tensor leaves as a flat tuple instead (the
-    order of ``torch.utils._pytree.tree_leaves``).
+    order of ``torch.utils._pytree.tree_leaves``). ``input_names``: the forward() keyword of
+    each positional input (transformers models take ``input_ids``, ``attention_mask``, ...
+    by name); the program takes them positionally. A model with a ``config.use_cache`` is
+    captured with the cache off.
     """
-    flat = _with_flat_outputs(module)
+    flat = _with_flat_outputs(module, input_names)
+    config = getattr(module, "config", None)
+    use_cache = getattr(config, "use_cache", None)
     try:
+        if use_cache:
+            config.use_cache = False
         program = torch.export.export(flat, example_inputs, strict=False)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
                              f"{_one_line(exc)}") from None
+    finally:
+        if use_cache:
+            config.use_cache = use_cache
     return Captured(program, example_inputs, source)
 
 
-def _with_flat_outputs(module: torch.nn.Module) -> torch.nn.Module:
+def _with_flat_outputs(module: torch.nn.Module, input_names: tuple[str, ...] = ()) \
+        -> torch.nn.Module:
     wrapped = copy.copy(module)
     base = type(module)
-    flat_cls = type(base.__name__, (base,), {"forward": _flat_forward(base.forward)})
+    flat_cls = type(base.__name__, (base,),
+                    {"forward": _flat_forward(base.forward, input_names)})
     wrapped.__class__ = flat_cls
     wrapped.eval()
     return wrapped
 
 
-def _flat_forward(forward):
+def _flat_forward(forward, input_names: tuple[str, ...] = ()):
     def flat_forward(self, *args, **kwargs):
+        if input_names:
+            kwargs = {**dict(zip(input_names, args)), **kwargs}
+            args = ()
         out = forward(self, *args, **kwargs)
         if isinstance(out, torch.Tensor):
             return out

@@ -125,7 +125,8 @@ def native_dropout(t: Tracer, node: fx.Node) -> Any:
     "gt", "ge", "where", "masked_fill", "logical_and", "logical_or", "bitwise_and",
     "bitwise_or", "floor_divide", "remainder", "fmod", "atan2", "addcmul", "addcdiv", "lerp",
     "hypot", "copysign", "fill", "clamp.Tensor", "xlogy", "add_", "sub_", "mul_", "div_",
-    "masked_fill_", "pow_", "maximum_", "minimum_",
+    "masked_fill_", "pow_", "maximum_", "minimum_", "multiply", "divide", "true_divide",
+    "subtract", "greater", "less", "greater_equal", "less_equal", "not_equal", "clip",
 )
 def elementwise(t: Tracer, node: fx.Node) -> Any:
     ndim = _ndim(node)
@@ -672,6 +673,11 @@ def cat(t: Tracer, node: fx.Node) -> Any:
     if not any(dim in t.label_dims(a) for a in tensors):
         # joined along a non-channel dim (tokens): the pieces share their channels
         return t.align(tensors, ndim, "cat with data that cannot be sliced")
+    if any(d != dim for a in tensors for d in t.label_dims(a)):
+        # pieces with channels along another dim too (ConvBERT: attention and convolution
+        # heads joined, each of head_size): their other dims must keep equal sizes
+        for x in labels:
+            t.freeze(x, f"{op_key(node)} of channels laid out over several dimensions")
     sizes = [1] * ndim
     for x in labels:
         for d in range(ndim):

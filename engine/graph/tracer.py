@@ -390,6 +390,15 @@ class Tracer:
             d + ndim - len(self.orig_shape(a)) for a in args for d in self.label_dims(a)
         }
         operands = [_rank(self._operand_labels(a, ndim, varying), ndim) for a in args]
+        for k, a in enumerate(args):
+            # one channel broadcast over other channels (a scalar gate times the hidden
+            # stream): joining it with every channel would fuse them all into one
+            size = (1,) * (ndim - len(self.orig_shape(a))) + self.orig_shape(a)
+            if is_labelled(operands[k]) and not self.label_dims(a) and any(
+                    size[d] == 1 for d in varying):
+                self.freeze(operands[k], f"{self.op_name()}: one channel broadcast over "
+                            "other channels")
+                operands[k] = np.full(operands[k].shape, NO_LABEL, dtype=np.int64)
         label_sets = [
             frozenset(d + ndim - len(self.orig_shape(a)) for a in [arg] for d in self.label_dims(a))
             for arg in args

@@ -191,17 +191,23 @@ def _one_line(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The dynamo exporter logs about optional torchvision ops and emits pytree deprecation
-    warnings; neither concerns the user's model, so they are hidden during export."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    warnings, and onnxscript's optimizer logs constants it could not fold (an attention mask
+    input of transformers models); none concerns the user's model, so they are hidden."""
+    loggers = [logging.getLogger(name) for name in (
+        "torch.onnx._internal.exporter._registration",
+        "onnxscript.optimizer._constant_folding",
+    )]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def export_onnx(

@@ -398,6 +398,7 @@ def evaluate(
     batch_size: int = 256,
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
+    seq_len: int | None = None,
 ) -> dict[str, Any]:
     """Measure `model` on `data`: ``{"metric", "value", "samples", "data"}`` (+ ``"tokens"``
     for perplexity).
@@ -414,7 +415,8 @@ def evaluate(
     if not isinstance(data, EvalData):
         data = load_eval_data(data)
     data = data.head(max_samples)
-    load_kwargs = {"trust_pickle": trust_pickle, "input_shapes": input_shapes}
+    load_kwargs = {"trust_pickle": trust_pickle, "input_shapes": input_shapes,
+                   "seq_len": seq_len}
     runner = _runner(model, example_inputs, load_kwargs)
     inputs = _as_tensors(data, runner)
     ref_runner = ref_array = None

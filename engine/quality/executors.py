@@ -104,6 +104,7 @@ def _in_pool(job: SweepJob, points: list[Point], workers: int) -> Iterator[tuple
                 with contextlib.suppress(Exception):
                     process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
+        _POOL_JOB = None
 
 
 # ------------------------------------------------------------------------------- Ray

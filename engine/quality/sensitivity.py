@@ -46,6 +46,7 @@ def sensitivity(
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
     analysis: Any = None,
+    seq_len: int | None = None,
 ) -> dict[str, Any]:
     """Per prunable group and ratio: the metric, its drop, and params/FLOPs after.
 
@@ -58,7 +59,7 @@ def sensitivity(
     prepared = prepare(model, eval_data=eval_data, metric=metric, criteria=[options.criterion],
                        calibration=calibration, ray=ray, example_inputs=example_inputs,
                        trust_pickle=trust_pickle, input_shapes=input_shapes,
-                       analysis=analysis, ship=_ships(workers, ray, 2))
+                       analysis=analysis, seq_len=seq_len, ship=_ships(workers, ray, 2))
     groups = prepared.analysis.prunable_groups(options.prunes_whole_blocks)
     report = base_report(prepared)
     report["options"] = options.to_dict()

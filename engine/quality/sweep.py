@@ -234,6 +234,7 @@ def prepare(
     input_shapes: list[tuple[int, ...]] | None = None,
     analysis: Any = None,
     ship: bool = True,
+    seq_len: int | None = None,
 ) -> Prepared:
     """Check everything that can be checked before work starts, analyse, score, evaluate.
 
@@ -259,7 +260,7 @@ def prepare(
             raise OptionError("--recover needs calibration data (--calibration F)")
     if analysis is None:
         analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
-                           input_shapes=input_shapes)
+                           input_shapes=input_shapes, seq_len=seq_len)
     check_data(analysis.captured, data)
     for criterion in criteria:
         analysis.filter_scores(criterion, calibration)  # once per criterion; forks inherit it
@@ -323,6 +324,7 @@ def sweep(
     example_inputs: tuple | None = None,
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
+    seq_len: int | None = None,
 ) -> dict[str, Any]:
     """Prune `model` at every point of `grid` x `ratios` and measure each pruned model.
 
@@ -338,8 +340,8 @@ def sweep(
                        criteria=[o.criterion for o in options_list], calibration=calibration,
                        recover=recover, recover_steps=recover_steps, ray=ray,
                        example_inputs=example_inputs, trust_pickle=trust_pickle,
-                       input_shapes=input_shapes, ship=_ships(workers, ray, len(options_list)
-                                                              * len(ratio_list)))
+                       input_shapes=input_shapes, seq_len=seq_len,
+                       ship=_ships(workers, ray, len(options_list) * len(ratio_list)))
     report = base_report(prepared)
     report["axes"] = {name: axis_values(name, grid[name]) for name in AXES
                       if name in (grid or {})}
@@ -368,13 +370,14 @@ def base_report(prepared: Prepared) -> dict[str, Any]:
 
 
 def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> ModelSource:
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)) and not Path(model).is_dir():
         name = os.fspath(model)
         return ModelSource(name, name, trust_pickle=trust_pickle, input_shapes=input_shapes)
     name = getattr(getattr(model, "captured", None), "source", None) or type(model).__name__
     if not ship:  # this process's analysis is primed for the points; nothing to load
         return ModelSource(name)
-    # an in-memory model travels as the .pt2 file of the program this process captured; the
+    # an in-memory model (or a model folder, captured here with its config's inputs)
+    # travels as the .pt2 file of the program this process captured; the
     # file is ours (torch.export.save may pickle its example inputs), so workers may trust it
     import torch
 

@@ -285,8 +285,12 @@ def plan(
     pinned: Iterable[str] = (),
     calibration: np.ndarray | None = None,
     indices: Mapping[str, Iterable[int]] | None = None,
+    uniform: bool = False,
 ) -> Plan:
-    """Decide what every group loses; fast, reuses cached raw scores."""
+    """Decide what every group loses; fast, reuses cached raw scores.
+
+    ``uniform``: every repeated layer of the same kind loses the same number of channels
+    (engine/scoring/uniform.py), so a transformers config can describe the result."""
     options = PruningOptions.from_any(options)
     removals = None
     if indices and options.criterion != "index":
@@ -296,5 +300,18 @@ def plan(
             raise OptionError("criterion index needs --indices FILE.json (layer -> indices)")
         removals = analysis.removals_from_indices(indices, options.prunes_whole_blocks)
     inputs = analysis.group_inputs(options, calibration)
+    if uniform:
+        from engine.scoring.uniform import uniform_plan
+
+        pinned = [pinned] if isinstance(pinned, str) else list(pinned)
+        adjust = None
+        if analysis.captured.hf is not None:
+            from engine.io.hf_export import count_adjuster, groups_config_keeps
+
+            pinned += sorted(set(groups_config_keeps(analysis, options.prunes_whole_blocks))
+                             - set(pinned))
+            adjust = count_adjuster(analysis, options)
+        return uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                            removals=removals, adjust=adjust)
     return make_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
                      removals=removals)

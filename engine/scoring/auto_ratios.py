@@ -8,6 +8,10 @@ subject to the summed removal reaching the target, solved exactly by dynamic pro
 the removal in small units. Removals of neighbouring groups are not exactly additive (a layer
 between two pruned groups loses both its inputs and outputs), so the chosen ratios are applied
 for real and the target raised by any shortfall until the measured removal meets it.
+
+Losses do not add up either (two attention groups that each cost little alone can cost a lot
+together), so with data at hand `greedy_measured` is used instead: it measures every step it
+takes, and uses the curves only to shortlist the steps worth measuring.
 """
 
 from __future__ import annotations
@@ -62,12 +66,11 @@ def group_tables(sensitivity: Mapping[str, Any], resource: str,
 
 
 def choose_ratios(sensitivity: Mapping[str, Any], resource: str, target: float,
-                  candidates: np.ndarray = CANDIDATES, cap: float = 1.0) -> Choice:
-    """One ratio per group with summed predicted removal >= target, least summed loss;
-    no group above `cap`."""
+                  candidates: np.ndarray = CANDIDATES) -> Choice:
+    """One ratio per group with summed predicted removal >= target, least summed loss."""
     if resource not in RESOURCES:
         raise OptionError(f"resource {resource!r} is not allowed; allowed: {RESOURCES}")
-    tables = group_tables(sensitivity, resource, candidates[candidates <= cap + 1e-9])
+    tables = group_tables(sensitivity, resource, candidates)
     need = int(np.ceil(target * UNITS - 1e-9))
     # best[j]: least loss reaching j units of removal (j capped at `need`); pick[g][j]: choice
     best = np.full(need + 1, np.inf)
@@ -112,12 +115,12 @@ Measure = Callable[[dict[str, float] | None, float | None], float]
 
 
 def fit_ratios(sensitivity: Mapping[str, Any], resource: str, target: float,
-               measure: Measure, rounds: int = 6, cap: float = 1.0) -> tuple[Choice, float]:
+               measure: Measure, rounds: int = 6) -> tuple[Choice, float]:
     """choose_ratios, checked by `measure(ratios, None)` (the removed fraction for real) and
     re-chosen with the target raised by the shortfall until it is met."""
     aim = target
     for _ in range(rounds):
-        choice = choose_ratios(sensitivity, resource, min(aim, 0.999), cap=cap)
+        choice = choose_ratios(sensitivity, resource, min(aim, 0.999))
         achieved = measure(choice.ratios, None)
         if achieved >= target - 1e-9:
             return choice, achieved
@@ -142,28 +145,6 @@ def uniform_ratio(resource: str, target: float, measure: Measure,
         else:
             low = mid
     return round(high, 4), high_removed
-
-
-# Predicted losses add up only roughly: two groups that each cost little alone can cost a lot
-# together (the query and value channels of one attention). Capping every group's ratio
-# spreads the removal; each cap gives one candidate, and the measured best one wins.
-CAPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
-
-
-def candidate_choices(sensitivity: Mapping[str, Any], resource: str, target: float,
-                      measure: Measure) -> list[tuple[float, Choice, float]]:
-    """(cap, choice, measured removal) for every cap under which the target can be met."""
-    out: list[tuple[float, Choice, float]] = []
-    for cap in CAPS:
-        try:
-            choice, achieved = fit_ratios(sensitivity, resource, target, measure, cap=cap)
-        except OptionError:
-            continue
-        if all(choice.ratios != c.ratios for _, c, _ in out):
-            out.append((cap, choice, achieved))
-    if not out:  # no cap works: say why, with the uncapped search's own message
-        fit_ratios(sensitivity, resource, target, measure)
-    return out
 
 
 Loss = Callable[[dict[str, float]], float]

@@ -92,8 +92,9 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     `eval_holdout`: the fraction of calibration samples held back to measure the result and
     to pick the best distillation state.
     """
-    from engine.pipeline import PruneResult, _metrics
+    from engine.pipeline import PruneResult, _check_not_released, _metrics
 
+    _check_not_released(result.analysis)  # recovery fits to the original's outputs
     start = time.monotonic()
     names = parse_methods(methods)
     budget_s = check_budget(budget_s)
@@ -117,7 +118,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     wanted = list(DATA_LIGHT) if "auto" in names else [m for m in DATA_LIGHT if m in names]
     distilling = "distill" in names or ("auto" in names and (steps or (budget_s or 0) > 0))
     module = copy.deepcopy(result.module)
-    original = analysis.gm
+    original = _original(analysis)
     teacher_hold = data.outputs(original, holdout) if len(holdout) else None
     metric_name, before = _measure(module, holdout, teacher_hold)
     applied: list[str] = []
@@ -181,6 +182,25 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         **({"distill": details} if details else {}),
     }
     return PruneResult(module, report, result.plan, analysis, result.example_inputs)
+
+
+def _original(analysis) -> torch.fx.GraphModule:
+    """The original model with its weights. A prune of a model file gives the analysed
+    weights up (engine.prune releases them to save memory); a .pt2 or built-in model is then
+    loaded again, the same program with the same node names."""
+    if not getattr(analysis, "released", False):
+        return analysis.gm
+    from pathlib import Path
+
+    from engine.demo import is_builtin
+    from engine.graph.capture import load_model
+
+    source = analysis.captured.source
+    if not (is_builtin(source) or (Path(source).suffix == ".pt2" and Path(source).is_file())):
+        raise OptionError(
+            f"recovery needs the original weights, which pruning {source} gave up to save "
+            "memory; load the model first (engine.load_model(...)) and prune that")
+    return load_model(source).program.module()
 
 
 def _split(full: data.CalibrationSet, fraction: float, seed: int):

@@ -70,9 +70,10 @@ def _rows(t: torch.Tensor, trailing: int | None) -> torch.Tensor:
 _CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
 
 
-def _written_out_rms(node: fx.Node) -> tuple[int, int] | None:
+def _written_out_rms(node: fx.Node) -> tuple[int, int, float] | None:
     """`weight * cast(x * rsqrt(mean(x ** 2, -1, keepdim) + eps))`, RMSNorm as transformers
-    writes it (Llama, Mistral, Qwen): (index of the weight argument, of the normalised one)."""
+    writes it (Llama, Mistral, Qwen): (index of the weight argument, of the normalised one,
+    eps)."""
     if node.target != aten.mul.Tensor or len(node.args) != 2:
         return None
     for w_i in (0, 1):
@@ -86,33 +87,39 @@ def _written_out_rms(node: fx.Node) -> tuple[int, int] | None:
         if inner.op != "call_function" or inner.target != aten.mul.Tensor:
             continue
         for arg in inner.args:
-            if _is_inverse_rms(arg):
-                return w_i, 1 - w_i
+            eps = _inverse_rms_eps(arg)
+            if eps is not None:
+                return w_i, 1 - w_i, eps
     return None
 
 
-def _is_inverse_rms(node) -> bool:
-    """rsqrt(mean(pow(x, 2), [-1], keepdim=True) + eps)."""
+def _inverse_rms_eps(node) -> float | None:
+    """eps of rsqrt(mean(pow(x, 2), [-1], keepdim=True) + eps); None: not that pattern."""
     if not (isinstance(node, fx.Node) and node.target == aten.rsqrt.default):
-        return False
-    inner = node.args[0]
+        return None
+    inner, eps = node.args[0], 0.0
     if isinstance(inner, fx.Node) and inner.target == aten.add.Tensor:
-        inner = inner.args[0]
+        if not isinstance(inner.args[1], (int, float)):
+            return None
+        inner, eps = inner.args[0], float(inner.args[1])
     if not (isinstance(inner, fx.Node) and inner.target == aten.mean.dim):
-        return False
+        return None
     square = inner.args[0]
-    return (list(inner.args[1]) in ([-1],) and isinstance(square, fx.Node)
-            and square.target == aten.pow.Tensor_Scalar and square.args[1] == 2)
+    if (list(inner.args[1]) == [-1] and isinstance(square, fx.Node)
+            and square.target == aten.pow.Tensor_Scalar and square.args[1] == 2):
+        return eps
+    return None
 
 
 def _correct_written_out_rms(ctx: Context, node: fx.Node, step: Step) -> str | None:
     """The RMSNorm of a written-out pattern: the original's normalised value over all
-    channels is at hand; re-normalising its kept channels gives the value over the kept
-    channels only (exact but for eps, negligible next to the mean square)."""
+    channels z = x / sqrt(ms + eps) is at hand; its mean square m = ms / (ms + eps) gives
+    ms + eps = eps / (1 - m), so z rescaled gives x, and x's kept channels normalised
+    on their own give the value over the kept channels only."""
     found = _written_out_rms(node)
     if found is None:
         return None
-    w_i, z_i = found
+    w_i, z_i, eps = found
     z_node = node.args[z_i]
     keep = ctx.layout.kept(z_node.name)
     last = step.original_args[z_i].ndim - 1
@@ -124,7 +131,12 @@ def _correct_written_out_rms(ctx: Context, node: fx.Node, step: Step) -> str | N
     if weight is None or weight.ndim != 1 or z_full is None:
         return None
     z_full = z_full.double()
-    z_kept = z_full * torch.rsqrt((z_full * z_full).mean(-1, keepdim=True).clamp_min(1e-12))
+    m = step.original_args[z_i].double().pow(2).mean(-1, keepdim=True)
+    # where eps is lost in float rounding (1 - m tiny) it is negligible: leave it out
+    scale = torch.where(1 - m > 1e-5, eps / (1 - m).clamp_min(1e-12), torch.inf)
+    kept_ms = (z_full * z_full).mean(-1, keepdim=True)
+    z_kept = torch.where(torch.isinf(scale), z_full * torch.rsqrt(kept_ms.clamp_min(1e-12)),
+                         z_full * torch.sqrt(scale) / torch.sqrt(kept_ms * scale + eps))
     a, _ = fit_affine(z_kept.reshape(-1, z_kept.shape[-1]), z_full.reshape(-1, z_full.shape[-1]),
                       with_bias=False)
     with torch.no_grad():

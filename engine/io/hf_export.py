@@ -1,0 +1,401 @@
+"""OUT/hf/: the pruned model as a folder the same transformers Auto class loads.
+
+A transformers config describes a model's shapes with a few numbers (hidden size,
+intermediate size, heads, key/value heads). After pruning, those numbers are read back from
+the pruned weights by a small per-architecture rule, a fresh model is built from the new
+config, and every one of its weights must have exactly the pruned weight's shape; the pruned
+weights are then copied in by name. Where a weight's shape is not what the config implies
+(layers pruned unequally, per-head channels in a config with one head size, ResNet's fixed
+bottleneck ratio) the folder is not written and one line says which weight and why.
+
+Every written folder is reloaded with ``from_pretrained`` (local files only, no custom code)
+and run on the example inputs; its outputs must equal the pruned ``model.pt2`` within 1e-5
+relative, or the folder is not written. The check goes into ``report.json`` as ``hf``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from engine.io.hf import HFSource
+
+HF_TOLERANCE = 1e-5  # relative: max |hf - pt2| / max |pt2|
+Shapes = dict[str, tuple[int, ...]]
+
+
+class NotDescribable(Exception):
+    """The config cannot describe the pruned shapes (the message is the one-line reason)."""
+
+
+def _find(shapes: Shapes, pattern: str) -> tuple[str, tuple[int, ...]]:
+    regex = re.compile(pattern)
+    for name, shape in shapes.items():
+        if regex.search(name):
+            return name, shape
+    raise NotDescribable(f"no weight matching {pattern!r}")
+
+
+def _heads(shapes: Shapes, pattern: str, dim: int, head_size: int, parts: int = 1) -> int:
+    name, shape = _find(shapes, pattern)
+    width = shape[dim] // parts
+    if width % head_size:
+        raise NotDescribable(
+            f"{name} has {width} attention channels, not a whole number of heads of "
+            f"{head_size}: the config has one head size; prune whole heads "
+            "(--reshape-channel-axis -2) instead"
+        )
+    return width // head_size
+
+
+def _llama_like(config, shapes: Shapes) -> dict[str, Any]:
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    update = {
+        "hidden_size": _find(shapes, r"embed_tokens\.weight$")[1][1],
+        "intermediate_size": _find(shapes, r"layers\.0\.mlp\.(gate|up)_proj\.weight$")[1][0],
+        "num_attention_heads": _heads(shapes, r"layers\.0\.self_attn\.q_proj\.weight$", 0, head),
+        "head_dim": head,
+    }
+    if kv:
+        update["num_key_value_heads"] = _heads(
+            shapes, r"layers\.0\.self_attn\.k_proj\.weight$", 0, head)
+    return update
+
+
+def _bert_like(config, shapes: Shapes) -> dict[str, Any]:
+    head = config.hidden_size // config.num_attention_heads
+    return {
+        "hidden_size": _find(shapes, r"embeddings\.word_embeddings\.weight$")[1][1],
+        "intermediate_size": _find(shapes, r"layer\.0\.intermediate\.dense\.weight$")[1][0],
+        "num_attention_heads": _heads(shapes, r"layer\.0\.attention\.self\.query\.weight$", 0,
+                                      head),
+    }
+
+
+def _vit(config, shapes: Shapes) -> dict[str, Any]:
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {
+        "hidden_size": _find(shapes, r"embeddings\.cls_token$")[1][-1],
+        "intermediate_size": _find(shapes, r"layers\.0\.mlp\.fc1\.weight$")[1][0],
+        "num_attention_heads": _heads(shapes, r"layers\.0\.attention\.q_proj\.weight$", 0, head),
+        "head_dim": head,
+    }
+
+
+def _gpt2(config, shapes: Shapes) -> dict[str, Any]:
+    head = config.n_embd // config.n_head
+    return {
+        "n_embd": _find(shapes, r"wte\.weight$")[1][1],
+        "n_inner": _find(shapes, r"h\.0\.mlp\.c_fc\.weight$")[1][1],  # Conv1D: (in, out)
+        "n_head": _heads(shapes, r"h\.0\.attn\.c_attn\.weight$", 1, head, parts=3),
+    }
+
+
+def _resnet(config, shapes: Shapes) -> dict[str, Any]:
+    """Stage widths from each stage's last block output; the bottleneck ratio is fixed."""
+    sizes = []
+    for stage in range(len(config.hidden_sizes)):
+        pattern = rf"stages\.{stage}\.layers\.\d+\.layer\.\d+\.convolution\.weight$"
+        names = [n for n in shapes if re.search(pattern, n)]
+        if not names:
+            raise NotDescribable(f"no weights of ResNet stage {stage}")
+        sizes.append(shapes[names[-1]][0])
+    if getattr(config, "layer_type", "bottleneck") == "bottleneck":
+        first = re.compile(r"stages\.(\d+)\.layers\.\d+\.layer\.0\.convolution\.weight$")
+        for name, shape in shapes.items():
+            match = first.search(name)
+            if match and shape[0] != sizes[int(match.group(1))] // 4:
+                raise NotDescribable(
+                    f"ResNetConfig fixes every bottleneck's inner width at a quarter of its "
+                    f"stage width, and {name} keeps {shape[0]} of {sizes[int(match.group(1))]}"
+                )
+    return {
+        "embedding_size": _find(shapes, r"embedder\.embedder\.convolution\.weight$")[1][0],
+        "hidden_sizes": sizes,
+    }
+
+
+# model_type -> rule reading the new config numbers off the pruned weights
+RULES: dict[str, Callable[[Any, Shapes], dict[str, Any]]] = {
+    **{t: _llama_like for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")},
+    **{t: _bert_like for t in ("bert", "roberta", "xlm-roberta", "camembert")},
+    "vit": _vit,
+    "gpt2": _gpt2,
+    "resnet": _resnet,
+}
+
+
+# What each config cannot describe whatever the counts: "head_channels" (channels inside a
+# head: one head size, and the attention scale follows it), "heads" (the number of heads:
+# BertConfig and GPT2Config derive the head size from hidden_size / heads), "hidden" (the
+# hidden size, for the same reason). --uniform keeps such groups whole on these models.
+_LLAMA_FIXED = ("head_channels",)
+_TIED_FIXED = ("head_channels", "heads", "hidden")
+FIXED: dict[str, tuple[str, ...]] = {
+    **{t: _LLAMA_FIXED for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")},
+    **{t: _TIED_FIXED for t in ("bert", "roberta", "xlm-roberta", "camembert")},
+    "vit": _LLAMA_FIXED,
+    "gpt2": _TIED_FIXED,
+}
+_EMBEDDING = re.compile(r"(word_embeddings|embed_tokens|wte|wpe|patch_embeddings\.projection)$")
+_POOLER = re.compile(r"pooler\.dense$")  # BertConfig: the pooler is hidden_size wide
+_WHY = {
+    "head_channels": "has one head size (channels inside heads cannot shrink)",
+    "heads": "derives the head size from hidden_size / heads (heads cannot go)",
+    "hidden": "derives the head size from hidden_size / heads (the hidden size cannot shrink)",
+}
+
+
+def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
+    """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
+    hf = analysis.captured.hf
+    fixed = FIXED.get(getattr(hf.config, "model_type", None), ())
+    name = type(hf.config).__name__
+    keep = {}
+    for g in analysis.prunable_groups(whole_blocks):
+        if g.whole_blocks and "heads" in fixed:
+            keep[g.name] = f"{name} {_WHY['heads']}"
+        elif g.blocks and "head_channels" in fixed and not g.whole_blocks:
+            keep[g.name] = f"{name} {_WHY['head_channels']}"
+        elif "hidden" in fixed and any(_EMBEDDING.search(x) or _POOLER.search(x)
+                                       for x in g.layers):
+            keep[g.name] = f"{name} {_WHY['hidden']}"
+    return keep
+
+
+def count_adjuster(analysis, options):
+    """For --uniform on Llama-like models: LlamaConfig requires hidden_size to be a multiple
+    of num_attention_heads, so the hidden stream keeps such a multiple (the heads left after
+    pruning whole heads; the step size too when the step rule is on)."""
+    hf = analysis.captured.hf
+    if FIXED.get(getattr(hf.config, "model_type", None)) is not _LLAMA_FIXED or \
+            hf.config.model_type == "vit":
+        return None
+    groups = analysis.prunable_groups(options.prunes_whole_blocks)
+    hidden = next((g.name for g in groups if any(_EMBEDDING.search(x) for x in g.layers)), None)
+    heads = [g.name for g in groups
+             if g.whole_blocks and any(x.endswith("q_proj") for x in g.layers)]
+    if hidden is None:
+        return None
+    n_heads = hf.config.num_attention_heads
+    n_kv = getattr(hf.config, "num_key_value_heads", None) or n_heads
+    step = options.step_size if options.step_op != "none" else 1
+
+    def adjust(counts: dict[str, int], sizes: dict[str, int]) -> dict[str, int]:
+        left = n_heads
+        if heads:  # one channel of a heads group: a key/value head with its query heads
+            left = (sizes[heads[0]] - counts[heads[0]]) * (n_heads // n_kv)
+        multiple = math.lcm(left, step)
+        size = sizes[hidden]
+        kept = max((size - counts[hidden]) // multiple * multiple, min(multiple, size))
+        return {**counts, hidden: size - kept}
+
+    return adjust
+
+
+def supported_model_types() -> list[str]:
+    return sorted(RULES)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or advice on stderr while PruneScope saves and reloads folders."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_uniform(result) -> None:
+    """A config has one size per layer kind: repeated layers must lose the same count."""
+    from engine.scoring.uniform import families
+
+    structure = result.analysis.structure(result.plan.options.prunes_whole_blocks)
+    pruned = {gp.name: int(gp.pruned.size) for gp in result.plan.groups}
+    for names in families(g for g in structure.groups if g.name in pruned):
+        counts = {pruned[n] for n in names}
+        if len(counts) > 1:
+            low = min(names, key=pruned.get)
+            high = max(names, key=pruned.get)
+            config_name = type(result.analysis.captured.hf.config).__name__
+            raise NotDescribable(
+                f"--uniform is needed for hf/: {config_name} has one size for every layer, "
+                f"and {low} loses {pruned[low]} channels where {high} loses {pruned[high]}"
+            )
+
+
+def check_heads(result) -> None:
+    """Channels pruned inside attention heads change the head size of some projections only,
+    and the attention scale stays the original one; no config here has a field for that."""
+    structure = result.analysis.structure(result.plan.options.prunes_whole_blocks)
+    for gp in result.plan.groups:
+        info = structure.group(gp.name)
+        if len(gp.pruned) and info.blocks and not info.whole_blocks:
+            heads, size = info.blocks
+            kept = size - len(gp.pruned) // heads
+            config_name = type(result.analysis.captured.hf.config).__name__
+            raise NotDescribable(
+                f"group {gp.name} keeps {kept} of the {size} channels of each of its {heads} "
+                f"blocks (attention heads), and {config_name} has one head size for queries, "
+                "keys and values; prune whole heads (--reshape-channel-axis -2)"
+            )
+
+
+def pruned_config(hf: HFSource, module: torch.nn.Module):
+    """The config describing `module`'s weights (checked against a fresh model on meta)."""
+    config = hf.config
+    model_type = getattr(config, "model_type", "?")
+    rule = RULES.get(model_type)
+    if rule is None:
+        raise NotDescribable(
+            f"no rule maps pruned shapes onto a {type(config).__name__} (hf/ is written for "
+            f"model types {', '.join(supported_model_types())})"
+        )
+    shapes = {k: tuple(v.shape) for k, v in _weights(module).items()}
+    values = config.to_dict()
+    values.update(rule(config, shapes))
+    try:
+        new_config = type(config).from_dict(values)
+        with torch.device("meta"), quiet_transformers():
+            fresh = _model_class(hf)(new_config)
+    except Exception as exc:  # noqa: BLE001 - the config refuses the numbers read off
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise NotDescribable(f"{type(config).__name__} refuses the pruned sizes "
+                             f"({_changed(config, values)}): {first}"[:400]) from None
+    expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    for name, shape in shapes.items():
+        if name in expected and expected[name] != shape:
+            raise NotDescribable(
+                f"{type(config).__name__} cannot describe {name} of shape {list(shape)} "
+                f"(the config implies {list(expected[name])})"
+            )
+    return new_config
+
+
+def _changed(config, values: dict[str, Any]) -> str:
+    before = config.to_dict()
+    return ", ".join(f"{k}={v}" for k, v in values.items() if before.get(k) != v)
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _model_class(hf: HFSource):
+    import transformers
+
+    return getattr(transformers, hf.model_class)
+
+
+def _loader_class(hf: HFSource):
+    import transformers
+
+    return getattr(transformers, hf.auto_class or hf.model_class)
+
+
+def build_pretrained(hf: HFSource, module: torch.nn.Module):
+    """A fresh transformers model of the pruned config holding `module`'s weights."""
+    new_config = pruned_config(hf, module)
+    with quiet_transformers():
+        fresh = _model_class(hf)(new_config).eval()
+    weights = _weights(module)
+    target = fresh.state_dict()
+    loaded = {k: v for k, v in weights.items() if k in target}
+    params = {k for k, _ in module.named_parameters()}
+    extra = sorted(k for k in params if k not in target)
+    if extra:
+        raise NotDescribable(f"weight {extra[0]} has no place in {hf.model_class}")
+    fresh.load_state_dict(loaded, strict=False)
+    # keys the fresh model holds but the pruned module does not must be ties of loaded ones
+    loaded_ptrs = {fresh.state_dict()[k].data_ptr() for k in loaded}
+    missing = [k for k, v in fresh.state_dict().items()
+               if k not in loaded and v.data_ptr() not in loaded_ptrs]
+    persistent_params = {k for k, _ in fresh.named_parameters()}
+    missing = [k for k in missing if k in persistent_params]
+    if missing:
+        raise NotDescribable(f"the pruned model has no weight for {missing[0]}")
+    return fresh
+
+
+def write_hf(result, folder: Path) -> dict[str, Any]:
+    """Write `folder` (a staging path) and check it; the report's ``hf`` entry.
+
+    ``{"written": True, "auto_class", "config": {changed numbers}, "max_rel_diff_vs_pt2",
+    "carried": [files]}`` or ``{"written": False, "reason": one line}``.
+    """
+    hf: HFSource = result.analysis.captured.hf
+    try:
+        check_uniform(result)
+        check_heads(result)
+        model = build_pretrained(hf, result.module)
+    except NotDescribable as exc:
+        return {"written": False, "reason": str(exc)}
+    with quiet_transformers():
+        model.save_pretrained(os.fspath(folder))
+    carried = []
+    for name in hf.carried:
+        if hf.folder is not None and (hf.folder / name).is_file():
+            shutil.copy2(hf.folder / name, folder / name)
+            carried.append(name)
+    diff = _check(hf, folder, result)
+    if not diff <= HF_TOLERANCE:
+        shutil.rmtree(folder, ignore_errors=True)
+        return {"written": False,
+                "reason": f"the reloaded hf/ model differs from model.pt2 by {diff:.3g} "
+                          f"(relative; allowed {HF_TOLERANCE})"}
+    before = hf.config.to_dict()
+    after = model.config.to_dict()
+    changed = {k: after[k] for k in after if k in before and before[k] != after[k]
+               and k not in ("architectures", "dtype", "torch_dtype", "transformers_version")}
+    return {
+        "written": True,
+        "auto_class": hf.auto_class or hf.model_class,
+        "model_class": hf.model_class,
+        "config": changed,
+        "max_rel_diff_vs_pt2": diff,
+        "carried": carried,
+    }
+
+
+def _check(hf: HFSource, folder: Path, result) -> float:
+    """Reload `folder` like a user would and compare its outputs with the pruned program."""
+    with quiet_transformers():
+        reloaded = _loader_class(hf).from_pretrained(
+            os.fspath(folder), local_files_only=True, trust_remote_code=False,
+            use_safetensors=True, dtype=torch.float32,
+        ).eval()
+    if getattr(reloaded.config, "use_cache", None):
+        reloaded.config.use_cache = False
+    inputs = result.example_inputs
+    with torch.no_grad():
+        if hf.input_names:
+            out = reloaded(**dict(zip(hf.input_names, inputs)))
+        else:
+            out = reloaded(*inputs)
+        reference = result.program.module()(*inputs)
+    got = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    want = [x for x in pytree.tree_leaves(reference) if isinstance(x, torch.Tensor)]
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+        return float("inf")
+    worst_abs = max((float((a.float() - b.float()).abs().max()) for a, b in zip(got, want)
+                     if a.numel()), default=0.0)
+    scale = max((float(b.float().abs().max()) for b in want if b.numel()), default=0.0)
+    return worst_abs / scale if scale > 0 else worst_abs
