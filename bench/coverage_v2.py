@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.common import REPO, Goal, Section, md_table
 
 NAME = "coverage_v2"
-TITLE = "Coverage v2: real architectures at ratio 0.5, default options (prune, verify, export)"
+TITLE = "10. Coverage v2: real architectures at ratio 0.5, default options (prune, verify, export)"
 RATIO = 0.5
 TIMEOUT_S = 600
 BATCH = 6

@@ -21,7 +21,7 @@ import engine
 from bench.common import Goal, Section, md_table
 
 NAME = "hf_uniform"
-TITLE = "10. Hugging Face folders: --uniform and hf/ (parameters removed, demo-lm perplexity)"
+TITLE = "11. Hugging Face folders: --uniform and hf/ (parameters removed, demo-lm perplexity)"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 

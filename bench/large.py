@@ -32,7 +32,7 @@ from pathlib import Path
 from bench.common import REPO, Goal, Section, fmt_bytes, fmt_s, md_table, one_line, quiet
 
 NAME = "large"
-TITLE = "6. Large models in bf16: prune a .pt2 against its load + save floor"
+TITLE = "9. Large models in bf16: prune a .pt2 against its load + save floor"
 RATIO = "0.3"
 SEQ = 8
 RSS_GOAL = 1.5

@@ -23,7 +23,7 @@ from engine.demo import BUILTINS, builtin_data_path
 from engine.scoring.data_aware import DATA_CRITERIA
 
 NAME = "quality"
-TITLE = "6. Quality: criteria x recovery x ratio on the demo models"
+TITLE = "7. Quality: criteria x recovery x ratio on the demo models"
 RATIOS = (0.2, 0.3, 0.5)
 CRITERIA = ("l2", *DATA_CRITERIA)
 DATA_LIGHT = "bn,bias,lsq,norm"

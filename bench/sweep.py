@@ -18,7 +18,7 @@ from bench.common import Goal, Section, md_table
 from engine.options import LAYER_NORMS
 
 NAME = "sweep"
-TITLE = "6. Sweeps, sensitivity and automatic ratios (demo)"
+TITLE = "8. Sweeps, sensitivity and automatic ratios (demo)"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 TARGET = 0.5
 
