@@ -45,7 +45,7 @@ run: $(VENV)/.stamp-run
 
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.stamp-bench
 	$(PY) -m bench
