@@ -6,9 +6,6 @@ Uses /usr/bin/chromium (never `playwright install`); the test fails, not skips, 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,32 +14,15 @@ import pytest
 import torch
 
 from engine.demo import load_demo_eval
-from tests.helpers import free_port, stop, wait_for, wait_healthy
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-STARTUP_TIMEOUT_S = 120
 STEP_TIMEOUT_MS = 120_000
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
-    streamlit = Path(sys.executable).with_name("streamlit")
-    cmd = [str(streamlit), "run", "dashboard/app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port)]
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log_path, STARTUP_TIMEOUT_S)
-        yield url
-    finally:
-        stop(proc)
 
 
 def _shot(page, name: str) -> Path:
@@ -86,12 +66,12 @@ def _choose(page, label: str, value: str) -> None:
     page.get_by_role("option", name=value, exact=True).click()
 
 
-def test_dashboard_in_chromium(server_url, browser, tmp_path):
+def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1440, "height": 2200}, accept_downloads=True)
     page.set_default_timeout(STEP_TIMEOUT_MS)
 
     # 1. Opens on the demo with the score chart drawn.
-    page.goto(server_url)
+    page.goto(dashboard_url)
     page.get_by_text("PruneScope").first.wait_for()
     page.wait_for_selector(".js-plotly-plot .boxlayer")
     page.wait_for_function("() => document.querySelector('.js-plotly-plot').data")

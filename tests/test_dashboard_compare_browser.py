@@ -4,15 +4,12 @@ that point's options and ratio in the sidebar. Screenshots: test-artifacts/compa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, stop, wait_for, wait_healthy
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -22,22 +19,6 @@ STEP_TIMEOUT_MS = 120_000
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
-    streamlit = Path(sys.executable).with_name("streamlit")
-    cmd = [str(streamlit), "run", "dashboard/app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port)]
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log_path, 120)
-        yield url
-    finally:
-        stop(proc)
 
 
 def _settle(page) -> None:
@@ -66,10 +47,10 @@ CHART = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
     .find(p => p.data && p.data.some(t => t.name === 'Pareto front'))"""
 
 
-def test_comparison_chart_renders_and_a_click_chooses_a_point(server_url, browser):
+def test_comparison_chart_renders_and_a_click_chooses_a_point(dashboard_url, browser):
     page = browser.new_page(viewport={"width": 1440, "height": 2000})
     page.set_default_timeout(STEP_TIMEOUT_MS)
-    page.goto(server_url)
+    page.goto(dashboard_url)
     page.get_by_text("PruneScope").first.wait_for()
     _settle(page)
     page.get_by_role("tab", name="Compare on accuracy").click()

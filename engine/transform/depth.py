@@ -21,11 +21,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from engine.errors import OptionError, PruneScopeError
+from engine.errors import OptionError
 from engine.graph.blocks import Block, block_scores, find_blocks
 from engine.options import check_ratio
-
-EXACT_TOLERANCE = 1e-4
+from engine.transform.exactness import compare_exact
 
 
 def blocks_to_remove(n_blocks: int, block_ratio: Any = None, remove_blocks: Any = None) -> int:
@@ -191,23 +190,9 @@ def prune_depth(
     with torch.no_grad():
         expected = _leaves(masked_depth(analysis.gm, removed)(*inputs, **kwargs))
         got = _leaves(pruned(*inputs, **kwargs))
-    report["verification"] = _compare(expected, got)
+    report["verification"] = compare_exact(expected, got, "depth",
+                                             "with the removed blocks' branches zeroed")
     program = _export(pruned, analysis)
     captured = Captured(program, inputs, analysis.captured.source, analysis.captured.example_kwargs)
     return Analysis(captured), report
 
-
-def _compare(expected: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
-    if len(expected) != len(got) or any(a.shape != b.shape for a, b in zip(expected, got)):
-        raise PruneScopeError("depth verification failed: the output shapes changed")
-    diff = max((float((a - b).abs().max()) for a, b in zip(expected, got)
-                if a.is_floating_point() and a.numel()), default=0.0)
-    scale = max((float(a.abs().max()) for a in expected if a.is_floating_point() and a.numel()),
-                default=0.0)
-    relative = diff / scale if scale > 0 else diff
-    if not relative <= EXACT_TOLERANCE:
-        raise PruneScopeError(
-            f"depth verification failed: the model without the blocks differs from the "
-            f"original with their branches zeroed by {relative:.3g} (relative)"
-        )
-    return {"max_abs_diff_vs_masked": diff, "relative_diff_vs_masked": relative, "exact": True}

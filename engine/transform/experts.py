@@ -26,8 +26,7 @@ import torch.fx as fx
 
 from engine.errors import OptionError, PruneScopeError
 from engine.options import check_ratio
-
-EXACT_TOLERANCE = 1e-4
+from engine.transform.exactness import compare_exact
 
 
 @dataclass
@@ -208,7 +207,8 @@ def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
     with torch.no_grad():
         expected = _leaves(_ExpertMasked(analysis.gm, structure, removed, routers)
                            .run(*inputs, **kwargs))
-    report["verification"] = _compare(expected, got)
+    report["verification"] = compare_exact(expected, got, "expert",
+                                             "with the removed experts' router logits at -inf")
     program = _export(pruned, analysis)
     captured = Captured(program, inputs, analysis.captured.source, analysis.captured.example_kwargs)
     return Analysis(captured), report
@@ -243,18 +243,3 @@ def _resize_routing_constants(gm: fx.GraphModule, structure, router: Router, kep
             sizes[-1] = kept
             n.args = (n.args[0], sizes, *n.args[2:])
 
-
-def _compare(expected, got) -> dict:
-    if len(expected) != len(got) or any(a.shape != b.shape for a, b in zip(expected, got)):
-        raise PruneScopeError("expert verification failed: the output shapes changed")
-    diff = max((float((a - b).abs().max()) for a, b in zip(expected, got)
-                if a.is_floating_point() and a.numel()), default=0.0)
-    scale = max((float(a.abs().max()) for a in expected if a.is_floating_point() and a.numel()),
-                default=0.0)
-    relative = diff / scale if scale > 0 else diff
-    if not relative <= EXACT_TOLERANCE:
-        raise PruneScopeError(
-            f"expert verification failed: the model without the experts differs from the "
-            f"original with their router logits at -inf by {relative:.3g} (relative)"
-        )
-    return {"max_abs_diff_vs_masked": diff, "relative_diff_vs_masked": relative, "exact": True}

@@ -1,0 +1,29 @@
+"""The check shared by structural removals (whole experts, whole blocks): the reduced model
+must equal the original with the removed parts masked out, exactly."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.errors import PruneScopeError
+
+EXACT_TOLERANCE = 1e-4  # relative: max |reduced - masked| / max |masked|
+
+
+def compare_exact(expected: list[torch.Tensor], got: list[torch.Tensor], what: str,
+                  masked_as: str) -> dict:
+    """`expected`: the masked original's outputs; `got`: the reduced model's. `what` names the
+    removal (e.g. "depth"), `masked_as` how the original was masked, for the error line."""
+    if len(expected) != len(got) or any(a.shape != b.shape for a, b in zip(expected, got)):
+        raise PruneScopeError(f"{what} verification failed: the output shapes changed")
+    diff = max((float((a - b).abs().max()) for a, b in zip(expected, got)
+                if a.is_floating_point() and a.numel()), default=0.0)
+    scale = max((float(a.abs().max()) for a in expected if a.is_floating_point() and a.numel()),
+                default=0.0)
+    relative = diff / scale if scale > 0 else diff
+    if not relative <= EXACT_TOLERANCE:
+        raise PruneScopeError(
+            f"{what} verification failed: the reduced model differs from the original "
+            f"{masked_as} by {relative:.3g} (relative)"
+        )
+    return {"max_abs_diff_vs_masked": diff, "relative_diff_vs_masked": relative, "exact": True}
