@@ -29,8 +29,8 @@ from engine.quality.metrics import count_params, graph_flops, size_bytes
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
 from engine.transform.apply import masked_module, pruned_roots, rewrite, tensor_places
+from engine.transform.exactness import EXACT_TOLERANCE
 
-EXACT_TOLERANCE = 1e-4  # relative: max |pruned - masked| / max |masked|, float32
 HALF_EPSILONS = 4  # bf16/fp16 outputs: the tolerance is this many machine epsilons
 ONNX_TOLERANCE = 1e-3  # absolute, per unit of output scale: ONNX Runtime vs the pruned module
 ONNX_FILES = ("model.onnx", "model.onnx.data")

@@ -1,5 +1,7 @@
-"""The check shared by structural removals (whole experts, whole blocks): the reduced model
-must equal the original with the removed parts masked out, exactly."""
+"""Exactness against mask mode: the tolerance every verification uses in float32 (channel
+pruning in engine.pipeline, whole experts and blocks here), and the check shared by the
+structural removals: the reduced model must equal the original with the removed parts
+masked out."""
 
 from __future__ import annotations
 
