@@ -11,21 +11,22 @@ import pandas as pd
 import streamlit as st
 
 import engine
-from dashboard import sources, state
+from dashboard import state
 from dashboard.common import RESULT_KEY, session_files, short, show_error
 from dashboard.prune_run import PruneRun, comparison_rows, run_prune
 from dashboard.tabs import recover
+from engine.io.data import DataSet
 
 
 def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
-              eval_data: sources.EvalData | None) -> None:
+              eval_data: DataSet | None) -> None:
     total = sum(int(g.scores.size) for g in plan.groups)
     pruned = sum(int(g.pruned.size) for g in plan.groups)
     st.markdown(
         f"The current plan removes **{pruned:,} of {total:,}** prunable channels "
         f"({pruned / max(total, 1):.1%}). Prune builds the smaller model, saves it as "
         "`model.pt2`, `model.onnx` and `report.json`, and compares it with the original"
-        + (f" on **{eval_data.label}** ({eval_data.n} samples)." if eval_data else ".")
+        + (f" on **{eval_data.source}** ({len(eval_data)} samples)." if eval_data else ".")
     )
     if st.button("Prune", type="primary", key="prune", icon="✂️"):
         files = session_files()

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -221,34 +220,6 @@ def _flat_forward(forward, input_names: tuple[str, ...] = ()):
         return tuple(leaves)
 
     return flat_forward
-
-
-def load_calibration(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Calibration/evaluation data: ``.npz`` with array ``x`` (and optional labels ``y``), or
-    a ``.npy`` array, or a built-in model's name (its calibration set). Never unpickles."""
-    from engine.demo import builtin_data_path, is_builtin
-
-    if is_builtin(str(path)):
-        path = builtin_data_path(str(path), "calibration")
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"calibration file {path} does not exist")
-    try:
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                if "x" not in data:
-                    raise ModelLoadError(
-                        f"calibration file {path} has no array 'x' (found: {', '.join(data)})"
-                    )
-                y = data["y"] if "y" in data else None
-                return data["x"], y
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"calibration file {path} is unreadable: {_one_line(exc)}") from None
-    raise ModelLoadError(f"calibration file {path} must be .npz (array x) or .npy")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -390,10 +390,9 @@ def _calibration(calibration: Any) -> Any:
     """A calibration file as the engine takes it (inputs, and labels y when present)."""
     if not isinstance(calibration, (str, os.PathLike)):
         return calibration
-    from engine.graph.capture import load_calibration
+    from engine.io.data import load_calibration_data
 
-    x, y = load_calibration(calibration)
-    return x if y is None else {"x": x, "y": y}
+    return load_calibration_data(calibration, flag="calibration")
 
 
 def _write_json(path, report: dict) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from engine.errors import OptionError, PruneScopeError
+from engine.io.data import as_data
 from engine.quality.recovery import bias, bn, data, distill, lsq, norm
 from engine.quality.recovery.lockstep import Context, Layout
 
@@ -103,16 +104,14 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         raise OptionError(f"eval_holdout {eval_holdout!r} is not allowed; allowed: 0 <= f < 1")
     say = progress or (lambda _msg, _fraction: None)
     analysis = result.analysis
-    xs, y = data.load(calibration)
-    where = f"calibration data {calibration}" if isinstance(calibration, str) else \
-        "calibration data"
+    calibration = as_data(calibration)
     examples = analysis.captured.example_inputs
     shapes = data.expected_shapes(analysis.captured.program)
     if shapes and shapes[0] and shapes[0][0] is not None:
         raise OptionError(f"recovery needs a model whose batch dimension is dynamic; this one "
                           f"takes exactly {shapes[0][0]} sample(s) (export it with a dynamic "
                           "batch dimension)")
-    full = data.check(xs, y, shapes, examples, where)
+    full = data.check(calibration, shapes, examples)
     fit, holdout = _split(full, eval_holdout, seed)
 
     wanted = list(DATA_LIGHT) if "auto" in names else [m for m in DATA_LIGHT if m in names]

@@ -1,18 +1,17 @@
-"""Calibration data for recovery: loading, checking against the model, splitting, scoring."""
+"""Calibration data for recovery: checked against the model, split, scored (engine.io.data
+loads it)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from engine.errors import ModelLoadError, OptionError
+from engine.errors import OptionError
+from engine.io.data import DataSet
 
 CHUNK = 256  # samples per forward pass when only outputs are needed
 
@@ -34,73 +33,6 @@ class CalibrationSet:
             yield [x[start:start + size] for x in self.xs]
 
 
-def load(calibration: Any) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Arrays (inputs, labels) from an array, a mapping or object with x / x0.. (and y), a
-    .npz/.npy path, or a built-in model's name."""
-    if isinstance(calibration, (str, os.PathLike)):
-        return _from_mapping(_read(calibration), str(calibration))
-    if isinstance(calibration, (np.ndarray, torch.Tensor)):
-        return [_array(calibration)], None
-    if isinstance(calibration, Mapping):
-        return _from_mapping(calibration, "calibration data")
-    if isinstance(calibration, Sequence) and calibration and all(
-        isinstance(x, (np.ndarray, torch.Tensor)) for x in calibration
-    ):
-        return [_array(x) for x in calibration], None
-    fields = {k: getattr(calibration, k) for k in ("x", "xs", "inputs", "y")
-              if getattr(calibration, k, None) is not None}
-    if fields:
-        xs = fields.get("xs", fields.get("inputs"))
-        if xs is not None and not isinstance(xs, (np.ndarray, torch.Tensor)):
-            return [_array(x) for x in xs], _maybe(fields.get("y"))
-        return _from_mapping(fields, "calibration data")
-    raise OptionError("calibration data must be an array, a .npz/.npy file or a built-in "
-                      f"model name; got {type(calibration).__name__}")
-
-
-def _read(path_like: str | os.PathLike) -> dict[str, np.ndarray]:
-    path = _builtin(str(path_like)) or Path(path_like)
-    if not path.is_file():
-        raise ModelLoadError(f"calibration file {path} does not exist")
-    try:
-        if path.suffix == ".npy":
-            return {"x": np.load(path, allow_pickle=False)}
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ModelLoadError(f"calibration file {path} is unreadable: {first}") from None
-    raise ModelLoadError(f"calibration file {path} must be .npz (array x) or .npy")
-
-
-def _builtin(name: str) -> Path | None:
-    from engine.demo import builtin_data_path, is_builtin
-
-    return builtin_data_path(name, "calibration") if is_builtin(name) else None
-
-
-def _from_mapping(data: Mapping, where: str) -> tuple[list[np.ndarray], np.ndarray | None]:
-    if "x" in data:
-        xs = [_array(data["x"])]
-    else:
-        xs = []
-        while f"x{len(xs)}" in data:
-            xs.append(_array(data[f"x{len(xs)}"]))
-    if not xs:
-        raise OptionError(f"{where} has no array 'x' (or x0, x1, ...); found: "
-                          f"{', '.join(map(str, data)) or 'nothing'}")
-    return xs, _maybe(data.get("y"))
-
-
-def _array(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _maybe(y: Any) -> np.ndarray | None:
-    return None if y is None else _array(y)
-
-
 def expected_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | None, ...]]:
     """Each user input's shape, None where the dimension is dynamic."""
     from torch.export.graph_signature import InputKind
@@ -116,35 +48,27 @@ def expected_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | N
     return shapes
 
 
-def check(xs: list[np.ndarray], y: np.ndarray | None, shapes, example_inputs: tuple,
-          where: str) -> CalibrationSet:
-    """Tensors shaped and typed like the model's inputs, or a one-line error."""
-    if len(xs) != len(shapes):
-        raise OptionError(f"{where} gives {len(xs)} input array(s); the model takes "
+def check(data: DataSet, shapes, example_inputs: tuple) -> CalibrationSet:
+    """Tensors shaped and typed like the model's inputs, or a one-line error (the loader has
+    checked the sample counts and the labels)."""
+    where = data.where
+    if len(data.inputs) != len(shapes):
+        raise OptionError(f"{where} gives {len(data.inputs)} input array(s); the model takes "
                           f"{len(shapes)} (x, or x0, x1, ... in order)")
     tensors = []
-    for k, (x, shape, example) in enumerate(zip(xs, shapes, example_inputs)):
-        fits = x.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
-        if not fits or x.shape[0] < 1:
+    for k, (x, shape, example) in enumerate(zip(data.inputs, shapes, example_inputs)):
+        if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
             want = ", ".join("N" if s is None else str(s) for s in shape)
-            name = "x" if len(xs) == 1 else f"x{k}"
+            name = "x" if len(data.inputs) == 1 else f"x{k}"
             raise OptionError(f"{where}: {name} has shape {tuple(x.shape)}; the model takes "
                               f"({want}) (N: any number of samples)")
-        if x.dtype.kind == "f" and example.is_floating_point():
-            tensors.append(torch.from_numpy(np.ascontiguousarray(x)).to(example.dtype))
-        elif x.dtype.kind in "iub" and not example.is_floating_point():
-            tensors.append(torch.from_numpy(np.ascontiguousarray(x)).to(example.dtype))
-        else:
+        if (x.dtype.kind == "f") != example.is_floating_point():
             raise OptionError(f"{where}: input {k} has dtype {x.dtype}; the model takes "
                               f"{str(example.dtype).removeprefix('torch.')}")
-    if len({t.shape[0] for t in tensors}) != 1:
-        raise OptionError(f"{where}: the input arrays hold different numbers of samples")
+        tensors.append(torch.from_numpy(np.ascontiguousarray(x)).to(example.dtype))
     labels = None
-    if y is not None:
-        if y.shape[0] != tensors[0].shape[0] or y.dtype.kind not in "iu":
-            raise OptionError(f"{where}: y must hold one integer label per sample "
-                              f"({tensors[0].shape[0]}); got shape {tuple(y.shape)}, {y.dtype}")
-        labels = torch.from_numpy(np.ascontiguousarray(y)).long()
+    if data.labels is not None:
+        labels = torch.from_numpy(np.ascontiguousarray(data.labels)).long()
     return CalibrationSet(tensors, labels)
 
 
