@@ -207,8 +207,12 @@ def _check_headers(headers: dict[str, tuple[tuple[int, ...], np.dtype]], where: 
                 for shape, dtype in headers.values())
     limit = max_data_bytes()
     if total > limit:
-        raise DataError(f"{where} holds {total / 2**30:.1f} GiB of arrays, more than the limit "
-                        f"of {limit / 2**30:.1f} GiB (set PRUNESCOPE_MAX_DATA_BYTES to raise it)")
+        raise DataError(f"{where} holds {_size(total)} of arrays, more than the limit of "
+                        f"{_size(limit)} (set PRUNESCOPE_MAX_DATA_BYTES to raise it)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _input_names(names: list[str], where: str) -> list[str]:
