@@ -33,6 +33,7 @@ from typing import IO, Any
 import numpy as np
 
 from engine.errors import DataError
+from engine.graph.safety import env_bytes
 
 DATA_FORMAT = ".npz with x (or x0, x1, ... for several inputs) and optional labels y, or a .npy"
 ALLOWED_ARRAYS = ("allowed arrays: x (or x0, x1, ... for several inputs, not both) and "
@@ -80,11 +81,7 @@ class DataSet:
 
 
 def max_data_bytes() -> int:
-    value = os.environ.get("PRUNESCOPE_MAX_DATA_BYTES")
-    try:
-        return int(value) if value else DEFAULT_MAX_DATA_BYTES
-    except ValueError:
-        return DEFAULT_MAX_DATA_BYTES
+    return env_bytes("PRUNESCOPE_MAX_DATA_BYTES", DEFAULT_MAX_DATA_BYTES)
 
 
 # ------------------------------------------------------------------------------ files
