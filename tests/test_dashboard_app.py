@@ -513,7 +513,7 @@ def test_bad_paths_and_data_show_one_line_errors(tmp_path):
     at.radio(key="source").set_value("Demo model").run()
     at.file_uploader(key="upload_eval").upload("data.npz", bad.getvalue()).run()
     assert not at.exception
-    assert any("no array named 'x'" in e.value for e in at.error)
+    assert any("data.npz has no array 'x' (found: inputs)" in e.value for e in at.error)
     assert _chart(at, "chart_overview")
 
 

@@ -57,8 +57,8 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
 
 
 def calibration_from(path: str | None) -> Any:
-    """--calibration FILE as the engine takes it: inputs, plus labels y when the file has them
-    (the taylor criterion uses them)."""
+    """--calibration FILE (or a built-in name) read by the data loader: inputs, plus labels y
+    when the file has them (the taylor criterion uses them)."""
     if path is None:
         return None
     from engine.io.data import load_calibration_data

@@ -387,7 +387,7 @@ def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> Mo
 
 
 def _calibration(calibration: Any) -> Any:
-    """A calibration file as the engine takes it (inputs, and labels y when present)."""
+    """A calibration file read once here (the points, and Ray workers, get the arrays)."""
     if not isinstance(calibration, (str, os.PathLike)):
         return calibration
     from engine.io.data import load_calibration_data
