@@ -110,7 +110,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     shapes = data.expected_shapes(analysis.captured.program)
     xs, filled = data.with_attention_mask(
         xs, getattr(analysis.captured.hf, "input_names", ()) if len(shapes) == 2 else ())
-    full = data.check(xs, y, shapes, examples, where)
+    full = data.check(xs, y, shapes, examples, where, ["x", *filled] if filled else None)
     fit, holdout = _split(full, eval_holdout, seed)
     batch = full.batch
     if batch is not None and len(fit) < batch:
@@ -211,9 +211,14 @@ def _chunking(batch: int, n_fit: int, n_hold: int, light: bool, details: dict) -
     if light:
         out["layer_pass"] = {"samples": n_light, "chunks": n_light // batch,
                              "left_out": n_fit - n_light}
+        if n_fit - n_light:
+            out["note"] += f"; the layer-wise pass used {n_light} of {n_fit} samples"
     if details:
         out["distill"] = {"minibatch": details["minibatch"],
                           "per_epoch_left_out": n_fit % details["minibatch"]}
+        if n_fit % details["minibatch"]:
+            out["note"] += (f"; distillation minibatches of {details['minibatch']} leave "
+                            f"{n_fit % details['minibatch']} sample(s) out of each epoch")
     if n_hold:
         out["holdout"] = {"chunks": -(-n_hold // batch),
                           "padded": (-n_hold) % batch}  # copies whose outputs are dropped

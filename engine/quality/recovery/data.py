@@ -144,10 +144,11 @@ def with_attention_mask(xs: list[np.ndarray], input_names: Sequence[str]) -> \
 
 
 def check(xs: list[np.ndarray], y: np.ndarray | None, shapes, example_inputs: tuple,
-          where: str) -> CalibrationSet:
+          where: str, names: Sequence[str] | None = None) -> CalibrationSet:
     """Tensors shaped and typed like the model's inputs, or a one-line error. Dim 0 holds
     the samples, any number of them; a model captured with a fixed batch B runs them B at
-    a time, so it needs at least B."""
+    a time, so it needs at least B. `names`: what the errors call each array (default x,
+    or x0, x1, ...)."""
     if len(xs) != len(shapes):
         raise OptionError(f"{where} gives {len(xs)} input array(s); the model takes "
                           f"{len(shapes)} (x, or x0, x1, ... in order)")
@@ -161,7 +162,7 @@ def check(xs: list[np.ndarray], y: np.ndarray | None, shapes, example_inputs: tu
                                             for s, d in zip(shape[1:], x.shape[1:]))
         if not fits or x.shape[0] < 1:
             want = ", ".join(["N", *("N" if s is None else str(s) for s in shape[1:])])
-            name = "x" if len(xs) == 1 else f"x{k}"
+            name = names[k] if names else "x" if len(xs) == 1 else f"x{k}"
             raise OptionError(f"{where}: {name} has shape {tuple(x.shape)}; the model takes "
                               f"({want}) (N: any number of samples{per_batch})")
         if x.dtype.kind == "f" and example.is_floating_point():
