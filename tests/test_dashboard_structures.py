@@ -152,3 +152,25 @@ def test_blocks_chosen_in_the_blocks_tab_are_removed_by_prune():
     at.slider(key="blocks_to_remove").set_value(0).run()
     _tab(at, "Prune & compare")
     assert any("earlier options" in w.value for w in at.warning)
+
+
+def test_plan_tab_pins_give_way_to_block_removal(tmp_path):
+    """Pins name the full model's groups; after a block goes the model is re-captured with
+    other groups, so the Prune step applies the global ratio and says so."""
+    from dashboard.prune_run import PER_GROUP_DROPPED, run_prune
+    from dashboard.state import LoadedModel
+
+    captured = engine.load_model("demo")
+    model = LoadedModel("demo:test", "demo", captured, engine.analyze(captured))
+    first = model.analysis.groups[0].name
+    plan_args = {"ratio": 0.5, "ratios": {}, "pinned": [first], "calibration": "demo",
+                 "indices": None, "uniform": False}
+    plan = engine.plan(model.analysis, PruningOptions(), ratio=0.5, pinned=(first,),
+                       calibration="demo")
+    run = run_prune(engine, model, plan, tmp_path, None, "sig", 0.5, plan_args=plan_args,
+                    structures={"remove_blocks": 1, "expert_ratio": None})
+    assert PER_GROUP_DROPPED in run.notes
+    assert sum(b["removed"] for b in run.result.report["blocks"]) == 1
+    reference = engine.prune("demo", options=PruningOptions(), ratio=0.5, remove_blocks=1,
+                             calibration="demo")
+    assert run.after["params"] == reference.after["params"]

@@ -36,9 +36,13 @@ def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
     )
     whole = structure_line(structures or {})
     if whole:
+        args = plan_args or {}
+        per_group = (" Own ratios and pins from the Plan tab do not apply then (they name "
+                     "the full model's groups): the global ratio does."
+                     if args.get("ratios") or args.get("pinned") else "")
         st.info(f"Also removes {whole} (chosen in the Blocks tab) before the channels; the "
                 "channel plan is then made again on the smaller model, so its counts can "
-                "differ a little from the Plan tab's.", icon="🧱")
+                "differ a little from the Plan tab's." + per_group, icon="🧱")
     if st.button("Prune", type="primary", key="prune", icon="✂️"):
         files = session_files()
         out_dir = files.subdir(f"pruned-{short(model.key)}-{short(signature)}")
