@@ -9,7 +9,16 @@ from typing import Any
 
 from engine.options import PruningOptions
 from engine.quality.sensitivity import DEFAULT_RATIOS, metric_drop, sensitivity
-from engine.scoring.auto_ratios import check_target, fit_ratios, greedy_measured, uniform_ratio
+from engine.scoring.auto_ratios import (
+    check_target,
+    fit_ratios,
+    greedy_measured,
+    ratio_levels,
+    refine_pairs,
+    uniform_ratio,
+)
+
+REFINE_EVALS = 40  # loss measurements the pair refinement may spend after the greedy
 
 
 def ratios_for_target(
@@ -70,33 +79,70 @@ def ratios_for_target(
     sensitivity_seconds = time.perf_counter() - start
     total = sensitivity_report["before"][resource]
     results: dict[tuple, Any] = {}
+    removals: dict[tuple, float] = {}
+    losses: dict[tuple, float] = {}
+
+    def planned(ratios: dict[str, float] | None, ratio: float | None):
+        the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, calibration=calibration)
+        # ratios that round to the same channels are the same model: measured once
+        return the_plan, tuple(tuple(g.pruned.tolist()) for g in the_plan.groups)
 
     def run(ratios: dict[str, float] | None, ratio: float | None):
-        key = (tuple(sorted((ratios or {}).items())), ratio)
+        the_plan, key = planned(ratios, ratio)
         if key not in results:
-            the_plan = plan(analysis, options, ratio=ratio, ratios=ratios,
-                            calibration=calibration)
             results.clear()  # keep one pruned model in memory at a time
             results[key] = apply(analysis, the_plan)
         return results[key]
 
     def removed(ratios, ratio) -> float:
-        return 1.0 - run(ratios, ratio).after[resource] / total
+        key = planned(ratios, ratio)[1]
+        if key not in removals:
+            removals[key] = 1.0 - run(ratios, ratio).after[resource] / total
+        return removals[key]
 
     method = "curves"
     trail: list[dict] = []
+    search: dict[str, Any] = {}
     if sensitivity_data is not None:
         # measured greedy on the sensitivity data (never the evaluation data)
+        from engine.quality.evaluate import evaluate, predict
+
         data = _as_eval_data(sensitivity_data)
+        # the original's outputs once, instead of running it again for every measurement
+        reference = predict(analysis.captured, data)
+        counted = {"losses": 0}
 
         def loss_of(ratios: dict[str, float]) -> float:
-            value = point_quality(run(ratios, None), data, metric)
-            return metric_drop(value["metric"], 0.0, value["value"])
+            key = planned(ratios, None)[1]
+            if key not in losses:
+                counted["losses"] += 1
+                value = evaluate(run(ratios, None), data, metric, reference=reference)
+                losses[key] = metric_drop(value["metric"], 0.0, value["value"])
+            return losses[key]
 
-        chosen, achieved, trail = greedy_measured(sensitivity_report, resource, target,
-                                                  removed, loss_of)
+        _reuse_sensitivity(sensitivity_report, options, data, metric, resource, total,
+                           planned, removals, losses)
+        sizes = {g["name"]: int(g["channels"]) for g in sensitivity_report["groups"]}
+
+        def counts_at(r: float) -> dict[str, int]:
+            the_plan = plan(analysis, options, ratios={name: r for name in sizes},
+                            calibration=calibration)
+            return {g.name: len(g.pruned) for g in the_plan.groups}
+
+        search_start = time.perf_counter()
+        levels = ratio_levels(counts_at, sizes)
+        start, _, trail = greedy_measured(sensitivity_report, resource, target, removed,
+                                          loss_of, levels=levels)
+        greedy_loss = loss_of(start)
+        chosen, _, moves = refine_pairs(levels, start, target, lambda r: removed(r, None),
+                                        loss_of, max_evals=REFINE_EVALS)
+        achieved = removed(chosen, None)
+        trail = trail + [{"refine": m} for m in moves]
         predicted = None
-        method = "measured greedy"
+        method = "measured greedy + pair refinement"
+        search = {"greedy_ratios": start, "greedy_loss": greedy_loss,
+                  "loss": loss_of(chosen), "measured": counted["losses"],
+                  "seconds": round(time.perf_counter() - search_start, 2)}
     else:
         choice, achieved = fit_ratios(sensitivity_report, resource, target, removed)
         chosen, predicted = choice.ratios, choice.predicted_loss
@@ -108,6 +154,7 @@ def ratios_for_target(
         "predicted_loss": predicted,
         "removed": achieved,
         "steps": trail,
+        "search": search,
         "uniform": {"ratio": uniform, "removed": uniform_removed},
         "sensitivity": {
             "data": sensitivity_report.get("eval_data"),
@@ -128,6 +175,23 @@ def ratios_for_target(
                                  "original": original["value"], "auto": auto["value"],
                                  "uniform": flat["value"]}
     return section
+
+
+def _reuse_sensitivity(report: dict, options: PruningOptions, data: Any, metric: str | None,
+                       resource: str, total: float, planned, removals: dict,
+                       losses: dict) -> None:
+    """The sensitivity points are one group pruned alone, measured on the same data with the
+    same options: the search starts with them known instead of measuring them again."""
+    same = (report.get("eval_data") == data.source and report.get("options") == options.to_dict()
+            and (metric is None or metric == report.get("metric")))
+    if not same:
+        return
+    for point in report.get("points", []):
+        if "metric" not in point or "ratios" not in point:
+            continue
+        key = planned(point["ratios"], None)[1]
+        losses.setdefault(key, metric_drop(report["metric"], 0.0, point["metric"]))
+        removals.setdefault(key, 1.0 - point[resource] / total)
 
 
 def _as_eval_data(data: Any):

@@ -153,13 +153,16 @@ Loss = Callable[[dict[str, float]], float]
 def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float,
                     measure: Measure, loss_of: Loss, shortlist: int = 4,
                     steps: tuple[float, ...] = tuple(np.round(np.arange(0.1, 0.951, 0.1), 2)),
+                    levels: Mapping[str, list[float]] | None = None,
                     ) -> tuple[dict[str, float], float, list[dict]]:
     """Measured greedy: from no pruning, repeatedly take the step (one group to its next
     ratio) that costs the least measured loss per removed unit, until the target is met.
 
     Only the `shortlist` groups whose next step is cheapest by the sensitivity curves are
-    measured each round, so a round costs at most `shortlist` evaluations. The last step is
-    shortened by bisection to just meet the target. Returns ratios, removal and the trail.
+    measured each round, so a round costs at most `shortlist` evaluations. With `levels`
+    (per group, the ratios that give distinct channel counts: `ratio_levels`) a step is one
+    level; otherwise it is the next of `steps` and the last step is shortened by bisection to
+    just meet the target. Returns ratios, removal and the trail.
     """
     tables = group_tables(sensitivity, resource)
     ratios = {name: 0.0 for name in tables}
@@ -173,7 +176,8 @@ def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float
     while removed < target - 1e-9:
         options = []
         for name in tables:
-            nxt = [s for s in steps if s > ratios[name] + 1e-9]
+            ahead = levels[name] if levels is not None else steps
+            nxt = [s for s in ahead if s > ratios[name] + 1e-9]
             if nxt:
                 (l0, r0), (l1, r1) = predicted(name, ratios[name]), predicted(name, nxt[0])
                 options.append(((l1 - l0) / max(r1 - r0, 1e-9), name, nxt))
@@ -195,7 +199,7 @@ def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float
             raise OptionError(f"could not reach {target:.0%} of the {resource} removed with "
                               f"per-group ratios (reached {removed:.1%})")
         _, name, trial, got, trial_loss = best
-        if got > target:  # shorten the last step to just meet the target
+        if got > target and levels is None:  # shorten the last step to just meet the target
             low, high = ratios[name], trial[name]
             while high - low > 0.005:
                 mid = (low + high) / 2
@@ -208,3 +212,103 @@ def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float
         ratios, removed, loss = trial, got, trial_loss
         trail.append({"group": name, "ratio": trial[name], "removed": got, "loss": loss})
     return ratios, removed, trail
+
+
+Removed = Callable[[dict[str, float]], float]
+
+
+def _memo(fn: Callable[[dict[str, float]], float]) -> Callable[[dict[str, float]], float]:
+    cache: dict[tuple, float] = {}
+
+    def call(ratios: dict[str, float]) -> float:
+        key = tuple(sorted(ratios.items()))
+        if key not in cache:
+            cache[key] = fn(ratios)
+        return cache[key]
+
+    call.cache = cache  # type: ignore[attr-defined]
+    return call
+
+
+def pair_frontier(levels: Mapping[str, list[float]], state: dict[str, float], a: str, b: str,
+                  target: float, removed_of: Removed) -> list[dict[str, float]]:
+    """Every assignment that differs from `state` in groups `a` and `b` only, meets the target
+    and cannot lower `b` one level without missing it: one point per level of `a` (where
+    one exists). Removal grows with each group's level, so the least level of `b` falls as
+    the level of `a` rises and one staircase walk finds them all."""
+    out = []
+    top = len(levels[b]) - 1
+    for ra in levels[a]:
+        if removed_of({**state, a: ra, b: levels[b][top]}) < target - 1e-12:
+            continue
+        while top > 0 and removed_of({**state, a: ra, b: levels[b][top - 1]}) >= target - 1e-12:
+            top -= 1
+        out.append({**state, a: ra, b: levels[b][top]})
+    return out
+
+
+def refine_pairs(levels: Mapping[str, list[float]], start: Mapping[str, float], target: float,
+                 removed_of: Removed, loss_of: Loss, max_evals: int = 60,
+                 ) -> tuple[dict[str, float], float, list[dict]]:
+    """Local search after the greedy: move removal between two groups at a time.
+
+    For each pair of groups the whole pair frontier (`pair_frontier`) is measured and the
+    state moves to its least-loss point when that beats the current loss; pairs are visited
+    in a fixed order until a full pass moves nothing or `max_evals` new loss measurements
+    have been spent. Removals are not additive and neither are losses, which is why a
+    point two or three levels away along a pair frontier can be much better than the
+    greedy's end point while its one-level neighbours are worse. `start` must meet the
+    target; the result meets it too and never has a larger loss. Deterministic: no
+    randomness, ties keep the current state (then the earlier point on the frontier).
+    """
+    removed_of, loss_of = _memo(removed_of), _memo(loss_of)
+    names = list(levels)
+    state = dict(start)
+    loss = loss_of(state)
+    seen: set[tuple] = {tuple(sorted(state.items()))}
+    trail: list[dict] = []
+    evals = 0
+    moved = True
+    while moved and evals < max_evals:
+        moved = False
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                best = None
+                for point in pair_frontier(levels, state, a, b, target, removed_of):
+                    key = tuple(sorted(point.items()))
+                    if key not in seen:
+                        if evals >= max_evals:
+                            break
+                        seen.add(key)
+                        evals += 1
+                    value = loss_of(point)
+                    if value < loss - 1e-12 and (best is None or value < best[0]):
+                        best = (value, point)
+                if best is not None:
+                    loss, state = best
+                    moved = True
+                    trail.append({"groups": [a, b], "ratios": dict(state), "loss": loss,
+                                  "removed": removed_of(state)})
+    return state, loss, trail
+
+
+def ratio_levels(counts_at: Callable[[float], dict[str, int]], sizes: Mapping[str, int],
+                 most: float = 0.95, grid_size: int = 200) -> dict[str, list[float]]:
+    """Per group, the smallest ratio giving each distinct number of removed channels.
+
+    `counts_at(r)` is the number of channels each group loses at per-group ratio r (after
+    the step rule and block rules); ratios that round to the same count are the same model,
+    so the search only ever tries one of them. The grid holds every k/n of every group size
+    n (capped at `grid_size` points, then an even grid)."""
+    grid = sorted({round(k / n, 6) for n in sizes.values() if n for k in range(n + 1)
+                   if k / n <= most})
+    if len(grid) > grid_size:
+        grid = [float(x) for x in np.round(np.linspace(0.0, most, grid_size), 6)]
+    levels: dict[str, list[float]] = {name: [0.0] for name in sizes}
+    last = {name: 0 for name in sizes}
+    for r in grid[1:]:
+        for name, count in counts_at(r).items():
+            if name in levels and count > last[name]:
+                levels[name].append(float(r))
+                last[name] = count
+    return levels
