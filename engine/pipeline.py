@@ -380,6 +380,18 @@ def _dynamic_shapes(analysis: Analysis):
     return tuple(shapes)
 
 
+def prune_unverified(analysis: Analysis, the_plan: Plan) -> tuple[torch.fx.GraphModule, dict]:
+    """The pruned graph and its params/FLOPs, without the mask-mode check `apply` makes: for
+    searches that try many plans and `apply` the one they keep."""
+    _check_not_released(analysis)
+    structure = analysis.structure(the_plan.options.prunes_whole_blocks)
+    gm = rewrite(analysis.gm, structure, pruned_roots(structure, the_plan), None)
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(*analysis.captured.example_inputs,
+                               **(analysis.captured.example_kwargs or {}))
+    return gm, _metrics(gm)
+
+
 def _metrics(module: torch.fx.GraphModule) -> dict[str, int]:
     return {
         "params": count_params(module),

@@ -195,6 +195,8 @@ def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float
             rate = (trial_loss - loss) / (got - removed)
             if best is None or rate < best[0]:
                 best = (rate, name, trial, got, trial_loss)
+            if rate <= 0.0:  # free removal: nothing measured later can be much better
+                break
         if best is None:
             raise OptionError(f"could not reach {target:.0%} of the {resource} removed with "
                               f"per-group ratios (reached {removed:.1%})")
@@ -248,39 +250,57 @@ def pair_frontier(levels: Mapping[str, list[float]], state: dict[str, float], a:
 
 
 def refine_pairs(levels: Mapping[str, list[float]], start: Mapping[str, float], target: float,
-                 removed_of: Removed, loss_of: Loss, max_evals: int = 60,
+                 removed_of: Removed, loss_of: Loss, screen_of: Loss | None = None,
+                 confirm: int = 2, max_evals: int = 200,
                  ) -> tuple[dict[str, float], float, list[dict]]:
     """Local search after the greedy: move removal between two groups at a time.
 
-    For each pair of groups the whole pair frontier (`pair_frontier`) is measured and the
-    state moves to its least-loss point when that beats the current loss; pairs are visited
-    in a fixed order until a full pass moves nothing or `max_evals` new loss measurements
-    have been spent. Removals are not additive and neither are losses, which is why a
-    point two or three levels away along a pair frontier can be much better than the
-    greedy's end point while its one-level neighbours are worse. `start` must meet the
-    target; the result meets it too and never has a larger loss. Deterministic: no
-    randomness, ties keep the current state (then the earlier point on the frontier).
+    For each pair of groups every point of the pair frontier (`pair_frontier`) is measured
+    and the state moves to the best one when it beats the current loss; pairs are visited in
+    a fixed order until a full pass moves nothing or `max_evals` new measurements have been
+    spent. Removals are not additive and neither are losses, which is why a point two or
+    three levels away along a pair frontier can be much better than the greedy's end point
+    while its one-level neighbours are worse.
+
+    With `screen_of` (a cheaper estimate of the loss, e.g. on a subset of the data) the
+    frontier is screened with it and only the `confirm` best screened points that beat the
+    current state's screen are measured with `loss_of`; a move needs `loss_of` to improve.
+    `start` must meet the target; the result meets it too and never has a larger loss.
+    Deterministic: no randomness; ties keep the current state, then the earlier point.
     """
     removed_of, loss_of = _memo(removed_of), _memo(loss_of)
+    cheap = _memo(screen_of) if screen_of is not None else loss_of
     names = list(levels)
     state = dict(start)
     loss = loss_of(state)
-    seen: set[tuple] = {tuple(sorted(state.items()))}
     trail: list[dict] = []
-    evals = 0
+    spent: set[tuple] = set()
+
+    def budget_left(points: list[dict[str, float]]) -> list[dict[str, float]]:
+        kept = []
+        for point in points:
+            key = tuple(sorted(point.items()))
+            if key not in spent:
+                if len(spent) >= max_evals:
+                    continue
+                spent.add(key)
+            kept.append(point)
+        return kept
+
     moved = True
-    while moved and evals < max_evals:
+    while moved:
         moved = False
         for i, a in enumerate(names):
             for b in names[i + 1:]:
+                frontier = [p for p in pair_frontier(levels, state, a, b, target, removed_of)
+                            if p != state]
+                frontier = budget_left(frontier)
+                if screen_of is not None:
+                    here = cheap(state)
+                    ranked = sorted((cheap(p), k, p) for k, p in enumerate(frontier))
+                    frontier = [p for v, _, p in ranked[:confirm] if v < here - 1e-12]
                 best = None
-                for point in pair_frontier(levels, state, a, b, target, removed_of):
-                    key = tuple(sorted(point.items()))
-                    if key not in seen:
-                        if evals >= max_evals:
-                            break
-                        seen.add(key)
-                        evals += 1
+                for point in frontier:
                     value = loss_of(point)
                     if value < loss - 1e-12 and (best is None or value < best[0]):
                         best = (value, point)
