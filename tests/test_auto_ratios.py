@@ -138,6 +138,19 @@ def test_the_evaluation_budget_is_respected():
     refine_pairs(LEVELS, start, 0.5, removal, counted, max_evals=3)
     assert len(seen - {tuple(start.values())}) <= 3
 
+    asked: set[tuple] = set()
+
+    def counted_removal(ratios):
+        asked.add(tuple(ratios.values()))
+        return removal(ratios)
+
+    for budget in range(8):
+        asked.clear()
+        state, value, _ = refine_pairs(LEVELS, start, 0.5, counted_removal, loss,
+                                       max_removals=budget)
+        assert len(asked) <= budget
+        assert removal(state) >= 0.5 and value == loss(state) <= loss(start)
+
 
 # ----------------------------------------------------------------------- on the demo
 @pytest.fixture(scope="module")

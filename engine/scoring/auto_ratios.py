@@ -251,7 +251,7 @@ def pair_frontier(levels: Mapping[str, list[float]], state: dict[str, float], a:
 
 def refine_pairs(levels: Mapping[str, list[float]], start: Mapping[str, float], target: float,
                  removed_of: Removed, loss_of: Loss, screen_of: Loss | None = None,
-                 confirm: int = 2, max_evals: int = 200,
+                 confirm: int = 2, max_evals: int = 200, max_removals: int = 500,
                  ) -> tuple[dict[str, float], float, list[dict]]:
     """Local search after the greedy: move removal between two groups at a time.
 
@@ -266,9 +266,18 @@ def refine_pairs(levels: Mapping[str, list[float]], start: Mapping[str, float], 
     frontier is screened with it and only the `confirm` best screened points that beat the
     current state's screen are measured with `loss_of`; a move needs `loss_of` to improve.
     `start` must meet the target; the result meets it too and never has a larger loss.
-    Deterministic: no randomness; ties keep the current state, then the earlier point.
+    After `max_removals` new removal measurements (many groups: many pairs) the search stops
+    where it is. Deterministic: no randomness; ties keep the current state, then the earlier
+    point.
     """
-    removed_of, loss_of = _memo(removed_of), _memo(loss_of)
+    measured_removal, loss_of = _memo(removed_of), _memo(loss_of)
+
+    def removed_of(ratios: dict[str, float]) -> float:
+        if (tuple(sorted(ratios.items())) not in measured_removal.cache  # type: ignore
+                and len(measured_removal.cache) >= max_removals):  # type: ignore
+            raise _OutOfBudget
+        return measured_removal(ratios)
+
     cheap = _memo(screen_of) if screen_of is not None else loss_of
     names = list(levels)
     state = dict(start)
@@ -287,6 +296,24 @@ def refine_pairs(levels: Mapping[str, list[float]], start: Mapping[str, float], 
             kept.append(point)
         return kept
 
+    try:
+        _refine(names, levels, target, removed_of, loss_of, cheap, screen_of is not None,
+                confirm, budget_left, state, loss, trail)
+    except _OutOfBudget:
+        pass
+    if trail:
+        state, loss = dict(trail[-1]["ratios"]), trail[-1]["loss"]
+    return state, loss, trail
+
+
+class _OutOfBudget(Exception):
+    pass
+
+
+def _refine(names, levels, target, removed_of, loss_of, cheap, screening, confirm,
+            budget_left, state, loss, trail) -> None:
+    """refine_pairs' passes; every accepted move is appended to `trail`."""
+    state = dict(state)
     moved = True
     while moved:
         moved = False
@@ -295,7 +322,7 @@ def refine_pairs(levels: Mapping[str, list[float]], start: Mapping[str, float], 
                 frontier = [p for p in pair_frontier(levels, state, a, b, target, removed_of)
                             if p != state]
                 frontier = budget_left(frontier)
-                if screen_of is not None:
+                if screening:
                     here = cheap(state)
                     ranked = sorted((cheap(p), k, p) for k, p in enumerate(frontier))
                     frontier = [p for v, _, p in ranked[:confirm] if v < here - 1e-12]
@@ -309,7 +336,6 @@ def refine_pairs(levels: Mapping[str, list[float]], start: Mapping[str, float], 
                     moved = True
                     trail.append({"groups": [a, b], "ratios": dict(state), "loss": loss,
                                   "removed": removed_of(state)})
-    return state, loss, trail
 
 
 def ratio_levels(counts_at: Callable[[float], dict[str, int]], sizes: Mapping[str, int],
