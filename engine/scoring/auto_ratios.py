@@ -11,7 +11,11 @@ for real and the target raised by any shortfall until the measured removal meets
 
 Losses do not add up either (two attention groups that each cost little alone can cost a lot
 together), so with data at hand `greedy_measured` is used instead: it measures every step it
-takes, and uses the curves only to shortlist the steps worth measuring.
+takes, and uses the curves only to shortlist the steps worth measuring. Its steps are
+channel-count levels (`ratio_levels`: ratios that round to the same channels are one model).
+The greedy commits early and its end point can sit in a dip whose one-level neighbours are all
+worse, so `refine_pairs` then walks each pair of groups' whole frontier of assignments that
+still meet the target and moves while the measured loss improves.
 """
 
 from __future__ import annotations
