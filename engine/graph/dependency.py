@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
+from engine.graph.labels import unique_ints
 from engine.graph.ops import RULES, find_rule, op_key
 from engine.graph.tracer import AnalysisState, Member, Tracer, layer_name
 
@@ -143,8 +144,9 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
         [sorted(set(consumer_layers)).index(x) for x in consumer_layers], dtype=np.int64
     )
     c_layer = c_layer_index[c_source] if len(c_source) else c_source
-    c_pairs = np.unique(np.stack([c_comp, c_layer]), axis=1) if len(c_comp) else \
-        np.zeros((2, 0), dtype=np.int64)
+    n_layers = max(len(c_layer_index), 1)
+    c_keys = unique_ints(c_comp * n_layers + c_layer)  # 1-D keys: far faster than axis=1
+    c_pairs = np.stack([c_keys // n_layers, c_keys % n_layers])
     layer_index = {layer: i for i, layer in enumerate(sorted({m.layer for m in members}))}
     m_layer = np.array([layer_index[members[k].layer] for k in range(len(members))],
                        dtype=np.int64)[m_source] if len(m_source) else m_source
@@ -152,7 +154,7 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
     member_sig = _signatures(m_comp, m_layer, m_count, size)
     consumer_sig = _signatures(c_pairs[0], c_pairs[1] + (1 << 15), np.ones_like(c_pairs[0]),
                                size)
-    comps = np.unique(m_comp)
+    comps = unique_ints(m_comp)
     keys = member_sig[comps] * np.uint64(0x9E3779B97F4A7C15) + consumer_sig[comps]
     _, group_of = np.unique(keys, return_inverse=True)
     sorted_layers = sorted(set(consumer_layers))

@@ -14,6 +14,7 @@ vision models, a second of 16 kHz audio or ``num_mel_bins`` features for audio m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -197,14 +198,18 @@ def auto_class_for(config: Any, model_class: str) -> str | None:
     """The name of the transformers Auto class that maps this config to `model_class`."""
     tf = _transformers()
     model_type = getattr(config, "model_type", None)
-    for attr in sorted(dir(tf)):
-        if not attr.startswith("AutoModel"):
-            continue
+    for attr in _auto_model_names():
         mapping = getattr(getattr(tf, attr, None), "_model_mapping", None)
         names = getattr(mapping, "_model_mapping", None)
         if isinstance(names, dict) and names.get(model_type) == model_class:
             return attr
     return None
+
+
+@functools.cache
+def _auto_model_names() -> tuple[str, ...]:
+    """transformers' AutoModel* classes; listing its lazy module costs about 0.3 s."""
+    return tuple(sorted(a for a in dir(_transformers()) if a.startswith("AutoModel")))
 
 
 def example_inputs_for(
