@@ -302,31 +302,28 @@ def _why_outside(param: str, user: fx.Node | None, state: AnalysisState) -> str:
 
 
 def _assign_blocks(groups: list[GroupInfo], state: AnalysisState, roots: np.ndarray) -> None:
-    where = {}
+    group_of = np.full(len(roots), -1, dtype=np.int64)  # by component root
+    channel_of = np.full(len(roots), -1, dtype=np.int64)
     for gi, g in enumerate(groups):
-        for c, r in enumerate(g.roots):
-            where[int(r)] = (gi, c)
+        group_of[g.roots] = gi
+        channel_of[g.roots] = np.arange(len(g.roots))
     layouts: dict[int, np.ndarray] = {}
     for split in state.splits:
         ids = split.ids
-        if (ids < 0).any():
+        if (ids < 0).any() or not ids.size:
             continue
-        located = [where.get(int(r)) for r in roots[ids].ravel()]
-        if any(x is None for x in located):
+        located = roots[ids]
+        split_groups = group_of[located]
+        if (split_groups < 0).any():
             continue
-        located_rows = [located[r * ids.shape[1]:(r + 1) * ids.shape[1]]
-                        for r in range(ids.shape[0])]
-        row_groups = [{x[0] for x in row} for row in located_rows]
-        if len(set().union(*row_groups)) > 1:
+        spanned = unique_ints(split_groups)
+        if len(spanned) > 1:
             # e.g. a fused qkv viewed as (3, heads, head_dim): q/k and v would have to keep
             # equally many channels per head, which the planner cannot promise
-            for gi in set().union(*row_groups):
+            for gi in spanned.tolist():
                 _freeze_group(groups[gi], f"{split.where} spans several groups")
             continue
-        for gi in {next(iter(g)) for g in row_groups}:
-            rows = np.array([[x[1] for x in row] for row, g in zip(located_rows, row_groups)
-                             if next(iter(g)) == gi], dtype=np.int64)
-            _layout(groups, layouts, gi, rows, split.where)
+        _layout(groups, layouts, int(spanned[0]), channel_of[located], split.where)
     for gi, layout in layouts.items():
         groups[gi].block_index = layout
         groups[gi].blocks = (int(layout.shape[0]), int(layout.shape[1]))
