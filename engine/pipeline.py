@@ -211,6 +211,7 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
     before = _metrics(analysis.gm)
+    say("running the masked original")
     with torch.no_grad():  # mask mode first: the rewrite may release the original weights
         masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
     say("removing channels")
