@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from engine.errors import ExportError, OnnxExportError, PruneScopeError
 from engine.graph.capture import without_stack_traces
+from engine.graph.outputs import tensor_leaves
 from engine.io.export import (
     check_onnx,
     check_onnx_structure,
@@ -213,14 +213,14 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     before = _metrics(analysis.gm)
     say("running the masked original")
     with torch.no_grad():  # mask mode first: the rewrite may release the original weights
-        masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
+        masked = tensor_leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
     say("removing channels")
     release = _releaser(analysis) if release_original else None
     pruned_gm = rewrite(analysis.gm, structure, removed, release)
     say("verifying")
     with torch.no_grad():
         try:
-            pruned = _leaves(_ShapeRecorder(pruned_gm).run(*inputs, **kwargs))
+            pruned = tensor_leaves(_ShapeRecorder(pruned_gm).run(*inputs, **kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
             raise PruneScopeError(f"the pruned model failed to run: {exc}".splitlines()[0]) \
                 from exc
@@ -299,10 +299,6 @@ class _ShapeRecorder(torch.fx.Interpreter):
         ):
             n.meta["val"] = [torch.empty_like(r, device="meta") for r in result]
         return result
-
-
-def _leaves(out: Any) -> list[torch.Tensor]:
-    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
 def _verify(masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
@@ -533,7 +529,7 @@ def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
 
 def _output_scale(result: PruneResult) -> float:
     with torch.no_grad():
-        outs = _leaves(result.module(*result.example_inputs))
+        outs = tensor_leaves(result.module(*result.example_inputs))
     return max((float(o.abs().max()) for o in outs if o.is_floating_point() and o.numel()),
                default=1.0)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from engine.errors import ModelLoadError
 from engine.graph.custom_ops import register_archive_ops
+from engine.graph.outputs import tensor_leaves
 from engine.graph.safety import check_size, inspect_pt2, quiet_torch_load, root_cause
 
 ACCEPTED = (
@@ -233,7 +233,11 @@ def _flat_forward(forward, input_names: tuple[str, ...] = ()):
         out = forward(self, *args, **kwargs)
         if isinstance(out, torch.Tensor):
             return out
-        leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        leaves = tensor_leaves(out)
+        if not leaves:
+            raise ModelLoadError(f"the model returns no tensors (it returned a "
+                                 f"{type(out).__name__}); there is nothing to verify a pruned "
+                                 "model against")
         return tuple(leaves)
 
     return flat_forward

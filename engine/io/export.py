@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from engine.errors import ExportError
+from engine.graph.outputs import tensor_leaves
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -317,8 +317,6 @@ def _write_with_external_data(onnx_program: Any, path: Path) -> None:
         folder.rmdir()
 
 
-def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
-    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -366,10 +364,10 @@ def check_onnx(
         raise ExportError(f"cannot check {path}: no such file")
     if isinstance(module, torch.export.ExportedProgram):
         module = module.module()
-    inputs = _tensor_leaves(tuple(example_inputs))
+    inputs = tensor_leaves(tuple(example_inputs))
     try:
         with torch.no_grad():
-            want = [_numpy(t) for t in _tensor_leaves(module(*example_inputs))]
+            want = [_numpy(t) for t in tensor_leaves(module(*example_inputs))]
     except Exception as e:
         raise ExportError(
             f"cannot check {path}: the torch model failed on the inputs: {_one_line(e)}"

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
+from engine.graph.outputs import tensor_leaves
 from engine.io.hf import HFSource
 from engine.transform.exactness import exact_tolerance
 
@@ -410,8 +410,8 @@ def _check(hf: HFSource, folder: Path, result, dtype: torch.dtype) -> float:
         else:
             out = reloaded(*inputs)
         reference = result.program.module()(*inputs)
-    got = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
-    want = [x for x in pytree.tree_leaves(reference) if isinstance(x, torch.Tensor)]
+    got = tensor_leaves(out)
+    want = tensor_leaves(reference)
     if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
         return float("inf")
     worst_abs = max((float((a.float() - b.float()).abs().max()) for a, b in zip(got, want)

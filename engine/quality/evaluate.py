@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from engine.errors import OptionError, PruneScopeError
+from engine.graph.outputs import tensor_leaves
 from engine.io.data import (  # noqa: F401 - importable from here, as before
     DataSet,
     load_calibration_data,
@@ -94,9 +94,7 @@ class _Runner:
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
-    leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
-    if not leaves and hasattr(output, "to_tuple"):
-        leaves = [x for x in output.to_tuple() if isinstance(x, torch.Tensor)]
+    leaves = tensor_leaves(output)
     if not leaves:
         raise OptionError(f"the model's output ({type(output).__name__}) holds no tensor")
     return leaves[0].detach()

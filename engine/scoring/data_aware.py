@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
 
 from engine.errors import OptionError
+from engine.graph.outputs import tensor_leaves
 from engine.graph.tracer import AnalysisState, Member, Tracer
 from engine.io.data import DataSet
 from engine.scoring.calibration import DEFAULT_SAMPLES, batches, channel_stats
@@ -312,8 +312,7 @@ class DataAwareScorer:
 
 def _loss(outputs: Any, inputs: tuple, labels: torch.Tensor | None) -> torch.Tensor:
     """Summed (not averaged) loss of one batch; see the module docstring for the choice."""
-    leaves = [o for o in pytree.tree_leaves(outputs)
-              if isinstance(o, torch.Tensor) and o.is_floating_point() and o.dim() >= 2]
+    leaves = [o for o in tensor_leaves(outputs) if o.is_floating_point() and o.dim() >= 2]
     if not leaves:
         raise OptionError("criterion taylor needs a model output of shape (N, ..., classes)")
     logits = leaves[0]

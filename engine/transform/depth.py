@@ -175,7 +175,8 @@ def prune_depth(
 ):
     """Remove the least important blocks: (the re-captured Analysis, the report section)."""
     from engine.graph.capture import Captured
-    from engine.pipeline import _export, _leaves
+    from engine.graph.outputs import tensor_leaves
+    from engine.pipeline import _export
     from engine.scoring.analysis import Analysis
 
     blocks, report = plan_depth(analysis, block_ratio=block_ratio, remove_blocks=remove_blocks,
@@ -188,8 +189,8 @@ def prune_depth(
     pruned = remove(analysis.gm, removed)
     inputs = analysis.captured.example_inputs
     with torch.no_grad():
-        expected = _leaves(masked_depth(analysis.gm, removed)(*inputs, **kwargs))
-        got = _leaves(pruned(*inputs, **kwargs))
+        expected = tensor_leaves(masked_depth(analysis.gm, removed)(*inputs, **kwargs))
+        got = tensor_leaves(pruned(*inputs, **kwargs))
     report["verification"] = compare_exact(expected, got, "depth",
                                              "with the removed blocks' branches zeroed")
     program = _export(pruned, analysis)

@@ -161,7 +161,8 @@ class _ExpertMasked(fx.Interpreter):
 def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
     """Remove the least important experts: (the re-captured Analysis, the report section)."""
     from engine.graph.capture import Captured
-    from engine.pipeline import _export, _leaves
+    from engine.graph.outputs import tensor_leaves
+    from engine.pipeline import _export
     from engine.scoring.analysis import Analysis
     from engine.transform.apply import rewrite
 
@@ -197,7 +198,7 @@ def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
             _resize_routing_constants(pruned, structure, r, len(r.ids) - len(chosen[r.layer]))
         pruned.recompile()
         with torch.no_grad():
-            got = _leaves(pruned(*inputs, **kwargs))
+            got = tensor_leaves(pruned(*inputs, **kwargs))
     except Exception as exc:  # noqa: BLE001 - a routing the engine cannot shrink
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PruneScopeError(
@@ -205,7 +206,7 @@ def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
             f"computes shapes from the number of experts ({first[:200]})"
         ) from None
     with torch.no_grad():
-        expected = _leaves(_ExpertMasked(analysis.gm, structure, removed, routers)
+        expected = tensor_leaves(_ExpertMasked(analysis.gm, structure, removed, routers)
                            .run(*inputs, **kwargs))
     report["verification"] = compare_exact(expected, got, "expert",
                                              "with the removed experts' router logits at -inf")

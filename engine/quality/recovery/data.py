@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from engine.errors import OptionError
+from engine.graph.outputs import tensor_leaves
 
 CHUNK = 256  # samples per forward pass when only outputs are needed
 
@@ -148,7 +148,7 @@ def forward(module: torch.nn.Module, xs: Sequence[torch.Tensor],
 
 
 def leaves(out: Any) -> list[torch.Tensor]:
-    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    return tensor_leaves(out)
 
 
 def metric(student: list[torch.Tensor], teacher: list[torch.Tensor],
