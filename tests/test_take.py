@@ -32,3 +32,10 @@ def test_take_copies_every_bit_and_leaves_the_source_alone() -> None:
     assert got.data_ptr() != w.data_ptr()
     got.zero_()
     assert torch.equal(w.view(torch.int16), bits)
+
+
+def test_take_refuses_an_index_out_of_range_like_index_select() -> None:
+    w = torch.zeros(3, 4, dtype=torch.bfloat16)
+    for bad in ([0, 4], [-1, 0]):
+        with pytest.raises((IndexError, RuntimeError)):
+            take(w, 1, np.array(bad))

@@ -12,8 +12,10 @@ stays within a few hundred MB.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -78,15 +80,29 @@ def weight_scores(weight: torch.Tensor, out_dim: int, criterion: str) -> np.ndar
     if criterion == "gm":
         return _gm(w)
     ord_ = 2 if criterion == "l2" else 1
-    if out_dim % weight.dim() != 0 and not w.is_contiguous():
-        return _norms_across(weight.detach(), out_dim % weight.dim(), ord_)
-    n, d = w.shape
-    out = np.empty(n, dtype=np.float64)
-    step = max(1, _NORM_CHUNK_ELEMENTS // max(1, d))
-    for start in range(0, n, step):
-        chunk = w[start : start + step].to(torch.float64)
-        out[start : start + step] = torch.linalg.vector_norm(chunk, ord=ord_, dim=1).numpy()
-    return out
+    with _one_thread():
+        if out_dim % weight.dim() != 0 and not w.is_contiguous():
+            return _norms_across(weight.detach(), out_dim % weight.dim(), ord_)
+        n, d = w.shape
+        out = np.empty(n, dtype=np.float64)
+        step = max(1, _NORM_CHUNK_ELEMENTS // max(1, d))
+        for start in range(0, n, step):
+            chunk = w[start : start + step].to(torch.float64)
+            out[start : start + step] = torch.linalg.vector_norm(chunk, ord=ord_, dim=1).numpy()
+        return out
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Chunks this small gain nothing from a second torch thread, and on a busy machine each
+    of thousands of parallel regions waits for a thread the OS has descheduled (2.5 s of CPU
+    per 0.85 B model alone became 10 s with two threads and other processes running)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _norms_across(weight: torch.Tensor, out_dim: int, ord_: int) -> np.ndarray:
