@@ -26,6 +26,7 @@ from dashboard.sidebar import (  # noqa: E402
     sidebar_eval,
     sidebar_model,
     sidebar_options,
+    sidebar_uniform,
 )
 from dashboard.tabs import blocks, compare, graphs, prune, scores  # noqa: E402
 from dashboard.tabs import plan as plan_tab_view  # noqa: E402
@@ -72,6 +73,7 @@ def main() -> None:
     try:
         options, ratio, indices_text = sidebar_options()
         indices = parse_indices(indices_text) if options.criterion == "index" else None
+        uniform = sidebar_uniform(model, options.criterion)
     except Exception as e:
         show_error(e)
         st.stop()
@@ -85,9 +87,12 @@ def main() -> None:
     )
     ratios, pinned = plan_tab_view.overrides(model)
     plan_args = {"ratio": ratio, "ratios": ratios, "pinned": pinned,
-                 "calibration": calibration_for(eval_data), "indices": indices}
+                 "calibration": calibration_for(eval_data), "indices": indices,
+                 "uniform": uniform}
+    structures = blocks.chosen_structures(model)  # whole blocks / experts (Blocks tab)
     signature = json.dumps({"model": model.key, "options": options.to_dict(), "ratio": ratio,
                             "ratios": ratios, "pinned": sorted(pinned), "indices": indices,
+                            "uniform": uniform, **structures,
                             "eval": eval_data.label if eval_data else None}, sort_keys=True)
     plan = None
     if options.criterion == "index" and not indices:
@@ -114,7 +119,8 @@ def main() -> None:
             _guarded(plan_tab_view.render, model, plan)
     if prune_tab.open is not False and plan is not None:
         with prune_tab:
-            _guarded(prune.render, model, plan, signature, ratio, eval_data)
+            _guarded(prune.render, model, plan, signature, ratio, eval_data, plan_args,
+                     structures)
     if compare_tab.open is not False:
         with compare_tab:
             _guarded(compare.render, model, options, eval_data)

@@ -118,9 +118,10 @@ def editor_key(model: state.LoadedModel) -> str:
 
 def make_plan(model: state.LoadedModel, options: PruningOptions, ratio: float,
               ratios: dict[str, float], pinned: list[str], calibration: Any,
-              indices: dict[str, list[int]] | None) -> Any:
+              indices: dict[str, list[int]] | None, uniform: bool = False) -> Any:
     return engine.plan(model.analysis, options, ratio=ratio, ratios=ratios or None,
-                       pinned=tuple(pinned), calibration=calibration, indices=indices)
+                       pinned=tuple(pinned), calibration=calibration, indices=indices,
+                       uniform=uniform)
 
 
 def calibration_for(eval_data: sources.EvalData | None) -> Any:

@@ -18,6 +18,9 @@ from dashboard.evaluate import evaluate_pair
 from dashboard.sources import EvalData, one_line
 
 LATENCY_RUNS = 10
+PER_GROUP_DROPPED = ("The Plan tab's own ratios and pins were not applied: they name groups of "
+                     "the full model, and removing whole blocks or experts re-captures it with "
+                     "other groups; the global ratio was used.")
 
 
 @dataclass
@@ -62,10 +65,35 @@ def _latencies(engine: Any, original: Any, pruned: Any, example: tuple) -> tuple
 
 def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: EvalData | None,
               signature: str, ratio: float,
-              progress: Callable[[str], None] = lambda _msg: None) -> PruneRun:
-    """Apply ``plan`` to ``model``, save the artefacts, and measure before/after."""
-    progress("Removing the planned channels (engine.apply)…")
-    result = engine.apply(model.analysis, plan, progress=lambda m: progress(f"· {m}"))
+              progress: Callable[[str], None] = lambda _msg: None,
+              plan_args: dict[str, Any] | None = None,
+              structures: dict[str, Any] | None = None) -> PruneRun:
+    """Prune ``model`` as planned, save the artefacts, and measure before/after.
+
+    With ``plan_args`` (what made ``plan``: ratio, ratios, pinned, calibration, indices,
+    uniform) the whole run is ``engine.prune`` on the page's analysis, which also removes the
+    ``structures`` (``remove_blocks`` / ``expert_ratio``) before width pruning and writes
+    their report sections; the width plan is then made again on the smaller model. Without
+    them, ``engine.apply`` applies ``plan`` as shown.
+    """
+    wanted = {k: v for k, v in (structures or {}).items() if v}
+    dropped = ""
+    if plan_args is not None:
+        progress("Removing the planned blocks, experts and channels (engine.prune)…"
+                 if wanted else "Removing the planned channels (engine.prune)…")
+        args = dict(plan_args)
+        args["ratios"] = args.get("ratios") or None
+        args["pinned"] = tuple(args.get("pinned") or ())
+        if wanted and (args["ratios"] or args["pinned"]):
+            # they name the full model's groups; the re-captured smaller model has others
+            args["ratios"], args["pinned"] = None, ()
+            dropped = PER_GROUP_DROPPED
+        result = engine.prune(model.analysis, options=plan.options, **args, **wanted,
+                              progress=lambda m: progress(f"· {m}"))
+    else:
+        progress("Removing the planned channels (engine.apply)…")
+        result = engine.apply(model.analysis, plan, progress=lambda m: progress(f"· {m}"))
+    plan = result.plan
     progress("Writing model.pt2, model.onnx and report.json (engine.save)…")
     with warnings.catch_warnings():  # the hf/ reason is shown as a note below
         warnings.filterwarnings("ignore", message="hf/ not written")
@@ -75,7 +103,7 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Eval
     example = tuple(model.captured.example_inputs)
     before = dict(result.before)
     after = dict(result.after)
-    notes: list[str] = []
+    notes: list[str] = [dropped] if dropped else []
     hf = result.report.get("hf")
     if hf and not hf["written"]:
         notes.append(f"hf/ not written: {hf['reason']}")

@@ -49,7 +49,16 @@ HELP = {
     "ratio": "Fraction of all prunable channels to remove, ranked together across layers by "
     "normalized score (0 ≤ ratio < 1). Groups with their own ratio in the Plan tab use that.",
     "seed": "Seed of the random criterion (and any other seeded choice).",
+    "uniform": "Every repeated layer of the same kind (layer 0's MLP, layer 1's MLP, …) loses "
+    "the same number of channels: the ranking's total for the kind is spread evenly, and each "
+    "layer still drops its own lowest-scoring channels. A transformers config has one size per "
+    "kind of layer, so only such a plan gives a standard config: with it the Prune step also "
+    "writes hf/, a folder transformers loads with from_pretrained (offered as a zip). On by "
+    "default for transformers models (a Hugging Face folder); the built-in demo-lm is a .pt2, "
+    "load its folder assets/demo_lm by path for hf/.",
 }
+UNIFORM_KEY = "opt_uniform"
+_UNIFORM_FOR = "_ps_uniform_for"
 
 
 def sidebar_model() -> sources.ModelRequest | None:
@@ -200,6 +209,20 @@ def sidebar_options() -> tuple[PruningOptions, float, str]:
         seed=int(seed),
     )
     return options, float(ratio), indices_text
+
+
+def sidebar_uniform(model: state.LoadedModel, criterion: str) -> bool:
+    """The "uniform" switch; its default follows the model (on for transformers models)."""
+    ss = st.session_state
+    if ss.get(_UNIFORM_FOR) != model.key:  # a new model: start from its own default
+        ss[UNIFORM_KEY] = model.captured.hf is not None
+        ss[_UNIFORM_FOR] = model.key
+    explicit = criterion == "index"  # named removals cannot be evened out
+    on = st.sidebar.toggle("Same count per repeated layer (uniform)", key=UNIFORM_KEY,
+                           help=HELP["uniform"], disabled=explicit)
+    if explicit and on:
+        st.sidebar.caption("Uniform counts do not apply to criterion index (named channels).")
+    return bool(on) and not explicit
 
 
 def parse_indices(text: str) -> dict[str, list[int]] | None:

@@ -29,9 +29,8 @@ from engine.quality.metrics import count_params, graph_flops, size_bytes
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
 from engine.transform.apply import masked_module, pruned_roots, rewrite, tensor_places
-from engine.transform.exactness import EXACT_TOLERANCE
+from engine.transform.exactness import exact_tolerance
 
-HALF_EPSILONS = 4  # bf16/fp16 outputs: the tolerance is this many machine epsilons
 ONNX_TOLERANCE = 1e-3  # absolute, per unit of output scale: ONNX Runtime vs the pruned module
 ONNX_FILES = ("model.onnx", "model.onnx.data")
 Progress = Callable[[str], None]
@@ -340,15 +339,6 @@ def _verify(masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
         "exact_expected": expected_exact,
         "inexact_groups": [n for n in pruned_groups if not structure.group(n).exact],
     }
-
-
-def exact_tolerance(dtypes: Iterable[torch.dtype]) -> float:
-    """Relative tolerance of "exact": 1e-4 in float32; for half-precision outputs 4 machine
-    epsilons of the coarsest one (float16 3.9e-3, bfloat16 3.1e-2): removing zeroed channels
-    changes how a product's sum is blocked, and each rounding to 8 (bf16) or 11 (fp16)
-    significant bits can move a result by an epsilon."""
-    eps = [torch.finfo(d).eps for d in dtypes if d.is_floating_point]
-    return max([EXACT_TOLERANCE, *(HALF_EPSILONS * e for e in eps)])
 
 
 def _export(gm: torch.nn.Module, analysis: Analysis) -> torch.export.ExportedProgram:

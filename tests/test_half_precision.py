@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import engine
-from engine.pipeline import exact_tolerance
+from engine.transform.exactness import exact_tolerance
 
 
 class ConvMlp(nn.Module):
@@ -141,3 +141,29 @@ def test_bfloat16_llama_prunes_end_to_end(tmp_path: Path) -> None:
     report = json.loads(paths["report.json"].read_text())
     assert report["onnx"]["max_abs_diff_vs_torch"] is None
     assert "bfloat16" in report["onnx"]["checked"]
+
+
+def test_bfloat16_transformers_model_gets_a_bfloat16_hf_folder(tmp_path: Path) -> None:
+    """hf/ of a bf16 model: written in bf16, and transformers' own reload (its kernels, not
+    the exported graph) agrees with model.pt2 within bf16 exactness."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    result = engine.prune(model, None, ratio=0.5, uniform=True, seq_len=8)
+    paths = engine.save(result, tmp_path, onnx=False)
+    report = json.loads(paths["report.json"].read_text())
+    assert report["hf"]["written"], report["hf"]
+    assert report["hf"]["config"]["intermediate_size"] < 128
+
+    reloaded = AutoModelForCausalLM.from_pretrained(paths["hf"], dtype="auto").eval()
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    ids, mask = result.example_inputs  # the engine made them: input_ids, attention_mask
+    with torch.no_grad():
+        got = reloaded(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        (want,) = torch.export.load(paths["model.pt2"]).module()(ids, mask)
+    relative = float((got - want.float()).abs().max() / want.float().abs().max())
+    assert relative <= 4 * 2.0**-7
+    assert report["hf"]["max_rel_diff_vs_pt2"] == pytest.approx(relative, abs=1e-6)

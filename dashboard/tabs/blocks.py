@@ -1,4 +1,5 @@
-"""The Blocks tab: residual blocks in network order, their scores and which would go."""
+"""The Blocks tab: residual blocks in network order, their scores and which would go; how
+many blocks (and, for mixtures of experts, what share of experts) the Prune step removes."""
 
 from __future__ import annotations
 
@@ -10,9 +11,38 @@ import streamlit as st
 from dashboard import state
 from dashboard.block_chart import block_scores
 from engine.transform.depth import choose, plan_depth
+from engine.transform.experts import expert_scores, plan_experts
 
 _CRITERIA = {"relative_branch_norm": "relative branch norm (example inputs)",
              "block_influence": "block influence, 1 - cos (calibration data)"}
+CHOICES_KEY = "_ps_structures"  # model key -> {"remove_blocks": n, "expert_ratio": r}
+BLOCKS_KEY = "blocks_to_remove"
+EXPERTS_KEY = "experts_to_remove"
+_SHOWN_FOR = "_ps_blocks_for"
+
+
+def chosen_structures(model: state.LoadedModel) -> dict[str, Any]:
+    """What the Prune step removes besides channels: ``remove_blocks`` and ``expert_ratio``
+    for ``engine.prune`` (None = nothing). Kept apart from the widgets, which Streamlit
+    forgets while the Blocks tab is closed."""
+    choice = st.session_state.get(CHOICES_KEY, {}).get(model.key, {})
+    return {"remove_blocks": choice.get("remove_blocks") or None,
+            "expert_ratio": choice.get("expert_ratio") or None}
+
+
+def _remember(model: state.LoadedModel, **values: Any) -> None:
+    st.session_state.setdefault(CHOICES_KEY, {}).setdefault(model.key, {}).update(values)
+
+
+def _seed_widgets(model: state.LoadedModel, n_blocks: int) -> None:
+    """Put the model's remembered choice into the widgets when they are (re)created."""
+    ss = st.session_state
+    stored = ss.get(CHOICES_KEY, {}).get(model.key, {})
+    if ss.get(_SHOWN_FOR) != model.key or BLOCKS_KEY not in ss:
+        ss[BLOCKS_KEY] = min(int(stored.get("remove_blocks") or 0), max(n_blocks - 1, 0))
+    if ss.get(_SHOWN_FOR) != model.key or EXPERTS_KEY not in ss:
+        ss[EXPERTS_KEY] = float(stored.get("expert_ratio") or 0.0)
+    ss[_SHOWN_FOR] = model.key
 
 
 def blocks_frame(report: dict[str, Any]) -> pd.DataFrame:
@@ -22,13 +52,23 @@ def blocks_frame(report: dict[str, Any]) -> pd.DataFrame:
     )
 
 
+def _routers(model: state.LoadedModel) -> list:
+    routers = model.cache.get("routers")
+    if routers is None:
+        from engine.transform.experts import find_routers
+
+        routers = model.cache["routers"] = find_routers(model.analysis)
+    return routers
+
+
 def render(model: state.LoadedModel, calibration: Any = None) -> None:
     st.markdown(
         "Depth pruning removes whole **residual blocks** (a branch added back to the stream "
         "it leaves: bottleneck blocks, attention and MLP sublayers). The least important go: "
         "by the branch's output norm relative to the stream's on the example inputs, or, with "
         "calibration data, by block influence (1 - cosine similarity of the stream before "
-        "and after the block)."
+        "and after the block). The blocks chosen here are removed by the **Prune** step, "
+        "before the channels of the global ratio."
     )
     which = calibration if isinstance(calibration, str) else getattr(calibration, "label", None)
     key = ("blocks", calibration is None, which)
@@ -38,15 +78,49 @@ def render(model: state.LoadedModel, calibration: Any = None) -> None:
             _blocks, cached = plan_depth(model.analysis, calibration=calibration)
         model.cache[key] = cached
     n = len(cached["blocks"])
+    _seed_widgets(model, n)
     if not n:
         st.info("This model has no residual blocks (no branch added back to its stream).")
+        _remember(model, remove_blocks=0)
+    else:
+        count = 0
+        if n > 1:
+            count = st.slider("Blocks to remove", 0, n - 1, key=BLOCKS_KEY,
+                              help="How many whole residual blocks the Prune step removes "
+                              "(the lowest-scoring ones, marked red), before pruning channels.")
+        else:
+            st.caption("The model's only residual block must stay.")
+        _remember(model, remove_blocks=int(count))
+        chosen = set(choose({b["name"]: b["score"] for b in cached["blocks"]}, count))
+        report = {"blocks": [dict(b, removed=b["name"] in chosen) for b in cached["blocks"]]}
+        frame = blocks_frame(report)
+        st.plotly_chart(block_scores(frame, _CRITERIA[cached["criterion"]]), key="block_chart")
+        st.dataframe(frame, hide_index=True)
+        removed = [b["name"] for b in report["blocks"] if b["removed"]]
+        st.caption(f"{len(removed)} of {n} blocks would go ({', '.join(removed) or 'none'}): "
+                   f"`prunescope prune MODEL --remove-blocks {count} --out DIR`")
+    _experts(model)
+
+
+def _experts(model: state.LoadedModel) -> None:
+    """Mixtures of experts: the share of every router's experts the Prune step removes."""
+    routers = _routers(model)
+    if not routers:
+        _remember(model, expert_ratio=0.0)
         return
-    count = st.slider("Blocks to remove", 0, n - 1, 0, key="blocks_to_remove")
-    chosen = set(choose({b["name"]: b["score"] for b in cached["blocks"]}, count))
-    report = {"blocks": [dict(b, removed=b["name"] in chosen) for b in cached["blocks"]]}
-    frame = blocks_frame(report)
-    st.plotly_chart(block_scores(frame, _CRITERIA[cached["criterion"]]), key="block_chart")
-    st.dataframe(frame, hide_index=True)
-    removed = [b["name"] for b in report["blocks"] if b["removed"]]
-    st.caption(f"{len(removed)} of {n} blocks would go ({', '.join(removed) or 'none'}): "
-               f"`prunescope prune MODEL --remove-blocks {count} --out DIR`")
+    st.subheader("Experts")
+    st.markdown(
+        f"{len(routers)} router(s) pick experts by top-k. Every router loses the share below "
+        "of its experts (lowest routing share on calibration data, else smallest weights), "
+        "always keeping at least its top-k."
+    )
+    ratio = st.slider("Share of experts to remove", 0.0, 0.9, step=0.05, key=EXPERTS_KEY,
+                      help="expert_ratio of engine.prune (CLI --expert-ratio)")
+    _remember(model, expert_ratio=float(ratio))
+    # how many go does not depend on the scores; which ones the Prune step decides
+    weights = {r.layer: expert_scores(model.analysis, r) for r in routers}
+    going = plan_experts(routers, weights, float(ratio))
+    st.dataframe(pd.DataFrame([{"router": r.layer, "experts": len(r.ids), "top_k": r.top_k,
+                                "would remove": len(going[r.layer])} for r in routers]),
+                 hide_index=True)
+    st.caption(f"`prunescope prune MODEL --expert-ratio {ratio:.2f} --out DIR`")

@@ -18,22 +18,39 @@ from dashboard.tabs import recover
 
 
 def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
-              eval_data: sources.EvalData | None) -> None:
+           eval_data: sources.EvalData | None, plan_args: dict[str, Any] | None = None,
+           structures: dict[str, Any] | None = None) -> None:
     total = sum(int(g.scores.size) for g in plan.groups)
     pruned = sum(int(g.pruned.size) for g in plan.groups)
     st.markdown(
         f"The current plan removes **{pruned:,} of {total:,}** prunable channels "
-        f"({pruned / max(total, 1):.1%}). Prune builds the smaller model, saves it as "
-        "`model.pt2`, `model.onnx` and `report.json`, and compares it with the original"
+        f"({pruned / max(total, 1):.1%})"
+        + (" with the same count in every repeated layer (uniform)"
+           if (plan_args or {}).get("uniform") else "")
+        + ". Prune builds the smaller model, saves it as "
+        "`model.pt2`, `model.onnx` and `report.json`"
+        + (" (and `hf/` for a transformers model whose pruned config stays standard)"
+           if model.captured.hf is not None else "")
+        + ", and compares it with the original"
         + (f" on **{eval_data.label}** ({eval_data.n} samples)." if eval_data else ".")
     )
+    whole = structure_line(structures or {})
+    if whole:
+        args = plan_args or {}
+        per_group = (" Own ratios and pins from the Plan tab do not apply then (they name "
+                     "the full model's groups): the global ratio does."
+                     if args.get("ratios") or args.get("pinned") else "")
+        st.info(f"Also removes {whole} (chosen in the Blocks tab) before the channels; the "
+                "channel plan is then made again on the smaller model, so its counts can "
+                "differ a little from the Plan tab's." + per_group, icon="🧱")
     if st.button("Prune", type="primary", key="prune", icon="✂️"):
         files = session_files()
         out_dir = files.subdir(f"pruned-{short(model.key)}-{short(signature)}")
         with st.status("Pruning…", expanded=True) as status:
             try:
                 run = run_prune(engine, model, plan, out_dir, eval_data, signature, ratio,
-                                progress=st.write)
+                                progress=st.write, plan_args=plan_args,
+                                structures=structures)
             except Exception as e:
                 status.update(label="Pruning failed", state="error")
                 show_error(e, "Pruning failed")
@@ -50,6 +67,18 @@ def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
     show_result(run)
     if run.signature == signature:
         recover.render(model, run, eval_data)
+
+
+def structure_line(structures: dict[str, Any]) -> str:
+    """"2 whole residual blocks and 25% of the experts", or "" when none are chosen."""
+    parts = []
+    if structures.get("remove_blocks"):
+        n = int(structures["remove_blocks"])
+        parts.append(f"**{n} whole residual block{'s' if n != 1 else ''}**")
+    if structures.get("expert_ratio"):
+        parts.append(f"**{float(structures['expert_ratio']):.0%} of the experts** of every "
+                     "router")
+    return " and ".join(parts)
 
 
 def _options_line(options: dict, ratio: float) -> str:
@@ -99,6 +128,14 @@ def show_result(run: PruneRun) -> None:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     for note in run.notes:
         st.caption(note)
+    report = run.result.report if run.result is not None else {}
+    gone = [b["name"] for b in report.get("blocks", []) if b.get("removed")]
+    if gone:
+        st.caption(f"Removed residual blocks: {', '.join(gone)} (report.json: \"blocks\", "
+                   "\"depth\").")
+    for router in (report.get("experts") or {}).get("routers", []):
+        st.caption(f"Router {router['layer']}: removed experts {router['removed']} of "
+                   f"{router['experts']} (report.json: \"experts\").")
     st.subheader("Downloads")
     hf_dir = run.files.get("hf")
     has_hf = hf_dir is not None and hf_dir.is_dir()

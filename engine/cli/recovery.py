@@ -98,4 +98,9 @@ def run_recovery(result, calibration: str, settings: dict[str, Any]):
     print(line)
     for method, reason in info["skipped"].items():
         print(f"recovery: skipped {method}: {reason}")
+    if "chunking" in info:
+        print(f"recovery: {info['chunking']['note']}")
+    if "filled_inputs" in info:
+        print(f"recovery: calibration gives token ids only; {', '.join(info['filled_inputs'])}"
+              " set to all ones")
     return recovered

@@ -108,12 +108,16 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "calibration data"
     examples = analysis.captured.example_inputs
     shapes = data.expected_shapes(analysis.captured.program)
-    if shapes and shapes[0] and shapes[0][0] is not None:
-        raise OptionError(f"recovery needs a model whose batch dimension is dynamic; this one "
-                          f"takes exactly {shapes[0][0]} sample(s) (export it with a dynamic "
-                          "batch dimension)")
-    full = data.check(xs, y, shapes, examples, where)
+    xs, filled = data.with_attention_mask(
+        xs, getattr(analysis.captured.hf, "input_names", ()) if len(shapes) == 2 else ())
+    full = data.check(xs, y, shapes, examples, where, ["x", *filled] if filled else None)
     fit, holdout = _split(full, eval_holdout, seed)
+    batch = full.batch
+    if batch is not None and len(fit) < batch:
+        raise OptionError(f"{where} holds {len(full)} sample(s), {len(holdout)} of them held "
+                          f"back to measure the result; the model runs a fixed batch of "
+                          f"{batch}: give at least {batch + len(holdout)} samples, or a "
+                          "smaller eval_holdout")
 
     wanted = list(DATA_LIGHT) if "auto" in names else [m for m in DATA_LIGHT if m in names]
     distilling = "distill" in names or ("auto" in names and (steps or (budget_s or 0) > 0))
@@ -129,7 +133,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         from engine.transform.apply import pruned_roots
 
         ctx = Context(original, module, Layout(structure, pruned_roots(structure, result.plan)))
-        light = fit.take(torch.arange(min(len(fit), MAX_SAMPLES)))
+        light = fit.take(torch.arange(_light_samples(len(fit), batch)))
         say(f"recovery: {', '.join(wanted)}", 0.0)
         for name in wanted:
             changed[name] = []
@@ -140,14 +144,17 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
                 if layer is not None:
                     changed[name].append(layer)
 
-        ctx.run(tuple(light.xs), correct)
+        if batch is None:
+            ctx.run(tuple(light.xs), correct)
+        else:  # the graph runs `batch` samples at a time; the methods see them all joined
+            ctx.run_chunks([tuple(chunk) for chunk in light.chunks()], correct)
         for name in wanted:
             if changed[name]:
                 applied.append(name)
             else:
                 skipped[name] = _NOTHING[name]
                 del changed[name]
-    details = {}
+    details: dict[str, Any] = {}
     nothing_pruned = all(len(gp.pruned) == 0 for gp in result.plan.groups)
     if distilling and nothing_pruned:
         skipped["distill"] = "nothing was pruned: the model is the original"
@@ -180,8 +187,42 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "holdout_samples": len(holdout),
         "calibration_samples": len(fit),
         **({"distill": details} if details else {}),
+        **({"filled_inputs": filled} if filled else {}),
+        **({"chunking": _chunking(batch, len(fit), len(holdout), bool(wanted), details)}
+           if batch is not None else {}),
     }
     return PruneResult(module, report, result.plan, analysis, result.example_inputs)
+
+
+def _light_samples(n_fit: int, batch: int | None) -> int:
+    """Samples of the data-light pass: at most MAX_SAMPLES, a whole number of batches."""
+    n = min(n_fit, MAX_SAMPLES)
+    return n if batch is None else max(batch, n - n % batch)
+
+
+def _chunking(batch: int, n_fit: int, n_hold: int, light: bool, details: dict) -> dict:
+    """How a model with a fixed batch size was fed: the report says what was left out."""
+    n_light = _light_samples(n_fit, batch)
+    out: dict[str, Any] = {
+        "captured_batch": batch,
+        "note": f"the model was captured with a fixed batch of {batch}: every pass runs "
+                f"{batch} sample(s) at a time",
+    }
+    if light:
+        out["layer_pass"] = {"samples": n_light, "chunks": n_light // batch,
+                             "left_out": n_fit - n_light}
+        if n_fit - n_light:
+            out["note"] += f"; the layer-wise pass used {n_light} of {n_fit} samples"
+    if details:
+        out["distill"] = {"minibatch": details["minibatch"],
+                          "per_epoch_left_out": n_fit % details["minibatch"]}
+        if n_fit % details["minibatch"]:
+            out["note"] += (f"; distillation minibatches of {details['minibatch']} leave "
+                            f"{n_fit % details['minibatch']} sample(s) out of each epoch")
+    if n_hold:
+        out["holdout"] = {"chunks": -(-n_hold // batch),
+                          "padded": (-n_hold) % batch}  # copies whose outputs are dropped
+    return out
 
 
 def _original(analysis) -> torch.fx.GraphModule:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.quality.recovery.data import CalibrationSet, leaves
+from engine.quality.recovery.data import CalibrationSet, forward
 
 TEMPERATURE = 2.0
 LEARNING_RATE = 5e-3
@@ -55,6 +55,8 @@ def run(student: torch.nn.Module, fit: CalibrationSet, fit_teacher: list[torch.T
     generator = torch.Generator().manual_seed(seed)
     n = len(fit)
     batch = min(batch, n)
+    if fit.batch is not None:  # a fixed-batch graph: whole batches, the rest of an epoch waits
+        batch = max(fit.batch, batch - batch % fit.batch)
     per_epoch = max(1, n // batch)
     check_every = max(1, min(per_epoch, 50))
 
@@ -62,7 +64,8 @@ def run(student: torch.nn.Module, fit: CalibrationSet, fit_teacher: list[torch.T
         if holdout is None or not len(holdout):
             return math.nan
         with torch.no_grad():
-            return float(loss(leaves(student(*holdout.xs)), holdout_teacher, holdout.y))
+            return float(loss(forward(student, holdout.xs, holdout.batch), holdout_teacher,
+                              holdout.y))
 
     best_loss, best_state, best_step = held_out_loss(), copy.deepcopy(student.state_dict()), 0
     start = time.monotonic()
@@ -78,7 +81,7 @@ def run(student: torch.nn.Module, fit: CalibrationSet, fit_teacher: list[torch.T
             order, position = torch.randperm(n, generator=generator), 0
         index = order[position:position + batch]
         position += batch
-        out = leaves(student(*[x[index] for x in fit.xs]))
+        out = forward(student, [x[index] for x in fit.xs], fit.batch)
         value = loss(out, [t[index] for t in fit_teacher], None if fit.y is None else fit.y[index])
         optimizer.zero_grad(set_to_none=True)
         value.backward()
@@ -96,4 +99,5 @@ def run(student: torch.nn.Module, fit: CalibrationSet, fit_teacher: list[torch.T
     student.load_state_dict(best_state)
     for p in params:
         p.requires_grad_(False)
-    return {"steps": step, "best_step": best_step, "holdout_loss": best_loss}
+    details = {"steps": step, "best_step": best_step, "holdout_loss": best_loss}
+    return details if fit.batch is None else {**details, "minibatch": batch}

@@ -9,7 +9,8 @@ after it see the already-corrected activations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +24,26 @@ from engine.graph.dependency import Structure
 Hook = Callable[[fx.Node, "Step"], None]
 
 
-@dataclass
 class Step:
-    """Values available when a node is about to run in the pruned graph."""
+    """Values available when a node is about to run in the pruned graph. Read lazily: most
+    nodes are of no interest to any method, and where the data ran in chunks each read
+    joins the chunks' values."""
 
-    original_args: tuple  # the node's arguments in the original graph (tensors evaluated)
-    original_out: Any  # what the node returned in the original graph
-    fetch: Callable[[], tuple]  # the node's arguments in the pruned graph, as they are now
+    def __init__(self, original_args: Callable[[], tuple], original_out: Callable[[], Any],
+                 fetch: Callable[[], tuple]) -> None:
+        self._original_args = original_args
+        self._original_out = original_out
+        self.fetch = fetch  # the node's arguments in the pruned graph, as they are now
+
+    @functools.cached_property
+    def original_args(self) -> tuple:
+        """The node's arguments in the original graph (tensors evaluated)."""
+        return self._original_args()
+
+    @functools.cached_property
+    def original_out(self) -> Any:
+        """What the node returned in the original graph."""
+        return self._original_out()
 
     @property
     def pruned_args(self) -> tuple:
@@ -90,36 +104,102 @@ class Layout:
 def run_lockstep(original: fx.GraphModule, pruned: fx.GraphModule, inputs: tuple,
                  hook: Hook) -> Any:
     """Run both graphs on `inputs` (flat tensors), calling `hook` before each pruned node."""
-    o_run = fx.Interpreter(original)
-    p_run = fx.Interpreter(pruned)
+    return run_lockstep_chunks(original, pruned, [inputs], hook)[0]
+
+
+def run_lockstep_chunks(original: fx.GraphModule, pruned: fx.GraphModule,
+                        chunks: Sequence[tuple], hook: Hook) -> list:
+    """`run_lockstep` on several input chunks at once, node by node: every chunk reaches a
+    node before the hook is called, and the hook sees each activation with the chunks
+    joined along dim 0, as if the whole set had run in one batch. A graph captured with a
+    fixed batch size runs only that many samples at a time; this lets the methods still see
+    the whole calibration set. Returns each chunk's output."""
     o_by_name = {n.name: n for n in original.graph.nodes}
     p_nodes = list(pruned.graph.nodes)
     mirrored = [o_by_name[n.name].name for n in p_nodes if n.name in o_by_name]
     if mirrored != list(o_by_name):
         raise RuntimeError("the pruned graph does not mirror the original graph")
-    o_run.env, p_run.env = {}, {}
-    o_run.args_iter = iter(inputs)
-    p_run.args_iter = iter(inputs)
-    result = None
+    varying = _input_dependent(original)
+    o_runs = [_interpreter(original, inputs) for inputs in chunks]
+    p_runs = [_interpreter(pruned, inputs) for inputs in chunks]
+    results: list = [None] * len(chunks)
     with torch.no_grad():
         for p_node in p_nodes:
             o_node = o_by_name.get(p_node.name)
             if o_node is None:  # a parameter an earlier method added (a new bias)
-                p_run.env[p_node] = p_run.run_node(p_node)
+                for p_run in p_runs:
+                    p_run.env[p_node] = p_run.run_node(p_node)
                 continue
-            o_out = o_run.run_node(o_node)
-            o_run.env[o_node] = o_out
+            for o_run in o_runs:
+                o_run.env[o_node] = o_run.run_node(o_node)
             if p_node.op == "call_function":
-                o_args = o_run.fetch_args_kwargs_from_env(o_node)[0]
-                hook(p_node, Step(o_args, o_out, _fetcher(p_run, p_node)))
-                _fetcher(p_run, p_node)()
-            p_run.env[p_node] = p_run.run_node(p_node)
-            if p_node.op == "output":
-                result = p_run.env[p_node]
-            for run, node in ((o_run, o_node), (p_run, p_node)):
-                for dead in run.user_to_last_uses.get(node, []):
-                    run.env.pop(dead, None)
-    return result
+                hook(p_node, _step(o_node, o_runs, p_node, p_runs, varying))
+                for p_run in p_runs:
+                    _fetcher(p_run, p_node)()
+            for k, p_run in enumerate(p_runs):
+                p_run.env[p_node] = p_run.run_node(p_node)
+                if p_node.op == "output":
+                    results[k] = p_run.env[p_node]
+            for runs, node in ((o_runs, o_node), (p_runs, p_node)):
+                for run in runs:
+                    for dead in run.user_to_last_uses.get(node, []):
+                        run.env.pop(dead, None)
+    return results
+
+
+def _interpreter(gm: fx.GraphModule, inputs: tuple) -> fx.Interpreter:
+    run = fx.Interpreter(gm)
+    run.env = {}
+    run.args_iter = iter(inputs)
+    return run
+
+
+def _input_dependent(gm: fx.GraphModule) -> set[str]:
+    """Names of the nodes whose value depends on the inputs (the ones that differ between
+    chunks); the rest (parameters, constants, shapes) are the same in every chunk."""
+    found: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a.name in found for a in node.all_input_nodes):
+            found.add(node.name)
+    return found
+
+
+def _step(o_node: fx.Node, o_runs: list, p_node: fx.Node, p_runs: list,
+          varying: set[str]) -> Step:
+    def original_args() -> tuple:
+        return _join(o_node.args, [r.fetch_args_kwargs_from_env(o_node)[0] for r in o_runs],
+                     varying)
+
+    def original_out() -> Any:
+        return _join(o_node, [r.env[o_node] for r in o_runs], varying)
+
+    cache: dict = {}
+
+    def pruned_args() -> tuple:
+        # joined once per argument list: a method that adds a bias replaces node.args
+        if cache.get("args") is not p_node.args:
+            values = [_fetcher(r, p_node)() for r in p_runs]
+            cache["args"], cache["joined"] = p_node.args, _join(p_node.args, values, varying)
+        return cache["joined"]
+
+    return Step(original_args, original_out, pruned_args if len(p_runs) > 1 else
+                _fetcher(p_runs[0], p_node))
+
+
+def _join(template: Any, values: list, varying: set[str]) -> Any:
+    """One value from each chunk's: input-dependent tensors joined along dim 0, anything
+    else taken from the first chunk (the same in all)."""
+    if len(values) == 1:
+        return values[0]
+    if isinstance(template, fx.Node):
+        first = values[0]
+        if template.name not in varying or not isinstance(first, torch.Tensor):
+            return first
+        return torch.cat(values) if first.ndim else torch.stack(values)
+    if isinstance(template, (list, tuple)):
+        joined = [_join(t, [v[i] for v in values], varying) for i, t in enumerate(template)]
+        return tuple(joined) if isinstance(template, tuple) else joined
+    return values[0]
 
 
 def _fetcher(run: fx.Interpreter, node: fx.Node) -> Callable[[], tuple]:
@@ -180,6 +260,12 @@ class Context:
 
     def run(self, inputs: tuple, hook: Hook) -> Any:
         out = run_lockstep(self.original, self.pruned, inputs, hook)
+        self.pruned.recompile()
+        return out
+
+    def run_chunks(self, chunks: Sequence[tuple], hook: Hook) -> list:
+        """`run` on input chunks that the methods see joined (a fixed-batch graph)."""
+        out = run_lockstep_chunks(self.original, self.pruned, chunks, hook)
         self.pruned.recompile()
         return out
 
