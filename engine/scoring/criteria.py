@@ -86,9 +86,13 @@ def weight_scores(weight: torch.Tensor, out_dim: int, criterion: str) -> np.ndar
         n, d = w.shape
         out = np.empty(n, dtype=np.float64)
         step = max(1, _NORM_CHUNK_ELEMENTS // max(1, d))
+        # one buffer for every chunk: a fresh 2 MB tensor per chunk is returned to the OS
+        # and page-faulted in again each time
+        buffer = torch.empty(min(step, n) * d, dtype=torch.float64)
         for start in range(0, n, step):
-            chunk = w[start : start + step].to(torch.float64)
-            out[start : start + step] = torch.linalg.vector_norm(chunk, ord=ord_, dim=1).numpy()
+            rows = min(step, n - start)
+            chunk = buffer[: rows * d].view(rows, d).copy_(w[start : start + rows])
+            out[start : start + rows] = torch.linalg.vector_norm(chunk, ord=ord_, dim=1).numpy()
         return out
 
 
@@ -112,8 +116,10 @@ def _norms_across(weight: torch.Tensor, out_dim: int, ord_: int) -> np.ndarray:
     total = torch.zeros(weight.shape[out_dim], dtype=torch.float64)
     others = [d for d in range(weight.dim()) if d != out_dim]
     step = max(1, _NORM_CHUNK_ELEMENTS // max(1, weight[0].numel()))
+    buffer = torch.empty((min(step, weight.shape[0]), *weight.shape[1:]), dtype=torch.float64)
     for start in range(0, weight.shape[0], step):
-        chunk = weight[start : start + step].to(torch.float64, copy=True)  # squared in place
+        rows = min(step, weight.shape[0] - start)
+        chunk = buffer[:rows].copy_(weight[start : start + rows])  # squared in place
         chunk = chunk.abs_() if ord_ == 1 else chunk.mul_(chunk)
         total += chunk.sum(dim=others)
     return (total if ord_ == 1 else total.sqrt_()).numpy()
