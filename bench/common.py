@@ -111,8 +111,9 @@ class PhaseClock:
     """A ``progress`` callback for engine.prune/apply: timestamps every phase message.
 
     The engine reports "capturing the model", "analysing channel dependencies and scoring",
-    "removing channels", "verifying", "re-exporting" and "measuring"; the gaps between the
-    messages are the phase durations, so nothing inside the engine needs instrumenting.
+    "running the masked original", "removing channels", "verifying", "re-exporting" and
+    "measuring"; the gaps between the messages are the phase durations, so nothing inside
+    the engine needs instrumenting.
     """
 
     def __init__(self) -> None:

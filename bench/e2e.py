@@ -41,6 +41,7 @@ FLOOR_GOAL = 3.0
 LABELS = {
     "capturing the model": "capture",
     "analysing channel dependencies and scoring": "analyse + score + plan",
+    "running the masked original": "masked reference",
     "removing channels": "rewrite",
     "verifying": "verify",
     "re-exporting": "re-export",

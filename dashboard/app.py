@@ -83,7 +83,8 @@ def main() -> None:
     st.caption(
         f"Model: **{model.label}** · {len(an.groups)} prunable groups · "
         f"{sum(int(g.channels) for g in an.groups):,} channels · {frozen_n} frozen layer set(s)"
-        + (f" · evaluation data: {eval_data.label} ({eval_data.n} samples)" if eval_data else "")
+        + (f" · evaluation data: {eval_data.source} ({len(eval_data)} samples)"
+           if eval_data else "")
     )
     ratios, pinned = plan_tab_view.overrides(model)
     plan_args = {"ratio": ratio, "ratios": ratios, "pinned": pinned,
@@ -93,7 +94,7 @@ def main() -> None:
     signature = json.dumps({"model": model.key, "options": options.to_dict(), "ratio": ratio,
                             "ratios": ratios, "pinned": sorted(pinned), "indices": indices,
                             "uniform": uniform, **structures,
-                            "eval": eval_data.label if eval_data else None}, sort_keys=True)
+                            "eval": eval_data.source if eval_data else None}, sort_keys=True)
     plan = None
     if options.criterion == "index" and not indices:
         st.info("Criterion **index**: list the filter indices to remove under “Channel indices "

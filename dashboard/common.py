@@ -12,6 +12,7 @@ import streamlit as st
 import engine
 from dashboard import netron_server, sources, state
 from engine.errors import PruneScopeError
+from engine.io.data import DataSet
 from engine.options import PruningOptions
 
 RESULT_KEY = "_ps_result"
@@ -124,7 +125,7 @@ def make_plan(model: state.LoadedModel, options: PruningOptions, ratio: float,
                        uniform=uniform)
 
 
-def calibration_for(eval_data: sources.EvalData | None) -> Any:
+def calibration_for(eval_data: DataSet | None) -> Any:
     """The data the calibration criteria score on: a built-in model's own calibration set
     (its training split, so the evaluation set the page measures on stays held out), else
     the uploaded data (inputs x and labels y, which taylor uses). The engine's raw-score cache

@@ -10,25 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from engine.quality.evaluate import EvalData, evaluate, predict
+from engine.io.data import DataSet
+from engine.quality.evaluate import evaluate, predict
 
 MAX_EVAL_SAMPLES = 2048
 
 
-def as_engine_data(x: np.ndarray, y: np.ndarray | None, label: str) -> EvalData:
-    return EvalData((x,), y, label, flag="evaluation data")
-
-
 def evaluate_pair(original: torch.nn.Module, pruned: torch.nn.Module,
-                  x: np.ndarray, y: np.ndarray | None,
-                  example_inputs: Sequence[torch.Tensor], label: str = "evaluation data"
-                  ) -> dict[str, Any]:
-    """Both models on (at most MAX_EVAL_SAMPLES of) ``x``: the task metric before and after
+                  data: DataSet, example_inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Both models on (at most MAX_EVAL_SAMPLES of) ``data``: the task metric before and after
     (accuracy with labels, perplexity for a language model), agreement and relative error."""
-    data = as_engine_data(x, y, label).head(MAX_EVAL_SAMPLES)
+    data = data.head(MAX_EVAL_SAMPLES)
     example = tuple(example_inputs)
     reference = predict(original, data, example_inputs=example)
     result: dict[str, Any] = {"samples": len(data)}

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from dashboard.evaluate import evaluate_pair
-from dashboard.sources import EvalData, one_line
+from dashboard.sources import one_line
+from engine.io.data import DataSet
 
 LATENCY_RUNS = 10
 PER_GROUP_DROPPED = ("The Plan tab's own ratios and pins were not applied: they name groups of "
@@ -63,7 +64,7 @@ def _latencies(engine: Any, original: Any, pruned: Any, example: tuple) -> tuple
     return min(rounds["before"]), min(rounds["after"])
 
 
-def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: EvalData | None,
+def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: DataSet | None,
               signature: str, ratio: float,
               progress: Callable[[str], None] = lambda _msg: None,
               plan_args: dict[str, Any] | None = None,
@@ -120,14 +121,13 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Eval
     progress("Comparing outputs on the evaluation data…")
     try:
         if eval_data is not None and len(example) == 1:
-            fid = evaluate_pair(original, result.module, eval_data.x, eval_data.y, example,
-                                eval_data.label)
-            fid_on = eval_data.label
+            fid = evaluate_pair(original, result.module, eval_data, example)
+            fid_on = eval_data.source
         else:
             x = example[0].detach().cpu().numpy() if len(example) == 1 else None
             if x is not None:
-                fid = evaluate_pair(original, result.module, x, None, example,
-                                    "the example inputs")
+                examples = DataSet((x,), None, "the example inputs", "evaluation data")
+                fid = evaluate_pair(original, result.module, examples, example)
                 fid_on = "the example inputs (no evaluation data given)"
             else:
                 notes.append("fidelity needs a single-input model or evaluation data")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dashboard.evaluate import evaluate_pair
-from dashboard.sources import EvalData
+from engine.io.data import DataSet
 
 METHOD_CHOICES = ("bias", "lsq", "bn", "norm", "distill")
 DEFAULT_METHODS = ("bias", "lsq", "bn", "norm")
@@ -29,7 +29,7 @@ class RecoverRun:
 
 
 def run_recover(engine: Any, result: Any, original: Any, calibration: Any, methods: list[str],
-                budget_s: float, out_dir: Path, eval_data: EvalData | None, signature: str,
+                budget_s: float, out_dir: Path, eval_data: DataSet | None, signature: str,
                 progress: Callable[[str, float], None] = lambda _m, _f: None) -> RecoverRun:
     recovered = engine.recover(result, calibration, methods, budget_s=budget_s,
                                progress=progress)
@@ -40,10 +40,8 @@ def run_recover(engine: Any, result: Any, original: Any, calibration: Any, metho
     example = tuple(result.example_inputs)
     if eval_data is not None and len(example) == 1:
         progress("Comparing original, pruned and recovered on the evaluation data…", 1.0)
-        pruned = evaluate_pair(original, result.module, eval_data.x, eval_data.y, example,
-                               eval_data.label)
-        after = evaluate_pair(original, recovered.module, eval_data.x, eval_data.y, example,
-                              eval_data.label)
+        pruned = evaluate_pair(original, result.module, eval_data, example)
+        after = evaluate_pair(original, recovered.module, eval_data, example)
         metric = pruned.get("metric")
         if metric is not None:
             scores[metric.capitalize()] = {"original": pruned[f"{metric}_before"],
@@ -53,7 +51,7 @@ def run_recover(engine: Any, result: Any, original: Any, calibration: Any, metho
             scores["Top-1 agreement with the original"] = {
                 "original": 1.0, "pruned": pruned["top1_agreement"],
                 "recovered": after["top1_agreement"]}
-        scored_on = f"{eval_data.label} ({pruned['samples']} samples)"
+        scored_on = f"{eval_data.source} ({pruned['samples']} samples)"
     return RecoverRun(
         prune_signature=signature,
         methods=list(methods),

@@ -10,6 +10,7 @@ import streamlit as st
 from dashboard import sources, state
 from dashboard.common import EVAL_KEY, session_files, show_error, upload_limit_mb, upload_limit_note
 from engine.errors import PruneScopeError
+from engine.io.data import DataSet
 from engine.options import (
     CRITERIA,
     GROUP_POLICIES,
@@ -139,7 +140,7 @@ def sidebar_model() -> sources.ModelRequest | None:
                                 label=f"upload {up.name}", shown_as=up.name)
 
 
-def sidebar_eval(model: state.LoadedModel) -> sources.EvalData | None:
+def sidebar_eval(model: state.LoadedModel) -> DataSet | None:
     up = st.sidebar.file_uploader(
         "Calibration / evaluation data (.npz, optional)", type=["npz"], key="upload_eval",
         help="An .npz with 'x' (model inputs, samples on the first axis) and optional integer "
@@ -153,7 +154,7 @@ def sidebar_eval(model: state.LoadedModel) -> sources.EvalData | None:
         key = f"upload:{up.file_id}"
         if cached is None or cached[0] != key:
             try:
-                data = sources.load_npz(up.getvalue(), label=f"{up.name}")
+                data = sources.load_upload(up.getvalue(), up.name)
             except Exception as e:
                 show_error(e)
                 data = None
@@ -163,7 +164,7 @@ def sidebar_eval(model: state.LoadedModel) -> sources.EvalData | None:
     if model.key.startswith("demo:"):
         key = "demo"
         if cached is None or cached[0] != key:
-            ss[EVAL_KEY] = cached = (key, sources.demo_eval())
+            ss[EVAL_KEY] = cached = (key, sources.builtin_eval(key))
         return cached[1]
     if model.key.startswith("demo-lm:"):
         key = "demo-lm"

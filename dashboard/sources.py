@@ -1,4 +1,5 @@
-"""Where a model and its evaluation data come from: demo, upload, local path, trusted pickle.
+"""Where a model and its evaluation data come from: demo, upload, local path, trusted pickle
+(data files are read by the engine's loader, engine.io.data).
 
 Uploads are written once into a private per-session temporary folder (``SessionFiles``,
 mode 0700 under the system temp dir). The folder is removed once its session has closed (a
@@ -10,7 +11,6 @@ the next server's first sweep.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -19,13 +19,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engine.errors import ModelLoadError, PruneScopeError
+from engine.io.data import DataSet
 
 DEMO = "Demo model"
 DEMO_LM = "Demo language model (demo-lm)"
@@ -33,6 +32,7 @@ UPLOAD_PT2 = "Upload .pt2"
 LOCAL_PATH = "Local file path"
 UPLOAD_PT = "Upload .pt (pickle)"
 SOURCES = (DEMO, DEMO_LM, UPLOAD_PT2, LOCAL_PATH, UPLOAD_PT)
+EVAL_FLAG = "evaluation data"  # what error messages call the data the page measures on
 
 
 PREFIX = "prunescope-"
@@ -314,64 +314,18 @@ def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
     return tuple(shapes)
 
 
-@dataclass
-class EvalData:
-    """Calibration/evaluation samples: ``x`` (first axis = samples) and optional labels."""
+def builtin_eval(name: str) -> DataSet:
+    """A built-in model's held-out evaluation set, read by the engine's loader."""
+    from engine.io.data import load_eval_data
 
-    x: np.ndarray
-    y: np.ndarray | None
-    label: str
-
-    @property
-    def n(self) -> int:
-        return int(self.x.shape[0])
+    return replace(load_eval_data(name, flag=EVAL_FLAG), source=f"{name} evaluation set")
 
 
-def load_npz(data: bytes | Path | str, label: str = "uploaded data") -> EvalData:
-    """Read an ``.npz`` with ``x`` and optional integer ``y``; one readable error otherwise."""
-    try:
-        source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
-        with np.load(source, allow_pickle=False) as npz:
-            names = list(npz.files)
-            if "x" not in names:
-                found = ", ".join(names) or "none"
-                raise ModelLoadError(f"{label}: the .npz has no array named 'x' (found: {found})")
-            x = np.asarray(npz["x"])
-            y = np.asarray(npz["y"]) if "y" in names else None
-    except PruneScopeError:
-        raise
-    except Exception as e:  # numpy raises many kinds for a file that is not an npz
-        raise ModelLoadError(f"{label}: not a readable .npz file ({one_line(e)})") from None
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise ModelLoadError(f"{label}: 'x' must have at least one sample along its first axis")
-    if not np.issubdtype(x.dtype, np.number):
-        raise ModelLoadError(f"{label}: 'x' must be numeric, not {x.dtype}")
-    if y is not None:
-        if not np.issubdtype(y.dtype, np.integer):
-            raise ModelLoadError(f"{label}: labels 'y' must be integers, not {y.dtype}")
-        y = y.reshape(-1)
-        if y.shape[0] != x.shape[0]:
-            raise ModelLoadError(
-                f"{label}: 'y' has {y.shape[0]} labels but 'x' has {x.shape[0]} samples"
-            )
-    if np.issubdtype(x.dtype, np.floating) and x.dtype != np.float32:
-        x = x.astype(np.float32)
-    return EvalData(x=x, y=y, label=label)
+def load_upload(data: bytes, name: str, flag: str = EVAL_FLAG) -> DataSet:
+    """An uploaded .npz (``name``: the user's file name), read by the engine's loader."""
+    from engine.io.data import load_data
 
-
-def demo_eval() -> EvalData:
-    from engine.demo import load_demo_eval
-
-    x, y = load_demo_eval()
-    return EvalData(x=x, y=y, label="demo evaluation set")
-
-
-def builtin_eval(name: str) -> EvalData:
-    """A built-in model's held-out evaluation set (engine.load_eval_data)."""
-    from engine.quality.evaluate import load_eval_data
-
-    data = load_eval_data(name)
-    return EvalData(x=data.inputs[0], y=data.labels, label=f"{name} evaluation set")
+    return load_data(data, flag=flag, name=name)
 
 
 def one_line(error: BaseException) -> str:

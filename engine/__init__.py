@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import ExportError, ModelLoadError, OnnxExportError, OptionError, PruneScopeError
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazily
-    from engine.graph.capture import Captured, load_calibration, load_model
+    from engine.graph.capture import Captured, load_model
     from engine.graph.dependency import FrozenInfo, GroupInfo
+    from engine.io.data import load_calibration
     from engine.options import PruningOptions
     from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
     from engine.quality.evaluate import (
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
 
 _LAZY = {
     "Captured": "engine.graph.capture",
-    "load_calibration": "engine.graph.capture",
+    "load_calibration": "engine.io.data",
     "load_model": "engine.graph.capture",
     "FrozenInfo": "engine.graph.dependency",
     "GroupInfo": "engine.graph.dependency",

@@ -27,3 +27,9 @@ class OnnxExportError(ExportError):
         super().__init__(message)
         self.paths = paths or {}
         self.report = report
+
+
+class DataError(OptionError, ModelLoadError):
+    """A calibration or evaluation data file (or in-memory data) cannot be used. It is both
+    an OptionError (the data is an option's value) and a ModelLoadError (a file that failed to
+    load), as the loaders it replaces raised one or the other."""

@@ -16,6 +16,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from engine.errors import ExportError, OnnxExportError, PruneScopeError
+from engine.graph.capture import without_stack_traces
 from engine.io.export import (
     check_onnx,
     check_onnx_structure,
@@ -210,6 +211,7 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
     before = _metrics(analysis.gm)
+    say("running the masked original")
     with torch.no_grad():  # mask mode first: the rewrite may release the original weights
         masked = _leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
     say("removing channels")
@@ -346,8 +348,9 @@ def _export(gm: torch.nn.Module, analysis: Analysis) -> torch.export.ExportedPro
     kwargs = analysis.captured.example_kwargs or {}
     dynamic = _dynamic_shapes(analysis)
     try:
-        return torch.export.export(gm, inputs, kwargs or None, dynamic_shapes=dynamic,
-                                   strict=False)
+        with without_stack_traces():
+            return torch.export.export(gm, inputs, kwargs or None, dynamic_shapes=dynamic,
+                                       strict=False)
     except Exception as exc:  # noqa: BLE001
         raise PruneScopeError(
             f"re-exporting the pruned model failed: {exc}".splitlines()[0]
@@ -378,6 +381,18 @@ def _dynamic_shapes(analysis: Analysis):
     if len(shapes) != len(analysis.captured.example_inputs):
         return None
     return tuple(shapes)
+
+
+def prune_unverified(analysis: Analysis, the_plan: Plan) -> tuple[torch.fx.GraphModule, dict]:
+    """The pruned graph and its params/FLOPs, without the mask-mode check `apply` makes: for
+    searches that try many plans and `apply` the one they keep."""
+    _check_not_released(analysis)
+    structure = analysis.structure(the_plan.options.prunes_whole_blocks)
+    gm = rewrite(analysis.gm, structure, pruned_roots(structure, the_plan), None)
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(*analysis.captured.example_inputs,
+                               **(analysis.captured.example_kwargs or {}))
+    return gm, _metrics(gm)
 
 
 def _metrics(module: torch.fx.GraphModule) -> dict[str, int]:

@@ -223,3 +223,25 @@ def test_nuclear_norm_errors():
         nuclear_norm_scores(torch.tensor([[1.0, float("nan")]]), 1)
     with pytest.raises(PruneScopeError, match="empty batch"):
         nuclear_norm_scores(torch.ones(0, 3, 2, 2), 1)
+
+
+@pytest.mark.parametrize("out_dim", [1, 2, -1])
+@pytest.mark.parametrize(("criterion", "p"), [("l2", 2), ("l1", 1)])
+def test_norms_along_a_later_dim_in_many_chunks(monkeypatch, criterion, p, out_dim):
+    # an embedding-like table scored by its hidden dim, summed over chunks of leading rows
+    monkeypatch.setattr(criteria, "_NORM_CHUNK_ELEMENTS", 20)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(9, 5, 4, generator=g).to(torch.bfloat16)
+    got = weight_scores(w, out_dim, criterion)
+    assert got.shape == (w.shape[out_dim],)
+    ref = loop_norms(w.to(torch.float64).numpy(), out_dim, p)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def test_float64_weights_are_not_changed_by_scoring():
+    w = torch.randn(4, 6, dtype=torch.float64) - 0.5
+    before = w.clone()
+    for criterion in ("l1", "l2"):
+        for dim in (0, 1):
+            weight_scores(w, dim, criterion)
+    assert torch.equal(w, before)

@@ -513,7 +513,7 @@ def test_bad_paths_and_data_show_one_line_errors(tmp_path):
     at.radio(key="source").set_value("Demo model").run()
     at.file_uploader(key="upload_eval").upload("data.npz", bad.getvalue()).run()
     assert not at.exception
-    assert any("no array named 'x'" in e.value for e in at.error)
+    assert any("data.npz has no array 'x' (found: inputs)" in e.value for e in at.error)
     assert _chart(at, "chart_overview")
 
 
@@ -557,7 +557,7 @@ def test_local_pt2_path_loads_and_plans(tmp_path):
     data = _npz(x=torch.randn(16, 1, 8, 8).numpy(), y=np.arange(16) % 3)
     at.file_uploader(key="upload_eval").upload("calib.npz", data).run()
     _ok(at)
-    assert at.session_state["_ps_eval"][1].n == 16
+    assert len(at.session_state["_ps_eval"][1]) == 16
     _check_overview(at, PruningOptions(criterion="nuclear_norm"), 0.5)
 
 
@@ -628,17 +628,18 @@ def test_shapes_and_npz_parsing():
             sources.parse_shapes(bad)
     good = io.BytesIO()
     np.savez(good, x=np.zeros((4, 2), np.float64), y=np.array([0, 1, 1, 0]))
-    data = sources.load_npz(good.getvalue())
-    assert data.x.dtype == np.float32 and data.n == 4 and list(data.y) == [0, 1, 1, 0]
+    data = sources.load_upload(good.getvalue(), "good.npz")
+    assert len(data) == 4 and list(data.labels) == [0, 1, 1, 0]
+    assert data.where == "evaluation data good.npz"
     cases = {
-        b"garbage": "not a readable .npz",
-        _npz(x=np.zeros((3, 2)), y=np.array([0.5, 1, 2])): "integers",
-        _npz(x=np.zeros((3, 2)), y=np.array([0, 1])): "2 labels",
+        b"garbage": "evaluation data file up.npz is unreadable",
+        _npz(x=np.zeros((3, 2)), y=np.array([0.5, 1, 2])): "integer class indices",
+        _npz(x=np.zeros((3, 2)), y=np.array([0, 1])): r"shape \(2,\) for 3 samples",
         _npz(x=np.zeros((0, 2))): "at least one sample",
     }
     for raw, words in cases.items():
         with pytest.raises(ModelLoadError, match=words):
-            sources.load_npz(raw)
+            sources.load_upload(raw, "up.npz")
 
 
 def _npz(**arrays) -> bytes:
@@ -649,6 +650,7 @@ def _npz(**arrays) -> bytes:
 
 def test_fidelity_measures():
     from dashboard.evaluate import evaluate_pair
+    from engine.io.data import DataSet
 
     class Fixed(torch.nn.Module):
         """Returns the row of a fixed table named by the sample's first value."""
@@ -665,7 +667,8 @@ def test_fidelity_measures():
     after[1] = [3.0, 0.0, 1.0]  # sample 1 flips from class 1 to class 0
     y = np.array([0, 1, 2, 1])
     x = np.arange(4, dtype=np.float32).reshape(4, 1)
-    result = evaluate_pair(Fixed(before), Fixed(after), x, y, (torch.from_numpy(x),))
+    data = DataSet((x,), y, "table rows")
+    result = evaluate_pair(Fixed(before), Fixed(after), data, (torch.from_numpy(x),))
     assert result["top1_agreement"] == 0.75
     assert result["relative_error"] == pytest.approx(np.sqrt(18 / 57))  # (3² + 3²) / Σ before²
     assert result["accuracy_before"] == 0.75 and result["accuracy_after"] == 0.5

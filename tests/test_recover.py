@@ -268,15 +268,15 @@ def test_auto_runs_data_light_then_distill(pruned, calib):
 
 
 def test_calibration_forms_and_built_in_name(calib):
-    from engine.quality.recovery.data import load
+    from engine.io.data import as_data
 
     for form in ("demo", ASSETS_DIR / "demo_calib.npz", calib,
                  type("EvalData", (), {"x": calib["x"], "y": calib["y"]})()):
-        xs, y = load(form)
-        assert len(xs) == 1 and np.array_equal(xs[0], calib["x"])
-        assert np.array_equal(y, calib["y"])
-    xs, y = load({"x0": calib["x"][:3], "x1": calib["y"][:3]})
-    assert len(xs) == 2 and y is None
+        data = as_data(form)
+        assert len(data.inputs) == 1 and np.array_equal(data.inputs[0], calib["x"])
+        assert np.array_equal(data.labels, calib["y"])
+    data = as_data({"x0": calib["x"][:3], "x1": calib["y"][:3]})
+    assert len(data.inputs) == 2 and data.labels is None
 
 
 @pytest.mark.parametrize(("kwargs", "text"), [

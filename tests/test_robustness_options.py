@@ -262,7 +262,8 @@ def test_argparse_errors_exit_2_without_traceback(capfd, tiny_pt2: Path, tmp_pat
     [
         (lambda p: np.save(p / "c.npy", np.full((4, 3, 6, 6), np.nan, np.float32)),
          "non-finite"),
-        (lambda p: np.save(p / "c.npy", np.zeros((0, 3, 6, 6), np.float32)), "no feature maps"),
+        (lambda p: np.save(p / "c.npy", np.zeros((0, 3, 6, 6), np.float32)),
+         "at least one sample"),
         (lambda p: np.savez(p / "c.npz", y=np.zeros(3)), "no array 'x'"),
         (lambda p: (p / "c.csv").write_text("1,2"), ".npz"),
         (lambda p: (p / "c.npy").write_bytes(b"garbage"), "unreadable"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from dashboard import sources, state
+from dashboard import state
 from dashboard.charts_sweep import (
     X_AXES,
     comparison_figure,
@@ -23,6 +23,7 @@ from dashboard.charts_sweep import (
     sweep_frame,
 )
 from dashboard.common import editor_key, session_files, short, show_error
+from engine.io.data import DataSet
 from engine.options import PruningOptions
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -61,14 +62,8 @@ def _demo_report(path: Path) -> dict | None:
     return _read_json(str(path), path.stat().st_mtime) if path.is_file() else None
 
 
-def _engine_data(eval_data: sources.EvalData):
-    from engine.quality.evaluate import EvalData
-
-    return EvalData((eval_data.x,), eval_data.y, eval_data.label)
-
-
 def render(model: state.LoadedModel, options: PruningOptions,
-           eval_data: sources.EvalData | None) -> None:
+           eval_data: DataSet | None) -> None:
     st.markdown(
         "What each option does to the model's **metric** at each size, measured on the "
         "evaluation data: one curve per value of the option you compare, the other options "
@@ -160,7 +155,7 @@ def _choose(frame, index: int) -> None:
     st.rerun()
 
 
-def _sweep_controls(model: state.LoadedModel, eval_data: sources.EvalData | None) -> None:
+def _sweep_controls(model: state.LoadedModel, eval_data: DataSet | None) -> None:
     if eval_data is None:
         st.info("Upload evaluation data (an .npz with x and labels y) in the sidebar to "
                 "compare options on this model's metric.", icon="📈")
@@ -190,7 +185,7 @@ def _sweep_controls(model: state.LoadedModel, eval_data: sources.EvalData | None
     model.cache["sweep_path"] = str(path)
     try:
         # in this process (Streamlit's threads make forking unsafe): a stop stops it at once
-        sweep(model.analysis, {axis: values}, ratios, eval_data=_engine_data(eval_data),
+        sweep(model.analysis, {axis: values}, ratios, eval_data=eval_data,
               workers=1, progress=progress, out_json=path)
     except Exception as e:  # noqa: BLE001 - one line in the page
         show_error(e, "The sweep failed")
@@ -207,7 +202,7 @@ def _last_sweep(model: state.LoadedModel) -> dict | None:
 
 
 def _sensitivity(model: state.LoadedModel, options: PruningOptions,
-                 eval_data: sources.EvalData | None, is_demo: bool) -> None:
+                 eval_data: DataSet | None, is_demo: bool) -> None:
     st.subheader("Sensitivity of each group")
     report = _demo_report(DEMO_SENSITIVITY) if is_demo else None
     if report is not None:
@@ -222,7 +217,7 @@ def _sensitivity(model: state.LoadedModel, options: PruningOptions,
             bar = st.progress(0.0, text="measuring…")
             try:
                 report = sensitivity(
-                    model.analysis, options, eval_data=_engine_data(eval_data), workers=1,
+                    model.analysis, options, eval_data=eval_data, workers=1,
                     progress=lambda d, n, r: bar.progress(d / n, text=f"{d}/{n} points"))
                 model.cache["sensitivity"] = report
             except Exception as e:  # noqa: BLE001

@@ -11,14 +11,15 @@ import pandas as pd
 import streamlit as st
 
 import engine
-from dashboard import sources, state
+from dashboard import state
 from dashboard.common import RESULT_KEY, session_files, short, show_error
 from dashboard.prune_run import PruneRun, comparison_rows, run_prune
 from dashboard.tabs import recover
+from engine.io.data import DataSet
 
 
 def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
-           eval_data: sources.EvalData | None, plan_args: dict[str, Any] | None = None,
+           eval_data: DataSet | None, plan_args: dict[str, Any] | None = None,
            structures: dict[str, Any] | None = None) -> None:
     total = sum(int(g.scores.size) for g in plan.groups)
     pruned = sum(int(g.pruned.size) for g in plan.groups)
@@ -32,7 +33,7 @@ def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
         + (" (and `hf/` for a transformers model whose pruned config stays standard)"
            if model.captured.hf is not None else "")
         + ", and compares it with the original"
-        + (f" on **{eval_data.label}** ({eval_data.n} samples)." if eval_data else ".")
+        + (f" on **{eval_data.source}** ({len(eval_data)} samples)." if eval_data else ".")
     )
     whole = structure_line(structures or {})
     if whole:

@@ -20,6 +20,7 @@ from dashboard.recover_run import (
     comparison_rows,
     run_recover,
 )
+from engine.io.data import DataSet
 
 RECOVER_KEY = "_ps_recover"
 METHOD_HELP = (
@@ -42,14 +43,14 @@ def _calibration(model: state.LoadedModel) -> Any:
     if up is None:
         return None
     try:
-        return sources.load_npz(up.getvalue(), label=up.name)
+        return sources.load_upload(up.getvalue(), up.name, flag="calibration data")
     except Exception as e:
         show_error(e, "Calibration data")
         return None
 
 
 def render(model: state.LoadedModel, run: PruneRun,
-           eval_data: sources.EvalData | None) -> None:
+           eval_data: DataSet | None) -> None:
     st.subheader("Recover")
     if run.result is None:
         st.info("Press **Prune** again to recover this model.")

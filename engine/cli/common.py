@@ -57,14 +57,13 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
 
 
 def calibration_from(path: str | None) -> Any:
-    """--calibration FILE as the engine takes it: inputs, plus labels y when the file has them
-    (the taylor criterion uses them)."""
+    """--calibration FILE (or a built-in name) read by the data loader: inputs, plus labels y
+    when the file has them (the taylor criterion uses them)."""
     if path is None:
         return None
-    from engine.graph.capture import load_calibration
+    from engine.io.data import load_calibration_data
 
-    x, y = load_calibration(path)
-    return x if y is None else {"x": x, "y": y}
+    return load_calibration_data(path)
 
 
 DEFAULT_METRIC_HELP = ("default: accuracy with labels y, perplexity for a causal language "

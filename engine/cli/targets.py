@@ -27,7 +27,6 @@ def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, 
                    calibration, load_kwargs: dict) -> dict[str, Any]:
     """The `auto_ratios` section of report.json; its "ratios" are what prune then uses."""
     from engine.cli.common import read_json
-    from engine.quality.evaluate import load_calibration_data
     from engine.quality.targets import ratios_for_target
     from engine.scoring.auto_ratios import check_target
 
@@ -43,7 +42,7 @@ def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, 
                           "write one with `prunescope sensitivity MODEL ... --json FILE`")
     data = None
     if args.calibration:
-        data = load_calibration_data(args.calibration)
+        data = calibration  # already read by calibration_from, as the data loader's DataSet
     elif eval_data is not None and curves is None:
         data = eval_data
         warnings.warn("the group sensitivities are measured on --eval-data (no "

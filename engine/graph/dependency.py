@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
+from engine.graph.labels import unique_ints
 from engine.graph.ops import RULES, find_rule, op_key
 from engine.graph.tracer import AnalysisState, Member, Tracer, layer_name
 
@@ -143,8 +144,9 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
         [sorted(set(consumer_layers)).index(x) for x in consumer_layers], dtype=np.int64
     )
     c_layer = c_layer_index[c_source] if len(c_source) else c_source
-    c_pairs = np.unique(np.stack([c_comp, c_layer]), axis=1) if len(c_comp) else \
-        np.zeros((2, 0), dtype=np.int64)
+    n_layers = max(len(c_layer_index), 1)
+    c_keys = unique_ints(c_comp * n_layers + c_layer)  # 1-D keys: far faster than axis=1
+    c_pairs = np.stack([c_keys // n_layers, c_keys % n_layers])
     layer_index = {layer: i for i, layer in enumerate(sorted({m.layer for m in members}))}
     m_layer = np.array([layer_index[members[k].layer] for k in range(len(members))],
                        dtype=np.int64)[m_source] if len(m_source) else m_source
@@ -152,7 +154,7 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
     member_sig = _signatures(m_comp, m_layer, m_count, size)
     consumer_sig = _signatures(c_pairs[0], c_pairs[1] + (1 << 15), np.ones_like(c_pairs[0]),
                                size)
-    comps = np.unique(m_comp)
+    comps = unique_ints(m_comp)
     keys = member_sig[comps] * np.uint64(0x9E3779B97F4A7C15) + consumer_sig[comps]
     _, group_of = np.unique(keys, return_inverse=True)
     sorted_layers = sorted(set(consumer_layers))
@@ -300,31 +302,28 @@ def _why_outside(param: str, user: fx.Node | None, state: AnalysisState) -> str:
 
 
 def _assign_blocks(groups: list[GroupInfo], state: AnalysisState, roots: np.ndarray) -> None:
-    where = {}
+    group_of = np.full(len(roots), -1, dtype=np.int64)  # by component root
+    channel_of = np.full(len(roots), -1, dtype=np.int64)
     for gi, g in enumerate(groups):
-        for c, r in enumerate(g.roots):
-            where[int(r)] = (gi, c)
+        group_of[g.roots] = gi
+        channel_of[g.roots] = np.arange(len(g.roots))
     layouts: dict[int, np.ndarray] = {}
     for split in state.splits:
         ids = split.ids
-        if (ids < 0).any():
+        if (ids < 0).any() or not ids.size:
             continue
-        located = [where.get(int(r)) for r in roots[ids].ravel()]
-        if any(x is None for x in located):
+        located = roots[ids]
+        split_groups = group_of[located]
+        if (split_groups < 0).any():
             continue
-        located_rows = [located[r * ids.shape[1]:(r + 1) * ids.shape[1]]
-                        for r in range(ids.shape[0])]
-        row_groups = [{x[0] for x in row} for row in located_rows]
-        if len(set().union(*row_groups)) > 1:
+        spanned = unique_ints(split_groups)
+        if len(spanned) > 1:
             # e.g. a fused qkv viewed as (3, heads, head_dim): q/k and v would have to keep
             # equally many channels per head, which the planner cannot promise
-            for gi in set().union(*row_groups):
+            for gi in spanned.tolist():
                 _freeze_group(groups[gi], f"{split.where} spans several groups")
             continue
-        for gi in {next(iter(g)) for g in row_groups}:
-            rows = np.array([[x[1] for x in row] for row, g in zip(located_rows, row_groups)
-                             if next(iter(g)) == gi], dtype=np.int64)
-            _layout(groups, layouts, gi, rows, split.where)
+        _layout(groups, layouts, int(spanned[0]), channel_of[located], split.where)
     for gi, layout in layouts.items():
         groups[gi].block_index = layout
         groups[gi].blocks = (int(layout.shape[0]), int(layout.shape[1]))

@@ -21,12 +21,18 @@ from engine.errors import ModelLoadError
 DEFAULT_MAX_MODEL_BYTES = 16 * 2**30
 
 
-def max_model_bytes() -> int:
-    value = os.environ.get("PRUNESCOPE_MAX_MODEL_BYTES")
+def env_bytes(name: str, default: int) -> int:
+    """A size limit from the environment variable ``name``; ``default`` when unset or not an
+    integer."""
+    value = os.environ.get(name)
     try:
-        return int(value) if value else DEFAULT_MAX_MODEL_BYTES
+        return int(value) if value else default
     except ValueError:
-        return DEFAULT_MAX_MODEL_BYTES
+        return default
+
+
+def max_model_bytes() -> int:
+    return env_bytes("PRUNESCOPE_MAX_MODEL_BYTES", DEFAULT_MAX_MODEL_BYTES)
 
 
 def check_size(path: Path, size: int | None = None) -> None:

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from engine.graph.labels import NO_LABEL, UnionFind, compress, is_labelled, match_positions
+from engine.graph.labels import (
+    NO_LABEL,
+    UnionFind,
+    compress,
+    is_labelled,
+    match_positions,
+    unique_ints,
+)
 
 
 class RewriteError(RuntimeError):
@@ -145,6 +152,7 @@ class Tracer:
         self.labels: dict[str, Any] = {}
         self.node: fx.Node | None = None
         self.param_of: dict[str, str] = {}
+        self._owners: dict[str, torch.nn.Module] = {}
         self.gathers: dict[tuple[str, int], np.ndarray] = {}
         self.grouped_gathers: dict[str, list[np.ndarray]] = {}
         self.unknown: set[str] = set()
@@ -287,7 +295,10 @@ class Tracer:
 
     def param_tensor(self, name: str) -> torch.Tensor:
         module_path, _, attr = name.rpartition(".")
-        owner = self.gm.get_submodule(module_path) if module_path else self.gm
+        owner = self._owners.get(module_path)
+        if owner is None:  # modules stay, their tensors may be replaced: cache the owner only
+            owner = self.gm.get_submodule(module_path) if module_path else self.gm
+            self._owners[module_path] = owner
         return getattr(owner, attr)
 
     def kept(self, ids: np.ndarray) -> np.ndarray:
@@ -361,14 +372,14 @@ class Tracer:
     def freeze(self, ids: np.ndarray | None, reason: str) -> None:
         if ids is None or self.apply_pass:
             return
-        for i in np.unique(np.asarray(ids).ravel()):
+        for i in unique_ints(ids):
             if i >= 0:
                 self.state.frozen.setdefault(int(i), reason)
 
     def inexact(self, ids: np.ndarray | None, reason: str) -> None:
         if ids is None or self.apply_pass:
             return
-        for i in np.unique(np.asarray(ids).ravel()):
+        for i in unique_ints(ids):
             if i >= 0:
                 self.state.inexact.setdefault(int(i), reason)
 

@@ -14,6 +14,7 @@ vision models, a second of 16 kHz audio or ``num_mel_bins`` features for audio m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -43,11 +44,20 @@ class HFSource:
     """What the hf/ exporter needs to know about a transformers model that was captured."""
 
     model_class: str  # e.g. "LlamaForCausalLM"
-    auto_class: str | None  # e.g. "AutoModelForCausalLM": the Auto class that loads it
     config: Any = field(repr=False)  # the model's PretrainedConfig (as loaded)
     input_names: tuple[str, ...] = ()  # forward() keyword of each positional example input
     folder: Path | None = None  # the source folder (None: a PreTrainedModel given in Python)
     carried: tuple[str, ...] = ()  # non-weight files to copy to OUT/hf/
+    _auto_class: str | None = field(default="", repr=False)  # "": not looked up yet
+
+    @property
+    def auto_class(self) -> str | None:
+        """e.g. "AutoModelForCausalLM": the Auto class that loads it. Looked up when first
+        needed (writing hf/): the lookup imports transformers' Auto machinery, seconds on a
+        cold process, which a prune that writes no hf/ never needs."""
+        if self._auto_class == "":
+            self._auto_class = auto_class_for(self.config, self.model_class)
+        return self._auto_class
 
 
 def is_pretrained_model(obj: Any) -> bool:
@@ -62,7 +72,7 @@ def source_of_model(model: torch.nn.Module, input_names: tuple[str, ...] = ()) -
     """HFSource of a PreTrainedModel given in Python."""
     config = model.config
     name = type(model).__name__
-    return HFSource(name, auto_class_for(config, name), config, input_names)
+    return HFSource(name, config, input_names)
 
 
 def load_folder(
@@ -93,8 +103,7 @@ def load_folder(
         )
     model = _from_pretrained(cls, path, use_safetensors=weights == "safetensors")
     inputs, names = example_inputs_for(model, input_shapes, seq_len)
-    source = HFSource(name, auto_class_for(model.config, name), model.config, names, path,
-                      tuple(_carried_files(path)))
+    source = HFSource(name, model.config, names, path, tuple(_carried_files(path)))
     return model, inputs, source
 
 
@@ -197,14 +206,18 @@ def auto_class_for(config: Any, model_class: str) -> str | None:
     """The name of the transformers Auto class that maps this config to `model_class`."""
     tf = _transformers()
     model_type = getattr(config, "model_type", None)
-    for attr in sorted(dir(tf)):
-        if not attr.startswith("AutoModel"):
-            continue
+    for attr in _auto_model_names():
         mapping = getattr(getattr(tf, attr, None), "_model_mapping", None)
         names = getattr(mapping, "_model_mapping", None)
         if isinstance(names, dict) and names.get(model_type) == model_class:
             return attr
     return None
+
+
+@functools.cache
+def _auto_model_names() -> tuple[str, ...]:
+    """transformers' AutoModel* classes (listing its lazy module takes 0.3 s or more)."""
+    return tuple(sorted(a for a in dir(_transformers()) if a.startswith("AutoModel")))
 
 
 def example_inputs_for(

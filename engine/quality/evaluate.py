@@ -1,8 +1,8 @@
 """Evaluation: one number saying how well a model does on held-out data.
 
-Data is a ``.npz`` with ``x`` (or ``x0``, ``x1``, ... for a model with several inputs) and
-optional labels ``y``, a ``.npy`` holding ``x`` only, or a built-in model's name (``demo``,
-``demo-lm``: its held-out evaluation set). Files are read with ``allow_pickle=False``.
+Data is what ``engine.io.data`` reads: a ``.npz`` with ``x`` (or ``x0``, ``x1``, ... for a
+model with several inputs) and optional labels ``y``, a ``.npy`` holding ``x`` only, or a
+built-in model's name (``demo``, ``demo-lm``: its held-out evaluation set).
 
 Metrics (of the model's first output):
 
@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,124 +28,18 @@ import torch
 from torch.utils import _pytree as pytree
 
 from engine.errors import OptionError, PruneScopeError
+from engine.io.data import (  # noqa: F401 - importable from here, as before
+    DataSet,
+    load_calibration_data,
+    load_eval_data,
+    same_data_file,
+)
 from engine.options import METRICS
 
 HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "agreement": True,
                     "relative_error": False}
 NEEDS_REFERENCE = ("agreement", "relative_error")
-DATA_FORMAT = ".npz with x (or x0, x1, ... for several inputs) and optional labels y, or a .npy"
-
-
-@dataclass
-class EvalData:
-    """Inputs for a model with one or several inputs (same first dimension), optional labels."""
-
-    inputs: tuple[np.ndarray, ...]
-    labels: np.ndarray | None
-    source: str  # file path or built-in name, for messages
-    flag: str = "--eval-data"
-
-    def __len__(self) -> int:
-        return int(self.inputs[0].shape[0])
-
-    def head(self, n: int | None) -> EvalData:
-        if n is None or n >= len(self):
-            return self
-        labels = None if self.labels is None else self.labels[:n]
-        return EvalData(tuple(x[:n] for x in self.inputs), labels, self.source, self.flag)
-
-
-# ----------------------------------------------------------------------------- data files
-
-def load_eval_data(path_or_name: str | os.PathLike, *, flag: str = "--eval-data") -> EvalData:
-    """Held-out data to measure a model on; a built-in name gives its evaluation set."""
-    return _load(path_or_name, flag, "eval")
-
-
-def load_calibration_data(path_or_name: str | os.PathLike, *,
-                          flag: str = "--calibration") -> EvalData:
-    """Calibration data (same format); a built-in name gives its training split."""
-    return _load(path_or_name, flag, "calibration")
-
-
-def same_data_file(calibration: str | os.PathLike, evaluation: str | os.PathLike) -> bool:
-    """Whether a calibration and an evaluation argument name the same file (built-in names
-    name two different sets)."""
-    from engine.demo import builtin_data_path, is_builtin
-
-    def resolve(arg, kind: str) -> Path:
-        name = os.fspath(arg)
-        return builtin_data_path(name, kind) if is_builtin(name) else Path(name)
-
-    a, b = resolve(calibration, "calibration"), resolve(evaluation, "eval")
-    try:
-        return a.is_file() and b.is_file() and a.samefile(b)
-    except OSError:
-        return False
-
-
-def _load(path_or_name: str | os.PathLike, flag: str, kind: str) -> EvalData:
-    from engine.demo import BUILTIN_NAMES, builtin_data_path, is_builtin
-
-    name = os.fspath(path_or_name)
-    if is_builtin(name):
-        path = builtin_data_path(name, kind)
-        return _read(path, flag, source=f"{name} ({path.name})")
-    allowed = f"give a {DATA_FORMAT}, or one of {', '.join(BUILTIN_NAMES)}"
-    path = Path(name)
-    if not path.is_file():
-        raise OptionError(f"{flag} file {path} does not exist; {allowed}")
-    if path.suffix.lower() not in (".npz", ".npy"):
-        raise OptionError(f"{flag} file {path} has extension '{path.suffix}'; {allowed}")
-    return _read(path, flag, source=str(path))
-
-
-def _read(path: Path, flag: str, source: str) -> EvalData:
-    try:
-        if path.suffix.lower() == ".npy":
-            return _checked((np.load(path, allow_pickle=False),), None, flag, source)
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except OptionError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
-        text = str(exc).strip().splitlines()
-        raise OptionError(f"{flag} file {source} is unreadable ({DATA_FORMAT}): "
-                          f"{type(exc).__name__}: {text[0] if text else ''}"[:300]) from None
-    numbered = sorted((k for k in arrays if re.fullmatch(r"x\d+", k)), key=lambda k: int(k[1:]))
-    unknown = sorted(set(arrays) - {"x", "y", *numbered})
-    if unknown or ("x" in arrays) == bool(numbered):
-        found = ", ".join(sorted(arrays)) or "nothing"
-        raise OptionError(f"{flag} file {source} holds {found}; allowed arrays: x (or x0, x1, "
-                          "... for several inputs, not both) and optional labels y")
-    if numbered and numbered != [f"x{i}" for i in range(len(numbered))]:
-        raise OptionError(f"{flag} file {source} holds {', '.join(numbered)}; several inputs "
-                          "are numbered x0, x1, ... without gaps")
-    inputs = (arrays["x"],) if "x" in arrays else tuple(arrays[k] for k in numbered)
-    return _checked(inputs, arrays.get("y"), flag, source)
-
-
-def _checked(inputs: tuple[np.ndarray, ...], labels: np.ndarray | None, flag: str,
-             source: str) -> EvalData:
-    for i, x in enumerate(inputs):
-        name = "x" if len(inputs) == 1 else f"x{i}"
-        if x.ndim == 0 or x.shape[0] == 0:
-            raise OptionError(f"{flag} file {source}: {name} has shape {x.shape}; it needs "
-                              "at least one sample along its first axis")
-        if x.dtype.kind not in "biuf":
-            raise OptionError(f"{flag} file {source}: {name} has dtype {x.dtype}; allowed: "
-                              "numbers (float for features, integers for token ids)")
-        if x.shape[0] != inputs[0].shape[0]:
-            raise OptionError(f"{flag} file {source}: the inputs hold different numbers of "
-                              f"samples ({', '.join(str(a.shape[0]) for a in inputs)})")
-    if labels is not None:
-        if labels.ndim == 0 or labels.shape[0] != inputs[0].shape[0]:
-            raise OptionError(f"{flag} file {source}: labels y have shape {labels.shape} for "
-                              f"{inputs[0].shape[0]} samples; y needs one label per sample")
-        if labels.dtype.kind not in "biu":
-            raise OptionError(f"{flag} file {source}: labels y have dtype {labels.dtype}; "
-                              "allowed: integer class indices")
-    return EvalData(tuple(inputs), labels, source, flag)
+EvalData = DataSet  # the public name of held-out data (engine.EvalData)
 
 
 # --------------------------------------------------------------------------- the model side

@@ -387,13 +387,12 @@ def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> Mo
 
 
 def _calibration(calibration: Any) -> Any:
-    """A calibration file as the engine takes it (inputs, and labels y when present)."""
+    """A calibration file read once here (the points, and Ray workers, get the arrays)."""
     if not isinstance(calibration, (str, os.PathLike)):
         return calibration
-    from engine.graph.capture import load_calibration
+    from engine.io.data import load_calibration_data
 
-    x, y = load_calibration(calibration)
-    return x if y is None else {"x": x, "y": y}
+    return load_calibration_data(calibration, flag="calibration")
 
 
 def _write_json(path, report: dict) -> None:

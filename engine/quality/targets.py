@@ -7,9 +7,20 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from engine.options import PruningOptions
 from engine.quality.sensitivity import DEFAULT_RATIOS, metric_drop, sensitivity
-from engine.scoring.auto_ratios import check_target, fit_ratios, greedy_measured, uniform_ratio
+from engine.scoring.auto_ratios import (
+    check_target,
+    fit_ratios,
+    greedy_measured,
+    ratio_levels,
+    refine_pairs,
+    uniform_ratio,
+)
+
+SCREEN_SAMPLES = 384  # the search screens its candidates on this many samples of its data
 
 
 def ratios_for_target(
@@ -38,7 +49,7 @@ def ratios_for_target(
     report.json: `{"target", "ratios", "predicted_loss", "removed", "uniform", "sensitivity",
     "comparison"}`.
     """
-    from engine.pipeline import apply
+    from engine.pipeline import apply, prune_unverified
     from engine.quality.sweep import point_quality
     from engine.scoring.analysis import analyze, plan
 
@@ -69,34 +80,90 @@ def ratios_for_target(
             analysis=analysis, **load_kwargs)
     sensitivity_seconds = time.perf_counter() - start
     total = sensitivity_report["before"][resource]
-    results: dict[tuple, Any] = {}
+    light: dict[tuple, Any] = {}
+    removals: dict[tuple, float] = {}
+    losses: dict[tuple, float] = {}
 
-    def run(ratios: dict[str, float] | None, ratio: float | None):
-        key = (tuple(sorted((ratios or {}).items())), ratio)
-        if key not in results:
-            the_plan = plan(analysis, options, ratio=ratio, ratios=ratios,
-                            calibration=calibration)
-            results.clear()  # keep one pruned model in memory at a time
-            results[key] = apply(analysis, the_plan)
-        return results[key]
+    def planned(ratios: dict[str, float] | None, ratio: float | None):
+        the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, calibration=calibration)
+        # ratios that round to the same channels are the same model: measured once
+        return the_plan, tuple(tuple(g.pruned.tolist()) for g in the_plan.groups)
+
+    def pruned(ratios: dict[str, float] | None, ratio: float | None):
+        """The pruned graph (unverified: the plan finally kept is applied for real)."""
+        the_plan, key = planned(ratios, ratio)
+        if key not in light:
+            light.clear()  # keep one pruned model in memory at a time
+            light[key] = prune_unverified(analysis, the_plan)
+        return key, light[key]
 
     def removed(ratios, ratio) -> float:
-        return 1.0 - run(ratios, ratio).after[resource] / total
+        key = planned(ratios, ratio)[1]
+        if key not in removals:
+            removals[key] = 1.0 - pruned(ratios, ratio)[1][1][resource] / total
+        return removals[key]
 
     method = "curves"
     trail: list[dict] = []
+    search: dict[str, Any] = {}
     if sensitivity_data is not None:
         # measured greedy on the sensitivity data (never the evaluation data)
+        from engine.quality.evaluate import EvalData, evaluate, predict
+
         data = _as_eval_data(sensitivity_data)
+        # the original's outputs once, instead of running it again for every measurement
+        reference = predict(analysis.captured, data)
+        counted = {"losses": 0, "screens": 0}
+
+        def measure_loss(ratios: dict[str, float], sample, ref, cache: dict) -> float:
+            key = planned(ratios, None)[1]
+            if key not in cache:
+                counted["losses" if cache is losses else "screens"] += 1
+                gm = pruned(ratios, None)[1][0]
+                value = evaluate(gm, sample, metric, reference=ref,
+                                 example_inputs=analysis.captured.example_inputs)
+                cache[key] = metric_drop(value["metric"], 0.0, value["value"])
+            return cache[key]
 
         def loss_of(ratios: dict[str, float]) -> float:
-            value = point_quality(run(ratios, None), data, metric)
-            return metric_drop(value["metric"], 0.0, value["value"])
+            return measure_loss(ratios, data, reference, losses)
 
-        chosen, achieved, trail = greedy_measured(sensitivity_report, resource, target,
-                                                  removed, loss_of)
+        screen_of = None
+        if len(data) >= 2 * SCREEN_SAMPLES:
+            # a fixed, seeded subset: candidates are screened there, moves confirmed on all
+            rows = np.sort(np.random.default_rng(0).permutation(len(data))[:SCREEN_SAMPLES])
+            sample = EvalData(tuple(x[rows] for x in data.inputs),
+                              None if data.labels is None else data.labels[rows],
+                              f"{data.source}, {SCREEN_SAMPLES} samples", data.flag)
+            screens: dict[tuple, float] = {}
+
+            def screen_of(ratios: dict[str, float]) -> float:
+                return measure_loss(ratios, sample, reference[rows], screens)
+
+        _reuse_sensitivity(sensitivity_report, options, data, metric, resource, total,
+                           planned, removals, losses)
+        sizes = {g["name"]: int(g["channels"]) for g in sensitivity_report["groups"]}
+
+        def counts_at(r: float) -> dict[str, int]:
+            the_plan = plan(analysis, options, ratios={name: r for name in sizes},
+                            calibration=calibration)
+            return {g.name: len(g.pruned) for g in the_plan.groups}
+
+        search_start = time.perf_counter()
+        levels = ratio_levels(counts_at, sizes)
+        start, _, trail = greedy_measured(sensitivity_report, resource, target, removed,
+                                          screen_of or loss_of, levels=levels)
+        greedy_loss = loss_of(start)
+        chosen, _, moves = refine_pairs(levels, start, target, lambda r: removed(r, None),
+                                        loss_of, screen_of)
+        achieved = removed(chosen, None)
+        trail = trail + [{"refine": m} for m in moves]
         predicted = None
-        method = "measured greedy"
+        method = "measured greedy + pair refinement"
+        search = {"greedy_ratios": start, "greedy_loss": greedy_loss,
+                  "loss": loss_of(chosen), "measured": counted["losses"],
+                  "screened": counted["screens"],
+                  "seconds": round(time.perf_counter() - search_start, 2)}
     else:
         choice, achieved = fit_ratios(sensitivity_report, resource, target, removed)
         chosen, predicted = choice.ratios, choice.predicted_loss
@@ -108,6 +175,7 @@ def ratios_for_target(
         "predicted_loss": predicted,
         "removed": achieved,
         "steps": trail,
+        "search": search,
         "uniform": {"ratio": uniform, "removed": uniform_removed},
         "sensitivity": {
             "data": sensitivity_report.get("eval_data"),
@@ -122,12 +190,29 @@ def ratios_for_target(
         data = _as_eval_data(eval_data)
         original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
         metric = original["metric"]
-        auto = point_quality(run(chosen, None), data, metric)
-        flat = point_quality(run(None, uniform), data, metric)
+        auto = point_quality(apply(analysis, planned(chosen, None)[0]), data, metric)
+        flat = point_quality(apply(analysis, planned(None, uniform)[0]), data, metric)
         section["comparison"] = {"metric": auto["metric"], "data": data.source,
                                  "original": original["value"], "auto": auto["value"],
                                  "uniform": flat["value"]}
     return section
+
+
+def _reuse_sensitivity(report: dict, options: PruningOptions, data: Any, metric: str | None,
+                       resource: str, total: float, planned, removals: dict,
+                       losses: dict) -> None:
+    """The sensitivity points are one group pruned alone, measured on the same data with the
+    same options: the search starts with them known instead of measuring them again."""
+    same = (report.get("eval_data") == data.source and report.get("options") == options.to_dict()
+            and (metric is None or metric == report.get("metric")))
+    if not same:
+        return
+    for point in report.get("points", []):
+        if "metric" not in point or "ratios" not in point:
+            continue
+        key = planned(point["ratios"], None)[1]
+        losses.setdefault(key, metric_drop(report["metric"], 0.0, point["metric"]))
+        removals.setdefault(key, 1.0 - point[resource] / total)
 
 
 def _as_eval_data(data: Any):

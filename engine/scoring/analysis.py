@@ -17,7 +17,7 @@ from engine.errors import ModelLoadError, OptionError
 from engine.graph.capture import Captured, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
 from engine.options import CRITERIA, PruningOptions
-from engine.scoring.calibration import as_calibration
+from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
 from engine.scoring.criteria import (
     CRITERIA_NEEDING_CALIBRATION,
     nuclear_norm_scores,
@@ -75,7 +75,7 @@ class Analysis:
                 )
             calibration = as_calibration(calibration)
             # keyed by content, so equal data loaded again (a new array) still hits the cache
-            data_key = calibration.fingerprint()
+            data_key = calibration.fingerprint(DEFAULT_SAMPLES)
         key = (criterion, seed if criterion == "random" else None, data_key)
         if key not in self._filter_scores:
             self.score_computations += 1

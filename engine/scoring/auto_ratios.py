@@ -11,7 +11,11 @@ for real and the target raised by any shortfall until the measured removal meets
 
 Losses do not add up either (two attention groups that each cost little alone can cost a lot
 together), so with data at hand `greedy_measured` is used instead: it measures every step it
-takes, and uses the curves only to shortlist the steps worth measuring.
+takes, and uses the curves only to shortlist the steps worth measuring. Its steps are
+channel-count levels (`ratio_levels`: ratios that round to the same channels are one model).
+The greedy commits early and its end point can sit in a dip whose one-level neighbours are all
+worse, so `refine_pairs` then walks each pair of groups' whole frontier of assignments that
+still meet the target and moves while the measured loss improves.
 """
 
 from __future__ import annotations
@@ -153,13 +157,16 @@ Loss = Callable[[dict[str, float]], float]
 def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float,
                     measure: Measure, loss_of: Loss, shortlist: int = 4,
                     steps: tuple[float, ...] = tuple(np.round(np.arange(0.1, 0.951, 0.1), 2)),
+                    levels: Mapping[str, list[float]] | None = None,
                     ) -> tuple[dict[str, float], float, list[dict]]:
     """Measured greedy: from no pruning, repeatedly take the step (one group to its next
     ratio) that costs the least measured loss per removed unit, until the target is met.
 
     Only the `shortlist` groups whose next step is cheapest by the sensitivity curves are
-    measured each round, so a round costs at most `shortlist` evaluations. The last step is
-    shortened by bisection to just meet the target. Returns ratios, removal and the trail.
+    measured each round, so a round costs at most `shortlist` evaluations. With `levels`
+    (per group, the ratios that give distinct channel counts: `ratio_levels`) a step is one
+    level; otherwise it is the next of `steps` and the last step is shortened by bisection to
+    just meet the target. Returns ratios, removal and the trail.
     """
     tables = group_tables(sensitivity, resource)
     ratios = {name: 0.0 for name in tables}
@@ -173,7 +180,8 @@ def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float
     while removed < target - 1e-9:
         options = []
         for name in tables:
-            nxt = [s for s in steps if s > ratios[name] + 1e-9]
+            ahead = levels[name] if levels is not None else steps
+            nxt = [s for s in ahead if s > ratios[name] + 1e-9]
             if nxt:
                 (l0, r0), (l1, r1) = predicted(name, ratios[name]), predicted(name, nxt[0])
                 options.append(((l1 - l0) / max(r1 - r0, 1e-9), name, nxt))
@@ -191,11 +199,13 @@ def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float
             rate = (trial_loss - loss) / (got - removed)
             if best is None or rate < best[0]:
                 best = (rate, name, trial, got, trial_loss)
+            if rate <= 0.0:  # free removal: nothing measured later can be much better
+                break
         if best is None:
             raise OptionError(f"could not reach {target:.0%} of the {resource} removed with "
                               f"per-group ratios (reached {removed:.1%})")
         _, name, trial, got, trial_loss = best
-        if got > target:  # shorten the last step to just meet the target
+        if got > target and levels is None:  # shorten the last step to just meet the target
             low, high = ratios[name], trial[name]
             while high - low > 0.005:
                 mid = (low + high) / 2
@@ -208,3 +218,147 @@ def greedy_measured(sensitivity: Mapping[str, Any], resource: str, target: float
         ratios, removed, loss = trial, got, trial_loss
         trail.append({"group": name, "ratio": trial[name], "removed": got, "loss": loss})
     return ratios, removed, trail
+
+
+Removed = Callable[[dict[str, float]], float]
+
+
+def _memo(fn: Callable[[dict[str, float]], float]) -> Callable[[dict[str, float]], float]:
+    cache: dict[tuple, float] = {}
+
+    def call(ratios: dict[str, float]) -> float:
+        key = tuple(sorted(ratios.items()))
+        if key not in cache:
+            cache[key] = fn(ratios)
+        return cache[key]
+
+    call.cache = cache  # type: ignore[attr-defined]
+    return call
+
+
+def pair_frontier(levels: Mapping[str, list[float]], state: dict[str, float], a: str, b: str,
+                  target: float, removed_of: Removed) -> list[dict[str, float]]:
+    """Every assignment that differs from `state` in groups `a` and `b` only, meets the target
+    and cannot lower `b` one level without missing it: one point per level of `a` (where
+    one exists). Removal grows with each group's level, so the least level of `b` falls as
+    the level of `a` rises and one staircase walk finds them all."""
+    out = []
+    top = len(levels[b]) - 1
+    for ra in levels[a]:
+        if removed_of({**state, a: ra, b: levels[b][top]}) < target - 1e-12:
+            continue
+        while top > 0 and removed_of({**state, a: ra, b: levels[b][top - 1]}) >= target - 1e-12:
+            top -= 1
+        out.append({**state, a: ra, b: levels[b][top]})
+    return out
+
+
+def refine_pairs(levels: Mapping[str, list[float]], start: Mapping[str, float], target: float,
+                 removed_of: Removed, loss_of: Loss, screen_of: Loss | None = None,
+                 confirm: int = 2, max_evals: int = 200, max_removals: int = 500,
+                 ) -> tuple[dict[str, float], float, list[dict]]:
+    """Local search after the greedy: move removal between two groups at a time.
+
+    For each pair of groups every point of the pair frontier (`pair_frontier`) is measured
+    and the state moves to the best one when it beats the current loss; pairs are visited in
+    a fixed order until a full pass moves nothing or `max_evals` new measurements have been
+    spent. Removals are not additive and neither are losses, which is why a point two or
+    three levels away along a pair frontier can be much better than the greedy's end point
+    while its one-level neighbours are worse.
+
+    With `screen_of` (a cheaper estimate of the loss, e.g. on a subset of the data) the
+    frontier is screened with it and only the `confirm` best screened points that beat the
+    current state's screen are measured with `loss_of`; a move needs `loss_of` to improve.
+    `start` must meet the target; the result meets it too and never has a larger loss.
+    After `max_removals` new removal measurements (many groups: many pairs) the search stops
+    where it is. Deterministic: no randomness; ties keep the current state, then the earlier
+    point.
+    """
+    measured_removal, loss_of = _memo(removed_of), _memo(loss_of)
+
+    def removed_of(ratios: dict[str, float]) -> float:
+        if (tuple(sorted(ratios.items())) not in measured_removal.cache  # type: ignore
+                and len(measured_removal.cache) >= max_removals):  # type: ignore
+            raise _OutOfBudget
+        return measured_removal(ratios)
+
+    cheap = _memo(screen_of) if screen_of is not None else loss_of
+    names = list(levels)
+    state = dict(start)
+    loss = loss_of(state)
+    trail: list[dict] = []
+    spent: set[tuple] = set()
+
+    def budget_left(points: list[dict[str, float]]) -> list[dict[str, float]]:
+        kept = []
+        for point in points:
+            key = tuple(sorted(point.items()))
+            if key not in spent:
+                if len(spent) >= max_evals:
+                    continue
+                spent.add(key)
+            kept.append(point)
+        return kept
+
+    try:
+        _refine(names, levels, target, removed_of, loss_of, cheap, screen_of is not None,
+                confirm, budget_left, state, loss, trail)
+    except _OutOfBudget:
+        pass
+    if trail:
+        state, loss = dict(trail[-1]["ratios"]), trail[-1]["loss"]
+    return state, loss, trail
+
+
+class _OutOfBudget(Exception):
+    pass
+
+
+def _refine(names, levels, target, removed_of, loss_of, cheap, screening, confirm,
+            budget_left, state, loss, trail) -> None:
+    """refine_pairs' passes; every accepted move is appended to `trail`."""
+    state = dict(state)
+    moved = True
+    while moved:
+        moved = False
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                frontier = [p for p in pair_frontier(levels, state, a, b, target, removed_of)
+                            if p != state]
+                frontier = budget_left(frontier)
+                if screening:
+                    here = cheap(state)
+                    ranked = sorted((cheap(p), k, p) for k, p in enumerate(frontier))
+                    frontier = [p for v, _, p in ranked[:confirm] if v < here - 1e-12]
+                best = None
+                for point in frontier:
+                    value = loss_of(point)
+                    if value < loss - 1e-12 and (best is None or value < best[0]):
+                        best = (value, point)
+                if best is not None:
+                    loss, state = best
+                    moved = True
+                    trail.append({"groups": [a, b], "ratios": dict(state), "loss": loss,
+                                  "removed": removed_of(state)})
+
+
+def ratio_levels(counts_at: Callable[[float], dict[str, int]], sizes: Mapping[str, int],
+                 most: float = 0.95, grid_size: int = 200) -> dict[str, list[float]]:
+    """Per group, the smallest ratio giving each distinct number of removed channels.
+
+    `counts_at(r)` is the number of channels each group loses at per-group ratio r (after
+    the step rule and block rules); ratios that round to the same count are the same model,
+    so the search only ever tries one of them. The grid holds every k/n of every group size
+    n (capped at `grid_size` points, then an even grid)."""
+    grid = sorted({round(k / n, 6) for n in sizes.values() if n for k in range(n + 1)
+                   if k / n <= most})
+    if len(grid) > grid_size:
+        grid = [float(x) for x in np.round(np.linspace(0.0, most, grid_size), 6)]
+    levels: dict[str, list[float]] = {name: [0.0] for name in sizes}
+    last = {name: 0 for name in sizes}
+    for r in grid[1:]:
+        for name, count in counts_at(r).items():
+            if name in levels and count > last[name]:
+                levels[name].append(float(r))
+                last[name] = count
+    return levels

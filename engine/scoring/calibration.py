@@ -1,18 +1,15 @@
-"""Calibration data for the data-aware criteria: what the user gives, normalised, fingerprinted
-and run through the captured graph in batches.
+"""Calibration data for the data-aware criteria, run through the captured graph in batches.
 
-Accepted forms (the same layout as a calibration ``.npz``): a path to one, or a built-in
-model's name (``"demo"``: its calibration set); an array (the inputs ``x``); a
-mapping with ``x`` (or ``x0``, ``x1``, ... for several inputs) and optional labels ``y`` (so
-``np.load("calib.npz")`` works as it is), or an object with attributes ``x``/``inputs`` and
-``y``/``labels``. Only the first ``limit`` samples are used (256 by default): per-channel
-statistics settle long before that, and the cost stays bounded on large calibration sets.
+The data is anything ``engine.io.data.as_data`` takes: a path to a calibration ``.npz`` or a
+built-in model's name (``"demo"``: its calibration set), an array, a mapping with ``x`` (or
+``x0``, ``x1``, ... for several inputs) and optional labels ``y`` (so ``np.load("calib.npz")``
+works as it is), or an object with ``x``/``inputs`` and ``y``/``labels``. Only the first
+``limit`` samples are used (256 by default): per-channel statistics settle long before that,
+and the cost stays bounded on large calibration sets.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,93 +19,15 @@ import torch
 import torch.fx as fx
 
 from engine.errors import OptionError
+from engine.io.data import DataSet, as_data
 
 DEFAULT_SAMPLES = 256
 DYNAMIC_BATCH = 32
 
 
-@dataclass(frozen=True)
-class CalibrationSet:
-    inputs: tuple[np.ndarray, ...]  # one array per model input, samples along dim 0
-    labels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.inputs[0].shape[0])
-
-    def fingerprint(self, limit: int = DEFAULT_SAMPLES) -> str:
-        """A digest of the samples that are actually used: equal data hits the score cache
-        even when it arrives as a new object (a reloaded file, a copied array)."""
-        digest = hashlib.blake2b(digest_size=16)
-        arrays = list(self.inputs) + ([self.labels] if self.labels is not None else [None])
-        for a in arrays:
-            if a is None:
-                digest.update(b"no-labels")
-                continue
-            used = np.ascontiguousarray(a[:limit])
-            digest.update(f"{a.dtype.str}{a.shape}".encode())
-            digest.update(used.tobytes())
-        return digest.hexdigest()
-
-
-def as_calibration(data: Any) -> CalibrationSet:
-    """Normalise the accepted calibration forms (see the module docstring)."""
-    if isinstance(data, CalibrationSet):
-        return data
-    labels = None
-    if isinstance(data, (str, os.PathLike)):  # a file or a built-in model's name ("demo")
-        from engine.quality.recovery.data import load
-
-        inputs, labels = load(data)
-        data = {**{f"x{k}": a for k, a in enumerate(inputs)},
-                **({"y": labels} if labels is not None else {})}
-    if isinstance(data, (np.ndarray, torch.Tensor)):
-        inputs = [data]
-    elif isinstance(data, Mapping) or hasattr(data, "files"):  # dict or np.load's NpzFile
-        keys = list(data.files if hasattr(data, "files") else data.keys())
-        if "x" in keys:
-            inputs = [data["x"]]
-        else:
-            numbered = sorted((k for k in keys if k[1:].isdigit() and k[0] == "x"),
-                              key=lambda k: int(k[1:]))
-            inputs = [data[k] for k in numbered]
-        labels = data["y"] if "y" in keys else None
-    elif hasattr(data, "x") or hasattr(data, "inputs"):
-        found = getattr(data, "inputs", None)
-        inputs = list(found) if isinstance(found, (list, tuple)) else [data.x]
-        labels = getattr(data, "y", None) if hasattr(data, "y") else getattr(data, "labels",
-                                                                              None)
-    else:
-        raise OptionError(
-            f"calibration data must be an array or an .npz-like mapping with x (or x0, x1, ...) "
-            f"and optional y, not {type(data).__name__}"
-        )
-    if not inputs:
-        raise OptionError("calibration data has no inputs: give an array x (or x0, x1, ...)")
-    arrays = tuple(_array(a) for a in inputs)
-    n = arrays[0].shape[0] if arrays[0].ndim else 0
-    if arrays[0].ndim and n == 0:
-        raise OptionError(
-            f"calibration data has no samples (x has shape {arrays[0].shape}): it gives no "
-            "feature maps to score"
-        )
-    if any(a.ndim == 0 or a.shape[0] != n for a in arrays):
-        raise OptionError(
-            "calibration inputs must be arrays with the same number of samples (>= 1) along "
-            f"dim 0; got shapes {', '.join(str(a.shape) for a in arrays)}"
-        )
-    if labels is not None:
-        labels = _array(labels)
-        if labels.ndim == 0 or labels.shape[0] != n:
-            raise OptionError(
-                f"calibration labels y have shape {labels.shape}, but there are {n} samples"
-            )
-    return CalibrationSet(arrays, labels)
-
-
-def _array(a: Any) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
+def as_calibration(data: Any) -> DataSet:
+    """The calibration data in any accepted form, checked (see the module docstring)."""
+    return as_data(data, flag="calibration", kind="calibration")
 
 
 def _dynamic_batch(program: torch.export.ExportedProgram) -> bool:
@@ -122,7 +41,7 @@ def _dynamic_batch(program: torch.export.ExportedProgram) -> bool:
 
 
 def batches(
-    captured: Any, calibration: CalibrationSet, limit: int = DEFAULT_SAMPLES
+    captured: Any, calibration: DataSet, limit: int = DEFAULT_SAMPLES
 ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
     """(model inputs, labels) batches of the first ``limit`` samples, checked against the
     model's example inputs. A model captured with a fixed batch size gets exactly that size
@@ -212,7 +131,7 @@ class ChannelStats:
 def channel_stats(
     gm: fx.GraphModule,
     captured: Any,
-    calibration: CalibrationSet,
+    calibration: DataSet,
     wanted: set[tuple[str, int]],
     counters: Mapping[str, int] | None = None,
     limit: int = DEFAULT_SAMPLES,

@@ -39,12 +39,8 @@ from torch.utils import _pytree as pytree
 
 from engine.errors import OptionError
 from engine.graph.tracer import AnalysisState, Member, Tracer
-from engine.scoring.calibration import (
-    DEFAULT_SAMPLES,
-    CalibrationSet,
-    batches,
-    channel_stats,
-)
+from engine.io.data import DataSet
+from engine.scoring.calibration import DEFAULT_SAMPLES, batches, channel_stats
 
 DATA_CRITERIA = ("activation", "wanda", "taylor", "fluctuation")
 _CHUNK_ELEMENTS = 1 << 22
@@ -165,7 +161,7 @@ class DataAwareScorer:
     """Computes one data-aware criterion for every member of an analysed graph."""
 
     def __init__(self, gm: fx.GraphModule, captured: Any, state: AnalysisState,
-                 calibration: CalibrationSet, limit: int = DEFAULT_SAMPLES) -> None:
+                 calibration: DataSet, limit: int = DEFAULT_SAMPLES) -> None:
         self.gm = gm
         self.captured = captured
         self.state = state

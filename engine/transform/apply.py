@@ -59,14 +59,17 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
 
 def _slice_params(new: fx.GraphModule, tracer: Tracer,
                   release: Callable[[torch.Tensor], None] | None) -> None:
-    params = {key[0] for key in tracer.gathers} | set(tracer.grouped_gathers)
+    by_param: dict[str, list[tuple[int, np.ndarray]]] = {name: [] for name in
+                                                          tracer.grouped_gathers}
+    for (param, dim), index in sorted(tracer.gathers.items()):
+        by_param.setdefault(param, []).append((dim, index))
     places = tensor_places(new)
-    for name in params:
+    for name, gathers in by_param.items():
         tensor = tracer.param_tensor(name)
         data = tensor.detach()
-        for (param, dim), index in sorted(tracer.gathers.items()):
-            if param == name and not (len(index) == data.shape[dim] and
-                                      np.array_equal(index, np.arange(data.shape[dim]))):
+        for dim, index in gathers:
+            if not (len(index) == data.shape[dim] and
+                    np.array_equal(index, np.arange(data.shape[dim]))):
                 data = take(data, dim, index)
         if name in tracer.grouped_gathers:
             data = _gather_grouped(data, tracer.grouped_gathers[name])

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from engine.errors import OptionError, PruneScopeError
+from engine.io.data import as_data
 from engine.quality.recovery import bias, bn, data, distill, lsq, norm
 from engine.quality.recovery.lockstep import Context, Layout
 
@@ -103,9 +104,8 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         raise OptionError(f"eval_holdout {eval_holdout!r} is not allowed; allowed: 0 <= f < 1")
     say = progress or (lambda _msg, _fraction: None)
     analysis = result.analysis
-    xs, y = data.load(calibration)
-    where = f"calibration data {calibration}" if isinstance(calibration, str) else \
-        "calibration data"
+    calibration = as_data(calibration)
+    xs, y, where = list(calibration.inputs), calibration.labels, calibration.where
     examples = analysis.captured.example_inputs
     shapes = data.expected_shapes(analysis.captured.program)
     xs, filled = data.with_attention_mask(

@@ -1,18 +1,17 @@
-"""Calibration data for recovery: loading, checking against the model, splitting, scoring."""
+"""Calibration data for recovery: checked against the model, split, scored (engine.io.data
+loads it)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from engine.errors import ModelLoadError, OptionError
+from engine.errors import OptionError
 
 CHUNK = 256  # samples per forward pass when only outputs are needed
 
@@ -39,73 +38,6 @@ class CalibrationSet:
         stop = len(self) - len(self) % size if self.batch is not None else len(self)
         for start in range(0, stop, size):
             yield [x[start:start + size] for x in self.xs]
-
-
-def load(calibration: Any) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Arrays (inputs, labels) from an array, a mapping or object with x / x0.. (and y), a
-    .npz/.npy path, or a built-in model's name."""
-    if isinstance(calibration, (str, os.PathLike)):
-        return _from_mapping(_read(calibration), str(calibration))
-    if isinstance(calibration, (np.ndarray, torch.Tensor)):
-        return [_array(calibration)], None
-    if isinstance(calibration, Mapping):
-        return _from_mapping(calibration, "calibration data")
-    if isinstance(calibration, Sequence) and calibration and all(
-        isinstance(x, (np.ndarray, torch.Tensor)) for x in calibration
-    ):
-        return [_array(x) for x in calibration], None
-    fields = {k: getattr(calibration, k) for k in ("x", "xs", "inputs", "y")
-              if getattr(calibration, k, None) is not None}
-    if fields:
-        xs = fields.get("xs", fields.get("inputs"))
-        if xs is not None and not isinstance(xs, (np.ndarray, torch.Tensor)):
-            return [_array(x) for x in xs], _maybe(fields.get("y"))
-        return _from_mapping(fields, "calibration data")
-    raise OptionError("calibration data must be an array, a .npz/.npy file or a built-in "
-                      f"model name; got {type(calibration).__name__}")
-
-
-def _read(path_like: str | os.PathLike) -> dict[str, np.ndarray]:
-    path = _builtin(str(path_like)) or Path(path_like)
-    if not path.is_file():
-        raise ModelLoadError(f"calibration file {path} does not exist")
-    try:
-        if path.suffix == ".npy":
-            return {"x": np.load(path, allow_pickle=False)}
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ModelLoadError(f"calibration file {path} is unreadable: {first}") from None
-    raise ModelLoadError(f"calibration file {path} must be .npz (array x) or .npy")
-
-
-def _builtin(name: str) -> Path | None:
-    from engine.demo import builtin_data_path, is_builtin
-
-    return builtin_data_path(name, "calibration") if is_builtin(name) else None
-
-
-def _from_mapping(data: Mapping, where: str) -> tuple[list[np.ndarray], np.ndarray | None]:
-    if "x" in data:
-        xs = [_array(data["x"])]
-    else:
-        xs = []
-        while f"x{len(xs)}" in data:
-            xs.append(_array(data[f"x{len(xs)}"]))
-    if not xs:
-        raise OptionError(f"{where} has no array 'x' (or x0, x1, ...); found: "
-                          f"{', '.join(map(str, data)) or 'nothing'}")
-    return xs, _maybe(data.get("y"))
-
-
-def _array(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _maybe(y: Any) -> np.ndarray | None:
-    return None if y is None else _array(y)
 
 
 def expected_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | None, ...]]:
@@ -172,19 +104,13 @@ def check(xs: list[np.ndarray], y: np.ndarray | None, shapes, example_inputs: tu
         else:
             raise OptionError(f"{where}: input {k} has dtype {x.dtype}; the model takes "
                               f"{str(example.dtype).removeprefix('torch.')}")
-    if len({t.shape[0] for t in tensors}) != 1:
-        raise OptionError(f"{where}: the input arrays hold different numbers of samples")
     if batch is not None and tensors[0].shape[0] < batch:
         want = ", ".join([f"N>={batch}", *("N" if s is None else str(s) for s in shapes[0][1:])])
         raise OptionError(f"{where} holds {tensors[0].shape[0]} sample(s); the model was "
                           f"captured with a fixed batch of {batch} and runs {batch} sample(s) "
                           f"at a time: give at least {batch}, x of shape ({want})")
-    labels = None
-    if y is not None:
-        if y.shape[0] != tensors[0].shape[0] or y.dtype.kind not in "iu":
-            raise OptionError(f"{where}: y must hold one integer label per sample "
-                              f"({tensors[0].shape[0]}); got shape {tuple(y.shape)}, {y.dtype}")
-        labels = torch.from_numpy(np.ascontiguousarray(y)).long()
+    # the loader (engine.io.data) has checked the sample counts and the labels
+    labels = None if y is None else torch.from_numpy(np.ascontiguousarray(y)).long()
     return CalibrationSet(tensors, labels, batch)
 
 
