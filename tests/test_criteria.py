@@ -111,6 +111,19 @@ def test_l2_chunked(monkeypatch):
     np.testing.assert_allclose(weight_scores(w, 0, "l2"), loop_norms(w.numpy(), 0, 2))
 
 
+@pytest.mark.parametrize(("criterion", "p"), [("l2", 2), ("l1", 1)])
+def test_column_norms_chunked_over_rows(monkeypatch, criterion, p):
+    # an embedding scored by its columns, worked through a few rows at a time
+    monkeypatch.setattr(criteria, "_NORM_CHUNK_ELEMENTS", 10)
+    w = torch.randn(11, 5, 3, dtype=torch.float64)
+    for out_dim in (1, 2):
+        np.testing.assert_allclose(weight_scores(w, out_dim, criterion),
+                                   loop_norms(w.numpy(), out_dim, p), rtol=1e-12)
+    half = torch.randn(37, 6).to(torch.bfloat16)
+    np.testing.assert_allclose(weight_scores(half, 1, criterion),
+                               loop_norms(half.double().numpy(), 1, p), rtol=1e-12)
+
+
 def test_weight_scores_errors():
     with pytest.raises(OptionError, match="random"):
         weight_scores(torch.ones(2, 2), 0, "random")

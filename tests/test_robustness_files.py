@@ -228,6 +228,28 @@ def test_bit_flipped_pt2_is_refused(files: Path, tmp_path: Path) -> None:
         engine.load_model(bad)
 
 
+def test_bit_flipped_weight_is_refused_when_checked_beside_the_load(
+        files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # every entry counts as large: its checksum is read in the thread beside torch's load
+    import engine.graph.safety as safety
+
+    monkeypatch.setattr(safety, "LARGE_ENTRY_BYTES", 0)
+    data = bytearray((files / "good.pt2").read_bytes())
+    with zipfile.ZipFile(files / "good.pt2") as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data/weights/weight_0"))
+    off = info.header_offset
+    start = off + 30 + int.from_bytes(data[off + 26 : off + 28], "little") + int.from_bytes(
+        data[off + 28 : off + 30], "little"
+    )
+    data[start + 3] ^= 0x40
+    bad = tmp_path / "bitflip.pt2"
+    bad.write_bytes(data)
+    with pytest.raises(engine.ModelLoadError, match=r"bitflip.pt2 is damaged: entry .*"
+                                                    r"weight_0 fails its checksum"):
+        engine.load_model(bad)
+    assert engine.load_model(files / "good.pt2").program is not None
+
+
 # -------------------------------------------------------------------------- pickles
 
 

@@ -13,6 +13,7 @@ import copy
 import os
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ import torch
 from engine.errors import ModelLoadError
 from engine.graph.custom_ops import register_archive_ops
 from engine.graph.outputs import tensor_leaves
-from engine.graph.safety import check_size, inspect_pt2, quiet_torch_load, root_cause
+from engine.graph.safety import (
+    check_size,
+    inspect_pt2,
+    quiet_torch_load,
+    root_cause,
+    verify_checksums,
+)
 
 ACCEPTED = (
     "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
@@ -116,16 +123,22 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
         raise ModelLoadError(f"model file {path} is empty")
     check_size(path)
     if suffix == ".pt2":
-        inspect_pt2(path, trust_pickle)
+        weights = inspect_pt2(path, trust_pickle, defer_large=True)
         register_archive_ops(path)
-        with quiet_torch_load(weights_only=not trust_pickle) as log:
-            try:
-                program = torch.export.load(os.fspath(path))
-            except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
-                raise ModelLoadError(
-                    f"model file {path} is not a readable .pt2 (torch.export.save) archive: "
-                    f"{root_cause(exc, log)}"
-                ) from None
+        # the weights' checksums are read in a second thread while torch reads the program
+        # (both release the GIL for their reads); a damaged file is refused before any use
+        with ThreadPoolExecutor(1) as pool:
+            checked = pool.submit(verify_checksums, path, weights)
+            with quiet_torch_load(weights_only=not trust_pickle) as log:
+                try:
+                    program = torch.export.load(os.fspath(path))
+                    failure = None
+                except Exception as exc:  # noqa: BLE001 - any failure: an unreadable file
+                    failure = root_cause(exc, log)
+            checked.result()  # raises ModelLoadError for a damaged entry
+        if failure is not None:
+            raise ModelLoadError(f"model file {path} is not a readable .pt2 "
+                                 f"(torch.export.save) archive: {failure}")
         return _from_program(program, example_inputs, str(path))
     if suffix in PICKLE_SUFFIXES:
         if not trust_pickle:

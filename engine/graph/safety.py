@@ -51,8 +51,16 @@ _PICKLED = (
 )
 
 
-def inspect_pt2(path: Path, trust_pickle: bool) -> None:
-    """Refuse damaged archives, zip bombs and (untrusted) archives that would unpickle."""
+# Entries at least this big (weights) may have their checksums verified while torch reads
+# the archive (verify_checksums, in a thread): reading a 6 GB archive twice in a row cost 3 s.
+LARGE_ENTRY_BYTES = 1 << 20
+
+
+def inspect_pt2(path: Path, trust_pickle: bool, *, defer_large: bool = False) -> list[str]:
+    """Refuse damaged archives, zip bombs and (untrusted) archives that would unpickle.
+
+    With `defer_large`, the checksums of the large entries (weights) are not verified here:
+    their names are returned, for verify_checksums before the model is used."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -63,13 +71,9 @@ def inspect_pt2(path: Path, trust_pickle: bool) -> None:
     with archive:
         infos = archive.infolist()
         check_size(path, sum(i.file_size for i in infos))
-        try:
-            damaged = archive.testzip()
-        except Exception as exc:  # noqa: BLE001 - a broken archive in any way
-            raise ModelLoadError(f"model file {path} is damaged: {exc}") from None
-        if damaged is not None:
-            raise ModelLoadError(f"model file {path} is damaged: entry {damaged} fails its "
-                                 "checksum")
+        deferred = [i.filename for i in infos
+                    if defer_large and i.file_size >= LARGE_ENTRY_BYTES]
+        _check_entries(path, archive, [i for i in infos if i.filename not in set(deferred)])
         names = [i.filename for i in infos]
         if not any(n.endswith(("models/model.json", "serialized_exported_program.json"))
                    or "/models/" in n for n in names):
@@ -94,6 +98,34 @@ def inspect_pt2(path: Path, trust_pickle: bool) -> None:
                 entries = config.get("config", {}) if isinstance(config, dict) else {}
                 if any(isinstance(e, dict) and e.get("use_pickle") for e in entries.values()):
                     raise ModelLoadError(f"model file {path} {_PICKLED}")
+    return deferred
+
+
+def verify_checksums(path: Path, names: list[str]) -> None:
+    """Read the named entries of the archive through their CRC-32 checks."""
+    if not names:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            wanted = set(names)
+            _check_entries(path, archive, [i for i in archive.infolist()
+                                           if i.filename in wanted])
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(f"model file {path} is damaged: {exc}") from None
+
+
+def _check_entries(path: Path, archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> None:
+    """zipfile.testzip for some entries: reading an entry to its end checks its CRC-32."""
+    for info in infos:
+        try:
+            with archive.open(info) as entry:
+                while entry.read(1 << 22):
+                    pass
+        except Exception as exc:  # noqa: BLE001 - a broken archive in any way
+            if isinstance(exc, zipfile.BadZipFile) and "CRC" in str(exc):
+                raise ModelLoadError(f"model file {path} is damaged: entry {info.filename} "
+                                     "fails its checksum") from None
+            raise ModelLoadError(f"model file {path} is damaged: {exc}") from None
 
 
 class _Collector(logging.Handler):

@@ -70,13 +70,38 @@ def _slice_params(new: fx.GraphModule, tracer: Tracer,
         for dim, index in gathers:
             if not (len(index) == data.shape[dim] and
                     np.array_equal(index, np.arange(data.shape[dim]))):
-                data = data.index_select(dim, torch.as_tensor(index, dtype=torch.long))
+                data = take(data, dim, index)
         if name in tracer.grouped_gathers:
             data = _gather_grouped(data, tracer.grouped_gathers[name])
         _set_tensor(new, name, tensor, data.contiguous(), places)
         if release is not None:
             release(tensor)
         del tensor, data
+
+
+# numpy's take copies rows of a half-precision weight three to four times faster than
+# torch's index_select along any dimension but the first (measured on a 8192 x 3072 bf16
+# matrix; the slicing of a 3B model's weights took 32 of its 217 s); it sees the weight
+# through an integer view of the same element size, so every bit is copied as it is. The
+# result goes into a tensor torch allocates: numpy's own big arrays ask the kernel for huge
+# pages, and compacting memory for them tripled the slicing time of a 0.85 B model.
+_BITS_AS = {torch.bfloat16: torch.int16, torch.float16: torch.int16,
+            torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def take(data: torch.Tensor, dim: int, index: np.ndarray) -> torch.Tensor:
+    """``data.index_select(dim, index)`` (a new contiguous tensor)."""
+    bits = _BITS_AS.get(data.dtype)
+    index = np.asarray(index, dtype=np.int64)
+    if bits is None or data.device.type != "cpu" or data.requires_grad or (
+            len(index) and not 0 <= int(index.min()) <= int(index.max()) < data.shape[dim]):
+        return data.index_select(dim, torch.as_tensor(index, dtype=torch.long))
+    shape = list(data.shape)
+    shape[dim] = len(index)
+    out = torch.empty(shape, dtype=data.dtype)
+    # mode="clip" writes straight into `out` (the indices were checked above)
+    np.take(data.view(bits).numpy(), index, axis=dim, out=out.view(bits).numpy(), mode="clip")
+    return out
 
 
 def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
