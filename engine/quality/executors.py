@@ -20,21 +20,9 @@ from typing import Any
 
 from engine.errors import OptionError
 from engine.quality.sweep import SweepJob, run_point
+from engine.threads import one_torch_thread
 
 Point = dict[str, Any]  # {"options", "ratio"} or {"options", "ratios"}
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Points use one torch thread wherever they run (same arithmetic, no oversubscription)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def execute(job: SweepJob, points: list[Point], *, workers: int | None = None,
@@ -49,7 +37,7 @@ def execute(job: SweepJob, points: list[Point], *, workers: int | None = None,
 
 
 def _serial(job: SweepJob, points: list[Point]) -> Iterator[tuple[int, dict]]:
-    with one_thread():
+    with one_torch_thread():
         for index, point in enumerate(points):
             yield index, run_point(job, point)
 
@@ -109,7 +97,7 @@ def _in_pool(job: SweepJob, points: list[Point], workers: int) -> Iterator[tuple
 
 # ------------------------------------------------------------------------------- Ray
 def _ray_point(job: SweepJob, index: int, point: Point) -> tuple[int, dict]:
-    with one_thread():
+    with one_torch_thread():
         return index, run_point(job, point)
 
 

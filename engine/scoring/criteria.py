@@ -12,16 +12,15 @@ stays within a few hundred MB.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from engine.errors import OptionError
 from engine.scoring.normalize import ScoreError
+from engine.threads import one_torch_thread
 
 __all__ = [
     "CRITERIA_NEEDING_CALIBRATION",
@@ -84,7 +83,7 @@ def weight_scores(weight: torch.Tensor, out_dim: int, criterion: str) -> np.ndar
     w = _checked(weight, out_dim)
     if criterion == "gm":
         return _gm(_filters(w, out_dim))
-    with _one_thread():
+    with one_torch_thread():
         if out_dim % w.dim() != 0:
             return _norms_across(w, out_dim % w.dim(), criterion)
         w = _filters(w, out_dim)
@@ -100,19 +99,6 @@ def weight_scores(weight: torch.Tensor, out_dim: int, criterion: str) -> np.ndar
             chunk = buffer[: rows * d].view(rows, d).copy_(w[start : start + rows])
             out[start : start + rows] = torch.linalg.vector_norm(chunk, ord=ord_, dim=1).numpy()
         return out
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Chunks this small gain nothing from a second torch thread, and on a busy machine each
-    of thousands of parallel regions waits for a thread the OS has descheduled (the l2 scores
-    of a 3B model took 59 s instead of 6 with two threads and other processes running)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _norms_across(w: torch.Tensor, out_dim: int, criterion: str) -> np.ndarray:
