@@ -211,17 +211,23 @@ def test_bad_file_cli_prints_only_one_line(fresh_cli, files: Path, name: str) ->
     assert str(files / name) in assert_one_clean_line(err)
 
 
-def test_bit_flipped_pt2_is_refused(files: Path, tmp_path: Path) -> None:
-    data = bytearray((files / "good.pt2").read_bytes())
-    with zipfile.ZipFile(files / "good.pt2") as z:
+def _bit_flipped(good: Path, tmp_path: Path) -> Path:
+    """A copy of `good` with an exponent bit of its first weight flipped (zip CRC left as is)."""
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:
         info = next(i for i in z.infolist() if i.filename.endswith("data/weights/weight_0"))
     off = info.header_offset
     start = off + 30 + int.from_bytes(data[off + 26 : off + 28], "little") + int.from_bytes(
         data[off + 28 : off + 30], "little"
     )
-    data[start + 3] ^= 0x40  # an exponent bit of the first weight
+    data[start + 3] ^= 0x40
     bad = tmp_path / "bitflip.pt2"
     bad.write_bytes(data)
+    return bad
+
+
+def test_bit_flipped_pt2_is_refused(files: Path, tmp_path: Path) -> None:
+    bad = _bit_flipped(files / "good.pt2", tmp_path)
     with zipfile.ZipFile(bad) as z:
         assert z.testzip() is not None  # the archive itself knows it is damaged
     with pytest.raises(engine.ModelLoadError, match="bitflip.pt2"):
@@ -234,16 +240,7 @@ def test_bit_flipped_weight_is_refused_when_checked_beside_the_load(
     import engine.graph.safety as safety
 
     monkeypatch.setattr(safety, "LARGE_ENTRY_BYTES", 0)
-    data = bytearray((files / "good.pt2").read_bytes())
-    with zipfile.ZipFile(files / "good.pt2") as z:
-        info = next(i for i in z.infolist() if i.filename.endswith("data/weights/weight_0"))
-    off = info.header_offset
-    start = off + 30 + int.from_bytes(data[off + 26 : off + 28], "little") + int.from_bytes(
-        data[off + 28 : off + 30], "little"
-    )
-    data[start + 3] ^= 0x40
-    bad = tmp_path / "bitflip.pt2"
-    bad.write_bytes(data)
+    bad = _bit_flipped(files / "good.pt2", tmp_path)
     with pytest.raises(engine.ModelLoadError, match=r"bitflip.pt2 is damaged: entry .*"
                                                     r"weight_0 fails its checksum"):
         engine.load_model(bad)
