@@ -28,6 +28,7 @@ import torch
 
 from engine.graph.outputs import tensor_leaves
 from engine.io.hf import HFSource
+from engine.io.hf_depth import config_update, renumber
 from engine.transform.exactness import exact_tolerance
 
 HF_TOLERANCE = 1e-5  # relative: max |hf - pt2| / max |pt2|
@@ -270,8 +271,9 @@ def pruned_config(hf: HFSource, module: torch.nn.Module):
             f"no rule maps pruned shapes onto a {type(config).__name__} (hf/ is written for "
             f"model types {', '.join(supported_model_types())})"
         )
-    shapes = {k: tuple(v.shape) for k, v in _weights(module).items()}
+    shapes = {k: tuple(v.shape) for k, v in _hf_weights(hf, module).items()}
     values = config.to_dict()
+    values.update(config_update(hf))
     values.update(rule(config, shapes))
     try:
         new_config = type(config).from_dict(values)
@@ -300,6 +302,14 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
+def _hf_weights(hf: HFSource, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The pruned weights under the names of the new config's model (layers renumbered
+    after depth pruning)."""
+    weights = _weights(module)
+    names = renumber(hf, list(weights))
+    return {names[k]: v for k, v in weights.items()}
+
+
 def _model_class(hf: HFSource):
     import transformers
 
@@ -321,10 +331,10 @@ def build_pretrained(hf: HFSource, module: torch.nn.Module):
     # parameters) and build in the weights' dtype (a bf16 model stays bf16 on disk)
     with quiet_transformers(), no_init_weights():
         fresh = _model_class(hf)._from_config(new_config, dtype=_weight_dtype(module)).eval()
-    weights = _weights(module)
+    weights = _hf_weights(hf, module)
     target = fresh.state_dict()
     loaded = {k: v for k, v in weights.items() if k in target}
-    params = {k for k, _ in module.named_parameters()}
+    params = set(renumber(hf, [k for k, _ in module.named_parameters()]).values())
     extra = sorted(k for k in params if k not in target)
     if extra:
         raise NotDescribable(f"weight {extra[0]} has no place in {hf.model_class}")
@@ -347,6 +357,8 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     "carried": [files]}`` or ``{"written": False, "reason": one line}``.
     """
     hf: HFSource = result.analysis.captured.hf
+    if hf.depth_reason:
+        return {"written": False, "reason": hf.depth_reason}
     try:
         check_uniform(result)
         check_heads(result)

@@ -176,6 +176,7 @@ def prune_depth(
     """Remove the least important blocks: (the re-captured Analysis, the report section)."""
     from engine.graph.capture import Captured
     from engine.graph.outputs import tensor_leaves
+    from engine.io.hf_depth import after_depth
     from engine.pipeline import _export
     from engine.scoring.analysis import Analysis
 
@@ -194,6 +195,9 @@ def prune_depth(
     report["verification"] = compare_exact(expected, got, "depth",
                                              "with the removed blocks' branches zeroed")
     program = _export(pruned, analysis)
-    captured = Captured(program, inputs, analysis.captured.source, analysis.captured.example_kwargs)
+    # a transformers model keeps its hf/ export when whole layers went (engine/io/hf_depth.py)
+    hf = after_depth(analysis.captured.hf, blocks, removed)
+    captured = Captured(program, inputs, analysis.captured.source,
+                        analysis.captured.example_kwargs, hf)
     return Analysis(captured), report
 
