@@ -35,11 +35,12 @@ def _dampen(model, layers, family="llama"):
     return model
 
 
-def _llama(layers=4):
+def _llama(layers=4, tie=False):
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
                             num_hidden_layers=layers, num_attention_heads=4,
-                            num_key_value_heads=2, max_position_embeddings=64)
+                            num_key_value_heads=2, max_position_embeddings=64,
+                            tie_word_embeddings=tie)
     return tf.LlamaForCausalLM(config).eval()
 
 
@@ -113,7 +114,8 @@ def test_whole_llama_layers_removed_give_a_smaller_renumbered_folder(tmp_path):
 
 
 def test_layers_removed_then_uniform_width_pruning(tmp_path):
-    model = _dampen(_llama(), (2,))
+    """With tied input and output embeddings (one weight under one name once re-captured)."""
+    model = _dampen(_llama(tie=True), (2,))
     result = engine.prune(model, seq_len=SEQ, remove_blocks=2, ratio=0.5, uniform=True)
     assert sorted(_removed(result)) == ["model.layers.2.mlp", "model.layers.2.self_attn"]
     engine.save(result, tmp_path, onnx=False)
@@ -123,6 +125,8 @@ def test_layers_removed_then_uniform_width_pruning(tmp_path):
     config = reloaded.config
     assert config.num_hidden_layers == 3
     assert config.intermediate_size < 128 and config.hidden_size < 64
+    assert config.tie_word_embeddings
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     shapes = {k: tuple(v.shape) for k, v in result.module.state_dict().items()}
     assert shapes["model.layers.3.mlp.up_proj.weight"] == (config.intermediate_size,
                                                            config.hidden_size)
@@ -157,8 +161,7 @@ def test_qwen2_layer_types_follow_the_removed_layer(tmp_path):
 
 
 def test_gpt2_names_and_n_layer():
-    """GPT-2 names its layer list transformer.h and its count n_layer. (End to end, depth
-    pruning of GPT-2 is refused by the depth pass's own verification: see the report.)"""
+    """GPT-2 names its layer list transformer.h and its count n_layer."""
     import dataclasses
 
     from engine.io.hf import source_of_model
@@ -178,6 +181,28 @@ def test_gpt2_names_and_n_layer():
                      "lm_head.weight": "lm_head.weight"}
     with pytest.raises(NotDescribable, match="transformer.h.1.ln_2.weight stays"):
         renumber(hf, ["transformer.h.1.ln_2.weight"])
+
+
+def test_gpt2_whole_layer_removed_end_to_end(tmp_path):
+    """GPT-2's attention add is its MLP's stream: removing both (consecutive blocks) must
+    remove the layer, not add the attention branch back."""
+    torch.manual_seed(0)
+    config = tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=100, n_positions=64)
+    model = _dampen(tf.GPT2LMHeadModel(config).eval(), (1,), family="gpt2")
+    result = engine.prune(model, seq_len=SEQ, remove_blocks=2)
+    assert sorted(_removed(result)) == ["transformer.h.1.attn", "transformer.h.1.mlp"]
+    engine.save(result, tmp_path, onnx=False)
+    reloaded = _reload(tmp_path / "hf")
+    assert reloaded.config.n_layer == 2
+    assert [block.attn.layer_idx for block in reloaded.transformer.h] == [0, 1]
+    assert torch.equal(reloaded.transformer.h[1].mlp.c_fc.weight,
+                       model.transformer.h[2].mlp.c_fc.weight)
+    ids = _ids()
+    with torch.no_grad():
+        got = reloaded(input_ids=ids, use_cache=False).logits
+        want = _without_layers(model, {1}, family="gpt2")(input_ids=ids).logits
+    assert _rel(got, want) <= 1e-5
+    assert _rel(got, _pt2_logits(tmp_path, ids)) <= 1e-5
 
 
 def test_one_sublayer_removed_is_not_describable(tmp_path):

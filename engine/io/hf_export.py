@@ -158,6 +158,17 @@ _WHY = {
 }
 
 
+def _is_embedding(hf: HFSource, layer: str) -> bool:
+    """An embedding layer, or the output layer tied to one (a tied pair may be captured under
+    the output layer's name only)."""
+    if _EMBEDDING.search(layer):
+        return True
+    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
+    return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
+            and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
+                                                                .removesuffix(".weight")))
+
+
 def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
     """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
     hf = analysis.captured.hf
@@ -169,7 +180,7 @@ def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
             keep[g.name] = f"{name} {_WHY['heads']}"
         elif g.blocks and "head_channels" in fixed and not g.whole_blocks:
             keep[g.name] = f"{name} {_WHY['head_channels']}"
-        elif "hidden" in fixed and any(_EMBEDDING.search(x) or _POOLER.search(x)
+        elif "hidden" in fixed and any(_is_embedding(hf, x) or _POOLER.search(x)
                                        for x in g.layers):
             keep[g.name] = f"{name} {_WHY['hidden']}"
     return keep
@@ -184,7 +195,7 @@ def count_adjuster(analysis, options):
             hf.config.model_type == "vit":
         return None
     groups = analysis.prunable_groups(options.prunes_whole_blocks)
-    hidden = next((g.name for g in groups if any(_EMBEDDING.search(x) for x in g.layers)), None)
+    hidden = next((g.name for g in groups if any(_is_embedding(hf, x) for x in g.layers)), None)
     heads = [g.name for g in groups
              if g.whole_blocks and any(x.endswith("q_proj") for x in g.layers)]
     if hidden is None:
@@ -307,7 +318,15 @@ def _hf_weights(hf: HFSource, module: torch.nn.Module) -> dict[str, torch.Tensor
     after depth pruning)."""
     weights = _weights(module)
     names = renumber(hf, list(weights))
-    return {names[k]: v for k, v in weights.items()}
+    weights = {names[k]: v for k, v in weights.items()}
+    # a re-captured model (after depth pruning) keeps one name of a tied pair (lm_head.weight
+    # for the input embedding too): the config's rules read the embedding under its own name
+    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
+    if isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False):
+        for target, source in tied.items():
+            if source not in weights and target in weights:
+                weights[source] = weights[target]
+    return weights
 
 
 def _model_class(hf: HFSource):

@@ -76,9 +76,15 @@ def remove(gm: fx.GraphModule, removed: list[Block]) -> fx.GraphModule:
     nodes = {n.name: n for n in new.graph.nodes}
     used_before = {n.target for n in new.graph.nodes if n.op == "get_attr"}
     branch_nodes: set[fx.Node] = set()
+    # consecutive blocks (a layer's attention, then its MLP): the later block's stream is the
+    # earlier block's add, itself replaced by its own stream
+    replaced: dict[str, str] = {}
     for block in removed:
-        add = nodes[block.add]
-        add.replace_all_uses_with(nodes[block.stream])
+        stream = block.stream
+        while stream in replaced:
+            stream = replaced[stream]
+        replaced[block.add] = stream
+        nodes[block.add].replace_all_uses_with(nodes[stream])
         branch_nodes.update(nodes[name] for name in block.nodes)
     _drop_dead(new.graph, branch_nodes)
     used_after = {n.target for n in new.graph.nodes if n.op == "get_attr"}
