@@ -236,3 +236,23 @@ def test_cli_on_a_folder_writes_hf_with_fewer_layers(tmp_path, capfd):
     with torch.no_grad():
         got = reloaded(input_ids=ids, use_cache=False).logits
     assert _rel(got, _pt2_logits(tmp_path / "o", ids)) <= 1e-5
+
+
+def test_post_norm_bert_layer_keeps_its_layernorms_so_no_hf(tmp_path):
+    """BERT normalises after each residual add: removing both blocks of a layer leaves its
+    LayerNorms, which a config with fewer layers cannot hold."""
+    torch.manual_seed(0)
+    config = tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, vocab_size=100)
+    model = tf.BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.output.dense.weight.mul_(1e-3)
+        model.bert.encoder.layer[1].output.dense.weight.mul_(1e-3)
+    result = engine.prune(model, seq_len=16, remove_blocks=2)
+    assert sorted(_removed(result)) == ["bert.encoder.layer.1", "bert.encoder.layer.1.attention"]
+    with pytest.warns(UserWarning, match="hf/ not written"):
+        engine.save(result, tmp_path, onnx=False)
+    entry = json.loads((tmp_path / "report.json").read_text())["hf"]
+    assert entry["written"] is False and "\n" not in entry["reason"]
+    assert "bert.encoder.layer.1." in entry["reason"] and "LayerNorm" in entry["reason"]
+    assert not (tmp_path / "hf").exists()
