@@ -107,7 +107,7 @@ def test_whole_llama_layers_removed_give_a_smaller_renumbered_folder(tmp_path):
     # the key/value cache holds one entry per remaining layer and continues the sequence
     with torch.no_grad():
         first = reloaded(input_ids=ids[:, :-1], use_cache=True)
-        step = reloaded(input_ids=ids[:, -1:], past_key_values=first.past_key_values,
+        step = reloaded(input_ids=ids[:, -1:], cache=first.past_key_values,
                         use_cache=True).logits
     assert len(first.past_key_values.layers) == 2
     assert _rel(step[:, -1], got[:, -1]) <= 1e-5
