@@ -48,6 +48,11 @@ class HFSource:
     input_names: tuple[str, ...] = ()  # forward() keyword of each positional example input
     folder: Path | None = None  # the source folder (None: a PreTrainedModel given in Python)
     carried: tuple[str, ...] = ()  # non-weight files to copy to OUT/hf/
+    # after depth pruning (engine/io/hf_depth.py): the layer list ("model.layers") and the
+    # original indices of the whole layers removed, or why no config describes what is left
+    layer_list: str | None = None
+    removed_layers: tuple[int, ...] = ()
+    depth_reason: str | None = None
     _auto_class: str | None = field(default="", repr=False)  # "": not looked up yet
 
     @property

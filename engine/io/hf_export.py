@@ -28,6 +28,7 @@ import torch
 
 from engine.graph.outputs import tensor_leaves
 from engine.io.hf import HFSource
+from engine.io.hf_depth import config_update, renumber
 from engine.transform.exactness import exact_tolerance
 
 HF_TOLERANCE = 1e-5  # relative: max |hf - pt2| / max |pt2|
@@ -157,6 +158,17 @@ _WHY = {
 }
 
 
+def _is_embedding(hf: HFSource, layer: str) -> bool:
+    """An embedding layer, or the output layer tied to one (a tied pair may be captured under
+    the output layer's name only)."""
+    if _EMBEDDING.search(layer):
+        return True
+    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
+    return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
+            and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
+                                                                .removesuffix(".weight")))
+
+
 def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
     """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
     hf = analysis.captured.hf
@@ -168,7 +180,7 @@ def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
             keep[g.name] = f"{name} {_WHY['heads']}"
         elif g.blocks and "head_channels" in fixed and not g.whole_blocks:
             keep[g.name] = f"{name} {_WHY['head_channels']}"
-        elif "hidden" in fixed and any(_EMBEDDING.search(x) or _POOLER.search(x)
+        elif "hidden" in fixed and any(_is_embedding(hf, x) or _POOLER.search(x)
                                        for x in g.layers):
             keep[g.name] = f"{name} {_WHY['hidden']}"
     return keep
@@ -183,7 +195,7 @@ def count_adjuster(analysis, options):
             hf.config.model_type == "vit":
         return None
     groups = analysis.prunable_groups(options.prunes_whole_blocks)
-    hidden = next((g.name for g in groups if any(_EMBEDDING.search(x) for x in g.layers)), None)
+    hidden = next((g.name for g in groups if any(_is_embedding(hf, x) for x in g.layers)), None)
     heads = [g.name for g in groups
              if g.whole_blocks and any(x.endswith("q_proj") for x in g.layers)]
     if hidden is None:
@@ -270,8 +282,9 @@ def pruned_config(hf: HFSource, module: torch.nn.Module):
             f"no rule maps pruned shapes onto a {type(config).__name__} (hf/ is written for "
             f"model types {', '.join(supported_model_types())})"
         )
-    shapes = {k: tuple(v.shape) for k, v in _weights(module).items()}
+    shapes = {k: tuple(v.shape) for k, v in _hf_weights(hf, module).items()}
     values = config.to_dict()
+    values.update(config_update(hf))
     values.update(rule(config, shapes))
     try:
         new_config = type(config).from_dict(values)
@@ -300,6 +313,22 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
+def _hf_weights(hf: HFSource, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The pruned weights under the names of the new config's model (layers renumbered
+    after depth pruning)."""
+    weights = _weights(module)
+    names = renumber(hf, list(weights))
+    weights = {names[k]: v for k, v in weights.items()}
+    # a re-captured model (after depth pruning) keeps one name of a tied pair (lm_head.weight
+    # for the input embedding too): the config's rules read the embedding under its own name
+    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
+    if isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False):
+        for target, source in tied.items():
+            if source not in weights and target in weights:
+                weights[source] = weights[target]
+    return weights
+
+
 def _model_class(hf: HFSource):
     import transformers
 
@@ -321,10 +350,10 @@ def build_pretrained(hf: HFSource, module: torch.nn.Module):
     # parameters) and build in the weights' dtype (a bf16 model stays bf16 on disk)
     with quiet_transformers(), no_init_weights():
         fresh = _model_class(hf)._from_config(new_config, dtype=_weight_dtype(module)).eval()
-    weights = _weights(module)
+    weights = _hf_weights(hf, module)
     target = fresh.state_dict()
     loaded = {k: v for k, v in weights.items() if k in target}
-    params = {k for k, _ in module.named_parameters()}
+    params = set(renumber(hf, [k for k, _ in module.named_parameters()]).values())
     extra = sorted(k for k in params if k not in target)
     if extra:
         raise NotDescribable(f"weight {extra[0]} has no place in {hf.model_class}")
@@ -347,6 +376,8 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     "carried": [files]}`` or ``{"written": False, "reason": one line}``.
     """
     hf: HFSource = result.analysis.captured.hf
+    if hf.depth_reason:
+        return {"written": False, "reason": hf.depth_reason}
     try:
         check_uniform(result)
         check_heads(result)

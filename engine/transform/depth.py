@@ -76,9 +76,15 @@ def remove(gm: fx.GraphModule, removed: list[Block]) -> fx.GraphModule:
     nodes = {n.name: n for n in new.graph.nodes}
     used_before = {n.target for n in new.graph.nodes if n.op == "get_attr"}
     branch_nodes: set[fx.Node] = set()
+    # consecutive blocks (a layer's attention, then its MLP): the later block's stream is the
+    # earlier block's add, itself replaced by its own stream
+    replaced: dict[str, str] = {}
     for block in removed:
-        add = nodes[block.add]
-        add.replace_all_uses_with(nodes[block.stream])
+        stream = block.stream
+        while stream in replaced:
+            stream = replaced[stream]
+        replaced[block.add] = stream
+        nodes[block.add].replace_all_uses_with(nodes[stream])
         branch_nodes.update(nodes[name] for name in block.nodes)
     _drop_dead(new.graph, branch_nodes)
     used_after = {n.target for n in new.graph.nodes if n.op == "get_attr"}
@@ -176,6 +182,7 @@ def prune_depth(
     """Remove the least important blocks: (the re-captured Analysis, the report section)."""
     from engine.graph.capture import Captured
     from engine.graph.outputs import tensor_leaves
+    from engine.io.hf_depth import after_depth
     from engine.pipeline import _export
     from engine.scoring.analysis import Analysis
 
@@ -194,6 +201,9 @@ def prune_depth(
     report["verification"] = compare_exact(expected, got, "depth",
                                              "with the removed blocks' branches zeroed")
     program = _export(pruned, analysis)
-    captured = Captured(program, inputs, analysis.captured.source, analysis.captured.example_kwargs)
+    # a transformers model keeps its hf/ export when whole layers went (engine/io/hf_depth.py)
+    hf = after_depth(analysis.captured.hf, blocks, removed)
+    captured = Captured(program, inputs, analysis.captured.source,
+                        analysis.captured.example_kwargs, hf)
     return Analysis(captured), report
 
