@@ -134,6 +134,7 @@ def prune(
     expert_ratio: float | None = None,
     block_ratio: float | None = None,
     remove_blocks: int | None = None,
+    block_unit: str = "block",
     release_original: bool = False,
 ) -> PruneResult:
     """Capture, analyse, plan, apply and verify in one call.
@@ -144,7 +145,8 @@ def prune(
     the original).
 
     `expert_ratio` removes whole experts of mixtures of experts, `block_ratio` or
-    `remove_blocks` whole residual blocks; both run before width pruning (engine.transform).
+    `remove_blocks` whole residual blocks (`block_unit="layer"`: whole transformer layers,
+    N and R then count layers); both run before width pruning (engine.transform).
     `uniform`: every repeated layer of the same kind loses the same number of channels
     (engine/scoring/uniform.py), so a transformers model's pruned config stays standard and
     `save` can write OUT/hf/. `seq_len`: tokens of the example inputs made from a
@@ -153,7 +155,7 @@ def prune(
     from engine.transform import structural
 
     options = PruningOptions.from_any(options)
-    structures = structural.wanted(expert_ratio, block_ratio, remove_blocks)
+    structures = structural.wanted(expert_ratio, block_ratio, remove_blocks, block_unit)
     if ratio is None and ratios is None and options.criterion != "index" and not structures:
         raise PruneScopeError("give a global ratio (--ratio R) or per-group ratios (--ratios F)")
     if ratio is not None:
@@ -165,7 +167,8 @@ def prune(
     if structures:
         analysis, sections = structural.remove_structures(
             analysis, expert_ratio=expert_ratio, block_ratio=block_ratio,
-            remove_blocks=remove_blocks, calibration=calibration, progress=progress)
+            remove_blocks=remove_blocks, calibration=calibration, progress=progress,
+            block_unit=block_unit)
         if ratio is None and ratios is None and options.criterion != "index":
             ratio = 0.0
     say("analysing channel dependencies and scoring")

@@ -13,6 +13,10 @@ def add_structure_args(p: argparse.ArgumentParser) -> None:
                    help="remove this fraction of the residual blocks, 0 <= R < 1")
     p.add_argument("--remove-blocks", metavar="N",
                    help="remove the N least important residual blocks")
+    p.add_argument("--block-unit", metavar="UNIT", default="block",
+                   help="what --remove-blocks/--block-ratio count: block (a residual block: "
+                        "one attention or MLP sublayer) or layer (a whole transformer layer); "
+                        "default block")
 
 
 def structure_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -21,7 +25,9 @@ def structure_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     kwargs = {"expert_ratio": args.expert_ratio, "block_ratio": args.block_ratio,
               "remove_blocks": args.remove_blocks}
-    structural.wanted(**kwargs)
+    structural.wanted(**kwargs, block_unit=args.block_unit)
+    if args.block_ratio is not None or args.remove_blocks is not None:
+        kwargs["block_unit"] = args.block_unit  # only with a depth ask
     return kwargs
 
 
@@ -36,3 +42,8 @@ def print_structures(report: dict[str, Any]) -> None:
         removed = [b["name"] for b in blocks if b["removed"]]
         print(f"blocks: removed {len(removed)} of {len(blocks)}"
               + (f": {', '.join(removed)}" if removed else ""))
+    depth = report.get("depth") or {}
+    if depth.get("unit") == "layer":
+        layers = depth["layers"]
+        print(f"layers: removed {len(depth['removed_layers'])} of {len(layers)}"
+              + (f": {', '.join(depth['removed_layers'])}" if depth["removed_layers"] else ""))

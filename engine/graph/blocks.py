@@ -199,3 +199,50 @@ def block_scores(
         for args in inputs:
             recorder.run(*args, **(kwargs or {}))
     return {k: float(np.nan_to_num(v)) for k, v in recorder.scores().items()}
+
+
+class _SpanRecorder(fx.Interpreter):
+    """Runs the graph and compares the stream entering each span (a run of consecutive
+    blocks: a transformer layer) with the stream leaving it."""
+
+    def __init__(self, gm: fx.GraphModule, spans: dict[str, tuple[str, str]],
+                 influence: bool) -> None:
+        super().__init__(gm)
+        self.starts: dict[str, list[str]] = {}
+        self.ends: dict[str, list[str]] = {}
+        for name, (start, end) in spans.items():
+            self.starts.setdefault(start, []).append(name)
+            self.ends.setdefault(end, []).append(name)
+        self.influence = influence
+        self.before: dict[str, torch.Tensor] = {}
+        self.total = {name: 0.0 for name in spans}
+        self.count = {name: 0 for name in spans}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        for name in self.starts.get(n.name, ()):
+            # kept here: the interpreter frees the stream once its last user (the first add) ran
+            self.before[name] = result.detach().double().clone()
+        for name in self.ends.get(n.name, ()):
+            before = self.before.pop(name)
+            after = result.detach().double()
+            value = _influence(before, after) if self.influence else \
+                float((after - before).norm() / before.norm().clamp_min(1e-12))
+            self.total[name] += value
+            self.count[name] += 1
+        return result
+
+
+def span_scores(
+    gm: fx.GraphModule, spans: dict[str, tuple[str, str]], inputs: list[tuple],
+    kwargs: dict | None = None, *, influence: bool,
+) -> dict[str, float]:
+    """Span name -> importance of (stream node, last add node): block influence across the
+    span (calibration) or the norm of what the span adds to the stream relative to the
+    stream's. A one-block span scores as its block does in :func:`block_scores` (up to rounding)."""
+    recorder = _SpanRecorder(gm, spans, influence)
+    with torch.no_grad():
+        for args in inputs:
+            recorder.run(*args, **(kwargs or {}))
+    return {k: float(np.nan_to_num(recorder.total[k] / max(recorder.count[k], 1)))
+            for k in recorder.total}

@@ -26,7 +26,8 @@ LAYER_INDEX_LISTS = ("mlp_only_layers",)
 LAYER_COUNT_BOUNDS = ("max_window_layers",)
 
 
-def _layer_of(name: str) -> tuple[str, int] | None:
+def layer_of(name: str) -> tuple[str, int] | None:
+    """The numbered layer a block belongs to: "model.layers.3.mlp" -> ("model.layers", 3)."""
     match = _LAYER.match(name)
     return (match["list"], int(match["index"])) if match else None
 
@@ -39,7 +40,7 @@ def after_depth(hf, blocks: list, removed: list):
     gone = {b.name for b in removed}
     layers: dict[tuple[str, int], list[str]] = {}
     for block in blocks:
-        place = _layer_of(block.name)
+        place = layer_of(block.name)
         if place is not None:
             layers.setdefault(place, []).append(block.name)
 
@@ -48,7 +49,7 @@ def after_depth(hf, blocks: list, removed: list):
 
     removed_layers: set[tuple[str, int]] = set()
     for block in removed:
-        place = _layer_of(block.name)
+        place = layer_of(block.name)
         if place is None:
             return refuse(f"removed block {block.name} is not in a numbered layer list: "
                           f"{config_name} cannot describe the model without it")

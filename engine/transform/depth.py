@@ -6,6 +6,13 @@ similarity of the stream before and after the block), otherwise by the branch's 
 relative to the stream's on the example inputs. Mask mode for depth is the original model
 with the removed branches' outputs zeroed at their adds, which the pruned model must equal.
 
+With ``block_unit="layer"`` the units scored and removed are whole transformer layers: the
+consecutive blocks in the same numbered layer (``model.layers.3``: its attention and MLP
+blocks, grouped as engine/io/hf_depth.py groups them), scored across the layer (the stream
+before its first block against the stream after its last add), so hf/ can still be written.
+A block outside any numbered layer (or a layer of one block: a ResNet bottleneck) is its own
+layer.
+
 Combined with width pruning, blocks are removed first and the smaller model is re-captured;
 width pruning then plans on what remains (scores of removed blocks never compete).
 """
@@ -22,13 +29,24 @@ import torch
 import torch.fx as fx
 
 from engine.errors import OptionError
-from engine.graph.blocks import Block, block_scores, find_blocks
+from engine.graph.blocks import Block, block_scores, find_blocks, span_scores
 from engine.options import check_ratio
 from engine.transform.exactness import compare_exact
 
+BLOCK_UNITS = ("block", "layer")
 
-def blocks_to_remove(n_blocks: int, block_ratio: Any = None, remove_blocks: Any = None) -> int:
-    """How many blocks go; one-line errors for values outside what is allowed."""
+
+def check_block_unit(block_unit: Any) -> str:
+    if block_unit not in BLOCK_UNITS:
+        raise OptionError(f"--block-unit={block_unit!r} is not allowed; allowed: "
+                          f"{', '.join(BLOCK_UNITS)}")
+    return block_unit
+
+
+def blocks_to_remove(n_blocks: int, block_ratio: Any = None, remove_blocks: Any = None,
+                     unit: str = "residual block") -> int:
+    """How many blocks (or layers: `unit`) go; one-line errors for values outside what is
+    allowed."""
     if block_ratio is not None and remove_blocks is not None:
         raise OptionError("give --block-ratio R or --remove-blocks N, not both")
     if block_ratio is not None:
@@ -52,7 +70,7 @@ def blocks_to_remove(n_blocks: int, block_ratio: Any = None, remove_blocks: Any 
         raise OptionError(f"--remove-blocks={count} is negative; allowed: 0 <= N")
     if count and count >= n_blocks:
         raise OptionError(
-            f"--remove-blocks={count}: the model has {n_blocks} removable residual block"
+            f"--remove-blocks={count}: the model has {n_blocks} removable {unit}"
             f"{'s' if n_blocks != 1 else ''}; allowed: 0 <= N < {max(n_blocks, 1)}"
             if n_blocks else f"--remove-blocks={count}: the model has no removable residual "
             "blocks (a branch added back to the stream it leaves)"
@@ -156,12 +174,35 @@ def score_inputs(analysis, calibration: Any) -> list[tuple]:
     return [inputs for inputs, _labels in batches(analysis.captured, as_calibration(calibration))]
 
 
+def layers_of(blocks: list[Block]) -> dict[str, list[Block]]:
+    """Layer name -> its blocks, in network order: consecutive blocks of the same numbered
+    layer (engine.io.hf_depth.layer_of) form one; any other block is a layer of its own."""
+    from engine.io.hf_depth import layer_of
+
+    layers: dict[str, list[Block]] = {}
+    previous: tuple[tuple[str, int] | None, str] = (None, "")
+    for block in blocks:
+        place = layer_of(block.name)
+        if place is not None and place == previous[0]:
+            layers[previous[1]].append(block)
+            continue
+        name = f"{place[0]}.{place[1]}" if place is not None else block.name
+        if name in layers:  # not consecutive with its namesake: keep it apart
+            name = block.name
+        layers[name] = [block]
+        previous = (place, name)
+    return layers
+
+
 def plan_depth(
     analysis, *, block_ratio: Any = None, remove_blocks: Any = None,
-    calibration: np.ndarray | None = None,
+    calibration: np.ndarray | None = None, block_unit: str = "block",
 ) -> tuple[list[Block], dict]:
     """Every block with its score and whether it would go (nothing is removed here)."""
+    check_block_unit(block_unit)
     blocks = find_blocks(analysis.gm)
+    if block_unit == "layer":
+        return blocks, _plan_layers(analysis, blocks, block_ratio, remove_blocks, calibration)
     count = blocks_to_remove(len(blocks), block_ratio, remove_blocks)
     kwargs = analysis.captured.example_kwargs or {}
     scores = block_scores(analysis.gm, blocks, score_inputs(analysis, calibration), kwargs,
@@ -169,17 +210,45 @@ def plan_depth(
     chosen = set(choose(scores, count))
     report = {
         "criterion": "block_influence" if calibration is not None else "relative_branch_norm",
+        "unit": "block",
         "blocks": [{"name": b.name, "score": scores[b.name], "removed": b.name in chosen,
                     "params": b.numel} for b in blocks],
     }
     return blocks, report
 
 
+def _plan_layers(analysis, blocks: list[Block], block_ratio: Any, remove_blocks: Any,
+                 calibration: Any) -> dict:
+    layers = layers_of(blocks)
+    count = blocks_to_remove(len(layers), block_ratio, remove_blocks, unit="layer")
+    kwargs = analysis.captured.example_kwargs or {}
+    inputs = score_inputs(analysis, calibration) if blocks else []
+    influence = calibration is not None
+    block_score = block_scores(analysis.gm, blocks, inputs, kwargs,
+                               influence=influence) if blocks else {}
+    spans = {name: (members[0].stream, members[-1].add) for name, members in layers.items()}
+    layer_score = span_scores(analysis.gm, spans, inputs, kwargs,
+                              influence=influence) if blocks else {}
+    chosen = set(choose(layer_score, count))
+    gone = {b.name for name in chosen for b in layers[name]}
+    return {
+        "criterion": "block_influence" if influence else "relative_branch_norm",
+        "unit": "layer",
+        "layers": [{"name": name, "blocks": [b.name for b in members],
+                    "score": layer_score[name], "removed": name in chosen}
+                   for name, members in layers.items()],
+        "removed_layers": [name for name in layers if name in chosen],
+        "blocks": [{"name": b.name, "score": block_score[b.name], "removed": b.name in gone,
+                    "params": b.numel} for b in blocks],
+    }
+
+
 def prune_depth(
     analysis, *, block_ratio: Any = None, remove_blocks: Any = None,
-    calibration: np.ndarray | None = None,
+    calibration: np.ndarray | None = None, block_unit: str = "block",
 ):
-    """Remove the least important blocks: (the re-captured Analysis, the report section)."""
+    """Remove the least important blocks (or whole layers, `block_unit="layer"`): (the
+    re-captured Analysis, the report section)."""
     from engine.graph.capture import Captured
     from engine.graph.outputs import tensor_leaves
     from engine.io.hf_depth import after_depth
@@ -187,7 +256,7 @@ def prune_depth(
     from engine.scoring.analysis import Analysis
 
     blocks, report = plan_depth(analysis, block_ratio=block_ratio, remove_blocks=remove_blocks,
-                                calibration=calibration)
+                                calibration=calibration, block_unit=block_unit)
     chosen = {b["name"] for b in report["blocks"] if b["removed"]}
     removed = [b for b in blocks if b.name in chosen]
     kwargs = analysis.captured.example_kwargs or {}

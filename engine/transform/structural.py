@@ -13,8 +13,12 @@ from engine.errors import OptionError
 from engine.options import check_ratio
 
 
-def wanted(expert_ratio: Any, block_ratio: Any, remove_blocks: Any) -> bool:
+def wanted(expert_ratio: Any, block_ratio: Any, remove_blocks: Any,
+           block_unit: Any = "block") -> bool:
     """Whether any structural pass is asked for (values are checked here, before capture)."""
+    from engine.transform.depth import check_block_unit
+
+    check_block_unit(block_unit)
     if expert_ratio is not None:
         check_ratio(expert_ratio, "--expert-ratio")
     if block_ratio is not None:
@@ -30,7 +34,7 @@ def wanted(expert_ratio: Any, block_ratio: Any, remove_blocks: Any) -> bool:
 
 def remove_structures(
     analysis, *, expert_ratio: Any = None, block_ratio: Any = None, remove_blocks: Any = None,
-    calibration: Any = None, progress=None,
+    calibration: Any = None, progress=None, block_unit: str = "block",
 ) -> tuple[Any, dict[str, Any]]:
     """(the Analysis of the smaller model, report sections)."""
     say = progress or (lambda _msg: None)
@@ -43,9 +47,10 @@ def remove_structures(
     if block_ratio is not None or remove_blocks is not None:
         from engine.transform.depth import prune_depth
 
-        say("removing blocks")
+        say("removing layers" if block_unit == "layer" else "removing blocks")
         analysis, depth = prune_depth(analysis, block_ratio=block_ratio,
-                                      remove_blocks=remove_blocks, calibration=calibration)
+                                      remove_blocks=remove_blocks, calibration=calibration,
+                                      block_unit=block_unit)
         sections["blocks"] = depth.pop("blocks")
         sections["depth"] = depth
     return analysis, sections
