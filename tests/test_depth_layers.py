@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import engine
 from tests.helpers import cli, one_error_line
-from tests.test_depth import ResCNN
+from tests.test_depth import PreNormLM, ResCNN
+from tests.test_depth import _ids as _lm_ids
 from tests.test_hf_depth import SEQ, _ids, _llama, _pt2_logits, _rel, _reload, _without_layers
 
 tf = pytest.importorskip("transformers")
@@ -104,3 +106,35 @@ def test_bad_block_unit_is_one_line(tmp_path, capfd):
 def test_too_many_layers_is_one_line(tmp_path):
     with pytest.raises(engine.errors.OptionError, match="has 4 removable layers"):
         engine.prune(_llama(), seq_len=SEQ, remove_blocks=4, block_unit="layer")
+
+
+def test_layer_influence_with_calibration_on_a_model_of_ones_own():
+    """Blocks named layers.0 and layers.0#2 (both sublayers' weights under layers.0) form one
+    layer; with calibration its score is 1 - cos(stream before the layer, stream after it),
+    computed here from the model's own recorded streams."""
+    model = PreNormLM().eval()
+    calibration = torch.randint(0, 50, (6, 10), generator=torch.Generator().manual_seed(5))
+    result = engine.prune(model, (_lm_ids(),), remove_blocks=1, block_unit="layer",
+                          calibration=calibration.numpy())
+    depth = result.report["depth"]
+    assert [entry["blocks"] for entry in depth["layers"]] == [
+        [f"layers.{k}", f"layers.{k}#2"] for k in range(3)]
+    model.record = []
+    with torch.no_grad():
+        for ids in calibration.split(2):
+            model(ids)
+    records, model.record = model.record, None
+    per_layer: dict[str, list[float]] = {}
+    for attn, mlp in zip(records[0::2], records[1::2]):
+        before, after = attn[2], mlp[2] + mlp[3]
+        cos = (before * after).sum(-1) / (before.norm(dim=-1) * after.norm(dim=-1))
+        per_layer.setdefault(attn[0], []).append(float((1 - cos).mean()))
+    expected = [float(np.mean(v)) for v in per_layer.values()]
+    assert [entry["score"] for entry in depth["layers"]] == pytest.approx(expected, rel=1e-5)
+    lowest = int(np.argmin(expected))
+    assert depth["removed_layers"] == [f"layers.{lowest}"]
+    model.skip = {(lowest, "attn"), (lowest, "mlp")}
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(_lm_ids()), model(_lm_ids()),
+                                   rtol=1e-6, atol=1e-6)
+    assert depth["verification"]["exact"]

@@ -182,7 +182,8 @@ def layers_of(blocks: list[Block]) -> dict[str, list[Block]]:
     layers: dict[str, list[Block]] = {}
     previous: tuple[tuple[str, int] | None, str] = (None, "")
     for block in blocks:
-        place = layer_of(block.name)
+        # "layers.0#2": the second block named after layers.0 (engine.graph.blocks)
+        place = layer_of(block.name.split("#", 1)[0])
         if place is not None and place == previous[0]:
             layers[previous[1]].append(block)
             continue
