@@ -138,3 +138,13 @@ def test_layer_influence_with_calibration_on_a_model_of_ones_own():
         torch.testing.assert_close(result.module(_lm_ids()), model(_lm_ids()),
                                    rtol=1e-6, atol=1e-6)
     assert depth["verification"]["exact"]
+
+
+def test_block_unit_without_a_depth_option_is_one_line(tmp_path, capfd):
+    folder = tmp_path / "llama"
+    _llama(layers=2).save_pretrained(folder)
+    rc, _out, err = cli(capfd, "prune", folder, "--ratio", "0.2", "--block-unit", "layer",
+                        "--out", tmp_path / "o", "--no-onnx")
+    assert rc == 2
+    assert "--remove-blocks N or --block-ratio R" in one_error_line(err)
+    assert not (tmp_path / "o").exists()

@@ -28,6 +28,11 @@ def structure_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     structural.wanted(**kwargs, block_unit=args.block_unit)
     if args.block_ratio is not None or args.remove_blocks is not None:
         kwargs["block_unit"] = args.block_unit  # only with a depth ask
+    elif args.block_unit != "block":
+        from engine.errors import OptionError
+
+        raise OptionError(f"--block-unit {args.block_unit} says what --remove-blocks N or "
+                          "--block-ratio R count; give one of them")
     return kwargs
 
 
