@@ -150,15 +150,26 @@ def _unique_names(blocks: list[Block]) -> None:
             block.name = f"{block.name}#{seen[block.name]}"
 
 
-class _BlockRecorder(fx.Interpreter):
-    """Runs the graph and measures, at each block's add, the stream and the branch."""
+class _StreamRecorder(fx.Interpreter):
+    """Runs the graph once and measures, at each block's add, the stream and the branch, and
+    for each span (a run of consecutive blocks: a transformer layer) the stream entering it
+    against the stream leaving it."""
 
-    def __init__(self, gm: fx.GraphModule, blocks: list[Block], influence: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, blocks: list[Block],
+                 spans: dict[str, tuple[str, str]], influence: bool) -> None:
         super().__init__(gm)
         self.by_add = {b.add: b for b in blocks}
         self.influence = influence
         self.total = {b.name: 0.0 for b in blocks}
         self.count = {b.name: 0 for b in blocks}
+        self.starts: dict[str, list[str]] = {}
+        self.ends: dict[str, list[str]] = {}
+        for name, (start, end) in spans.items():
+            self.starts.setdefault(start, []).append(name)
+            self.ends.setdefault(end, []).append(name)
+        self.before: dict[str, torch.Tensor] = {}
+        self.span_total = {name: 0.0 for name in spans}
+        self.span_count = {name: 0 for name in spans}
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -170,6 +181,16 @@ class _BlockRecorder(fx.Interpreter):
                 float(branch.norm() / stream.norm().clamp_min(1e-12))
             self.total[block.name] += value
             self.count[block.name] += 1
+        for name in self.starts.get(n.name, ()):
+            # kept here: the interpreter frees the stream once its last user (the first add) ran
+            self.before[name] = result.detach().double().clone()
+        for name in self.ends.get(n.name, ()):
+            before = self.before.pop(name)
+            after = result.detach().double()
+            value = _influence(before, after) if self.influence else \
+                float((after - before).norm() / before.norm().clamp_min(1e-12))
+            self.span_total[name] += value
+            self.span_count[name] += 1
         return result
 
     def _node(self, name: str) -> fx.Node:
@@ -177,8 +198,11 @@ class _BlockRecorder(fx.Interpreter):
             self._names = {x.name: x for x in self.module.graph.nodes}
         return self._names[name]
 
-    def scores(self) -> dict[str, float]:
-        return {k: self.total[k] / max(self.count[k], 1) for k in self.total}
+    def scores(self) -> tuple[dict[str, float], dict[str, float]]:
+        def mean(total: dict[str, float], count: dict[str, int]) -> dict[str, float]:
+            return {k: float(np.nan_to_num(total[k] / max(count[k], 1))) for k in total}
+
+        return mean(self.total, self.count), mean(self.span_total, self.span_count)
 
 
 def _influence(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -189,60 +213,25 @@ def _influence(before: torch.Tensor, after: torch.Tensor) -> float:
     return float((1 - cos).mean())
 
 
+def block_and_span_scores(
+    gm: fx.GraphModule, blocks: list[Block], spans: dict[str, tuple[str, str]],
+    inputs: list[tuple], kwargs: dict | None = None, *, influence: bool,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """In one run of the graph per input: block name -> importance (block influence with
+    calibration, else relative branch norm), and span name -> importance of (stream node, last
+    add node): the same measures across the span. A one-block span scores as its block does
+    (up to rounding)."""
+    recorder = _StreamRecorder(gm, blocks, spans, influence)
+    with torch.no_grad():
+        for args in inputs:
+            recorder.run(*args, **(kwargs or {}))
+    return recorder.scores()
+
+
 def block_scores(
     gm: fx.GraphModule, blocks: list[Block], inputs: list[tuple], kwargs: dict | None = None,
     *, influence: bool,
 ) -> dict[str, float]:
     """Block name -> importance: block influence (calibration) or relative branch norm."""
-    recorder = _BlockRecorder(gm, blocks, influence)
-    with torch.no_grad():
-        for args in inputs:
-            recorder.run(*args, **(kwargs or {}))
-    return {k: float(np.nan_to_num(v)) for k, v in recorder.scores().items()}
+    return block_and_span_scores(gm, blocks, {}, inputs, kwargs, influence=influence)[0]
 
-
-class _SpanRecorder(fx.Interpreter):
-    """Runs the graph and compares the stream entering each span (a run of consecutive
-    blocks: a transformer layer) with the stream leaving it."""
-
-    def __init__(self, gm: fx.GraphModule, spans: dict[str, tuple[str, str]],
-                 influence: bool) -> None:
-        super().__init__(gm)
-        self.starts: dict[str, list[str]] = {}
-        self.ends: dict[str, list[str]] = {}
-        for name, (start, end) in spans.items():
-            self.starts.setdefault(start, []).append(name)
-            self.ends.setdefault(end, []).append(name)
-        self.influence = influence
-        self.before: dict[str, torch.Tensor] = {}
-        self.total = {name: 0.0 for name in spans}
-        self.count = {name: 0 for name in spans}
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        for name in self.starts.get(n.name, ()):
-            # kept here: the interpreter frees the stream once its last user (the first add) ran
-            self.before[name] = result.detach().double().clone()
-        for name in self.ends.get(n.name, ()):
-            before = self.before.pop(name)
-            after = result.detach().double()
-            value = _influence(before, after) if self.influence else \
-                float((after - before).norm() / before.norm().clamp_min(1e-12))
-            self.total[name] += value
-            self.count[name] += 1
-        return result
-
-
-def span_scores(
-    gm: fx.GraphModule, spans: dict[str, tuple[str, str]], inputs: list[tuple],
-    kwargs: dict | None = None, *, influence: bool,
-) -> dict[str, float]:
-    """Span name -> importance of (stream node, last add node): block influence across the
-    span (calibration) or the norm of what the span adds to the stream relative to the
-    stream's. A one-block span scores as its block does in :func:`block_scores` (up to rounding)."""
-    recorder = _SpanRecorder(gm, spans, influence)
-    with torch.no_grad():
-        for args in inputs:
-            recorder.run(*args, **(kwargs or {}))
-    return {k: float(np.nan_to_num(recorder.total[k] / max(recorder.count[k], 1)))
-            for k in recorder.total}

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from engine.errors import OptionError
-from engine.graph.blocks import Block, block_scores, find_blocks, span_scores
+from engine.graph.blocks import Block, block_and_span_scores, block_scores, find_blocks
 from engine.options import check_ratio
 from engine.transform.exactness import compare_exact
 
@@ -225,11 +225,9 @@ def _plan_layers(analysis, blocks: list[Block], block_ratio: Any, remove_blocks:
     kwargs = analysis.captured.example_kwargs or {}
     inputs = score_inputs(analysis, calibration) if blocks else []
     influence = calibration is not None
-    block_score = block_scores(analysis.gm, blocks, inputs, kwargs,
-                               influence=influence) if blocks else {}
     spans = {name: (members[0].stream, members[-1].add) for name, members in layers.items()}
-    layer_score = span_scores(analysis.gm, spans, inputs, kwargs,
-                              influence=influence) if blocks else {}
+    block_score, layer_score = block_and_span_scores(
+        analysis.gm, blocks, spans, inputs, kwargs, influence=influence) if blocks else ({}, {})
     chosen = set(choose(layer_score, count))
     gone = {b.name for name in chosen for b in layers[name]}
     return {
