@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from engine.errors import OptionError, PruneScopeError
+from engine.graph.outputs import tensor_leaves
 from engine.io.data import as_data
 from engine.quality.recovery import bias, bn, data, distill, lsq, norm
 from engine.quality.recovery.lockstep import Context, Layout
@@ -260,8 +261,8 @@ def _measure(module, holdout: data.CalibrationSet, teacher) -> tuple[str | None,
 
 def _check_shapes(module, original, inputs: tuple, kwargs: dict | None) -> None:
     with torch.no_grad():
-        got = data.leaves(module(*inputs, **(kwargs or {})))
-        want = data.leaves(original(*inputs, **(kwargs or {})))
+        got = tensor_leaves(module(*inputs, **(kwargs or {})))
+        want = tensor_leaves(original(*inputs, **(kwargs or {})))
     if [t.shape for t in got] != [t.shape for t in want]:
         raise PruneScopeError("recovery changed the model's output shapes (an engine bug)")
 

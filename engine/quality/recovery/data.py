@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -119,7 +118,7 @@ def outputs(module: torch.nn.Module, data: CalibrationSet) -> list[torch.Tensor]
     with torch.no_grad():
         if data.batch is not None:
             return forward(module, data.xs, data.batch)
-        parts = [leaves(module(*xs)) for xs in data.chunks()]
+        parts = [tensor_leaves(module(*xs)) for xs in data.chunks()]
     return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
@@ -130,14 +129,14 @@ def forward(module: torch.nn.Module, xs: Sequence[torch.Tensor],
     copies of its last sample and the copies' outputs dropped, so every output must hold
     the samples along dim 0."""
     if batch is None:
-        return leaves(module(*xs))
+        return tensor_leaves(module(*xs))
     parts = []
     for start in range(0, int(xs[0].shape[0]), batch):
         chunk = [x[start:start + batch] for x in xs]
         real = int(chunk[0].shape[0])
         if real < batch:
             chunk = [torch.cat([c, c[-1:].expand(batch - real, *c.shape[1:])]) for c in chunk]
-        out = leaves(module(*chunk))
+        out = tensor_leaves(module(*chunk))
         if any(t.ndim == 0 or t.shape[0] != batch for t in out):
             shapes = ", ".join(str(tuple(t.shape)) for t in out)
             raise OptionError(f"recovery runs this fixed-batch model {batch} sample(s) at a "
@@ -145,10 +144,6 @@ def forward(module: torch.nn.Module, xs: Sequence[torch.Tensor],
                               f"outputs have shapes {shapes}")
         parts.append([t[:real] for t in out])
     return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
-
-
-def leaves(out: Any) -> list[torch.Tensor]:
-    return tensor_leaves(out)
 
 
 def metric(student: list[torch.Tensor], teacher: list[torch.Tensor],
