@@ -97,8 +97,12 @@ def _in_pool(job: SweepJob, points: list[Point], workers: int) -> Iterator[tuple
 
 # ------------------------------------------------------------------------------- Ray
 def _ray_point(job: SweepJob, index: int, point: Point) -> tuple[int, dict]:
+    import ray  # inside a Ray worker, where the extra is installed
+
     with one_torch_thread():
-        return index, run_point(job, point)
+        record = run_point(job, point)
+    record["ray_task_id"] = ray.get_runtime_context().get_task_id()
+    return index, record
 
 
 def import_ray():

@@ -195,6 +195,9 @@ def run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
     except PruneScopeError as exc:
         record["error"] = str(exc)
     record["seconds"] = round(time.perf_counter() - start, 4)
+    # where the point ran: the executors' work is checkable (a pool's points are not this
+    # process's; a Ray point also names its task, see engine.quality.executors)
+    record["pid"] = os.getpid()
     return record
 
 

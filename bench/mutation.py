@@ -1,0 +1,192 @@
+"""`make mutation`: mutmut 3.8.1 over the modules whose claims matter, each run against the
+tests that cover it (`python -m bench.mutation [target ...]`; `--list` names the targets).
+
+Every target runs in its own scratch copy of the repository (test-artifacts/mutation/NAME/:
+engine/, tests/, assets/, pyproject.toml and a setup.cfg holding that target's mutmut
+settings), so the targets' test selections never mix and the checkout is never touched.
+mutmut mutates the target's files, runs the selected tests once to learn which tests reach
+which function, then runs each mutant (of the target's functions only) against the tests that
+reach it, in forked workers. The survivors and the kill rate of each target are printed as a
+Markdown table (bench/RESULTS.md, "Mutation testing", holds the first one, explained).
+
+Not part of `make test`; on a shared 2-core machine the three key targets take minutes each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "test-artifacts" / "mutation"
+COPIED = ("engine", "tests", "assets", "pyproject.toml")
+
+
+@dataclass(frozen=True)
+class Target:
+    files: tuple[str, ...]  # what mutmut mutates (paths in the repository)
+    functions: tuple[str, ...]  # mutant-name globs: the functions whose mutants are run
+    tests: tuple[str, ...]  # the pytest selection (files, node ids, -k expressions)
+
+
+TARGETS: dict[str, Target] = {
+    # mask-mode verification: pipeline._verify and the shared structural check
+    "verification": Target(
+        ("engine/pipeline.py", "engine/transform/exactness.py"),
+        ("engine.pipeline.x__verify__mutmut_*", "engine.transform.exactness.*"),
+        ("tests/test_verifier_faults.py", "tests/test_half_precision.py",
+         "tests/test_spec_example.py", "-k", "not hf_folder"),
+    ),
+    # the spec: step rule, combination of scores, selection, global plans
+    "planning": Target(
+        ("engine/scoring/planning.py",),
+        ("engine.scoring.planning.*",),
+        ("tests/test_planning.py", "tests/test_spec_example.py", "tests/test_properties.py"),
+    ),
+    # recovery methods (data-light corrections and distillation)
+    "recovery": Target(
+        ("engine/quality/recovery/bias.py", "engine/quality/recovery/bn.py",
+         "engine/quality/recovery/lsq.py", "engine/quality/recovery/norm.py",
+         "engine/quality/recovery/distill.py"),
+        ("engine.quality.recovery.bias.*", "engine.quality.recovery.bn.*",
+         "engine.quality.recovery.lsq.*", "engine.quality.recovery.norm.*",
+         "engine.quality.recovery.distill.*"),
+        ("tests/test_recover.py", "tests/test_headline_claims.py", "-k",
+         "not onnx and not llama and not sweep and not sensitivity and not auto_ratios"),
+    ),
+    "auto-ratios": Target(
+        ("engine/scoring/auto_ratios.py",),
+        ("engine.scoring.auto_ratios.*",),
+        ("tests/test_auto_ratios.py",),
+    ),
+    "metrics": Target(
+        ("engine/quality/evaluate.py", "engine/quality/metrics.py"),
+        ("engine.quality.evaluate.*", "engine.quality.metrics.*"),
+        ("tests/test_evaluate.py", "tests/test_metrics.py"),
+    ),
+    "data": Target(
+        ("engine/io/data.py",),
+        ("engine.io.data.*",),
+        ("tests/test_data_loader.py",),
+    ),
+}
+KEY = ("verification", "planning", "recovery")
+
+
+def setup_cfg(target: Target) -> str:
+    def listed(values) -> str:
+        return "".join(f"\n    {v}" for v in values)
+
+    return (
+        "[mutmut]\n"
+        "source_paths = engine\n"
+        f"only_mutate ={listed(target.files)}\n"
+        f"pytest_add_cli_args_test_selection ={listed(target.tests)}\n"
+        # one process per test run: no xdist; the timeout plugin off (mutmut has its own)
+        "pytest_add_cli_args =\n    -p\n    no:xdist\n    -p\n    no:cacheprovider\n"
+        "    -p\n    no:timeout\n"
+        "also_copy =\n    assets\n"
+        "use_git_change_detection = false\n"
+    )
+
+
+def prepare(name: str, target: Target) -> Path:
+    """A fresh scratch copy for one target (mutmut's own mutants/ lives inside it)."""
+    work = WORK / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for entry in COPIED:
+        source = ROOT / entry
+        if source.is_dir():
+            shutil.copytree(source, work / entry,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source, work / entry)
+    text = (work / "pyproject.toml").read_text()
+    if "[tool.mutmut]" in text:
+        raise SystemExit("pyproject.toml has [tool.mutmut]; the targets' setup.cfg would be "
+                         "ignored")
+    (work / "setup.cfg").write_text(setup_cfg(target))
+    return work
+
+
+def run_target(name: str, target: Target, children: int) -> dict:
+    work = prepare(name, target)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutants/ must win
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    mutmut = [sys.executable, "-m", "mutmut"]
+    log = work / "run.log"
+    with open(log, "w") as out:
+        subprocess.run([*mutmut, "run", "--max-children", str(children), *target.functions],
+                       cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    results = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, env=env,
+                             capture_output=True, text=True, check=False).stdout
+    statuses: dict[str, str] = {}
+    for line in results.splitlines():
+        mutant, _, status = line.strip().rpartition(": ")
+        if mutant and any(_matches(mutant, glob) for glob in target.functions):
+            statuses[mutant] = status
+    survivors = {m: _diff(mutmut, work, env, m) for m, s in statuses.items()
+                 if s not in ("killed", "timeout", "caught by type check")}
+    killed = sum(s in ("killed", "timeout") for s in statuses.values())
+    summary = {"target": name, "mutants": len(statuses), "killed": killed,
+               "statuses": statuses, "survivors": survivors}
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _matches(mutant: str, glob: str) -> bool:
+    import fnmatch
+
+    return fnmatch.fnmatchcase(mutant, glob)
+
+
+def _diff(mutmut: list[str], work: Path, env: dict, mutant: str) -> str:
+    shown = subprocess.run([*mutmut, "show", mutant], cwd=work, env=env, capture_output=True,
+                           text=True, check=False).stdout
+    changed = [ln for ln in shown.splitlines()
+               if ln.startswith(("+", "-")) and not ln.startswith(("+++", "---"))]
+    return " / ".join(ln.strip() for ln in changed)[:300]
+
+
+def table(summaries: list[dict]) -> str:
+    lines = ["| target | mutants | killed | survived | killed % |", "|---|---|---|---|---|"]
+    for s in summaries:
+        share = 100.0 * s["killed"] / s["mutants"] if s["mutants"] else 0.0
+        lines.append(f"| {s['target']} | {s['mutants']} | {s['killed']} | "
+                     f"{s['mutants'] - s['killed']} | {share:.1f}% |")
+    lines += ["", "| survivor | status | change |", "|---|---|---|"]
+    for s in summaries:
+        for mutant, change in s["survivors"].items():
+            change = change.replace("|", "\\|")
+            lines.append(f"| `{mutant}` | {s['statuses'][mutant]} | `{change}` |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.mutation", description=__doc__)
+    parser.add_argument("targets", nargs="*", help=f"default: {' '.join(KEY)}")
+    parser.add_argument("--list", action="store_true", help="name the targets and stop")
+    parser.add_argument("--children", type=int, default=2, help="mutants run in parallel")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, target in TARGETS.items():
+            print(f"{name}: {', '.join(target.files)} against {' '.join(target.tests)}")
+        return 0
+    names = args.targets or list(KEY)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s) {unknown}; allowed: {', '.join(TARGETS)}")
+    summaries = [run_target(name, TARGETS[name], args.children) for name in names]
+    print(table(summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
