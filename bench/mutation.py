@@ -47,7 +47,7 @@ TARGETS: dict[str, Target] = {
     "planning": Target(
         ("engine/scoring/planning.py",),
         ("engine.scoring.planning.*",),
-        ("tests/test_planning.py", "tests/test_spec_example.py", "tests/test_properties.py"),
+        ("tests/test_planning.py", "tests/test_spec_example.py"),
     ),
     # recovery methods (data-light corrections and distillation)
     "recovery": Target(

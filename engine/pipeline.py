@@ -30,7 +30,7 @@ from engine.quality.metrics import count_params, graph_flops, size_bytes
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
 from engine.transform.apply import masked_module, pruned_roots, rewrite, tensor_places
-from engine.transform.exactness import exact_tolerance
+from engine.transform.exactness import exact_tolerance, verify_width
 
 ONNX_TOLERANCE = 1e-3  # absolute, per unit of output scale: ONNX Runtime vs the pruned module
 ONNX_FILES = ("model.onnx", "model.onnx.data")
@@ -227,7 +227,8 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
             raise PruneScopeError(f"the pruned model failed to run: {exc}".splitlines()[0]) \
                 from exc
-    verification = _verify(masked, pruned, the_plan, structure)
+    verification = verify_width(masked, pruned, {gp.name: structure.group(gp.name).exact
+                                                 for gp in the_plan.groups if len(gp.pruned)})
     say("measuring")
     after = _metrics(pruned_gm)
     report = {
@@ -302,44 +303,6 @@ class _ShapeRecorder(torch.fx.Interpreter):
         ):
             n.meta["val"] = [torch.empty_like(r, device="meta") for r in result]
         return result
-
-
-def _verify(masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
-    """Mask mode runs the original graph, so its outputs have the original shapes."""
-    shapes_match = len(masked) == len(pruned) and all(
-        a.shape == b.shape for a, b in zip(masked, pruned)
-    )
-    max_abs = 0.0
-    max_ref = 0.0
-    for m, p in zip(masked, pruned):
-        if m.shape == p.shape and m.is_floating_point() and m.numel():
-            diff = float((m - p).abs().max())
-            if not np.isfinite(diff) and not torch.equal(m.isnan(), p.isnan()):
-                raise PruneScopeError("verification failed: the pruned model gives NaN or "
-                                      "infinite outputs where the masked original does not")
-            max_abs = max(max_abs, diff if np.isfinite(diff) else 0.0)
-            max_ref = max(max_ref, float(m.abs().max()))
-    relative = max_abs / max_ref if max_ref > 0 else max_abs
-    pruned_groups = [gp.name for gp in the_plan.groups if len(gp.pruned)]
-    expected_exact = all(structure.group(name).exact for name in pruned_groups)
-    tolerance = exact_tolerance(t.dtype for t in masked)
-    agrees = relative <= tolerance
-    if not shapes_match:
-        raise PruneScopeError("verification failed: the pruned model's output shapes changed")
-    if expected_exact and not agrees:
-        raise PruneScopeError(
-            f"verification failed: the pruned model differs from the masked original by "
-            f"{relative:.3g} (relative), where it must agree exactly"
-        )
-    return {
-        "output_shapes_match": shapes_match,
-        "max_abs_diff_vs_masked": max_abs,
-        "relative_diff_vs_masked": relative,
-        "exact": bool(expected_exact and agrees),
-        "tolerance": tolerance,
-        "exact_expected": expected_exact,
-        "inexact_groups": [n for n in pruned_groups if not structure.group(n).exact],
-    }
 
 
 def _export(gm: torch.nn.Module, analysis: Analysis) -> torch.export.ExportedProgram:

@@ -5,8 +5,10 @@ masked out."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+import numpy as np
 import torch
 
 from engine.errors import PruneScopeError
@@ -41,3 +43,46 @@ def compare_exact(expected: list[torch.Tensor], got: list[torch.Tensor], what: s
             f"{masked_as} by {relative:.3g} (relative)"
         )
     return {"max_abs_diff_vs_masked": diff, "relative_diff_vs_masked": relative, "exact": True}
+
+
+def verify_width(masked: list[torch.Tensor], pruned: list[torch.Tensor],
+                 exact_by_group: Mapping[str, bool]) -> dict[str, Any]:
+    """report["verification"] of a channel prune: `masked` are the outputs of mask mode (the
+    original graph, so the original shapes), `pruned` the pruned model's, `exact_by_group`
+    whether each pruned group must agree exactly. Raises when the shapes changed, when NaN or
+    infinities appear that mask mode does not have, or when exactness is expected and the
+    relative difference exceeds the tolerance."""
+    shapes_match = len(masked) == len(pruned) and all(
+        a.shape == b.shape for a, b in zip(masked, pruned)
+    )
+    max_abs = 0.0
+    max_ref = 0.0
+    for m, p in zip(masked, pruned):
+        if m.shape == p.shape and m.is_floating_point() and m.numel():
+            diff = float((m - p).abs().max())
+            # an infinity where mask mode is finite fails too (comparing NaN alone missed it)
+            if not np.isfinite(diff) and not torch.equal(m.isfinite(), p.isfinite()):
+                raise PruneScopeError("verification failed: the pruned model gives NaN or "
+                                      "infinite outputs where the masked original does not")
+            max_abs = max(max_abs, diff if np.isfinite(diff) else 0.0)
+            max_ref = max(max_ref, float(m.abs().max()))
+    relative = max_abs / max_ref if max_ref > 0 else max_abs
+    expected_exact = all(exact_by_group.values())
+    tolerance = exact_tolerance(t.dtype for t in masked)
+    agrees = relative <= tolerance
+    if not shapes_match:
+        raise PruneScopeError("verification failed: the pruned model's output shapes changed")
+    if expected_exact and not agrees:
+        raise PruneScopeError(
+            f"verification failed: the pruned model differs from the masked original by "
+            f"{relative:.3g} (relative), where it must agree exactly"
+        )
+    return {
+        "output_shapes_match": shapes_match,
+        "max_abs_diff_vs_masked": max_abs,
+        "relative_diff_vs_masked": relative,
+        "exact": bool(expected_exact and agrees),
+        "tolerance": tolerance,
+        "exact_expected": expected_exact,
+        "inexact_groups": [n for n, exact in exact_by_group.items() if not exact],
+    }
