@@ -543,3 +543,62 @@ def test_kept_and_pruned_are_sorted_int64_partitions():
         both = np.concatenate([g.pruned, g.kept])
         assert sorted(both.tolist()) == list(range(g.n))
         assert np.all(np.diff(g.pruned) > 0) and np.all(np.diff(g.kept) > 0)
+
+
+# --- edges found by mutation testing (bench/RESULTS.md, "Mutation testing") -------------------
+
+
+def test_global_ratio_zero_prunes_nothing_and_has_no_threshold():
+    plan = make_plan([blocked(), one("y", [2.5, 10, 11])], raw_opts(), ratio=0.0)
+    assert plan.total_pruned == 0 and plan.threshold is None
+
+
+def test_global_cut_on_many_channels_is_the_lowest_scores():
+    """200 distinct scores: the selection (np.partition) must find exactly the 60 lowest."""
+    scores = np.random.default_rng(3).permutation(200).astype(float)
+    plan = make_plan([one("x", scores)], raw_opts(), ratio=0.3)
+    assert pruned(plan, "x") == sorted(sorted(range(200), key=lambda i: scores[i])[:60])
+
+
+@pytest.mark.parametrize("blocks", [None, np.arange(64).reshape(2, 32)])
+def test_ties_among_many_channels_go_to_the_lower_index(blocks):
+    """More than 16 channels (numpy's unstable sorts differ from a stable one there only):
+    among equal scores the lower channel index goes first, as the spec says."""
+    scores = np.random.default_rng(4).integers(0, 3, 64).astype(float)
+    group = one("x", scores) if blocks is None else blocked(scores=scores, blocks=blocks)
+    plan = make_plan([group], raw_opts(group_policy="none"), ratios={"x": 0.5})
+    if blocks is None:
+        expected = sorted(range(64), key=lambda i: (scores[i], i))[:32]
+    else:  # each block its own 16 lowest
+        expected = [j for row in blocks for j in sorted(row, key=lambda i: (scores[i], i))[:16]]
+    assert pruned(plan, "x") == sorted(int(j) for j in expected)
+
+
+@pytest.mark.parametrize(("group_policy", "keep"), [("sum", [1, 5]), ("none", [2, 5])])
+def test_blocks_keep_at_least_one_channel_each(group_policy, keep):
+    # 0.9 of 8 -> 7 asked -> round(7 / 2) = 4 per block, but one channel per block stays:
+    # sum keeps j = 1 (in-block sum 10); none: block 0 keeps 2 (7), block 1 keeps 5 (9)
+    plan = make_plan([blocked()], raw_opts(group_policy=group_policy), ratios={"x": 0.9})
+    assert pruned(plan, "x") == [c for c in range(8) if c not in keep]
+
+
+def test_a_tiny_block_ratio_prunes_nothing():
+    for gp in ("sum", "average", "none", "count"):
+        assert pruned(make_plan([blocked()], raw_opts(group_policy=gp), ratios={"x": 0.05}),
+                      "x") == [], gp
+
+
+def test_in_block_policy_without_the_step_rule_keeps_an_odd_count():
+    # 0.25 of 8 -> 2 asked -> 1 j removed (sum 7: j = 2), 3 kept: no rounding to 2 or 4
+    plan = make_plan([blocked()], raw_opts(group_policy="sum"), ratios={"x": 0.25})
+    assert pruned(plan, "x") == [2, 6]
+
+
+def test_frozen_channels_bound_what_each_block_loses():
+    mask = np.ones(8, dtype=bool)
+    mask[[0, 5, 6]] = False  # block 0 has one frozen channel, block 1 two
+    # none, 0.9: 4 per block asked, at most 4 - 2 = 2 (the most frozen in a block) each:
+    # block 0 loses its two lowest prunable (1, 3), block 1 its only two prunable (4, 7)
+    plan = make_plan([blocked(prunable=mask)], raw_opts(group_policy="none"),
+                     ratios={"x": 0.9})
+    assert pruned(plan, "x") == [1, 3, 4, 7]
