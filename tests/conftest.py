@@ -12,6 +12,12 @@ import torch
 
 from tests.zoo import tiny
 
+try:  # a required dependency: a broken install fails the run instead of skipping whole files
+    import transformers  # noqa: F401
+except Exception as exc:  # noqa: BLE001 - whatever breaks the import
+    raise pytest.UsageError(f"transformers does not import ({type(exc).__name__}: {exc}); "
+                            "it is required (pip install -e '.[test]')") from exc
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers on two cores: one torch thread each, not two competing
     torch.set_num_threads(1)

@@ -14,8 +14,6 @@ from tests import coverage_models, zoo
 from tests.architectures import ARCHITECTURES, unexplained_layers
 from tests.architectures import build as build_architecture
 
-pytest.importorskip("transformers")
-
 FAST = [
     "BiT (weight standardisation)",  # weights standardised before the conv
     "Swin",  # roll (shifted windows), padding, relative position bias tables

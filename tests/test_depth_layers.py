@@ -16,8 +16,6 @@ from tests.test_depth import PreNormLM, ResCNN
 from tests.test_depth import _ids as _lm_ids
 from tests.test_hf_depth import SEQ, _ids, _llama, _pt2_logits, _rel, _reload, _without_layers
 
-tf = pytest.importorskip("transformers")
-
 
 def _layer_relative_norms(model) -> list[float]:
     """||layer output - layer input|| / ||layer input|| of every decoder layer, measured with

@@ -10,11 +10,10 @@ import json
 
 import pytest
 import torch
+import transformers as tf
 
 import engine
 from tests.helpers import cli
-
-tf = pytest.importorskip("transformers")
 
 SEQ = 32
 

@@ -10,13 +10,12 @@ import shutil
 
 import pytest
 import torch
+import transformers as tf
 from torch.utils import _pytree as pytree
 
 import engine
 from engine.scoring.planning import aligned_kept
 from tests.helpers import cli, one_error_line
-
-tf = pytest.importorskip("transformers")
 
 TOKENIZER = {"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}}}
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers as tf
 from torch import nn
 
 import engine
@@ -204,7 +205,6 @@ def test_experts_keep_at_least_top_k():
 
 
 # ----------------------------------------------------------------- transformers models
-tf = pytest.importorskip("transformers")
 
 
 def _mixtral():

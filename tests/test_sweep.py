@@ -4,6 +4,7 @@ identical results from every executor (serial, process pool, a real local Ray), 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,9 @@ def test_process_pool_and_serial_give_identical_results(demo_sweep):
     pooled = sweep("demo", {"layer_norm": "tss_norm,linear_scaling"}, [0.2, 0.4],
                    eval_data="demo", workers=2)
     assert _without_seconds(pooled) == _without_seconds(report)
+    # the points really ran in the pool's worker processes (the serial ones ran here)
+    assert {p["pid"] for p in report["points"]} == {os.getpid()}
+    assert os.getpid() not in {p["pid"] for p in pooled["points"]}
 
 
 @pytest.mark.slow
@@ -130,6 +134,10 @@ def test_ray_gives_the_same_results_as_the_process_pool(demo_sweep):
     finally:
         ray.shutdown()
     assert _without_seconds(on_ray) == _without_seconds(report)
+    # each point was its own Ray task, run in a Ray worker process
+    tasks = [p["ray_task_id"] for p in on_ray["points"]]
+    assert all(isinstance(t, str) and t for t in tasks) and len(set(tasks)) == len(tasks)
+    assert os.getpid() not in {p["pid"] for p in on_ray["points"]}
 
 
 @pytest.mark.slow

@@ -9,10 +9,9 @@ import textwrap
 
 import pytest
 import torch
+import transformers as tf
 
 import engine
-
-tf = pytest.importorskip("transformers")
 
 
 def _resnet50():
