@@ -167,3 +167,13 @@ def test_verify_width_uses_the_half_precision_tolerance():
     half = [t(0.0, 1.0, dtype=torch.float16)]
     got = verify_width(half, [t(2.0 ** -9, 1.0, dtype=torch.float16)], {"a": True})
     assert got["exact"] and got["tolerance"] == 4 * 2.0 ** -10
+
+
+def test_outputs_smaller_than_one_are_compared_relative_to_their_scale():
+    """Scale 0.5: a difference of 6e-5 is 1.2e-4 relative, beyond the tolerance."""
+    with pytest.raises(PruneScopeError, match="by 0.00012 "):
+        verify_width([t(0.0, 0.5)], [t(6e-5, 0.5)], {"a": True})
+    with pytest.raises(PruneScopeError, match="by 0.00012 "):
+        compare_exact([t(0.0, 0.5)], [t(6e-5, 0.5)], "depth", "m")
+    assert verify_width([t(0.0, 0.5)], [t(4e-5, 0.5)], {"a": True})["relative_diff_vs_masked"] \
+        == pytest.approx(8e-5)
