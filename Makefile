@@ -9,7 +9,7 @@ PORT ?= 8501
 # its own, so that nothing later resolves an unpinned torch (several GB of CUDA wheels).
 TORCH := torch==2.13.0
 
-.PHONY: venv venv-run run test bench demo demo-lm clean
+.PHONY: venv venv-run run test bench mutation demo demo-lm clean
 
 # The bare venv plus torch. torch is installed on its own, first, so that the later
 # `pip install -e .` finds torch==2.13.0 already satisfied.
@@ -28,6 +28,10 @@ $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-torch
 
 $(VENV)/.stamp-bench: pyproject.toml $(VENV)/.stamp-test
 	$(PIP) install -e ".[test,bench]"
+	touch $@
+
+$(VENV)/.stamp-mutation: pyproject.toml $(VENV)/.stamp-test
+	$(PIP) install -e ".[test,mutation]"
 	touch $@
 
 venv: $(VENV)/.stamp-test
@@ -49,6 +53,11 @@ test: $(VENV)/.stamp-test
 
 bench: $(VENV)/.stamp-bench
 	$(PY) -m bench
+
+# Mutation testing (not part of `make test`): TARGETS=... picks targets (`$(PY) -m bench.mutation
+# --list`); the default is the verification, planning and recovery modules. docs/mutation-testing.md
+mutation: $(VENV)/.stamp-mutation
+	$(PY) -m bench.mutation $(TARGETS)
 
 demo: $(VENV)/.stamp-test
 	$(PY) assets/train_demo.py --out assets
