@@ -89,3 +89,31 @@ def wait_for(probe, timeout_s: float = 60.0):
             return value
         time.sleep(0.25)
     raise AssertionError("the page did not reach the expected state in time")
+
+
+def assert_equals_mask_mode(result, rtol: float = 1e-4) -> None:
+    """The pruned model's outputs equal mask mode's (`engine.masked`: the original graph with
+    the pruned channels zeroed) on the example inputs, compared here rather than read from
+    report["verification"], so a broken verifier cannot make an exactness test vacuous.
+    `rtol` is relative to the largest masked output."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    import engine
+
+    assert not result.analysis.captured.example_kwargs, "mask mode takes positional inputs"
+    inputs = result.example_inputs
+
+    def floats(out):
+        return [t for t in pytree.tree_leaves(out)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+    with torch.no_grad():
+        want = floats(engine.masked(result.analysis, result.plan)(*inputs))
+        got = floats(result.module(*inputs))
+    assert want and len(want) == len(got)
+    scale = max(float(w.abs().max()) for w in want if w.numel())
+    for w, g in zip(want, got):
+        assert w.shape == g.shape
+        diff = float((w.double() - g.double()).abs().max()) if w.numel() else 0.0
+        assert diff <= rtol * scale, f"pruned vs mask mode: {diff:.3g} (scale {scale:.3g})"

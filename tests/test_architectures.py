@@ -13,6 +13,7 @@ import engine
 from tests import coverage_models, zoo
 from tests.architectures import ARCHITECTURES, unexplained_layers
 from tests.architectures import build as build_architecture
+from tests.helpers import assert_equals_mask_mode
 
 FAST = [
     "BiT (weight standardisation)",  # weights standardised before the conv
@@ -39,6 +40,7 @@ def test_architecture_prunes_verifies_and_explains(name):
     assert verification["output_shapes_match"]
     if verification["exact_expected"]:
         assert verification["exact"], verification
+        assert_equals_mask_mode(result)
     minimum = 0.1 if name == "LSTM tagger" else 0.2
     assert _removed(report) >= minimum, f"only {_removed(report):.1%} removed"
     assert unexplained_layers(result) == []
@@ -132,3 +134,4 @@ def test_t5_relative_attention_bias_loses_the_removed_heads():
     assert bias[1] < 4, "heads were removed"
     assert all(q[0] == bias[1] * 16 for q in queries), "every layer keeps the same heads"
     assert result.report["verification"]["exact"]
+    assert_equals_mask_mode(result)

@@ -11,6 +11,7 @@ from engine.errors import PruneScopeError
 from engine.graph import ops
 from tests.architectures import unexplained_layers
 from tests.coverage_models import COVERAGE, build
+from tests.helpers import assert_equals_mask_mode
 from tests.zoo import build as build_zoo
 
 PRUNABLE = [name for name in COVERAGE if name != "data_dependent_gather"]
@@ -163,6 +164,7 @@ def test_a_failing_op_rule_freezes_what_it_touches(monkeypatch):
     reasons = " | ".join(f["reason"] for f in result.report["frozen"])
     assert "aten.relu.default: unexpected arguments (TypeError" in reasons
     assert result.report["verification"]["exact"]
+    assert_equals_mask_mode(result)
     assert unexplained_layers(result) == []
 
 

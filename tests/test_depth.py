@@ -12,7 +12,7 @@ from torch import nn
 
 import engine
 from engine.graph.blocks import find_blocks
-from tests.helpers import cli, one_error_line
+from tests.helpers import assert_equals_mask_mode, cli, one_error_line
 
 
 class Bottleneck(nn.Module):
@@ -175,6 +175,7 @@ def test_cnn_blocks_removed_exactly_and_combined_with_width():
     assert both.report["after"]["params"] < depth.report["after"]["params"]
     assert both.report["before"] == depth.report["before"]
     assert both.report["verification"]["exact"]
+    assert_equals_mask_mode(both)
     names = {layer for g in both.report["groups"] for layer in g["layers"]}
     assert not any(name.startswith("blocks.1.") for name in names)
 

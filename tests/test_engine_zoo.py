@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import engine
+from tests.helpers import assert_equals_mask_mode
 from tests.zoo import ZOO, build
 
 
@@ -141,6 +142,7 @@ def test_fused_qkv_viewed_as_three_heads_prunes_whole_heads():
     width = _state(result)["qkv.weight"][0]
     assert width % 24 == 0 and width < 72, "q, k and v lose the same whole heads"
     assert result.report["verification"]["exact"]
+    assert_equals_mask_mode(result)
     # within heads, q/k and v would have to keep the same head_dim: frozen, and said so
     an = engine.analyze(*build("einsum_attention"))
     assert any(f.layers == ["qkv"] and "spans several groups" in f.reason for f in an.frozen)

@@ -18,7 +18,7 @@ from torch import nn
 
 import engine
 from engine.transform.experts import find_routers
-from tests.helpers import cli, one_error_line
+from tests.helpers import assert_equals_mask_mode, cli, one_error_line
 
 E, K, DIM, HIDDEN, TOKENS = 4, 2, 16, 32, 12
 
@@ -137,6 +137,7 @@ def test_dense_experts_keep_different_channel_counts_and_verify_exactly():
             if g["name"].startswith("up.")}
     assert len(kept) == E and len(set(kept.values())) > 1, kept
     assert result.report["verification"]["exact"]
+    assert_equals_mask_mode(result)
     router = [f for f in result.report["frozen"] if "router" in f["layers"]]
     assert router and "routing" in router[0]["reason"]
 
@@ -386,6 +387,7 @@ def test_a_one_channel_gate_does_not_fuse_the_stream_it_scales():
     assert any("gate" in f.layers and "broadcast" in f.reason for f in analysis.frozen)
     result = engine.apply(analysis, engine.plan(analysis, ratios={stream.name: 0.5}))
     assert result.report["verification"]["exact"]
+    assert_equals_mask_mode(result)
     (pruned,) = [g for g in result.report["groups"] if "inp" in g["layers"]]
     assert 0 < len(pruned["pruned"]) < DIM
     kept = pruned["kept"]

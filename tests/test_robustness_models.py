@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import engine
 from engine.options import LAYER_NORMS, POLICIES
-from tests.helpers import cli
+from tests.helpers import assert_equals_mask_mode, cli
 from tests.zoo import build
 
 
@@ -355,3 +355,4 @@ def test_an_infinite_mask_buffer_is_not_mistaken_for_broken_weights() -> None:
     result = engine.prune(model, inputs, ratio=0.5)
     assert result.report["after"]["params"] < result.report["before"]["params"]
     assert result.report["verification"]["exact"]
+    assert_equals_mask_mode(result)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import engine
+from tests.helpers import assert_equals_mask_mode
 
 S_X = [11, 19, 38, 25, 46]
 S_G = [13, 22, 16, 29, 17]
@@ -124,4 +125,5 @@ def test_pruning_the_example_is_exact_and_smaller():
     assert tuple(state["conv_G.weight"].shape) == (3, 2, 1, 1)
     assert tuple(state["head.weight"].shape) == (5, 2, 1, 1)
     assert result.report["verification"]["exact"] is True
+    assert_equals_mask_mode(result)
     assert result.report["verification"]["max_abs_diff_vs_masked"] < 1e-4

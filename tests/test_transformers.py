@@ -12,6 +12,7 @@ import torch
 import transformers as tf
 
 import engine
+from tests.helpers import assert_equals_mask_mode
 
 
 def _resnet50():
@@ -69,6 +70,7 @@ def _check(result, min_removed=0.4):
     assert verification["output_shapes_match"]
     if verification["exact_expected"]:
         assert verification["exact"]
+        assert_equals_mask_mode(result)
     # groups normalised over their channels (LayerNorm, RMSNorm) are the only inexact ones
     for name in verification["inexact_groups"]:
         assert any(g["name"] == name and not g["exact"] for g in report["groups"])
@@ -179,4 +181,5 @@ def test_with_normalised_streams_pinned_pruning_is_exact(family, axis):
     result = engine.apply(an, plan)
     verification = result.report["verification"]
     assert verification["exact_expected"] and verification["exact"], verification
+    assert_equals_mask_mode(result)
     assert result.report["after"]["params"] < result.report["before"]["params"]
