@@ -16,6 +16,7 @@ import torch
 
 from engine.errors import ExportError, OnnxExportError, PruneScopeError
 from engine.graph.capture import without_stack_traces
+from engine.graph.inputs import run_graph
 from engine.graph.outputs import tensor_leaves
 from engine.io.export import (
     check_onnx,
@@ -223,7 +224,7 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     say("verifying")
     with torch.no_grad():
         try:
-            pruned = tensor_leaves(_ShapeRecorder(pruned_gm).run(*inputs, **kwargs))
+            pruned = tensor_leaves(run_graph(_ShapeRecorder(pruned_gm), inputs, kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
             raise PruneScopeError(f"the pruned model failed to run: {exc}".splitlines()[0]) \
                 from exc
@@ -389,8 +390,8 @@ def prune_unverified(analysis: Analysis, the_plan: Plan) -> tuple[torch.fx.Graph
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     gm = rewrite(analysis.gm, structure, pruned_roots(structure, the_plan), None)
     with torch.no_grad():
-        _ShapeRecorder(gm).run(*analysis.captured.example_inputs,
-                               **(analysis.captured.example_kwargs or {}))
+        run_graph(_ShapeRecorder(gm), analysis.captured.example_inputs,
+                  analysis.captured.example_kwargs)
     return gm, _metrics(gm)
 
 
@@ -472,7 +473,8 @@ def _write_onnx(result: PruneResult, path: Path) -> dict[str, Any]:
                                  "checked": "structure only (onnx.checker): ONNX Runtime's "
                                             "CPU provider has no bfloat16 kernels"}
     else:
-        diff = check_onnx(path, result.module, result.example_inputs)
+        diff = check_onnx(path, result.module, result.example_inputs,
+                          result.analysis.captured.example_kwargs)
         # float16 outputs get the verification's half-precision tolerance (3.9e-3)
         dtypes = [p.dtype for p in result.module.parameters()]
         tolerance = max(ONNX_TOLERANCE, exact_tolerance(dtypes))
@@ -532,7 +534,8 @@ def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
 
 def _output_scale(result: PruneResult) -> float:
     with torch.no_grad():
-        outs = tensor_leaves(result.module(*result.example_inputs))
+        outs = tensor_leaves(result.module(*result.example_inputs,
+                                           **(result.analysis.captured.example_kwargs or {})))
     return max((float(o.abs().max()) for o in outs if o.is_floating_point() and o.numel()),
                default=1.0)
 

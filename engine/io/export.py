@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine.errors import ExportError
+from engine.graph.inputs import flat_inputs
 from engine.graph.outputs import tensor_leaves
 
 MIN_OPSET = 17
@@ -354,9 +355,11 @@ def check_onnx(
     path: str | os.PathLike[str],
     module: torch.nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[Any],
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> float:
     """Run the ONNX file with ONNX Runtime (CPU) and return the largest absolute difference
-    from the torch module's outputs on the same inputs (nested outputs are flattened)."""
+    from the torch module's outputs on the same inputs (nested outputs are flattened;
+    keyword inputs follow the positional ones, in the module's signature order)."""
     import onnxruntime as ort  # imported here: a second or so that only ONNX checks pay
 
     path = Path(path)
@@ -364,10 +367,11 @@ def check_onnx(
         raise ExportError(f"cannot check {path}: no such file")
     if isinstance(module, torch.export.ExportedProgram):
         module = module.module()
-    inputs = tensor_leaves(tuple(example_inputs))
+    inputs = tensor_leaves(tuple(flat_inputs(module, tuple(example_inputs), example_kwargs)))
     try:
         with torch.no_grad():
-            want = [_numpy(t) for t in tensor_leaves(module(*example_inputs))]
+            want = [_numpy(t) for t in tensor_leaves(module(*example_inputs,
+                                                            **(example_kwargs or {})))]
     except Exception as e:
         raise ExportError(
             f"cannot check {path}: the torch model failed on the inputs: {_one_line(e)}"

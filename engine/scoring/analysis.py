@@ -16,6 +16,7 @@ import torch.fx as fx
 from engine.errors import ModelLoadError, OptionError
 from engine.graph.capture import Captured, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
+from engine.graph.inputs import run_graph
 from engine.options import CRITERIA, PruningOptions
 from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
 from engine.scoring.criteria import (
@@ -243,7 +244,8 @@ def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dic
             chunk = x[start : start + batch]
             if len(chunk) != batch and not _dynamic_batch(analysis):
                 break
-            recorder.run(chunk, *analysis.captured.example_inputs[1:])
+            run_graph(recorder, (chunk, *analysis.captured.example_inputs[1:]),
+                      analysis.captured.example_kwargs)
     out = {}
     for node, m in wanted.items():
         if not captured[node]:

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from engine.errors import PruneScopeError
 from engine.graph.dependency import Structure
+from engine.graph.inputs import graph_runner
 from engine.graph.tracer import RewriteError, Tracer
 from engine.scoring.planning import Plan
 
@@ -266,9 +267,4 @@ def _apply_mask(value, mask):
 
 def masked_module(gm: fx.GraphModule, structure: Structure, removed: np.ndarray):
     """A callable computing the original model with the removed channels zeroed."""
-    interpreter = MaskedInterpreter(gm, structure, removed)
-
-    def run(*args):
-        return interpreter.run(*args)
-
-    return run
+    return graph_runner(MaskedInterpreter(gm, structure, removed))

@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from engine.errors import OptionError
 from engine.graph.blocks import Block, block_and_span_scores, block_scores, find_blocks
+from engine.graph.inputs import graph_runner
 from engine.options import check_ratio
 from engine.transform.exactness import compare_exact
 
@@ -157,12 +158,7 @@ class _DepthMasked(fx.Interpreter):
 
 
 def masked_depth(gm: fx.GraphModule, removed: list[Block]) -> Callable:
-    interpreter = _DepthMasked(gm, removed)
-
-    def run(*args, **kwargs):
-        return interpreter.run(*args, **kwargs)
-
-    return run
+    return graph_runner(_DepthMasked(gm, removed))
 
 
 def score_inputs(analysis, calibration: Any) -> list[tuple]:

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from engine.errors import OptionError, PruneScopeError
+from engine.graph.inputs import run_graph
 from engine.options import check_ratio
 from engine.transform.exactness import compare_exact
 
@@ -108,7 +109,7 @@ def routing_scores(analysis, routers: list[Router], calibration: Any) -> dict[st
     kwargs = analysis.captured.example_kwargs or {}
     with torch.no_grad():
         for inputs, _ in batches(analysis.captured, as_calibration(calibration)):
-            recorder.run(*inputs, **kwargs)
+            run_graph(recorder, inputs, kwargs)
     out = {}
     for r in routers:
         c, m = count[r.layer], mass[r.layer]
@@ -206,8 +207,8 @@ def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
             f"computes shapes from the number of experts ({first[:200]})"
         ) from None
     with torch.no_grad():
-        expected = tensor_leaves(_ExpertMasked(analysis.gm, structure, removed, routers)
-                           .run(*inputs, **kwargs))
+        expected = tensor_leaves(run_graph(
+            _ExpertMasked(analysis.gm, structure, removed, routers), inputs, kwargs))
     report["verification"] = compare_exact(expected, got, "expert",
                                              "with the removed experts' router logits at -inf")
     program = _export(pruned, analysis)
