@@ -108,6 +108,15 @@ def layer_name(param: str) -> str:
     return param.rsplit(".", 1)[0] if "." in param else param
 
 
+def op_key(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(target, "__name__", str(target))
+
+
 def _short_op(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
@@ -485,9 +494,8 @@ class Tracer:
             self.node.kwargs = kwargs or {}
 
     # ------------------------------------------------------------------------ walk
-    def run(self) -> None:
-        from engine.graph.ops import find_rule, unknown_op
-
+    def run(self, rule_for: Callable[[fx.Node], Callable]) -> None:
+        """One pass over the graph; `rule_for(node)` is the op rule to run (engine.graph.rules)."""
         for node in list(self.gm.graph.nodes):
             self.node = node
             if node.op == "get_attr":
@@ -498,7 +506,7 @@ class Tracer:
                     picked = source[node.args[1]] if isinstance(source, list) else None
                     self.labels[node.name] = picked
                     continue
-                self.labels[node.name] = self._run_rule(node, find_rule(node) or unknown_op)
+                self.labels[node.name] = self._run_rule(node, rule_for(node))
             elif node.op == "output":
                 for leaf in _flatten_nodes(node.args):
                     ids = self.labels_of(leaf)
@@ -537,8 +545,6 @@ class Tracer:
 
     def _freeze_failed(self, node: fx.Node, problem: str, size_before: int,
                        members_before: set) -> None:
-        from engine.graph.ops import op_key
-
         reason = f"{op_key(node)}: unexpected arguments ({problem})"
         self.state.failed[node.name] = reason
         for arg in _flatten_nodes((node.args, node.kwargs)):

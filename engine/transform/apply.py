@@ -13,6 +13,7 @@ import torch.fx as fx
 from engine.errors import PruneScopeError
 from engine.graph.dependency import Structure
 from engine.graph.inputs import graph_runner
+from engine.graph.rules import rule_for
 from engine.graph.tracer import RewriteError, Tracer
 from engine.scoring.planning import Plan
 
@@ -44,7 +45,7 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
     del memo  # it holds every original tensor
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
     try:
-        tracer.run()
+        tracer.run(rule_for)
         _slice_params(new, tracer, release)
     except Exception as exc:  # noqa: BLE001 - an engine bug reaches the user as one line
         raise PruneScopeError(
