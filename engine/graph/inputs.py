@@ -3,7 +3,8 @@
 A torch.export graph module is called like the original model (`gm(x, scale=s)`), but an
 `fx.Interpreter` over it takes only the flat placeholder values. Every interpreter the engine
 runs (mask mode, recorders, scoring) goes through :func:`run_graph`, so a keyword input
-(`forward(self, x, *, scale)`) reaches its placeholder in every one of them.
+(`forward(self, x, *, scale)`) reaches its placeholder in every one of them. A program's user
+inputs (names, shapes, dynamic dimensions) are read here too (:func:`user_inputs`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.fx as fx
+from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 
@@ -45,3 +48,18 @@ def graph_runner(interpreter: fx.Interpreter) -> Callable[..., Any]:
         return run_graph(interpreter, args, kwargs)
 
     return run
+
+
+def user_inputs(program: torch.export.ExportedProgram) -> list[tuple[str, Any]]:
+    """(name, example value) of each input the caller gives, in order; the value is the
+    placeholder's fake tensor (symbolic sizes where a dimension is dynamic), or None."""
+    values = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    return [(spec.arg.name, values.get(spec.arg.name))
+            for spec in program.graph_signature.input_specs
+            if spec.kind == InputKind.USER_INPUT]
+
+
+def user_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | None, ...]]:
+    """Each tensor user input's shape, None where the dimension is dynamic."""
+    return [tuple(s if isinstance(s, int) else None for s in val.shape)
+            for _name, val in user_inputs(program) if isinstance(val, torch.Tensor)]

@@ -15,8 +15,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.errors import PruneScopeError
+from engine.graph.tracer import val_shape
 
-__all__ = ["count_flops", "count_params", "graph_flops", "measure_latency", "size_bytes"]
+__all__ = ["count_flops", "count_params", "graph_flops", "measure_latency", "model_metrics",
+           "size_bytes"]
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -107,8 +109,6 @@ def measure_latency(
 
 
 def _shape(node: Any) -> tuple[int, ...]:
-    from engine.graph.tracer import val_shape
-
     val = node.meta.get("val") if hasattr(node, "meta") else None
     return val_shape(val) or ()
 
@@ -150,3 +150,12 @@ def graph_flops(gm: torch.fx.GraphModule) -> int:
             heads_batch = _numel(q[:-2])
             total += 2 * heads_batch * q[-2] * k[-2] * (q[-1] + v[-1])
     return int(total)
+
+
+def model_metrics(module: torch.fx.GraphModule) -> dict[str, int]:
+    """The "before"/"after" entry of a report: parameters, FLOPs, bytes."""
+    return {
+        "params": count_params(module),
+        "flops": graph_flops(module),
+        "size_bytes": size_bytes(module),
+    }

@@ -40,9 +40,11 @@ from engine.errors import OptionError
 from engine.graph.outputs import tensor_leaves
 from engine.graph.tracer import AnalysisState, Member, Tracer
 from engine.io.data import DataSet
+from engine.options import CRITERIA_NEEDING_DATA
 from engine.scoring.calibration import DEFAULT_SAMPLES, batches, channel_stats
 
-DATA_CRITERIA = ("activation", "wanda", "taylor", "fluctuation")
+# the criteria this scorer computes: those of the table that need data, but nuclear_norm
+DATA_CRITERIA = tuple(c for c in CRITERIA_NEEDING_DATA if c != "nuclear_norm")
 _CHUNK_ELEMENTS = 1 << 22
 
 

@@ -52,7 +52,7 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
             f"removing the planned channels failed: {type(exc).__name__}: {exc}".splitlines()[0]
         ) from exc
     if release is None:
-        _unshare(new, gm)
+        unshare(new, gm)
     _resize_param_views(new, tracer)
     _explicit_copies(new)
     new.recompile()
@@ -146,7 +146,7 @@ def _explicit_copies(gm: fx.GraphModule) -> None:
             node.kwargs = {"memory_format": torch.contiguous_format}
 
 
-def _unshare(new: fx.GraphModule, old: fx.GraphModule) -> None:
+def unshare(new: fx.GraphModule, old: fx.GraphModule) -> None:
     """Clone the tensors the pruned model still shares with the original."""
     originals = {id(t) for t in list(old.parameters()) + list(old.buffers())}
     clones: dict[int, torch.Tensor] = {}
@@ -220,7 +220,7 @@ class MaskedInterpreter(fx.Interpreter):
         weights_only = _weights_only(gm)
         for name, ids in structure.state.labels.items():
             if name not in weights_only:
-                self.masks[name] = _mask(ids, roots, removed)
+                self.masks[name] = keep_mask(ids, roots, removed)
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -246,9 +246,10 @@ def _weights_only(gm: fx.GraphModule) -> set[str]:
     return out
 
 
-def _mask(ids, roots, removed):
+def keep_mask(ids, roots, removed):
+    """1 where a channel stays, 0 where it goes, shaped like `ids` (None: nothing goes)."""
     if isinstance(ids, list):
-        masks = [_mask(i, roots, removed) for i in ids]
+        masks = [keep_mask(i, roots, removed) for i in ids]
         return masks if any(m is not None for m in masks) else None
     if not isinstance(ids, np.ndarray):
         return None
