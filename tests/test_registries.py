@@ -7,10 +7,16 @@ from __future__ import annotations
 import contextlib
 import io
 
+import torch
+
 from dashboard.recover_run import DEFAULT_METHODS, METHOD_CHOICES
 from dashboard.sidebar import HELP
 from engine.cli import main
+from engine.graph.rules import RULES
+from engine.graph.tracer import LAYER_OPS
+from engine.graph.weighted import WEIGHTED_OPS
 from engine.options import CRITERIA, CRITERION_TABLE, RECOVERY_TABLE, PruningOptions
+from engine.quality.metrics import count_flops, graph_flops
 from engine.quality.recovery import ALLOWED, CORRECTIONS, DATA_LIGHT
 from engine.scoring.analysis import SCORERS
 
@@ -49,3 +55,14 @@ def test_every_recovery_method_is_run_and_shown():
     text = _help("prune", "--help")
     for m in RECOVERY_TABLE:
         assert f"{m.name} = {' '.join(m.help.split())}" in text
+
+
+def test_every_weighted_op_has_an_op_rule_and_is_counted():
+    for name in WEIGHTED_OPS:
+        assert f"aten.{name}" in RULES, name
+    assert LAYER_OPS <= set(WEIGHTED_OPS)
+    # the FLOPs count reads the same table: a transposed convolution counts as torch's does
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(3, 4, 3), torch.nn.Linear(6, 5))
+    x = torch.randn(1, 3, 4, 4)
+    gm = torch.export.export(model, (x,)).module()
+    assert graph_flops(gm) == count_flops(model, (x,)) > 0

@@ -13,6 +13,7 @@ import torch.fx as fx
 from engine.errors import PruneScopeError
 from engine.graph.dependency import Structure
 from engine.graph.inputs import graph_runner
+from engine.graph.labels import surviving
 from engine.graph.rules import rule_for
 from engine.graph.tracer import RewriteError, Tracer
 from engine.scoring.planning import Plan
@@ -253,9 +254,7 @@ def keep_mask(ids, roots, removed):
         return masks if any(m is not None for m in masks) else None
     if not isinstance(ids, np.ndarray):
         return None
-    keep = np.ones(ids.shape, dtype=bool)
-    labelled = ids >= 0
-    keep[labelled] = ~removed[roots[ids[labelled]]]
+    keep = surviving(ids, roots, removed)
     if keep.all():
         return None
     return torch.from_numpy(keep.astype(np.float32))
