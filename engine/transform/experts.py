@@ -82,7 +82,7 @@ def expert_scores(analysis, router: Router, calibration: Any = None) -> np.ndarr
     if calibration is None:
         total = np.zeros(len(router.ids))
         for name in router.params:
-            w = analysis._param(name).double()
+            w = analysis.param(name).double()
             total += (w.reshape(w.shape[0], -1) ** 2).sum(dim=1).numpy()
         return np.sqrt(total)
     return routing_scores(analysis, [router], calibration)[router.layer]
