@@ -18,6 +18,7 @@ import engine
 import engine.io.hf_export as hf_export
 import engine.transform.apply as apply_module
 import engine.transform.depth as depth_module
+import engine.transform.experts as experts_module
 from engine.errors import PruneScopeError
 from engine.transform.experts import find_routers, prune_experts
 from tests.helpers import cli, one_error_line
@@ -162,7 +163,7 @@ def test_removing_the_wrong_expert_stops_the_prune(monkeypatch):
     analysis = engine.analyze(model, (x,))
     (router,) = find_routers(analysis)
     roots = analysis.structure(False).state.uf.roots()
-    real_rewrite = apply_module.rewrite
+    real_rewrite = experts_module.rewrite
     swapped = []
 
     def rewrite(gm, structure, removed, release=None):
@@ -174,7 +175,7 @@ def test_removing_the_wrong_expert_stops_the_prune(monkeypatch):
         swapped.append((gone[0], other))
         return real_rewrite(gm, structure, wrong, release)
 
-    monkeypatch.setattr(apply_module, "rewrite", rewrite)
+    monkeypatch.setattr(experts_module, "rewrite", rewrite)
     with pytest.raises(PruneScopeError, match=r"^expert verification failed: the reduced model "
                                               r"differs from the original with the removed "
                                               r"experts' router logits at -inf"):
