@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.errors import ModelLoadError
+from engine.threads import TORCH_EXPORT_LOCK
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEMO_PATH = ASSETS_DIR / "demo.pt2"
@@ -53,7 +54,9 @@ def builtin_data_path(name: str, kind: str) -> Path:
 
 def load_builtin_program(name: str) -> torch.export.ExportedProgram:
     model, _, _, target = BUILTINS[name]
-    return torch.export.load(os.fspath(_require(model, target)))
+    path = os.fspath(_require(model, target))
+    with TORCH_EXPORT_LOCK:
+        return torch.export.load(path)
 
 
 def builtin_example_inputs(name: str, batch: int = 8) -> tuple[torch.Tensor]:
@@ -64,7 +67,9 @@ def builtin_example_inputs(name: str, batch: int = 8) -> tuple[torch.Tensor]:
 
 def load_demo_program() -> torch.export.ExportedProgram:
     """The demo model as saved by torch.export.save (batch dimension dynamic, 1..4096)."""
-    return torch.export.load(os.fspath(_require(DEMO_PATH)))
+    path = os.fspath(_require(DEMO_PATH))
+    with TORCH_EXPORT_LOCK:
+        return torch.export.load(path)
 
 
 def load_demo_eval() -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ from engine.options import PruningOptions, check_ratio
 from engine.quality.metrics import count_params, graph_flops, size_bytes
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
+from engine.threads import TORCH_EXPORT_LOCK
 from engine.transform.apply import masked_module, pruned_roots, rewrite, tensor_places
 from engine.transform.exactness import exact_tolerance
 
@@ -347,7 +348,7 @@ def _export(gm: torch.nn.Module, analysis: Analysis) -> torch.export.ExportedPro
     kwargs = analysis.captured.example_kwargs or {}
     dynamic = _dynamic_shapes(analysis)
     try:
-        with without_stack_traces():
+        with without_stack_traces(), TORCH_EXPORT_LOCK:
             return torch.export.export(gm, inputs, kwargs or None, dynamic_shapes=dynamic,
                                        strict=False)
     except Exception as exc:  # noqa: BLE001

@@ -30,6 +30,7 @@ from engine.graph.safety import (
     root_cause,
     verify_checksums,
 )
+from engine.threads import TORCH_EXPORT_LOCK
 
 ACCEPTED = (
     "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
@@ -131,7 +132,8 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
             checked = pool.submit(verify_checksums, path, weights)
             with quiet_torch_load(weights_only=not trust_pickle) as log:
                 try:
-                    program = torch.export.load(os.fspath(path))
+                    with TORCH_EXPORT_LOCK:
+                        program = torch.export.load(os.fspath(path))
                     failure = None
                 except Exception as exc:  # noqa: BLE001 - any failure: an unreadable file
                     failure = root_cause(exc, log)
@@ -202,7 +204,7 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
     try:
         if use_cache:
             config.use_cache = False
-        with without_stack_traces():
+        with without_stack_traces(), TORCH_EXPORT_LOCK:
             program = torch.export.export(flat, example_inputs, strict=False)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "

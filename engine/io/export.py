@@ -25,6 +25,7 @@ import torch
 
 from engine.errors import ExportError
 from engine.graph.outputs import tensor_leaves
+from engine.threads import TORCH_EXPORT_LOCK
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -131,7 +132,8 @@ def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             sink = _DeferredErrorWriter(f)
-            torch.export.save(program, sink)
+            with TORCH_EXPORT_LOCK:
+                torch.export.save(program, sink)
             if sink.error is not None:
                 raise sink.error
             f.flush()
@@ -247,7 +249,7 @@ def export_onnx(
     weights = _weight_bytes(source.state_dict.values() if source is not None
                             else program.state_dict().values())
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), TORCH_EXPORT_LOCK:
             onnx_program = torch.onnx.export(
                 program,
                 args,

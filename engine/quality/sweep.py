@@ -22,6 +22,7 @@ from typing import Any
 
 from engine.errors import OptionError, PruneScopeError
 from engine.options import ALLOWED, PruningOptions, check_ratio
+from engine.threads import TORCH_EXPORT_LOCK
 
 # option name -> command-line flag, for the options that can be an axis of the grid
 AXES = {
@@ -382,7 +383,8 @@ def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> Mo
     import torch
 
     buffer = io.BytesIO()
-    torch.export.save(analysis.captured.program, buffer)
+    with TORCH_EXPORT_LOCK:
+        torch.export.save(analysis.captured.program, buffer)
     return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 
