@@ -16,6 +16,7 @@ from pathlib import Path
 
 # `streamlit run dashboard/app.py` puts dashboard/ (not the repository) on sys.path.
 _ROOT = Path(__file__).resolve().parent.parent
+FAVICON = Path(__file__).resolve().parent / "favicon.png"
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
@@ -37,8 +38,8 @@ from engine.scoring.criteria import CRITERIA_NEEDING_CALIBRATION  # noqa: E402
 
 
 def main() -> None:
-    st.set_page_config(page_title="PruneScope", page_icon=":material/content_cut:",
-                       layout="wide")
+    # a local icon: a material or emoji icon makes the browser fetch it from Google's fonts
+    st.set_page_config(page_title="PruneScope", page_icon=str(FAVICON), layout="wide")
     st.title("PruneScope")
     st.markdown(
         "See how important every channel of a PyTorch model is under each pruning option, "

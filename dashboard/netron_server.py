@@ -81,8 +81,9 @@ _MENU_ICON = ('<svg width="16" height="14" viewBox="0 0 16 14" fill="currentColo
               '<rect y="1" width="16" height="2"/><rect y="6" width="16" height="2"/>'
               '<rect y="11" width="16" height="2"/></svg>')
 
-# (file, text in netron 9.3.3, replacement). Each must match exactly once: a netron upgrade
-# that moves them fails loudly (PrivacyPatchError) instead of serving a page that calls out.
+# (file, text in netron 9.3.3, replacement; every occurrence). Each must be found: a netron
+# upgrade that moves one fails loudly (PrivacyPatchError) instead of serving a page that
+# calls out.
 PRIVACY_PATCHES: tuple[tuple[str, str, str], ...] = (
     # start-up: no "Please update" wall, no IP lookup, no cookie banner, no analytics
     ("browser.js",
@@ -97,6 +98,9 @@ PRIVACY_PATCHES: tuple[tuple[str, str, str], ...] = (
     ("view.js", "content.innerHTML = '&#x23F3';", "content.innerHTML = '&hellip;';"),
     ("view.js", "this._saveButton.innerHTML = '&#x1F4BE;';",
      "this._saveButton.innerHTML = 'Save';"),
+    # tensor shapes in the graph's nodes are wrapped in CJK angle brackets (U+3008/9)
+    ("view.js", "\\u3008", "<"),
+    ("view.js", "\\u3009", ">"),
 )
 
 
@@ -115,7 +119,7 @@ def patched_file(name: str) -> bytes | None:
         return None
     text = (Path(netron.__file__).parent / name).read_text(encoding="utf-8")
     for old, new in patches:
-        if text.count(old) != 1:
+        if old not in text:
             raise PrivacyPatchError(
                 f"netron {getattr(netron, '__version__', '?')}: {name} no longer contains "
                 f"{old.strip()[:60]!r}; the dashboard pins netron==9.3.3")
