@@ -190,26 +190,32 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
+# Loggers of the ONNX exporter and its optimiser. A served dashboard logs at INFO, where these
+# wrote about a thousand lines per export (rewrite rules applied, slices collapsed, unused
+# nodes removed, optional torchvision ops missing); none concerns the user's model.
+EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._export")
+_logger = logging.getLogger(__name__)
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The dynamo exporter logs about optional torchvision ops and emits pytree deprecation
-    warnings, and onnxscript's optimizer logs constants it could not fold (an attention mask
-    input of transformers models); none concerns the user's model, so they are hidden."""
-    loggers = [logging.getLogger(name) for name in (
-        "torch.onnx._internal.exporter._registration",
-        "onnxscript.optimizer._constant_folding",
-    )]
+    """The exporter's logging below ERROR and its warnings (pytree deprecations, constants it
+    could not fold) are held back for the export; its errors still raise (and become an
+    ExportError), and what was held back is one DEBUG line of this module's logger."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+    if caught:
+        _logger.debug("ONNX export: %d warning(s) held back, first: %s", len(caught),
+                      caught[0].message)
 
 
 def export_onnx(
