@@ -76,8 +76,9 @@ def _open(context, url: str):
 
 def _prune(page) -> None:
     page.get_by_role("tab", name="Prune & compare").click()
+    _settle(page)  # a click during the tab's own rerun can be lost
     page.locator(".st-key-prune button").click()
-    page.get_by_text("Pruned and saved").wait_for()
+    page.get_by_text("Pruned and saved").wait_for(timeout=3 * STEP_TIMEOUT_MS)
     _settle(page)
 
 
