@@ -200,14 +200,14 @@ def test_four_sessions_open_at_once(browser, tmp_path):
         for page in pages:
             page.goto(server.url, wait_until="commit")
         painted = []
-        for page in pages:
-            left_ms = max(1_000, (start + PAINT_LIMIT_S - time.monotonic()) * 1000)
-            page.wait_for_selector(".js-plotly-plot .boxlayer", timeout=left_ms)
+        for page in pages:  # first: does every session paint at all, without an error?
+            page.wait_for_selector(".js-plotly-plot .boxlayer", timeout=STEP_TIMEOUT_MS)
             painted.append(round(time.monotonic() - start, 1))
         for page in pages:
             _settle(page)
             _no_errors(page)
-        assert max(painted) <= PAINT_LIMIT_S, painted
+        # then: soon enough (on a 2-core machine under heavy load this is what fails)
+        assert max(painted) <= PAINT_LIMIT_S, f"seconds to the chart: {painted}"
         log = server.log.read_text()
         assert "Traceback" not in log and "already set" not in log, log[-3000:]
         for context in contexts:
