@@ -41,6 +41,7 @@ import numpy as np
 from engine.errors import DataError
 from engine.graph.safety import env_bytes
 from engine.io import data_images, data_text
+from engine.options import TEXT_MODES
 
 DATA_FORMAT = ".npz with x (or x0, x1, ... for several inputs) and optional labels y, or a .npy"
 ALLOWED_ARRAYS = ("allowed arrays: x (or x0, x1, ... for several inputs, not both) and "
@@ -51,10 +52,6 @@ ALL_FORMATS = (".npz/.npy arrays, text (.txt one sample a line, .jsonl/.json, .c
                ".parquet), a Hugging Face datasets save_to_disk folder, hf:NAME[:CONFIG]:SPLIT, "
                "or a folder of images")
 HF_PREFIX = "hf:"
-# how text becomes samples: "pad" one sample per line/record, padded or truncated to the
-# model's sequence length; "stream" all text concatenated and cut into windows of that length
-# (the perplexity protocol of causal language models)
-TEXT_MODES = ("pad", "stream")
 DEFAULT_MAX_DATA_BYTES = 4 * 2**30
 
 
@@ -199,11 +196,12 @@ def max_data_bytes() -> int:
 
 def load_data(source: str | os.PathLike | bytes, *, kind: str = "eval",
               flag: str = "--eval-data", name: str | None = None,
-              model: ModelInputs | None = None, options: DataOptions | None = None) -> DataSet:
+              model: Any = None, options: DataOptions | None = None) -> DataSet:
     """Read data in any form (``ALL_FORMATS``): a file, an upload's bytes (``name``: what
     messages call it), a folder, ``hf:NAME[:CONFIG]:SPLIT`` or a built-in model's set
     (``kind``: ``"eval"`` or ``"calibration"``). Text and images become the inputs of
-    ``model`` (its ``ModelInputs``); ``options`` say how (``DataOptions``)."""
+    ``model`` (a captured model, or its ``ModelInputs``); ``options`` say how
+    (``DataOptions``)."""
     from engine.demo import BUILTIN_NAMES, builtin_data_path, is_builtin
 
     options = options or DataOptions()
@@ -272,14 +270,16 @@ def check_options(options: DataOptions) -> None:
         raise DataError(f"read_batch {options.read_batch} must be >= 1")
 
 
-def _arrays(data: DataSet, model: ModelInputs | None, options: DataOptions) -> DataSet:
+def _arrays(data: DataSet, model: Any, options: DataOptions) -> DataSet:
     """Arrays as read: named after the model's inputs when known; the seeded subset."""
+    model = None if isinstance(model, str | os.PathLike) else as_model_inputs(model)
     if model is not None and len(model.names) == len(data.inputs) and all(model.names):
         data = replace(data, input_names=model.names)
     return data.subset(options.max_samples, options.seed)
 
 
-def _text_target(model: ModelInputs | None, where: str) -> ModelInputs:
+def _text_target(model: Any, where: str) -> ModelInputs:
+    model = _resolved(model)
     if model is None:
         raise DataError(f"{where} is text, and turning text into model inputs needs the "
                         "model (its tokenizer and inputs); load it with the model: "
@@ -320,6 +320,12 @@ def _records_to_data(batches, where: str, flag: str, shown: str, model: ModelInp
                                                                    options.read_batch))
     inputs, raw_labels = data_text.text_arrays(batches, tokenizer, names, seq_len,
                                                options.text_mode, where)
+    model_vocab = getattr(model.config, "vocab_size", None)
+    top = int(inputs[0].max())
+    if isinstance(model_vocab, int) and top >= model_vocab:
+        raise DataError(f"{where}: the tokenizer gives token id {top}, beyond the vocabulary "
+                        f"of {model.source} ({model_vocab} tokens): it is not the model's "
+                        "tokenizer; give the right one with --tokenizer FOLDER")
     labels = None if stream else data_text.class_indices(raw_labels, where, model.config)
     note = (f"{options.text_mode} mode, {seq_len} tokens a sample, tokenizer "
             f"{options.tokenizer or model.folder}")
@@ -347,6 +353,7 @@ def _dataset(source: str, flag: str, shown: str, model: ModelInputs | None,
 def _images(path: Path, flag: str, shown: str, model: ModelInputs | None,
             options: DataOptions) -> DataSet:
     where = f"{flag} folder {shown}"
+    model = _resolved(model)
     if model is None:
         raise DataError(f"{where} holds images, and preprocessing them needs the model (its "
                         "input size, its image processor); load it with the model")
@@ -359,7 +366,7 @@ def load_eval_data(path_or_name: str | os.PathLike, *, flag: str = "--eval-data"
                    model: Any = None, options: DataOptions | None = None) -> DataSet:
     """Held-out data to measure a model on; a built-in name gives its evaluation set.
     ``model`` (a captured model or its ``ModelInputs``) is needed for text and images."""
-    return load_data(path_or_name, kind="eval", flag=flag, model=as_model_inputs(model),
+    return load_data(path_or_name, kind="eval", flag=flag, model=model,
                      options=options)
 
 
@@ -367,7 +374,17 @@ def load_calibration_data(path_or_name: str | os.PathLike, *, flag: str = "--cal
                           model: Any = None, options: DataOptions | None = None) -> DataSet:
     """Calibration data (same forms); a built-in name gives its training split."""
     return load_data(path_or_name, kind="calibration", flag=flag,
-                     model=as_model_inputs(model), options=options)
+                     model=model, options=options)
+
+
+def _resolved(model: Any) -> ModelInputs | None:
+    """``ModelInputs`` of what the caller gave; a path or built-in name is captured first."""
+    if isinstance(model, str | os.PathLike):
+        # torch is imported only by callers that read text or images for a model by name
+        from engine.graph.capture import load_model
+
+        return model_inputs(load_model(model))
+    return as_model_inputs(model)
 
 
 def as_model_inputs(model: Any) -> ModelInputs | None:
