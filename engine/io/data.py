@@ -113,7 +113,7 @@ def model_inputs(captured: Any) -> ModelInputs:
         dtype = getattr(val, "dtype", None) or getattr(example, "dtype", None)
         integer.append(dtype is not None and not dtype.is_floating_point)
     hf = getattr(captured, "hf", None)
-    names = tuple(getattr(hf, "input_names", ()) or ())
+    names = tuple(getattr(hf, "input_names", ()) or getattr(captured, "input_names", ()) or ())
     if len(names) != len(user):
         # a program exported from a function with named arguments keeps those names
         names = tuple(u if not re.fullmatch(r"args?_\d+|x\d*", u) else "" for u in user)
