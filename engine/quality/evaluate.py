@@ -335,7 +335,9 @@ def choose_metric(data: EvalData, out: torch.Tensor, x: Sequence[torch.Tensor],
     scores with labels; perplexity for a causal LM (logits spanning the tokenizer's
     vocabulary); embedding metrics for an encoder's hidden states; agreement otherwise."""
     where = f"{data.flag} {data.source}"
-    if data.labels is not None:
+    labels_fit = data.labels is not None and out.ndim == data.labels.ndim + 1 and \
+        tuple(out.shape[:-1]) == (out.shape[0], *data.labels.shape[1:])
+    if labels_fit:
         return "accuracy", f"{where} has labels and the model returns class scores"
     tokens = x[0]
     causal, why = causal_lm_reason(out, tokens, data.vocab_size, model_class)
@@ -355,6 +357,8 @@ def choose_metric(data: EvalData, out: torch.Tensor, x: Sequence[torch.Tensor],
             f"{where}: the model returns hidden states {tuple(out.shape)} (an encoder; {why}); "
             "embedding metrics compare them with a reference: give --reference MODEL (prune "
             "compares with the original)")
+    if data.labels is not None and not encoder:
+        return "accuracy", f"{where} has labels"  # accuracy says why the shapes do not fit
     if has_reference:
         return "agreement", f"{where} has no labels: top-1 agreement with the reference"
     raise OptionError(
