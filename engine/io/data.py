@@ -245,6 +245,8 @@ def load_data(source: str | os.PathLike | bytes, *, kind: str = "eval",
 
 
 UPLOAD_FORMATS = ".npz/.npy arrays or text (.txt, .jsonl, .json, .csv, .tsv, .parquet)"
+# what a single uploaded file may be (the dashboard's upload widgets offer these)
+UPLOAD_SUFFIXES = (*SUFFIXES, *TEXT_SUFFIXES)
 
 
 def needs_model(source: Any) -> bool:
