@@ -206,3 +206,13 @@ def test_prune_reports_the_metric_and_why(folders, text, tmp_path, capfd) -> Non
                      "perplexity")
     assert rc == 2
     assert "BertModel is not a causal language model" in one_error_line(err)
+
+
+def test_sweep_reads_text_for_the_model(folders, text) -> None:
+    """engine.sweep reads text eval data for the model it analyses; every point is measured
+    with the metric the original got (the embedding metric for an encoder)."""
+    report = engine.sweep(folders["bert"], {"layer_norm": "none"}, [0.25], eval_data=text,
+                          workers=1, seq_len=16)
+    assert report["metric"] == "embedding_cosine"
+    point = report["points"][0]
+    assert 0 < point["metric"] < 1

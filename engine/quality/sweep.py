@@ -241,6 +241,7 @@ def prepare(
     `analysis` reuses one this process already has (`model` still says what workers load).
     `ship=False`: every point runs in this process, so an in-memory model is not serialised.
     """
+    from engine.io.data import needs_model
     from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
     from engine.quality.executors import check_executor
     from engine.quality.metrics import count_params, graph_flops
@@ -248,9 +249,13 @@ def prepare(
 
     check_executor(ray)
     check_metric(metric)
-    data = load_eval_data(eval_data) if isinstance(eval_data, (str, os.PathLike)) else eval_data
+    # arrays are read (and checked) before the analysis; text and images need the model
+    data = eval_data
+    if isinstance(eval_data, (str, os.PathLike)) and not needs_model(eval_data):
+        data = load_eval_data(eval_data)
     criteria = list(dict.fromkeys(criteria))
-    calibration = _calibration(calibration)
+    if not needs_model(calibration):
+        calibration = _calibration(calibration)
     if recover:
         from engine.quality.recovery import check_steps, parse_methods
 
@@ -261,6 +266,9 @@ def prepare(
     if analysis is None:
         analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
                            input_shapes=input_shapes, seq_len=seq_len)
+    if isinstance(data, (str, os.PathLike)):
+        data = load_eval_data(data, model=analysis.captured)
+    calibration = _calibration(calibration, analysis.captured)
     check_data(analysis.captured, data)
     for criterion in criteria:
         analysis.filter_scores(criterion, calibration)  # once per criterion; forks inherit it
@@ -386,13 +394,14 @@ def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> Mo
     return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 
-def _calibration(calibration: Any) -> Any:
-    """A calibration file read once here (the points, and Ray workers, get the arrays)."""
+def _calibration(calibration: Any, model: Any = None) -> Any:
+    """A calibration file read once here (the points, and Ray workers, get the arrays);
+    text and images are made into the inputs of `model` (captured)."""
     if not isinstance(calibration, (str, os.PathLike)):
         return calibration
     from engine.io.data import load_calibration_data
 
-    return load_calibration_data(calibration, flag="calibration")
+    return load_calibration_data(calibration, flag="calibration", model=model)
 
 
 def _write_json(path, report: dict) -> None:
