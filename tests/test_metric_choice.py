@@ -216,3 +216,15 @@ def test_sweep_reads_text_for_the_model(folders, text) -> None:
     assert report["metric"] == "embedding_cosine"
     point = report["points"][0]
     assert 0 < point["metric"] < 1
+
+
+def test_the_python_api_takes_text_paths_everywhere(folders, text, tmp_path) -> None:
+    """prune(calibration=path) scores on the text; recover(result, path) recovers on it."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(reversed(SENTENCES)) + "\n")
+    original = engine.load_model(folders["bert"], seq_len=16)
+    result = engine.prune(original, None, engine.PruningOptions(criterion="activation"),
+                          ratio=0.5, calibration=calib)
+    recovered = engine.recover(result, calib, "bias", budget_s=0)
+    info = recovered.report["recovery"]
+    assert info["calibration_samples"] + info["holdout_samples"] == len(SENTENCES)

@@ -528,13 +528,14 @@ def _checked(inputs: tuple[np.ndarray, ...], labels: np.ndarray | None, flag: st
 
 # ---------------------------------------------------------------------------- in memory
 
-def as_data(data: Any, *, flag: str = "calibration", kind: str = "calibration") -> DataSet:
+def as_data(data: Any, *, flag: str = "calibration", kind: str = "calibration",
+            model: Any = None) -> DataSet:
     """Any accepted form (see the module docstring) as a checked DataSet; a path or
-    built-in name is read with ``load_data``."""
+    built-in name is read with ``load_data`` (text and images for ``model``, captured)."""
     if isinstance(data, DataSet):
         return data
     if isinstance(data, str | os.PathLike):
-        return load_data(data, kind=kind, flag=flag)
+        return load_data(data, kind=kind, flag=flag, model=model)
     where = f"{flag} data"
     labels = None
     if _is_array(data):

@@ -171,7 +171,8 @@ def score_inputs(analysis, calibration: Any) -> list[tuple]:
         return [tuple(analysis.captured.example_inputs)]
     from engine.scoring.calibration import as_calibration, batches
 
-    return [inputs for inputs, _labels in batches(analysis.captured, as_calibration(calibration))]
+    data = as_calibration(calibration, analysis.captured)
+    return [inputs for inputs, _labels in batches(analysis.captured, data)]
 
 
 def layers_of(blocks: list[Block]) -> dict[str, list[Block]]:
