@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from engine.errors import DataError
+from engine.errors import DataError, one_line
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # a model whose input names are unknown (a .pt2 exported by position) takes them in the
@@ -368,8 +368,3 @@ def _integral(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lstrip("-").isdigit()
     return False
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
