@@ -379,12 +379,11 @@ def load_calibration_data(path_or_name: str | os.PathLike, *, flag: str = "--cal
 
 
 def _resolved(model: Any) -> ModelInputs | None:
-    """``ModelInputs`` of what the caller gave; a path or built-in name is captured first."""
+    """``ModelInputs`` of what the caller gave (a captured model, not yet a path: capturing
+    belongs to the graph stage, above this one)."""
     if isinstance(model, str | os.PathLike):
-        # torch is imported only by callers that read text or images for a model by name
-        from engine.graph.capture import load_model
-
-        return model_inputs(load_model(model))
+        raise DataError(f"text and images are read for a captured model, not the path "
+                        f"{os.fspath(model)}: give model=engine.load_model(...)")
     return as_model_inputs(model)
 
 

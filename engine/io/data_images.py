@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import DataError, one_line
+from engine.io.hf import quiet_transformers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -178,7 +179,6 @@ def _processor(folder: Path, where: str):
     try:
         from transformers import AutoImageProcessor
 
-        from engine.io.hf_export import quiet_transformers
 
         with quiet_transformers():
             return AutoImageProcessor.from_pretrained(os.fspath(folder), local_files_only=True,

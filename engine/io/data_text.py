@@ -27,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from engine.errors import DataError, one_line
+from engine.io.hf import quiet_transformers
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # a model whose input names are unknown (a .pt2 exported by position) takes them in the
@@ -266,7 +267,6 @@ def load_tokenizer(folder: Path | None, given: str | None, where: str, model_sou
     try:
         from transformers import AutoTokenizer
 
-        from engine.io.hf_export import quiet_transformers
 
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True,
