@@ -21,7 +21,9 @@ import streamlit as st  # noqa: E402
 
 from dashboard import sources, state  # noqa: E402
 from dashboard.common import calibration_for, get_model, make_plan, show_error  # noqa: E402
+from dashboard.guide import start_here  # noqa: E402
 from dashboard.sidebar import (  # noqa: E402
+    index_example,
     parse_indices,
     sidebar_eval,
     sidebar_model,
@@ -43,6 +45,7 @@ def main() -> None:
         "choose what to cut, prune it, and compare the smaller model with the original. "
         "It opens on a built-in demo model: every feature works without an upload."
     )
+    start_here()
     ss = st.session_state
     try:
         request = sidebar_model()
@@ -71,7 +74,7 @@ def main() -> None:
     eval_data = sidebar_eval(model)
     compare.apply_pending_choice()  # a point chosen in the comparison chart sets the sidebar
     try:
-        options, ratio, indices_text = sidebar_options()
+        options, ratio, indices_text = sidebar_options(model.analysis)
         indices = parse_indices(indices_text) if options.criterion == "index" else None
         uniform = sidebar_uniform(model, options.criterion)
     except Exception as e:
@@ -98,8 +101,9 @@ def main() -> None:
     plan = None
     if options.criterion == "index" and not indices:
         st.info("Criterion **index**: list the filter indices to remove under “Channel indices "
-                "to remove” in the sidebar (one line per layer, e.g. `block1.conv1: 0, 3`). "
-                "Layer names are in the Plan tab.", icon="✍️")
+                "to remove” in the sidebar (one line per layer, e.g. "
+                f"`{index_example(model.analysis)}`), or press “Use the example” there. "
+                "Layer names are in the Plan tab.")
     elif options.criterion in CRITERIA_NEEDING_CALIBRATION and eval_data is None:
         st.error(f"Criterion {options.criterion} needs calibration data: upload an .npz with an "
                  "array 'x' under “Calibration / evaluation data” in the sidebar.", icon="⚠️")
@@ -112,9 +116,13 @@ def main() -> None:
     tabs = st.tabs(TABS, key="main_tab", on_change="rerun")
     scores_tab, plan_tab, prune_tab, compare_tab, graphs_tab, blocks_tab = tabs
     # Lazy tabs: only the open tab's content runs (the Graphs tab exports ONNX on first use).
-    if scores_tab.open is not False and plan is not None:
+    if scores_tab.open is not False:
         with scores_tab:
-            _guarded(scores.render, model, plan, options, plan_args)
+            if plan is None:
+                st.info("No scores to draw until the options above make a plan (see the "
+                        "message above the tabs).")
+            else:
+                _guarded(scores.render, model, plan, options, plan_args)
     if plan_tab.open is not False:
         with plan_tab:
             _guarded(plan_tab_view.render, model, plan)
