@@ -99,7 +99,7 @@ def test_demo_lm_recovers_with_its_own_calibration_and_disabled_says_why():
     _ok(at)
     table = next(f.value for f in at.dataframe if "Recovered" in f.value.columns)
     assert "Perplexity" in list(table["Measure"])
-    done = at.session_state["_ps_recover"]
+    done = _model(at).cache["_ps_recover"]
     report = json.loads(done.files["report.json"].read_text())
     assert report["quality"]["metric"] == "perplexity"
     assert report["quality"]["recovered"] == done.scores["Perplexity"]["recovered"]

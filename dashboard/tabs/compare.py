@@ -24,7 +24,7 @@ from dashboard.charts_sweep import (
 )
 from dashboard.common import editor_key, session_files, short, show_error
 from dashboard.guide import glossary_popover
-from dashboard.long_run import LongRun
+from dashboard.long_run import LongRun, wait_for_stopped_run
 from engine.io.data import DataSet
 from engine.options import PruningOptions
 from engine.quality.evaluate import HIGHER_IS_BETTER
@@ -217,6 +217,7 @@ def _sweep_controls(model: state.LoadedModel, eval_data: DataSet | None) -> None
 
 
 def _last_sweep(model: state.LoadedModel) -> dict | None:
+    wait_for_stopped_run("sweep")
     path = model.cache.get("sweep_path")
     if not path or not Path(path).is_file():
         return None
@@ -235,6 +236,7 @@ def _sensitivity(model: state.LoadedModel, options: PruningOptions,
         st.caption("Each group pruned alone at each ratio, default options, measured on the "
                    "demo's calibration split (the evaluation set stays held out).")
     elif eval_data is not None:
+        wait_for_stopped_run("sens")  # a stopped run stores what finished
         report = model.cache.get("sensitivity")
         if st.button("Measure sensitivity", key="sens_run",
                      help="Each group pruned alone at 0.1 ... 0.9, on the sidebar's data"):

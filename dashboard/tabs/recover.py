@@ -12,7 +12,7 @@ import streamlit as st
 import engine
 from dashboard import sources, state
 from dashboard.common import session_files, short, show_error
-from dashboard.long_run import LongRun
+from dashboard.long_run import LongRun, wait_for_stopped_run
 from dashboard.prune_run import PruneRun
 from dashboard.recover_run import (
     DEFAULT_METHODS,
@@ -95,7 +95,7 @@ def render(model: state.LoadedModel, run: PruneRun,
         work = LongRun("Recovery", "recover")
 
         def keep(done: RecoverRun) -> None:
-            st.session_state[RECOVER_KEY] = done
+            model.cache[RECOVER_KEY] = done
 
         try:
             work.run(lambda: run_recover(engine, run.result, _original(model), calibration,
@@ -105,7 +105,8 @@ def render(model: state.LoadedModel, run: PruneRun,
                      keep)
         except Exception as e:
             show_error(e, "Recovery failed")
-    done: RecoverRun | None = st.session_state.get(RECOVER_KEY)
+    wait_for_stopped_run("recover")
+    done: RecoverRun | None = model.cache.get(RECOVER_KEY)
     if done is None or done.prune_signature != run.signature:
         return
     show_recovery(done)
