@@ -223,24 +223,28 @@ def sidebar_options(analysis=None) -> tuple[PruningOptions, float, str]:
     st.sidebar.header("Pruning options")
     sb = st.sidebar
 
+    ss = st.session_state
+    # Defaults go into session state, not the widgets: a chosen point or Auto ratios set
+    # these keys too, and a widget given both logs a Streamlit warning.
+    for name, value in (("step_size", DEFAULTS.step_size), ("ratio", DEFAULT_RATIO),
+                        ("seed", DEFAULTS.seed)):
+        ss.setdefault(f"opt_{name}", value)
+
     def select(label: str, values: tuple, name: str):
-        default = getattr(DEFAULTS, name)
-        return sb.selectbox(label, values, index=values.index(default), key=f"opt_{name}",
-                            help=HELP[name])
+        ss.setdefault(f"opt_{name}", getattr(DEFAULTS, name))
+        return sb.selectbox(label, values, key=f"opt_{name}", help=HELP[name])
 
     criterion = select("Criterion", CRITERIA, "criterion")
     policy = select("Policy", POLICIES, "policy")
     layer_norm = select("Layer norm", LAYER_NORMS, "layer_norm")
     group_policy = select("Group policy", GROUP_POLICIES, "group_policy")
     axis = select("Reshape channel axis", RESHAPE_CHANNEL_AXES, "reshape_channel_axis")
-    step_size = sb.number_input("Step size", min_value=1, max_value=1024,
-                                value=DEFAULTS.step_size, step=1, key="opt_step_size",
-                                help=HELP["step_size"])
+    step_size = sb.number_input("Step size", min_value=1, max_value=1024, step=1,
+                                key="opt_step_size", help=HELP["step_size"])
     step_op = select("Step op", STEP_OPS, "step_op")
-    ratio = sb.slider("Pruning ratio", min_value=0.0, max_value=0.95, value=DEFAULT_RATIO,
-                      step=0.01, key="opt_ratio", help=HELP["ratio"])
-    seed = sb.number_input("Seed", min_value=0, value=DEFAULTS.seed, step=1, key="opt_seed",
-                           help=HELP["seed"])
+    ratio = sb.slider("Pruning ratio", min_value=0.0, max_value=0.95, step=0.01,
+                      key="opt_ratio", help=HELP["ratio"])
+    seed = sb.number_input("Seed", min_value=0, step=1, key="opt_seed", help=HELP["seed"])
     indices_text = ""
     if criterion == "index":
         example = index_example(analysis) if analysis is not None else "layer: 0, 3, 5"
