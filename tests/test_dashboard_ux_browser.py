@@ -150,7 +150,7 @@ def test_dashboard_v3_in_chromium(dashboard_url, browser):
     page.locator(".st-key-prune button").click()
     page.get_by_text("Pruned and saved").wait_for()
     page.get_by_text("Channels per group, before and after").wait_for()
-    page.get_by_text("This session's runs").wait_for()
+    page.get_by_text("This session's runs", exact=True).wait_for()
     _no_exception(page)
     _shot(page, "ux-05-prune-results.png")
     page.close()
