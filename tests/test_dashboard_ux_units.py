@@ -313,4 +313,11 @@ def test_engine_recover_stops_and_keeps_what_is_done(demo):
     info = stopped.report["recovery"]
     assert info["stopped"] is True
     assert info["methods"] == ["bias"] and "distill" in info["skipped"]
-    assert info["seconds"] < 30  # not the 60 s budget
+    # stopped while distilling: the steps so far are kept, the 60 s budget is not spent
+    asked = []
+    during = engine.recover(result, "demo", ["distill"], budget_s=60,
+                            stop=lambda: asked.append(1) or len(asked) > 20)
+    info = during.report["recovery"]
+    assert info["stopped"] is True and info["methods"] == ["distill"]
+    assert info["distill"]["stopped"] is True and 0 < info["distill"]["steps"] < 25
+    assert info["seconds"] < 30
