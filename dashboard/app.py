@@ -24,8 +24,10 @@ import streamlit as st  # noqa: E402
 
 from dashboard import sources, state  # noqa: E402
 from dashboard.common import calibration_for, get_model, make_plan, show_error  # noqa: E402
+from dashboard.guide import start_here  # noqa: E402
 from dashboard.page import PageState  # noqa: E402
 from dashboard.sidebar import (  # noqa: E402
+    index_example,
     parse_indices,
     sidebar_eval,
     sidebar_model,
@@ -46,13 +48,19 @@ def main() -> None:
         "choose what to cut, prune it, and compare the smaller model with the original. "
         "It opens on a built-in demo model: every feature works without an upload."
     )
+    start_here()
     page = _page_state()
     tabs = st.tabs([tab.title for tab in TABS], key="main_tab", on_change="rerun")
     # Lazy tabs: only the open tab's content runs (the Graphs tab exports ONNX on first use).
     for tab, container in zip(TABS, tabs):
-        if container.open is False or (tab.needs_plan and page.plan is None):
+        if container.open is False:
             continue
         with container:
+            if tab.needs_plan and page.plan is None:
+                nothing = "No scores to draw" if tab.module == "scores" else "Nothing to prune"
+                st.info(f"{nothing} until the options above make a plan (see the message "
+                        "above the tabs).")
+                continue
             _guarded(tab.render, page)
 
 
@@ -86,7 +94,7 @@ def _page_state() -> PageState:
     eval_data = sidebar_eval(model)
     compare.apply_pending_choice()  # a point chosen in the comparison chart sets the sidebar
     try:
-        options, ratio, indices_text = sidebar_options()
+        options, ratio, indices_text = sidebar_options(model.analysis)
         indices = parse_indices(indices_text) if options.criterion == "index" else None
         uniform = sidebar_uniform(model, options.criterion)
     except Exception as e:
@@ -113,7 +121,8 @@ def _page_state() -> PageState:
     plan = None
     if options.criterion == "index" and not indices:
         st.info("Criterion **index**: list the filter indices to remove under “Channel indices "
-                "to remove” in the sidebar (one line per layer, e.g. `block1.conv1: 0, 3`). "
+                "to remove” in the sidebar (one line per layer, e.g. "
+                f"`{index_example(model.analysis)}`), or press “Use the example” there. "
                 "Layer names are in the Plan tab.", icon=":material/edit_note:")
     elif options.criterion in CRITERIA_NEEDING_CALIBRATION and eval_data is None:
         st.error(f"Criterion {options.criterion} needs calibration data: upload an .npz with an "

@@ -69,9 +69,33 @@ def _sweep_interval_s() -> float:
         return 30.0
 
 
+# The engine's messages name its command-line flags; the page names its own controls.
+PAGE_WORDS = {
+    "--indices FILE.json (layer -> indices)": "“Channel indices to remove” in the sidebar",
+    "--indices": "“Channel indices to remove”",
+    "--ratio": "“Pruning ratio”",
+    "--calibration F": "calibration data",
+    "--calibration": "calibration data",
+    "--eval-data F": "evaluation data",
+    "--eval-data": "evaluation data",
+    "--recover-budget": "“Budget (s)”",
+    "--remove-blocks": "“Blocks to remove”",
+    "--expert-ratio": "“Share of experts to remove”",
+    "--target-flops": "the FLOPs target",
+    "--target-params": "the parameters target",
+}
+
+
+def page_words(message: str) -> str:
+    """``message`` with the engine's CLI flags replaced by the page's names for them."""
+    for flag, words in PAGE_WORDS.items():  # longest forms first (dict order)
+        message = message.replace(flag, words)
+    return message
+
+
 def show_error(error: BaseException, what: str = "") -> None:
     prefix = f"{what}: " if what else ""
-    st.error(prefix + sources.one_line(error), icon=":material/warning:")
+    st.error(prefix + page_words(sources.one_line(error)), icon=":material/warning:")
 
 
 def upload_limit_mb() -> int:

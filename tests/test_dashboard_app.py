@@ -360,9 +360,10 @@ def test_plan_table_lists_groups_and_applies_own_ratio_and_pin():
 
     groups = [g.name for g in model.analysis.groups]
     at.session_state[editor.key] = {
-        "edited_rows": {0: {"Pinned": True}, 1: {"Own ratio": 0.25}},
+        "edited_rows": {1: {"Own ratio": "0.25"}},
         "added_rows": [], "deleted_rows": [],
     }
+    at.get("button_group")[0].set_value([groups[0]])  # the pin: one pill
     at.run()
     _ok(at)
     table = at.data_editor[0].value

@@ -94,14 +94,17 @@ def check_steps(steps: Any, flag: str = "steps") -> int | None:
 
 def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             budget_s: float | None = 30, steps: int | None = None, seed: int = 0,
-            progress: RecoverProgress | None = None, eval_holdout: float = 0.1):
+            progress: RecoverProgress | None = None, eval_holdout: float = 0.1,
+            stop: Callable[[], bool] | None = None):
     """Recover a pruned model's quality; returns a new PruneResult (the input is untouched).
 
     `methods`: "auto" or names from bias, lsq, bn, norm, distill (comma string or list).
     `budget_s` bounds the distillation's training time in seconds; `steps` fixes the number
     of distillation steps instead (reproducible with `seed`; the budget is then ignored).
     `eval_holdout`: the fraction of calibration samples held back to measure the result and
-    to pick the best distillation state.
+    to pick the best distillation state. `stop()`, asked between methods and between
+    distillation steps, ends the recovery early with what is done so far (the report's
+    `recovery.stopped` is then true and the methods not run are listed under `skipped`).
     """
     result.analysis.check_not_released()  # recovery fits to the original's outputs
     start = time.monotonic()
@@ -111,6 +114,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     if not 0 <= eval_holdout < 1:
         raise OptionError(f"eval_holdout {eval_holdout!r} is not allowed; allowed: 0 <= f < 1")
     say = progress or (lambda _msg, _fraction: None)
+    stopped = stop or (lambda: False)
     analysis = result.analysis
     calibration = as_data(calibration, model=analysis.captured)
     xs, y, where = list(calibration.inputs), calibration.labels, calibration.where
@@ -162,7 +166,9 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
                 del changed[name]
     details: dict[str, Any] = {}
     nothing_pruned = all(len(gp.pruned) == 0 for gp in result.plan.groups)
-    if distilling and nothing_pruned:
+    if distilling and stopped():
+        skipped["distill"] = "stopped before it started"
+    elif distilling and nothing_pruned:
         skipped["distill"] = "nothing was pruned: the model is the original"
     elif distilling:
         if steps is None and not budget_s:
@@ -172,7 +178,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             details = distill.run(
                 module, fit, data.outputs(original, fit), holdout if len(holdout) else None,
                 teacher_hold, seconds=budget_s, steps=steps, seed=seed,
-                progress=lambda msg, f: say(msg, base + (1 - base) * f),
+                progress=lambda msg, f: say(msg, base + (1 - base) * f), stop=stopped,
             )
             applied.append("distill")
     module.recompile()
@@ -186,6 +192,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "skipped": skipped,
         "layers": changed,
         "seconds": round(time.monotonic() - start, 3),
+        "stopped": bool(stop is not None and stopped()),
         "metric": metric_name,
         "metric_before": before,
         "metric_after": after,
