@@ -15,12 +15,10 @@ relative, or the folder is not written. The check goes into ``report.json`` as `
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,16 @@ import torch
 
 from engine.graph.outputs import tensor_leaves
 from engine.io.hf import HFSource
+from engine.io.hf_config import (
+    Constraints,
+    Unsolvable,
+    constraints,
+    field_roles,
+    head_sizes,
+    probe_config,
+    quiet_transformers,
+    solve_config,
+)
 from engine.io.hf_depth import config_update, renumber
 from engine.transform.exactness import exact_tolerance
 
@@ -39,160 +47,28 @@ class NotDescribable(Exception):
     """The config cannot describe the pruned shapes (the message is the one-line reason)."""
 
 
-def _find(shapes: Shapes, pattern: str) -> tuple[str, tuple[int, ...]]:
-    regex = re.compile(pattern)
-    for name, shape in shapes.items():
-        if regex.search(name):
-            return name, shape
-    raise NotDescribable(f"no weight matching {pattern!r}")
-
-
-def _heads(shapes: Shapes, pattern: str, dim: int, head_size: int, parts: int = 1) -> int:
-    name, shape = _find(shapes, pattern)
-    width = shape[dim] // parts
-    if width % head_size:
-        raise NotDescribable(
-            f"{name} has {width} attention channels, not a whole number of heads of "
-            f"{head_size}: the config has one head size; prune whole heads "
-            "(--reshape-channel-axis -2) instead"
-        )
-    return width // head_size
-
-
-def _llama_like(config, shapes: Shapes) -> dict[str, Any]:
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    update = {
-        "hidden_size": _find(shapes, r"embed_tokens\.weight$")[1][1],
-        "intermediate_size": _find(shapes, r"layers\.0\.mlp\.(gate|up)_proj\.weight$")[1][0],
-        "num_attention_heads": _heads(shapes, r"layers\.0\.self_attn\.q_proj\.weight$", 0, head),
-        "head_dim": head,
-    }
-    if kv:
-        update["num_key_value_heads"] = _heads(
-            shapes, r"layers\.0\.self_attn\.k_proj\.weight$", 0, head)
-    return update
-
-
-def _bert_like(config, shapes: Shapes) -> dict[str, Any]:
-    head = config.hidden_size // config.num_attention_heads
-    return {
-        "hidden_size": _find(shapes, r"embeddings\.word_embeddings\.weight$")[1][1],
-        "intermediate_size": _find(shapes, r"layer\.0\.intermediate\.dense\.weight$")[1][0],
-        "num_attention_heads": _heads(shapes, r"layer\.0\.attention\.self\.query\.weight$", 0,
-                                      head),
-    }
-
-
-def _vit(config, shapes: Shapes) -> dict[str, Any]:
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {
-        "hidden_size": _find(shapes, r"embeddings\.cls_token$")[1][-1],
-        "intermediate_size": _find(shapes, r"layers\.0\.mlp\.fc1\.weight$")[1][0],
-        "num_attention_heads": _heads(shapes, r"layers\.0\.attention\.q_proj\.weight$", 0, head),
-        "head_dim": head,
-    }
-
-
-def _gpt2(config, shapes: Shapes) -> dict[str, Any]:
-    head = config.n_embd // config.n_head
-    return {
-        "n_embd": _find(shapes, r"wte\.weight$")[1][1],
-        "n_inner": _find(shapes, r"h\.0\.mlp\.c_fc\.weight$")[1][1],  # Conv1D: (in, out)
-        "n_head": _heads(shapes, r"h\.0\.attn\.c_attn\.weight$", 1, head, parts=3),
-    }
-
-
-def _resnet(config, shapes: Shapes) -> dict[str, Any]:
-    """Stage widths from each stage's last block output; the bottleneck ratio is fixed."""
-    sizes = []
-    for stage in range(len(config.hidden_sizes)):
-        pattern = rf"stages\.{stage}\.layers\.\d+\.layer\.\d+\.convolution\.weight$"
-        names = [n for n in shapes if re.search(pattern, n)]
-        if not names:
-            raise NotDescribable(f"no weights of ResNet stage {stage}")
-        sizes.append(shapes[names[-1]][0])
-    if getattr(config, "layer_type", "bottleneck") == "bottleneck":
-        first = re.compile(r"stages\.(\d+)\.layers\.\d+\.layer\.0\.convolution\.weight$")
-        for name, shape in shapes.items():
-            match = first.search(name)
-            if match and shape[0] != sizes[int(match.group(1))] // 4:
-                raise NotDescribable(
-                    f"ResNetConfig fixes every bottleneck's inner width at a quarter of its "
-                    f"stage width, and {name} keeps {shape[0]} of {sizes[int(match.group(1))]}"
-                )
-    return {
-        "embedding_size": _find(shapes, r"embedder\.embedder\.convolution\.weight$")[1][0],
-        "hidden_sizes": sizes,
-    }
-
-
-# model_type -> rule reading the new config numbers off the pruned weights
-RULES: dict[str, Callable[[Any, Shapes], dict[str, Any]]] = {
-    **{t: _llama_like for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")},
-    **{t: _bert_like for t in ("bert", "roberta", "xlm-roberta", "camembert")},
-    "vit": _vit,
-    "gpt2": _gpt2,
-    "resnet": _resnet,
-}
-
-
-# What each config cannot describe whatever the counts: "head_channels" (channels inside a
-# head: one head size, and the attention scale follows it), "heads" (the number of heads:
-# BertConfig and GPT2Config derive the head size from hidden_size / heads), "hidden" (the
-# hidden size, for the same reason). --uniform keeps such groups whole on these models.
-_LLAMA_FIXED = ("head_channels",)
-_TIED_FIXED = ("head_channels", "heads", "hidden")
-FIXED: dict[str, tuple[str, ...]] = {
-    **{t: _LLAMA_FIXED for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")},
-    **{t: _TIED_FIXED for t in ("bert", "roberta", "xlm-roberta", "camembert")},
-    "vit": _LLAMA_FIXED,
-    "gpt2": _TIED_FIXED,
-}
-_EMBEDDING = re.compile(r"(word_embeddings|embed_tokens|wte|wpe|patch_embeddings\.projection)$")
-_POOLER = re.compile(r"pooler\.dense$")  # BertConfig: the pooler is hidden_size wide
-_WHY = {
-    "head_channels": "has one head size (channels inside heads cannot shrink)",
-    "heads": "derives the head size from hidden_size / heads (heads cannot go)",
-    "hidden": "derives the head size from hidden_size / heads (the hidden size cannot shrink)",
-}
-
-
-def _is_embedding(hf: HFSource, layer: str) -> bool:
-    """An embedding layer, or the output layer tied to one (a tied pair may be captured under
-    the output layer's name only)."""
-    if _EMBEDDING.search(layer):
-        return True
-    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
-    return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
-            and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
-                                                                .removesuffix(".weight")))
+def config_constraints(analysis, whole_blocks: bool) -> Constraints:
+    """What the model's config lets a plan of this block mode change (engine/io/hf_config)."""
+    hf = analysis.captured.hf
+    cmap = probe_config(_model_class(hf), hf.config)
+    return constraints(cmap, analysis.prunable_groups(whole_blocks), analysis.structure(False))
 
 
 def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
     """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
-    hf = analysis.captured.hf
-    fixed = FIXED.get(getattr(hf.config, "model_type", None), ())
-    name = type(hf.config).__name__
-    keep = {}
-    for g in analysis.prunable_groups(whole_blocks):
-        if g.whole_blocks and "heads" in fixed:
-            keep[g.name] = f"{name} {_WHY['heads']}"
-        elif g.blocks and "head_channels" in fixed and not g.whole_blocks:
-            keep[g.name] = f"{name} {_WHY['head_channels']}"
-        elif "hidden" in fixed and any(_is_embedding(hf, x) or _POOLER.search(x)
-                                       for x in g.layers):
-            keep[g.name] = f"{name} {_WHY['hidden']}"
-    return keep
+    return config_constraints(analysis, whole_blocks).keep
 
 
 def count_adjuster(analysis, options):
-    """For --uniform on Llama-like models: LlamaConfig requires hidden_size to be a multiple
-    of num_attention_heads, so the hidden stream keeps such a multiple (the heads left after
-    pruning whole heads; the step size too when the step rule is on)."""
+    """For --uniform where the config requires hidden_size to be a multiple of
+    num_attention_heads while the head size is its own field (LlamaConfig and kin): the hidden
+    stream keeps such a multiple (the heads left after pruning whole heads; the step size too
+    when the step rule is on)."""
     hf = analysis.captured.hf
-    if FIXED.get(getattr(hf.config, "model_type", None)) is not _LLAMA_FIXED or \
-            hf.config.model_type == "vit":
+    config = hf.config
+    if not (isinstance(getattr(config, "head_dim", None), int)
+            and isinstance(getattr(config, "num_attention_heads", None), int)
+            and isinstance(getattr(config, "hidden_size", None), int)):
         return None
     groups = analysis.prunable_groups(options.prunes_whole_blocks)
     hidden = next((g.name for g in groups if any(_is_embedding(hf, x) for x in g.layers)), None)
@@ -200,8 +76,8 @@ def count_adjuster(analysis, options):
              if g.whole_blocks and any(x.endswith("q_proj") for x in g.layers)]
     if hidden is None:
         return None
-    n_heads = hf.config.num_attention_heads
-    n_kv = getattr(hf.config, "num_key_value_heads", None) or n_heads
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     step = options.step_size if options.step_op != "none" else 1
 
     def adjust(counts: dict[str, int], sizes: dict[str, int]) -> dict[str, int]:
@@ -216,25 +92,18 @@ def count_adjuster(analysis, options):
     return adjust
 
 
-def supported_model_types() -> list[str]:
-    return sorted(RULES)
+_EMBEDDING = re.compile(r"(word_embeddings|embed_tokens|wte|wpe|patch_embeddings\.projection)$")
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No progress bars or advice on stderr while PruneScope saves and reloads folders."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+def _is_embedding(hf: HFSource, layer: str) -> bool:
+    """An embedding layer, or the output layer tied to one (a tied pair may be captured under
+    the output layer's name only)."""
+    if _EMBEDDING.search(layer):
+        return True
+    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
+    return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
+            and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
+                                                                .removesuffix(".weight")))
 
 
 def check_uniform(result) -> None:
@@ -272,36 +141,25 @@ def check_heads(result) -> None:
             )
 
 
-def pruned_config(hf: HFSource, module: torch.nn.Module):
-    """The config describing `module`'s weights (checked against a fresh model on meta)."""
+def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None):
+    """The config describing `module`'s weights: its width fields solved from the pruned
+    shapes (engine/io/hf_config.py) and checked by building the model on meta."""
     config = hf.config
-    model_type = getattr(config, "model_type", "?")
-    rule = RULES.get(model_type)
-    if rule is None:
-        raise NotDescribable(
-            f"no rule maps pruned shapes onto a {type(config).__name__} (hf/ is written for "
-            f"model types {', '.join(supported_model_types())})"
-        )
-    shapes = {k: tuple(v.shape) for k, v in _hf_weights(hf, module).items()}
     values = config.to_dict()
-    values.update(config_update(hf))
-    values.update(rule(config, shapes))
+    depth = config_update(hf)
+    if depth:
+        values.update(depth)
+        config = type(config).from_dict(values)
+    shapes = {k: tuple(v.shape) for k, v in _hf_weights(hf, module).items()}
+    fixed: set[str] = set()
+    if analysis is not None:  # a head's size stays, whatever shapes could also be read
+        roles = field_roles(probe_config(_model_class(hf), config),
+                            head_sizes(analysis.structure(False)))
+        fixed = {name for name, why in roles.items() if why}
     try:
-        new_config = type(config).from_dict(values)
-        with torch.device("meta"), quiet_transformers():
-            fresh = _model_class(hf)(new_config)
-    except Exception as exc:  # noqa: BLE001 - the config refuses the numbers read off
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise NotDescribable(f"{type(config).__name__} refuses the pruned sizes "
-                             f"({_changed(config, values)}): {first}"[:400]) from None
-    expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    for name, shape in shapes.items():
-        if name in expected and expected[name] != shape:
-            raise NotDescribable(
-                f"{type(config).__name__} cannot describe {name} of shape {list(shape)} "
-                f"(the config implies {list(expected[name])})"
-            )
-    return new_config
+        return solve_config(_model_class(hf), config, shapes, fixed)
+    except Unsolvable as exc:
+        raise NotDescribable(str(exc)[:400]) from None
 
 
 def _changed(config, values: dict[str, Any]) -> str:
@@ -341,11 +199,11 @@ def _loader_class(hf: HFSource):
     return getattr(transformers, hf.auto_class or hf.model_class)
 
 
-def build_pretrained(hf: HFSource, module: torch.nn.Module):
+def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
     """A fresh transformers model of the pruned config holding `module`'s weights."""
     from transformers.initialization import no_init_weights
 
-    new_config = pruned_config(hf, module)
+    new_config = pruned_config(hf, module, analysis)
     # every weight is overwritten below: skip the random initialisation (seconds per billion
     # parameters) and build in the weights' dtype (a bf16 model stays bf16 on disk)
     with quiet_transformers(), no_init_weights():
@@ -381,7 +239,7 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     try:
         check_uniform(result)
         check_heads(result)
-        model = build_pretrained(hf, result.module)
+        model = build_pretrained(hf, result.module, result.analysis)
     except NotDescribable as exc:
         return {"written": False, "reason": str(exc)}
     with quiet_transformers():

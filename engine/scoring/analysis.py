@@ -305,13 +305,15 @@ def plan(
 
         pinned = [pinned] if isinstance(pinned, str) else list(pinned)
         adjust = None
+        ties: list[list[str]] = []
         if analysis.captured.hf is not None:
-            from engine.io.hf_export import count_adjuster, groups_config_keeps
+            from engine.io.hf_export import config_constraints, count_adjuster
 
-            pinned += sorted(set(groups_config_keeps(analysis, options.prunes_whole_blocks))
-                             - set(pinned))
+            limits = config_constraints(analysis, options.prunes_whole_blocks)
+            pinned += sorted(set(limits.keep) - set(pinned))
+            ties = limits.ties
             adjust = count_adjuster(analysis, options)
         return uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
-                            removals=removals, adjust=adjust)
+                            removals=removals, adjust=adjust, ties=ties)
     return make_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
                      removals=removals)

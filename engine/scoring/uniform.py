@@ -65,6 +65,18 @@ def families(groups: Iterable[GroupInput | GroupInfo]) -> list[list[str]]:
     return [names for names in by_key.values() if len(names) > 1]
 
 
+def merge_sets(sets: list[list[str]], known: Mapping[str, int]) -> list[list[str]]:
+    """Overlapping sets of group names joined (names not in `known` dropped)."""
+    merged: list[list[str]] = []
+    for names in sets:
+        names = [n for n in names if n in known]
+        overlapping = [m for m in merged if set(m) & set(names)]
+        joined = [n for m in overlapping for n in m]
+        joined += [n for n in names if n not in joined]
+        merged = [m for m in merged if m not in overlapping] + [joined]
+    return [m for m in merged if len(m) > 1]
+
+
 def uniform_plan(
     groups: list[GroupInput],
     options,
@@ -74,11 +86,14 @@ def uniform_plan(
     pinned: Iterable[str] = (),
     removals: Mapping[str, np.ndarray] | None = None,
     adjust: Callable[[dict[str, int], dict[str, int]], dict[str, int]] | None = None,
+    ties: Iterable[Iterable[str]] = (),
 ) -> Plan:
     """A plan in which every family's groups lose the same number of channels.
 
     ``adjust(counts, sizes)``: a last say on the per-group counts (a config's divisibility
-    rules, e.g. a hidden size that must be a multiple of the number of heads)."""
+    rules, e.g. a hidden size that must be a multiple of the number of heads).
+    ``ties``: more sets of groups that must lose equal counts (the groups one config field
+    sets, engine/io/hf_config.py); they join the families they overlap."""
     if removals:
         raise OptionError("uniform counts are chosen from scores; they cannot be combined "
                           "with criterion index (explicit indices)")
@@ -88,7 +103,7 @@ def uniform_plan(
     sizes = {gp.name: gp.n for gp in first.groups}
     per_group = dict(asked)
     pinned_set = set(pinned)
-    for names in families(groups):
+    for names in merge_sets([*families(groups), *(list(t) for t in ties)], sizes):
         free = [n for n in names if n not in pinned_set]
         if not free:
             continue

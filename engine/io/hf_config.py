@@ -1,0 +1,389 @@
+"""Which parameter dimensions each field of a transformers config sets, found by building.
+
+A config describes a model's shapes with a few numbers. Which weight dimension follows
+which number is not written anywhere, so it is measured: the model class is built on the
+meta device (no memory, no initialisation) once with the config as it is and once per
+integer field with that field changed; the dimensions whose size moved are the ones the
+field sets. A field that adds or removes weights (a layer count) is left out: it is not a
+width. The result (:class:`ConfigMap`) serves two purposes:
+
+- before planning (``--uniform``): a group of channels can shrink only when some field that
+  can change sets every dimension its members prune; groups that one field sets together are
+  tied (they must lose the same count), and groups no field describes stay whole;
+- after pruning (hf/): the new field values are solved from the pruned shapes
+  (:func:`solve_config`) and checked by building the model of the new config on meta.
+
+A head's size cannot change in any config here: the attention scale follows it (and rotary
+tables too), so a field that sets it, or derives it (``hidden_size / num_attention_heads``),
+is *fixed*: every dimension it moves stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Dim = tuple[str, int]  # (parameter name, dimension)
+Shapes = dict[str, tuple[int, ...]]
+
+# integer fields that are identifiers or switches, never widths
+_NOT_WIDTH = re.compile(r"(_id|_ids|_token|_index|_idx|seed|_layers?|_steps?|_epochs?)$|"
+                        r"^(chunk_size_feed_forward|pretraining_tp|max_position_embeddings|"
+                        r"vocab_size|type_vocab_size|num_labels|num_hidden_layers|n_layer)$")
+# unset (None) fields that a config fills in from others (GPT-2's n_inner = 4 * n_embd)
+_UNSET_WIDTH = re.compile(r"(inner|_size|_dim|ffn|width)$")
+_MAX_SEARCH = 256  # candidate configs built while solving
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or advice on stderr while PruneScope builds, saves, reloads models."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@dataclass
+class FieldEffect:
+    """One config field and the dimensions it moves: (size at x0, size at x1)."""
+
+    name: str
+    base: int | None  # the config's value (None: unset, derived by the config)
+    x0: int
+    x1: int
+    dims: dict[Dim, tuple[int, int]] = field(default_factory=dict)
+
+    def value_for(self, dim: Dim, size: int) -> int | None:
+        """The field value that gives `dim` this size (linear), or None if not an integer."""
+        s0, s1 = self.dims[dim]
+        num = (size - s0) * (self.x1 - self.x0)
+        if num % (s1 - s0):
+            return None
+        value = self.x0 + num // (s1 - s0)
+        return value if value >= 1 else None
+
+
+@dataclass
+class ConfigMap:
+    """The measured map of one config: base shapes and each width field's dimensions."""
+
+    config_name: str
+    shapes: Shapes
+    fields: dict[str, FieldEffect]
+
+    @functools.cached_property
+    def by_dim(self) -> dict[Dim, list[str]]:
+        out: dict[Dim, list[str]] = {}
+        for f in self.fields.values():
+            for dim in f.dims:
+                out.setdefault(dim, []).append(f.name)
+        return out
+
+
+def _build_shapes(model_class, config) -> Shapes:
+    from transformers.initialization import no_init_weights
+
+    with torch.device("meta"), quiet_transformers(), no_init_weights():
+        model = model_class(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _with(config, values: dict[str, Any]):
+    """`config` with some fields changed; ``name[i]`` is element i of a list field."""
+    merged = config.to_dict()
+    for key, value in values.items():
+        match = _ELEMENT.fullmatch(key)
+        if match:
+            items = list(merged[match[1]])
+            items[int(match[2])] = value
+            merged[match[1]] = items
+        else:
+            merged[key] = value
+    return type(config).from_dict(merged)
+
+
+_ELEMENT = re.compile(r"(\w+)\[(\d+)\]")
+
+
+def _width_fields(config) -> list[tuple[str, Any]]:
+    """(name, value) of every scalar field, and of every element of a list of integers."""
+    out = []
+    for name, value in config.to_dict().items():
+        if isinstance(value, list) and value and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            if not _NOT_WIDTH.search(name) and not name.endswith(("depths", "layers")):
+                out += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            out.append((name, value))
+    return out
+
+
+def _try_shapes(model_class, config, values: dict[str, Any]) -> Shapes | None:
+    try:
+        with quiet_transformers():
+            return _build_shapes(model_class, _with(config, values))
+    except Exception:  # noqa: BLE001 - a config that refuses the value: not a probe point
+        return None
+
+
+def _moved(base: Shapes, other: Shapes) -> dict[Dim, tuple[int, int]] | None:
+    """Dimensions whose size differs; None when the weights themselves differ (a count)."""
+    if set(base) != set(other):
+        return None
+    moved = {}
+    for name, shape in base.items():
+        if len(shape) != len(other[name]):
+            return None
+        for d, (a, b) in enumerate(zip(shape, other[name])):
+            if a != b:
+                moved[(name, d)] = (a, b)
+    return moved
+
+
+def _probe_points(name: str, value: Any) -> list[tuple[int, int]]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        if value < 1 or _NOT_WIDTH.search(name):
+            return []
+        points = [(value, 2 * value)]
+        if value >= 2:
+            points.append((value, value // 2))
+        return points
+    if value is None and _UNSET_WIDTH.search(name) and not _NOT_WIDTH.search(name):
+        return [(64, 128), (48, 96)]
+    return []
+
+
+def probe_config(model_class, config) -> ConfigMap:
+    """Build `model_class` on meta with each width field of `config` changed in turn."""
+    key = (model_class.__module__, model_class.__name__,
+           json.dumps(config.to_dict(), sort_keys=True, default=str))
+    if key not in _PROBED:
+        if len(_PROBED) >= 8:
+            _PROBED.pop(next(iter(_PROBED)))
+        _PROBED[key] = _probe(model_class, config)
+    return _PROBED[key]
+
+
+_PROBED: dict[tuple, ConfigMap] = {}
+
+
+def _probe(model_class, config) -> ConfigMap:
+    base = _build_shapes(model_class, config)
+    fields: dict[str, FieldEffect] = {}
+    for name, value in _width_fields(config):
+        for x0, x1 in _probe_points(name, value):
+            at0 = base if value is not None else _try_shapes(model_class, config, {name: x0})
+            at1 = _try_shapes(model_class, config, {name: x1})
+            if at0 is None or at1 is None:
+                continue
+            moved = _moved(at0, at1)
+            if moved is None:
+                break  # the field adds or removes weights: not a width
+            if moved:
+                fields[name] = FieldEffect(name, value, x0, x1, moved)
+            break
+    return ConfigMap(type(config).__name__, base, fields)
+
+
+@dataclass
+class Constraints:
+    """What a config lets a plan change: groups kept whole (with the reason) and tied."""
+
+    keep: dict[str, str]  # group name -> why it stays whole
+    ties: list[list[str]]  # groups that one field sets together (same count each)
+    fixed: dict[str, str]  # field -> why it cannot change
+    free: list[str]  # fields that can change
+
+
+def head_sizes(structure) -> dict[Dim, int]:
+    """Member dimension -> head size, for groups split into heads (blocks (A, B))."""
+    out = {}
+    for g in structure.groups:
+        if g.blocks:
+            for slots in g.slots.values():
+                out[(slots.member.param, slots.member.dim)] = g.blocks[1]
+    return out
+
+
+def field_roles(cmap: ConfigMap, heads: dict[Dim, int]) -> dict[str, str]:
+    """Field -> why it cannot change ('' when it can): it sets or derives a head size."""
+    roles = {}
+    for f in cmap.fields.values():
+        why = ""
+        for dim, (s0, s1) in f.dims.items():
+            size = heads.get(dim)
+            if size is None:
+                continue
+            if f.base == size:
+                why = f"{f.name} is the head size"
+                break
+            if f.base is None or s0 != f.base * size or s1 != f.x1 * size:
+                why = f"{f.name} sets the head size (heads of {size} in {dim[0]})"
+                break
+        roles[f.name] = why
+    return roles
+
+
+def constraints(cmap: ConfigMap, groups: list, inside_heads) -> Constraints:
+    """Which of `groups` (GroupInfo of the plan's block mode) a config can describe shrunk.
+
+    `inside_heads`: the structure with heads split into channels (block sizes come from it).
+    """
+    name = cmap.config_name
+    roles = field_roles(cmap, head_sizes(inside_heads))
+    fixed = {f: why for f, why in roles.items() if why}
+    owner: dict[Dim, str] = {}
+    for g in groups:
+        for slots in g.slots.values():
+            owner[(slots.member.param, slots.member.dim)] = g.name
+    keep: dict[str, str] = {}
+    for g in groups:
+        if g.blocks and not g.whole_blocks:
+            keep[g.name] = (f"{name} has one head size: channels inside heads cannot shrink "
+                            "(--reshape-channel-axis -2 prunes whole heads)")
+            continue
+        for slots in g.slots.values():
+            dim = (slots.member.param, slots.member.dim)
+            movers = cmap.by_dim.get(dim, [])
+            if not movers:
+                keep[g.name] = f"no field of {name} sets dimension {dim[1]} of {dim[0]}"
+                break
+            free = [f for f in movers if f not in fixed]
+            if not free:
+                keep[g.name] = f"{name} cannot change it: {fixed[movers[0]]}"
+                break
+    # a free field setting several groups ties them; one kept group keeps its whole tie
+    parent = {g.name: g.name for g in groups}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    by_name = {g.name: g for g in groups}
+    uneven: dict[str, str] = {}  # a group -> why its tie cannot lose equal counts
+    for f in cmap.fields.values():
+        if f.name in fixed:
+            continue
+        touched = sorted({owner[d] for d in f.dims if d in owner}, key=list(parent).index)
+        for other in touched[1:]:
+            parent[root(other)] = root(touched[0])
+        # equal counts need each group to move the field by the same amount per channel
+        steps = {}
+        for dim, (s0, s1) in f.dims.items():
+            if dim in owner:
+                g = by_name[owner[dim]]
+                per_channel = _slots_per_channel(g, dim)
+                steps.setdefault(g.name, set()).add(
+                    per_channel * (f.x1 - f.x0) / (s1 - s0) if s1 != s0 else 0)
+        if len({x for v in steps.values() for x in v}) > 1:
+            for g_name in steps:
+                uneven[g_name] = (f"{name}'s {f.name} sets {', '.join(sorted(steps))} in "
+                                  "proportions that equal channel counts do not keep")
+    classes: dict[str, list[str]] = {}
+    for g in groups:
+        classes.setdefault(root(g.name), []).append(g.name)
+    ties = []
+    for members in classes.values():
+        kept = [m for m in members if m in keep]
+        bad = [m for m in members if m in uneven]
+        if kept or bad:
+            for m in members:
+                keep.setdefault(m, uneven[bad[0]] if bad else
+                                f"tied by a field of {name} to {kept[0]}, which stays whole")
+        elif len(members) > 1:
+            ties.append(members)
+    return Constraints(keep, ties, fixed, [f for f in cmap.fields if f not in fixed])
+
+
+def _slots_per_channel(group, dim: Dim) -> float:
+    for slots in group.slots.values():
+        if (slots.member.param, slots.member.dim) == dim:
+            return len(slots.slot_index) / max(group.channels, 1)
+    return 1.0
+
+
+class Unsolvable(Exception):
+    """No config of the class gives the pruned shapes (the message is the one-line reason)."""
+
+
+def solve_config(model_class, config, shapes: Shapes, fixed: set[str] = frozenset()):
+    """A config of the same class whose model has exactly `shapes` (names present in both).
+
+    Each field's candidates are its value and the values each dimension it moves implies;
+    combinations with the fewest changed fields are built first."""
+    cmap = probe_config(model_class, config)
+    candidates: dict[str, list[int | None]] = {}
+    for f in cmap.fields.values():
+        if f.name in fixed:
+            continue
+        options: list[int | None] = []
+        for dim in f.dims:
+            if dim[0] in shapes and dim[1] < len(shapes[dim[0]]):
+                size = shapes[dim[0]][dim[1]]
+                if size != cmap.shapes.get(dim[0], (None,) * (dim[1] + 1))[dim[1]]:
+                    value = f.value_for(dim, size)
+                    if value is not None and value != f.base and value not in options:
+                        options.append(value)
+        if options:
+            candidates[f.name] = options
+    mismatch = _mismatch(cmap.shapes, shapes)
+    if mismatch is None:
+        return config
+    if not candidates:
+        raise Unsolvable(_mismatch_line(cmap.config_name, mismatch, cmap))
+    names = list(candidates)
+    tried = 0
+    last = mismatch
+    for changed in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, changed):
+            for values in itertools.product(*(candidates[n] for n in subset)):
+                tried += 1
+                if tried > _MAX_SEARCH:
+                    raise Unsolvable(_mismatch_line(cmap.config_name, last, cmap))
+                update = dict(zip(subset, values))
+                try:
+                    with quiet_transformers():
+                        new = _with(config, update)
+                    built = _build_shapes(model_class, new)
+                except Exception:  # noqa: BLE001 - the config refuses these values
+                    continue
+                last = _mismatch(built, shapes)
+                if last is None:
+                    return new
+    raise Unsolvable(_mismatch_line(cmap.config_name, last, cmap))
+
+
+def _mismatch(expected: Shapes, shapes: Shapes) -> tuple[str, tuple, tuple] | None:
+    for name, shape in shapes.items():
+        if name in expected and expected[name] != shape:
+            return name, shape, expected[name]
+    return None
+
+
+def _mismatch_line(config_name: str, mismatch, cmap: ConfigMap) -> str:
+    name, shape, implied = mismatch
+    movers = sorted({f for (p, _), fs in cmap.by_dim.items() if p == name for f in fs})
+    which = (f"set by {', '.join(movers)}" if movers else "no field sets its pruned dimension")
+    return (f"{config_name} cannot describe {name} of shape {list(shape)} (the config implies "
+            f"{list(implied)}; {which})")
