@@ -87,6 +87,16 @@ class ConfigMap:
     config_name: str
     shapes: Shapes
     fields: dict[str, FieldEffect]
+    # boolean switches that add parameters (Llama's mlp_bias): field -> the names it adds
+    switches: dict[str, list[str]] = field(default_factory=dict)
+
+    def switch_for(self, names) -> dict[str, bool]:
+        """The switches to turn on so that the model holds every one of `names` (those it
+        lacks); empty when no set of switches adds them all."""
+        missing = {n for n in names if n not in self.shapes}
+        on = {f: True for f, added in self.switches.items() if missing & set(added)}
+        covered = {n for f in on for n in self.switches[f]}
+        return on if missing and missing <= covered else {}
 
     @functools.cached_property
     def by_dim(self) -> dict[Dim, list[str]]:
@@ -201,7 +211,13 @@ def _probe(model_class, config) -> ConfigMap:
             if moved:
                 fields[name] = FieldEffect(name, value, x0, x1, moved)
             break
-    return ConfigMap(type(config).__name__, base, fields)
+    switches = {}
+    for name, value in config.to_dict().items():
+        if value is False and "bias" in name:
+            on = _try_shapes(model_class, config, {name: True})
+            if on is not None and set(base) < set(on):
+                switches[name] = sorted(set(on) - set(base))
+    return ConfigMap(type(config).__name__, base, fields, switches)
 
 
 @dataclass

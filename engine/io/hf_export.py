@@ -151,6 +151,9 @@ def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None):
         values.update(depth)
         config = type(config).from_dict(values)
     shapes = {k: tuple(v.shape) for k, v in _hf_weights(hf, module).items()}
+    switches = probe_config(_model_class(hf), config).switch_for(shapes)
+    if switches:  # recovery added biases the config's own switches describe
+        config = type(config).from_dict({**config.to_dict(), **switches})
     fixed: set[str] = set()
     if analysis is not None:  # a head's size stays, whatever shapes could also be read
         roles = field_roles(probe_config(_model_class(hf), config),
@@ -222,9 +225,30 @@ def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
                if k not in loaded and v.data_ptr() not in loaded_ptrs]
     persistent_params = {k for k, _ in fresh.named_parameters()}
     missing = [k for k in missing if k in persistent_params]
+    # biases a config switch turned on (recovery corrected some of them): zero elsewhere
+    switched = {n for added in probe_config(_model_class(hf), hf.config).switches.values()
+                for n in added}
+    with torch.no_grad():
+        for k in [k for k in missing if k in switched]:
+            fresh.get_parameter(k).zero_()
+    missing = [k for k in missing if k not in switched]
     if missing:
         raise NotDescribable(f"the pruned model has no weight for {missing[0]}")
     return fresh
+
+
+def parameter_places(hf: HFSource):
+    """For recovery: parameter name -> why the architecture has no place for it (None: it
+    has one, or a config switch such as ``mlp_bias`` adds it)."""
+    cmap = probe_config(_model_class(hf), hf.config)
+
+    def why(name: str) -> str | None:
+        if name in cmap.shapes or cmap.switch_for([name]):
+            return None
+        return (f"{hf.model_class} has no {name} and no {cmap.config_name} switch adds one "
+                "(hf/ stays loadable)")
+
+    return why
 
 
 def write_hf(result, folder: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch
 from engine.errors import OptionError, PruneScopeError
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import as_data
+from engine.io.hf_export import parameter_places
 from engine.quality.recovery import bias, bn, data, distill, lsq, norm
 from engine.quality.recovery.lockstep import Context, Layout
 
@@ -134,6 +135,8 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         from engine.transform.apply import pruned_roots
 
         ctx = Context(original, module, Layout(structure, pruned_roots(structure, result.plan)))
+        if analysis.captured.hf is not None:  # hf/ is written: keep the folder loadable
+            ctx.may_add = parameter_places(analysis.captured.hf)
         light = fit.take(torch.arange(_light_samples(len(fit), batch)))
         say(f"recovery: {', '.join(wanted)}", 0.0)
         for name in wanted:
@@ -180,6 +183,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "methods": applied,
         "skipped": skipped,
         "layers": changed,
+        **({"skipped_layers": ctx.skipped} if wanted and ctx.skipped else {}),
         "seconds": round(time.monotonic() - start, 3),
         "metric": metric_name,
         "metric_before": before,
