@@ -24,6 +24,7 @@ import contextlib
 import functools
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -153,14 +154,13 @@ def _try_shapes(model_class, config, values: dict[str, Any]) -> Shapes | None:
         return None
 
 
-def _moved(base: Shapes, other: Shapes) -> dict[Dim, tuple[int, int]] | None:
-    """Dimensions whose size differs; None when the weights themselves differ (a count)."""
-    if set(base) != set(other):
-        return None
+def _moved(base: Shapes, other: Shapes) -> dict[Dim, tuple[int, int]]:
+    """Dimensions of the weights both hold whose size differs (a field may also add or remove
+    weights, e.g. a shortcut projection where two widths stop being equal)."""
     moved = {}
     for name, shape in base.items():
-        if len(shape) != len(other[name]):
-            return None
+        if name not in other or len(shape) != len(other[name]):
+            continue
         for d, (a, b) in enumerate(zip(shape, other[name])):
             if a != b:
                 moved[(name, d)] = (a, b)
@@ -206,8 +206,6 @@ def _probe(model_class, config) -> ConfigMap:
             if at0 is None or at1 is None:
                 continue
             moved = _moved(at0, at1)
-            if moved is None:
-                break  # the field adds or removes weights: not a width
             if moved:
                 fields[name] = FieldEffect(name, value, x0, x1, moved)
             break
@@ -225,18 +223,24 @@ class Constraints:
     """What a config lets a plan change: groups kept whole (with the reason) and tied."""
 
     keep: dict[str, str]  # group name -> why it stays whole
-    ties: list[list[str]]  # groups that one field sets together (same count each)
+    ties: list[dict[str, float]]  # groups set together: name -> field units per channel
     fixed: dict[str, str]  # field -> why it cannot change
     free: list[str]  # fields that can change
 
 
-def head_sizes(structure) -> dict[Dim, int]:
-    """Member dimension -> head size, for groups split into heads (blocks (A, B))."""
+def head_sizes(inside, whole) -> dict[Dim, int]:
+    """Member dimension -> head size, for attention heads: groups split into blocks (A, B)
+    in `inside` (heads split into channels) whose dimensions are whole heads in `whole`
+    (convolution groups and group norms have blocks too, but their block size is no head's)."""
+    in_whole_heads = {(s.member.param, s.member.dim) for g in whole.groups if g.whole_blocks
+                      for s in g.slots.values()}
     out = {}
-    for g in structure.groups:
+    for g in inside.groups:
         if g.blocks:
             for slots in g.slots.values():
-                out[(slots.member.param, slots.member.dim)] = g.blocks[1]
+                dim = (slots.member.param, slots.member.dim)
+                if dim in in_whole_heads:
+                    out[dim] = g.blocks[1]
     return out
 
 
@@ -259,13 +263,13 @@ def field_roles(cmap: ConfigMap, heads: dict[Dim, int]) -> dict[str, str]:
     return roles
 
 
-def constraints(cmap: ConfigMap, groups: list, inside_heads) -> Constraints:
+def constraints(cmap: ConfigMap, groups: list, heads: dict[Dim, int]) -> Constraints:
     """Which of `groups` (GroupInfo of the plan's block mode) a config can describe shrunk.
 
-    `inside_heads`: the structure with heads split into channels (block sizes come from it).
+    `heads`: the head size of each attention dimension (:func:`head_sizes`).
     """
     name = cmap.config_name
-    roles = field_roles(cmap, head_sizes(inside_heads))
+    roles = field_roles(cmap, heads)
     fixed = {f: why for f, why in roles.items() if why}
     owner: dict[Dim, str] = {}
     for g in groups:
@@ -273,7 +277,8 @@ def constraints(cmap: ConfigMap, groups: list, inside_heads) -> Constraints:
             owner[(slots.member.param, slots.member.dim)] = g.name
     keep: dict[str, str] = {}
     for g in groups:
-        if g.blocks and not g.whole_blocks:
+        if g.blocks and not g.whole_blocks and any(
+                (x.member.param, x.member.dim) in heads for x in g.slots.values()):
             keep[g.name] = (f"{name} has one head size: channels inside heads cannot shrink "
                             "(--reshape-channel-axis -2 prunes whole heads)")
             continue
@@ -297,25 +302,35 @@ def constraints(cmap: ConfigMap, groups: list, inside_heads) -> Constraints:
         return x
 
     by_name = {g.name: g for g in groups}
-    uneven: dict[str, str] = {}  # a group -> why its tie cannot lose equal counts
+    # each group's field units per channel removed: groups one field sets must lose counts
+    # in that proportion (ConvNeXt's MLP is 4 x hidden_sizes[i]: 4 inner channels per one)
+    units: dict[str, float] = {}
+    uneven: dict[str, str] = {}  # a group -> why its tie keeps no proportion
     for f in cmap.fields.values():
         if f.name in fixed:
             continue
-        touched = sorted({owner[d] for d in f.dims if d in owner}, key=list(parent).index)
-        for other in touched[1:]:
-            parent[root(other)] = root(touched[0])
-        # equal counts need each group to move the field by the same amount per channel
-        steps = {}
+        steps: dict[str, set[float]] = {}
         for dim, (s0, s1) in f.dims.items():
             if dim in owner:
                 g = by_name[owner[dim]]
-                per_channel = _slots_per_channel(g, dim)
                 steps.setdefault(g.name, set()).add(
-                    per_channel * (f.x1 - f.x0) / (s1 - s0) if s1 != s0 else 0)
-        if len({x for v in steps.values() for x in v}) > 1:
+                    _slots_per_channel(g, dim) * (f.x1 - f.x0) / (s1 - s0))
+        touched = sorted(steps, key=list(parent).index)
+        for other in touched[1:]:
+            parent[root(other)] = root(touched[0])
+        if any(len(v) > 1 for v in steps.values()):
             for g_name in steps:
-                uneven[g_name] = (f"{name}'s {f.name} sets {', '.join(sorted(steps))} in "
-                                  "proportions that equal channel counts do not keep")
+                uneven[g_name] = (f"{name}'s {f.name} sets the members of {g_name} in "
+                                  "different proportions")
+            continue
+        known = [g for g in touched if g in units]
+        scale = units[known[0]] / next(iter(steps[known[0]])) if known else 1.0
+        for g_name in touched:
+            unit = next(iter(steps[g_name])) * scale
+            if g_name in units and not math.isclose(units[g_name], unit, rel_tol=1e-9):
+                uneven[g_name] = (f"{name}'s fields set {g_name} in proportions that "
+                                  "contradict each other")
+            units.setdefault(g_name, unit)
     classes: dict[str, list[str]] = {}
     for g in groups:
         classes.setdefault(root(g.name), []).append(g.name)
@@ -328,7 +343,7 @@ def constraints(cmap: ConfigMap, groups: list, inside_heads) -> Constraints:
                 keep.setdefault(m, uneven[bad[0]] if bad else
                                 f"tied by a field of {name} to {kept[0]}, which stays whole")
         elif len(members) > 1:
-            ties.append(members)
+            ties.append({m: units.get(m, 1.0) for m in members})
     return Constraints(keep, ties, fixed, [f for f in cmap.fields if f not in fixed])
 
 

@@ -51,7 +51,12 @@ def config_constraints(analysis, whole_blocks: bool) -> Constraints:
     """What the model's config lets a plan of this block mode change (engine/io/hf_config)."""
     hf = analysis.captured.hf
     cmap = probe_config(_model_class(hf), hf.config)
-    return constraints(cmap, analysis.prunable_groups(whole_blocks), analysis.structure(False))
+    return constraints(cmap, analysis.prunable_groups(whole_blocks), attention_heads(analysis))
+
+
+def attention_heads(analysis) -> dict[tuple[str, int], int]:
+    """Head size of each attention weight dimension of the analysed model."""
+    return head_sizes(analysis.structure(False), analysis.structure(True))
 
 
 def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
@@ -128,9 +133,11 @@ def check_heads(result) -> None:
     """Channels pruned inside attention heads change the head size of some projections only,
     and the attention scale stays the original one; no config here has a field for that."""
     structure = result.analysis.structure(result.plan.options.prunes_whole_blocks)
+    heads = attention_heads(result.analysis)
     for gp in result.plan.groups:
         info = structure.group(gp.name)
-        if len(gp.pruned) and info.blocks and not info.whole_blocks:
+        if len(gp.pruned) and info.blocks and not info.whole_blocks and any(
+                (x.member.param, x.member.dim) in heads for x in info.slots.values()):
             heads, size = info.blocks
             kept = size - len(gp.pruned) // heads
             config_name = type(result.analysis.captured.hf.config).__name__
@@ -156,8 +163,7 @@ def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None):
         config = type(config).from_dict({**config.to_dict(), **switches})
     fixed: set[str] = set()
     if analysis is not None:  # a head's size stays, whatever shapes could also be read
-        roles = field_roles(probe_config(_model_class(hf), config),
-                            head_sizes(analysis.structure(False)))
+        roles = field_roles(probe_config(_model_class(hf), config), attention_heads(analysis))
         fixed = {name for name, why in roles.items() if why}
     try:
         return solve_config(_model_class(hf), config, shapes, fixed)
