@@ -263,14 +263,51 @@ def field_roles(cmap: ConfigMap, heads: dict[Dim, int]) -> dict[str, str]:
     return roles
 
 
-def constraints(cmap: ConfigMap, groups: list, heads: dict[Dim, int]) -> Constraints:
+def computed_with(cmap: ConfigMap, constants: set[float]) -> dict[str, str]:
+    """Fields whose value the model computes with, not only shapes: a constant of the graph
+    is its square root, inverse square root or inverse (Gemma scales embeddings by
+    sqrt(hidden_size)); a smaller config would change that number."""
+    out = {}
+    for f in cmap.fields.values():
+        if not f.base:
+            continue
+        forms = {"sqrt({})": f.base ** 0.5, "1/sqrt({})": f.base ** -0.5, "1/{}": 1 / f.base}
+        for form, x in forms.items():
+            if any(math.isclose(c, x, rel_tol=1e-6) for c in constants):
+                out[f.name] = (f"the model computes with {form.format(f.name)} = {x:.6g} (a constant "
+                               "of the graph), which a smaller config would change")
+                break
+    return out
+
+
+def graph_constants(gm) -> set[float]:
+    """Float scalars of a graph: arguments and 0-d tensors it reads (buffers, constants)."""
+    out: set[float] = set()
+    for node in gm.graph.nodes:
+        for arg in (*node.args, *node.kwargs.values()):
+            if isinstance(arg, float) and math.isfinite(arg) and arg != 0:
+                out.add(arg)
+        if node.op == "get_attr":
+            obj = gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, torch.Tensor) and obj.dim() == 0 and obj.is_floating_point():
+                out.add(float(obj))
+    return out
+
+
+def constraints(cmap: ConfigMap, groups: list, heads: dict[Dim, int],
+                constants: set[float] = frozenset()) -> Constraints:
     """Which of `groups` (GroupInfo of the plan's block mode) a config can describe shrunk.
 
-    `heads`: the head size of each attention dimension (:func:`head_sizes`).
+    `heads`: the head size of each attention dimension (:func:`head_sizes`); `constants`:
+    the float constants of the graph (:func:`graph_constants`).
     """
     name = cmap.config_name
     roles = field_roles(cmap, heads)
     fixed = {f: why for f, why in roles.items() if why}
+    for f, why in computed_with(cmap, set(constants)).items():
+        fixed.setdefault(f, why)
     owner: dict[Dim, str] = {}
     for g in groups:
         for slots in g.slots.values():

@@ -31,6 +31,7 @@ from engine.io.hf_config import (
     Unsolvable,
     constraints,
     field_roles,
+    graph_constants,
     head_sizes,
     probe_config,
     quiet_transformers,
@@ -51,7 +52,8 @@ def config_constraints(analysis, whole_blocks: bool) -> Constraints:
     """What the model's config lets a plan of this block mode change (engine/io/hf_config)."""
     hf = analysis.captured.hf
     cmap = probe_config(_model_class(hf), hf.config)
-    return constraints(cmap, analysis.prunable_groups(whole_blocks), attention_heads(analysis))
+    return constraints(cmap, analysis.prunable_groups(whole_blocks), attention_heads(analysis),
+                       graph_constants(analysis.gm))
 
 
 def attention_heads(analysis) -> dict[tuple[str, int], int]:
