@@ -274,8 +274,8 @@ def computed_with(cmap: ConfigMap, constants: set[float]) -> dict[str, str]:
         forms = {"sqrt({})": f.base ** 0.5, "1/sqrt({})": f.base ** -0.5, "1/{}": 1 / f.base}
         for form, x in forms.items():
             if any(math.isclose(c, x, rel_tol=1e-6) for c in constants):
-                out[f.name] = (f"the model computes with {form.format(f.name)} = {x:.6g} (a constant "
-                               "of the graph), which a smaller config would change")
+                out[f.name] = (f"the model computes with {form.format(f.name)} = {x:.6g} "
+                               "(a constant of the graph), which a smaller config would change")
                 break
     return out
 
@@ -396,62 +396,68 @@ class Unsolvable(Exception):
 
 
 def solve_config(model_class, config, shapes: Shapes, fixed: set[str] = frozenset()):
-    """A config of the same class whose model has exactly `shapes` (names present in both).
+    """A config of the same class whose model has exactly `shapes` (names present in both)."""
+    sizes = {(name, d): n for name, shape in shapes.items() for d, n in enumerate(shape)}
+    new, wrong = solve_dims(model_class, config, sizes, fixed)
+    if new is None:
+        raise Unsolvable(_mismatch_line(probe_config(model_class, config), wrong[0], sizes,
+                                        shapes))
+    return new
+
+
+def solve_dims(model_class, config, sizes: dict[Dim, int], fixed: set[str] = frozenset()):
+    """(config, []) for a config of the same class whose model has these dimension sizes
+    (weights present in both), else (None, the dimensions the closest candidate gets wrong).
 
     Each field's candidates are its value and the values each dimension it moves implies;
     combinations with the fewest changed fields are built first."""
     cmap = probe_config(model_class, config)
-    candidates: dict[str, list[int | None]] = {}
+    candidates: dict[str, list[int]] = {}
     for f in cmap.fields.values():
         if f.name in fixed:
             continue
-        options: list[int | None] = []
+        options: list[int] = []
         for dim in f.dims:
-            if dim[0] in shapes and dim[1] < len(shapes[dim[0]]):
-                size = shapes[dim[0]][dim[1]]
-                if size != cmap.shapes.get(dim[0], (None,) * (dim[1] + 1))[dim[1]]:
-                    value = f.value_for(dim, size)
-                    if value is not None and value != f.base and value not in options:
-                        options.append(value)
+            if dim in sizes and sizes[dim] != cmap.shapes[dim[0]][dim[1]]:
+                value = f.value_for(dim, sizes[dim])
+                if value is not None and value != f.base and value not in options:
+                    options.append(value)
         if options:
             candidates[f.name] = options
-    mismatch = _mismatch(cmap.shapes, shapes)
-    if mismatch is None:
-        return config
-    if not candidates:
-        raise Unsolvable(_mismatch_line(cmap.config_name, mismatch, cmap))
+    best = _wrong(cmap.shapes, sizes)
+    if not best:
+        return config, []
     names = list(candidates)
     tried = 0
-    last = mismatch
     for changed in range(1, len(names) + 1):
         for subset in itertools.combinations(names, changed):
             for values in itertools.product(*(candidates[n] for n in subset)):
                 tried += 1
                 if tried > _MAX_SEARCH:
-                    raise Unsolvable(_mismatch_line(cmap.config_name, last, cmap))
-                update = dict(zip(subset, values))
+                    return None, best
                 try:
                     with quiet_transformers():
-                        new = _with(config, update)
+                        new = _with(config, dict(zip(subset, values)))
                     built = _build_shapes(model_class, new)
                 except Exception:  # noqa: BLE001 - the config refuses these values
                     continue
-                last = _mismatch(built, shapes)
-                if last is None:
-                    return new
-    raise Unsolvable(_mismatch_line(cmap.config_name, last, cmap))
+                wrong = _wrong(built, sizes)
+                if not wrong:
+                    return new, []
+                if len(wrong) < len(best):
+                    best = wrong
+    return None, best
 
 
-def _mismatch(expected: Shapes, shapes: Shapes) -> tuple[str, tuple, tuple] | None:
-    for name, shape in shapes.items():
-        if name in expected and expected[name] != shape:
-            return name, shape, expected[name]
-    return None
+def _wrong(shapes: Shapes, sizes: dict[Dim, int]) -> list[Dim]:
+    return [(p, d) for (p, d), n in sizes.items()
+            if p in shapes and d < len(shapes[p]) and shapes[p][d] != n]
 
 
-def _mismatch_line(config_name: str, mismatch, cmap: ConfigMap) -> str:
-    name, shape, implied = mismatch
-    movers = sorted({f for (p, _), fs in cmap.by_dim.items() if p == name for f in fs})
-    which = (f"set by {', '.join(movers)}" if movers else "no field sets its pruned dimension")
-    return (f"{config_name} cannot describe {name} of shape {list(shape)} (the config implies "
-            f"{list(implied)}; {which})")
+def _mismatch_line(cmap: ConfigMap, dim: Dim, sizes: dict[Dim, int], shapes: Shapes) -> str:
+    name, d = dim
+    movers = sorted(cmap.by_dim.get(dim, []))
+    which = (f"set by {', '.join(movers)}" if movers else "no field sets it")
+    return (f"{cmap.config_name} cannot describe {name} of shape {list(shapes[name])} "
+            f"(dimension {d}: the config implies {cmap.shapes[name][d]}, {which}; no "
+            "combination of its fields gives every pruned size)")

@@ -19,9 +19,11 @@ import math
 import os
 import re
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.graph.outputs import tensor_leaves
@@ -36,6 +38,7 @@ from engine.io.hf_config import (
     probe_config,
     quiet_transformers,
     solve_config,
+    solve_dims,
 )
 from engine.io.hf_depth import config_update, renumber
 from engine.transform.exactness import exact_tolerance
@@ -63,7 +66,51 @@ def attention_heads(analysis) -> dict[tuple[str, int], int]:
 
 def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
     """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
-    return config_constraints(analysis, whole_blocks).keep
+    found = _FOUND_BY_SOLVING.get(analysis, {}).get(whole_blocks, {})
+    return {**config_constraints(analysis, whole_blocks).keep, **found}
+
+
+# groups a uniform plan had to keep after solving its config failed, per analysis and mode
+_FOUND_BY_SOLVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def planned_sizes(analysis, plan) -> dict[tuple[str, int], int]:
+    """The size each pruned member dimension will have once `plan` is applied."""
+    hf = analysis.captured.hf
+    shapes = probe_config(_model_class(hf), hf.config).shapes
+    structure = analysis.structure(plan.options.prunes_whole_blocks)
+    sizes = {}
+    for gp in plan.groups:
+        if not len(gp.pruned):
+            continue
+        for slots in structure.group(gp.name).slots.values():
+            param, dim = slots.member.param, slots.member.dim
+            if param in shapes and dim < len(shapes[param]):
+                removed = int(np.isin(slots.channel, gp.pruned).sum())
+                sizes[(param, dim)] = shapes[param][dim] - removed
+    return sizes
+
+
+def keep_to_describe(analysis, plan) -> dict[str, str]:
+    """Groups `plan` must keep whole so that a config can describe it (empty: it can): those
+    owning the dimensions that the closest config solved from the planned sizes gets wrong.
+    The reasons are remembered for the report (:func:`groups_config_keeps`)."""
+    hf = analysis.captured.hf
+    cls = _model_class(hf)
+    roles = field_roles(probe_config(cls, hf.config), attention_heads(analysis))
+    sizes = planned_sizes(analysis, plan)
+    new, wrong = solve_dims(cls, hf.config, sizes, {f for f, why in roles.items() if why})
+    if new is not None:
+        return {}
+    whole = plan.options.prunes_whole_blocks
+    structure = analysis.structure(whole)
+    owner = {(x.member.param, x.member.dim): gp.name for gp in plan.groups if len(gp.pruned)
+             for x in structure.group(gp.name).slots.values()}
+    name = type(hf.config).__name__
+    keep = {owner[d]: (f"no {name} gives {d[0]} dimension {d[1]} the size {sizes[d]} together "
+                       "with the rest of the plan") for d in wrong if d in owner}
+    _FOUND_BY_SOLVING.setdefault(analysis, {}).setdefault(whole, {}).update(keep)
+    return keep
 
 
 def count_adjuster(analysis, options):

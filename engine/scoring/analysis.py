@@ -276,6 +276,9 @@ def analyze(model: Any, example_inputs: tuple | None = None, **load_kwargs) -> A
     return Analysis(load_model(model, example_inputs, **load_kwargs))
 
 
+_DESCRIBE_ROUNDS = 8  # re-plans of --uniform for a transformers config, at most
+
+
 def plan(
     analysis: Analysis,
     options: PruningOptions | dict | None = None,
@@ -304,16 +307,22 @@ def plan(
         from engine.scoring.uniform import uniform_plan
 
         pinned = [pinned] if isinstance(pinned, str) else list(pinned)
-        adjust = None
-        ties: list[list[str]] = []
-        if analysis.captured.hf is not None:
-            from engine.io.hf_export import config_constraints, count_adjuster
+        if analysis.captured.hf is None:
+            return uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                                removals=removals)
+        from engine.io.hf_export import config_constraints, count_adjuster, keep_to_describe
 
-            limits = config_constraints(analysis, options.prunes_whole_blocks)
-            pinned += sorted(set(limits.keep) - set(pinned))
-            ties = limits.ties
-            adjust = count_adjuster(analysis, options)
-        return uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
-                            removals=removals, adjust=adjust, ties=ties)
+        limits = config_constraints(analysis, options.prunes_whole_blocks)
+        pinned += sorted(set(limits.keep) - set(pinned))
+        adjust = count_adjuster(analysis, options)
+        # groups no config describes together with the rest stay whole; plan again
+        for _ in range(_DESCRIBE_ROUNDS):
+            the_plan = uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                                    removals=removals, adjust=adjust, ties=limits.ties)
+            more = sorted(set(keep_to_describe(analysis, the_plan)) - set(pinned))
+            if not more:
+                break
+            pinned += more
+        return the_plan
     return make_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
                      removals=removals)
