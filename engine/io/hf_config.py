@@ -66,14 +66,18 @@ class FieldEffect:
     """One config field and the dimensions it moves: (size at x0, size at x1)."""
 
     name: str
-    base: int | None  # the config's value (None: unset, derived by the config)
-    x0: int
-    x1: int
+    base: int | float | None  # the config's value (None: unset, derived by the config)
+    x0: int | float
+    x1: int | float
     dims: dict[Dim, tuple[int, int]] = field(default_factory=dict)
 
-    def value_for(self, dim: Dim, size: int) -> int | None:
-        """The field value that gives `dim` this size (linear), or None if not an integer."""
+    def value_for(self, dim: Dim, size: int) -> int | float | None:
+        """The field value that gives `dim` this size (linear), or None if not an integer
+        (a float field, a ratio, takes the exact quotient)."""
         s0, s1 = self.dims[dim]
+        if isinstance(self.x0, float):
+            value = self.x0 * size / s0 if s0 else None
+            return value if value and value > 0 else None
         num = (size - s0) * (self.x1 - self.x0)
         if num % (s1 - s0):
             return None
@@ -177,6 +181,8 @@ def _probe_points(name: str, value: Any) -> list[tuple[int, int]]:
         if value >= 2:
             points.append((value, value // 2))
         return points
+    if isinstance(value, float) and value > 0 and name.endswith("_ratio"):
+        return [(value, 2 * value)]  # a width as a multiple of another (Swin's mlp_ratio)
     if value is None and _UNSET_WIDTH.search(name) and not _NOT_WIDTH.search(name):
         return [(64, 128), (48, 96)]
     return []
@@ -269,7 +275,7 @@ def computed_with(cmap: ConfigMap, constants: set[float]) -> dict[str, str]:
     sqrt(hidden_size)); a smaller config would change that number."""
     out = {}
     for f in cmap.fields.values():
-        if not f.base:
+        if not f.base or isinstance(f.base, float):
             continue
         forms = {"sqrt({})": f.base ** 0.5, "1/sqrt({})": f.base ** -0.5, "1/{}": 1 / f.base}
         for form, x in forms.items():
