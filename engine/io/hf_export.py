@@ -326,6 +326,7 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     carried = []
     for name in hf.carried:
         if hf.folder is not None and (hf.folder / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(hf.folder / name, folder / name)
             carried.append(name)
     dtype = _weight_dtype(result.module)
