@@ -463,7 +463,7 @@ def _wrong(shapes: Shapes, sizes: dict[Dim, int]) -> list[Dim]:
 def _mismatch_line(cmap: ConfigMap, dim: Dim, sizes: dict[Dim, int], shapes: Shapes) -> str:
     name, d = dim
     movers = sorted(cmap.by_dim.get(dim, []))
-    which = (f"set by {', '.join(movers)}" if movers else "no field sets it")
+    which = (f"no combination of {', '.join(movers)} gives it together with every other "
+             "pruned size" if movers else "no field of the config sets it")
     return (f"{cmap.config_name} cannot describe {name} of shape {list(shapes[name])} "
-            f"(dimension {d}: the config implies {cmap.shapes[name][d]}, {which}; no "
-            "combination of its fields gives every pruned size)")
+            f"(dimension {d}, {cmap.shapes[name][d]} before pruning: {which})")
