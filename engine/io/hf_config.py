@@ -20,17 +20,20 @@ is *fixed*: every dimension it moves stays.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
 import math
 import re
-from collections.abc import Iterator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+from engine.errors import PruneScopeError
+from engine.io.hf import HFSource, quiet_transformers
 
 Dim = tuple[str, int]  # (parameter name, dimension)
 Shapes = dict[str, tuple[int, ...]]
@@ -44,21 +47,15 @@ _UNSET_WIDTH = re.compile(r"(inner|_size|_dim|ffn|width)$")
 _MAX_SEARCH = 256  # candidate configs built while solving
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No progress bars or advice on stderr while PruneScope builds, saves, reloads models."""
-    from transformers.utils import logging as hf_logging
+class NotDescribable(PruneScopeError):
+    """The config cannot describe the pruned shapes (the message is the one-line reason)."""
 
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+
+def model_class(hf: HFSource):
+    """The transformers class the model was built with."""
+    import transformers
+
+    return getattr(transformers, hf.model_class)
 
 
 @dataclass
@@ -467,3 +464,113 @@ def _mismatch_line(cmap: ConfigMap, dim: Dim, sizes: dict[Dim, int], shapes: Sha
              "pruned size" if movers else "no field of the config sets it")
     return (f"{cmap.config_name} cannot describe {name} of shape {list(shapes[name])} "
             f"(dimension {d}, {cmap.shapes[name][d]} before pruning: {which})")
+
+
+# ---------------------------------------------------------------- planning (--uniform)
+def config_constraints(analysis, whole_blocks: bool) -> Constraints:
+    """What the model's config lets a plan of this block mode change (engine/io/hf_config)."""
+    hf = analysis.captured.hf
+    cmap = probe_config(model_class(hf), hf.config)
+    return constraints(cmap, analysis.prunable_groups(whole_blocks), attention_heads(analysis),
+                       graph_constants(analysis.gm))
+
+
+def attention_heads(analysis) -> dict[tuple[str, int], int]:
+    """Head size of each attention weight dimension of the analysed model."""
+    return head_sizes(analysis.structure(False), analysis.structure(True))
+
+
+def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
+    """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
+    found = _FOUND_BY_SOLVING.get(analysis, {}).get(whole_blocks, {})
+    return {**config_constraints(analysis, whole_blocks).keep, **found}
+
+
+# groups a uniform plan had to keep after solving its config failed, per analysis and mode
+_FOUND_BY_SOLVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def planned_sizes(analysis, plan) -> dict[tuple[str, int], int]:
+    """The size each pruned member dimension will have once `plan` is applied."""
+    hf = analysis.captured.hf
+    shapes = probe_config(model_class(hf), hf.config).shapes
+    structure = analysis.structure(plan.options.prunes_whole_blocks)
+    sizes = {}
+    for gp in plan.groups:
+        if not len(gp.pruned):
+            continue
+        for slots in structure.group(gp.name).slots.values():
+            param, dim = slots.member.param, slots.member.dim
+            if param in shapes and dim < len(shapes[param]):
+                removed = int(np.isin(slots.channel, gp.pruned).sum())
+                sizes[(param, dim)] = shapes[param][dim] - removed
+    return sizes
+
+
+def keep_to_describe(analysis, plan) -> dict[str, str]:
+    """Groups `plan` must keep whole so that a config can describe it (empty: it can): those
+    owning the dimensions that the closest config solved from the planned sizes gets wrong.
+    The reasons are remembered for the report (:func:`groups_config_keeps`)."""
+    hf = analysis.captured.hf
+    cls = model_class(hf)
+    roles = field_roles(probe_config(cls, hf.config), attention_heads(analysis))
+    sizes = planned_sizes(analysis, plan)
+    new, wrong = solve_dims(cls, hf.config, sizes, {f for f, why in roles.items() if why})
+    if new is not None:
+        return {}
+    whole = plan.options.prunes_whole_blocks
+    structure = analysis.structure(whole)
+    owner = {(x.member.param, x.member.dim): gp.name for gp in plan.groups if len(gp.pruned)
+             for x in structure.group(gp.name).slots.values()}
+    name = type(hf.config).__name__
+    keep = {owner[d]: (f"no {name} gives {d[0]} dimension {d[1]} the size {sizes[d]} together "
+                       "with the rest of the plan") for d in wrong if d in owner}
+    _FOUND_BY_SOLVING.setdefault(analysis, {}).setdefault(whole, {}).update(keep)
+    return keep
+
+
+def count_adjuster(analysis, options):
+    """For --uniform where the config requires hidden_size to be a multiple of
+    num_attention_heads while the head size is its own field (LlamaConfig and kin): the hidden
+    stream keeps such a multiple (the heads left after pruning whole heads; the step size too
+    when the step rule is on)."""
+    hf = analysis.captured.hf
+    config = hf.config
+    if not (isinstance(getattr(config, "head_dim", None), int)
+            and isinstance(getattr(config, "num_attention_heads", None), int)
+            and isinstance(getattr(config, "hidden_size", None), int)):
+        return None
+    groups = analysis.prunable_groups(options.prunes_whole_blocks)
+    hidden = next((g.name for g in groups if any(_is_embedding(hf, x) for x in g.layers)), None)
+    heads = [g.name for g in groups
+             if g.whole_blocks and any(x.endswith("q_proj") for x in g.layers)]
+    if hidden is None:
+        return None
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    step = options.step_size if options.step_op != "none" else 1
+
+    def adjust(counts: dict[str, int], sizes: dict[str, int]) -> dict[str, int]:
+        left = n_heads
+        if heads:  # one channel of a heads group: a key/value head with its query heads
+            left = (sizes[heads[0]] - counts[heads[0]]) * (n_heads // n_kv)
+        multiple = math.lcm(left, step)
+        size = sizes[hidden]
+        kept = max((size - counts[hidden]) // multiple * multiple, min(multiple, size))
+        return {**counts, hidden: size - kept}
+
+    return adjust
+
+
+_EMBEDDING = re.compile(r"(word_embeddings|embed_tokens|wte|wpe|patch_embeddings\.projection)$")
+
+
+def _is_embedding(hf: HFSource, layer: str) -> bool:
+    """An embedding layer, or the output layer tied to one (a tied pair may be captured under
+    the output layer's name only)."""
+    if _EMBEDDING.search(layer):
+        return True
+    tied = getattr(model_class(hf), "_tied_weights_keys", None)
+    return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
+            and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
+                                                                .removesuffix(".weight")))

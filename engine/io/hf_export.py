@@ -15,155 +15,34 @@ relative, or the folder is not written. The check goes into ``report.json`` as `
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import shutil
-import weakref
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from engine.graph.outputs import tensor_leaves
-from engine.io.hf import HFSource
+from engine.io.hf import HFSource, quiet_transformers
 from engine.io.hf_config import (
-    Constraints,
+    NotDescribable,
     Unsolvable,
-    constraints,
+    attention_heads,
     field_roles,
-    graph_constants,
-    head_sizes,
+    model_class,
     probe_config,
-    quiet_transformers,
     solve_config,
-    solve_dims,
 )
 from engine.io.hf_depth import config_update, renumber
+from engine.scoring.uniform import families
 from engine.transform.exactness import exact_tolerance
 
 HF_TOLERANCE = 1e-5  # relative: max |hf - pt2| / max |pt2|
 Shapes = dict[str, tuple[int, ...]]
 
 
-class NotDescribable(Exception):
-    """The config cannot describe the pruned shapes (the message is the one-line reason)."""
-
-
-def config_constraints(analysis, whole_blocks: bool) -> Constraints:
-    """What the model's config lets a plan of this block mode change (engine/io/hf_config)."""
-    hf = analysis.captured.hf
-    cmap = probe_config(_model_class(hf), hf.config)
-    return constraints(cmap, analysis.prunable_groups(whole_blocks), attention_heads(analysis),
-                       graph_constants(analysis.gm))
-
-
-def attention_heads(analysis) -> dict[tuple[str, int], int]:
-    """Head size of each attention weight dimension of the analysed model."""
-    return head_sizes(analysis.structure(False), analysis.structure(True))
-
-
-def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
-    """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
-    found = _FOUND_BY_SOLVING.get(analysis, {}).get(whole_blocks, {})
-    return {**config_constraints(analysis, whole_blocks).keep, **found}
-
-
-# groups a uniform plan had to keep after solving its config failed, per analysis and mode
-_FOUND_BY_SOLVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def planned_sizes(analysis, plan) -> dict[tuple[str, int], int]:
-    """The size each pruned member dimension will have once `plan` is applied."""
-    hf = analysis.captured.hf
-    shapes = probe_config(_model_class(hf), hf.config).shapes
-    structure = analysis.structure(plan.options.prunes_whole_blocks)
-    sizes = {}
-    for gp in plan.groups:
-        if not len(gp.pruned):
-            continue
-        for slots in structure.group(gp.name).slots.values():
-            param, dim = slots.member.param, slots.member.dim
-            if param in shapes and dim < len(shapes[param]):
-                removed = int(np.isin(slots.channel, gp.pruned).sum())
-                sizes[(param, dim)] = shapes[param][dim] - removed
-    return sizes
-
-
-def keep_to_describe(analysis, plan) -> dict[str, str]:
-    """Groups `plan` must keep whole so that a config can describe it (empty: it can): those
-    owning the dimensions that the closest config solved from the planned sizes gets wrong.
-    The reasons are remembered for the report (:func:`groups_config_keeps`)."""
-    hf = analysis.captured.hf
-    cls = _model_class(hf)
-    roles = field_roles(probe_config(cls, hf.config), attention_heads(analysis))
-    sizes = planned_sizes(analysis, plan)
-    new, wrong = solve_dims(cls, hf.config, sizes, {f for f, why in roles.items() if why})
-    if new is not None:
-        return {}
-    whole = plan.options.prunes_whole_blocks
-    structure = analysis.structure(whole)
-    owner = {(x.member.param, x.member.dim): gp.name for gp in plan.groups if len(gp.pruned)
-             for x in structure.group(gp.name).slots.values()}
-    name = type(hf.config).__name__
-    keep = {owner[d]: (f"no {name} gives {d[0]} dimension {d[1]} the size {sizes[d]} together "
-                       "with the rest of the plan") for d in wrong if d in owner}
-    _FOUND_BY_SOLVING.setdefault(analysis, {}).setdefault(whole, {}).update(keep)
-    return keep
-
-
-def count_adjuster(analysis, options):
-    """For --uniform where the config requires hidden_size to be a multiple of
-    num_attention_heads while the head size is its own field (LlamaConfig and kin): the hidden
-    stream keeps such a multiple (the heads left after pruning whole heads; the step size too
-    when the step rule is on)."""
-    hf = analysis.captured.hf
-    config = hf.config
-    if not (isinstance(getattr(config, "head_dim", None), int)
-            and isinstance(getattr(config, "num_attention_heads", None), int)
-            and isinstance(getattr(config, "hidden_size", None), int)):
-        return None
-    groups = analysis.prunable_groups(options.prunes_whole_blocks)
-    hidden = next((g.name for g in groups if any(_is_embedding(hf, x) for x in g.layers)), None)
-    heads = [g.name for g in groups
-             if g.whole_blocks and any(x.endswith("q_proj") for x in g.layers)]
-    if hidden is None:
-        return None
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    step = options.step_size if options.step_op != "none" else 1
-
-    def adjust(counts: dict[str, int], sizes: dict[str, int]) -> dict[str, int]:
-        left = n_heads
-        if heads:  # one channel of a heads group: a key/value head with its query heads
-            left = (sizes[heads[0]] - counts[heads[0]]) * (n_heads // n_kv)
-        multiple = math.lcm(left, step)
-        size = sizes[hidden]
-        kept = max((size - counts[hidden]) // multiple * multiple, min(multiple, size))
-        return {**counts, hidden: size - kept}
-
-    return adjust
-
-
-_EMBEDDING = re.compile(r"(word_embeddings|embed_tokens|wte|wpe|patch_embeddings\.projection)$")
-
-
-def _is_embedding(hf: HFSource, layer: str) -> bool:
-    """An embedding layer, or the output layer tied to one (a tied pair may be captured under
-    the output layer's name only)."""
-    if _EMBEDDING.search(layer):
-        return True
-    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
-    return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
-            and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
-                                                                .removesuffix(".weight")))
-
-
 def check_uniform(result) -> None:
     """A config has one size per layer kind: repeated layers must lose the same count."""
-    from engine.scoring.uniform import families
-
     structure = result.analysis.structure(result.plan.options.prunes_whole_blocks)
     pruned = {gp.name: int(gp.pruned.size) for gp in result.plan.groups}
     for names in families(g for g in structure.groups if g.name in pruned):
@@ -207,15 +86,15 @@ def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None):
         values.update(depth)
         config = type(config).from_dict(values)
     shapes = {k: tuple(v.shape) for k, v in _hf_weights(hf, module).items()}
-    switches = probe_config(_model_class(hf), config).switch_for(shapes)
+    switches = probe_config(model_class(hf), config).switch_for(shapes)
     if switches:  # recovery added biases the config's own switches describe
         config = type(config).from_dict({**config.to_dict(), **switches})
     fixed: set[str] = set()
     if analysis is not None:  # a head's size stays, whatever shapes could also be read
-        roles = field_roles(probe_config(_model_class(hf), config), attention_heads(analysis))
+        roles = field_roles(probe_config(model_class(hf), config), attention_heads(analysis))
         fixed = {name for name, why in roles.items() if why}
     try:
-        return solve_config(_model_class(hf), config, shapes, fixed)
+        return solve_config(model_class(hf), config, shapes, fixed)
     except Unsolvable as exc:
         raise NotDescribable(str(exc)[:400]) from None
 
@@ -237,18 +116,12 @@ def _hf_weights(hf: HFSource, module: torch.nn.Module) -> dict[str, torch.Tensor
     weights = {names[k]: v for k, v in weights.items()}
     # a re-captured model (after depth pruning) keeps one name of a tied pair (lm_head.weight
     # for the input embedding too): the config's rules read the embedding under its own name
-    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
+    tied = getattr(model_class(hf), "_tied_weights_keys", None)
     if isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False):
         for target, source in tied.items():
             if source not in weights and target in weights:
                 weights[source] = weights[target]
     return weights
-
-
-def _model_class(hf: HFSource):
-    import transformers
-
-    return getattr(transformers, hf.model_class)
 
 
 def _loader_class(hf: HFSource):
@@ -265,7 +138,7 @@ def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
     # every weight is overwritten below: skip the random initialisation (seconds per billion
     # parameters) and build in the weights' dtype (a bf16 model stays bf16 on disk)
     with quiet_transformers(), no_init_weights():
-        fresh = _model_class(hf)._from_config(new_config, dtype=_weight_dtype(module)).eval()
+        fresh = model_class(hf)._from_config(new_config, dtype=_weight_dtype(module)).eval()
     weights = _hf_weights(hf, module)
     target = fresh.state_dict()
     loaded = {k: v for k, v in weights.items() if k in target}
@@ -281,7 +154,7 @@ def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
     persistent_params = {k for k, _ in fresh.named_parameters()}
     missing = [k for k in missing if k in persistent_params]
     # biases a config switch turned on (recovery corrected some of them): zero elsewhere
-    switched = {n for added in probe_config(_model_class(hf), hf.config).switches.values()
+    switched = {n for added in probe_config(model_class(hf), hf.config).switches.values()
                 for n in added}
     with torch.no_grad():
         for k in [k for k in missing if k in switched]:
@@ -295,7 +168,7 @@ def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
 def parameter_places(hf: HFSource):
     """For recovery: parameter name -> why the architecture has no place for it (None: it
     has one, or a config switch such as ``mlp_bias`` adds it)."""
-    cmap = probe_config(_model_class(hf), hf.config)
+    cmap = probe_config(model_class(hf), hf.config)
 
     def why(name: str) -> str | None:
         if name in cmap.shapes or cmap.switch_for([name]):
