@@ -491,29 +491,39 @@ _FOUND_BY_SOLVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def planned_sizes(analysis, plan) -> dict[tuple[str, int], int]:
-    """The size each pruned member dimension will have once `plan` is applied."""
+    """The size each member dimension will have once `plan` is applied (unpruned ones keep
+    theirs), and the other dimensions of the same weights that no pruned group reads (they
+    keep theirs too: a config that moves them does not describe the plan)."""
     hf = analysis.captured.hf
     shapes = probe_config(model_class(hf), hf.config).shapes
     structure = analysis.structure(plan.options.prunes_whole_blocks)
+    pruned = {gp.name: gp.pruned for gp in plan.groups}
+    reading = {f"{layer}.weight" for gp in plan.groups if len(gp.pruned)
+               for layer in structure.group(gp.name).consumers}
     sizes = {}
-    for gp in plan.groups:
-        if not len(gp.pruned):
-            continue
-        for slots in structure.group(gp.name).slots.values():
+    for g in structure.groups:
+        for slots in g.slots.values():
             param, dim = slots.member.param, slots.member.dim
-            if param in shapes and dim < len(shapes[param]):
-                removed = int(np.isin(slots.channel, gp.pruned).sum())
-                sizes[(param, dim)] = shapes[param][dim] - removed
+            if param not in shapes or dim >= len(shapes[param]):
+                continue
+            gone = pruned.get(g.name)
+            removed = 0 if gone is None else int(np.isin(slots.channel, gone).sum())
+            sizes[(param, dim)] = shapes[param][dim] - removed
+            if param not in reading:
+                for d, n in enumerate(shapes[param]):
+                    sizes.setdefault((param, d), n)
     return sizes
 
 
 def keep_to_describe(analysis, plan) -> dict[str, str]:
     """Groups `plan` must keep whole so that a config can describe it (empty: it can): those
-    owning the dimensions that the closest config solved from the planned sizes gets wrong.
-    The reasons are remembered for the report (:func:`groups_config_keeps`)."""
+    owning the dimensions that the closest config solved from the planned sizes gets wrong,
+    or, for a dimension no pruned group owns, the pruned groups set by the fields that move
+    it. The reasons are remembered for the report (:func:`groups_config_keeps`)."""
     hf = analysis.captured.hf
     cls = model_class(hf)
-    roles = field_roles(probe_config(cls, hf.config), attention_heads(analysis))
+    cmap = probe_config(cls, hf.config)
+    roles = field_roles(cmap, attention_heads(analysis))
     sizes = planned_sizes(analysis, plan)
     new, wrong = solve_dims(cls, hf.config, sizes, {f for f, why in roles.items() if why})
     if new is not None:
@@ -523,8 +533,18 @@ def keep_to_describe(analysis, plan) -> dict[str, str]:
     owner = {(x.member.param, x.member.dim): gp.name for gp in plan.groups if len(gp.pruned)
              for x in structure.group(gp.name).slots.values()}
     name = type(hf.config).__name__
-    keep = {owner[d]: (f"no {name} gives {d[0]} dimension {d[1]} the size {sizes[d]} together "
-                       "with the rest of the plan") for d in wrong if d in owner}
+    keep = {}
+    for d in wrong:
+        if d in owner:
+            keep[owner[d]] = (f"no {name} gives {d[0]} dimension {d[1]} the size {sizes[d]} "
+                              "together with the rest of the plan")
+            continue
+        for field_name in cmap.by_dim.get(d, []):
+            for moved in cmap.fields[field_name].dims:
+                if moved in owner:
+                    keep.setdefault(owner[moved], (
+                        f"{name}'s {field_name} also sets {d[0]} dimension {d[1]}, which "
+                        "the plan keeps"))
     _FOUND_BY_SOLVING.setdefault(analysis, {}).setdefault(whole, {}).update(keep)
     return keep
 
