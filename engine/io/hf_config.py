@@ -268,13 +268,15 @@ def field_roles(cmap: ConfigMap, heads: dict[Dim, int]) -> dict[str, str]:
 
 def computed_with(cmap: ConfigMap, constants: set[float]) -> dict[str, str]:
     """Fields whose value the model computes with, not only shapes: a constant of the graph
-    is its square root, inverse square root or inverse (Gemma scales embeddings by
-    sqrt(hidden_size)); a smaller config would change that number."""
+    is its square root (Gemma scales embeddings by sqrt(hidden_size)); a smaller config would
+    change that number."""
     out = {}
     for f in cmap.fields.values():
         if not f.base or isinstance(f.base, float):
             continue
-        forms = {"sqrt({})": f.base ** 0.5, "1/sqrt({})": f.base ** -0.5, "1/{}": 1 / f.base}
+        # the square root only: small inverses (1/4, 1/sqrt(4)) are the attention scale or
+        # GELU's 0.5 as often as anything a field sets
+        forms = {"sqrt({})": f.base ** 0.5}
         for form, x in forms.items():
             if any(math.isclose(c, x, rel_tol=1e-6) for c in constants):
                 out[f.name] = (f"the model computes with {form.format(f.name)} = {x:.6g} "
