@@ -37,13 +37,16 @@ def _calibration(model: state.LoadedModel) -> Any:
         st.caption("Calibration data: the demo's training split (`assets/demo_calib.npz`); "
                    "the comparison below uses the held-out evaluation set.")
         return "demo"
-    up = st.file_uploader("Calibration data for recovery (.npz with x, optional y)",
-                          type=["npz"], key="upload_calib",
-                          help="Never the evaluation data: quality is measured on that.")
+    up = st.file_uploader("Calibration data for recovery (.npz with x, optional y; or text)",
+                          type=sources.upload_types(), key="upload_calib",
+                          help="Never the evaluation data: quality is measured on that. Text "
+                               "(.txt, .jsonl, .json, .csv, .tsv, .parquet) is tokenized with "
+                               "the model's tokenizer.")
     if up is None:
         return None
     try:
-        return sources.load_upload(up.getvalue(), up.name, flag="calibration data")
+        return sources.load_upload(up.getvalue(), up.name, flag="calibration data",
+                                   model=model.captured)
     except Exception as e:
         show_error(e, "Calibration data")
         return None
@@ -63,7 +66,7 @@ def render(model: state.LoadedModel, run: PruneRun,
     budget = c[1].number_input("Budget (s)", min_value=1, max_value=600, value=30, step=5,
                                key="recover_budget", help="Time for distillation")
     calibration = _calibration(model)
-    if st.button("Recover", key="recover", icon="🩹", disabled=not methods or
+    if st.button("Recover", key="recover", icon=":material/healing:", disabled=not methods or
                  calibration is None):
         files = session_files()
         out_dir = files.subdir(f"recovered-{short(model.key)}-{short(run.signature)}")
@@ -111,4 +114,4 @@ def show_recovery(done: RecoverRun) -> None:
             continue
         col.download_button(f"Download recovered {name}", data=lambda p=path: p.read_bytes(),
                             file_name=f"recovered_{name}", key=f"dl_recovered_{name}",
-                            icon="⬇️", width="stretch", on_click="ignore")
+                            icon=":material/download:", width="stretch", on_click="ignore")

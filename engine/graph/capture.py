@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from engine.graph.safety import (
     verify_checksums,
 )
 from engine.io.hf import example_inputs_for, is_pretrained_model, load_folder, source_of_model
+from engine.threads import TORCH_EXPORT_LOCK
 
 ACCEPTED = (
     "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
@@ -49,6 +51,9 @@ class Captured:
     source: str
     example_kwargs: dict | None = None
     hf: Any = None  # engine.io.hf.HFSource when the model is a transformers model
+    # the forward() parameter each positional input fills, where known (the program's own
+    # placeholders are args_0, ... after the output-flattening wrapper)
+    input_names: tuple[str, ...] = ()
 
 
 def load_model(
@@ -126,7 +131,8 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
             checked = pool.submit(verify_checksums, path, weights)
             with quiet_torch_load(weights_only=not trust_pickle) as log:
                 try:
-                    program = torch.export.load(os.fspath(path))
+                    with TORCH_EXPORT_LOCK:
+                        program = torch.export.load(os.fspath(path))
                     failure = None
                 except Exception as exc:  # noqa: BLE001 - any failure: an unreadable file
                     failure = root_cause(exc, log)
@@ -198,14 +204,28 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
         if use_cache:
             config.use_cache = False
         with without_stack_traces():
-            program = torch.export.export(flat, example_inputs, strict=False)
+            with TORCH_EXPORT_LOCK:
+                program = torch.export.export(flat, example_inputs, strict=False)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
                              f"{one_line(exc)}") from None
     finally:
         if use_cache:
             config.use_cache = use_cache
-    return Captured(program, example_inputs, source)
+    names = tuple(input_names) or forward_parameter_names(module, len(example_inputs))
+    return Captured(program, example_inputs, source, input_names=names)
+
+
+def forward_parameter_names(module: torch.nn.Module, count: int) -> tuple[str, ...]:
+    """The names of the first `count` positional parameters of module.forward, or () where
+    they are not plain named parameters (``*args``)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    positional = [p.name for p in parameters
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return tuple(positional[:count]) if len(positional) >= count else ()
 
 
 @contextlib.contextmanager
@@ -257,7 +277,7 @@ def reexport(module: torch.nn.Module, captured: Captured) -> torch.export.Export
     inputs = captured.example_inputs
     kwargs = captured.example_kwargs or {}
     try:
-        with without_stack_traces():
+        with without_stack_traces(), TORCH_EXPORT_LOCK:
             return torch.export.export(module, inputs, kwargs or None,
                                        dynamic_shapes=_dynamic_shapes(captured), strict=False)
     except Exception as exc:  # noqa: BLE001 - any export failure is one line
