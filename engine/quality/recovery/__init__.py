@@ -23,6 +23,7 @@ from engine.errors import OptionError, PruneScopeError
 from engine.graph.capture import load_model
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import as_data
+from engine.io.hf_export import parameter_places
 from engine.options import RECOVERY_AUTO, RECOVERY_METHODS, RECOVERY_TABLE
 from engine.pipeline import PruneResult
 from engine.quality.metrics import model_metrics
@@ -143,6 +144,8 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     if wanted:
         structure = analysis.structure(result.plan.options.prunes_whole_blocks)
         ctx = Context(original, module, Layout(structure, pruned_roots(structure, result.plan)))
+        if analysis.captured.hf is not None:  # hf/ is written: keep the folder loadable
+            ctx.may_add = parameter_places(analysis.captured.hf)
         light = fit.take(torch.arange(_light_samples(len(fit), batch)))
         say(f"recovery: {', '.join(wanted)}", 0.0)
         for name in wanted:
@@ -191,6 +194,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "methods": applied,
         "skipped": skipped,
         "layers": changed,
+        **({"skipped_layers": ctx.skipped} if wanted and ctx.skipped else {}),
         "seconds": round(time.monotonic() - start, 3),
         "stopped": bool(stop is not None and stopped()),
         "metric": metric_name,
