@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.device import current, device_scope, on_device, to_device
 from engine.errors import ExportError, OnnxExportError, PruneScopeError
 from engine.graph.capture import without_stack_traces
 from engine.graph.outputs import tensor_leaves
@@ -97,6 +98,7 @@ class PruneResult:
         return self.report["after"]
 
 
+@device_scope
 def score(
     model: Any,
     example_inputs: tuple | None = None,
@@ -104,9 +106,12 @@ def score(
     calibration: np.ndarray | None = None,
     *,
     indices: Mapping[str, Iterable[int]] | None = None,
+    device: str | torch.device | None = None,
+    amp: str | None = None,
     **load_kwargs: Any,
 ) -> Scores:
-    """Raw, normalised and combined scores of every group (no pruning)."""
+    """Raw, normalised and combined scores of every group (no pruning); data-aware criteria
+    run their calibration passes on `device` (engine.device), in `amp` autocast if given."""
     options = PruningOptions.from_any(options)
     analysis = analyze(model, example_inputs, **load_kwargs)
     if options.criterion == "index" and not indices:
@@ -116,6 +121,7 @@ def score(
     return Scores(analysis, the_plan, calibration)
 
 
+@device_scope
 def prune(
     model: Any,
     example_inputs: tuple | None = None,
@@ -136,8 +142,14 @@ def prune(
     remove_blocks: int | None = None,
     block_unit: str = "block",
     release_original: bool = False,
+    device: str | torch.device | None = None,
+    amp: str | None = None,
 ) -> PruneResult:
     """Capture, analyse, plan, apply and verify in one call.
+
+    `device` (`cpu`, `cuda`, `cuda:N`, `mps`, `auto`; engine.device.resolve_device) runs the
+    model's forwards: data-aware scoring and verification; `amp` (`bf16`, `fp16`) runs the
+    calibration passes in autocast. Capture, slicing and export stay on the CPU.
 
     `release_original=True` with a model file: the original's weights are freed as the pruned
     ones are made (the two are never all in memory together), so the result cannot be
@@ -200,9 +212,11 @@ def _report_uniform(result: PruneResult, analysis: Analysis) -> None:
     result.report["uniform"] = entry
 
 
+@device_scope
 def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, *,
-          release_original: bool = False) -> PruneResult:
-    """Remove the planned channels for real, verify against mask mode, re-export.
+          release_original: bool = False, device: str | torch.device | None = None
+          ) -> PruneResult:
+    """Remove the planned channels for real, verify against mask mode on `device`, re-export.
 
     `release_original=True` gives the analysed model up: its weights are freed as their
     slices are made (the analysis cannot be applied or masked again afterwards).
@@ -213,17 +227,20 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     removed = pruned_roots(structure, the_plan)
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
+    run_inputs, run_kwargs = to_device(inputs), to_device(kwargs)
     before = _metrics(analysis.gm)
     say("running the masked original")
     with torch.no_grad():  # mask mode first: the rewrite may release the original weights
-        masked = tensor_leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
+        masked = tensor_leaves(masked_module(on_device(analysis.gm), structure, removed)(
+            *run_inputs, **run_kwargs))
     say("removing channels")
     release = _releaser(analysis) if release_original else None
     pruned_gm = rewrite(analysis.gm, structure, removed, release)
     say("verifying")
     with torch.no_grad():
         try:
-            pruned = tensor_leaves(_ShapeRecorder(pruned_gm).run(*inputs, **kwargs))
+            pruned = tensor_leaves(_ShapeRecorder(on_device(pruned_gm), pruned_gm).run(
+                *run_inputs, **run_kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
             raise PruneScopeError(f"the pruned model failed to run: {exc}".splitlines()[0]) \
                 from exc
@@ -253,6 +270,7 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
         report["ratios"] = dict(the_plan.ratios)
     if the_plan.ratio is not None or the_plan.ratios is None:
         report["ratio"] = the_plan.ratio
+    report["device"] = str(current())
     return PruneResult(pruned_gm, report, the_plan, analysis, inputs)
 
 
@@ -291,16 +309,23 @@ def _releaser(analysis: Analysis) -> Callable[[torch.Tensor], None]:
 
 class _ShapeRecorder(torch.fx.Interpreter):
     """Runs the pruned graph once and records each node's new shape in its metadata (the
-    FLOPs count reads it), so no second pass is needed."""
+    FLOPs count reads it), so no second pass is needed. Run on a device copy of the graph,
+    it records into the nodes of `into`, the graph it was copied from."""
+
+    def __init__(self, module: torch.fx.GraphModule,
+                 into: torch.fx.GraphModule | None = None) -> None:
+        super().__init__(module)
+        self.nodes = {n.name: n for n in (into or module).graph.nodes}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
+        target = self.nodes[n.name]
         if isinstance(result, torch.Tensor):
-            n.meta["val"] = torch.empty_like(result, device="meta")
+            target.meta["val"] = torch.empty_like(result, device="meta")
         elif isinstance(result, (list, tuple)) and all(
             isinstance(r, torch.Tensor) for r in result
         ):
-            n.meta["val"] = [torch.empty_like(r, device="meta") for r in result]
+            target.meta["val"] = [torch.empty_like(r, device="meta") for r in result]
         return result
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.device import current, device_scope, on_device, to_device
 from engine.errors import OptionError, PruneScopeError
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import (  # noqa: F401 - importable from here, as before
@@ -59,12 +60,22 @@ class _Runner:
         self.fixed_batch = fixed_batch
         self.fallback_batch = fallback_batch
         self.name = name
+        self._placed: tuple[torch.device, Callable] | None = None
+
+    def placed(self) -> Callable:
+        """The module on the current device (copied there once)."""
+        where = current()
+        if self._placed is None or self._placed[0] != where:
+            self._placed = (where, on_device(self.module, where))
+        return self._placed[1]
 
     @torch.no_grad()
     def __call__(self, chunk: Sequence[torch.Tensor], data: EvalData) -> torch.Tensor:
+        module = self.placed()
+        chunk = to_device(tuple(chunk))
         if self.fixed_batch is None:
             try:
-                return _first_tensor(self.module(*chunk))
+                return _first_tensor(module(*chunk))
             except PruneScopeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - retried with the example's batch size
@@ -79,7 +90,7 @@ class _Runner:
             if real < size:
                 part = [torch.cat([x, x[-1:].expand(size - real, *x.shape[1:])]) for x in part]
             try:
-                outs.append(_first_tensor(self.module(*part))[:real])
+                outs.append(_first_tensor(module(*part))[:real])
             except PruneScopeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the user's data or model: one line
@@ -97,7 +108,7 @@ def _first_tensor(output: Any) -> torch.Tensor:
     leaves = tensor_leaves(output)
     if not leaves:
         raise OptionError(f"the model's output ({type(output).__name__}) holds no tensor")
-    return leaves[0].detach()
+    return leaves[0].detach().cpu()
 
 
 def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Runner:
@@ -276,6 +287,7 @@ def check_metric(metric: str | None, flag: str = "--metric") -> str | None:
     return metric
 
 
+@device_scope
 def evaluate(
     model: Any,
     data: EvalData | str | os.PathLike,
@@ -288,9 +300,10 @@ def evaluate(
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
     seq_len: int | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Measure `model` on `data`: ``{"metric", "value", "samples", "data"}`` (+ ``"tokens"``
-    for perplexity).
+    """Measure `model` on `data` (run on `device`): ``{"metric", "value", "samples", "data"}``
+    (+ ``"tokens"`` for perplexity).
 
     `model` and `reference` may be an nn.Module/GraphModule (with `example_inputs` to check
     the data against), an ExportedProgram, a PruneResult, a Captured or Analysis, a path or a
@@ -349,9 +362,11 @@ def evaluate(
     return result
 
 
+@device_scope
 @torch.no_grad()
 def predict(model: Any, data: EvalData | str | os.PathLike, *, example_inputs: tuple | None = None,
-            max_samples: int | None = None, batch_size: int = 256) -> np.ndarray:
+            max_samples: int | None = None, batch_size: int = 256,
+            device: str | torch.device | None = None) -> np.ndarray:
     """The model's first output on every sample of `data`, as one array (float32), e.g. to
     pass as `reference` to several `evaluate` calls without running the reference again."""
     if not isinstance(data, EvalData):

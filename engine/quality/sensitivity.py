@@ -47,6 +47,8 @@ def sensitivity(
     input_shapes: list[tuple[int, ...]] | None = None,
     analysis: Any = None,
     seq_len: int | None = None,
+    device: str | None = None,
+    amp: str | None = None,
 ) -> dict[str, Any]:
     """Per prunable group and ratio: the metric, its drop, and params/FLOPs after.
 
@@ -59,7 +61,8 @@ def sensitivity(
     prepared = prepare(model, eval_data=eval_data, metric=metric, criteria=[options.criterion],
                        calibration=calibration, ray=ray, example_inputs=example_inputs,
                        trust_pickle=trust_pickle, input_shapes=input_shapes,
-                       analysis=analysis, seq_len=seq_len, ship=_ships(workers, ray, 2))
+                       analysis=analysis, seq_len=seq_len, device=device, amp=amp,
+                       ship=_ships(workers, ray, 2))
     groups = prepared.analysis.prunable_groups(options.prunes_whole_blocks)
     report = base_report(prepared)
     report["options"] = options.to_dict()

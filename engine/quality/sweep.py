@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.device import device_scope, using
 from engine.errors import OptionError, PruneScopeError
 from engine.options import ALLOWED, PruningOptions, check_ratio
 
@@ -145,6 +146,8 @@ class SweepJob:
     recover_data: Any = None
     recover_steps: int | None = None
     recover_budget: float | None = 30
+    device: str | None = None  # where each point's model runs ("cuda" on a Ray GPU worker)
+    amp: str | None = None
 
 
 _WORKER_ANALYSIS: dict[str, Any] = {}
@@ -173,10 +176,15 @@ def point_quality(result, data, metric: str | None = None) -> dict[str, Any]:
 
 
 def run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
-    """Prune at one point and measure it (what `prune --eval-data` does).
+    """Prune at one point and measure it (what `prune --eval-data` does), on the job's device.
 
     `point` holds `options` and either a global `ratio` or per-group `ratios`.
     """
+    with using(job.device, job.amp):
+        return _run_point(job, point)
+
+
+def _run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
     from engine.pipeline import apply
     from engine.scoring.analysis import plan
 
@@ -219,6 +227,7 @@ class Prepared:
     before: dict[str, int]
 
 
+@device_scope
 def prepare(
     model: Any,
     *,
@@ -235,8 +244,13 @@ def prepare(
     analysis: Any = None,
     ship: bool = True,
     seq_len: int | None = None,
+    device: str | None = None,
+    amp: str | None = None,
 ) -> Prepared:
     """Check everything that can be checked before work starts, analyse, score, evaluate.
+
+    `device`/`amp`: where this process scores and evaluates and every point runs
+    (engine.device; on Ray each worker gets one GPU of its own).
 
     `analysis` reuses one this process already has (`model` still says what workers load).
     `ship=False`: every point runs in this process, so an in-memory model is not serialised.
@@ -268,7 +282,8 @@ def prepare(
     original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
     source = _model_source(model, analysis, trust_pickle, input_shapes, ship)
     job = SweepJob(uuid.uuid4().hex, source, data, original["metric"], calibration, recover,
-                   calibration, recover_steps)
+                   calibration, recover_steps, device=None if device is None else str(device),
+                   amp=amp)
     prime_worker_cache(job, analysis)
     before = {"params": count_params(analysis.gm), "flops": graph_flops(analysis.gm)}
     return Prepared(job, analysis, original, before)
@@ -325,8 +340,11 @@ def sweep(
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
     seq_len: int | None = None,
+    device: str | None = None,
+    amp: str | None = None,
 ) -> dict[str, Any]:
-    """Prune `model` at every point of `grid` x `ratios` and measure each pruned model.
+    """Prune `model` at every point of `grid` x `ratios` and measure each pruned model
+    (on `device`, calibration passes in `amp` autocast: engine.device).
 
     `grid` maps option names to a value, a list or "all"; `eval_data` is an EvalData or a
     file/name for `load_eval_data`. Returns (and, after every point, atomically writes to
@@ -340,7 +358,7 @@ def sweep(
                        criteria=[o.criterion for o in options_list], calibration=calibration,
                        recover=recover, recover_steps=recover_steps, ray=ray,
                        example_inputs=example_inputs, trust_pickle=trust_pickle,
-                       input_shapes=input_shapes, seq_len=seq_len,
+                       input_shapes=input_shapes, seq_len=seq_len, device=device, amp=amp,
                        ship=_ships(workers, ray, len(options_list) * len(ratio_list)))
     report = base_report(prepared)
     report["axes"] = {name: axis_values(name, grid[name]) for name in AXES
