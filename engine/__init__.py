@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import ExportError, ModelLoadError, OnnxExportError, OptionError, PruneScopeError
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazily
+    from engine.device import available_devices, resolve_device
     from engine.graph.capture import Captured, load_model
     from engine.graph.dependency import FrozenInfo, GroupInfo
     from engine.io.data import load_calibration
@@ -40,6 +41,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
 
 _LAZY = {
     "Captured": "engine.graph.capture",
+    "available_devices": "engine.device",
+    "resolve_device": "engine.device",
     "load_calibration": "engine.io.data",
     "load_model": "engine.graph.capture",
     "FrozenInfo": "engine.graph.dependency",
@@ -107,6 +110,7 @@ __all__ = [
     "Scores",
     "analyze",
     "apply",
+    "available_devices",
     "evaluate",
     "load_calibration",
     "load_calibration_data",
@@ -118,6 +122,7 @@ __all__ = [
     "quality_report",
     "ratios_for_target",
     "recover",
+    "resolve_device",
     "save",
     "score",
     "sensitivity",
