@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from engine.io.export import (
     save_program,
     write_json,
 )
+from engine.io.staging import new_staging, remove_dead_staging
 from engine.options import PruningOptions, check_ratio
 from engine.quality.metrics import count_params, graph_flops, size_bytes
 from engine.scoring.analysis import Analysis, analyze, plan
@@ -442,7 +442,8 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".prunescope-", dir=out))
+        _remove_dead_staging(out)
+        staging = new_staging(out)
     except OSError as exc:
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     try:
@@ -474,6 +475,16 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """A run killed mid-way leaves its staging folder; say which ones were removed."""
+    import warnings
+
+    removed = remove_dead_staging(out)
+    if removed:
+        warnings.warn(f"removed {len(removed)} staging folder(s) of runs no longer alive in "
+                      f"{out}: {', '.join(p.name for p in removed)}", UserWarning, stacklevel=3)
 
 
 def _write_hf(result: PruneResult, folder: Path) -> dict[str, Any]:
