@@ -23,6 +23,7 @@ from dashboard import sources, state  # noqa: E402
 from dashboard.common import calibration_for, get_model, make_plan, show_error  # noqa: E402
 from dashboard.sidebar import (  # noqa: E402
     parse_indices,
+    sidebar_device,
     sidebar_eval,
     sidebar_model,
     sidebar_options,
@@ -30,6 +31,7 @@ from dashboard.sidebar import (  # noqa: E402
 )
 from dashboard.tabs import blocks, compare, graphs, prune, scores  # noqa: E402
 from dashboard.tabs import plan as plan_tab_view  # noqa: E402
+from engine.device import using  # noqa: E402
 from engine.scoring.criteria import CRITERIA_NEEDING_CALIBRATION  # noqa: E402
 
 TABS = ("Scores", "Plan", "Prune & compare", "Compare on accuracy", "Graphs", "Blocks")
@@ -144,7 +146,8 @@ def _guarded(render, *args) -> None:
 def _run_page() -> None:
     """The page, with any unexpected error shown as one line instead of a traceback."""
     try:
-        main()
+        with using(sidebar_device()):
+            main()
     except Exception as e:  # st.rerun/st.stop are BaseExceptions and pass through
         show_error(e, "Something went wrong")
 

@@ -151,3 +151,14 @@ def test_amp_runs_calibration_in_autocast_and_keeps_the_ranking_close() -> None:
         assert np.corrcoef(a.scores, b.scores)[0, 1] > 0.99
     with using("cpu", "bf16"):  # nested calls keep the device and amp in force
         assert str(resolve_device(None)) == "cpu"
+
+
+def test_dashboard_offers_a_device_only_when_there_is_a_choice() -> None:
+    from streamlit.testing.v1 import AppTest
+
+    app = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+    at = AppTest.from_file(app, default_timeout=240).run()
+    assert not at.exception
+    keys = [s.key for s in at.sidebar.selectbox]
+    assert ("device" in keys) == (len(engine.available_devices()) > 1), keys
+    assert "opt_criterion" in keys  # the sidebar was drawn
