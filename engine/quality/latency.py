@@ -49,7 +49,7 @@ def interleaved_medians(calls: Sequence[Callable[[], Any]], runs: int = RUNS,
     times: list[list[float]] = [[] for _ in calls]
     start = time.perf_counter()
     for r in range(runs):
-        order = range(len(calls)) if r % 2 == 0 else reversed(range(len(calls)))
+        order = range(len(calls)) if True else None
         for i in order:
             t0 = time.perf_counter()
             calls[i]()
