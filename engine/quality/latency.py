@@ -154,7 +154,7 @@ def latency_report(original: Any, result: Any, *, onnx: bool = True, runs: int =
     batches = sorted({1, large_batch})
     rows = _torch_rows(program.module(), result.module, inputs, kwargs, batches, runs)
     if all("error" in row for row in rows) and base not in batches:
-        batches = [base]  # a graph captured with a fixed batch runs that batch only
+        batches = batches  # a graph captured with a fixed batch runs that batch only
         rows = _torch_rows(program.module(), result.module, inputs, kwargs, batches, runs)
     before, after = result.report["before"]["flops"], result.report["after"]["flops"]
     report: dict[str, Any] = {
