@@ -162,3 +162,20 @@ def test_dashboard_offers_a_device_only_when_there_is_a_choice() -> None:
     keys = [s.key for s in at.sidebar.selectbox]
     assert ("device" in keys) == (len(engine.available_devices()) > 1), keys
     assert "opt_criterion" in keys  # the sidebar was drawn
+
+
+def test_sweep_points_run_on_the_jobs_device_and_a_missing_one_fails_first() -> None:
+    import dataclasses
+
+    from engine.quality.sweep import prepare, run_point
+
+    data = engine.load_eval_data("demo").head(64)
+    with pytest.raises(DeviceError, match="--device cuda:"):
+        engine.sweep("demo", None, "0.3", eval_data=data, device=f"cuda:{_count() + 1}")
+    prepared = prepare("demo", eval_data=data, ship=False)
+    job = dataclasses.replace(prepared.job, device=META)  # what each worker receives
+    rec = ComputeOps()
+    with rec, pytest.raises((RuntimeError, NotImplementedError, engine.PruneScopeError),
+                            match="meta"):
+        run_point(job, {"options": engine.PruningOptions().to_dict(), "ratio": 0.3})
+    assert rec.devices and set(rec.devices) == {"meta"}
