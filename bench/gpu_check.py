@@ -35,7 +35,7 @@ def _step(rows: list, name: str, fn: Callable[[], Any], describe: Callable[[Any]
 
 def _verified(result) -> str:
     v = result.report["verification"]
-    return (f"on {result.report['device']}; max |pruned - masked| "
+    return (f"on {result.report['device']}; max abs diff vs mask mode "
             f"{v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
 
 
