@@ -442,7 +442,7 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        pass
+        _remove_dead_staging(out)
         staging = new_staging(out)
     except OSError as exc:
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
