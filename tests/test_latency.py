@@ -69,3 +69,51 @@ def test_a_fixed_batch_graph_is_timed_at_its_own_batch() -> None:
     lat = latency_report(captured, result, onnx=False, runs=3)
     assert [r["batch"] for r in lat["torch"]] == [4]
     assert lat["torch"][0]["pruned_ms"] > 0 and "onnxruntime_cpu" not in lat
+
+
+class WideMLP(torch.nn.Module):
+    """Wide enough that removing hidden units takes measurable time off a forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(64, 1024)
+        self.b = torch.nn.Linear(1024, 1024)
+        self.c = torch.nn.Linear(1024, 10)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_target_latency_uses_group_costs_measured_here_and_caches_them(
+        capfd, tmp_path: Path, monkeypatch) -> None:
+    import numpy as np
+
+    from engine.quality.latency_costs import saved_fraction
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    torch.export.save(torch.export.export(WideMLP().eval(), (x,)), tmp_path / "mlp.pt2")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 64)).astype(np.float32),
+             y=rng.integers(0, 10, 64))
+    runs = []
+    for out in ("o1", "o2"):
+        rc, stdout, err = cli(capfd, "prune", tmp_path / "mlp.pt2", "--target-latency", "0.2",
+                              "--calibration", tmp_path / "calib.npz", "--no-onnx",
+                              "--out", tmp_path / out)
+        assert rc == 0, err
+        runs.append(json.loads((tmp_path / out / "report.json").read_text()))
+        assert "latency measured: " in stdout
+    auto, again = runs[0]["auto_ratios"], runs[1]["auto_ratios"]
+    assert auto["target"] == {"resource": "latency", "remove": 0.2}
+    costs = auto["latency_costs"]
+    assert costs["cached"] is False and again["latency_costs"]["cached"] is True
+    assert again["latency_costs"]["groups"] == costs["groups"]  # read back, not re-measured
+    assert set(costs["groups"]) == {g["name"] for g in runs[0]["groups"]}
+    assert all(len(v) == len(costs["ratios"]) for v in costs["groups"].values())
+    assert costs["measured"]["original_ms"] > 0 and costs["measured"]["pruned_ms"] > 0
+    # the removal the search reached is the measured costs' prediction for the chosen plan
+    fractions = {g["name"]: len(g["pruned"]) / g["channels"] for g in runs[0]["groups"]}
+    assert auto["removed"] == pytest.approx(saved_fraction(costs, fractions), abs=1e-9)
+    assert list((tmp_path / "cache" / "prunescope" / "latency").glob("*.json"))

@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if ratio is None and ratios is None and not wants_target(args) \
             and options.criterion != "index" and not any(
                 v is not None for v in structures.values()):
-        raise OptionError("prune needs --ratio R, --ratios FILE.json, --target-params F or "
-                          "--target-flops F (or --expert-ratio R, --block-ratio R, "
-                          "--remove-blocks N)")
+        raise OptionError("prune needs --ratio R, --ratios FILE.json, --target-params F, "
+                          "--target-flops F or --target-latency F (or --expert-ratio R, "
+                          "--block-ratio R, --remove-blocks N)")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
     metric = check_metric(args.metric)
