@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError, PruneScopeError
+from engine.errors import ModelLoadError, PruneScopeError, one_line  # noqa: F401 - sources.one_line
 from engine.io.data import DataSet
 
 DEMO = "Demo model"
@@ -326,12 +326,3 @@ def load_upload(data: bytes, name: str, flag: str = EVAL_FLAG) -> DataSet:
     from engine.io.data import load_data
 
     return load_data(data, flag=flag, name=name)
-
-
-def one_line(error: BaseException) -> str:
-    """The first line of an error's message (never a traceback)."""
-    text = str(error).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    if isinstance(error, PruneScopeError):
-        return line or type(error).__name__
-    return f"{type(error).__name__}: {line}" if line else type(error).__name__

@@ -11,6 +11,8 @@ from typing import Any
 from engine.errors import OptionError
 from engine.options import (
     CRITERIA,
+    CRITERIA_NEEDING_DATA,
+    CRITERION_TABLE,
     GROUP_POLICIES,
     LAYER_NORMS,
     METRICS,
@@ -19,6 +21,11 @@ from engine.options import (
     STEP_OPS,
     PruningOptions,
 )
+
+# exit statuses of the prunescope command (0: success)
+EXIT_INTERNAL_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_ONNX_FAILED = 3
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +52,13 @@ def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": getattr(args, "device", None), "amp": getattr(args, "amp", None)}
 
 
+def criterion_help() -> str:
+    """--criterion's help, from the one criterion table (engine.options.CRITERION_TABLE)."""
+    entries = "; ".join(f"{c.name} = {c.help}" for c in CRITERION_TABLE)
+    return (f"one of {', '.join(CRITERIA)} ({entries}); "
+            f"{', '.join(CRITERIA_NEEDING_DATA)} need --calibration")
+
+
 def add_option_args(p: argparse.ArgumentParser) -> None:
     """The pruning options of the spec (one value each)."""
     p.add_argument("--calibration", metavar="FILE",
@@ -52,9 +66,7 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
                         "nuclear_norm and the data-aware criteria")
     p.add_argument("--indices", metavar="FILE.json",
                    help="criterion index: {layer: [filter indices to remove]}")
-    p.add_argument("--criterion", default="l2",
-                   help=f"one of {', '.join(CRITERIA)} (nuclear_norm, activation, wanda, "
-                        "taylor and fluctuation need --calibration)")
+    p.add_argument("--criterion", default="l2", help=criterion_help())
     p.add_argument("--policy", default="average", help=f"one of {', '.join(POLICIES)}")
     p.add_argument("--layer-norm", default="standard_score",
                    help=f"one of {', '.join(LAYER_NORMS)}")

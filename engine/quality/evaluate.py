@@ -28,6 +28,8 @@ import torch
 
 from engine.device import current, device_scope, on_device, to_device
 from engine.errors import OptionError, PruneScopeError
+from engine.graph.capture import Captured, load_model
+from engine.graph.inputs import user_input_shapes, user_inputs
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import (  # noqa: F401 - importable from here, as before
     DataSet,
@@ -36,6 +38,8 @@ from engine.io.data import (  # noqa: F401 - importable from here, as before
     same_data_file,
 )
 from engine.options import METRICS
+from engine.pipeline import PruneResult
+from engine.scoring.analysis import Analysis
 
 HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "agreement": True,
                     "relative_error": False}
@@ -112,9 +116,6 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 
 def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Runner:
-    from engine.graph.capture import Captured, load_model
-    from engine.pipeline import PruneResult
-
     program = None
     if isinstance(model, PruneResult):
         examples = example_inputs or model.example_inputs
@@ -127,8 +128,6 @@ def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Run
     elif isinstance(model, torch.nn.Module):
         module, examples, name = model, example_inputs, type(model).__name__
     else:
-        from engine.scoring.analysis import Analysis
-
         if isinstance(model, Analysis):
             model = model.captured
         captured = model if isinstance(model, Captured) else load_model(
@@ -150,14 +149,9 @@ def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Run
 def _expected_inputs(program, examples) -> list[tuple] | None:
     """Per user input: its shape (None where the size is free) and dtype."""
     if program is not None:
-        from torch.export.graph_signature import InputKind
-
-        user = [s.arg.name for s in program.graph_signature.input_specs
-                if s.kind == InputKind.USER_INPUT]
-        vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
-        if all(isinstance(vals.get(u), torch.Tensor) for u in user):
-            return [(tuple(s if isinstance(s, int) else None for s in vals[u].shape),
-                     vals[u].dtype) for u in user]
+        vals = [val for _name, val in user_inputs(program)]
+        if all(isinstance(val, torch.Tensor) for val in vals):
+            return [(shape, val.dtype) for shape, val in zip(user_input_shapes(program), vals)]
     if examples:
         # An eager module: only the batch size is known to be free.
         return [((None, *x.shape[1:]), x.dtype) for x in examples

@@ -20,8 +20,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
 from engine.device import resolve_device
-from engine.errors import OptionError
-from engine.quality.sweep import SweepJob, run_point
+from engine.errors import OptionError, one_line
+from engine.quality.sweep_job import SweepJob, run_point
 from engine.threads import one_torch_thread
 
 Point = dict[str, Any]  # {"options", "ratio"} or {"options", "ratios"}
@@ -152,8 +152,7 @@ def _on_ray(job: SweepJob, points: list[Point], address: str,
             try:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             except Exception as exc:  # noqa: BLE001 - any failure to connect is one line
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise OptionError(f"--ray {address}: cannot connect: {first}") from None
+                raise OptionError(f"--ray {address}: cannot connect: {one_line(exc)}") from None
         started = True
     # a GPU run: Ray gives each worker one GPU of its own (it sees it as cuda:0)
     gpus = 1 if job.device is not None and resolve_device(job.device).type == "cuda" else 0

@@ -9,8 +9,25 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import OptionError
 from engine.options import PruningOptions
+from engine.pipeline import apply, prune_unverified
+from engine.quality.evaluate import (
+    EvalData,
+    evaluate,
+    load_calibration_data,
+    load_eval_data,
+    predict,
+)
+from engine.quality.latency_costs import (
+    add_latency,
+    group_latency,
+    measured_saving,
+    saved_fraction,
+)
 from engine.quality.sensitivity import DEFAULT_RATIOS, metric_drop, sensitivity
+from engine.quality.sweep_job import point_quality
+from engine.scoring.analysis import analyze, plan
 from engine.scoring.auto_ratios import (
     check_target,
     fit_ratios,
@@ -50,15 +67,9 @@ def ratios_for_target(
     report.json: `{"target", "ratios", "predicted_loss", "removed", "uniform", "sensitivity",
     "comparison"}`.
     """
-    from engine.pipeline import apply, prune_unverified
-    from engine.quality.sweep import point_quality
-    from engine.scoring.analysis import analyze, plan
-
     targets = {"params": target_params, "flops": target_flops, "latency": target_latency}
     given = [name for name, value in targets.items() if value is not None]
     if len(given) != 1:
-        from engine.errors import OptionError
-
         raise OptionError("give one target: --target-params F, --target-flops F or "
                           "--target-latency F")
     resource = given[0]
@@ -66,16 +77,12 @@ def ratios_for_target(
     target = check_target(targets[resource], flag)
     options = PruningOptions.from_any(options)
     if isinstance(sensitivity_data, str):
-        from engine.quality.evaluate import load_calibration_data
-
         sensitivity_data = load_calibration_data(sensitivity_data)
     if analysis is None:
         analysis = analyze(model, **load_kwargs)
     start = time.perf_counter()
     if sensitivity_report is None:
         if sensitivity_data is None:
-            from engine.errors import OptionError
-
             raise OptionError(f"{flag} needs data to measure each group's sensitivity: "
                               "--calibration F (or --eval-data F)")
         sensitivity_report = sensitivity(
@@ -85,8 +92,6 @@ def ratios_for_target(
     sensitivity_seconds = time.perf_counter() - start
     costs = None
     if resource == "latency":  # measured per group on this machine (cached), not from FLOPs
-        from engine.quality.latency_costs import add_latency, group_latency, saved_fraction
-
         costs = group_latency(analysis, options, calibration=calibration)
         add_latency(sensitivity_report, costs)
     total = sensitivity_report["before"][resource]
@@ -122,8 +127,6 @@ def ratios_for_target(
     search: dict[str, Any] = {}
     if sensitivity_data is not None:
         # measured greedy on the sensitivity data (never the evaluation data)
-        from engine.quality.evaluate import EvalData, evaluate, predict
-
         data = _as_eval_data(sensitivity_data)
         # the original's outputs once, instead of running it again for every measurement
         reference = predict(analysis.captured, data)
@@ -199,8 +202,6 @@ def ratios_for_target(
         },
     }
     if costs is not None:
-        from engine.quality.latency_costs import measured_saving
-
         section["latency_costs"] = {
             "device": costs["device"], "original_ms": round(costs["original_s"] * 1e3, 4),
             "ratios": costs["ratios"], "cached": costs["cached"],
@@ -208,8 +209,6 @@ def ratios_for_target(
             "measured": measured_saving(analysis, planned(chosen, None)[0]),
         }
     if eval_data is not None:
-        from engine.quality.evaluate import evaluate
-
         data = _as_eval_data(eval_data)
         original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
         metric = original["metric"]
@@ -239,6 +238,4 @@ def _reuse_sensitivity(report: dict, options: PruningOptions, data: Any, metric:
 
 
 def _as_eval_data(data: Any):
-    from engine.quality.evaluate import load_eval_data
-
     return load_eval_data(data) if isinstance(data, str) else data

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from engine.device import calibration_autocast, on_device, to_device
 from engine.errors import OptionError
+from engine.graph.inputs import run_graph
 from engine.io.data import DataSet, as_data
 
 DEFAULT_SAMPLES = 256
@@ -160,7 +161,7 @@ def channel_stats(
     kwargs = to_device(captured.example_kwargs or {})
     with torch.inference_mode(), calibration_autocast():
         for inputs, _ in batches(captured, calibration, limit):
-            recorder.run(*to_device(inputs), **kwargs)
+            run_graph(recorder, to_device(inputs), kwargs)
             ran = True
     if not ran:
         raise OptionError("the calibration data produced no batches")
