@@ -167,7 +167,8 @@ def test_dashboard_offers_a_device_only_when_there_is_a_choice() -> None:
 def test_sweep_points_run_on_the_jobs_device_and_a_missing_one_fails_first() -> None:
     import dataclasses
 
-    from engine.quality.sweep import prepare, run_point
+    from engine.quality.sweep import prepare
+    from engine.quality.sweep_job import run_point
 
     data = engine.load_eval_data("demo").head(64)
     with pytest.raises(DeviceError, match="--device cuda:"):
