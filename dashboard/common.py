@@ -11,6 +11,7 @@ import streamlit as st
 
 import engine
 from dashboard import netron_server, sources, state
+from engine.demo import is_builtin
 from engine.errors import PruneScopeError
 from engine.io.data import DataSet
 from engine.options import PruningOptions
@@ -70,7 +71,7 @@ def _sweep_interval_s() -> float:
 
 def show_error(error: BaseException, what: str = "") -> None:
     prefix = f"{what}: " if what else ""
-    st.error(prefix + sources.one_line(error), icon="⚠️")
+    st.error(prefix + sources.one_line(error), icon=":material/warning:")
 
 
 def upload_limit_mb() -> int:
@@ -99,6 +100,15 @@ def _load(request: sources.ModelRequest) -> tuple[Any, Any]:
     return captured, analysis
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _shared_builtin(key: str, source: str) -> tuple[Any, Any]:
+    """A built-in model (demo, demo-lm), loaded and analysed once per process and shared by
+    every session (read-only: the engine's score cache inside the analysis only grows).
+    Streamlit runs one call per key while concurrent sessions wait for its result; ``key``
+    holds the file's stamp, so a retrained demo is loaded afresh."""
+    return _load(sources.ModelRequest(key=key, label=key, source=source))
+
+
 def get_model(request: sources.ModelRequest) -> state.LoadedModel:
     ss = st.session_state
     failed: dict[str, str] = ss.setdefault(FAILED_KEY, {})
@@ -106,8 +116,14 @@ def get_model(request: sources.ModelRequest) -> state.LoadedModel:
         # The same failing request is not retried on every rerun; the message stays.
         raise PruneScopeError(failed[request.key])
     try:
+        if is_builtin(request.source):
+            def load() -> tuple[Any, Any]:
+                return _shared_builtin(request.key, request.source)
+        else:
+            def load() -> tuple[Any, Any]:
+                return _load(request)
         with st.spinner(f"Loading and analysing {request.label}…"):
-            return state.get_model(ss, request.key, request.label, lambda: _load(request))
+            return state.get_model(ss, request.key, request.label, load)
     except Exception as e:
         failed[request.key] = sources.readable(sources.one_line(e), request)
         raise PruneScopeError(failed[request.key]) from None

@@ -26,6 +26,8 @@ from engine.options import (
 
 DEFAULTS = PruningOptions()
 DEFAULT_RATIO = 0.5
+OPTION_NAMES = ("criterion", "policy", "layer_norm", "group_policy", "reshape_channel_axis",
+                "step_size", "step_op", "seed")
 
 HELP = {
     "criterion": "How a channel's raw importance is measured: "
@@ -131,7 +133,7 @@ def sidebar_model() -> sources.ModelRequest | None:
         return sources.path_request(raw, trust_pickle=trust, input_shapes=shapes)
     # Pickled .pt upload: needs explicit trust and the input shapes.
     st.sidebar.warning("A .pt pickle can run arbitrary code when loaded. Only load files "
-                       "you trust.", icon="🔓")
+                       "you trust.", icon=":material/lock_open:")
     trust = st.sidebar.checkbox("I trust this file: loading a .pt pickle runs code from it",
                                 key="trust_pickle")
     shapes_text = st.sidebar.text_input(
@@ -186,25 +188,29 @@ def sidebar_eval(model: state.LoadedModel) -> DataSet | None:
 def sidebar_options() -> tuple[PruningOptions, float, str]:
     st.sidebar.header("Pruning options")
     sb = st.sidebar
+    # Defaults go into the session state, not into the widgets: a chosen comparison point
+    # sets these keys, and a widget given both a default and a state value makes Streamlit
+    # log a warning on every such click.
+    ss = st.session_state
+    for name in OPTION_NAMES:
+        ss.setdefault(f"opt_{name}", getattr(DEFAULTS, name))
+    ss.setdefault("opt_ratio", DEFAULT_RATIO)
 
     def select(label: str, values: tuple, name: str):
-        default = getattr(DEFAULTS, name)
-        return sb.selectbox(label, values, index=values.index(default), key=f"opt_{name}",
-                            help=HELP[name])
+        return sb.selectbox(label, values, key=f"opt_{name}", help=HELP[name])
 
+    # the ratio first: at 1440x900 it stays above the sidebar's fold
+    ratio = sb.slider("Pruning ratio", min_value=0.0, max_value=0.95, step=0.01,
+                      key="opt_ratio", help=HELP["ratio"])
     criterion = select("Criterion", CRITERIA, "criterion")
     policy = select("Policy", POLICIES, "policy")
     layer_norm = select("Layer norm", LAYER_NORMS, "layer_norm")
     group_policy = select("Group policy", GROUP_POLICIES, "group_policy")
     axis = select("Reshape channel axis", RESHAPE_CHANNEL_AXES, "reshape_channel_axis")
-    step_size = sb.number_input("Step size", min_value=1, max_value=1024,
-                                value=DEFAULTS.step_size, step=1, key="opt_step_size",
-                                help=HELP["step_size"])
+    step_size = sb.number_input("Step size", min_value=1, max_value=1024, step=1,
+                                key="opt_step_size", help=HELP["step_size"])
     step_op = select("Step op", STEP_OPS, "step_op")
-    ratio = sb.slider("Pruning ratio", min_value=0.0, max_value=0.95, value=DEFAULT_RATIO,
-                      step=0.01, key="opt_ratio", help=HELP["ratio"])
-    seed = sb.number_input("Seed", min_value=0, value=DEFAULTS.seed, step=1, key="opt_seed",
-                           help=HELP["seed"])
+    seed = sb.number_input("Seed", min_value=0, step=1, key="opt_seed", help=HELP["seed"])
     indices_text = ""
     if criterion == "index":
         indices_text = sb.text_area(

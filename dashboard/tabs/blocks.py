@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.block_chart import block_scores
+from dashboard.page import PageState
 from engine.transform.depth import choose, plan_depth
 from engine.transform.experts import expert_scores, plan_experts
 
@@ -61,7 +62,8 @@ def _routers(model: state.LoadedModel) -> list:
     return routers
 
 
-def render(model: state.LoadedModel, calibration: Any = None) -> None:
+def render(page: PageState) -> None:
+    model, calibration = page.model, page.calibration
     st.markdown(
         "Depth pruning removes whole **residual blocks** (a branch added back to the stream "
         "it leaves: bottleneck blocks, attention and MLP sublayers). The least important go: "

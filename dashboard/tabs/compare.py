@@ -23,6 +23,7 @@ from dashboard.charts_sweep import (
     sweep_frame,
 )
 from dashboard.common import editor_key, session_files, short, show_error
+from dashboard.page import PageState
 from engine.io.data import DataSet
 from engine.options import PruningOptions
 
@@ -62,8 +63,8 @@ def _demo_report(path: Path) -> dict | None:
     return _read_json(str(path), path.stat().st_mtime) if path.is_file() else None
 
 
-def render(model: state.LoadedModel, options: PruningOptions,
-           eval_data: DataSet | None) -> None:
+def render(page: PageState) -> None:
+    model, options, eval_data = page.model, page.options, page.eval_data
     st.markdown(
         "What each option does to the model's **metric** at each size, measured on the "
         "evaluation data: one curve per value of the option you compare, the other options "
@@ -76,7 +77,8 @@ def render(model: state.LoadedModel, options: PruningOptions,
         _sweep_controls(model, eval_data)
         report = _last_sweep(model)
     if report is None:
-        st.info("No sweep yet: choose what to compare and press **Run sweep**.", icon="📈")
+        st.info("No sweep yet: choose what to compare and press **Run sweep**.",
+                icon=":material/show_chart:")
     else:
         _comparison(report, options)
     st.divider()
@@ -158,7 +160,7 @@ def _choose(frame, index: int) -> None:
 def _sweep_controls(model: state.LoadedModel, eval_data: DataSet | None) -> None:
     if eval_data is None:
         st.info("Upload evaluation data (an .npz with x and labels y) in the sidebar to "
-                "compare options on this model's metric.", icon="📈")
+                "compare options on this model's metric.", icon=":material/show_chart:")
         return
     from engine.options import ALLOWED
 
@@ -173,8 +175,8 @@ def _sweep_controls(model: state.LoadedModel, eval_data: DataSet | None) -> None
         return
     from engine.quality.sweep import sweep
 
-    bar = st.progress(0.0, text="sweeping… (stop with ⏹ at the top right; finished points "
-                                "are kept)")
+    bar = st.progress(0.0, text="sweeping… (stop with the Stop button at the top right; "
+                                "finished points are kept)")
 
     def progress(done: int, total: int, record: dict) -> None:
         bar.progress(done / total, text=f"{done}/{total} points")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from dashboard import state
 from dashboard.common import editor_key
+from dashboard.page import PageState
 
 
 def overrides(model: state.LoadedModel) -> tuple[dict[str, float], list[str]]:
@@ -37,7 +37,8 @@ def _auto_ratios(model: state.LoadedModel) -> dict[str, float]:
     return st.session_state.get(auto_ratios_key(model)) or {}
 
 
-def render(model: state.LoadedModel, plan: Any | None) -> None:
+def render(page: PageState) -> None:
+    model, plan = page.model, page.plan
     st.markdown(
         "Every prunable group of connected channels, in network order. Set a group's **own "
         "ratio** (blank = the global ratio) or **pin** it to keep all its channels; the "

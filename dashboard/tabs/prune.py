@@ -11,16 +11,15 @@ import pandas as pd
 import streamlit as st
 
 import engine
-from dashboard import state
 from dashboard.common import RESULT_KEY, session_files, short, show_error
+from dashboard.page import PageState
 from dashboard.prune_run import PruneRun, comparison_rows, run_prune
 from dashboard.tabs import recover
-from engine.io.data import DataSet
 
 
-def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
-           eval_data: DataSet | None, plan_args: dict[str, Any] | None = None,
-           structures: dict[str, Any] | None = None) -> None:
+def render(page: PageState) -> None:
+    model, plan, signature, ratio = page.model, page.plan, page.signature, page.ratio
+    eval_data, plan_args, structures = page.eval_data, page.plan_args, page.structures
     total = sum(int(g.scores.size) for g in plan.groups)
     pruned = sum(int(g.pruned.size) for g in plan.groups)
     st.markdown(
@@ -43,8 +42,8 @@ def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
                      if args.get("ratios") or args.get("pinned") else "")
         st.info(f"Also removes {whole} (chosen in the Blocks tab) before the channels; the "
                 "channel plan is then made again on the smaller model, so its counts can "
-                "differ a little from the Plan tab's." + per_group, icon="🧱")
-    if st.button("Prune", type="primary", key="prune", icon="✂️"):
+                "differ a little from the Plan tab's." + per_group, icon=":material/view_module:")
+    if st.button("Prune", type="primary", key="prune", icon=":material/content_cut:"):
         files = session_files()
         out_dir = files.subdir(f"pruned-{short(model.key)}-{short(signature)}")
         with st.status("Pruning…", expanded=True) as status:
@@ -150,12 +149,13 @@ def show_result(run: PruneRun) -> None:
             continue
         col.download_button(
             f"Download {name}", data=lambda p=path: p.read_bytes(), file_name=name, mime=mime,
-            key=f"dl_{name.replace('.', '_')}", icon="⬇️", width="stretch", on_click="ignore",
+            key=f"dl_{name.replace('.', '_')}", icon=":material/download:", width="stretch",
+            on_click="ignore",
         )
     if has_hf:
         c[3].download_button(
             "Download hf/ (zip)", data=lambda p=hf_dir: zip_folder(p), file_name="hf.zip",
-            mime="application/zip", key="dl_hf_zip", icon="⬇️", width="stretch",
+            mime="application/zip", key="dl_hf_zip", icon=":material/download:", width="stretch",
             on_click="ignore", help="The pruned model as a folder transformers loads with "
                                     "from_pretrained (no custom code)",
         )

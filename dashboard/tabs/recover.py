@@ -63,7 +63,7 @@ def render(model: state.LoadedModel, run: PruneRun,
     budget = c[1].number_input("Budget (s)", min_value=1, max_value=600, value=30, step=5,
                                key="recover_budget", help="Time for distillation")
     calibration = _calibration(model)
-    if st.button("Recover", key="recover", icon="🩹", disabled=not methods or
+    if st.button("Recover", key="recover", icon=":material/healing:", disabled=not methods or
                  calibration is None):
         files = session_files()
         out_dir = files.subdir(f"recovered-{short(model.key)}-{short(run.signature)}")
@@ -111,4 +111,4 @@ def show_recovery(done: RecoverRun) -> None:
             continue
         col.download_button(f"Download recovered {name}", data=lambda p=path: p.read_bytes(),
                             file_name=f"recovered_{name}", key=f"dl_recovered_{name}",
-                            icon="⬇️", width="stretch", on_click="ignore")
+                            icon=":material/download:", width="stretch", on_click="ignore")

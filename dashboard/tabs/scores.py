@@ -11,12 +11,14 @@ import streamlit as st
 
 from dashboard import charts, frames, sources, state
 from dashboard.common import make_plan, short
+from dashboard.page import PageState
 from engine.options import LAYER_NORMS, POLICIES, PruningOptions
 
 SCORE_VIEWS = ("Overview", "Compare layer norms", "Compare policies")
 
 
-def render(model: state.LoadedModel, plan: Any, options: PruningOptions, plan_args: dict):
+def render(page: PageState) -> None:
+    model, plan, options, plan_args = page.model, page.plan, page.options, page.plan_args
     view = st.segmented_control("View", SCORE_VIEWS, default=SCORE_VIEWS[0], key="score_view",
                                 label_visibility="collapsed") or SCORE_VIEWS[0]
     if view == "Overview":

@@ -33,6 +33,7 @@ from engine.graph.safety import (
     verify_checksums,
 )
 from engine.io.hf import example_inputs_for, is_pretrained_model, load_folder, source_of_model
+from engine.threads import TORCH_EXPORT_LOCK
 
 ACCEPTED = (
     "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
@@ -126,7 +127,8 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
             checked = pool.submit(verify_checksums, path, weights)
             with quiet_torch_load(weights_only=not trust_pickle) as log:
                 try:
-                    program = torch.export.load(os.fspath(path))
+                    with TORCH_EXPORT_LOCK:
+                        program = torch.export.load(os.fspath(path))
                     failure = None
                 except Exception as exc:  # noqa: BLE001 - any failure: an unreadable file
                     failure = root_cause(exc, log)
@@ -198,7 +200,8 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
         if use_cache:
             config.use_cache = False
         with without_stack_traces():
-            program = torch.export.export(flat, example_inputs, strict=False)
+            with TORCH_EXPORT_LOCK:
+                program = torch.export.export(flat, example_inputs, strict=False)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
                              f"{one_line(exc)}") from None
@@ -257,7 +260,7 @@ def reexport(module: torch.nn.Module, captured: Captured) -> torch.export.Export
     inputs = captured.example_inputs
     kwargs = captured.example_kwargs or {}
     try:
-        with without_stack_traces():
+        with without_stack_traces(), TORCH_EXPORT_LOCK:
             return torch.export.export(module, inputs, kwargs or None,
                                        dynamic_shapes=_dynamic_shapes(captured), strict=False)
     except Exception as exc:  # noqa: BLE001 - any export failure is one line

@@ -33,6 +33,7 @@ from engine.quality.sweep_job import (
     prime_worker_cache,
 )
 from engine.scoring.analysis import analyze
+from engine.threads import TORCH_EXPORT_LOCK
 
 # option name -> command-line flag, for the options that can be an axis of the grid
 AXES = {
@@ -287,7 +288,8 @@ def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> Mo
     import torch
 
     buffer = io.BytesIO()
-    torch.export.save(analysis.captured.program, buffer)
+    with TORCH_EXPORT_LOCK:
+        torch.export.save(analysis.captured.program, buffer)
     return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 

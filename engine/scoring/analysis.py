@@ -6,6 +6,7 @@ every filter per criterion. Changing the layer norm, policy or ratio only re-pla
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from engine.device import calibration_autocast, device_scope, on_device, to_devi
 from engine.errors import ModelLoadError, OptionError, PruneScopeError
 from engine.graph.capture import Captured, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
-from engine.graph.inputs import run_graph
+from engine.graph.inputs import run_graph, sample_chunks
 from engine.io.hf_config import count_adjuster, groups_config_keeps
 from engine.options import CRITERIA, CRITERIA_NEEDING_DATA, PruningOptions
 from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
@@ -229,10 +230,9 @@ def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dic
     recorder = Recorder(on_device(analysis.gm))
     rest = to_device(tuple(analysis.captured.example_inputs[1:]))
     with torch.inference_mode(), calibration_autocast():
-        for start in range(0, min(len(x), 256), batch):
-            chunk = x[start : start + batch]
-            if len(chunk) != batch and not _dynamic_batch(analysis):
-                break
+        # the chunks that start within the first 256 samples
+        first = x[:math.ceil(min(len(x), 256) / batch) * batch]
+        for (chunk,), _real in sample_chunks([first], batch, fixed=not _dynamic_batch(analysis)):
             run_graph(recorder, (to_device(chunk), *rest),
                       to_device(analysis.captured.example_kwargs))
     out = {}
