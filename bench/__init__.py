@@ -5,7 +5,8 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
 - ``e2e``: end to end against Torch-Pruning on ResNet-50, ViT-B/16 and BERT-base
 - ``rerank``: re-planning from cached raw scores (ResNet-50 and a 1,000+ layer model)
 - ``scaling``: Llama-style models at 4, 8 and 16 layers, time and peak memory
-- ``latency``: CPU latency of original and pruned models (torch eager, ONNX Runtime)
+- ``latency``: CPU latency of original and pruned ResNet-50, ViT-B/16, BERT-base and a
+  Llama-style model at step sizes 1, 8, 64 (torch eager, ONNX Runtime)
 - ``coverage``: the zoo and transformers models through both tools
 - ``quality``: demo accuracy per criterion x recovery x ratio (held-out data)
 - ``sweep``: the demo's option sweep, sensitivity and automatic per-group ratios

@@ -29,6 +29,7 @@ from dashboard.page import PageState  # noqa: E402
 from dashboard.sidebar import (  # noqa: E402
     index_example,
     parse_indices,
+    sidebar_device,
     sidebar_eval,
     sidebar_model,
     sidebar_options,
@@ -36,6 +37,7 @@ from dashboard.sidebar import (  # noqa: E402
 )
 from dashboard.tabs import TABS, blocks, compare  # noqa: E402
 from dashboard.tabs import plan as plan_tab_view  # noqa: E402
+from engine.device import using  # noqa: E402
 from engine.scoring.criteria import CRITERIA_NEEDING_CALIBRATION  # noqa: E402
 
 
@@ -149,7 +151,8 @@ def _guarded(render, page: PageState) -> None:
 def _run_page() -> None:
     """The page, with any unexpected error shown as one line instead of a traceback."""
     try:
-        main()
+        with using(sidebar_device()):
+            main()
     except Exception as e:  # st.rerun/st.stop are BaseExceptions and pass through
         show_error(e, "Something went wrong")
 

@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard import sources, state
 from dashboard.common import EVAL_KEY, session_files, upload_limit_mb, upload_limit_note
+from engine.device import available_devices
 from engine.errors import PruneScopeError
 from engine.io.data import DataSet
 from engine.options import (
@@ -63,6 +64,16 @@ HELP = {
 UNIFORM_KEY = "opt_uniform"
 _EVAL_PROBLEM = "_ps_eval_problem"
 _UNIFORM_FOR = "_ps_uniform_for"
+
+
+def sidebar_device() -> str:
+    """Where the model runs (engine.device); a select only when this machine has a choice."""
+    devices = available_devices()
+    if len(devices) == 1:
+        return devices[0]
+    return st.sidebar.selectbox("Device", devices, key="device",
+                                help="Where scoring on data, verification, evaluation and "
+                                     "recovery run. Capture and slicing stay on the CPU.")
 
 
 def sidebar_model() -> sources.ModelRequest | None:

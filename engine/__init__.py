@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import ExportError, ModelLoadError, OnnxExportError, OptionError, PruneScopeError
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazily
+    from engine.device import available_devices, resolve_device
     from engine.graph.capture import Captured, load_model
     from engine.graph.dependency import FrozenInfo, GroupInfo
     from engine.io.data import DataOptions, ModelInputs, load_calibration, load_data, model_inputs
@@ -42,6 +43,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
 
 _LAZY = {
     "Captured": "engine.graph.capture",
+    "available_devices": "engine.device",
+    "resolve_device": "engine.device",
     "load_calibration": "engine.io.data",
     "load_data": "engine.io.data",
     "DataOptions": "engine.io.data",
@@ -118,6 +121,7 @@ __all__ = [
     "Scores",
     "analyze",
     "apply",
+    "available_devices",
     "choose_metric",
     "embedding_metrics",
     "evaluate",
@@ -134,6 +138,7 @@ __all__ = [
     "quality_report",
     "ratios_for_target",
     "recover",
+    "resolve_device",
     "save",
     "score",
     "sensitivity",

@@ -22,9 +22,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 def cli(capfd, *argv: object) -> tuple[int, str, str]:
-    """The real CLI entry point in this process; stdout/stderr captured at the fd level."""
+    """The real CLI entry point in this process; stdout/stderr captured at the fd level.
+    `prune` runs with --no-latency unless the test asks for --latency (timing both models
+    costs seconds that only the latency tests need)."""
     capfd.readouterr()
-    rc = main([str(a) for a in argv])
+    args = [str(a) for a in argv]
+    if args[:1] == ["prune"] and "--latency" not in args and "--no-latency" not in args:
+        args.append("--no-latency")
+    rc = main(args)
     out, err = capfd.readouterr()
     return rc, out, err
 

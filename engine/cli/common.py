@@ -40,6 +40,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", default=None, metavar="N",
                    help="tokens in the example inputs of a model folder's text model "
                         "(default 32)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the model runs (verification, data-aware scoring, evaluation, "
+                        "recovery): cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument("--amp", default=None, metavar="DTYPE",
+                   help="calibration passes in autocast: bf16 or fp16 (default: full "
+                        "precision)")
+
+
+def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """--device and --amp for engine calls that hand them on to workers (sweeps)."""
+    return {"device": getattr(args, "device", None), "amp": getattr(args, "amp", None)}
 
 
 def criterion_help() -> str:

@@ -8,6 +8,7 @@ from engine.cli.common import (
     add_model_args,
     add_option_args,
     calibration_from,
+    device_kwargs,
     int_option,
     load_kwargs,
     options_from_args,
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         report = sensitivity(args.model, options, ratios, eval_data=args.eval_data,
                              metric=args.metric, calibration=_calibration(args),
                              workers=workers, ray=args.ray, progress=bar, out_json=args.json,
-                             **load_kwargs(args))
+                             **load_kwargs(args), **device_kwargs(args))
     finally:
         bar.close()
     print(f"{report['metric']} drop per group (original {report['original']:.4g})")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.device import current, device_scope, on_device, to_device
 from engine.errors import OptionError, PruneScopeError
 from engine.graph.capture import Captured, load_model
 from engine.graph.inputs import sample_chunks, user_input_shapes, user_inputs
@@ -80,12 +81,22 @@ class _Runner:
     def model_class(self) -> str | None:
         """The transformers class name of the model, where known."""
         return getattr(getattr(self.captured, "hf", None), "model_class", None)
+        self._placed: tuple[torch.device, Callable] | None = None
+
+    def placed(self) -> Callable:
+        """The module on the current device (copied there once)."""
+        where = current()
+        if self._placed is None or self._placed[0] != where:
+            self._placed = (where, on_device(self.module, where))
+        return self._placed[1]
 
     @torch.no_grad()
     def __call__(self, chunk: Sequence[torch.Tensor], data: EvalData) -> torch.Tensor:
+        module = self.placed()
+        chunk = to_device(tuple(chunk))
         if self.fixed_batch is None:
             try:
-                return _first_tensor(self.module(*chunk))
+                return _first_tensor(module(*chunk))
             except PruneScopeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - retried with the example's batch size
@@ -96,7 +107,7 @@ class _Runner:
         outs = []
         for part, real in sample_chunks(chunk, size, fixed=True, fill=True):
             try:
-                outs.append(_first_tensor(self.module(*part))[:real])
+                outs.append(_first_tensor(module(*part))[:real])
             except PruneScopeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the user's data or model: one line
@@ -114,7 +125,7 @@ def _first_tensor(output: Any) -> torch.Tensor:
     leaves = tensor_leaves(output)
     if not leaves:
         raise OptionError(f"the model's output ({type(output).__name__}) holds no tensor")
-    return leaves[0].detach()
+    return leaves[0].detach().cpu()
 
 
 def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Runner:
@@ -369,6 +380,7 @@ def _load(data: Any, runner: _Runner, options: DataOptions | None) -> EvalData:
     return load_eval_data(data, model=runner.captured, options=options)
 
 
+@device_scope
 def evaluate(
     model: Any,
     data: EvalData | str | os.PathLike,
@@ -382,9 +394,11 @@ def evaluate(
     input_shapes: list[tuple[int, ...]] | None = None,
     seq_len: int | None = None,
     data_options: DataOptions | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Measure `model` on `data`: ``{"metric", "value", "samples", "data", "reason"}`` (+
-    ``"tokens"`` for perplexity, ``"embedding"`` (all three) for the embedding metrics).
+    """Measure `model` on `data` (run on `device`): ``{"metric", "value", "samples", "data",
+    "reason"}`` (+ ``"tokens"`` for perplexity, ``"embedding"`` (all three) for the embedding
+    metrics).
 
     `model` and `reference` may be an nn.Module/GraphModule (with `example_inputs` to check
     the data against), an ExportedProgram, a PruneResult, a Captured or Analysis, a path or a
@@ -455,9 +469,12 @@ def evaluate(
         result["embedding"] = acc.embedding()
     return result
 
+
+@device_scope
 @torch.no_grad()
 def predict(model: Any, data: EvalData | str | os.PathLike, *, example_inputs: tuple | None = None,
-            max_samples: int | None = None, batch_size: int = 256) -> np.ndarray:
+            max_samples: int | None = None, batch_size: int = 256,
+            device: str | torch.device | None = None) -> np.ndarray:
     """The model's first output on every sample of `data`, as one array (float32), e.g. to
     pass as `reference` to several `evaluate` calls without running the reference again."""
     runner = _runner(model, example_inputs, {})

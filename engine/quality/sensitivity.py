@@ -48,6 +48,8 @@ def sensitivity(
     analysis: Any = None,
     seq_len: int | None = None,
     stop: Callable[[], bool] | None = None,
+    device: str | None = None,
+    amp: str | None = None,
 ) -> dict[str, Any]:
     """Per prunable group and ratio: the metric, its drop, and params/FLOPs after.
 
@@ -62,7 +64,8 @@ def sensitivity(
     prepared = prepare(model, eval_data=eval_data, metric=metric, criteria=[options.criterion],
                        calibration=calibration, ray=ray, example_inputs=example_inputs,
                        trust_pickle=trust_pickle, input_shapes=input_shapes,
-                       analysis=analysis, seq_len=seq_len, ship=runs_elsewhere(workers, ray, 2))
+                       analysis=analysis, seq_len=seq_len, device=device, amp=amp,
+                       ship=runs_elsewhere(workers, ray, 2))
     groups = prepared.analysis.prunable_groups(options.prunes_whole_blocks)
     report = base_report(prepared)
     report["options"] = options.to_dict()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.device import device_scope
 from engine.errors import OptionError
 from engine.io.data import load_calibration_data, needs_model
 from engine.io.export import atomic_write_bytes, write_json
@@ -123,6 +124,7 @@ class Prepared:
     before: dict[str, int]
 
 
+@device_scope
 def prepare(
     model: Any,
     *,
@@ -139,8 +141,13 @@ def prepare(
     analysis: Any = None,
     ship: bool = True,
     seq_len: int | None = None,
+    device: str | None = None,
+    amp: str | None = None,
 ) -> Prepared:
     """Check everything that can be checked before work starts, analyse, score, evaluate.
+
+    `device`/`amp`: where this process scores and evaluates and every point runs
+    (engine.device; on Ray each worker gets one GPU of its own).
 
     `analysis` reuses one this process already has (`model` still says what workers load).
     `ship=False`: every point runs in this process, so an in-memory model is not serialised.
@@ -172,7 +179,8 @@ def prepare(
     original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
     source = _model_source(model, analysis, trust_pickle, input_shapes, ship)
     job = SweepJob(uuid.uuid4().hex, source, data, original["metric"], calibration, recover,
-                   calibration, recover_steps)
+                   calibration, recover_steps, device=None if device is None else str(device),
+                   amp=amp)
     prime_worker_cache(job, analysis)
     before = {"params": count_params(analysis.gm), "flops": graph_flops(analysis.gm)}
     return Prepared(job, analysis, original, before)
@@ -232,8 +240,11 @@ def sweep(
     input_shapes: list[tuple[int, ...]] | None = None,
     seq_len: int | None = None,
     stop: Callable[[], bool] | None = None,
+    device: str | None = None,
+    amp: str | None = None,
 ) -> dict[str, Any]:
-    """Prune `model` at every point of `grid` x `ratios` and measure each pruned model.
+    """Prune `model` at every point of `grid` x `ratios` and measure each pruned model
+    (on `device`, calibration passes in `amp` autocast: engine.device).
 
     `grid` maps option names to a value, a list or "all"; `eval_data` is an EvalData or a
     file/name for `load_eval_data`. Returns (and, after every point, atomically writes to
@@ -248,7 +259,7 @@ def sweep(
                        criteria=[o.criterion for o in options_list], calibration=calibration,
                        recover=recover, recover_steps=recover_steps, ray=ray,
                        example_inputs=example_inputs, trust_pickle=trust_pickle,
-                       input_shapes=input_shapes, seq_len=seq_len,
+                       input_shapes=input_shapes, seq_len=seq_len, device=device, amp=amp,
                        ship=runs_elsewhere(workers, ray, len(options_list) * len(ratio_list)))
     report = base_report(prepared)
     report["axes"] = {name: axis_values(name, grid[name]) for name in AXES

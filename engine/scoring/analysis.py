@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from engine.device import calibration_autocast, device_scope, on_device, to_device
 from engine.errors import ModelLoadError, OptionError, PruneScopeError
 from engine.graph.capture import Captured, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
@@ -226,18 +227,19 @@ def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dic
     if x.dtype != example.dtype:
         x = x.to(example.dtype)
     batch = _batch_size(analysis, x)
-    recorder = Recorder(analysis.gm)
-    with torch.inference_mode():
+    recorder = Recorder(on_device(analysis.gm))
+    rest = to_device(tuple(analysis.captured.example_inputs[1:]))
+    with torch.inference_mode(), calibration_autocast():
         # the chunks that start within the first 256 samples
         first = x[:math.ceil(min(len(x), 256) / batch) * batch]
         for (chunk,), _real in sample_chunks([first], batch, fixed=not _dynamic_batch(analysis)):
-            run_graph(recorder, (chunk, *analysis.captured.example_inputs[1:]),
-                      analysis.captured.example_kwargs)
+            run_graph(recorder, (to_device(chunk), *rest),
+                      to_device(analysis.captured.example_kwargs))
     out = {}
     for node, m in wanted.items():
         if not captured[node]:
             raise OptionError("nuclear_norm: the calibration data produced no feature maps")
-        feats = torch.cat(captured[node], dim=0).float()
+        feats = torch.cat(captured[node], dim=0).float().cpu()
         out[(m.param, m.dim)] = nuclear_norm_scores(feats, m.out_dim)
     return out
 
@@ -307,6 +309,7 @@ def analyze(model: Any, example_inputs: tuple | None = None, **load_kwargs) -> A
 _DESCRIBE_ROUNDS = 8  # re-plans of --uniform for a transformers config, at most
 
 
+@device_scope
 def plan(
     analysis: Analysis,
     options: PruningOptions | dict | None = None,
@@ -317,8 +320,11 @@ def plan(
     calibration: np.ndarray | None = None,
     indices: Mapping[str, Iterable[int]] | None = None,
     uniform: bool = False,
+    device: str | torch.device | None = None,
+    amp: str | None = None,
 ) -> Plan:
-    """Decide what every group loses; fast, reuses cached raw scores.
+    """Decide what every group loses; fast, reuses cached raw scores. Data-aware criteria
+    run their calibration passes on `device`, in `amp` autocast if given (engine.device).
 
     ``uniform``: every repeated layer of the same kind loses the same number of channels
     (engine/scoring/uniform.py), so a transformers config can describe the result."""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from engine.demo import is_builtin
+from engine.device import CPU, device_scope, on_device, to_device
 from engine.errors import OptionError, PruneScopeError
 from engine.graph.capture import load_model
 from engine.graph.outputs import tensor_leaves
@@ -93,11 +94,16 @@ def check_steps(steps: Any, flag: str = "steps") -> int | None:
     return steps
 
 
+@device_scope
 def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             budget_s: float | None = 30, steps: int | None = None, seed: int = 0,
             progress: RecoverProgress | None = None, eval_holdout: float = 0.1,
-            stop: Callable[[], bool] | None = None):
+            stop: Callable[[], bool] | None = None,
+            device: str | torch.device | None = None):
     """Recover a pruned model's quality; returns a new PruneResult (the input is untouched).
+
+    `device`: where the original and the pruned model run (both passes and distillation);
+    the result comes back on the CPU, like the input.
 
     `methods`: "auto" or names from bias, lsq, bn, norm, distill (comma string or list).
     `budget_s` bounds the distillation's training time in seconds; `steps` fixes the number
@@ -124,6 +130,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     xs, filled = data.with_attention_mask(
         xs, getattr(analysis.captured.hf, "input_names", ()) if len(shapes) == 2 else ())
     full = data.check(xs, y, shapes, examples, where, ["x", *filled] if filled else None)
+    full = data.CalibrationSet(to_device(full.xs), to_device(full.y), full.batch)
     fit, holdout = _split(full, eval_holdout, seed)
     batch = full.batch
     if batch is not None and len(fit) < batch:
@@ -134,8 +141,9 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
 
     wanted = list(DATA_LIGHT) if "auto" in names else [m for m in DATA_LIGHT if m in names]
     distilling = "distill" in names or ("auto" in names and (steps or (budget_s or 0) > 0))
-    module = copy.deepcopy(result.module)
-    original = _original(analysis)
+    module = on_device(copy.deepcopy(result.module))
+    original_here = _original(analysis)
+    original = on_device(original_here)
     teacher_hold = data.outputs(original, holdout) if len(holdout) else None
     metric_name, before = _measure(module, holdout, teacher_hold)
     applied: list[str] = []
@@ -185,8 +193,9 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             )
             applied.append("distill")
     module.recompile()
-    _check_shapes(module, original, examples, analysis.captured.example_kwargs)
     _, after = _measure(module, holdout, teacher_hold)
+    module = on_device(module, CPU)
+    _check_shapes(module, original_here, examples, analysis.captured.example_kwargs)
     say("recovery: done", 1.0)
     report = copy.deepcopy(result.report)
     report["after"] = model_metrics(module)

@@ -27,7 +27,7 @@ BATCH = 64
 
 def loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
          y: torch.Tensor | None) -> torch.Tensor:
-    total = torch.zeros(())
+    total = torch.zeros((), device=student[0].device)
     for k, (s, t) in enumerate(zip(student, teacher)):
         if not s.is_floating_point():
             continue

@@ -84,7 +84,8 @@ class Layout:
             if value.shape[dim] != len(keep):
                 return None
             if not keep.all():
-                value = value.index_select(dim, torch.as_tensor(np.flatnonzero(keep)))
+                value = value.index_select(dim, torch.as_tensor(np.flatnonzero(keep),
+                                                                 device=value.device))
         if isinstance(like, torch.Tensor) and value.shape != like.shape:
             return None
         return value
