@@ -427,7 +427,7 @@ def test_prune_shows_before_after_fidelity_and_downloads():
     # Changing an option marks the result as stale instead of silently mixing them.
     at.slider(key="opt_ratio").set_value(0.2).run()
     _ok(at)
-    assert any("earlier options" in w.value for w in at.warning)
+    assert any("earlier settings" in w.value and "ratio" in w.value for w in at.warning)
 
 
 # ----------------------------------------------------------------------------- graphs
