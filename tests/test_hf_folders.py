@@ -13,6 +13,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import engine
+from engine.graph.capture import has_dynamic_batch
 from engine.scoring.planning import aligned_kept
 from tests.helpers import cli, one_error_line
 
@@ -138,7 +139,9 @@ def test_pretrained_model_in_python_writes_hf(tmp_path):
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(_llama_config()).eval()
     result = engine.prune(model, ratio=0.5, uniform=True)  # inputs from the config
-    assert result.example_inputs[0].shape == (1, 32)
+    # 32 tokens from the config; a batch of 2, as a size-1 batch would be captured fixed
+    assert result.example_inputs[0].shape == (2, 32)
+    assert has_dynamic_batch(result.program)
     engine.save(result, tmp_path)
     assert (tmp_path / "model.onnx").is_file()
     _assert_hf_equals_pt2("llama", tmp_path)
