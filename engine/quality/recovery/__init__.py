@@ -109,9 +109,10 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     xs, y, where = list(calibration.inputs), calibration.labels, calibration.where
     examples = analysis.captured.example_inputs
     shapes = data.expected_shapes(analysis.captured.program)
-    xs, filled = data.with_attention_mask(
-        xs, getattr(analysis.captured.hf, "input_names", ()) if len(shapes) == 2 else ())
-    full = data.check(xs, y, shapes, examples, where, ["x", *filled] if filled else None)
+    input_names = getattr(analysis.captured.hf, "input_names", ())
+    xs, filled = data.with_attention_mask(xs, input_names if len(shapes) == 2 else ())
+    full = data.check(xs, y, shapes, examples, where, ["x", *filled] if filled else None,
+                      input_names)
     fit, holdout = _split(full, eval_holdout, seed)
     batch = full.batch
     if batch is not None and len(fit) < batch:
@@ -125,36 +126,48 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     module = copy.deepcopy(result.module)
     original = _original(analysis)
     teacher_hold = data.outputs(original, holdout) if len(holdout) else None
-    metric_name, before = _measure(module, holdout, teacher_hold)
+    model_class = getattr(analysis.captured.hf, "model_class", "") or ""
+    metric_name, why = data.choose_metric(
+        (teacher_hold or data.outputs(original, full.take(torch.arange(1))))[0],
+        holdout if len(holdout) else full, model_class)
+
+    def measure(candidate) -> float | None:
+        if not len(holdout):
+            return None
+        return round(data.metric_value(metric_name, data.outputs(candidate, holdout),
+                                       teacher_hold, holdout), 6)
+
+    before = current = measure(module)
     applied: list[str] = []
     skipped: dict[str, str] = {}
     changed: dict[str, list[str]] = {}
+    verdicts: dict[str, dict[str, Any]] = {}
     if wanted:
         structure = analysis.structure(result.plan.options.prunes_whole_blocks)
         from engine.transform.apply import pruned_roots
 
-        ctx = Context(original, module, Layout(structure, pruned_roots(structure, result.plan)))
+        layout = Layout(structure, pruned_roots(structure, result.plan))
         light = fit.take(torch.arange(_light_samples(len(fit), batch)))
-        say(f"recovery: {', '.join(wanted)}", 0.0)
-        for name in wanted:
-            changed[name] = []
-
-        def correct(node, step) -> None:
-            for name in wanted:
-                layer = _CORRECTIONS[name](ctx, node, step)
-                if layer is not None:
-                    changed[name].append(layer)
-
-        if batch is None:
-            ctx.run(tuple(light.xs), correct)
-        else:  # the graph runs `batch` samples at a time; the methods see them all joined
-            ctx.run_chunks([tuple(chunk) for chunk in light.chunks()], correct)
-        for name in wanted:
-            if changed[name]:
-                applied.append(name)
-            else:
+        chunks = None if batch is None else [tuple(chunk) for chunk in light.chunks()]
+        for k, name in enumerate(wanted):
+            reason = _nothing_to_do(name, module, layout)
+            if reason is not None:
+                skipped[name] = reason
+                continue
+            say(f"recovery: {name}", 0.6 * k / len(wanted) if distilling else k / len(wanted))
+            trial = copy.deepcopy(module)
+            layers = _light_pass(Context(original, trial, layout, light.token_mask), name,
+                                 light, chunks)
+            if not layers:
                 skipped[name] = _NOTHING[name]
-                del changed[name]
+                continue
+            after = measure(trial)
+            kept = after is None or data.better(metric_name, after, current)
+            verdicts[name] = _verdict(metric_name, current, after, kept)
+            if kept:
+                module, current = trial, after
+                applied.append(name)
+                changed[name] = layers
     details: dict[str, Any] = {}
     nothing_pruned = all(len(gp.pruned) == 0 for gp in result.plan.groups)
     if distilling and nothing_pruned:
@@ -163,16 +176,23 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         if steps is None and not budget_s:
             skipped["distill"] = "no time budget (give --recover-budget or --recover-steps)"
         else:
-            base = 0.2 if wanted else 0.0
+            base = 0.6 if wanted else 0.0
+            trial = copy.deepcopy(module)
             details = distill.run(
-                module, fit, data.outputs(original, fit), holdout if len(holdout) else None,
+                trial, fit, data.outputs(original, fit), holdout if len(holdout) else None,
                 teacher_hold, seconds=budget_s, steps=steps, seed=seed,
                 progress=lambda msg, f: say(msg, base + (1 - base) * f),
+                hidden_states=metric_name == "embedding_cosine",
             )
-            applied.append("distill")
+            trial.recompile()
+            after = measure(trial)
+            kept = after is None or data.better(metric_name, after, current)
+            verdicts["distill"] = _verdict(metric_name, current, after, kept)
+            if kept:
+                module, current = trial, after
+                applied.append("distill")
     module.recompile()
     _check_shapes(module, original, examples, analysis.captured.example_kwargs)
-    _, after = _measure(module, holdout, teacher_hold)
     say("recovery: done", 1.0)
     report = copy.deepcopy(result.report)
     report["after"] = _metrics(module)
@@ -181,9 +201,11 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "skipped": skipped,
         "layers": changed,
         "seconds": round(time.monotonic() - start, 3),
-        "metric": metric_name,
+        "metric": metric_name if len(holdout) else None,
+        "metric_why": why if len(holdout) else None,
         "metric_before": before,
-        "metric_after": after,
+        "metric_after": current,
+        "per_method": verdicts,
         "output_shapes_match": True,  # checked above; a mismatch is an error
         "holdout_samples": len(holdout),
         "calibration_samples": len(fit),
@@ -193,6 +215,51 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
            if batch is not None else {}),
     }
     return PruneResult(module, report, result.plan, analysis, result.example_inputs)
+
+
+def _light_pass(ctx: Context, name: str, light: data.CalibrationSet,
+                chunks: list[tuple] | None) -> list[str]:
+    """One data-light method over the calibration set, node by node in network order (each
+    correction sees the ones upstream of it); the layers it changed."""
+    changed: list[str] = []
+    method = _CORRECTIONS[name]
+
+    def correct(node, step) -> None:
+        layer = method(ctx, node, step)
+        if layer is not None:
+            changed.append(layer)
+
+    if chunks is None:
+        ctx.run(tuple(light.xs), correct)
+    else:  # the graph runs `batch` samples at a time; the method sees them all joined
+        ctx.run_chunks(chunks, correct)
+    return changed
+
+
+def _nothing_to_do(name: str, module: torch.fx.GraphModule, layout: Layout) -> str | None:
+    """Why method `name` cannot change this pruned model (None: it may), decided from the
+    graph alone, so a method with nothing to do costs no pass over the data."""
+    nodes = [n for n in module.graph.nodes if n.op == "call_function"]
+    if name == "bn" and not any(n.target in bn.BATCH_NORMS for n in nodes):
+        return _NOTHING["bn"]
+    if name == "norm" and not any(n.target == torch.ops.aten.rsqrt.default for n in nodes):
+        # no written-out RMSNorm: a norm layer must have lost some of its input channels
+        if not any(not keep.all() for n in nodes
+                   if n.target in norm.NORMS and isinstance(n.args[0], torch.fx.Node)
+                   for keep in layout.kept(n.args[0].name).values()):
+            return _NOTHING["norm"]
+    return None
+
+
+def _verdict(metric: str, before: float | None, after: float | None, kept: bool) -> dict:
+    """A method's entry in report["recovery"]["per_method"]."""
+    if after is None:
+        return {"before": None, "after": None, "kept": True,
+                "why": "no held-back samples to measure it on: kept untested"}
+    direction = "higher" if data.HIGHER_IS_BETTER[metric] else "lower"
+    why = (f"{metric} {before:.6g} -> {after:.6g} on the held-back split ({direction} is "
+           f"better): " + ("it helps, kept" if kept else "it does not help, dropped"))
+    return {"before": before, "after": after, "kept": kept, "why": why}
 
 
 def _light_samples(n_fit: int, batch: int | None) -> int:
@@ -250,13 +317,6 @@ def _split(full: data.CalibrationSet, fraction: float, seed: int):
     n_hold = int(round(n * fraction)) if n >= 10 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return full.take(order[n_hold:].sort().values), full.take(order[:n_hold].sort().values)
-
-
-def _measure(module, holdout: data.CalibrationSet, teacher) -> tuple[str | None, float | None]:
-    if not len(holdout):
-        return None, None
-    name, value = data.metric(data.outputs(module, holdout), teacher, holdout.y)
-    return name, round(value, 6)
 
 
 def _check_shapes(module, original, inputs: tuple, kwargs: dict | None) -> None:

@@ -21,13 +21,21 @@ class CalibrationSet:
     y: torch.Tensor | None = None
     # the model's fixed batch size (None: any): such a graph runs exactly this many at once
     batch: int | None = None
+    # which input is the attention mask of a text model (1: a real token, 0: padding)
+    mask_input: int | None = None
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        """(samples, tokens) True at real tokens, for a text model given an attention mask."""
+        return None if self.mask_input is None else self.xs[self.mask_input] > 0
 
     def __len__(self) -> int:
         return int(self.xs[0].shape[0])
 
     def take(self, index: torch.Tensor) -> CalibrationSet:
         return CalibrationSet([x[index] for x in self.xs],
-                              None if self.y is None else self.y[index], self.batch)
+                              None if self.y is None else self.y[index], self.batch,
+                              self.mask_input)
 
     def chunks(self, size: int = CHUNK):
         """Consecutive input chunks of `size` samples; with a fixed batch, chunks of exactly
@@ -74,12 +82,26 @@ def with_attention_mask(xs: list[np.ndarray], input_names: Sequence[str]) -> \
     return xs, []
 
 
+def attention_mask_input(xs: Sequence[torch.Tensor], input_names: Sequence[str]) -> int | None:
+    """The position of a text model's attention mask among its inputs, when it is an integer
+    (samples, tokens) mask over the first input's token ids; None otherwise."""
+    names = list(input_names)
+    if "attention_mask" not in names or not xs or xs[0].is_floating_point() or xs[0].ndim != 2:
+        return None
+    k = names.index("attention_mask")
+    if k >= len(xs) or xs[k].shape != xs[0].shape or xs[k].is_floating_point():
+        return None
+    return k
+
+
 def check(xs: list[np.ndarray], y: np.ndarray | None, shapes, example_inputs: tuple,
-          where: str, names: Sequence[str] | None = None) -> CalibrationSet:
+          where: str, names: Sequence[str] | None = None,
+          input_names: Sequence[str] = ()) -> CalibrationSet:
     """Tensors shaped and typed like the model's inputs, or a one-line error. Dim 0 holds
     the samples, any number of them; a model captured with a fixed batch B runs them B at
     a time, so it needs at least B. `names`: what the errors call each array (default x,
-    or x0, x1, ...)."""
+    or x0, x1, ...); `input_names`: the model's forward() keyword of each input (a
+    transformers model), which tells the attention mask apart."""
     if len(xs) != len(shapes):
         raise OptionError(f"{where} gives {len(xs)} input array(s); the model takes "
                           f"{len(shapes)} (x, or x0, x1, ... in order)")
@@ -110,7 +132,7 @@ def check(xs: list[np.ndarray], y: np.ndarray | None, shapes, example_inputs: tu
                           f"at a time: give at least {batch}, x of shape ({want})")
     # the loader (engine.io.data) has checked the sample counts and the labels
     labels = None if y is None else torch.from_numpy(np.ascontiguousarray(y)).long()
-    return CalibrationSet(tensors, labels, batch)
+    return CalibrationSet(tensors, labels, batch, attention_mask_input(tensors, input_names))
 
 
 def outputs(module: torch.nn.Module, data: CalibrationSet) -> list[torch.Tensor]:
@@ -146,15 +168,64 @@ def forward(module: torch.nn.Module, xs: Sequence[torch.Tensor],
     return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
-def metric(student: list[torch.Tensor], teacher: list[torch.Tensor],
-           y: torch.Tensor | None) -> tuple[str, float]:
-    """accuracy with labels, else top-1 agreement with the original, on the first output;
-    a relative output error where the output has no class dimension."""
-    s, t = student[0], teacher[0]
-    if s.ndim >= 2 and s.shape[-1] > 1:
-        pred = s.argmax(-1)
-        if y is not None and y.shape == pred.shape:
-            return "accuracy", float((pred == y).float().mean())
-        return "agreement", float((pred == t.argmax(-1)).float().mean())
-    err = float((s - t).norm() / t.norm().clamp_min(1e-12))
-    return "relative_error", err
+# transformers heads whose per-token outputs are class scores, not hidden states
+_PER_TOKEN_CLASSES = ("ForMaskedLM", "ForTokenClassification", "ForPreTraining")
+HIGHER_IS_BETTER = {"accuracy": True, "agreement": True, "embedding_cosine": True,
+                    "perplexity": False, "relative_error": False}
+
+
+def choose_metric(first: torch.Tensor, data: CalibrationSet,
+                  model_class: str = "") -> tuple[str, str]:
+    """The held-back measure that fits what the model returns, and why (for report.json).
+    `first`: the original's first output on some samples; `model_class`: a transformers
+    class name (e.g. "GPT2LMHeadModel"), or "" when unknown."""
+    tokens = data.xs[0]
+    text = not tokens.is_floating_point() and tokens.ndim == 2
+    per_token = text and first.ndim == 3 and tuple(first.shape[:2]) == tuple(tokens.shape)
+    if data.y is not None and first.ndim >= 2 and first.shape[-1] > 1 and \
+            tuple(data.y.shape) == tuple(first.shape[:-1]):
+        return "accuracy", "the calibration set has labels and the first output class scores"
+    if per_token and ("CausalLM" in model_class or "LMHead" in model_class):
+        return "perplexity", (f"{model_class} is a causal language model: exp of the mean "
+                              "next-token loss on the held-back text")
+    if per_token and model_class and not model_class.endswith(_PER_TOKEN_CLASSES):
+        return "embedding_cosine", ("token ids in, hidden states out (an encoder): mean cosine "
+                                    "of the attention-mask mean-pooled embeddings with the "
+                                    "original's")
+    if first.ndim >= 2 and first.shape[-1] > 1:
+        return "agreement", "class scores without labels: share of top-1 equal to the original's"
+    return "relative_error", "an output without classes: ||pruned - original|| / ||original||"
+
+
+def pooled(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real tokens (mask True) of (samples, tokens, features) hidden states."""
+    if mask is None:
+        return hidden.mean(1)
+    weight = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+
+
+def metric_value(name: str, student: list[torch.Tensor], teacher: list[torch.Tensor],
+                 data: CalibrationSet) -> float:
+    """`name` (from `choose_metric`) of the student's first output against the teacher's."""
+    s, t = student[0].double(), teacher[0].double()
+    mask = data.token_mask
+    if name == "accuracy":
+        return float((s.argmax(-1) == data.y).double().mean())
+    if name == "agreement":
+        return float((s.argmax(-1) == t.argmax(-1)).double().mean())
+    if name == "embedding_cosine":
+        cos = torch.nn.functional.cosine_similarity(pooled(s, mask), pooled(t, mask), dim=-1)
+        return float(cos.mean())
+    if name == "perplexity":
+        targets = data.xs[0][:, 1:].long()
+        nll = torch.nn.functional.cross_entropy(s[:, :-1].transpose(1, 2), targets,
+                                                reduction="none")
+        real = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
+        return float(torch.exp((nll * real).sum() / real.sum().clamp_min(1.0)))
+    return float((s - t).norm() / t.norm().clamp_min(1e-12))
+
+
+def better(name: str, value: float, than: float) -> bool:
+    """Whether `value` of metric `name` is strictly better than `than`."""
+    return value > than if HIGHER_IS_BETTER[name] else value < than

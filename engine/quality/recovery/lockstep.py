@@ -257,6 +257,18 @@ class Context:
     original: fx.GraphModule
     pruned: fx.GraphModule
     layout: Layout
+    # (samples, tokens) True at real tokens of a text model's calibration set (None: every
+    # position counts): padding is left out of the statistics the methods fit
+    token_mask: torch.Tensor | None = None
+
+    def real_rows(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(samples, tokens, ...) activations cut to the real tokens' rows (tokens, ...);
+        values of any other shape are returned unchanged."""
+        mask = self.token_mask
+        if mask is None or not all(v.ndim >= 3 and tuple(v.shape[:2]) == tuple(mask.shape)
+                                   for v in values):
+            return values
+        return tuple(v[mask] for v in values)
 
     def run(self, inputs: tuple, hook: Hook) -> Any:
         out = run_lockstep(self.original, self.pruned, inputs, hook)
