@@ -13,6 +13,9 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
 - ``coverage_v2``: about seventy real architectures (tiny configs) pruned, verified, exported
 - ``hf_uniform``: Hugging Face folders pruned with and without ``--uniform`` (parameters,
   demo-lm held-out perplexity) and which architectures round-trip through OUT/hf/
+- ``real``: a real pretrained sentence encoder (all-MiniLM-L6-v2) on Python's own docs text:
+  FLOPs removed vs held-out embedding cosine / nearest-neighbour agreement per recovery
+  method, and each pass against a plain batched forward
 - ``large``: bf16 Llama-style 0.85 B and 3B-shaped `.pt2` files pruned by the CLI vs the floor
 
 Wall-clock numbers live here and in ``bench/RESULTS.md``, never as assertions in tests.
@@ -30,4 +33,5 @@ BENCHMARKS = (
     "large",
     "coverage_v2",
     "hf_uniform",
+    "real",
 )
