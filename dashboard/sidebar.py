@@ -142,19 +142,21 @@ def sidebar_model() -> sources.ModelRequest | None:
 
 def sidebar_eval(model: state.LoadedModel) -> DataSet | None:
     up = st.sidebar.file_uploader(
-        "Calibration / evaluation data (.npz, optional)", type=["npz"], key="upload_eval",
+        "Calibration / evaluation data (optional)", type=sources.upload_types(),
+        key="upload_eval",
         help="An .npz with 'x' (model inputs, samples on the first axis) and optional integer "
-        "labels 'y'. Used by the nuclear_norm and data-aware criteria and for the "
-        "before/after fidelity. "
+        "labels 'y', or text: .txt (one sample a line), .jsonl/.json/.csv/.tsv/.parquet with "
+        "a 'text' and an optional 'label' field, tokenized with the model's tokenizer. Used "
+        "by the nuclear_norm and data-aware criteria and for the before/after fidelity. "
         "The demo brings its own.",
     )
     ss = st.session_state
     cached = ss.get(EVAL_KEY)
     if up is not None:
-        key = f"upload:{up.file_id}"
+        key = f"upload:{up.file_id}:{model.key}"  # text is tokenized for this model
         if cached is None or cached[0] != key:
             try:
-                data = sources.load_upload(up.getvalue(), up.name)
+                data = sources.load_upload(up.getvalue(), up.name, model=model.captured)
             except Exception as e:
                 show_error(e)
                 data = None

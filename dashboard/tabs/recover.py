@@ -37,13 +37,16 @@ def _calibration(model: state.LoadedModel) -> Any:
         st.caption("Calibration data: the demo's training split (`assets/demo_calib.npz`); "
                    "the comparison below uses the held-out evaluation set.")
         return "demo"
-    up = st.file_uploader("Calibration data for recovery (.npz with x, optional y)",
-                          type=["npz"], key="upload_calib",
-                          help="Never the evaluation data: quality is measured on that.")
+    up = st.file_uploader("Calibration data for recovery (.npz with x, optional y; or text)",
+                          type=sources.upload_types(), key="upload_calib",
+                          help="Never the evaluation data: quality is measured on that. Text "
+                               "(.txt, .jsonl, .json, .csv, .tsv, .parquet) is tokenized with "
+                               "the model's tokenizer.")
     if up is None:
         return None
     try:
-        return sources.load_upload(up.getvalue(), up.name, flag="calibration data")
+        return sources.load_upload(up.getvalue(), up.name, flag="calibration data",
+                                   model=model.captured)
     except Exception as e:
         show_error(e, "Calibration data")
         return None

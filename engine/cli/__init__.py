@@ -21,7 +21,7 @@ EXIT_BAD_INPUT = 2
 EXIT_ONNX_FAILED = 3
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prunescope",
         description="Dependency-aware structured pruning of PyTorch models.",
@@ -37,7 +37,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
         return args.run(args)

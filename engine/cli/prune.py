@@ -7,12 +7,15 @@ import sys
 
 from engine.cli.common import (
     Progress,
+    add_data_args,
     add_eval_args,
     add_model_args,
     add_option_args,
     calibration_from,
+    data_options,
     indices_from,
     load_kwargs,
+    model_for_data,
     options_from_args,
     read_json,
     report_frozen,
@@ -39,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_structure_args(p)
     add_eval_args(p)
     add_recovery_args(p)
+    add_data_args(p)
     p.set_defaults(run=run)
 
 
@@ -64,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     if args.indices and options.criterion != "index":
         raise OptionError("--indices names filters to remove; it needs --criterion index")
-    calibration = calibration_from(args.calibration)
+    data_options(args)  # a bad data option fails before the model is loaded
+    model = model_for_data(args, args.model, args.calibration, args.eval_data)
+    calibration = calibration_from(args.calibration, model, args)
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
@@ -84,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"--eval-data {args.eval_data} is the --calibration file; measure on "
                           "held-out data the model was not calibrated on")
     recovery = check_recovery_args(args)
-    eval_data = load_eval_data(args.eval_data) if args.eval_data else None
-    model = args.model
+    eval_data = load_eval_data(args.eval_data, model=model, options=data_options(args)) \
+        if args.eval_data else None
     if recovery is not None:  # loaded here, the original keeps its weights for recovery
         model = engine.load_model(model, **load_kwargs(args))
     if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             result.report["auto_ratios"] = auto
         pruned = result
         if recovery is not None:
-            result = run_recovery(result, args.calibration, recovery)
+            result = run_recovery(result, calibration, recovery)
         if eval_data is not None:
             progress("evaluating on --eval-data")
             result.report["quality"] = quality_report(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -46,6 +47,9 @@ class Captured:
     source: str
     example_kwargs: dict | None = None
     hf: Any = None  # engine.io.hf.HFSource when the model is a transformers model
+    # the forward() parameter each positional input fills, where known (the program's own
+    # placeholders are args_0, ... after the output-flattening wrapper)
+    input_names: tuple[str, ...] = ()
 
 
 def load_model(
@@ -212,7 +216,20 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
     finally:
         if use_cache:
             config.use_cache = use_cache
-    return Captured(program, example_inputs, source)
+    names = tuple(input_names) or forward_parameter_names(module, len(example_inputs))
+    return Captured(program, example_inputs, source, input_names=names)
+
+
+def forward_parameter_names(module: torch.nn.Module, count: int) -> tuple[str, ...]:
+    """The names of the first `count` positional parameters of module.forward, or () where
+    they are not plain named parameters (``*args``)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    positional = [p.name for p in parameters
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return tuple(positional[:count]) if len(positional) >= count else ()
 
 
 def _export(flat: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],
