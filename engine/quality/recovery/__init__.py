@@ -126,10 +126,10 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     module = copy.deepcopy(result.module)
     original = _original(analysis)
     teacher_hold = data.outputs(original, holdout) if len(holdout) else None
-    model_class = getattr(analysis.captured.hf, "model_class", "") or ""
-    metric_name, why = data.choose_metric(
-        (teacher_hold or data.outputs(original, full.take(torch.arange(1))))[0],
-        holdout if len(holdout) else full, model_class)
+    model_class = getattr(analysis.captured.hf, "model_class", None)
+    probe = holdout if len(holdout) else full.take(torch.arange(min(len(full), 8)))
+    metric_name, why = data.fitting_metric(
+        (teacher_hold or data.outputs(original, probe))[0], calibration, probe, model_class)
 
     def measure(candidate) -> float | None:
         if not len(holdout):

@@ -11,6 +11,8 @@ import torch
 
 from engine.errors import OptionError
 from engine.graph.outputs import tensor_leaves
+from engine.quality.embedding import EMBEDDING_METRICS, embedding_metrics, mean_pool
+from engine.quality.evaluate import HIGHER_IS_BETTER, choose_metric
 
 CHUNK = 256  # samples per forward pass when only outputs are needed
 
@@ -168,37 +170,22 @@ def forward(module: torch.nn.Module, xs: Sequence[torch.Tensor],
     return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
-# transformers heads whose per-token outputs are class scores, not hidden states
-_PER_TOKEN_CLASSES = ("ForMaskedLM", "ForTokenClassification", "ForPreTraining")
-HIGHER_IS_BETTER = {"accuracy": True, "agreement": True, "embedding_cosine": True,
-                    "perplexity": False, "relative_error": False}
-
-
-def choose_metric(first: torch.Tensor, data: CalibrationSet,
-                  model_class: str = "") -> tuple[str, str]:
-    """The held-back measure that fits what the model returns, and why (for report.json).
-    `first`: the original's first output on some samples; `model_class`: a transformers
-    class name (e.g. "GPT2LMHeadModel"), or "" when unknown."""
-    tokens = data.xs[0]
-    text = not tokens.is_floating_point() and tokens.ndim == 2
-    per_token = text and first.ndim == 3 and tuple(first.shape[:2]) == tuple(tokens.shape)
-    if data.y is not None and first.ndim >= 2 and first.shape[-1] > 1 and \
-            tuple(data.y.shape) == tuple(first.shape[:-1]):
-        return "accuracy", "the calibration set has labels and the first output class scores"
-    if per_token and ("CausalLM" in model_class or "LMHead" in model_class):
-        return "perplexity", (f"{model_class} is a causal language model: exp of the mean "
-                              "next-token loss on the held-back text")
-    if per_token and model_class and not model_class.endswith(_PER_TOKEN_CLASSES):
-        return "embedding_cosine", ("token ids in, hidden states out (an encoder): mean cosine "
-                                    "of the attention-mask mean-pooled embeddings with the "
-                                    "original's")
-    if first.ndim >= 2 and first.shape[-1] > 1:
-        return "agreement", "class scores without labels: share of top-1 equal to the original's"
-    return "relative_error", "an output without classes: ||pruned - original|| / ||original||"
+def fitting_metric(first: torch.Tensor, data, held: CalibrationSet,
+                   model_class: str | None) -> tuple[str, str]:
+    """The held-back measure: the metric evaluation would choose for this model and data
+    (engine.quality.evaluate.choose_metric, against the original as reference), why, and
+    relative error where top-1 agreement means nothing (an output without a class axis).
+    `first`: the original's first output on `held`; `data`: the loaded calibration set."""
+    name, why = choose_metric(data, first, held.xs, True, model_class)
+    if name == "agreement" and (first.ndim < 2 or first.shape[-1] <= 1):
+        return "relative_error", (f"the first output {tuple(first.shape)} has no class axis: "
+                                  "||pruned - original|| / ||original||")
+    return name, why
 
 
 def pooled(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the real tokens (mask True) of (samples, tokens, features) hidden states."""
+    """Mean over the real tokens (mask True) of (samples, tokens, features) hidden states:
+    engine.quality.embedding.mean_pool in torch, so that distillation can differentiate it."""
     if mask is None:
         return hidden.mean(1)
     weight = mask.to(hidden.dtype).unsqueeze(-1)
@@ -207,16 +194,15 @@ def pooled(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def metric_value(name: str, student: list[torch.Tensor], teacher: list[torch.Tensor],
                  data: CalibrationSet) -> float:
-    """`name` (from `choose_metric`) of the student's first output against the teacher's."""
+    """`name` (from `fitting_metric`) of the student's first output against the teacher's."""
     s, t = student[0].double(), teacher[0].double()
     mask = data.token_mask
     if name == "accuracy":
         return float((s.argmax(-1) == data.y).double().mean())
     if name == "agreement":
         return float((s.argmax(-1) == t.argmax(-1)).double().mean())
-    if name == "embedding_cosine":
-        cos = torch.nn.functional.cosine_similarity(pooled(s, mask), pooled(t, mask), dim=-1)
-        return float(cos.mean())
+    if name in EMBEDDING_METRICS:
+        return embedding_metrics(mean_pool(s, mask), mean_pool(t, mask))[name]
     if name == "perplexity":
         targets = data.xs[0][:, 1:].long()
         nll = torch.nn.functional.cross_entropy(s[:, :-1].transpose(1, 2), targets,
