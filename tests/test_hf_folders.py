@@ -279,7 +279,8 @@ def test_folder_without_config_is_refused(folders, tmp_path, capfd):
 
 def test_seq_len_and_input_shape_set_the_example_inputs(folders, capfd):
     captured = engine.analyze(str(folders["gpt2"]), seq_len=8).captured
-    assert [tuple(x.shape) for x in captured.example_inputs] == [(1, 8), (1, 8)]
+    # a batch of 2: a size-1 batch would be captured fixed
+    assert [tuple(x.shape) for x in captured.example_inputs] == [(2, 8), (2, 8)]
     assert captured.example_inputs[1].eq(1).all()
     captured = engine.analyze(str(folders["vit"]), input_shapes=[(2, 3, 32, 32)]).captured
     assert tuple(captured.example_inputs[0].shape) == (2, 3, 32, 32)

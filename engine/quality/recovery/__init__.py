@@ -20,6 +20,7 @@ import torch
 from engine.errors import OptionError, PruneScopeError
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import as_data
+from engine.quality.evaluate import check_metric
 from engine.quality.recovery import bias, bn, data, distill, lsq, norm
 from engine.quality.recovery.lockstep import Context, Layout
 
@@ -85,14 +86,17 @@ def check_steps(steps: Any, flag: str = "steps") -> int | None:
 
 def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             budget_s: float | None = 30, steps: int | None = None, seed: int = 0,
-            progress: RecoverProgress | None = None, eval_holdout: float = 0.1):
+            progress: RecoverProgress | None = None, eval_holdout: float = 0.1,
+            metric: str | None = None):
     """Recover a pruned model's quality; returns a new PruneResult (the input is untouched).
 
     `methods`: "auto" or names from bias, lsq, bn, norm, distill (comma string or list).
     `budget_s` bounds the distillation's training time in seconds; `steps` fixes the number
     of distillation steps instead (reproducible with `seed`; the budget is then ignored).
     `eval_holdout`: the fraction of calibration samples held back to measure the result and
-    to pick the best distillation state.
+    to pick the best distillation state. `metric`: the held-back measure (default: the one
+    evaluation chooses for this model and data, see engine.quality.evaluate.choose_metric);
+    a method is kept only if it improves it.
     """
     from engine.pipeline import PruneResult, _check_not_released, _metrics
 
@@ -130,6 +134,8 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     probe = holdout if len(holdout) else full.take(torch.arange(min(len(full), 8)))
     metric_name, why = data.fitting_metric(
         (teacher_hold or data.outputs(original, probe))[0], calibration, probe, model_class)
+    if metric is not None and check_metric(metric, "metric") != metric_name:
+        metric_name, why = metric, "chosen by the caller"
 
     def measure(candidate) -> float | None:
         if not len(holdout):
