@@ -31,6 +31,7 @@ import torch
 
 import engine
 from bench.common import Goal, Section, md_table
+from engine.quality.embedding import embedding_cosine, neighbor_agreement
 from engine.quality.recovery.data import pooled
 
 NAME = "real"
@@ -109,16 +110,8 @@ def embeddings(module: torch.nn.Module, data: dict[str, np.ndarray],
 
 def embedding_quality(reference: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
     """Mean cosine to the reference embeddings, and nearest-neighbour agreement."""
-    cos = torch.nn.functional.cosine_similarity(got.double(), reference.double(), dim=-1)
-
-    def neighbours(e: torch.Tensor) -> torch.Tensor:
-        e = torch.nn.functional.normalize(e.double(), dim=-1)
-        sim = e @ e.T
-        sim.fill_diagonal_(-2.0)
-        return sim.argmax(-1)
-
-    agree = (neighbours(got) == neighbours(reference)).double().mean()
-    return {"cosine": float(cos.mean()), "neighbours": float(agree)}
+    return {"cosine": embedding_cosine(got, reference),
+            "neighbours": neighbor_agreement(got, reference)}
 
 
 def flops_removed(result) -> float:
@@ -143,7 +136,9 @@ def _cells(ratio: float, criterion: str, method: str, result, quality: dict, sec
 def quality_curve(folder: Path, calib: dict, held: dict, reference: torch.Tensor,
                   ratios: tuple[float, ...], criteria: tuple[str, ...],
                   distill_s: float) -> tuple[list[tuple], dict[str, Any]]:
-    """Rows of (ratio, criterion, FLOPs/params removed, method, cosine, neighbours, s)."""
+    """Rows of (ratio, criterion, FLOPs/params removed, method, cosine, neighbours, s), and
+    per (criterion, ratio): (FLOPs removed, quality without recovery, after data-light,
+    after distillation or None, the last PruneResult)."""
     analysis = engine.analyze(str(folder), seq_len=SEQ)
     rows: list[tuple] = []
     best: dict[str, Any] = {}
@@ -153,8 +148,8 @@ def quality_curve(folder: Path, calib: dict, held: dict, reference: torch.Tensor
             plan = engine.plan(analysis, {"criterion": criterion}, ratio=ratio, uniform=True,
                                calibration=calibration)
             pruned = engine.apply(analysis, plan)
-            rows.append(_row(ratio, criterion, "none", pruned,
-                             embedding_quality(reference, embeddings(pruned.module, held)), 0))
+            q_none = embedding_quality(reference, embeddings(pruned.module, held))
+            rows.append(_row(ratio, criterion, "none", pruned, q_none, 0))
             start = time.monotonic()
             light = engine.recover(pruned, calib, "lsq", budget_s=0)
             light_s = time.monotonic() - start
@@ -171,9 +166,10 @@ def quality_curve(folder: Path, calib: dict, held: dict, reference: torch.Tensor
                 rows.append(_row(ratio, criterion, f"+ distill ({distill_s:.0f} s)", distilled,
                                  q_dist, light_s + time.monotonic() - start,
                                  "kept" if verdict.get("kept") else "dropped"))
-                best[(criterion, ratio)] = (flops_removed(pruned), q_light, q_dist, distilled)
+                best[(criterion, ratio)] = (flops_removed(pruned), q_none, q_light, q_dist,
+                                            distilled)
             else:
-                best[(criterion, ratio)] = (flops_removed(pruned), q_light, None, light)
+                best[(criterion, ratio)] = (flops_removed(pruned), q_none, q_light, None, light)
     return rows, best
 
 
@@ -220,7 +216,7 @@ def run(quick: bool = False) -> Section:
     curve, best = quality_curve(folder, calib, held, reference, ratios, criteria, distill_s)
     speed_rows, times = speed(folder, calib, 0.5)
     with tempfile.TemporaryDirectory() as tmp:  # hf/ of the recovered model at ratio 0.5
-        chosen = best[(criteria[-1], 0.5)][3]
+        chosen = best[(criteria[-1], 0.5)][4]
         engine.save(chosen, tmp, onnx=False)
         hf_written = bool(chosen.report.get("hf", {}).get("written"))
     body = (
@@ -242,20 +238,20 @@ def run(quick: bool = False) -> Section:
     goals = []
     at_30 = [v for v in best.values() if v[0] >= 0.30]
     if at_30:
-        light_best = max(at_30, key=lambda v: v[1]["cosine"])
+        light_best = max(at_30, key=lambda v: v[2]["cosine"])
         goals.append(Goal(NAME, ">= 30% FLOPs removed, data-light: cosine >= 0.97, NN >= 0.85",
-                          f"{light_best[0]:.1%} FLOPs: {light_best[1]['cosine']:.4f}, "
-                          f"{light_best[1]['neighbours']:.3f}",
-                          light_best[1]["cosine"] >= 0.97 and
-                          light_best[1]["neighbours"] >= 0.85))
-        distilled = [v for v in at_30 if v[2] is not None]
+                          f"{light_best[0]:.1%} FLOPs: {light_best[2]['cosine']:.4f}, "
+                          f"{light_best[2]['neighbours']:.3f}",
+                          light_best[2]["cosine"] >= 0.97 and
+                          light_best[2]["neighbours"] >= 0.85))
+        distilled = [v for v in at_30 if v[3] is not None]
         if distilled:
-            d = max(distilled, key=lambda v: v[2]["cosine"])
+            d = max(distilled, key=lambda v: v[3]["cosine"])
             goals.append(Goal(NAME, ">= 30% FLOPs removed, distilled <= 5 min: cosine >= "
                                     "0.985, NN >= 0.92",
-                              f"{d[0]:.1%} FLOPs: {d[2]['cosine']:.4f}, "
-                              f"{d[2]['neighbours']:.3f}",
-                              d[2]["cosine"] >= 0.985 and d[2]["neighbours"] >= 0.92))
+                              f"{d[0]:.1%} FLOPs: {d[3]['cosine']:.4f}, "
+                              f"{d[3]['neighbours']:.3f}",
+                              d[3]["cosine"] >= 0.985 and d[3]["neighbours"] >= 0.92))
     total = times["scoring"] + times["recovery"] + times["evaluation"]
     worst = max(times[k] / times["forward"] for k in ("scoring", "evaluation"))
     goals.append(Goal(NAME, "scoring + recovery + evaluation <= 30 s (shared machine)",
