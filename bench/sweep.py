@@ -37,7 +37,8 @@ def run(quick: bool = False) -> Section:
     from engine.pipeline import apply
     from engine.quality.evaluate import load_calibration_data, load_eval_data
     from engine.quality.sensitivity import sensitivity
-    from engine.quality.sweep import point_quality, sweep
+    from engine.quality.sweep import sweep
+    from engine.quality.sweep_job import point_quality
     from engine.quality.targets import SCREEN_SAMPLES, ratios_for_target
     from engine.scoring.auto_ratios import uniform_ratio
 

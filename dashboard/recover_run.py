@@ -11,9 +11,10 @@ from typing import Any
 
 from dashboard.evaluate import evaluate_pair
 from engine.io.data import DataSet
+from engine.options import RECOVERY_METHODS, RECOVERY_TABLE
 
-METHOD_CHOICES = ("bias", "lsq", "bn", "norm", "distill")
-DEFAULT_METHODS = ("bias", "lsq", "bn", "norm")
+METHOD_CHOICES = RECOVERY_METHODS
+DEFAULT_METHODS = tuple(m.name for m in RECOVERY_TABLE if m.data_light)
 
 
 @dataclass

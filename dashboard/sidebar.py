@@ -13,6 +13,8 @@ from engine.errors import PruneScopeError
 from engine.io.data import DataSet
 from engine.options import (
     CRITERIA,
+    CRITERIA_NEEDING_DATA,
+    CRITERION_TABLE,
     GROUP_POLICIES,
     LAYER_NORMS,
     POLICIES,
@@ -25,13 +27,9 @@ DEFAULTS = PruningOptions()
 DEFAULT_RATIO = 0.5
 
 HELP = {
-    "criterion": "How a channel's raw importance is measured: l2/l1 = norm of its filter; "
-    "gm = distance to the other filters (redundant filters score low); nuclear_norm = "
-    "size of its feature maps on calibration data; random = seeded baseline; index = "
-    "you name the channels to remove. Data-aware (beyond the spec, on the calibration data): "
-    "activation = mean |output|; wanda = |weight| x input norm over the weights the channel "
-    "removes; taylor = |weight x gradient| of the loss (labels y when given); fluctuation = "
-    "variance of the channel's input x squared weights reading it (FLAP).",
+    "criterion": "How a channel's raw importance is measured: "
+    + "; ".join(f"{c.name} = {c.help}" for c in CRITERION_TABLE)
+    + f". {', '.join(CRITERIA_NEEDING_DATA)} need calibration data.",
     "policy": "How the members of a connected group (e.g. the convs feeding a residual add) "
     "are combined into one score per channel: sum or average of their normalized scores, "
     "or backward = normalize the sum of the raw scores (the post-residual feature map).",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError, PruneScopeError
+from engine.errors import ModelLoadError, PruneScopeError, one_line  # noqa: F401 - sources.one_line
 from engine.io.data import DataSet
 
 DEMO = "Demo model"
@@ -334,12 +334,3 @@ def upload_types() -> list[str]:
     from engine.io.data import UPLOAD_SUFFIXES
 
     return [suffix.lstrip(".") for suffix in UPLOAD_SUFFIXES]
-
-
-def one_line(error: BaseException) -> str:
-    """The first line of an error's message (never a traceback)."""
-    text = str(error).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    if isinstance(error, PruneScopeError):
-        return line or type(error).__name__
-    return f"{type(error).__name__}: {line}" if line else type(error).__name__

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from engine.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEMO_PATH = ASSETS_DIR / "demo.pt2"
@@ -52,18 +55,24 @@ def builtin_data_path(name: str, kind: str) -> Path:
 
 
 def load_builtin_program(name: str) -> torch.export.ExportedProgram:
+    import torch  # here: engine.io.data reads the built-in data sets without torch
+
     model, _, _, target = BUILTINS[name]
     return torch.export.load(os.fspath(_require(model, target)))
 
 
 def builtin_example_inputs(name: str, batch: int = 8) -> tuple[torch.Tensor]:
     """A few real samples of the model's evaluation set, for capturing or checking it."""
+    import torch
+
     with np.load(builtin_data_path(name, "eval"), allow_pickle=False) as data:
         return (torch.from_numpy(data["x"][:batch]).clone(),)
 
 
 def load_demo_program() -> torch.export.ExportedProgram:
     """The demo model as saved by torch.export.save (batch dimension dynamic, 1..4096)."""
+    import torch
+
     return torch.export.load(os.fspath(_require(DEMO_PATH)))
 
 
@@ -76,5 +85,7 @@ def load_demo_eval() -> tuple[np.ndarray, np.ndarray]:
 
 def demo_example_inputs(batch: int = 8) -> tuple[torch.Tensor]:
     """A small batch of real evaluation digits, for capturing or checking the model."""
+    import torch
+
     x, _ = load_demo_eval()
     return (torch.from_numpy(x[:batch]).clone(),)

@@ -8,9 +8,60 @@ from typing import Any
 
 from engine.errors import OptionError
 
+
+@dataclass(frozen=True)
+class Criterion:
+    """One criterion: its name, whether it needs calibration data, and the help the CLI's
+    --criterion and the dashboard show. Its scoring function is registered under the same
+    name in engine/scoring/analysis.py (SCORERS; a test checks that both list the same)."""
+
+    name: str
+    needs_data: bool
+    help: str
+
+
 # the spec's criteria, then the data-aware ones (beyond the spec; they need calibration data)
-CRITERIA = ("l2", "l1", "gm", "nuclear_norm", "random", "index",
-            "activation", "wanda", "taylor", "fluctuation")
+CRITERION_TABLE: tuple[Criterion, ...] = (
+    Criterion("l2", False, "L2 norm of its filter"),
+    Criterion("l1", False, "L1 norm of its filter"),
+    Criterion("gm", False, "distance to the other filters (redundant filters score low)"),
+    Criterion("nuclear_norm", True, "size of its feature maps on the calibration data"),
+    Criterion("random", False, "seeded baseline"),
+    Criterion("index", False, "you name the channels to remove (--indices; charts show l2)"),
+    Criterion("activation", True, "mean |output| on the calibration data"),
+    Criterion("wanda", True, "|weight| x input norm over the weights the channel removes"),
+    Criterion("taylor", True, "|weight x gradient| of the loss (labels y when given)"),
+    Criterion("fluctuation", True,
+              "variance of the channel's input x squared weights reading it (FLAP)"),
+)
+CRITERIA = tuple(c.name for c in CRITERION_TABLE)
+CRITERIA_NEEDING_DATA = tuple(c.name for c in CRITERION_TABLE if c.needs_data)
+
+
+@dataclass(frozen=True)
+class RecoveryMethod:
+    """One recovery method: its name, whether it runs in the shared data-light pass over the
+    calibration data (else it trains), and its help for the CLI and the dashboard. Its
+    function is registered under the same name in engine/quality/recovery/__init__.py."""
+
+    name: str
+    data_light: bool
+    help: str
+
+
+# in the order the data-light pass applies them at each node
+RECOVERY_TABLE: tuple[RecoveryMethod, ...] = (
+    RecoveryMethod("bias", True, "the mean of what a layer's lost inputs carried, into its bias"),
+    RecoveryMethod("lsq", True, "least-squares refit of each linear/conv layer that drifted"),
+    RecoveryMethod("bn", True, "BatchNorm statistics recomputed where their input changed"),
+    RecoveryMethod("norm", True, "LayerNorm/RMSNorm/GroupNorm refitted to the kept channels"),
+    RecoveryMethod("distill", False, "knowledge distillation from the original (time budget "
+                                     "or fixed steps)"),
+)
+RECOVERY_METHODS = tuple(m.name for m in RECOVERY_TABLE)
+RECOVERY_AUTO = "auto"  # the data-light methods with something to act on, then distill
+
+
 POLICIES = ("sum", "average", "backward")
 LAYER_NORMS = ("standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none")
 GROUP_POLICIES = ("sum", "average", "count", "none")

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import ExportError, OnnxExportError, PruneScopeError
-from engine.graph.capture import without_stack_traces
+from engine.errors import ExportError, OnnxExportError, PruneScopeError, one_line
+from engine.graph.capture import reexport
+from engine.graph.inputs import run_graph
 from engine.graph.outputs import tensor_leaves
 from engine.io.export import (
     check_onnx,
@@ -25,10 +26,14 @@ from engine.io.export import (
     save_program,
     write_json,
 )
+from engine.io.hf_config import groups_config_keeps
+from engine.io.hf_export import write_hf
 from engine.options import PruningOptions, check_ratio
-from engine.quality.metrics import count_params, graph_flops, size_bytes
+from engine.quality.metrics import model_metrics
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
+from engine.scoring.uniform import family_counts
+from engine.transform import structural
 from engine.transform.apply import masked_module, pruned_roots, rewrite, tensor_places
 from engine.transform.exactness import exact_tolerance
 
@@ -85,7 +90,7 @@ class PruneResult:
     def program(self) -> torch.export.ExportedProgram:
         """The pruned model as an ExportedProgram (what `save` writes as model.pt2)."""
         if self._program is None:
-            self._program = _export(self.module, self.analysis)
+            self._program = reexport(self.module, self.analysis.captured)
         return self._program
 
     @property
@@ -152,8 +157,6 @@ def prune(
     `save` can write OUT/hf/. `seq_len`: tokens of the example inputs made from a
     transformers text model's config.
     """
-    from engine.transform import structural
-
     options = PruningOptions.from_any(options)
     structures = structural.wanted(expert_ratio, block_ratio, remove_blocks, block_unit)
     if ratio is None and ratios is None and options.criterion != "index" and not structures:
@@ -178,7 +181,9 @@ def prune(
     owned = release_original and isinstance(model, (str, os.PathLike)) and not structures
     result = apply(analysis, the_plan, progress=progress, release_original=owned)
     if structures:
-        structural.finish(result.report, original, sections)
+        # the report of the whole run: sizes before every pass, one section per pass
+        result.report["before"] = model_metrics(original.gm)
+        result.report.update(sections)
     if uniform:
         _report_uniform(result, analysis)
     return result
@@ -187,14 +192,10 @@ def prune(
 def _report_uniform(result: PruneResult, analysis: Analysis) -> None:
     """report["uniform"]: each repeated layer kind and what its layers lost; for a
     transformers model, the groups kept whole because its config cannot describe them."""
-    from engine.scoring.uniform import family_counts
-
     whole = result.plan.options.prunes_whole_blocks
     entry: dict[str, Any] = {"families": family_counts(result.plan,
                                                        analysis.prunable_groups(whole))}
     if analysis.captured.hf is not None:
-        from engine.io.hf_export import groups_config_keeps
-
         entry["kept_for_config"] = [{"group": name, "reason": why}
                                     for name, why in groups_config_keeps(analysis, whole).items()]
     result.report["uniform"] = entry
@@ -208,12 +209,12 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     slices are made (the analysis cannot be applied or masked again afterwards).
     """
     say = progress or (lambda _msg: None)
-    _check_not_released(analysis)
+    analysis.check_not_released()
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     removed = pruned_roots(structure, the_plan)
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
-    before = _metrics(analysis.gm)
+    before = model_metrics(analysis.gm)
     say("running the masked original")
     with torch.no_grad():  # mask mode first: the rewrite may release the original weights
         masked = tensor_leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
@@ -223,13 +224,12 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     say("verifying")
     with torch.no_grad():
         try:
-            pruned = tensor_leaves(_ShapeRecorder(pruned_gm).run(*inputs, **kwargs))
+            pruned = tensor_leaves(run_graph(_ShapeRecorder(pruned_gm), inputs, kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
-            raise PruneScopeError(f"the pruned model failed to run: {exc}".splitlines()[0]) \
-                from exc
+            raise PruneScopeError(f"the pruned model failed to run: {one_line(exc)}") from exc
     verification = _verify(masked, pruned, the_plan, structure)
     say("measuring")
-    after = _metrics(pruned_gm)
+    after = model_metrics(pruned_gm)
     report = {
         "options": the_plan.options.to_dict(),
         "groups": [
@@ -254,12 +254,6 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     if the_plan.ratio is not None or the_plan.ratios is None:
         report["ratio"] = the_plan.ratio
     return PruneResult(pruned_gm, report, the_plan, analysis, inputs)
-
-
-def _check_not_released(analysis: Analysis) -> None:
-    if getattr(analysis, "released", False):
-        raise PruneScopeError("this analysis gave its weights up to an earlier prune of a "
-                              "model file; analyse the model again")
 
 
 def _releaser(analysis: Analysis) -> Callable[[torch.Tensor], None]:
@@ -342,64 +336,16 @@ def _verify(masked, pruned, the_plan: Plan, structure) -> dict[str, Any]:
     }
 
 
-def _export(gm: torch.nn.Module, analysis: Analysis) -> torch.export.ExportedProgram:
-    inputs = analysis.captured.example_inputs
-    kwargs = analysis.captured.example_kwargs or {}
-    dynamic = _dynamic_shapes(analysis)
-    try:
-        with without_stack_traces():
-            return torch.export.export(gm, inputs, kwargs or None, dynamic_shapes=dynamic,
-                                       strict=False)
-    except Exception as exc:  # noqa: BLE001
-        raise PruneScopeError(
-            f"re-exporting the pruned model failed: {exc}".splitlines()[0]
-        ) from exc
-
-
-def _dynamic_shapes(analysis: Analysis):
-    program = analysis.captured.program
-    user_inputs = [
-        spec.arg.name
-        for spec in program.graph_signature.input_specs
-        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
-    ]
-    values = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
-    shapes = []
-    any_dynamic = False
-    for name in user_inputs:
-        val = values.get(name)
-        if isinstance(val, torch.Tensor):
-            dims = {d: torch.export.Dim.AUTO for d, s in enumerate(val.shape)
-                    if isinstance(s, torch.SymInt)}
-            any_dynamic |= bool(dims)
-            shapes.append(dims or None)
-        else:
-            shapes.append(None)
-    if not any_dynamic or analysis.captured.example_kwargs:
-        return None
-    if len(shapes) != len(analysis.captured.example_inputs):
-        return None
-    return tuple(shapes)
-
-
 def prune_unverified(analysis: Analysis, the_plan: Plan) -> tuple[torch.fx.GraphModule, dict]:
     """The pruned graph and its params/FLOPs, without the mask-mode check `apply` makes: for
     searches that try many plans and `apply` the one they keep."""
-    _check_not_released(analysis)
+    analysis.check_not_released()
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     gm = rewrite(analysis.gm, structure, pruned_roots(structure, the_plan), None)
     with torch.no_grad():
-        _ShapeRecorder(gm).run(*analysis.captured.example_inputs,
-                               **(analysis.captured.example_kwargs or {}))
-    return gm, _metrics(gm)
-
-
-def _metrics(module: torch.fx.GraphModule) -> dict[str, int]:
-    return {
-        "params": count_params(module),
-        "flops": graph_flops(module),
-        "size_bytes": size_bytes(module),
-    }
+        run_graph(_ShapeRecorder(gm), analysis.captured.example_inputs,
+                  analysis.captured.example_kwargs)
+    return gm, model_metrics(gm)
 
 
 def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
@@ -430,7 +376,7 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
             try:
                 report["onnx"] = _write_onnx(result, staging / "model.onnx")
             except Exception as exc:  # noqa: BLE001 - any ONNX failure: keep the rest, say why
-                onnx_error = _onnx_failure(exc)
+                onnx_error = one_line(exc)
                 for name in ONNX_FILES:
                     with contextlib.suppress(OSError):
                         os.remove(staging / name)
@@ -455,8 +401,6 @@ def _write_hf(result: PruneResult, folder: Path) -> dict[str, Any]:
     """OUT/hf/ for a transformers model (engine/io/hf_export.py); a reason when it cannot be."""
     import warnings
 
-    from engine.io.hf_export import write_hf
-
     entry = write_hf(result, folder)
     if not entry["written"]:
         warnings.warn(f"hf/ not written: {entry['reason']}", UserWarning, stacklevel=3)
@@ -472,7 +416,8 @@ def _write_onnx(result: PruneResult, path: Path) -> dict[str, Any]:
                                  "checked": "structure only (onnx.checker): ONNX Runtime's "
                                             "CPU provider has no bfloat16 kernels"}
     else:
-        diff = check_onnx(path, result.module, result.example_inputs)
+        diff = check_onnx(path, result.module, result.example_inputs,
+                          result.analysis.captured.example_kwargs)
         # float16 outputs get the verification's half-precision tolerance (3.9e-3)
         dtypes = [p.dtype for p in result.module.parameters()]
         tolerance = max(ONNX_TOLERANCE, exact_tolerance(dtypes))
@@ -482,15 +427,6 @@ def _write_onnx(result: PruneResult, path: Path) -> dict[str, Any]:
     if external_data_path(path).exists():
         entry["external_data"] = external_data_path(path).name
     return entry
-
-
-def _onnx_failure(exc: BaseException) -> str:
-    """One line naming what went wrong in the ONNX step."""
-    text = str(exc).strip()
-    if isinstance(exc, PruneScopeError) and text:
-        return text.splitlines()[0]
-    first = text.splitlines()[0] if text else "no message"
-    return f"{type(exc).__name__}: {first}"
 
 
 def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]:
@@ -532,13 +468,14 @@ def _commit(staging: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
 
 def _output_scale(result: PruneResult) -> float:
     with torch.no_grad():
-        outs = tensor_leaves(result.module(*result.example_inputs))
+        outs = tensor_leaves(result.module(*result.example_inputs,
+                                           **(result.analysis.captured.example_kwargs or {})))
     return max((float(o.abs().max()) for o in outs if o.is_floating_point() and o.numel()),
                default=1.0)
 
 
 def masked(analysis: Analysis, the_plan: Plan) -> Callable:
     """Mask mode: the original model with the planned channels zeroed (nothing removed)."""
-    _check_not_released(analysis)
+    analysis.check_not_released()
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     return masked_module(analysis.gm, structure, pruned_roots(structure, the_plan))

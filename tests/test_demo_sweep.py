@@ -10,7 +10,8 @@ import pytest
 
 import engine
 from engine.quality.evaluate import load_calibration_data
-from engine.quality.sweep import point_quality, sweep
+from engine.quality.sweep import sweep
+from engine.quality.sweep_job import point_quality
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

@@ -165,8 +165,8 @@ def test_gpt2_names_and_n_layer():
     import dataclasses
 
     from engine.io.hf import source_of_model
+    from engine.io.hf_config import NotDescribable
     from engine.io.hf_depth import config_update, renumber
-    from engine.io.hf_export import NotDescribable
 
     model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=100,
                                              n_positions=64))

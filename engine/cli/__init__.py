@@ -12,13 +12,15 @@ import sys
 import warnings
 
 from engine.cli import dashboard, evaluate, prune, scores, sensitivity, sweep
-from engine.errors import PruneScopeError
+from engine.cli.common import (  # noqa: F401 - EXIT_ONNX_FAILED: importable from engine.cli
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL_ERROR,
+    EXIT_ONNX_FAILED,
+)
+from engine.errors import PruneScopeError, one_line
 
 COMMANDS = (scores, prune, evaluate, sweep, sensitivity, dashboard)
 
-EXIT_INTERNAL_ERROR = 1
-EXIT_BAD_INPUT = 2
-EXIT_ONNX_FAILED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,15 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except PruneScopeError as exc:
-        print(f"prunescope: error: {exc}", file=sys.stderr)
+        print(f"prunescope: error: {one_line(exc, limit=2000)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("prunescope: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI edge: a bug is one line, not a traceback
-        first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"prunescope: internal error (a bug in PruneScope, please report it): "
-              f"{type(exc).__name__}: {first}", file=sys.stderr)
+              f"{one_line(exc, limit=2000)}", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
 
 

@@ -11,6 +11,8 @@ from typing import Any
 from engine.errors import OptionError
 from engine.options import (
     CRITERIA,
+    CRITERIA_NEEDING_DATA,
+    CRITERION_TABLE,
     GROUP_POLICIES,
     LAYER_NORMS,
     METRICS,
@@ -20,6 +22,11 @@ from engine.options import (
     TEXT_MODES,
     PruningOptions,
 )
+
+# exit statuses of the prunescope command (0: success)
+EXIT_INTERNAL_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_ONNX_FAILED = 3
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +42,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default 32)")
 
 
+def criterion_help() -> str:
+    """--criterion's help, from the one criterion table (engine.options.CRITERION_TABLE)."""
+    entries = "; ".join(f"{c.name} = {c.help}" for c in CRITERION_TABLE)
+    return (f"one of {', '.join(CRITERIA)} ({entries}); "
+            f"{', '.join(CRITERIA_NEEDING_DATA)} need --calibration")
+
+
 def add_option_args(p: argparse.ArgumentParser) -> None:
     """The pruning options of the spec (one value each)."""
     p.add_argument("--calibration", metavar="FILE",
@@ -42,9 +56,7 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
                         f"{DATA_FORMS_HELP}")
     p.add_argument("--indices", metavar="FILE.json",
                    help="criterion index: {layer: [filter indices to remove]}")
-    p.add_argument("--criterion", default="l2",
-                   help=f"one of {', '.join(CRITERIA)} (nuclear_norm, activation, wanda, "
-                        "taylor and fluctuation need --calibration)")
+    p.add_argument("--criterion", default="l2", help=criterion_help())
     p.add_argument("--policy", default="average", help=f"one of {', '.join(POLICIES)}")
     p.add_argument("--layer-norm", default="standard_score",
                    help=f"one of {', '.join(LAYER_NORMS)}")

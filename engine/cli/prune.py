@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from engine.cli.common import (
+    EXIT_ONNX_FAILED,
     Progress,
     add_data_args,
     add_eval_args,
@@ -148,8 +149,6 @@ def run(args: argparse.Namespace) -> int:
     for path in paths.values():
         print(f"wrote {path}")
     if onnx_error is not None:
-        from engine.cli import EXIT_ONNX_FAILED
-
         print(f"prunescope: error: {onnx_error}", file=sys.stderr)
         return EXIT_ONNX_FAILED
     return 0

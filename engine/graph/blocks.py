@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from engine.graph.inputs import run_graph
+
 _ADDS = ("aten.add.Tensor", "aten.add_.Tensor")
 
 
@@ -224,7 +226,7 @@ def block_and_span_scores(
     recorder = _StreamRecorder(gm, blocks, spans, influence)
     with torch.no_grad():
         for args in inputs:
-            recorder.run(*args, **(kwargs or {}))
+            run_graph(recorder, args, kwargs)
     return recorder.scores()
 
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
-from engine.errors import ModelLoadError
+from engine.demo import builtin_example_inputs, is_builtin, load_builtin_program
+from engine.errors import ModelLoadError, PruneScopeError, one_line
 from engine.graph.custom_ops import register_archive_ops
+from engine.graph.inputs import user_inputs
 from engine.graph.outputs import tensor_leaves
 from engine.graph.safety import (
     check_size,
@@ -31,6 +33,7 @@ from engine.graph.safety import (
     root_cause,
     verify_checksums,
 )
+from engine.io.hf import example_inputs_for, is_pretrained_model, load_folder, source_of_model
 
 ACCEPTED = (
     "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
@@ -68,16 +71,12 @@ def load_model(
     if isinstance(source, torch.export.ExportedProgram):
         return _from_program(source, example_inputs, "ExportedProgram")
     if isinstance(source, torch.nn.Module):
-        from engine.io.hf import is_pretrained_model
-
         if is_pretrained_model(source):
             return _capture_transformers(source, example_inputs, input_shapes, seq_len)
         if example_inputs is None:
             raise ModelLoadError("an nn.Module needs example inputs to be captured")
         return capture_module(source, _as_tuple(example_inputs), source=type(source).__name__)
     if isinstance(source, (str, os.PathLike)):
-        from engine.demo import builtin_example_inputs, is_builtin, load_builtin_program
-
         if is_builtin(str(source)):
             name = str(source)
             return _from_program(load_builtin_program(name), builtin_example_inputs(name), name)
@@ -95,8 +94,6 @@ def _as_tuple(inputs: Any) -> tuple:
 
 
 def _load_folder(path: Path, trust_pickle: bool, input_shapes, seq_len) -> Captured:
-    from engine.io.hf import load_folder
-
     model, inputs, hf = load_folder(path, trust_pickle=trust_pickle, input_shapes=input_shapes,
                                     seq_len=seq_len)
     captured = capture_module(model, inputs, source=str(path), input_names=hf.input_names,
@@ -107,8 +104,6 @@ def _load_folder(path: Path, trust_pickle: bool, input_shapes, seq_len) -> Captu
 
 def _capture_transformers(model, example_inputs, input_shapes, seq_len) -> Captured:
     """A PreTrainedModel: example inputs from its config unless given; hf/ export enabled."""
-    from engine.io.hf import example_inputs_for, source_of_model
-
     names: tuple[str, ...] = ()
     if example_inputs is None:
         example_inputs, names = example_inputs_for(model, input_shapes, seq_len)
@@ -158,7 +153,7 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
         try:
             obj = torch.load(os.fspath(path), weights_only=False, map_location="cpu")
         except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"model file {path} could not be unpickled: {_one_line(exc)}") \
+            raise ModelLoadError(f"model file {path} could not be unpickled: {one_line(exc)}") \
                 from None
         if not isinstance(obj, torch.nn.Module):
             raise ModelLoadError(
@@ -252,7 +247,7 @@ def _export(flat: torch.nn.Module, example_inputs: tuple, input_names: tuple[str
             return torch.export.export(flat, example_inputs, strict=False), example_inputs
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
-                             f"{_one_line(exc)}") from None
+                             f"{one_line(exc)}") from None
 
 
 # token inputs of transformers models whose dim 1 is a sequence length
@@ -291,19 +286,12 @@ def _at_least_two(inputs: tuple) -> tuple:
 
 def has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
     """Whether dim 0 of the program's first user input is symbolic (any batch size runs)."""
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in _user_input_names(program):
-            val = node.meta.get("val")
-            return isinstance(val, torch.Tensor) and bool(val.dim()) and \
-                isinstance(val.shape[0], torch.SymInt)
-    return False
-
-
-def _user_input_names(program: torch.export.ExportedProgram) -> set[str]:
-    from torch.export.graph_signature import InputKind
-
-    return {s.arg.name for s in program.graph_signature.input_specs
-            if s.kind == InputKind.USER_INPUT}
+    inputs = user_inputs(program)
+    if not inputs:
+        return False
+    val = inputs[0][1]
+    return isinstance(val, torch.Tensor) and bool(val.dim()) and \
+        isinstance(val.shape[0], torch.SymInt)
 
 
 @contextlib.contextmanager
@@ -349,7 +337,35 @@ def _flat_forward(forward, input_names: tuple[str, ...] = ()):
     return flat_forward
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}"[:300]
+def reexport(module: torch.nn.Module, captured: Captured) -> torch.export.ExportedProgram:
+    """Capture a changed graph again with the inputs (and dynamic dimensions) of `captured`;
+    a failure is one line."""
+    inputs = captured.example_inputs
+    kwargs = captured.example_kwargs or {}
+    try:
+        with without_stack_traces():
+            return torch.export.export(module, inputs, kwargs or None,
+                                       dynamic_shapes=_dynamic_shapes(captured), strict=False)
+    except Exception as exc:  # noqa: BLE001 - any export failure is one line
+        raise PruneScopeError(
+            f"re-exporting the pruned model failed: {one_line(exc)}"
+        ) from exc
+
+
+def _dynamic_shapes(captured: Captured) -> tuple | None:
+    """Dim.AUTO where the captured program's positional inputs have symbolic sizes."""
+    shapes = []
+    any_dynamic = False
+    for _name, val in user_inputs(captured.program):
+        if isinstance(val, torch.Tensor):
+            dims = {d: torch.export.Dim.AUTO for d, s in enumerate(val.shape)
+                    if isinstance(s, torch.SymInt)}
+            any_dynamic |= bool(dims)
+            shapes.append(dims or None)
+        else:
+            shapes.append(None)
+    if not any_dynamic or captured.example_kwargs:
+        return None
+    if len(shapes) != len(captured.example_inputs):
+        return None
+    return tuple(shapes)

@@ -14,8 +14,8 @@ import numpy as np
 import torch.fx as fx
 
 from engine.graph.labels import unique_ints
-from engine.graph.ops import RULES, find_rule, op_key
-from engine.graph.tracer import AnalysisState, Member, Tracer, layer_name
+from engine.graph.rules import RULES, find_rule, rule_for
+from engine.graph.tracer import AnalysisState, Member, Tracer, layer_name, op_key
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Structure:
 def analyze_graph(gm: fx.GraphModule, whole_blocks: bool) -> Structure:
     state = AnalysisState()
     tracer = Tracer(gm, state, whole_blocks=whole_blocks)
-    tracer.run()
+    tracer.run(rule_for)
     return _build(gm, state, whole_blocks, sorted(tracer.unknown))
 
 

@@ -126,3 +126,14 @@ def match_positions(reference: np.ndarray, new: np.ndarray) -> np.ndarray:
     if len(new) and (pos.max() >= len(sorted_ref) or not np.array_equal(sorted_ref[pos], new)):
         raise ValueError("pruned labels do not match the original channel layout")
     return order[pos]
+
+
+def surviving(ids: np.ndarray, roots: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """The keep-mask of a plan, shaped like `ids`: True where a position's channel survives
+    (`removed` is indexed by the union-find root of its id); unlabelled positions always do.
+    The tracer's apply pass, mask mode and recovery's lockstep all read it from here."""
+    ids = np.asarray(ids)
+    keep = np.ones(ids.shape, dtype=bool)
+    labelled = ids >= 0
+    keep[labelled] = ~removed[roots[ids[labelled]]]
+    return keep

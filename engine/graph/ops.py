@@ -10,7 +10,6 @@ constants with the pruned sizes). An op with no entry freezes every channel that
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -19,25 +18,21 @@ import torch
 import torch.fx as fx
 
 from engine.graph.labels import NO_LABEL, along, is_labelled
-from engine.graph.tracer import RewriteError, Tracer, layer_name
+from engine.graph.tracer import RewriteError, Tracer, layer_name, op_key
 
 aten = torch.ops.aten
 Rule = Callable[[Tracer, fx.Node], Any]
 RULES: dict[str, Rule] = {}
 
 
-def op_key(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._opname}.{target._overloadname}"
-    if target is operator.getitem:
-        return "getitem"
-    return getattr(target, "__name__", str(target))
-
-
 def find_rule(node: fx.Node) -> Rule | None:
     key = op_key(node)
     return RULES.get(key) or RULES.get(key.rsplit(".", 1)[0])
+
+
+def rule_for(node: fx.Node) -> Rule:
+    """The node's rule; `unknown_op` (freeze what reaches it) when the op has none."""
+    return find_rule(node) or unknown_op
 
 
 def register(*names: str) -> Callable[[Rule], Rule]:
@@ -50,7 +45,7 @@ def register(*names: str) -> Callable[[Rule], Rule]:
 
 
 # --------------------------------------------------------------------------- helpers
-def _ndim(node: fx.Node) -> int:
+def out_ndim(node: fx.Node) -> int:
     val = node.meta.get("val")
     return val.dim() if isinstance(val, torch.Tensor) else 0
 
@@ -71,7 +66,7 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _full(ids: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def full_ids(ids: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(ids, shape)
 
 
@@ -87,7 +82,7 @@ def unknown_op(t: Tracer, node: fx.Node) -> Any:
     return None
 
 
-def _channel_ids(t: Tracer, ids: np.ndarray | None, dim: int, what: str) -> np.ndarray | None:
+def channel_ids(t: Tracer, ids: np.ndarray | None, dim: int, what: str) -> np.ndarray | None:
     """Labels along a channel dimension; frozen if they also vary along another dimension."""
     if ids is None:
         return None
@@ -111,7 +106,7 @@ def _channel_ids(t: Tracer, ids: np.ndarray | None, dim: int, what: str) -> np.n
     "neg_", "exp_", "sqrt_", "rsqrt_", "abs_", "mish_",
 )
 def pass_through(t: Tracer, node: fx.Node) -> Any:
-    return t.labels_of(node.args[0]) if _ndim(node) else None
+    return t.labels_of(node.args[0]) if out_ndim(node) else None
 
 
 @register("native_dropout")
@@ -129,7 +124,7 @@ def native_dropout(t: Tracer, node: fx.Node) -> Any:
     "subtract", "greater", "less", "greater_equal", "less_equal", "not_equal", "clip",
 )
 def elementwise(t: Tracer, node: fx.Node) -> Any:
-    ndim = _ndim(node)
+    ndim = out_ndim(node)
     args = _tensor_args(node)
     if not ndim or not args:
         return None
@@ -156,9 +151,9 @@ def _derived_layer(t: Tracer, node: fx.Node, x: fx.Node, weight: fx.Node, x_dim:
     param = derived.param
     x_ids = t.labels_of(x)
     if x_ids is not None:
-        line = _channel_ids(t, x_ids, x_dim, op_key(node))
+        line = channel_ids(t, x_ids, x_dim, op_key(node))
         if line is not None:
-            line = _full(line, (t.shape(x)[x_dim],))
+            line = full_ids(line, (t.shape(x)[x_dim],))
             t.bind(param, 1, line)
             if derived.normalised:
                 t.inexact(line, f"{_layer(param)}: its weight is normalised over the input "
@@ -189,7 +184,7 @@ def _bias(t: Tracer, node: fx.Node, index: int, name: str, out_ids: np.ndarray) 
 def linear(t: Tracer, node: fx.Node) -> Any:
     x, weight = node.args[0], node.args[1]
     param = t.param(weight)
-    ndim = _ndim(node)
+    ndim = out_ndim(node)
     if param is None and weight.name in t.derived_weights:
         out = _derived_layer(t, node, x, weight, -1, (1,) * (ndim - 1) + (-1,))
         if out is not None:
@@ -199,9 +194,9 @@ def linear(t: Tracer, node: fx.Node) -> Any:
         return _einsum_rule(t, node, [x, weight], "...k,ok->...o")
     x_ids = t.labels_of(x)
     if x_ids is not None:
-        line = _channel_ids(t, x_ids, -1, "linear")
+        line = channel_ids(t, x_ids, -1, "linear")
         if line is not None:
-            t.bind(param, 1, _full(line, (t.shape(x)[-1],)))
+            t.bind(param, 1, full_ids(line, (t.shape(x)[-1],)))
     out = t.slots(param, 0, member=_layer(param), out_dim=ndim - 1)
     _bias(t, node, 2, "bias", out)
     return out.reshape((1,) * (ndim - 1) + (-1,))
@@ -236,10 +231,10 @@ def _by_param_matrix(t: Tracer, node: fx.Node, x: fx.Node, view) -> np.ndarray:
     param, (in_dim, out_dim) = view[0], view[1][-2:]
     x_ids = t.labels_of(x)
     if x_ids is not None:
-        line = _channel_ids(t, x_ids, -1, op_key(node))
+        line = channel_ids(t, x_ids, -1, op_key(node))
         if line is not None:
-            t.bind(param, in_dim, _full(line, (t.shape(x)[-1],)))
-    return t.slots(param, out_dim, member=_layer(param), out_dim=_ndim(node) - 1)
+            t.bind(param, in_dim, full_ids(line, (t.shape(x)[-1],)))
+    return t.slots(param, out_dim, member=_layer(param), out_dim=out_ndim(node) - 1)
 
 
 def _conv_common(
@@ -247,7 +242,7 @@ def _conv_common(
 ) -> Any:
     x, weight = node.args[0], node.args[1]
     param = t.param(weight)
-    ndim = _ndim(node)
+    ndim = out_ndim(node)
     if param is None and groups == 1 and not transposed:
         out = _derived_layer(t, node, x, weight, 1, (1, -1) + (1,) * (ndim - 2))
         if out is not None:
@@ -260,10 +255,10 @@ def _conv_common(
             t.freeze(t.labels_of(arg), reason)
         return None
     x_ids = t.labels_of(x)
-    in_line = _channel_ids(t, x_ids, 1, "convolution") if x_ids is not None else None
+    in_line = channel_ids(t, x_ids, 1, "convolution") if x_ids is not None else None
     in_channels = t.shape(x)[1]
     if in_line is not None:
-        in_line = _full(in_line, (in_channels,))
+        in_line = full_ids(in_line, (in_channels,))
     w_shape = t.param_tensor(param).shape
     out_dim = 1 if transposed else 0
     layer = _layer(param)
@@ -322,7 +317,7 @@ def convolution(t: Tracer, node: fx.Node) -> Any:
 @register("embedding")
 def embedding(t: Tracer, node: fx.Node) -> Any:
     weight = t.param(node.args[0])
-    ndim = _ndim(node)
+    ndim = out_ndim(node)
     if weight is None:
         return unknown_op(t, node)
     out = t.slots(weight, 1, member=_layer(weight), out_dim=ndim - 1)
@@ -335,13 +330,13 @@ def embedding(t: Tracer, node: fx.Node) -> Any:
 def batch_norm(t: Tracer, node: fx.Node) -> Any:
     x = node.args[0]
     ids = t.labels_of(x)
-    line = _channel_ids(t, ids, 1, "batch norm") if ids is not None else None
+    line = channel_ids(t, ids, 1, "batch norm") if ids is not None else None
     channels = t.shape(x)[1]
     for index in (1, 2, 3, 4):
         param = t.param(node.args[index]) if len(node.args) > index else None
         if param is not None:
             if line is not None:
-                t.bind(param, 0, _full(line, (channels,)))
+                t.bind(param, 0, full_ids(line, (channels,)))
             else:
                 t.slots(param, 0)
     out = ids if line is not None else None
@@ -359,7 +354,7 @@ def _norm_last(t: Tracer, node: fx.Node, shape_index: int, param_indices: tuple[
     if len(normalized) != 1:
         t.freeze(ids, f"{op_key(node)} over several dimensions")
         return None
-    line = _channel_ids(t, ids, -1, op_key(node))
+    line = channel_ids(t, ids, -1, op_key(node))
     if line is None:
         return None
     t.inexact(line, f"{op_key(node)} normalises over the channels")
@@ -367,7 +362,7 @@ def _norm_last(t: Tracer, node: fx.Node, shape_index: int, param_indices: tuple[
     for index in param_indices:
         param = t.param(node.args[index]) if len(node.args) > index else None
         if param is not None:
-            t.bind(param, 0, _full(line, (channels,)))
+            t.bind(param, 0, full_ids(line, (channels,)))
     if t.apply_pass:
         t.set_arg(shape_index, [channels])
     return ids
@@ -395,11 +390,11 @@ def group_norm(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(x)
     if ids is None:
         return None
-    line = _channel_ids(t, ids, 1, "group norm")
+    line = channel_ids(t, ids, 1, "group norm")
     if line is None:
         return None
     channels = t.shape(x)[1]
-    line = _full(line, (channels,))
+    line = full_ids(line, (channels,))
     t.inexact(line, "group norm normalises over the channels")
     t.record_split(line.reshape(groups, -1), "group norm")
     for index in (2, 3):
@@ -441,7 +436,7 @@ def _reduce(t: Tracer, node: fx.Node, count_dependent: bool, out_rank: int | Non
         if label_dims - set(dims):
             t.freeze(ids, f"{op_key(node)} mixes channels of several dimensions")
         return None
-    rank = _ndim(node) if out_rank is None else out_rank
+    rank = out_ndim(node) if out_rank is None else out_rank
     if rank < ids.ndim:
         ids = ids.reshape([s for d, s in enumerate(ids.shape) if d not in dims])
     return ids
@@ -522,7 +517,7 @@ def spatial(t: Tracer, node: fx.Node) -> Any:
     if ids is not None:
         key = op_key(node)
         spatial_dims = 3 if "3d" in key else 1 if "1d" in key else 2
-        line = _channel_ids(t, ids, ids.ndim - spatial_dims - 1, key)
+        line = channel_ids(t, ids, ids.ndim - spatial_dims - 1, key)
         out = ids if line is not None else None
     return [out] * count if count else out
 
@@ -550,10 +545,10 @@ def pixel_shuffle(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(x)
     if ids is None:
         return None
-    line = _channel_ids(t, ids, -3, "pixel_shuffle")
+    line = channel_ids(t, ids, -3, "pixel_shuffle")
     if line is None:
         return None
-    line = _full(line, (t.shape(x)[-3],)).reshape(-1, r * r)
+    line = full_ids(line, (t.shape(x)[-3],)).reshape(-1, r * r)
     for row in line:
         t.union(np.full(len(row) - 1, row[0]), row[1:])
     out = line[:, 0]
@@ -566,11 +561,11 @@ def prelu(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(x)
     param = t.param(weight)
     if param is not None and t.param_tensor(param).numel() > 1:
-        line = _channel_ids(t, ids, 1, "prelu") if ids is not None else None
+        line = channel_ids(t, ids, 1, "prelu") if ids is not None else None
         if line is None:
             t.freeze(t.slots(param, 0), "prelu on channels that cannot be pruned")
             return ids
-        t.bind(param, 0, _full(line, (t.shape(x)[1],)))
+        t.bind(param, 0, full_ids(line, (t.shape(x)[1],)))
     return ids
 
 
@@ -629,7 +624,7 @@ def expand(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(node.args[0])
     if ids is None:
         return None
-    ndim = _ndim(node)
+    ndim = out_ndim(node)
     out = ids.reshape((1,) * (ndim - ids.ndim) + ids.shape)
     if t.apply_pass:
         new_in = t.shape(node.args[0])
@@ -647,7 +642,7 @@ def expand_as(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(node.args[0])
     if ids is None:
         return None
-    return ids.reshape((1,) * (_ndim(node) - ids.ndim) + ids.shape)
+    return ids.reshape((1,) * (out_ndim(node) - ids.ndim) + ids.shape)
 
 
 @register("repeat")
@@ -665,7 +660,7 @@ def repeat(t: Tracer, node: fx.Node) -> Any:
 @register("cat", "concat", "concatenate")
 def cat(t: Tracer, node: fx.Node) -> Any:
     tensors = [a for a in node.args[0]]
-    ndim = _ndim(node)
+    ndim = out_ndim(node)
     dim = int(_arg(node, 1, "dim", 0)) % ndim
     labels = [t.tensor_labels(a) for a in tensors]
     if not any(is_labelled(x) for x in labels):
@@ -694,7 +689,7 @@ def cat(t: Tracer, node: fx.Node) -> Any:
 @register("stack")
 def stack(t: Tracer, node: fx.Node) -> Any:
     tensors = list(node.args[0])
-    ndim = _ndim(node)
+    ndim = out_ndim(node)
     dim = int(_arg(node, 1, "dim", 0)) % ndim
     labels = [t.tensor_labels(a) for a in tensors]
     if not any(is_labelled(x) for x in labels):
@@ -842,12 +837,12 @@ def im2col(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(node.args[0])
     if ids is None:
         return None
-    line = _channel_ids(t, ids, -3, op_key(node))
+    line = channel_ids(t, ids, -3, op_key(node))
     if line is None:
         return None
     block = int(np.prod([int(k) for k in node.args[1]]))
-    line = np.repeat(_full(line, (t.shape(node.args[0])[-3],)), block)
-    return line.reshape((1,) * (_ndim(node) - 2) + (-1, 1))
+    line = np.repeat(full_ids(line, (t.shape(node.args[0])[-3],)), block)
+    return line.reshape((1,) * (out_ndim(node) - 2) + (-1, 1))
 
 
 @register("col2im")
@@ -857,14 +852,14 @@ def col2im(t: Tracer, node: fx.Node) -> Any:
     ids = t.labels_of(node.args[0])
     if ids is None:
         return None
-    line = _channel_ids(t, ids, -2, op_key(node))
+    line = channel_ids(t, ids, -2, op_key(node))
     if line is None:
         return None
     block = int(np.prod([int(k) for k in node.args[2]]))
-    rows = _full(line, (t.shape(node.args[0])[-2],)).reshape(-1, block)
+    rows = full_ids(line, (t.shape(node.args[0])[-2],)).reshape(-1, block)
     for row in rows:
         t.union(np.full(block - 1, row[0]), row[1:])
-    return rows[:, 0].reshape((1,) * (_ndim(node) - 3) + (-1, 1, 1))
+    return rows[:, 0].reshape((1,) * (out_ndim(node) - 3) + (-1, 1, 1))
 
 
 @register("roll")
@@ -943,7 +938,7 @@ def index(t: Tracer, node: fx.Node) -> Any:
             first <= d < last and ids.shape[d] > 1 for d in range(ids.ndim))):
         t.freeze(ids, f"{op_key(node)} over the channels (data-dependent)")
         return None
-    out_rank = _ndim(node)
+    out_rank = out_ndim(node)
     index_rank = out_rank - (len(shape) - (last - first))
     return ids.reshape(ids.shape[:first] + (1,) * index_rank + ids.shape[last:])
 
@@ -957,14 +952,14 @@ def recurrent(t: Tracer, node: fx.Node) -> Any:
     per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
     reason = f"{op_key(node)}: recurrent hidden units feed back through time (kept)"
     ids = t.labels_of(x)
-    line = _channel_ids(t, ids, -1, op_key(node)) if ids is not None else None
+    line = channel_ids(t, ids, -1, op_key(node)) if ids is not None else None
     first_inputs = {0, per_layer // 2} if bidirectional else {0}
     for k, weight in enumerate(params):
         param = t.param(weight)
         if param is None:
             continue
         if k in first_inputs and line is not None and k < per_layer:
-            t.bind(param, 1, _full(line, (t.shape(x)[-1],)))
+            t.bind(param, 1, full_ids(line, (t.shape(x)[-1],)))
             t.freeze(t.slots(param, 0), reason)
         else:
             for dim, size in enumerate(t.param_tensor(param).shape):
@@ -1255,7 +1250,7 @@ def matmul(t: Tracer, node: fx.Node) -> Any:
     view = _matrix_view(t, b)
     if view is not None:
         out = _by_param_matrix(t, node, a, view)
-        return out.reshape((1,) * (_ndim(node) - 1) + (-1,))
+        return out.reshape((1,) * (out_ndim(node) - 1) + (-1,))
     spec = _matmul_spec(len(t.orig_shape(a)), len(t.orig_shape(b)))
     return _einsum_rule(t, node, [a, b], spec)
 
@@ -1283,7 +1278,7 @@ def sdpa(t: Tracer, node: fx.Node) -> Any:
     q, k, v = node.args[0], node.args[1], node.args[2]
     mask = _arg(node, 3, "attn_mask")
     gqa = bool(node.kwargs.get("enable_gqa", False))
-    ndim = _ndim(node)
+    ndim = out_ndim(node)
     q_ids, k_ids, v_ids = (t.tensor_labels(x) for x in (q, k, v))
     if gqa:
         q_heads, kv_heads = t.orig_shape(q)[-3], t.orig_shape(k)[-3]
@@ -1354,6 +1349,3 @@ def no_channels(t: Tracer, node: fx.Node) -> Any:
         t.freeze(t.labels_of(node.args[0]), "the channels are read as a Python number")
     return None
 
-
-# mixtures of experts: their entries live in their own module (registered on import)
-import engine.graph.ops_moe  # noqa: E402,F401

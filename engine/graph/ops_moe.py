@@ -1,4 +1,5 @@
-"""Op rules for mixtures of experts (entries of the one registry, :data:`engine.graph.ops.RULES`).
+"""Op rules for mixtures of experts (entries of the one registry, :data:`engine.graph.ops.RULES`;
+:mod:`engine.graph.rules` imports both).
 
 Routed experts as ``transformers`` 5 runs them: a router linear, softmax/sigmoid, ``topk``,
 tokens gathered per expert with ``index`` (the general rule in ops.py), experts stored as
@@ -21,8 +22,8 @@ import numpy as np
 import torch.fx as fx
 
 from engine.graph.labels import along
-from engine.graph.ops import RULES, _channel_ids, _full, _ndim, op_key, register, unknown_op
-from engine.graph.tracer import Tracer
+from engine.graph.ops import RULES, channel_ids, full_ids, out_ndim, register, unknown_op
+from engine.graph.tracer import Tracer, op_key
 
 ROUTING_REASON = "expert routing (top-k over the experts): experts go whole, with --expert-ratio"
 
@@ -37,9 +38,9 @@ def _grouped_mm(t: Tracer, node: fx.Node) -> Any:
     param, (_, in_dim, out_dim) = view
     x_ids = t.labels_of(x)
     if x_ids is not None:
-        line = _channel_ids(t, x_ids, -1, op_key(node))
+        line = channel_ids(t, x_ids, -1, op_key(node))
         if line is not None:
-            t.bind(param, in_dim, _full(line, (t.shape(x)[-1],)))
+            t.bind(param, in_dim, full_ids(line, (t.shape(x)[-1],)))
     out = t.slots(param, out_dim, member=param, out_dim=1)
     return out.reshape(1, -1)
 
@@ -149,7 +150,7 @@ def gather(t: Tracer, node: fx.Node) -> Any:
     """``scores.gather(dim, topk_indices)``: the routing weights of the chosen experts."""
     x, index = node.args[0], node.args[2]
     ids = t.labels_of(x)
-    dim = int(node.args[1]) % max(_ndim(node), 1)
+    dim = int(node.args[1]) % max(out_ndim(node), 1)
     if ids is not None and t.label_dims(x) == {dim} and _routing_topk(t, index, 4) is not None \
             and t.labels_of(index) is None:
         return None

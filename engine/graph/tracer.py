@@ -24,8 +24,10 @@ from engine.graph.labels import (
     compress,
     is_labelled,
     match_positions,
+    surviving,
     unique_ints,
 )
+from engine.graph.weighted import WEIGHTED_OPS, weighted_op
 
 
 class RewriteError(RuntimeError):
@@ -98,7 +100,9 @@ NORMALISING = frozenset({
     "native_batch_norm", "var_mean", "var", "std", "std_mean", "mean", "sum", "_weight_norm",
     "_weight_norm_interface", "norm", "linalg_vector_norm", "norm_except_dim",
 })
-LAYER_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "convolution"})
+# weighted layers whose output channels are dim 0 of the weight (not addmm, not transposed)
+LAYER_OPS = frozenset(op.name for op in WEIGHTED_OPS.values()
+                      if op.kind in ("linear", "conv") and op.transposed is not True)
 
 
 def layer_name(param: str) -> str:
@@ -106,6 +110,15 @@ def layer_name(param: str) -> str:
     if ".parametrizations." in param:
         return param.split(".parametrizations.", 1)[0]
     return param.rsplit(".", 1)[0] if "." in param else param
+
+
+def op_key(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(target, "__name__", str(target))
 
 
 def _short_op(node: fx.Node) -> str:
@@ -260,9 +273,10 @@ class Tracer:
         """Weights of linear/conv layers computed from one parameter by per-channel ops."""
         found: dict[str, DerivedWeight] = {}
         for node in gm.graph.nodes:
-            if node.op != "call_function" or _short_op(node) not in LAYER_OPS:
+            op = weighted_op(node)
+            if op is None or op.name not in LAYER_OPS:
                 continue
-            if _short_op(node) == "convolution" and (len(node.args) < 7 or node.args[6]):
+            if op.name == "convolution" and (len(node.args) < 7 or op.is_transposed(node)):
                 continue  # transposed: the output channels are dim 1
             weight = node.args[1] if len(node.args) > 1 else None
             if not isinstance(weight, fx.Node) or weight.op != "call_function":
@@ -306,10 +320,7 @@ class Tracer:
         ids = np.asarray(ids)
         if not self.apply_pass:
             return np.ones(ids.shape, dtype=bool)
-        out = np.ones(ids.shape, dtype=bool)
-        labelled = ids >= 0
-        out[labelled] = ~self.pruned_root[self.roots[ids[labelled]]]
-        return out
+        return surviving(ids, self.roots, self.pruned_root)
 
     # ------------------------------------------------------------- slots and bindings
     def slots(self, param: str, dim: int, *, member: str | None = None, out_dim: int = 1):
@@ -485,9 +496,8 @@ class Tracer:
             self.node.kwargs = kwargs or {}
 
     # ------------------------------------------------------------------------ walk
-    def run(self) -> None:
-        from engine.graph.ops import find_rule, unknown_op
-
+    def run(self, rule_for: Callable[[fx.Node], Callable]) -> None:
+        """One pass over the graph; `rule_for(node)` is the op rule to run (engine.graph.rules)."""
         for node in list(self.gm.graph.nodes):
             self.node = node
             if node.op == "get_attr":
@@ -498,7 +508,7 @@ class Tracer:
                     picked = source[node.args[1]] if isinstance(source, list) else None
                     self.labels[node.name] = picked
                     continue
-                self.labels[node.name] = self._run_rule(node, find_rule(node) or unknown_op)
+                self.labels[node.name] = self._run_rule(node, rule_for(node))
             elif node.op == "output":
                 for leaf in _flatten_nodes(node.args):
                     ids = self.labels_of(leaf)
@@ -537,8 +547,6 @@ class Tracer:
 
     def _freeze_failed(self, node: fx.Node, problem: str, size_before: int,
                        members_before: set) -> None:
-        from engine.graph.ops import op_key
-
         reason = f"{op_key(node)}: unexpected arguments ({problem})"
         self.state.failed[node.name] = reason
         for arg in _flatten_nodes((node.args, node.kwargs)):

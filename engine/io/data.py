@@ -38,7 +38,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from engine.errors import DataError
+from engine.demo import BUILTIN_NAMES, builtin_data_path, is_builtin
+from engine.errors import DataError, one_line
 from engine.graph.safety import env_bytes
 from engine.io import data_images, data_text
 from engine.options import TEXT_MODES
@@ -202,8 +203,6 @@ def load_data(source: str | os.PathLike | bytes, *, kind: str = "eval",
     (``kind``: ``"eval"`` or ``"calibration"``). Text and images become the inputs of
     ``model`` (a captured model, or its ``ModelInputs``); ``options`` say how
     (``DataOptions``)."""
-    from engine.demo import BUILTIN_NAMES, builtin_data_path, is_builtin
-
     options = options or DataOptions()
     check_options(options)
     if isinstance(source, bytes | bytearray | memoryview):
@@ -417,8 +416,6 @@ def load_calibration(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
 def same_data_file(calibration: str | os.PathLike, evaluation: str | os.PathLike) -> bool:
     """Whether a calibration and an evaluation argument name the same file (built-in names
     name two different sets)."""
-    from engine.demo import builtin_data_path, is_builtin
-
     def resolve(arg, kind: str) -> Path:
         name = os.fspath(arg)
         return builtin_data_path(name, kind) if is_builtin(name) else Path(name)
@@ -446,7 +443,7 @@ def _read(opener, suffix: str, flag: str, shown: str) -> DataSet:
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
-        raise DataError(f"{where} is unreadable ({DATA_FORMAT}): {_one_line(exc)}"[:400]) \
+        raise DataError(f"{where} is unreadable ({DATA_FORMAT}): {one_line(exc)}"[:400]) \
             from None
     return _checked(tuple(arrays[k] for k in names), arrays.get("y"), flag, shown, where)
 
@@ -570,8 +567,3 @@ def _numpy(a: Any) -> np.ndarray:
     if _is_array(a) and not isinstance(a, np.ndarray):
         return a.detach().cpu().numpy()
     return np.asarray(a)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

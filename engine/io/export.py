@@ -13,18 +13,19 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from engine.errors import ExportError
+from engine.errors import ExportError, one_line
+from engine.graph.inputs import flat_inputs
 from engine.graph.outputs import tensor_leaves
+from engine.io.custom_ops_onnx import without_custom_ops
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -40,7 +41,6 @@ EXTERNAL_BYTES_ENV = "PRUNESCOPE_ONNX_EXTERNAL_BYTES"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _where(path: Path) -> Path:
@@ -176,18 +176,6 @@ class _DeferredErrorWriter(io.RawIOBase):
         return self.pos
 
 
-def _one_line(exc: BaseException) -> str:
-    """The useful line of an exporter error: its 'Exception summary' root cause if present."""
-    text = _ANSI.sub("", str(exc))
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if "## Exception summary" in lines:
-        for ln in lines[lines.index("## Exception summary") + 1 :]:
-            m = re.match(r"<class '([\w.]+)'>: (.*)", ln)
-            if m:
-                return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
-    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
-
-
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The dynamo exporter logs about optional torchvision ops and emits pytree deprecation
@@ -228,8 +216,6 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ExportError(f"cannot export {path}: opset {opset} is too old; use >= {MIN_OPSET}")
     if isinstance(program, torch.export.ExportedProgram):
-        from engine.io.custom_ops_onnx import without_custom_ops
-
         program = without_custom_ops(program)
         args: tuple[Any, ...] = ()
     elif isinstance(program, torch.nn.Module):
@@ -258,7 +244,7 @@ def export_onnx(
                 verbose=False,
             )
     except Exception as e:
-        raise ExportError(f"ONNX conversion for {path} failed: {_one_line(e)}") from e
+        raise ExportError(f"ONNX conversion for {path} failed: {one_line(e)}") from e
     if onnx_program is None:
         raise ExportError(f"ONNX conversion for {path} failed: the exporter returned nothing")
 
@@ -347,16 +333,18 @@ def check_onnx_structure(path: str | os.PathLike[str]) -> None:
     try:
         onnx.checker.check_model(os.fspath(path), full_check=True)
     except Exception as e:
-        raise ExportError(f"{path} is not a valid ONNX model: {_one_line(e)}") from e
+        raise ExportError(f"{path} is not a valid ONNX model: {one_line(e)}") from e
 
 
 def check_onnx(
     path: str | os.PathLike[str],
     module: torch.nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[Any],
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> float:
     """Run the ONNX file with ONNX Runtime (CPU) and return the largest absolute difference
-    from the torch module's outputs on the same inputs (nested outputs are flattened)."""
+    from the torch module's outputs on the same inputs (nested outputs are flattened;
+    keyword inputs follow the positional ones, in the module's signature order)."""
     import onnxruntime as ort  # imported here: a second or so that only ONNX checks pay
 
     path = Path(path)
@@ -364,13 +352,14 @@ def check_onnx(
         raise ExportError(f"cannot check {path}: no such file")
     if isinstance(module, torch.export.ExportedProgram):
         module = module.module()
-    inputs = tensor_leaves(tuple(example_inputs))
+    inputs = tensor_leaves(tuple(flat_inputs(module, tuple(example_inputs), example_kwargs)))
     try:
         with torch.no_grad():
-            want = [_numpy(t) for t in tensor_leaves(module(*example_inputs))]
+            want = [_numpy(t) for t in tensor_leaves(module(*example_inputs,
+                                                            **(example_kwargs or {})))]
     except Exception as e:
         raise ExportError(
-            f"cannot check {path}: the torch model failed on the inputs: {_one_line(e)}"
+            f"cannot check {path}: the torch model failed on the inputs: {one_line(e)}"
         ) from e
 
     try:
@@ -387,7 +376,7 @@ def check_onnx(
     except ExportError:
         raise
     except Exception as e:
-        raise ExportError(f"ONNX Runtime could not run {path}: {_one_line(e)}") from e
+        raise ExportError(f"ONNX Runtime could not run {path}: {one_line(e)}") from e
 
     if len(got) != len(want):
         raise ExportError(f"{path} returns {len(got)} outputs, the torch model {len(want)}")

@@ -14,17 +14,19 @@ vision models, a second of 16 kHz audio or ``num_mel_bins`` features for audio m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, one_line
 
 DEFAULT_SEQ_LEN = 32
 CONFIG = "config.json"
@@ -181,8 +183,6 @@ def _transformers():
 
 def _from_pretrained(cls, path: Path, *, use_safetensors: bool) -> torch.nn.Module:
     """Local files only, no custom code, float32 (scores and verification run in float32)."""
-    from engine.io.hf_export import quiet_transformers
-
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(
@@ -190,7 +190,7 @@ def _from_pretrained(cls, path: Path, *, use_safetensors: bool) -> torch.nn.Modu
                 use_safetensors=use_safetensors, dtype=torch.float32, output_loading_info=True,
             )
     except Exception as exc:  # noqa: BLE001 - any failure means an unloadable folder
-        raise ModelLoadError(f"model folder {path} could not be loaded: {_one_line(exc)}") \
+        raise ModelLoadError(f"model folder {path} could not be loaded: {one_line(exc)}") \
             from None
     problems = [
         (kind, sorted(str(k) for k in info.get(key) or ()))
@@ -284,6 +284,18 @@ def _carried_files(path: Path) -> list[str]:
     return carried
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or advice on stderr while PruneScope saves and reloads folders."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

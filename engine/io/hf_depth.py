@@ -17,6 +17,8 @@ import dataclasses
 import re
 from typing import Any
 
+from engine.io.hf_config import NotDescribable
+
 # the numbered layer list a block lives in: "model.layers.3.mlp" -> ("model.layers", 3)
 _LAYER = re.compile(r"^(?P<list>.+?)\.(?P<index>\d+)(?:\.|$)")
 # config entries with one value per layer, and entries holding layer indices
@@ -79,8 +81,6 @@ def renumber(hf, names: list[str]) -> dict[str, str]:
     """Weight name in the pruned model -> its name with the remaining layers numbered
     consecutively. A weight left in a removed layer (a post-norm layer keeps the LayerNorm
     after its residual add) raises NotDescribable."""
-    from engine.io.hf_export import NotDescribable
-
     if not hf.removed_layers:
         return {n: n for n in names}
     removed = set(hf.removed_layers)

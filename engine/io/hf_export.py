@@ -15,28 +15,24 @@ relative, or the folder is not written. The check goes into ``report.json`` as `
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.graph.outputs import tensor_leaves
-from engine.io.hf import HFSource
+from engine.io.hf import HFSource, quiet_transformers
+from engine.io.hf_config import NotDescribable, model_class
 from engine.io.hf_depth import config_update, renumber
+from engine.scoring.uniform import families
 from engine.transform.exactness import exact_tolerance
 
 HF_TOLERANCE = 1e-5  # relative: max |hf - pt2| / max |pt2|
 Shapes = dict[str, tuple[int, ...]]
-
-
-class NotDescribable(Exception):
-    """The config cannot describe the pruned shapes (the message is the one-line reason)."""
 
 
 def _find(shapes: Shapes, pattern: str) -> tuple[str, tuple[int, ...]]:
@@ -137,110 +133,12 @@ RULES: dict[str, Callable[[Any, Shapes], dict[str, Any]]] = {
 }
 
 
-# What each config cannot describe whatever the counts: "head_channels" (channels inside a
-# head: one head size, and the attention scale follows it), "heads" (the number of heads:
-# BertConfig and GPT2Config derive the head size from hidden_size / heads), "hidden" (the
-# hidden size, for the same reason). --uniform keeps such groups whole on these models.
-_LLAMA_FIXED = ("head_channels",)
-_TIED_FIXED = ("head_channels", "heads", "hidden")
-FIXED: dict[str, tuple[str, ...]] = {
-    **{t: _LLAMA_FIXED for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")},
-    **{t: _TIED_FIXED for t in ("bert", "roberta", "xlm-roberta", "camembert")},
-    "vit": _LLAMA_FIXED,
-    "gpt2": _TIED_FIXED,
-}
-_EMBEDDING = re.compile(r"(word_embeddings|embed_tokens|wte|wpe|patch_embeddings\.projection)$")
-_POOLER = re.compile(r"pooler\.dense$")  # BertConfig: the pooler is hidden_size wide
-_WHY = {
-    "head_channels": "has one head size (channels inside heads cannot shrink)",
-    "heads": "derives the head size from hidden_size / heads (heads cannot go)",
-    "hidden": "derives the head size from hidden_size / heads (the hidden size cannot shrink)",
-}
-
-
-def _is_embedding(hf: HFSource, layer: str) -> bool:
-    """An embedding layer, or the output layer tied to one (a tied pair may be captured under
-    the output layer's name only)."""
-    if _EMBEDDING.search(layer):
-        return True
-    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
-    return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
-            and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
-                                                                .removesuffix(".weight")))
-
-
-def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
-    """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
-    hf = analysis.captured.hf
-    fixed = FIXED.get(getattr(hf.config, "model_type", None), ())
-    name = type(hf.config).__name__
-    keep = {}
-    for g in analysis.prunable_groups(whole_blocks):
-        if g.whole_blocks and "heads" in fixed:
-            keep[g.name] = f"{name} {_WHY['heads']}"
-        elif g.blocks and "head_channels" in fixed and not g.whole_blocks:
-            keep[g.name] = f"{name} {_WHY['head_channels']}"
-        elif "hidden" in fixed and any(_is_embedding(hf, x) or _POOLER.search(x)
-                                       for x in g.layers):
-            keep[g.name] = f"{name} {_WHY['hidden']}"
-    return keep
-
-
-def count_adjuster(analysis, options):
-    """For --uniform on Llama-like models: LlamaConfig requires hidden_size to be a multiple
-    of num_attention_heads, so the hidden stream keeps such a multiple (the heads left after
-    pruning whole heads; the step size too when the step rule is on)."""
-    hf = analysis.captured.hf
-    if FIXED.get(getattr(hf.config, "model_type", None)) is not _LLAMA_FIXED or \
-            hf.config.model_type == "vit":
-        return None
-    groups = analysis.prunable_groups(options.prunes_whole_blocks)
-    hidden = next((g.name for g in groups if any(_is_embedding(hf, x) for x in g.layers)), None)
-    heads = [g.name for g in groups
-             if g.whole_blocks and any(x.endswith("q_proj") for x in g.layers)]
-    if hidden is None:
-        return None
-    n_heads = hf.config.num_attention_heads
-    n_kv = getattr(hf.config, "num_key_value_heads", None) or n_heads
-    step = options.step_size if options.step_op != "none" else 1
-
-    def adjust(counts: dict[str, int], sizes: dict[str, int]) -> dict[str, int]:
-        left = n_heads
-        if heads:  # one channel of a heads group: a key/value head with its query heads
-            left = (sizes[heads[0]] - counts[heads[0]]) * (n_heads // n_kv)
-        multiple = math.lcm(left, step)
-        size = sizes[hidden]
-        kept = max((size - counts[hidden]) // multiple * multiple, min(multiple, size))
-        return {**counts, hidden: size - kept}
-
-    return adjust
-
-
 def supported_model_types() -> list[str]:
     return sorted(RULES)
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No progress bars or advice on stderr while PruneScope saves and reloads folders."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def check_uniform(result) -> None:
     """A config has one size per layer kind: repeated layers must lose the same count."""
-    from engine.scoring.uniform import families
-
     structure = result.analysis.structure(result.plan.options.prunes_whole_blocks)
     pruned = {gp.name: int(gp.pruned.size) for gp in result.plan.groups}
     for names in families(g for g in structure.groups if g.name in pruned):
@@ -289,7 +187,7 @@ def pruned_config(hf: HFSource, module: torch.nn.Module):
     try:
         new_config = type(config).from_dict(values)
         with torch.device("meta"), quiet_transformers():
-            fresh = _model_class(hf)(new_config)
+            fresh = model_class(hf)(new_config)
     except Exception as exc:  # noqa: BLE001 - the config refuses the numbers read off
         first = (str(exc).strip().splitlines() or [""])[0]
         raise NotDescribable(f"{type(config).__name__} refuses the pruned sizes "
@@ -321,18 +219,12 @@ def _hf_weights(hf: HFSource, module: torch.nn.Module) -> dict[str, torch.Tensor
     weights = {names[k]: v for k, v in weights.items()}
     # a re-captured model (after depth pruning) keeps one name of a tied pair (lm_head.weight
     # for the input embedding too): the config's rules read the embedding under its own name
-    tied = getattr(_model_class(hf), "_tied_weights_keys", None)
+    tied = getattr(model_class(hf), "_tied_weights_keys", None)
     if isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False):
         for target, source in tied.items():
             if source not in weights and target in weights:
                 weights[source] = weights[target]
     return weights
-
-
-def _model_class(hf: HFSource):
-    import transformers
-
-    return getattr(transformers, hf.model_class)
 
 
 def _loader_class(hf: HFSource):
@@ -349,7 +241,7 @@ def build_pretrained(hf: HFSource, module: torch.nn.Module):
     # every weight is overwritten below: skip the random initialisation (seconds per billion
     # parameters) and build in the weights' dtype (a bf16 model stays bf16 on disk)
     with quiet_transformers(), no_init_weights():
-        fresh = _model_class(hf)._from_config(new_config, dtype=_weight_dtype(module)).eval()
+        fresh = model_class(hf)._from_config(new_config, dtype=_weight_dtype(module)).eval()
     weights = _hf_weights(hf, module)
     target = fresh.state_dict()
     loaded = {k: v for k, v in weights.items() if k in target}

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from engine.errors import OptionError, PruneScopeError
+from engine.graph.capture import Captured, load_model
+from engine.graph.inputs import user_input_shapes, user_inputs
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import (  # noqa: F401 - importable from here, as before
     DataOptions,
@@ -43,7 +45,9 @@ from engine.io.data import (  # noqa: F401 - importable from here, as before
     same_data_file,
 )
 from engine.options import METRICS
+from engine.pipeline import PruneResult
 from engine.quality.embedding import EMBEDDING_METRICS, embedding_metrics, mean_pool
+from engine.scoring.analysis import Analysis
 
 HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "agreement": True,
                     "relative_error": False, **dict.fromkeys(EMBEDDING_METRICS, True)}
@@ -118,10 +122,7 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 
 def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Runner:
-    from engine.graph.capture import Captured, load_model
-    from engine.pipeline import PruneResult
-
-    program = captured = None
+    program = None
     if isinstance(model, PruneResult):
         examples = example_inputs or model.example_inputs
         captured = model.analysis.captured
@@ -134,8 +135,6 @@ def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Run
     elif isinstance(model, torch.nn.Module):
         module, examples, name = model, example_inputs, type(model).__name__
     else:
-        from engine.scoring.analysis import Analysis
-
         if isinstance(model, Analysis):
             model = model.captured
         captured = model if isinstance(model, Captured) else load_model(
@@ -159,14 +158,9 @@ def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Run
 def _expected_inputs(program, examples) -> list[tuple] | None:
     """Per user input: its shape (None where the size is free) and dtype."""
     if program is not None:
-        from torch.export.graph_signature import InputKind
-
-        user = [s.arg.name for s in program.graph_signature.input_specs
-                if s.kind == InputKind.USER_INPUT]
-        vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
-        if all(isinstance(vals.get(u), torch.Tensor) for u in user):
-            return [(tuple(s if isinstance(s, int) else None for s in vals[u].shape),
-                     vals[u].dtype) for u in user]
+        vals = [val for _name, val in user_inputs(program)]
+        if all(isinstance(val, torch.Tensor) for val in vals):
+            return [(shape, val.dtype) for shape, val in zip(user_input_shapes(program), vals)]
     if examples:
         # An eager module: only the batch size is known to be free.
         return [((None, *x.shape[1:]), x.dtype) for x in examples

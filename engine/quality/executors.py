@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
-from engine.errors import OptionError
-from engine.quality.sweep import SweepJob, run_point
+from engine.errors import OptionError, one_line
+from engine.quality.sweep_job import SweepJob, run_point
 from engine.threads import one_torch_thread
 
 Point = dict[str, Any]  # {"options", "ratio"} or {"options", "ratios"}
@@ -148,8 +148,7 @@ def _on_ray(job: SweepJob, points: list[Point], address: str,
             try:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             except Exception as exc:  # noqa: BLE001 - any failure to connect is one line
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise OptionError(f"--ray {address}: cannot connect: {first}") from None
+                raise OptionError(f"--ray {address}: cannot connect: {one_line(exc)}") from None
         started = True
     task = ray.remote(num_cpus=1)(_ray_point)
     # a remote worker may not see this machine's files: the model travels as bytes

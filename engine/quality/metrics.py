@@ -15,8 +15,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.errors import PruneScopeError
+from engine.graph.tracer import val_shape
+from engine.graph.weighted import weighted_op
 
-__all__ = ["count_flops", "count_params", "graph_flops", "measure_latency", "size_bytes"]
+__all__ = ["count_flops", "count_params", "graph_flops", "measure_latency", "model_metrics",
+           "size_bytes"]
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -107,8 +110,6 @@ def measure_latency(
 
 
 def _shape(node: Any) -> tuple[int, ...]:
-    from engine.graph.tracer import val_shape
-
     val = node.meta.get("val") if hasattr(node, "meta") else None
     return val_shape(val) or ()
 
@@ -133,20 +134,28 @@ def graph_flops(gm: torch.fx.GraphModule) -> int:
         name = node.target._opname
         out = _shape(node)
         args = node.args
-        if name == "linear":
+        layer = weighted_op(node)
+        kind = layer.kind if layer is not None else name
+        if kind == "linear":
             total += 2 * _numel(out) * _shape(args[1])[1]
-        elif name in ("addmm", "mm", "bmm", "baddbmm", "matmul"):
-            a = _shape(args[1] if name in ("addmm", "baddbmm") else args[0])
+        elif kind in ("addmm", "mm", "bmm", "baddbmm", "matmul"):
+            a = _shape(args[1] if kind in ("addmm", "baddbmm") else args[0])
             total += 2 * _numel(out) * (a[-1] if a else 1)
-        elif name.startswith("conv") or name == "convolution":
+        elif kind == "conv":
             weight = _shape(args[1])
-            transposed = name.startswith("conv_transpose") or (
-                name == "convolution" and bool(args[6])
-            )
-            source = _shape(args[0]) if transposed else out
+            source = _shape(args[0]) if layer.is_transposed(node) else out
             total += 2 * _numel(source) * _numel(weight[1:])
         elif name == "scaled_dot_product_attention":
             q, k, v = (_shape(a) for a in args[:3])
             heads_batch = _numel(q[:-2])
             total += 2 * heads_batch * q[-2] * k[-2] * (q[-1] + v[-1])
     return int(total)
+
+
+def model_metrics(module: torch.fx.GraphModule) -> dict[str, int]:
+    """The "before"/"after" entry of a report: parameters, FLOPs, bytes."""
+    return {
+        "params": count_params(module),
+        "flops": graph_flops(module),
+        "size_bytes": size_bytes(module),
+    }

@@ -10,14 +10,16 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from engine.io.export import write_json
 from engine.options import PruningOptions
+from engine.quality.evaluate import HIGHER_IS_BETTER
 from engine.quality.sweep import (
     SweepProgress,
-    _ships,
     base_report,
     parse_ratios,
     prepare,
     run_points,
+    runs_elsewhere,
 )
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -25,8 +27,6 @@ DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def metric_drop(metric: str, original: float, value: float) -> float:
     """How much worse `value` is than `original` (positive = worse)."""
-    from engine.quality.evaluate import HIGHER_IS_BETTER
-
     return original - value if HIGHER_IS_BETTER.get(metric, True) else value - original
 
 
@@ -59,7 +59,7 @@ def sensitivity(
     prepared = prepare(model, eval_data=eval_data, metric=metric, criteria=[options.criterion],
                        calibration=calibration, ray=ray, example_inputs=example_inputs,
                        trust_pickle=trust_pickle, input_shapes=input_shapes,
-                       analysis=analysis, seq_len=seq_len, ship=_ships(workers, ray, 2))
+                       analysis=analysis, seq_len=seq_len, ship=runs_elsewhere(workers, ray, 2))
     groups = prepared.analysis.prunable_groups(options.prunes_whole_blocks)
     report = base_report(prepared)
     report["options"] = options.to_dict()
@@ -70,8 +70,6 @@ def sensitivity(
                out_json=out_json)
     report["groups"] = curves(report, [(g.name, g.channels) for g in groups])
     if out_json is not None:
-        from engine.io.export import write_json
-
         write_json(out_json, report)
     return report
 

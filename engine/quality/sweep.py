@@ -12,16 +12,26 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import OptionError, PruneScopeError
+from engine.errors import OptionError
+from engine.io.data import load_calibration_data
+from engine.io.export import atomic_write_bytes, write_json
 from engine.options import ALLOWED, PruningOptions, check_ratio
+from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
+from engine.quality.executors import check_executor, execute
+from engine.quality.metrics import count_params, graph_flops
+from engine.quality.recovery import check_steps, parse_methods
+from engine.quality.sweep_job import (
+    ModelSource,
+    SweepJob,
+    prime_worker_cache,
+)
+from engine.scoring.analysis import analyze
 
 # option name -> command-line flag, for the options that can be an axis of the grid
 AXES = {
@@ -101,113 +111,6 @@ def parse_ratios(value: str | Sequence[float], flag: str = "--ratio") -> list[fl
     return ratios
 
 
-# ---------------------------------------------------------------------------- the job
-@dataclass
-class ModelSource:
-    """What a worker loads: a name or path it can open, or the .pt2 file's bytes."""
-
-    name: str
-    path: str | None = None
-    data: bytes | None = field(default=None, repr=False)
-    suffix: str = ".pt2"
-    trust_pickle: bool = False
-    input_shapes: list[tuple[int, ...]] | None = None
-
-    def load(self):
-        from engine.scoring.analysis import analyze
-
-        kwargs = {"trust_pickle": self.trust_pickle, "input_shapes": self.input_shapes}
-        if self.data is None:
-            return analyze(self.path, **kwargs)
-        with tempfile.TemporaryDirectory(prefix="prunescope-worker-") as tmp:
-            path = Path(tmp) / f"model{self.suffix}"
-            path.write_bytes(self.data)
-            return analyze(str(path), **kwargs)
-
-    def with_bytes(self) -> ModelSource:
-        """The same source carrying its file, for workers on other machines."""
-        if self.data is not None or self.path in (None, "demo"):
-            return self
-        return ModelSource(self.name, self.path, Path(self.path).read_bytes(),
-                           Path(self.path).suffix, self.trust_pickle, self.input_shapes)
-
-
-@dataclass
-class SweepJob:
-    """Everything a worker needs besides the point itself (shipped once per worker)."""
-
-    key: str
-    model: ModelSource
-    eval_data: Any
-    metric: str | None
-    calibration: Any = None
-    recover: str | None = None
-    recover_data: Any = None
-    recover_steps: int | None = None
-    recover_budget: float | None = 30
-
-
-_WORKER_ANALYSIS: dict[str, Any] = {}
-
-
-def job_analysis(job: SweepJob):
-    """This process's analysis of the job's model (one per process; re-plans are cheap)."""
-    if job.key not in _WORKER_ANALYSIS:
-        _WORKER_ANALYSIS.clear()
-        _WORKER_ANALYSIS[job.key] = job.model.load()
-    return _WORKER_ANALYSIS[job.key]
-
-
-def prime_worker_cache(job: SweepJob, analysis) -> None:
-    """Let forked workers (and the serial path) use an analysis this process already has."""
-    _WORKER_ANALYSIS.clear()
-    _WORKER_ANALYSIS[job.key] = analysis
-
-
-def point_quality(result, data, metric: str | None = None) -> dict[str, Any]:
-    """The metric of a pruned model on evaluation data: the call `quality_report` makes for
-    report["quality"]["pruned"] in `prune --eval-data` (the original is the reference)."""
-    from engine.quality.evaluate import evaluate
-
-    return evaluate(result, data, metric, reference=result.analysis.captured)
-
-
-def run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
-    """Prune at one point and measure it (what `prune --eval-data` does).
-
-    `point` holds `options` and either a global `ratio` or per-group `ratios`.
-    """
-    from engine.pipeline import apply
-    from engine.scoring.analysis import plan
-
-    record: dict[str, Any] = dict(point)
-    analysis = job_analysis(job)  # a worker's first point loads the model: not timed
-    start = time.perf_counter()
-    try:
-        the_plan = plan(analysis, point["options"], ratio=point.get("ratio"),
-                        ratios=point.get("ratios"), calibration=job.calibration)
-        result = apply(analysis, the_plan)
-        record["params"] = result.after["params"]
-        record["flops"] = result.after["flops"]
-        record["metric"] = point_quality(result, job.eval_data, job.metric)["value"]
-        if job.recover:
-            record["recovered"] = _recovered_metric(job, result)
-    except PruneScopeError as exc:
-        record["error"] = str(exc)
-    record["seconds"] = round(time.perf_counter() - start, 4)
-    return record
-
-
-def _recovered_metric(job: SweepJob, result) -> float:
-    from engine.quality.recovery import recover
-
-    # a fixed number of steps (seeded) makes the recovered metric the same on every executor;
-    # without it distillation is bounded by its time budget and may differ run to run
-    recovered = recover(result, job.recover_data, methods=job.recover, steps=job.recover_steps,
-                        budget_s=job.recover_budget)
-    return point_quality(recovered, job.eval_data, job.metric)["value"]
-
-
 # ---------------------------------------------------------------------------- the sweep
 @dataclass
 class Prepared:
@@ -241,19 +144,12 @@ def prepare(
     `analysis` reuses one this process already has (`model` still says what workers load).
     `ship=False`: every point runs in this process, so an in-memory model is not serialised.
     """
-    from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
-    from engine.quality.executors import check_executor
-    from engine.quality.metrics import count_params, graph_flops
-    from engine.scoring.analysis import analyze
-
     check_executor(ray)
     check_metric(metric)
     data = load_eval_data(eval_data) if isinstance(eval_data, (str, os.PathLike)) else eval_data
     criteria = list(dict.fromkeys(criteria))
     calibration = _calibration(calibration)
     if recover:
-        from engine.quality.recovery import check_steps, parse_methods
-
         parse_methods(recover)
         check_steps(recover_steps)
         if calibration is None:
@@ -286,8 +182,6 @@ def run_points(
 ) -> dict[str, Any]:
     """Run `points`, filling report["points"] (in point order) as they finish; after each,
     rewrite `out_json` atomically so an interrupted run keeps what finished."""
-    from engine.quality.executors import execute
-
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise OptionError(f"--workers {workers!r} must be an integer >= 1")
     report.update(points=[], total=len(points), complete=False)
@@ -341,7 +235,7 @@ def sweep(
                        recover=recover, recover_steps=recover_steps, ray=ray,
                        example_inputs=example_inputs, trust_pickle=trust_pickle,
                        input_shapes=input_shapes, seq_len=seq_len,
-                       ship=_ships(workers, ray, len(options_list) * len(ratio_list)))
+                       ship=runs_elsewhere(workers, ray, len(options_list) * len(ratio_list)))
     report = base_report(prepared)
     report["axes"] = {name: axis_values(name, grid[name]) for name in AXES
                       if name in (grid or {})}
@@ -353,7 +247,7 @@ def sweep(
                       out_json=out_json)
 
 
-def _ships(workers: int | None, ray: str | None, points: int) -> bool:
+def runs_elsewhere(workers: int | None, ray: str | None, points: int) -> bool:
     """Whether points run in other processes (which must load the model themselves)."""
     return ray is not None or min(int(workers or os.cpu_count() or 1), points) > 1
 
@@ -390,14 +284,10 @@ def _calibration(calibration: Any) -> Any:
     """A calibration file read once here (the points, and Ray workers, get the arrays)."""
     if not isinstance(calibration, (str, os.PathLike)):
         return calibration
-    from engine.io.data import load_calibration_data
-
     return load_calibration_data(calibration, flag="calibration")
 
 
 def _write_json(path, report: dict) -> None:
-    from engine.io.export import write_json
-
     write_json(path, report)
 
 
@@ -416,8 +306,6 @@ def sweep_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def write_csv(path: str | os.PathLike, report: Mapping[str, Any]) -> None:
     """The points as CSV, written atomically."""
-    from engine.io.export import atomic_write_bytes
-
     rows = sweep_rows(report)
     columns: list[str] = []
     for row in rows:

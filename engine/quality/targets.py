@@ -9,8 +9,19 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import OptionError
 from engine.options import PruningOptions
+from engine.pipeline import apply, prune_unverified
+from engine.quality.evaluate import (
+    EvalData,
+    evaluate,
+    load_calibration_data,
+    load_eval_data,
+    predict,
+)
 from engine.quality.sensitivity import DEFAULT_RATIOS, metric_drop, sensitivity
+from engine.quality.sweep_job import point_quality
+from engine.scoring.analysis import analyze, plan
 from engine.scoring.auto_ratios import (
     check_target,
     fit_ratios,
@@ -49,29 +60,19 @@ def ratios_for_target(
     report.json: `{"target", "ratios", "predicted_loss", "removed", "uniform", "sensitivity",
     "comparison"}`.
     """
-    from engine.pipeline import apply, prune_unverified
-    from engine.quality.sweep import point_quality
-    from engine.scoring.analysis import analyze, plan
-
     if (target_params is None) == (target_flops is None):
-        from engine.errors import OptionError
-
         raise OptionError("give one target: --target-params F or --target-flops F")
     resource = "params" if target_params is not None else "flops"
     flag = f"--target-{resource}"
     target = check_target(target_params if target_params is not None else target_flops, flag)
     options = PruningOptions.from_any(options)
     if isinstance(sensitivity_data, str):
-        from engine.quality.evaluate import load_calibration_data
-
         sensitivity_data = load_calibration_data(sensitivity_data)
     if analysis is None:
         analysis = analyze(model, **load_kwargs)
     start = time.perf_counter()
     if sensitivity_report is None:
         if sensitivity_data is None:
-            from engine.errors import OptionError
-
             raise OptionError(f"{flag} needs data to measure each group's sensitivity: "
                               "--calibration F (or --eval-data F)")
         sensitivity_report = sensitivity(
@@ -108,8 +109,6 @@ def ratios_for_target(
     search: dict[str, Any] = {}
     if sensitivity_data is not None:
         # measured greedy on the sensitivity data (never the evaluation data)
-        from engine.quality.evaluate import EvalData, evaluate, predict
-
         data = _as_eval_data(sensitivity_data)
         # the original's outputs once, instead of running it again for every measurement
         reference = predict(analysis.captured, data)
@@ -185,8 +184,6 @@ def ratios_for_target(
         },
     }
     if eval_data is not None:
-        from engine.quality.evaluate import evaluate
-
         data = _as_eval_data(eval_data)
         original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
         metric = original["metric"]
@@ -216,6 +213,4 @@ def _reuse_sensitivity(report: dict, options: PruningOptions, data: Any, metric:
 
 
 def _as_eval_data(data: Any):
-    from engine.quality.evaluate import load_eval_data
-
     return load_eval_data(data) if isinstance(data, str) else data

@@ -6,26 +6,24 @@ every filter per criterion. Changing the layer norm, policy or ratio only re-pla
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from engine.errors import ModelLoadError, OptionError
+from engine.errors import ModelLoadError, OptionError, PruneScopeError
 from engine.graph.capture import Captured, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
-from engine.options import CRITERIA, PruningOptions
+from engine.graph.inputs import run_graph
+from engine.io.hf_config import count_adjuster, groups_config_keeps
+from engine.options import CRITERIA, CRITERIA_NEEDING_DATA, PruningOptions
 from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
-from engine.scoring.criteria import (
-    CRITERIA_NEEDING_CALIBRATION,
-    nuclear_norm_scores,
-    random_scores,
-    weight_scores,
-)
+from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_scores
 from engine.scoring.data_aware import DATA_CRITERIA, DataAwareScorer
 from engine.scoring.planning import GroupInput, Plan, make_plan
+from engine.scoring.uniform import uniform_plan
 
 
 class Analysis:
@@ -37,6 +35,12 @@ class Analysis:
         self._structures: dict[bool, Structure] = {}
         self._filter_scores: dict[tuple, dict[tuple[str, int], np.ndarray]] = {}
         self.score_computations = 0  # how many times filter scores were computed (tests)
+
+    def check_not_released(self) -> None:
+        """Refuse to use an analysis whose original weights an earlier prune gave up."""
+        if self.released:
+            raise PruneScopeError("this analysis gave its weights up to an earlier prune of a "
+                                  "model file; analyse the model again")
 
     # ------------------------------------------------------------------ structure
     def structure(self, whole_blocks: bool = False) -> Structure:
@@ -67,7 +71,7 @@ class Analysis:
         if criterion == "index":
             criterion = "l2"  # index pruning has no score; charts show l2
         data_key = None
-        if criterion in CRITERIA_NEEDING_CALIBRATION:
+        if criterion in CRITERIA_NEEDING_DATA:
             if calibration is None:
                 raise OptionError(
                     f"--criterion {criterion} needs --calibration FILE.npz (calibration inputs "
@@ -82,32 +86,16 @@ class Analysis:
             self._filter_scores[key] = self._compute_filter_scores(criterion, calibration, seed)
         return self._filter_scores[key]
 
-    def _members(self) -> list:
+    def members(self) -> list:
         """Every scored parameter dimension (a tied weight can be a member twice)."""
         return list(self.structure(False).state.members.values())
 
     def _compute_filter_scores(
         self, criterion: str, calibration: np.ndarray | None, seed: int
     ) -> dict[tuple[str, int], np.ndarray]:
-        members = self._members()
-        if criterion == "random":
-            return {
-                (m.param, m.dim): random_scores(self._param(m.param).shape[m.dim], seed,
-                                                f"{m.layer}:{m.dim}")
-                for m in members
-            }
-        if criterion == "nuclear_norm":
-            return _feature_scores(self, members, calibration.inputs[0])
-        if criterion in DATA_CRITERIA:
-            scorer = DataAwareScorer(self.gm, self.captured, self.structure(False).state,
-                                     calibration)
-            return scorer.scores(criterion)
-        return {
-            (m.param, m.dim): weight_scores(self._param(m.param), m.dim, criterion)
-            for m in members
-        }
+        return SCORERS[criterion](self, criterion, calibration, seed)
 
-    def _param(self, name: str) -> torch.Tensor:
+    def param(self, name: str) -> torch.Tensor:
         owner, _, attr = name.rpartition(".")
         module = self.gm.get_submodule(owner) if owner else self.gm
         return getattr(module, attr).detach()
@@ -165,7 +153,7 @@ class Analysis:
                 )
             g = layer_groups[layer]
             slots = g.slots[layer]
-            n = self._param(slots.member.param).shape[slots.member.dim]
+            n = self.param(slots.member.param).shape[slots.member.dim]
             for i in wanted:
                 if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
                     raise OptionError(
@@ -243,7 +231,8 @@ def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dic
             chunk = x[start : start + batch]
             if len(chunk) != batch and not _dynamic_batch(analysis):
                 break
-            recorder.run(chunk, *analysis.captured.example_inputs[1:])
+            run_graph(recorder, (chunk, *analysis.captured.example_inputs[1:]),
+                      analysis.captured.example_kwargs)
     out = {}
     for node, m in wanted.items():
         if not captured[node]:
@@ -251,6 +240,45 @@ def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dic
         feats = torch.cat(captured[node], dim=0).float()
         out[(m.param, m.dim)] = nuclear_norm_scores(feats, m.out_dim)
     return out
+
+
+# ---------------------------------------------------------------- the criteria's scorers
+# criterion -> scorer(analysis, criterion, calibration, seed) -> {(param, dim): raw scores};
+# one entry per criterion of engine.options.CRITERION_TABLE except "index" (scored as l2)
+Scorer = Callable[[Analysis, str, Any, int], dict]
+
+
+def _weight_scorer(analysis: Analysis, criterion: str, _calibration: Any, _seed: int) -> dict:
+    return {(m.param, m.dim): weight_scores(analysis.param(m.param), m.dim, criterion)
+            for m in analysis.members()}
+
+
+def _random_scorer(analysis: Analysis, _criterion: str, _calibration: Any, seed: int) -> dict:
+    return {(m.param, m.dim): random_scores(analysis.param(m.param).shape[m.dim], seed,
+                                            f"{m.layer}:{m.dim}")
+            for m in analysis.members()}
+
+
+def _nuclear_norm_scorer(analysis: Analysis, _criterion: str, calibration: Any,
+                         _seed: int) -> dict:
+    return _feature_scores(analysis, analysis.members(), calibration.inputs[0])
+
+
+def _data_aware_scorer(analysis: Analysis, criterion: str, calibration: Any,
+                       _seed: int) -> dict:
+    scorer = DataAwareScorer(analysis.gm, analysis.captured, analysis.structure(False).state,
+                             calibration)
+    return scorer.scores(criterion)
+
+
+SCORERS: dict[str, Scorer] = {
+    "l2": _weight_scorer,
+    "l1": _weight_scorer,
+    "gm": _weight_scorer,
+    "random": _random_scorer,
+    "nuclear_norm": _nuclear_norm_scorer,
+    **{name: _data_aware_scorer for name in DATA_CRITERIA},
+}
 
 
 def _dynamic_batch(analysis: Analysis) -> bool:
@@ -301,13 +329,9 @@ def plan(
         removals = analysis.removals_from_indices(indices, options.prunes_whole_blocks)
     inputs = analysis.group_inputs(options, calibration)
     if uniform:
-        from engine.scoring.uniform import uniform_plan
-
         pinned = [pinned] if isinstance(pinned, str) else list(pinned)
         adjust = None
         if analysis.captured.hf is not None:
-            from engine.io.hf_export import count_adjuster, groups_config_keeps
-
             pinned += sorted(set(groups_config_keeps(analysis, options.prunes_whole_blocks))
                              - set(pinned))
             adjust = count_adjuster(analysis, options)

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from engine.errors import OptionError
+from engine.graph.inputs import run_graph
 from engine.io.data import DataSet, as_data
 
 DEFAULT_SAMPLES = 256
@@ -156,7 +157,7 @@ def channel_stats(
     ran = False
     with torch.inference_mode():
         for inputs, _ in batches(captured, calibration, limit):
-            recorder.run(*inputs, **(captured.example_kwargs or {}))
+            run_graph(recorder, inputs, captured.example_kwargs)
             ran = True
     if not ran:
         raise OptionError("the calibration data produced no batches")

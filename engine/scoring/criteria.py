@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from engine.errors import OptionError
+from engine.options import CRITERIA_NEEDING_DATA
 from engine.scoring.normalize import ScoreError
 from engine.threads import one_torch_thread
 
@@ -30,8 +31,8 @@ __all__ = [
     "weight_scores",
 ]
 
-# nuclear_norm (the spec) and the data-aware criteria of engine.scoring.data_aware
-CRITERIA_NEEDING_CALIBRATION = {"nuclear_norm", "activation", "wanda", "taylor", "fluctuation"}
+# nuclear_norm (the spec) and the data-aware criteria (engine.options.CRITERION_TABLE)
+CRITERIA_NEEDING_CALIBRATION = set(CRITERIA_NEEDING_DATA)
 WEIGHT_CRITERIA = {"l1", "l2", "gm"}
 
 # Elements per chunk: 4M float64 = 32 MB for a norm chunk, and the (rows x n) distance block

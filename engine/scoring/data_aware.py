@@ -39,10 +39,13 @@ import torch.nn.functional as F
 from engine.errors import OptionError
 from engine.graph.outputs import tensor_leaves
 from engine.graph.tracer import AnalysisState, Member, Tracer
+from engine.graph.weighted import weighted_op
 from engine.io.data import DataSet
+from engine.options import CRITERIA_NEEDING_DATA
 from engine.scoring.calibration import DEFAULT_SAMPLES, batches, channel_stats
 
-DATA_CRITERIA = ("activation", "wanda", "taylor", "fluctuation")
+# the criteria this scorer computes: those of the table that need data, but nuclear_norm
+DATA_CRITERIA = tuple(c for c in CRITERIA_NEEDING_DATA if c != "nuclear_norm")
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -84,26 +87,28 @@ def _weighted_op(node: fx.Node, views) -> WeightedOp | None:
         return None
     name = node.target._opname
     x = node.args[0] if node.args else None
-    if name == "linear":
+    layer = weighted_op(node)
+    kind = layer.kind if layer is not None else name
+    if kind == "linear":
         w = _param(node.args[1], views)
         if w is None or w[1] != (0, 1):
             return None
         return _op(node, x, -1, w[0], 0, 1)
-    if name == "addmm":
+    if kind == "addmm":
         w = _param(node.args[2], views)
         if w is None or len(w[1]) != 2 or sorted(w[1]) != [0, 1]:
             return None
         in_dim, out_dim = w[1]
         return _op(node, node.args[1], -1, w[0], out_dim, in_dim)
-    if name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                "conv_transpose3d", "convolution"):
+    if kind == "conv":
         w = _param(node.args[1], views)
         if w is None or w[1] != tuple(range(len(w[1]))):
             return None
+        transposed = layer.is_transposed(node)
         if name == "convolution":
-            transposed, groups = bool(node.args[6]), int(node.args[8])
+            groups = int(node.args[8])
         else:
-            transposed, groups = name.startswith("conv_transpose"), int(_arg(node, 6, "groups", 1))
+            groups = int(_arg(node, 6, "groups", 1))
         if transposed and groups != 1:
             return None  # frozen by the engine anyway
         out_dim = 1 if transposed else 0

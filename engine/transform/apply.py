@@ -12,6 +12,9 @@ import torch.fx as fx
 
 from engine.errors import PruneScopeError
 from engine.graph.dependency import Structure
+from engine.graph.inputs import graph_runner
+from engine.graph.labels import surviving
+from engine.graph.rules import rule_for
 from engine.graph.tracer import RewriteError, Tracer
 from engine.scoring.planning import Plan
 
@@ -43,14 +46,14 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
     del memo  # it holds every original tensor
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
     try:
-        tracer.run()
+        tracer.run(rule_for)
         _slice_params(new, tracer, release)
     except Exception as exc:  # noqa: BLE001 - an engine bug reaches the user as one line
         raise PruneScopeError(
             f"removing the planned channels failed: {type(exc).__name__}: {exc}".splitlines()[0]
         ) from exc
     if release is None:
-        _unshare(new, gm)
+        unshare(new, gm)
     _resize_param_views(new, tracer)
     _explicit_copies(new)
     new.recompile()
@@ -144,7 +147,7 @@ def _explicit_copies(gm: fx.GraphModule) -> None:
             node.kwargs = {"memory_format": torch.contiguous_format}
 
 
-def _unshare(new: fx.GraphModule, old: fx.GraphModule) -> None:
+def unshare(new: fx.GraphModule, old: fx.GraphModule) -> None:
     """Clone the tensors the pruned model still shares with the original."""
     originals = {id(t) for t in list(old.parameters()) + list(old.buffers())}
     clones: dict[int, torch.Tensor] = {}
@@ -218,7 +221,7 @@ class MaskedInterpreter(fx.Interpreter):
         weights_only = _weights_only(gm)
         for name, ids in structure.state.labels.items():
             if name not in weights_only:
-                self.masks[name] = _mask(ids, roots, removed)
+                self.masks[name] = keep_mask(ids, roots, removed)
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -244,15 +247,14 @@ def _weights_only(gm: fx.GraphModule) -> set[str]:
     return out
 
 
-def _mask(ids, roots, removed):
+def keep_mask(ids, roots, removed):
+    """1 where a channel stays, 0 where it goes, shaped like `ids` (None: nothing goes)."""
     if isinstance(ids, list):
-        masks = [_mask(i, roots, removed) for i in ids]
+        masks = [keep_mask(i, roots, removed) for i in ids]
         return masks if any(m is not None for m in masks) else None
     if not isinstance(ids, np.ndarray):
         return None
-    keep = np.ones(ids.shape, dtype=bool)
-    labelled = ids >= 0
-    keep[labelled] = ~removed[roots[ids[labelled]]]
+    keep = surviving(ids, roots, removed)
     if keep.all():
         return None
     return torch.from_numpy(keep.astype(np.float32))
@@ -266,9 +268,4 @@ def _apply_mask(value, mask):
 
 def masked_module(gm: fx.GraphModule, structure: Structure, removed: np.ndarray):
     """A callable computing the original model with the removed channels zeroed."""
-    interpreter = MaskedInterpreter(gm, structure, removed)
-
-    def run(*args):
-        return interpreter.run(*args)
-
-    return run
+    return graph_runner(MaskedInterpreter(gm, structure, removed))

@@ -30,7 +30,14 @@ import torch.fx as fx
 
 from engine.errors import OptionError
 from engine.graph.blocks import Block, block_and_span_scores, block_scores, find_blocks
+from engine.graph.capture import Captured, reexport
+from engine.graph.inputs import graph_runner
+from engine.graph.outputs import tensor_leaves
+from engine.io.hf_depth import after_depth, layer_of
 from engine.options import check_ratio
+from engine.scoring.analysis import Analysis
+from engine.scoring.calibration import as_calibration, batches
+from engine.transform.apply import unshare
 from engine.transform.exactness import compare_exact
 
 BLOCK_UNITS = ("block", "layer")
@@ -111,9 +118,7 @@ def remove(gm: fx.GraphModule, removed: list[Block]) -> fx.GraphModule:
         owner = new.get_submodule(owner_path) if owner_path else new
         if hasattr(owner, attr):
             delattr(owner, attr)
-    from engine.transform.apply import _unshare
-
-    _unshare(new, gm)
+    unshare(new, gm)
     new.graph.lint()
     new.recompile()
     return new
@@ -157,28 +162,19 @@ class _DepthMasked(fx.Interpreter):
 
 
 def masked_depth(gm: fx.GraphModule, removed: list[Block]) -> Callable:
-    interpreter = _DepthMasked(gm, removed)
-
-    def run(*args, **kwargs):
-        return interpreter.run(*args, **kwargs)
-
-    return run
+    return graph_runner(_DepthMasked(gm, removed))
 
 
 def score_inputs(analysis, calibration: Any) -> list[tuple]:
     """The example inputs, or the calibration batches."""
     if calibration is None:
         return [tuple(analysis.captured.example_inputs)]
-    from engine.scoring.calibration import as_calibration, batches
-
     return [inputs for inputs, _labels in batches(analysis.captured, as_calibration(calibration))]
 
 
 def layers_of(blocks: list[Block]) -> dict[str, list[Block]]:
     """Layer name -> its blocks, in network order: consecutive blocks of the same numbered
     layer (engine.io.hf_depth.layer_of) form one; any other block is a layer of its own."""
-    from engine.io.hf_depth import layer_of
-
     layers: dict[str, list[Block]] = {}
     previous: tuple[tuple[str, int] | None, str] = (None, "")
     for block in blocks:
@@ -248,12 +244,6 @@ def prune_depth(
 ):
     """Remove the least important blocks (or whole layers, `block_unit="layer"`): (the
     re-captured Analysis, the report section)."""
-    from engine.graph.capture import Captured
-    from engine.graph.outputs import tensor_leaves
-    from engine.io.hf_depth import after_depth
-    from engine.pipeline import _export
-    from engine.scoring.analysis import Analysis
-
     blocks, report = plan_depth(analysis, block_ratio=block_ratio, remove_blocks=remove_blocks,
                                 calibration=calibration, block_unit=block_unit)
     chosen = {b["name"] for b in report["blocks"] if b["removed"]}
@@ -268,7 +258,7 @@ def prune_depth(
         got = tensor_leaves(pruned(*inputs, **kwargs))
     report["verification"] = compare_exact(expected, got, "depth",
                                              "with the removed blocks' branches zeroed")
-    program = _export(pruned, analysis)
+    program = reexport(pruned, analysis.captured)
     # a transformers model keeps its hf/ export when whole layers went (engine/io/hf_depth.py)
     hf = after_depth(analysis.captured.hf, blocks, removed)
     captured = Captured(program, inputs, analysis.captured.source,

@@ -24,8 +24,16 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from engine.errors import OptionError, PruneScopeError
+from engine.errors import OptionError, PruneScopeError, one_line
+from engine.graph.capture import Captured, reexport
+from engine.graph.inputs import run_graph
+from engine.graph.ops_moe import expert_params
+from engine.graph.outputs import tensor_leaves
+from engine.graph.tracer import Tracer
 from engine.options import check_ratio
+from engine.scoring.analysis import Analysis
+from engine.scoring.calibration import as_calibration, batches
+from engine.transform.apply import keep_mask, rewrite
 from engine.transform.exactness import compare_exact
 
 
@@ -42,9 +50,6 @@ class Router:
 
 def find_routers(analysis) -> list[Router]:
     """Routers whose experts can be removed: a parameter layer feeding a top-k."""
-    from engine.graph.ops_moe import expert_params
-    from engine.graph.tracer import Tracer
-
     structure = analysis.structure(False)
     state = structure.state
     roots = state.uf.roots()
@@ -85,8 +90,6 @@ def expert_scores(analysis, router: Router, calibration: Any = None) -> np.ndarr
 
 def routing_scores(analysis, routers: list[Router], calibration: Any) -> dict[str, np.ndarray]:
     """Mean of each expert's share of routed tokens and of routing weight (gate mass)."""
-    from engine.scoring.calibration import as_calibration, batches
-
     final = {r.topks[-1]: r for r in routers}
     count = {r.layer: np.zeros(len(r.ids)) for r in routers}
     mass = {r.layer: np.zeros(len(r.ids)) for r in routers}
@@ -108,7 +111,7 @@ def routing_scores(analysis, routers: list[Router], calibration: Any) -> dict[st
     kwargs = analysis.captured.example_kwargs or {}
     with torch.no_grad():
         for inputs, _ in batches(analysis.captured, as_calibration(calibration)):
-            recorder.run(*inputs, **kwargs)
+            run_graph(recorder, inputs, kwargs)
     out = {}
     for r in routers:
         c, m = count[r.layer], mass[r.layer]
@@ -132,18 +135,16 @@ class _ExpertMasked(fx.Interpreter):
 
     def __init__(self, gm, structure, removed_roots: np.ndarray, routers: list[Router]):
         super().__init__(gm)
-        from engine.transform.apply import _mask
-
         roots = structure.state.uf.roots()
         labels = structure.state.labels
         names = {n.name: n for n in gm.graph.nodes}
         self.logits: dict[str, Any] = {}
         self.topk_inputs: dict[str, Any] = {}
         for r in routers:
-            self.logits[r.node] = _mask(labels.get(r.node), roots, removed_roots)
+            self.logits[r.node] = keep_mask(labels.get(r.node), roots, removed_roots)
             for name in r.topks:
                 source = names[name].args[0]
-                self.topk_inputs[name] = _mask(labels.get(source.name), roots, removed_roots)
+                self.topk_inputs[name] = keep_mask(labels.get(source.name), roots, removed_roots)
 
     def run_node(self, n: fx.Node):
         keep = self.topk_inputs.get(n.name)
@@ -160,12 +161,6 @@ class _ExpertMasked(fx.Interpreter):
 
 def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
     """Remove the least important experts: (the re-captured Analysis, the report section)."""
-    from engine.graph.capture import Captured
-    from engine.graph.outputs import tensor_leaves
-    from engine.pipeline import _export
-    from engine.scoring.analysis import Analysis
-    from engine.transform.apply import rewrite
-
     ratio = check_expert_ratio(expert_ratio)
     routers = find_routers(analysis)
     if ratio > 0 and not routers:
@@ -200,17 +195,16 @@ def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
         with torch.no_grad():
             got = tensor_leaves(pruned(*inputs, **kwargs))
     except Exception as exc:  # noqa: BLE001 - a routing the engine cannot shrink
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PruneScopeError(
             f"experts of {', '.join(r.layer for r in routers)} cannot be removed: the routing "
-            f"computes shapes from the number of experts ({first[:200]})"
+            f"computes shapes from the number of experts ({one_line(exc, limit=200)})"
         ) from None
     with torch.no_grad():
-        expected = tensor_leaves(_ExpertMasked(analysis.gm, structure, removed, routers)
-                           .run(*inputs, **kwargs))
+        expected = tensor_leaves(run_graph(
+            _ExpertMasked(analysis.gm, structure, removed, routers), inputs, kwargs))
     report["verification"] = compare_exact(expected, got, "expert",
                                              "with the removed experts' router logits at -inf")
-    program = _export(pruned, analysis)
+    program = reexport(pruned, analysis.captured)
     captured = Captured(program, inputs, analysis.captured.source, analysis.captured.example_kwargs)
     return Analysis(captured), report
 

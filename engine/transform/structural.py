@@ -11,13 +11,13 @@ from typing import Any
 
 from engine.errors import OptionError
 from engine.options import check_ratio
+from engine.transform.depth import blocks_to_remove, check_block_unit, prune_depth
+from engine.transform.experts import prune_experts
 
 
 def wanted(expert_ratio: Any, block_ratio: Any, remove_blocks: Any,
            block_unit: Any = "block") -> bool:
     """Whether any structural pass is asked for (values are checked here, before capture)."""
-    from engine.transform.depth import check_block_unit
-
     check_block_unit(block_unit)
     if expert_ratio is not None:
         check_ratio(expert_ratio, "--expert-ratio")
@@ -26,8 +26,6 @@ def wanted(expert_ratio: Any, block_ratio: Any, remove_blocks: Any,
     if block_ratio is not None and remove_blocks is not None:
         raise OptionError("give --block-ratio R or --remove-blocks N, not both")
     if remove_blocks is not None:
-        from engine.transform.depth import blocks_to_remove
-
         blocks_to_remove(1 << 30, None, remove_blocks)  # integer >= 0; the count comes later
     return any(v is not None for v in (expert_ratio, block_ratio, remove_blocks))
 
@@ -40,13 +38,9 @@ def remove_structures(
     say = progress or (lambda _msg: None)
     sections: dict[str, Any] = {}
     if expert_ratio is not None:
-        from engine.transform.experts import prune_experts
-
         say("removing experts")
         analysis, sections["experts"] = prune_experts(analysis, expert_ratio, calibration)
     if block_ratio is not None or remove_blocks is not None:
-        from engine.transform.depth import prune_depth
-
         say("removing layers" if block_unit == "layer" else "removing blocks")
         analysis, depth = prune_depth(analysis, block_ratio=block_ratio,
                                       remove_blocks=remove_blocks, calibration=calibration,
@@ -54,11 +48,3 @@ def remove_structures(
         sections["blocks"] = depth.pop("blocks")
         sections["depth"] = depth
     return analysis, sections
-
-
-def finish(report: dict[str, Any], original, sections: dict[str, Any]) -> None:
-    """The report of the whole run: sizes before every pass, one section per pass."""
-    from engine.pipeline import _metrics
-
-    report["before"] = _metrics(original.gm)
-    report.update(sections)

@@ -13,27 +13,36 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.demo import is_builtin
 from engine.errors import OptionError, PruneScopeError
+from engine.graph.capture import load_model
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import as_data
+from engine.options import RECOVERY_AUTO, RECOVERY_METHODS, RECOVERY_TABLE
+from engine.pipeline import PruneResult
 from engine.quality.evaluate import check_metric
+from engine.quality.metrics import model_metrics
 from engine.quality.recovery import bias, bn, data, distill, lsq, norm
 from engine.quality.recovery.lockstep import Context, Layout
+from engine.transform.apply import pruned_roots
 
 # Data-light methods share one pass over the calibration data, node by node in network order,
 # so each correction sees the corrections upstream of it; at one layer a bias shift comes
 # before a least-squares refit (which refits the bias too).
-DATA_LIGHT = ("bias", "lsq", "bn", "norm")
-METHODS = (*DATA_LIGHT, "distill")
-ALLOWED = (*METHODS, "auto")
+DATA_LIGHT = tuple(m.name for m in RECOVERY_TABLE if m.data_light)
+METHODS = RECOVERY_METHODS
+ALLOWED = (*METHODS, RECOVERY_AUTO)
 MAX_SAMPLES = 2048  # samples one data-light pass runs on at once
 RecoverProgress = Callable[[str, float], None]
 
-_CORRECTIONS = {"bias": bias.correct, "lsq": lsq.correct, "bn": bn.correct,
+# data-light method -> its correction (engine.options.RECOVERY_TABLE names them; distill
+# trains and runs after them)
+CORRECTIONS = {"bias": bias.correct, "lsq": lsq.correct, "bn": bn.correct,
                 "norm": norm.correct}
 _NOTHING = {
     "bias": "no layer lost input channels",
@@ -98,9 +107,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     evaluation chooses for this model and data, see engine.quality.evaluate.choose_metric);
     a method is kept only if it improves it.
     """
-    from engine.pipeline import PruneResult, _check_not_released, _metrics
-
-    _check_not_released(result.analysis)  # recovery fits to the original's outputs
+    result.analysis.check_not_released()  # recovery fits to the original's outputs
     start = time.monotonic()
     names = parse_methods(methods)
     budget_s = check_budget(budget_s)
@@ -150,8 +157,6 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     verdicts: dict[str, dict[str, Any]] = {}
     if wanted:
         structure = analysis.structure(result.plan.options.prunes_whole_blocks)
-        from engine.transform.apply import pruned_roots
-
         layout = Layout(structure, pruned_roots(structure, result.plan))
         light = fit.take(torch.arange(_light_samples(len(fit), batch)))
         chunks = None if batch is None else [tuple(chunk) for chunk in light.chunks()]
@@ -201,7 +206,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     _check_shapes(module, original, examples, analysis.captured.example_kwargs)
     say("recovery: done", 1.0)
     report = copy.deepcopy(result.report)
-    report["after"] = _metrics(module)
+    report["after"] = model_metrics(module)
     report["recovery"] = {
         "methods": applied,
         "skipped": skipped,
@@ -228,7 +233,7 @@ def _light_pass(ctx: Context, name: str, light: data.CalibrationSet,
     """One data-light method over the calibration set, node by node in network order (each
     correction sees the ones upstream of it); the layers it changed."""
     changed: list[str] = []
-    method = _CORRECTIONS[name]
+    method = CORRECTIONS[name]
 
     def correct(node, step) -> None:
         layer = method(ctx, node, step)
@@ -305,11 +310,6 @@ def _original(analysis) -> torch.fx.GraphModule:
     loaded again, the same program with the same node names."""
     if not getattr(analysis, "released", False):
         return analysis.gm
-    from pathlib import Path
-
-    from engine.demo import is_builtin
-    from engine.graph.capture import load_model
-
     source = analysis.captured.source
     if not (is_builtin(source) or (Path(source).suffix == ".pt2" and Path(source).is_file())):
         raise OptionError(

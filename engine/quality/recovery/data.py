@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from engine.errors import OptionError
+from engine.graph.inputs import user_input_shapes
 from engine.graph.outputs import tensor_leaves
 from engine.quality.embedding import EMBEDDING_METRICS, embedding_metrics, mean_pool
 from engine.quality.evaluate import HIGHER_IS_BETTER, choose_metric
@@ -51,17 +52,7 @@ class CalibrationSet:
 
 def expected_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | None, ...]]:
     """Each user input's shape, None where the dimension is dynamic."""
-    from torch.export.graph_signature import InputKind
-
-    names = [s.arg.name for s in program.graph_signature.input_specs
-             if s.kind == InputKind.USER_INPUT]
-    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
-    shapes = []
-    for name in names:
-        val = vals.get(name)
-        if isinstance(val, torch.Tensor):
-            shapes.append(tuple(s if isinstance(s, int) else None for s in val.shape))
-    return shapes
+    return user_input_shapes(program)
 
 
 def captured_batch(shapes: list[tuple[int | None, ...]]) -> int | None:

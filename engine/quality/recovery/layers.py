@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from engine.graph.weighted import weighted_op
 from engine.quality.recovery.lockstep import add_parameter, owner_path, param_of
 
 aten = torch.ops.aten
@@ -62,12 +63,15 @@ def as_layer(node: fx.Node) -> Layer | None:
         return None
     if node.args[1].op != "get_attr":
         return None
-    if node.target == aten.linear.default:
+    op = weighted_op(node)
+    # refitted here: linear and 1-D/2-D convolutions, in their default overload (numeric
+    # padding), not transposed
+    if op is None or node.target._overloadname != "default" or op.transposed is not False:
+        return None
+    if op.kind == "linear":
         return Layer(node, "linear", 0)
-    if node.target == aten.conv2d.default:
-        return Layer(node, "conv", 2)
-    if node.target == aten.conv1d.default:
-        return Layer(node, "conv", 1)
+    if op.kind == "conv" and op.spatial in (1, 2):
+        return Layer(node, "conv", op.spatial)
     return None
 
 

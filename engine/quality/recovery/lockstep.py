@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from engine.graph.dependency import Structure
+from engine.graph.labels import surviving
 
 # (node of the pruned graph, the step) -> None; may change the pruned module's tensors
 Hook = Callable[[fx.Node, "Step"], None]
@@ -71,10 +72,7 @@ class Layout:
             index = [0] * ids.ndim
             index[dim] = slice(None)
             along = ids[tuple(index)]
-            keep = np.ones(along.shape, dtype=bool)
-            labelled = along >= 0
-            keep[labelled] = ~self.removed[self.roots[along[labelled]]]
-            out[dim] = keep
+            out[dim] = surviving(along, self.roots, self.removed)
         return out
 
     def restrict(self, node_name: str, value: Any, like: Any = None) -> torch.Tensor | None:
