@@ -84,10 +84,11 @@ def test_static_batch_conv_net_recovers_on_held_out_data(net, images, batch):
         pruned.module(held[:batch + 1])
     recovered = engine.recover(pruned, calib, "bias,lsq,bn")
     info = recovered.report["recovery"]
-    assert info["methods"] == ["bias", "lsq", "bn"]
+    assert list(info["per_method"]) == ["bias", "lsq", "bn"]  # each measured, in this order
+    assert info["methods"] == [m for m, v in info["per_method"].items() if v["kept"]]
     before = _held_out_error(pruned.module, net, held, batch)
     after = _held_out_error(recovered.module, net, held, batch)
-    # measured: 1.012 -> 0.598 at batch 1 and 2 alike (random weights, 57 fitting samples)
+    # the methods kept on 6 held-back samples also lower the error on 96 held-out ones
     assert after < 0.8 * before
     # 63 samples: 6 held back, 57 fit; at batch 2 the layer-wise pass leaves the last one out
     chunking = info["chunking"]
