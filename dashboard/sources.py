@@ -334,3 +334,4 @@ def upload_types() -> list[str]:
     from engine.io.data import UPLOAD_SUFFIXES
 
     return [suffix.lstrip(".") for suffix in UPLOAD_SUFFIXES]
+

@@ -219,7 +219,10 @@ def test_bad_text_is_one_line_naming_the_file(folders, bert, tmp_path) -> None:
     # with --tokenizer the same model reads it
     assert len(load_data(txt, model=bare, options=DataOptions(tokenizer=str(folders["bert"]))))
     # a model that takes no token ids
-    assert "does not take token ids" in str(_error(lambda: load_data(txt, model="demo")))
+    assert "does not take token ids" in str(_error(lambda: load_data(
+        txt, model=engine.load_model("demo"))))
+    assert "read for a captured model, not the path demo" in str(
+        _error(lambda: load_data(txt, model="demo")))
     assert "--text-mode 'lines' is not allowed; allowed: pad, stream" in str(
         _error(lambda: load_data(txt, model=bert, options=DataOptions(text_mode="lines"))))
     assert "--tokenizer nope is not a folder" in str(_error(lambda: load_data(

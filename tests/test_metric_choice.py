@@ -206,3 +206,25 @@ def test_prune_reports_the_metric_and_why(folders, text, tmp_path, capfd) -> Non
                      "perplexity")
     assert rc == 2
     assert "BertModel is not a causal language model" in one_error_line(err)
+
+
+def test_sweep_reads_text_for_the_model(folders, text) -> None:
+    """engine.sweep reads text eval data for the model it analyses; every point is measured
+    with the metric the original got (the embedding metric for an encoder)."""
+    report = engine.sweep(folders["bert"], {"layer_norm": "none"}, [0.25], eval_data=text,
+                          workers=1, seq_len=16)
+    assert report["metric"] == "embedding_cosine"
+    point = report["points"][0]
+    assert 0 < point["metric"] < 1
+
+
+def test_the_python_api_takes_text_paths_everywhere(folders, text, tmp_path) -> None:
+    """prune(calibration=path) scores on the text; recover(result, path) recovers on it."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(reversed(SENTENCES)) + "\n")
+    original = engine.load_model(folders["bert"], seq_len=16)
+    result = engine.prune(original, None, engine.PruningOptions(criterion="activation"),
+                          ratio=0.5, calibration=calib)
+    recovered = engine.recover(result, calib, "bias", budget_s=0)
+    info = recovered.report["recovery"]
+    assert info["calibration_samples"] + info["holdout_samples"] == len(SENTENCES)

@@ -379,12 +379,11 @@ def load_calibration_data(path_or_name: str | os.PathLike, *, flag: str = "--cal
 
 
 def _resolved(model: Any) -> ModelInputs | None:
-    """``ModelInputs`` of what the caller gave; a path or built-in name is captured first."""
+    """``ModelInputs`` of what the caller gave (a captured model, not yet a path: capturing
+    belongs to the graph stage, above this one)."""
     if isinstance(model, str | os.PathLike):
-        # torch is imported only by callers that read text or images for a model by name
-        from engine.graph.capture import load_model
-
-        return model_inputs(load_model(model))
+        raise DataError(f"text and images are read for a captured model, not the path "
+                        f"{os.fspath(model)}: give model=engine.load_model(...)")
     return as_model_inputs(model)
 
 
@@ -525,13 +524,14 @@ def _checked(inputs: tuple[np.ndarray, ...], labels: np.ndarray | None, flag: st
 
 # ---------------------------------------------------------------------------- in memory
 
-def as_data(data: Any, *, flag: str = "calibration", kind: str = "calibration") -> DataSet:
+def as_data(data: Any, *, flag: str = "calibration", kind: str = "calibration",
+            model: Any = None) -> DataSet:
     """Any accepted form (see the module docstring) as a checked DataSet; a path or
-    built-in name is read with ``load_data``."""
+    built-in name is read with ``load_data`` (text and images for ``model``, captured)."""
     if isinstance(data, DataSet):
         return data
     if isinstance(data, str | os.PathLike):
-        return load_data(data, kind=kind, flag=flag)
+        return load_data(data, kind=kind, flag=flag, model=model)
     where = f"{flag} data"
     labels = None
     if _is_array(data):

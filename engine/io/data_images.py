@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import DataError
+from engine.errors import DataError, one_line
+from engine.io.hf import quiet_transformers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -105,7 +106,7 @@ def image_arrays(folder: Path, where: str, model: Any, options: Any) \
             try:
                 out = processor(images=images, return_tensors="np")["pixel_values"]
             except Exception as exc:  # noqa: BLE001 - any failure: images it cannot take
-                raise DataError(f"{where}: the image processor failed ({_one_line(exc)})") \
+                raise DataError(f"{where}: the image processor failed ({one_line(exc)})") \
                     from None
             parts.append(np.asarray(out, dtype=np.float32))
         else:
@@ -159,7 +160,7 @@ def _open(path: Path, channels: int, where: str):
                                 "(grey) or 3 (RGB)")
             return image.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{where}: {path.name} is not a readable image ({_one_line(exc)})") \
+        raise DataError(f"{where}: {path.name} is not a readable image ({one_line(exc)})") \
             from None
 
 
@@ -178,17 +179,11 @@ def _processor(folder: Path, where: str):
     try:
         from transformers import AutoImageProcessor
 
-        from engine.io.hf_export import quiet_transformers
 
         with quiet_transformers():
             return AutoImageProcessor.from_pretrained(os.fspath(folder), local_files_only=True,
                                                       trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any failure: an unusable processor
         raise DataError(f"{where}: the image processor of {folder} could not be loaded "
-                        f"({_one_line(exc)}); give --image-size/--mean/--std instead") \
+                        f"({one_line(exc)}); give --image-size/--mean/--std instead") \
             from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

@@ -26,7 +26,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from engine.errors import DataError
+from engine.errors import DataError, one_line
+from engine.io.hf import quiet_transformers
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # a model whose input names are unknown (a .pt2 exported by position) takes them in the
@@ -266,7 +267,6 @@ def load_tokenizer(folder: Path | None, given: str | None, where: str, model_sou
     try:
         from transformers import AutoTokenizer
 
-        from engine.io.hf_export import quiet_transformers
 
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True,
@@ -368,8 +368,3 @@ def _integral(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lstrip("-").isdigit()
     return False
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

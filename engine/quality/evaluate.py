@@ -122,7 +122,7 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 
 def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Runner:
-    program = None
+    program = captured = None
     if isinstance(model, PruneResult):
         examples = example_inputs or model.example_inputs
         captured = model.analysis.captured
@@ -520,8 +520,6 @@ def quality_report(original: Any, pruned: Any, data: EvalData | str, metric: str
 
 def _captured_of(model: Any) -> Any:
     """The captured model inside `model` where there is one (for reading text or images)."""
-    from engine.graph.capture import Captured, load_model
-
     if isinstance(model, Captured) or hasattr(model, "captured") or hasattr(model, "analysis"):
         return model
     if isinstance(model, str | os.PathLike):

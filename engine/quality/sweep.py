@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import OptionError
-from engine.io.data import load_calibration_data
+from engine.io.data import load_calibration_data, needs_model
 from engine.io.export import atomic_write_bytes, write_json
 from engine.options import ALLOWED, PruningOptions, check_ratio
 from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
@@ -146,9 +146,13 @@ def prepare(
     """
     check_executor(ray)
     check_metric(metric)
-    data = load_eval_data(eval_data) if isinstance(eval_data, (str, os.PathLike)) else eval_data
+    # arrays are read (and checked) before the analysis; text and images need the model
+    data = eval_data
+    if isinstance(eval_data, (str, os.PathLike)) and not needs_model(eval_data):
+        data = load_eval_data(eval_data)
     criteria = list(dict.fromkeys(criteria))
-    calibration = _calibration(calibration)
+    if not needs_model(calibration):
+        calibration = _calibration(calibration)
     if recover:
         parse_methods(recover)
         check_steps(recover_steps)
@@ -157,6 +161,9 @@ def prepare(
     if analysis is None:
         analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
                            input_shapes=input_shapes, seq_len=seq_len)
+    if isinstance(data, (str, os.PathLike)):
+        data = load_eval_data(data, model=analysis.captured)
+    calibration = _calibration(calibration, analysis.captured)
     check_data(analysis.captured, data)
     for criterion in criteria:
         analysis.filter_scores(criterion, calibration)  # once per criterion; forks inherit it
@@ -280,11 +287,12 @@ def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> Mo
     return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 
-def _calibration(calibration: Any) -> Any:
-    """A calibration file read once here (the points, and Ray workers, get the arrays)."""
+def _calibration(calibration: Any, model: Any = None) -> Any:
+    """A calibration file read once here (the points, and Ray workers, get the arrays);
+    text and images are made into the inputs of `model` (captured)."""
     if not isinstance(calibration, (str, os.PathLike)):
         return calibration
-    return load_calibration_data(calibration, flag="calibration")
+    return load_calibration_data(calibration, flag="calibration", model=model)
 
 
 def _write_json(path, report: dict) -> None:

@@ -66,10 +66,10 @@ def ratios_for_target(
     flag = f"--target-{resource}"
     target = check_target(target_params if target_params is not None else target_flops, flag)
     options = PruningOptions.from_any(options)
-    if isinstance(sensitivity_data, str):
-        sensitivity_data = load_calibration_data(sensitivity_data)
     if analysis is None:
         analysis = analyze(model, **load_kwargs)
+    if isinstance(sensitivity_data, str):
+        sensitivity_data = load_calibration_data(sensitivity_data, model=analysis.captured)
     start = time.perf_counter()
     if sensitivity_report is None:
         if sensitivity_data is None:

@@ -77,7 +77,7 @@ class Analysis:
                     f"--criterion {criterion} needs --calibration FILE.npz (calibration inputs "
                     "x, optional labels y)"
                 )
-            calibration = as_calibration(calibration)
+            calibration = as_calibration(calibration, self.captured)
             # keyed by content, so equal data loaded again (a new array) still hits the cache
             data_key = calibration.fingerprint(DEFAULT_SAMPLES)
         key = (criterion, seed if criterion == "random" else None, data_key)

@@ -26,9 +26,10 @@ DEFAULT_SAMPLES = 256
 DYNAMIC_BATCH = 32
 
 
-def as_calibration(data: Any) -> DataSet:
-    """The calibration data in any accepted form, checked (see the module docstring)."""
-    return as_data(data, flag="calibration", kind="calibration")
+def as_calibration(data: Any, model: Any = None) -> DataSet:
+    """The calibration data in any accepted form, checked (see the module docstring); text
+    and images are made into the inputs of ``model`` (the captured model)."""
+    return as_data(data, flag="calibration", kind="calibration", model=model)
 
 
 def _dynamic_batch(program: torch.export.ExportedProgram) -> bool:

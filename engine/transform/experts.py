@@ -82,7 +82,7 @@ def expert_scores(analysis, router: Router, calibration: Any = None) -> np.ndarr
     if calibration is None:
         total = np.zeros(len(router.ids))
         for name in router.params:
-            w = analysis._param(name).double()
+            w = analysis.param(name).double()
             total += (w.reshape(w.shape[0], -1) ** 2).sum(dim=1).numpy()
         return np.sqrt(total)
     return routing_scores(analysis, [router], calibration)[router.layer]
@@ -110,7 +110,7 @@ def routing_scores(analysis, routers: list[Router], calibration: Any) -> dict[st
     recorder = Recorder(analysis.gm)
     kwargs = analysis.captured.example_kwargs or {}
     with torch.no_grad():
-        for inputs, _ in batches(analysis.captured, as_calibration(calibration)):
+        for inputs, _ in batches(analysis.captured, as_calibration(calibration, analysis.captured)):
             run_graph(recorder, inputs, kwargs)
     out = {}
     for r in routers:

@@ -116,7 +116,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         raise OptionError(f"eval_holdout {eval_holdout!r} is not allowed; allowed: 0 <= f < 1")
     say = progress or (lambda _msg, _fraction: None)
     analysis = result.analysis
-    calibration = as_data(calibration)
+    calibration = as_data(calibration, model=analysis.captured)
     xs, y, where = list(calibration.inputs), calibration.labels, calibration.where
     examples = analysis.captured.example_inputs
     shapes = data.expected_shapes(analysis.captured.program)
