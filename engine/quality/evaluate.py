@@ -34,7 +34,7 @@ import torch
 
 from engine.errors import OptionError, PruneScopeError
 from engine.graph.capture import Captured, load_model
-from engine.graph.inputs import user_input_shapes, user_inputs
+from engine.graph.inputs import sample_chunks, user_input_shapes, user_inputs
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import (  # noqa: F401 - importable from here, as before
     DataOptions,
@@ -94,11 +94,7 @@ class _Runner:
                 self.fixed_batch = self.fallback_batch
         size = self.fixed_batch
         outs = []
-        for start in range(0, chunk[0].shape[0], size):
-            part = [x[start:start + size] for x in chunk]
-            real = part[0].shape[0]
-            if real < size:
-                part = [torch.cat([x, x[-1:].expand(size - real, *x.shape[1:])]) for x in part]
+        for part, real in sample_chunks(chunk, size, fixed=True, fill=True):
             try:
                 outs.append(_first_tensor(self.module(*part))[:real])
             except PruneScopeError:

@@ -6,6 +6,7 @@ every filter per criterion. Changing the layer norm, policy or ratio only re-pla
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch.fx as fx
 from engine.errors import ModelLoadError, OptionError, PruneScopeError
 from engine.graph.capture import Captured, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
-from engine.graph.inputs import run_graph
+from engine.graph.inputs import run_graph, sample_chunks
 from engine.io.hf_config import count_adjuster, groups_config_keeps
 from engine.options import CRITERIA, CRITERIA_NEEDING_DATA, PruningOptions
 from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
@@ -227,10 +228,9 @@ def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dic
     batch = _batch_size(analysis, x)
     recorder = Recorder(analysis.gm)
     with torch.inference_mode():
-        for start in range(0, min(len(x), 256), batch):
-            chunk = x[start : start + batch]
-            if len(chunk) != batch and not _dynamic_batch(analysis):
-                break
+        # the chunks that start within the first 256 samples
+        first = x[:math.ceil(min(len(x), 256) / batch) * batch]
+        for (chunk,), _real in sample_chunks([first], batch, fixed=not _dynamic_batch(analysis)):
             run_graph(recorder, (chunk, *analysis.captured.example_inputs[1:]),
                       analysis.captured.example_kwargs)
     out = {}

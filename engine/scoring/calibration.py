@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from engine.errors import OptionError
-from engine.graph.inputs import run_graph
+from engine.graph.inputs import run_graph, sample_chunks
 from engine.io.data import DataSet, as_data
 
 DEFAULT_SAMPLES = 256
@@ -80,11 +80,9 @@ def batches(
             f"the model was captured with batch size {size}; give at least {size} calibration "
             f"samples (got {n})"
         )
-    for start in range(0, n, size):
-        chunk = tuple(t[start : start + size] for t in tensors)
-        if chunk[0].shape[0] != size and not dynamic:
-            break
-        yield chunk, None if labels is None else labels[start : start + size]
+    for start, (chunk, _real) in zip(range(0, n, size),
+                                     sample_chunks(tensors, size, fixed=not dynamic)):
+        yield tuple(chunk), None if labels is None else labels[start : start + size]
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from engine.errors import OptionError
-from engine.graph.inputs import user_input_shapes
+from engine.graph.inputs import sample_chunks, user_input_shapes
 from engine.graph.outputs import tensor_leaves
 from engine.quality.embedding import EMBEDDING_METRICS, embedding_metrics, mean_pool
 from engine.quality.evaluate import HIGHER_IS_BETTER, choose_metric
@@ -43,11 +43,9 @@ class CalibrationSet:
     def chunks(self, size: int = CHUNK):
         """Consecutive input chunks of `size` samples; with a fixed batch, chunks of exactly
         that batch, the remainder (fewer samples) left out."""
-        if self.batch is not None:
-            size = self.batch
-        stop = len(self) - len(self) % size if self.batch is not None else len(self)
-        for start in range(0, stop, size):
-            yield [x[start:start + size] for x in self.xs]
+        fixed = self.batch is not None
+        for chunk, _real in sample_chunks(self.xs, self.batch if fixed else size, fixed=fixed):
+            yield chunk
 
 
 def expected_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | None, ...]]:
@@ -146,11 +144,7 @@ def forward(module: torch.nn.Module, xs: Sequence[torch.Tensor],
     if batch is None:
         return tensor_leaves(module(*xs))
     parts = []
-    for start in range(0, int(xs[0].shape[0]), batch):
-        chunk = [x[start:start + batch] for x in xs]
-        real = int(chunk[0].shape[0])
-        if real < batch:
-            chunk = [torch.cat([c, c[-1:].expand(batch - real, *c.shape[1:])]) for c in chunk]
+    for chunk, real in sample_chunks(xs, batch, fixed=True, fill=True):
         out = tensor_leaves(module(*chunk))
         if any(t.ndim == 0 or t.shape[0] != batch for t in out):
             shapes = ", ".join(str(tuple(t.shape)) for t in out)
