@@ -13,6 +13,8 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
 - ``coverage_v2``: about seventy real architectures (tiny configs) pruned, verified, exported
 - ``hf_uniform``: Hugging Face folders pruned with and without ``--uniform`` (parameters,
   demo-lm held-out perplexity) and which architectures round-trip through OUT/hf/
+- ``hf``: every transformers architecture of the coverage set saved as a folder and pruned
+  with ``--uniform``: hf/ written or why not, parameters removed
 - ``real``: a real pretrained sentence encoder (all-MiniLM-L6-v2) on Python's own docs text:
   FLOPs removed vs held-out embedding cosine / nearest-neighbour agreement per recovery
   method, and each pass against a plain batched forward
@@ -33,5 +35,6 @@ BENCHMARKS = (
     "large",
     "coverage_v2",
     "hf_uniform",
+    "hf",
     "real",
 )

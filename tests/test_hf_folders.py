@@ -156,17 +156,26 @@ def test_pretrained_model_in_python_writes_hf(tmp_path):
                                          "model.layers.1.self_attn.v_proj"}
 
 
-def test_resnet_folder_says_in_one_line_why_hf_is_not_written(folders, tmp_path, capfd):
+def test_resnet_folder_with_uniform_shrinks_stage_widths_and_bottlenecks(folders, tmp_path,
+                                                                        capfd):
+    """ResNetConfig fixes each bottleneck's inner width at a quarter of its stage width: the
+    stage and its bottlenecks are tied in that proportion, so hf/ is written."""
     out = tmp_path / "out"
     rc, _, err = cli(capfd, "prune", folders["resnet"], "--ratio", "0.5", "--uniform",
-                     "--out", out)
+                     "--no-onnx", "--out", out)
     assert rc == 0, err
-    lines = [ln for ln in err.splitlines() if "hf/" in ln]
-    assert len(lines) == 1 and "hf/ not written" in lines[0] and "bottleneck" in lines[0]
-    assert {p.name for p in out.iterdir()} == {"model.pt2", "model.onnx", "report.json"}
+    assert "hf/ not written" not in err
     report = json.loads((out / "report.json").read_text())
-    assert report["hf"]["written"] is False and "bottleneck" in report["hf"]["reason"]
-    assert report["after"]["params"] < report["before"]["params"]
+    assert report["hf"]["written"], report["hf"]
+    saved = json.loads((out / "hf" / "config.json").read_text())
+    assert saved["hidden_sizes"] != [32, 64]
+    assert all(a <= b for a, b in zip(saved["hidden_sizes"], [32, 64]))
+    _assert_hf_equals_pt2("resnet", out)
+    # without --uniform the stages are cut unequally: one line says --uniform is needed
+    rc, _, err = cli(capfd, "prune", folders["resnet"], "--ratio", "0.5", "--no-onnx",
+                     "--out", tmp_path / "free")
+    lines = [ln for ln in err.splitlines() if "hf/" in ln]
+    assert rc == 0 and len(lines) == 1 and "hf/ not written" in lines[0], err
 
 
 def test_plan_that_is_not_uniform_needs_uniform_for_hf(tmp_path, capfd):

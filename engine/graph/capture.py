@@ -34,6 +34,7 @@ from engine.graph.safety import (
     verify_checksums,
 )
 from engine.io.hf import example_inputs_for, is_pretrained_model, load_folder, source_of_model
+from engine.threads import TORCH_EXPORT_LOCK
 
 ACCEPTED = (
     "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
@@ -131,7 +132,8 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
             checked = pool.submit(verify_checksums, path, weights)
             with quiet_torch_load(weights_only=not trust_pickle) as log:
                 try:
-                    program = torch.export.load(os.fspath(path))
+                    with TORCH_EXPORT_LOCK:
+                        program = torch.export.load(os.fspath(path))
                     failure = None
                 except Exception as exc:  # noqa: BLE001 - any failure: an unreadable file
                     failure = root_cause(exc, log)
@@ -235,7 +237,7 @@ def _export(flat: torch.nn.Module, example_inputs: tuple, input_names: tuple[str
         shapes = dynamic_batch_shapes(inputs, input_names)
         if shapes is not None:
             try:
-                with without_stack_traces():
+                with without_stack_traces(), TORCH_EXPORT_LOCK:
                     program = torch.export.export(flat, inputs, dynamic_shapes=(shapes,),
                                                   strict=False)
             except Exception:  # noqa: BLE001 - the model needs a fixed batch: captured so below
@@ -243,7 +245,7 @@ def _export(flat: torch.nn.Module, example_inputs: tuple, input_names: tuple[str
             if program is not None and has_dynamic_batch(program):
                 return program, inputs
     try:
-        with without_stack_traces():
+        with without_stack_traces(), TORCH_EXPORT_LOCK:
             return torch.export.export(flat, example_inputs, strict=False), example_inputs
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
@@ -343,7 +345,7 @@ def reexport(module: torch.nn.Module, captured: Captured) -> torch.export.Export
     inputs = captured.example_inputs
     kwargs = captured.example_kwargs or {}
     try:
-        with without_stack_traces():
+        with without_stack_traces(), TORCH_EXPORT_LOCK:
             return torch.export.export(module, inputs, kwargs or None,
                                        dynamic_shapes=_dynamic_shapes(captured), strict=False)
     except Exception as exc:  # noqa: BLE001 - any export failure is one line

@@ -32,6 +32,7 @@ from engine.quality.sweep_job import (
     prime_worker_cache,
 )
 from engine.scoring.analysis import analyze
+from engine.threads import TORCH_EXPORT_LOCK
 
 # option name -> command-line flag, for the options that can be an axis of the grid
 AXES = {
@@ -186,9 +187,11 @@ def run_points(
     ray: str | None = None,
     progress: SweepProgress | None = None,
     out_json: str | os.PathLike | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run `points`, filling report["points"] (in point order) as they finish; after each,
-    rewrite `out_json` atomically so an interrupted run keeps what finished."""
+    rewrite `out_json` atomically so an interrupted run keeps what finished. `stop()`, asked
+    after every point, ends the run early (the report then says `complete: false`)."""
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise OptionError(f"--workers {workers!r} must be an integer >= 1")
     report.update(points=[], total=len(points), complete=False)
@@ -203,6 +206,8 @@ def run_points(
                 _write_json(out_json, report)
             if progress is not None:
                 progress(len(finished), len(points), finished[index])
+            if stop is not None and stop():
+                break
     finally:
         runner.close()
     return report
@@ -226,6 +231,7 @@ def sweep(
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
     seq_len: int | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Prune `model` at every point of `grid` x `ratios` and measure each pruned model.
 
@@ -233,7 +239,8 @@ def sweep(
     file/name for `load_eval_data`. Returns (and, after every point, atomically writes to
     `out_json`) `{"model", "metric", "original", "before", "axes", "ratios", "points",
     "complete"}`; each point has its `options`, `ratio`, `params`, `flops`, `metric`
-    (`recovered` with `recover`) and `seconds`. An interrupted sweep keeps finished points.
+    (`recovered` with `recover`) and `seconds`. An interrupted sweep keeps finished points;
+    so does one that `stop()` (asked after every point) ends.
     """
     options_list = expand_grid(grid)
     ratio_list = parse_ratios(ratios)
@@ -251,7 +258,7 @@ def sweep(
         report["recover"] = recover
     points = [{"options": o.to_dict(), "ratio": r} for o in options_list for r in ratio_list]
     return run_points(prepared, points, report, workers=workers, ray=ray, progress=progress,
-                      out_json=out_json)
+                      out_json=out_json, stop=stop)
 
 
 def runs_elsewhere(workers: int | None, ray: str | None, points: int) -> bool:
@@ -283,7 +290,8 @@ def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> Mo
     import torch
 
     buffer = io.BytesIO()
-    torch.export.save(analysis.captured.program, buffer)
+    with TORCH_EXPORT_LOCK:
+        torch.export.save(analysis.captured.program, buffer)
     return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 

@@ -18,7 +18,7 @@ from engine.errors import ModelLoadError, OptionError, PruneScopeError
 from engine.graph.capture import Captured, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
 from engine.graph.inputs import run_graph, sample_chunks
-from engine.io.hf_config import count_adjuster, groups_config_keeps
+from engine.io.hf_config import config_constraints, count_adjuster, keep_to_describe
 from engine.options import CRITERIA, CRITERIA_NEEDING_DATA, PruningOptions
 from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
 from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_scores
@@ -304,6 +304,9 @@ def analyze(model: Any, example_inputs: tuple | None = None, **load_kwargs) -> A
     return Analysis(load_model(model, example_inputs, **load_kwargs))
 
 
+_DESCRIBE_ROUNDS = 8  # re-plans of --uniform for a transformers config, at most
+
+
 def plan(
     analysis: Analysis,
     options: PruningOptions | dict | None = None,
@@ -330,12 +333,20 @@ def plan(
     inputs = analysis.group_inputs(options, calibration)
     if uniform:
         pinned = [pinned] if isinstance(pinned, str) else list(pinned)
-        adjust = None
-        if analysis.captured.hf is not None:
-            pinned += sorted(set(groups_config_keeps(analysis, options.prunes_whole_blocks))
-                             - set(pinned))
-            adjust = count_adjuster(analysis, options)
-        return uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
-                            removals=removals, adjust=adjust)
+        if analysis.captured.hf is None:
+            return uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                                removals=removals)
+        limits = config_constraints(analysis, options.prunes_whole_blocks)
+        pinned += sorted(set(limits.keep) - set(pinned))
+        adjust = count_adjuster(analysis, options)
+        # groups no config describes together with the rest stay whole; plan again
+        for _ in range(_DESCRIBE_ROUNDS):
+            the_plan = uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                                    removals=removals, adjust=adjust, ties=limits.ties)
+            more = sorted(set(keep_to_describe(analysis, the_plan)) - set(pinned))
+            if not more:
+                break
+            pinned += more
+        return the_plan
     return make_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
                      removals=removals)

@@ -23,6 +23,7 @@ from engine.errors import OptionError, PruneScopeError
 from engine.graph.capture import load_model
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import as_data
+from engine.io.hf_export import parameter_places
 from engine.options import RECOVERY_AUTO, RECOVERY_METHODS, RECOVERY_TABLE
 from engine.pipeline import PruneResult
 from engine.quality.evaluate import check_metric
@@ -96,7 +97,7 @@ def check_steps(steps: Any, flag: str = "steps") -> int | None:
 def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             budget_s: float | None = 30, steps: int | None = None, seed: int = 0,
             progress: RecoverProgress | None = None, eval_holdout: float = 0.1,
-            metric: str | None = None):
+            metric: str | None = None, stop: Callable[[], bool] | None = None):
     """Recover a pruned model's quality; returns a new PruneResult (the input is untouched).
 
     `methods`: "auto" or names from bias, lsq, bn, norm, distill (comma string or list).
@@ -106,6 +107,9 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     to pick the best distillation state. `metric`: the held-back measure (default: the one
     evaluation chooses for this model and data, see engine.quality.evaluate.choose_metric);
     a method is kept only if it improves it.
+    to pick the best distillation state. `stop()`, asked between methods and between
+    distillation steps, ends the recovery early with what is done so far (the report's
+    `recovery.stopped` is then true and the methods not run are listed under `skipped`).
     """
     result.analysis.check_not_released()  # recovery fits to the original's outputs
     start = time.monotonic()
@@ -115,6 +119,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     if not 0 <= eval_holdout < 1:
         raise OptionError(f"eval_holdout {eval_holdout!r} is not allowed; allowed: 0 <= f < 1")
     say = progress or (lambda _msg, _fraction: None)
+    stopped = stop or (lambda: False)
     analysis = result.analysis
     calibration = as_data(calibration, model=analysis.captured)
     xs, y, where = list(calibration.inputs), calibration.labels, calibration.where
@@ -158,17 +163,25 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     if wanted:
         structure = analysis.structure(result.plan.options.prunes_whole_blocks)
         layout = Layout(structure, pruned_roots(structure, result.plan))
+        # hf/ is written: keep the folder loadable (no parameter its config cannot describe)
+        may_add = parameter_places(analysis.captured.hf) if analysis.captured.hf is not None \
+            else None
+        layer_skips: dict[str, str] = {}
         light = fit.take(torch.arange(_light_samples(len(fit), batch)))
         chunks = None if batch is None else [tuple(chunk) for chunk in light.chunks()]
         for k, name in enumerate(wanted):
+            if stopped():
+                skipped[name] = "stopped before it started"
+                continue
             reason = _nothing_to_do(name, module, layout)
             if reason is not None:
                 skipped[name] = reason
                 continue
             say(f"recovery: {name}", 0.6 * k / len(wanted) if distilling else k / len(wanted))
             trial = copy.deepcopy(module)
-            layers = _light_pass(Context(original, trial, layout, light.token_mask), name,
-                                 light, chunks)
+            ctx = Context(original, trial, layout, light.token_mask, may_add=may_add)
+            layers = _light_pass(ctx, name, light, chunks)
+            layer_skips.update(ctx.skipped)
             if not layers:
                 skipped[name] = _NOTHING[name]
                 continue
@@ -181,7 +194,9 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
                 changed[name] = layers
     details: dict[str, Any] = {}
     nothing_pruned = all(len(gp.pruned) == 0 for gp in result.plan.groups)
-    if distilling and nothing_pruned:
+    if distilling and stopped():
+        skipped["distill"] = "stopped before it started"
+    elif distilling and nothing_pruned:
         skipped["distill"] = "nothing was pruned: the model is the original"
     elif distilling:
         if steps is None and not budget_s:
@@ -192,7 +207,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             details = distill.run(
                 trial, fit, data.outputs(original, fit), holdout if len(holdout) else None,
                 teacher_hold, seconds=budget_s, steps=steps, seed=seed,
-                progress=lambda msg, f: say(msg, base + (1 - base) * f),
+                progress=lambda msg, f: say(msg, base + (1 - base) * f), stop=stopped,
                 hidden_states=metric_name == "embedding_cosine",
             )
             trial.recompile()
@@ -211,7 +226,9 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "methods": applied,
         "skipped": skipped,
         "layers": changed,
+        **({"skipped_layers": layer_skips} if wanted and layer_skips else {}),
         "seconds": round(time.monotonic() - start, 3),
+        "stopped": bool(stop is not None and stopped()),
         "metric": metric_name if len(holdout) else None,
         "metric_why": why if len(holdout) else None,
         "metric_before": before,

@@ -36,6 +36,9 @@ def correct(ctx: Context, node: fx.Node, step: Step) -> str | None:
     dim = layer.channel_dim % current.ndim
     others = [d for d in range(current.ndim) if d != dim]
     delta = target.double().mean(dim=others) - current.double().mean(dim=others)
+    owner = str(layer.weight_node.target).rpartition(".")[0]
+    if layer.bias_node() is None and ctx.refuses(owner, f"{owner}.bias"):
+        return None
     bias = layer.bias_tensor(ctx.pruned, len(delta))
     with torch.no_grad():
         bias.add_(delta.to(bias.dtype))

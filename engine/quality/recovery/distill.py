@@ -62,8 +62,9 @@ def run(student: torch.nn.Module, fit: CalibrationSet, fit_teacher: list[torch.T
         holdout: CalibrationSet | None, holdout_teacher: list[torch.Tensor] | None, *,
         seconds: float | None, steps: int | None, seed: int,
         progress: Callable[[str, float], None], batch: int = BATCH,
-        hidden_states: bool = False) -> dict:
-    """Train `student` in place; returns {"steps", "best_step", "holdout_loss"}.
+        hidden_states: bool = False, stop: Callable[[], bool] = lambda: False) -> dict:
+    """Train `student` in place; returns {"steps", "best_step", "holdout_loss"}. `stop()` ends
+    the training early; the best state so far is kept (`"stopped": true`).
     `hidden_states`: the outputs are an encoder's hidden states (see `loss`)."""
     params = [p for p in student.parameters() if p.is_floating_point()]
     for p in params:
@@ -91,7 +92,7 @@ def run(student: torch.nn.Module, fit: CalibrationSet, fit_teacher: list[torch.T
     position = step = 0
     while True:
         done = step / steps if steps is not None else (time.monotonic() - start) / seconds
-        if done >= 1.0:
+        if done >= 1.0 or stop():
             break
         for group in optimizer.param_groups:
             group["lr"] = rate * 0.5 * (1.0 + math.cos(math.pi * done))
@@ -119,5 +120,6 @@ def run(student: torch.nn.Module, fit: CalibrationSet, fit_teacher: list[torch.T
     student.load_state_dict(best_state)
     for p in params:
         p.requires_grad_(False)
-    details = {"steps": step, "best_step": best_step, "holdout_loss": best_loss}
+    details = {"steps": step, "best_step": best_step, "holdout_loss": best_loss,
+               **({"stopped": True} if stop() else {})}
     return details if fit.batch is None else {**details, "minibatch": batch}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -267,6 +267,17 @@ class Context:
                                    for v in values):
             return values
         return tuple(v[mask] for v in values)
+    # where the result must stay loadable as its own architecture (a transformers folder):
+    # parameter name -> why it cannot be added (None: it can)
+    may_add: Callable[[str], str | None] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why a change was skipped
+
+    def refuses(self, layer: str, param: str) -> str | None:
+        """Why `layer` may not get the new parameter `param` (recorded), or None."""
+        why = self.may_add(param) if self.may_add is not None else None
+        if why:
+            self.skipped[layer] = why
+        return why
 
     def run(self, inputs: tuple, hook: Hook) -> Any:
         out = run_lockstep(self.original, self.pruned, inputs, hook)

@@ -47,6 +47,9 @@ def correct(ctx: Context, node: fx.Node, step: Step, ridge: float = RIDGE) -> st
         return None
     weight = param_of(ctx.pruned, layer.weight_node)
     bias_node = layer.bias_node()
+    owner = str(layer.weight_node.target).rpartition(".")[0]
+    if bias_node is None and ctx.refuses(owner, f"{owner}.bias"):
+        return None  # the refit solves for a bias too
     old_bias = param_of(ctx.pruned, bias_node) if bias_node is not None else \
         torch.zeros(weight.shape[0], dtype=weight.dtype)
     x = step.pruned_args[0]
