@@ -16,6 +16,9 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
   demo-lm held-out perplexity) and which architectures round-trip through OUT/hf/
 - ``hf``: every transformers architecture of the coverage set saved as a folder and pruned
   with ``--uniform``: hf/ written or why not, parameters removed
+- ``real``: a real pretrained sentence encoder (all-MiniLM-L6-v2) on Python's own docs text:
+  FLOPs removed vs held-out embedding cosine / nearest-neighbour agreement per recovery
+  method, and each pass against a plain batched forward
 - ``large``: bf16 Llama-style 0.85 B and 3B-shaped `.pt2` files pruned by the CLI vs the floor
 
 Wall-clock numbers live here and in ``bench/RESULTS.md``, never as assertions in tests.
@@ -34,4 +37,5 @@ BENCHMARKS = (
     "coverage_v2",
     "hf_uniform",
     "hf",
+    "real",
 )

@@ -13,6 +13,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import engine
+from engine.graph.capture import has_dynamic_batch
 from engine.scoring.planning import aligned_kept
 from tests.helpers import cli, one_error_line
 
@@ -138,7 +139,9 @@ def test_pretrained_model_in_python_writes_hf(tmp_path):
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(_llama_config()).eval()
     result = engine.prune(model, ratio=0.5, uniform=True)  # inputs from the config
-    assert result.example_inputs[0].shape == (1, 32)
+    # 32 tokens from the config; a batch of 2, as a size-1 batch would be captured fixed
+    assert result.example_inputs[0].shape == (2, 32)
+    assert has_dynamic_batch(result.program)
     engine.save(result, tmp_path)
     assert (tmp_path / "model.onnx").is_file()
     _assert_hf_equals_pt2("llama", tmp_path)
@@ -285,7 +288,8 @@ def test_folder_without_config_is_refused(folders, tmp_path, capfd):
 
 def test_seq_len_and_input_shape_set_the_example_inputs(folders, capfd):
     captured = engine.analyze(str(folders["gpt2"]), seq_len=8).captured
-    assert [tuple(x.shape) for x in captured.example_inputs] == [(1, 8), (1, 8)]
+    # a batch of 2: a size-1 batch would be captured fixed
+    assert [tuple(x.shape) for x in captured.example_inputs] == [(2, 8), (2, 8)]
     assert captured.example_inputs[1].eq(1).all()
     captured = engine.analyze(str(folders["vit"]), input_shapes=[(2, 3, 32, 32)]).captured
     assert tuple(captured.example_inputs[0].shape) == (2, 3, 32, 32)

@@ -97,7 +97,8 @@ def _as_tuple(inputs: Any) -> tuple:
 def _load_folder(path: Path, trust_pickle: bool, input_shapes, seq_len) -> Captured:
     model, inputs, hf = load_folder(path, trust_pickle=trust_pickle, input_shapes=input_shapes,
                                     seq_len=seq_len)
-    captured = capture_module(model, inputs, source=str(path), input_names=hf.input_names)
+    captured = capture_module(model, inputs, source=str(path), input_names=hf.input_names,
+                              dynamic=True)
     captured.hf = hf
     return captured
 
@@ -108,7 +109,7 @@ def _capture_transformers(model, example_inputs, input_shapes, seq_len) -> Captu
     if example_inputs is None:
         example_inputs, names = example_inputs_for(model, input_shapes, seq_len)
     captured = capture_module(model, _as_tuple(example_inputs), source=type(model).__name__,
-                              input_names=names)
+                              input_names=names, dynamic=True)
     captured.hf = source_of_model(model, names)
     return captured
 
@@ -186,7 +187,7 @@ def _from_program(program, example_inputs, source: str) -> Captured:
 
 
 def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str = "",
-                   input_names: tuple[str, ...] = ()) -> Captured:
+                   input_names: tuple[str, ...] = (), dynamic: bool = False) -> Captured:
     """Export a module (eval mode, outputs flattened to plain tensors so the .pt2 loads anywhere).
 
     Models such as those of ``transformers`` return ``ModelOutput`` dataclasses; a program
@@ -196,6 +197,11 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
     each positional input (transformers models take ``input_ids``, ``attention_mask``, ...
     by name); the program takes them positionally. A model with a ``config.use_cache`` is
     captured with the cache off.
+
+    ``dynamic``: capture with a dynamic batch dimension (and a dynamic sequence length for
+    token inputs) where the model allows, so calibration, evaluation and recovery run any
+    number of samples at once (see `dynamic_batch_shapes`); a model that only exports with a
+    fixed batch is captured as before, with the example inputs as given.
     """
     flat = _with_flat_outputs(module, input_names)
     config = getattr(module, "config", None)
@@ -203,12 +209,7 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
     try:
         if use_cache:
             config.use_cache = False
-        with without_stack_traces():
-            with TORCH_EXPORT_LOCK:
-                program = torch.export.export(flat, example_inputs, strict=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
-                             f"{one_line(exc)}") from None
+        program, example_inputs = _export(flat, example_inputs, input_names, dynamic, source)
     finally:
         if use_cache:
             config.use_cache = use_cache
@@ -226,6 +227,73 @@ def forward_parameter_names(module: torch.nn.Module, count: int) -> tuple[str, .
     positional = [p.name for p in parameters
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return tuple(positional[:count]) if len(positional) >= count else ()
+
+
+def _export(flat: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],
+            dynamic: bool, source: str) -> tuple[torch.export.ExportedProgram, tuple]:
+    """(program, the example inputs it was captured with): dynamic where the model allows."""
+    if dynamic:
+        inputs = _at_least_two(example_inputs)
+        shapes = dynamic_batch_shapes(inputs, input_names)
+        if shapes is not None:
+            try:
+                with without_stack_traces(), TORCH_EXPORT_LOCK:
+                    program = torch.export.export(flat, inputs, dynamic_shapes=(shapes,),
+                                                  strict=False)
+            except Exception:  # noqa: BLE001 - the model needs a fixed batch: captured so below
+                program = None
+            if program is not None and has_dynamic_batch(program):
+                return program, inputs
+    try:
+        with without_stack_traces(), TORCH_EXPORT_LOCK:
+            return torch.export.export(flat, example_inputs, strict=False), example_inputs
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
+                             f"{one_line(exc)}") from None
+
+
+# token inputs of transformers models whose dim 1 is a sequence length
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask")
+
+
+def dynamic_batch_shapes(inputs: tuple, input_names: tuple[str, ...]) -> tuple | None:
+    """``dynamic_shapes`` for `torch.export.export` of a flattened transformers model: dim 0
+    of every input is the batch; dim 1 of token inputs is the sequence length (one for the
+    encoder's inputs, another for a decoder's). ``Dim.AUTO``: a dimension the model pins to
+    its example size (a fixed position table, a reshape to a constant) stays static instead
+    of failing the capture. None when the inputs are not all tensors with a batch dim."""
+    if not inputs or not all(isinstance(x, torch.Tensor) and x.ndim for x in inputs):
+        return None
+    auto = torch.export.Dim.AUTO
+    shapes = []
+    for k, x in enumerate(inputs):
+        name = input_names[k] if k < len(input_names) else ""
+        dims = {0: auto}
+        if x.ndim >= 2 and name in (*_TOKEN_INPUTS, *_DECODER_INPUTS):
+            dims[1] = auto
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def _at_least_two(inputs: tuple) -> tuple:
+    """Example inputs with a batch of at least 2: torch.export specialises a size-1
+    dimension to the constant 1, so a batch of one would always be captured as fixed."""
+    if not all(isinstance(x, torch.Tensor) and x.ndim for x in inputs):
+        return inputs
+    if all(x.shape[0] >= 2 for x in inputs):
+        return inputs
+    return tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs)
+
+
+def has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
+    """Whether dim 0 of the program's first user input is symbolic (any batch size runs)."""
+    inputs = user_inputs(program)
+    if not inputs:
+        return False
+    val = inputs[0][1]
+    return isinstance(val, torch.Tensor) and bool(val.dim()) and \
+        isinstance(val.shape[0], torch.SymInt)
 
 
 @contextlib.contextmanager

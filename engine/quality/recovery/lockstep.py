@@ -256,6 +256,18 @@ class Context:
     original: fx.GraphModule
     pruned: fx.GraphModule
     layout: Layout
+    # (samples, tokens) True at real tokens of a text model's calibration set (None: every
+    # position counts): padding is left out of the statistics the methods fit
+    token_mask: torch.Tensor | None = None
+
+    def real_rows(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(samples, tokens, ...) activations cut to the real tokens' rows (tokens, ...);
+        values of any other shape are returned unchanged."""
+        mask = self.token_mask
+        if mask is None or not all(v.ndim >= 3 and tuple(v.shape[:2]) == tuple(mask.shape)
+                                   for v in values):
+            return values
+        return tuple(v[mask] for v in values)
     # where the result must stay loadable as its own architecture (a transformers folder):
     # parameter name -> why it cannot be added (None: it can)
     may_add: Callable[[str], str | None] | None = None

@@ -53,6 +53,8 @@ def correct(ctx: Context, node: fx.Node, step: Step, ridge: float = RIDGE) -> st
     old_bias = param_of(ctx.pruned, bias_node) if bias_node is not None else \
         torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     x = step.pruned_args[0]
+    if layer.kind == "linear":  # a text model's padding positions are not fitted
+        x, target = ctx.real_rows(x, target)
     groups = layer.conv_args(step.pruned_args)[3] if layer.kind == "conv" else 1
     in_per_group = weight.shape[1]
     out_per_group = weight.shape[0] // groups
