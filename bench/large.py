@@ -10,7 +10,7 @@ built once, in its own subprocess, and cached under ``$PRUNESCOPE_BENCH_CACHE`` 
 
 Measured in the same run, each in a fresh subprocess:
 - floor: ``torch.export.load`` + ``torch.export.save`` of the original file;
-- ``prunescope prune MODEL --ratio 0.3 --no-onnx`` and the same with ONNX.
+- ``prunescope prune MODEL --ratio 0.3 --no-onnx --no-latency`` and the same with ONNX.
 Peak RSS is ``/usr/bin/time -v``'s maximum resident set size of the command. A watchdog
 polls the command's resident memory (psutil) and kills it if it passes the cap (by default
 the machine's available memory minus 3 GiB, at most 18 GiB; ``PRUNESCOPE_BENCH_RSS_CAP_GIB``
@@ -191,10 +191,12 @@ def measure(name: str, cap: int) -> dict:
         py = sys.executable
         out["floor"] = measured([py, "-m", "bench.large", "--floor", str(path),
                                  str(Path(tmp) / "copy.pt2")], cap)
+        # the pruning itself against the floor: no latency timing (it keeps the original)
         out["prune"] = measured([py, "-m", "engine", "prune", str(path), "--ratio", RATIO,
-                                 "--no-onnx", "--out", str(Path(tmp) / "no-onnx")], cap)
+                                 "--no-onnx", "--no-latency", "--out",
+                                 str(Path(tmp) / "no-onnx")], cap)
         out["onnx"] = measured([py, "-m", "engine", "prune", str(path), "--ratio", RATIO,
-                                "--out", str(Path(tmp) / "onnx")], cap)
+                                "--no-latency", "--out", str(Path(tmp) / "onnx")], cap)
         report = Path(tmp) / "onnx" / "report.json"
         if not report.exists():
             report = Path(tmp) / "no-onnx" / "report.json"

@@ -1,10 +1,11 @@
-"""4. Is the pruned model really faster? CPU latency of the original and pruned ResNet-50 and
-BERT-base at ratios 0.3 and 0.5, in torch eager and ONNX Runtime, against the FLOPs cut.
+"""4. Is the pruned model really faster? CPU latency of the original and pruned ResNet-50,
+ViT-B/16, BERT-base and a Llama-style model at ratios 0.3 and 0.5 and step sizes 1, 8 and 64,
+in torch eager and ONNX Runtime, against the FLOPs cut: which widths the hardware rewards.
 
 The original is the captured program (``ExportedProgram.module()``), the same form as the
 pruned module, so both run the same ATen ops; both ONNX files come from the converter
-``engine.save`` uses (``engine.io.export.export_onnx``). Channel rounding: ``step_size`` 2 (the
-default), 8 and 16 keep a multiple of that many channels per group. Latencies are measured
+``engine.save`` uses (``engine.io.export.export_onnx``). Channel rounding: ``step_size`` 1 (no
+rounding), 8 and 64 keep a multiple of that many channels per group. Latencies are measured
 in interleaved rounds (every variant in every round) so load changes on a shared machine hit
 all variants alike; the number is the median of all iterations.
 """
@@ -23,7 +24,7 @@ import torch
 
 import engine
 from bench.common import Goal, Section, collect, fmt_count, md_table, one_line
-from bench.models import BenchModel, bert_base, resnet50
+from bench.models import BenchModel, bert_base, llama, resnet50, vit_base
 from engine.io.export import export_onnx
 from engine.quality.metrics import count_flops, count_params
 
@@ -140,12 +141,18 @@ def _table(variants: list[Variant]) -> tuple[str, dict]:
     return table, eff
 
 
+def llama_style() -> BenchModel:
+    """A Llama-shaped decoder wide enough for its matrix products to dominate (4 layers)."""
+    return llama(layers=4, hidden=1024, heads=16, kv_heads=4, intermediate=2816, vocab=8192,
+                 length=128, name="Llama-style (4 layers, d 1024, GQA 16/4)")
+
+
 def run(quick: bool = False) -> Section:
     ratios = (0.5,) if quick else (0.3, 0.5)
-    steps = (2, 16) if quick else (2, 8, 16)
+    steps = (1, 64) if quick else (1, 8, 64)
     rounds, per_round = (3, 2) if quick else (5, 3)
     parts, goals = [], []
-    for factory in (resnet50, bert_base):
+    for factory in (resnet50, vit_base, bert_base, llama_style):
         bm = factory()
         with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
             variants = _variants(bm, ratios, steps, Path(tmp))

@@ -26,12 +26,33 @@ KEPT_COLOR = "#2b8a3e"
 PRUNED_COLOR = "#e03131"
 CUT_COLOR = "#1c1c1c"
 ALL_COLOR = "#4263eb"
+# Chosen for distance in CIELAB: any two of the first five differ by more than 55 (Delta E
+# 76), any two of all eight by more than 35, so neighbouring curves never look alike.
 SERIES_COLORS = (
-    "#4263eb", "#f08c00", "#0ca678", "#ae3ec9", "#1098ad", "#e8590c", "#5c940d", "#d6336c",
+    "#1c7ed6", "#e8b400", "#d6336c", "#099268", "#ae3ec9", "#343a40", "#74b816", "#fd7e14",
 )
+# A second cue besides colour (colour-blind readers, print): one marker shape per series.
+SERIES_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "x", "pentagon",
+                  "hexagon")
+# Plotly's toolbar sits at the top right of a chart; upright in the right margin it cannot
+# cover a legend laid out left to right above the plot.
+TOOLBAR_MARGIN = 56
+LEGEND_CLEAR_OF_TOOLBAR = {
+    "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0, "xanchor": "left"},
+    "modebar": {"orientation": "v"},
+    "margin": {"l": 10, "r": TOOLBAR_MARGIN, "t": 60, "b": 40},
+}
 CUT_NAME = "global cut"
 
 _STAT_COLUMNS = ("order", "group", "subset", "n", "min", "q1", "median", "q3", "max")
+
+
+def _clear_of_toolbar(top: int = 60, legend_y: float = 1.02) -> dict:
+    """Layout keys placing the legend above the plot and the toolbar upright at the right."""
+    layout = {k: dict(v) for k, v in LEGEND_CLEAR_OF_TOOLBAR.items()}
+    layout["legend"]["y"] = legend_y
+    layout["margin"]["t"] = top
+    return layout
 
 
 def _ordered_groups(frame: pd.DataFrame) -> list[str]:
@@ -89,7 +110,7 @@ def _cut_trace(groups: list[str], threshold: float, **kwargs) -> go.Scatter:
     )
 
 
-def _category_axis(fig: go.Figure, groups: list[str], n_rows: int | None = None) -> None:
+def category_axis(fig: go.Figure, groups: list[str], n_rows: int | None = None) -> None:
     """Categorical x axes that keep the given (network) order, whatever the trace order."""
     many = len(groups) > 40
     axis = {
@@ -152,13 +173,12 @@ def score_overview(stats: pd.DataFrame, threshold: float | None, title: str = ""
         boxmode="group",
         barmode="stack",
         height=560 if len(groups) <= 40 else 680,
-        margin={"l": 10, "r": 10, "t": 50 if title else 20, "b": 10},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
         hovermode="closest",
+        **_clear_of_toolbar(top=70 if title else 50),
     )
     fig.update_yaxes(title_text="normalized score", row=1, col=1)
     fig.update_yaxes(title_text="channels", row=2, col=1)
-    _category_axis(fig, groups, n_rows=2)
+    category_axis(fig, groups, n_rows=2)
     fig.update_xaxes(showticklabels=False, row=1, col=1)
     return fig
 
@@ -195,7 +215,7 @@ def group_detail(detail: pd.DataFrame, threshold: float | None, title: str = "")
                 x=rows["channel"].tolist(),
                 y=rows["score"].tolist(),
                 mode="lines+markers",
-                marker={"size": 5},
+                marker={"size": 6, "symbol": SERIES_SYMBOLS[i % len(SERIES_SYMBOLS)]},
                 line={"width": 1.2, "color": SERIES_COLORS[i % len(SERIES_COLORS)]},
                 hovertemplate=f"{series}<br>channel %{{x}}: %{{y:.4g}}<extra></extra>",
             ),
@@ -239,9 +259,8 @@ def group_detail(detail: pd.DataFrame, threshold: float | None, title: str = "")
     fig.update_layout(
         title=title or None,
         barmode="overlay",
-        height=520,
-        margin={"l": 10, "r": 10, "t": 60 if title else 30, "b": 10},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.06, "x": 0},
+        height=540,
+        **_clear_of_toolbar(top=90 if title else 70, legend_y=1.08),
     )
     fig.update_xaxes(title_text="channel", row=2, col=1)
     return fig
@@ -281,7 +300,7 @@ def norm_comparison(stats: pd.DataFrame, thresholds: dict[str, float | None]) ->
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
         showlegend=False,
     )
-    _category_axis(fig, groups, n_rows=max(len(norms), 1))
+    category_axis(fig, groups, n_rows=max(len(norms), 1))
     for row in range(1, len(norms)):
         fig.update_xaxes(showticklabels=False, row=row, col=1)
     return fig
@@ -309,12 +328,11 @@ def prune_count_comparison(frame: pd.DataFrame, by: str) -> go.Figure:
         )
     fig.update_layout(
         barmode="group",
-        height=360,
-        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        height=380,
         yaxis_title="channels pruned",
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+        **_clear_of_toolbar(top=50),
     )
-    _category_axis(fig, groups)
+    category_axis(fig, groups)
     return fig
 
 

@@ -11,6 +11,7 @@ import streamlit as st
 
 import engine
 from dashboard import netron_server, sources, state
+from engine.demo import is_builtin
 from engine.errors import PruneScopeError
 from engine.io.data import DataSet
 from engine.options import PruningOptions
@@ -68,9 +69,33 @@ def _sweep_interval_s() -> float:
         return 30.0
 
 
+# The engine's messages name its command-line flags; the page names its own controls.
+PAGE_WORDS = {
+    "--indices FILE.json (layer -> indices)": "“Channel indices to remove” in the sidebar",
+    "--indices": "“Channel indices to remove”",
+    "--ratio": "“Pruning ratio”",
+    "--calibration F": "calibration data",
+    "--calibration": "calibration data",
+    "--eval-data F": "evaluation data",
+    "--eval-data": "evaluation data",
+    "--recover-budget": "“Budget (s)”",
+    "--remove-blocks": "“Blocks to remove”",
+    "--expert-ratio": "“Share of experts to remove”",
+    "--target-flops": "the FLOPs target",
+    "--target-params": "the parameters target",
+}
+
+
+def page_words(message: str) -> str:
+    """``message`` with the engine's CLI flags replaced by the page's names for them."""
+    for flag, words in PAGE_WORDS.items():  # longest forms first (dict order)
+        message = message.replace(flag, words)
+    return message
+
+
 def show_error(error: BaseException, what: str = "") -> None:
     prefix = f"{what}: " if what else ""
-    st.error(prefix + sources.one_line(error), icon="⚠️")
+    st.error(prefix + page_words(sources.one_line(error)), icon=":material/warning:")
 
 
 def upload_limit_mb() -> int:
@@ -99,6 +124,15 @@ def _load(request: sources.ModelRequest) -> tuple[Any, Any]:
     return captured, analysis
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _shared_builtin(key: str, source: str) -> tuple[Any, Any]:
+    """A built-in model (demo, demo-lm), loaded and analysed once per process and shared by
+    every session (read-only: the engine's score cache inside the analysis only grows).
+    Streamlit runs one call per key while concurrent sessions wait for its result; ``key``
+    holds the file's stamp, so a retrained demo is loaded afresh."""
+    return _load(sources.ModelRequest(key=key, label=key, source=source))
+
+
 def get_model(request: sources.ModelRequest) -> state.LoadedModel:
     ss = st.session_state
     failed: dict[str, str] = ss.setdefault(FAILED_KEY, {})
@@ -106,8 +140,14 @@ def get_model(request: sources.ModelRequest) -> state.LoadedModel:
         # The same failing request is not retried on every rerun; the message stays.
         raise PruneScopeError(failed[request.key])
     try:
+        if is_builtin(request.source):
+            def load() -> tuple[Any, Any]:
+                return _shared_builtin(request.key, request.source)
+        else:
+            def load() -> tuple[Any, Any]:
+                return _load(request)
         with st.spinner(f"Loading and analysing {request.label}…"):
-            return state.get_model(ss, request.key, request.label, lambda: _load(request))
+            return state.get_model(ss, request.key, request.label, load)
     except Exception as e:
         failed[request.key] = sources.readable(sources.one_line(e), request)
         raise PruneScopeError(failed[request.key]) from None

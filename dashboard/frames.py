@@ -129,3 +129,34 @@ def pivot_counts(frame: pd.DataFrame, by: str) -> pd.DataFrame:
     for variant in frame[by].unique():
         total[variant] = int(table[variant].sum())
     return pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+
+
+def widths_frame(report: Mapping[str, Any]) -> pd.DataFrame:
+    """Channels of every group before and after pruning, from report.json's ``groups``."""
+    rows = [{"order": i, "group": g["name"], "before": int(g["channels"]),
+             "after": len(g["kept"])} for i, g in enumerate(report.get("groups", []))]
+    return pd.DataFrame(rows, columns=["order", "group", "before", "after"])
+
+
+def history_frame(rows: list[Mapping[str, Any]]) -> pd.DataFrame:
+    """The session's run history as a table: one row per run, every column any run has
+    (blank where a run lacks it), in the order they first appear."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return pd.DataFrame([dict(row) for row in rows], columns=columns)
+
+
+def cut_crossings(plan: Any) -> tuple[int, int]:
+    """How many pruned channels score above the global cut and kept ones below it (the
+    group, step and block rules decide those), counted over the groups in the global
+    ranking; (0, 0) without a cut."""
+    if plan.threshold is None:
+        return 0, 0
+    above = below = 0
+    for gp in plan.groups:
+        if getattr(gp, "mode", "global") != "global":
+            continue
+        scores = np.asarray(gp.scores, dtype=np.float64)
+        mask = pruned_mask(gp)
+        above += int((scores[mask] > plan.threshold).sum())
+        below += int((scores[~mask] < plan.threshold).sum())
+    return above, below

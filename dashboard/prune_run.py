@@ -38,6 +38,7 @@ class PruneRun:
     channels_pruned: int = 0
     channels_total: int = 0
     notes: list[str] = field(default_factory=list)
+    model_label: str = ""
     result: Any = field(default=None, repr=False)  # the engine's PruneResult (for recovery)
 
 
@@ -95,26 +96,19 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Data
         progress("Removing the planned channels (engine.apply)…")
         result = engine.apply(model.analysis, plan, progress=lambda m: progress(f"· {m}"))
     plan = result.plan
-    progress("Writing model.pt2, model.onnx and report.json (engine.save)…")
-    with warnings.catch_warnings():  # the hf/ reason is shown as a note below
-        warnings.filterwarnings("ignore", message="hf/ not written")
-        saved = engine.save(result, out_dir, progress=lambda m: progress(f"· {m}"))
-    files = {name: Path(p) for name, p in saved.items()}
-
     example = tuple(model.captured.example_inputs)
     before = dict(result.before)
     after = dict(result.after)
     notes: list[str] = [dropped] if dropped else []
-    hf = result.report.get("hf")
-    if hf and not hf["written"]:
-        notes.append(f"hf/ not written: {hf['reason']}")
     original = _original_module(model)
-    progress("Timing both models on the CPU (short run)…")
-    try:
-        before["latency_s"], after["latency_s"] = _latencies(engine, original, result.module,
-                                                             example)
-    except Exception as e:  # latency is informative only; the pruned files are already saved
-        notes.append(f"latency not measured: {e}")
+    engine_latency = result.report.get("latency")
+    if not engine_latency:
+        progress("Timing both models on the CPU (short run)…")
+        try:
+            before["latency_s"], after["latency_s"] = _latencies(engine, original,
+                                                                 result.module, example)
+        except Exception as e:  # latency is informative only
+            notes.append(f"latency not measured: {e}")
 
     fid: dict[str, Any] = {}
     fid_on = ""
@@ -133,6 +127,18 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Data
                 notes.append("fidelity needs a single-input model or evaluation data")
     except Exception as e:
         notes.append(f"fidelity not measured: {one_line(e)}")
+    if fid:
+        # report.json carries what the page shows (as `prune --eval-data` writes it)
+        result.report["quality"] = quality_section(fid, fid_on)
+
+    progress("Writing model.pt2, model.onnx and report.json (engine.save)…")
+    with warnings.catch_warnings():  # the hf/ reason is shown as a note below
+        warnings.filterwarnings("ignore", message="hf/ not written")
+        saved = engine.save(result, out_dir, progress=lambda m: progress(f"· {m}"))
+    files = {name: Path(p) for name, p in saved.items()}
+    hf = result.report.get("hf")
+    if hf and not hf["written"]:
+        notes.append(f"hf/ not written: {hf['reason']}")
 
     total = int(sum(np.asarray(g.scores).size for g in plan.groups))
     pruned = int(sum(np.asarray(g.pruned).size for g in plan.groups))
@@ -149,8 +155,82 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Data
         channels_pruned=pruned,
         channels_total=total,
         notes=notes,
+        model_label=getattr(model, "label", ""),
         result=result,
     )
+
+
+def quality_section(fid: dict[str, Any], data: str) -> dict[str, Any]:
+    """report.json's ``quality`` from the page's fidelity numbers: ``{"metric", "original",
+    "pruned", "samples", "data"}`` (the CLI's fields), plus agreement and relative error."""
+    metric = fid.get("metric")
+    if metric is not None:
+        section = {"metric": metric, "original": fid[f"{metric}_before"],
+                   "pruned": fid[f"{metric}_after"]}
+    elif "top1_agreement" in fid:
+        section = {"metric": "agreement", "original": 1.0, "pruned": fid["top1_agreement"]}
+    else:
+        section = {"metric": "relative_error", "original": 0.0,
+                   "pruned": fid["relative_error"]}
+    section.update(samples=int(fid.get("samples", 0)), data=data)
+    for key in ("top1_agreement", "relative_error"):
+        if key in fid:
+            section[key] = fid[key]
+    return section
+
+
+def latency_rows(report: dict[str, Any]) -> list[dict[str, str]]:
+    """The engine's measured latency (``report["latency"]``, when the engine measured it) as
+    rows: every number it holds, seconds shown in ms and a speedup as ×."""
+    latency = report.get("latency")
+    if not isinstance(latency, dict):
+        return []
+    rows = []
+
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{prefix} {k}".strip(), v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if "speedup" in prefix:
+                text = f"{value:.2f}×"
+            elif prefix.endswith(("_s", " s", "seconds")) or "latency" in prefix:
+                text = f"{value * 1000:.3g} ms"
+            elif prefix.endswith("_ms"):
+                text = f"{value:.3g} ms"
+            else:
+                text = f"{value:g}"
+            rows.append({"Measure": prefix.replace("_", " "), "Value": text})
+        elif isinstance(value, str):
+            rows.append({"Measure": prefix.replace("_", " "), "Value": value})
+
+    add("", latency)
+    return rows
+
+
+def history_row(run: PruneRun, number: int) -> dict[str, Any]:
+    """One line of the session's run history: options, size, metric, latency."""
+    fid = run.fidelity
+    metric = fid.get("metric")
+    quality = quality_section(fid, run.fidelity_on) if fid else {}
+    row: dict[str, Any] = {"run": number, "model": run.model_label or run.model_key,
+                           **{k: v for k, v in run.options.items() if k != "seed"},
+                           "ratio": round(run.ratio, 4),
+                           "channels pruned": f"{run.channels_pruned}/{run.channels_total}"}
+    for key in ("params", "flops", "size_bytes"):
+        if run.after.get(key) is not None:
+            row[f"{key} after"] = run.after[key]
+            if run.before.get(key):
+                row[f"{key} kept"] = round(run.after[key] / run.before[key], 4)
+    if quality:
+        row["metric"] = metric or quality["metric"]
+        row["metric before"] = quality["original"]
+        row["metric after"] = quality["pruned"]
+        row["measured on"] = run.fidelity_on
+    if run.before.get("latency_s") and run.after.get("latency_s"):
+        row["latency before (ms)"] = round(run.before["latency_s"] * 1000, 4)
+        row["latency after (ms)"] = round(run.after["latency_s"] * 1000, 4)
+    return row
 
 
 def _human_bytes(n: float) -> str:

@@ -31,11 +31,12 @@ class RecoverRun:
 
 def run_recover(engine: Any, result: Any, original: Any, calibration: Any, methods: list[str],
                 budget_s: float, out_dir: Path, eval_data: DataSet | None, signature: str,
-                progress: Callable[[str, float], None] = lambda _m, _f: None) -> RecoverRun:
+                progress: Callable[[str, float], None] = lambda _m, _f: None,
+                stop: Callable[[], bool] | None = None) -> RecoverRun:
+    """Recover, compare on the evaluation data, then save (report.json then carries the
+    comparison as ``quality``). ``stop()`` ends the recovery early with what is done."""
     recovered = engine.recover(result, calibration, methods, budget_s=budget_s,
-                               progress=progress)
-    progress("Writing model.pt2, model.onnx and report.json (engine.save)…", 1.0)
-    saved = engine.save(recovered, out_dir)
+                               progress=progress, stop=stop)
     scores: dict[str, dict[str, float]] = {}
     scored_on = ""
     example = tuple(result.example_inputs)
@@ -48,11 +49,17 @@ def run_recover(engine: Any, result: Any, original: Any, calibration: Any, metho
             scores[metric.capitalize()] = {"original": pruned[f"{metric}_before"],
                                            "pruned": pruned[f"{metric}_after"],
                                            "recovered": after[f"{metric}_after"]}
+            recovered.report["quality"] = {
+                "metric": metric, "original": pruned[f"{metric}_before"],
+                "pruned": pruned[f"{metric}_after"], "recovered": after[f"{metric}_after"],
+                "samples": pruned["samples"], "data": eval_data.source}
         if "top1_agreement" in pruned:
             scores["Top-1 agreement with the original"] = {
                 "original": 1.0, "pruned": pruned["top1_agreement"],
                 "recovered": after["top1_agreement"]}
         scored_on = f"{eval_data.source} ({pruned['samples']} samples)"
+    progress("Writing model.pt2, model.onnx and report.json (engine.save)…", 1.0)
+    saved = engine.save(recovered, out_dir)
     return RecoverRun(
         prune_signature=signature,
         methods=list(methods),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import streamlit as st
 
 from dashboard import sources, state
-from dashboard.common import EVAL_KEY, session_files, show_error, upload_limit_mb, upload_limit_note
+from dashboard.common import EVAL_KEY, session_files, upload_limit_mb, upload_limit_note
+from engine.device import available_devices
 from engine.errors import PruneScopeError
 from engine.io.data import DataSet
 from engine.options import (
@@ -22,9 +24,12 @@ from engine.options import (
     STEP_OPS,
     PruningOptions,
 )
+from engine.quality.evaluate import check_data
 
 DEFAULTS = PruningOptions()
 DEFAULT_RATIO = 0.5
+OPTION_NAMES = ("criterion", "policy", "layer_norm", "group_policy", "reshape_channel_axis",
+                "step_size", "step_op", "seed")
 
 HELP = {
     "criterion": "How a channel's raw importance is measured: "
@@ -57,7 +62,18 @@ HELP = {
     "load its folder assets/demo_lm by path for hf/.",
 }
 UNIFORM_KEY = "opt_uniform"
+_EVAL_PROBLEM = "_ps_eval_problem"
 _UNIFORM_FOR = "_ps_uniform_for"
+
+
+def sidebar_device() -> str:
+    """Where the model runs (engine.device); a select only when this machine has a choice."""
+    devices = available_devices()
+    if len(devices) == 1:
+        return devices[0]
+    return st.sidebar.selectbox("Device", devices, key="device",
+                                help="Where scoring on data, verification, evaluation and "
+                                     "recovery run. Capture and slicing stay on the CPU.")
 
 
 def sidebar_model() -> sources.ModelRequest | None:
@@ -120,7 +136,7 @@ def sidebar_model() -> sources.ModelRequest | None:
         return sources.path_request(raw, trust_pickle=trust, input_shapes=shapes)
     # Pickled .pt upload: needs explicit trust and the input shapes.
     st.sidebar.warning("A .pt pickle can run arbitrary code when loaded. Only load files "
-                       "you trust.", icon="🔓")
+                       "you trust.", icon=":material/lock_open:")
     trust = st.sidebar.checkbox("I trust this file: loading a .pt pickle runs code from it",
                                 key="trust_pickle")
     shapes_text = st.sidebar.text_input(
@@ -140,25 +156,32 @@ def sidebar_model() -> sources.ModelRequest | None:
 
 def sidebar_eval(model: state.LoadedModel) -> DataSet | None:
     up = st.sidebar.file_uploader(
-        "Calibration / evaluation data (.npz, optional)", type=["npz"], key="upload_eval",
+        "Calibration / evaluation data (optional)", type=sources.upload_types(),
+        key="upload_eval",
         help="An .npz with 'x' (model inputs, samples on the first axis) and optional integer "
-        "labels 'y'. Used by the nuclear_norm and data-aware criteria and for the "
-        "before/after fidelity. "
+        "labels 'y', or text: .txt (one sample a line), .jsonl/.json/.csv/.tsv/.parquet with "
+        "a 'text' and an optional 'label' field, tokenized with the model's tokenizer. Used "
+        "by the nuclear_norm and data-aware criteria and for the before/after fidelity. "
         "The demo brings its own.",
     )
     ss = st.session_state
     cached = ss.get(EVAL_KEY)
     if up is not None:
-        key = f"upload:{up.file_id}"
+        key = f"upload:{up.file_id}:{model.key}"  # tokenized for and checked against this model
         if cached is None or cached[0] != key:
+            data, problem = None, None
             try:
-                data = sources.load_upload(up.getvalue(), up.name)
+                data = sources.load_upload(up.getvalue(), up.name, model=model.captured)
+                check_data(model.captured, data)
             except Exception as e:
-                show_error(e)
+                problem = eval_data_problem(e, up.name, model, data is not None)
                 data = None
             ss[EVAL_KEY] = cached = (key, data)
+            ss[_EVAL_PROBLEM] = problem
         if cached[1] is not None:
             return cached[1]
+        if ss.get(_EVAL_PROBLEM):
+            st.sidebar.error(ss[_EVAL_PROBLEM], icon=":material/warning:")
     if model.key.startswith("demo:"):
         key = "demo"
         if cached is None or cached[0] != key:
@@ -172,36 +195,81 @@ def sidebar_eval(model: state.LoadedModel) -> DataSet | None:
     return None
 
 
-def sidebar_options() -> tuple[PruningOptions, float, str]:
+def eval_data_problem(error: BaseException, name: str, model: state.LoadedModel,
+                      loaded: bool) -> str:
+    """One line for data that cannot be read, or that does not fit the model."""
+    builtin = model.key.split(":", 1)[0] if model.key.startswith(("demo:", "demo-lm:")) else ""
+    instead = (f" The {builtin} evaluation set is used instead." if builtin else
+               " No evaluation data is used.")
+    if not loaded:
+        return f"{name} cannot be read: {sources.one_line(error)}.{instead}"
+    return (f"{name} does not fit {model.label}: {sources.one_line(error)}. It is not "
+            f"used.{instead}")
+
+
+def index_example(analysis) -> str:
+    """A valid line for criterion index on this model: one filter of the first prunable layer
+    from each block it must keep equal (grouped layers and heads), or three filters."""
+    for g in analysis.groups:
+        if not g.layers or not g.prunable.any():
+            continue
+        layer = g.layers[-1] if len(g.layers) == 1 else g.layers[0]
+        slots = g.slots[layer]
+        if g.block_index is not None:
+            channels = [int(row[0]) for row in g.block_index]
+        else:
+            channels = [int(c) for c in np.flatnonzero(g.prunable)[:3]]
+        if not all(g.prunable[c] for c in channels) or len(channels) >= g.channels:
+            continue
+        filters = sorted({int(slots.slot_index[slots.channel == c][0]) for c in channels
+                          if (slots.channel == c).any()})
+        if filters:
+            return f"{layer}: {', '.join(map(str, filters))}"
+    return "layer: 0, 3, 5"
+
+
+def _fill_index_example(example: str) -> None:
+    st.session_state["opt_indices"] = example
+
+
+def sidebar_options(analysis=None) -> tuple[PruningOptions, float, str]:
     st.sidebar.header("Pruning options")
     sb = st.sidebar
+    # Defaults go into the session state, not into the widgets: a chosen comparison point
+    # sets these keys, and a widget given both a default and a state value makes Streamlit
+    # log a warning on every such click.
+    ss = st.session_state
+    for name in OPTION_NAMES:
+        ss.setdefault(f"opt_{name}", getattr(DEFAULTS, name))
+    ss.setdefault("opt_ratio", DEFAULT_RATIO)
 
     def select(label: str, values: tuple, name: str):
-        default = getattr(DEFAULTS, name)
-        return sb.selectbox(label, values, index=values.index(default), key=f"opt_{name}",
-                            help=HELP[name])
+        return sb.selectbox(label, values, key=f"opt_{name}", help=HELP[name])
 
+    # the ratio first: at 1440x900 it stays above the sidebar's fold
+    ratio = sb.slider("Pruning ratio", min_value=0.0, max_value=0.95, step=0.01,
+                      key="opt_ratio", help=HELP["ratio"])
     criterion = select("Criterion", CRITERIA, "criterion")
     policy = select("Policy", POLICIES, "policy")
     layer_norm = select("Layer norm", LAYER_NORMS, "layer_norm")
     group_policy = select("Group policy", GROUP_POLICIES, "group_policy")
     axis = select("Reshape channel axis", RESHAPE_CHANNEL_AXES, "reshape_channel_axis")
-    step_size = sb.number_input("Step size", min_value=1, max_value=1024,
-                                value=DEFAULTS.step_size, step=1, key="opt_step_size",
-                                help=HELP["step_size"])
+    step_size = sb.number_input("Step size", min_value=1, max_value=1024, step=1,
+                                key="opt_step_size", help=HELP["step_size"])
     step_op = select("Step op", STEP_OPS, "step_op")
-    ratio = sb.slider("Pruning ratio", min_value=0.0, max_value=0.95, value=DEFAULT_RATIO,
-                      step=0.01, key="opt_ratio", help=HELP["ratio"])
-    seed = sb.number_input("Seed", min_value=0, value=DEFAULTS.seed, step=1, key="opt_seed",
-                           help=HELP["seed"])
+    seed = sb.number_input("Seed", min_value=0, step=1, key="opt_seed", help=HELP["seed"])
     indices_text = ""
     if criterion == "index":
+        example = index_example(analysis) if analysis is not None else "layer: 0, 3, 5"
         indices_text = sb.text_area(
             "Channel indices to remove", key="opt_indices",
-            placeholder="block1.conv1: 0, 3, 5",
+            placeholder=example,
             help="Criterion 'index': one line per layer, 'layer: i, j, k' (filter indices of "
-            "that layer). Layer names are in the Plan tab.",
+            "that layer). Layer names are in the Plan tab. A layer that feeds grouped layers "
+            "or attention heads must lose the same number of filters in every block.",
         )
+        sb.button(f"Use the example ({example})", key="opt_indices_example",
+                  on_click=_fill_index_example, args=(example,))
     options = PruningOptions(
         criterion=criterion, policy=policy, layer_norm=layer_norm, group_policy=group_policy,
         reshape_channel_axis=int(axis), step_size=int(step_size), step_op=step_op,

@@ -321,8 +321,17 @@ def builtin_eval(name: str) -> DataSet:
     return replace(load_eval_data(name, flag=EVAL_FLAG), source=f"{name} evaluation set")
 
 
-def load_upload(data: bytes, name: str, flag: str = EVAL_FLAG) -> DataSet:
-    """An uploaded .npz (``name``: the user's file name), read by the engine's loader."""
+def load_upload(data: bytes, name: str, flag: str = EVAL_FLAG, model: Any = None) -> DataSet:
+    """An uploaded data file (``name``: the user's file name), read by the engine's loader;
+    text is tokenized for ``model`` (the captured model)."""
     from engine.io.data import load_data
 
-    return load_data(data, flag=flag, name=name)
+    return load_data(data, flag=flag, name=name, model=model)
+
+
+def upload_types() -> list[str]:
+    """The file types the data upload widgets accept (the engine's list)."""
+    from engine.io.data import UPLOAD_SUFFIXES
+
+    return [suffix.lstrip(".") for suffix in UPLOAD_SUFFIXES]
+

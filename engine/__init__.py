@@ -18,14 +18,17 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import ExportError, ModelLoadError, OnnxExportError, OptionError, PruneScopeError
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazily
+    from engine.device import available_devices, resolve_device
     from engine.graph.capture import Captured, load_model
     from engine.graph.dependency import FrozenInfo, GroupInfo
-    from engine.io.data import load_calibration
+    from engine.io.data import DataOptions, ModelInputs, load_calibration, load_data, model_inputs
     from engine.options import PruningOptions
     from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
+    from engine.quality.embedding import embedding_metrics, mean_pool
     from engine.quality.evaluate import (
         METRICS,
         EvalData,
+        choose_metric,
         evaluate,
         load_calibration_data,
         load_eval_data,
@@ -40,7 +43,16 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
 
 _LAZY = {
     "Captured": "engine.graph.capture",
+    "available_devices": "engine.device",
+    "resolve_device": "engine.device",
     "load_calibration": "engine.io.data",
+    "load_data": "engine.io.data",
+    "DataOptions": "engine.io.data",
+    "ModelInputs": "engine.io.data",
+    "model_inputs": "engine.io.data",
+    "choose_metric": "engine.quality.evaluate",
+    "embedding_metrics": "engine.quality.embedding",
+    "mean_pool": "engine.quality.embedding",
     "load_model": "engine.graph.capture",
     "FrozenInfo": "engine.graph.dependency",
     "GroupInfo": "engine.graph.dependency",
@@ -91,12 +103,14 @@ def __dir__() -> list[str]:
 __all__ = [
     "Analysis",
     "Captured",
+    "DataOptions",
     "EvalData",
     "ExportError",
     "FrozenInfo",
     "GroupInfo",
     "GroupPlan",
     "METRICS",
+    "ModelInputs",
     "ModelLoadError",
     "OnnxExportError",
     "OptionError",
@@ -107,17 +121,24 @@ __all__ = [
     "Scores",
     "analyze",
     "apply",
+    "available_devices",
+    "choose_metric",
+    "embedding_metrics",
     "evaluate",
     "load_calibration",
     "load_calibration_data",
+    "load_data",
     "load_eval_data",
     "load_model",
     "masked",
+    "mean_pool",
+    "model_inputs",
     "plan",
     "prune",
     "quality_report",
     "ratios_for_target",
     "recover",
+    "resolve_device",
     "save",
     "score",
     "sensitivity",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.errors import ModelLoadError
+from engine.threads import TORCH_EXPORT_LOCK
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +59,9 @@ def load_builtin_program(name: str) -> torch.export.ExportedProgram:
     import torch  # here: engine.io.data reads the built-in data sets without torch
 
     model, _, _, target = BUILTINS[name]
-    return torch.export.load(os.fspath(_require(model, target)))
+    path = os.fspath(_require(model, target))
+    with TORCH_EXPORT_LOCK:
+        return torch.export.load(path)
 
 
 def builtin_example_inputs(name: str, batch: int = 8) -> tuple[torch.Tensor]:
@@ -73,7 +76,9 @@ def load_demo_program() -> torch.export.ExportedProgram:
     """The demo model as saved by torch.export.save (batch dimension dynamic, 1..4096)."""
     import torch
 
-    return torch.export.load(os.fspath(_require(DEMO_PATH)))
+    path = os.fspath(_require(DEMO_PATH))
+    with TORCH_EXPORT_LOCK:
+        return torch.export.load(path)
 
 
 def load_demo_eval() -> tuple[np.ndarray, np.ndarray]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 # lowest first: (stage, module prefixes, what it holds)
 LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("base", ("engine.errors", "engine.options", "engine.threads", "engine.layers"),
-     "the error hierarchy, the pruning options and their allowed values"),
+    ("base", ("engine.errors", "engine.options", "engine.threads", "engine.layers",
+              "engine.device"),
+     "the error hierarchy, the pruning options and their allowed values, the device"),
     ("io", ("engine.graph.safety", "engine.graph.custom_ops", "engine.graph.outputs",
             "engine.graph.inputs", "engine.demo", "engine.io", "engine.io.data", "engine.io.hf",
             "engine.io.hf_config", "engine.io.hf_depth", "engine.io.export",

@@ -68,7 +68,12 @@ GROUP_POLICIES = ("sum", "average", "count", "none")
 RESHAPE_CHANNEL_AXES = (0, 1, -1, -2)
 STEP_OPS = ("round", "round_up", "round_down", "none")
 # What `engine.evaluate` measures (held-out data; see engine/quality/evaluate.py).
-METRICS = ("accuracy", "perplexity", "agreement", "relative_error")
+# How text data becomes samples (engine/io/data.py): "pad" one sample per line/record, padded
+# or truncated to the model's sequence length; "stream" all text concatenated and cut into
+# windows of that length (the perplexity protocol of causal language models).
+TEXT_MODES = ("pad", "stream")
+METRICS = ("accuracy", "perplexity", "agreement", "relative_error", "embedding_cosine",
+           "embedding_spearman", "neighbor_agreement")
 
 ALLOWED: dict[str, tuple] = {
     "criterion": CRITERIA,

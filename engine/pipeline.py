@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.device import current, device_scope, on_device, to_device
 from engine.errors import ExportError, OnnxExportError, PruneScopeError, one_line
 from engine.graph.capture import reexport
 from engine.graph.inputs import run_graph
@@ -28,6 +28,7 @@ from engine.io.export import (
 )
 from engine.io.hf_config import groups_config_keeps
 from engine.io.hf_export import write_hf
+from engine.io.staging import new_staging, remove_dead_staging
 from engine.options import PruningOptions, check_ratio
 from engine.quality.metrics import model_metrics
 from engine.scoring.analysis import Analysis, analyze, plan
@@ -102,6 +103,7 @@ class PruneResult:
         return self.report["after"]
 
 
+@device_scope
 def score(
     model: Any,
     example_inputs: tuple | None = None,
@@ -109,9 +111,12 @@ def score(
     calibration: np.ndarray | None = None,
     *,
     indices: Mapping[str, Iterable[int]] | None = None,
+    device: str | torch.device | None = None,
+    amp: str | None = None,
     **load_kwargs: Any,
 ) -> Scores:
-    """Raw, normalised and combined scores of every group (no pruning)."""
+    """Raw, normalised and combined scores of every group (no pruning); data-aware criteria
+    run their calibration passes on `device` (engine.device), in `amp` autocast if given."""
     options = PruningOptions.from_any(options)
     analysis = analyze(model, example_inputs, **load_kwargs)
     if options.criterion == "index" and not indices:
@@ -121,6 +126,7 @@ def score(
     return Scores(analysis, the_plan, calibration)
 
 
+@device_scope
 def prune(
     model: Any,
     example_inputs: tuple | None = None,
@@ -141,8 +147,14 @@ def prune(
     remove_blocks: int | None = None,
     block_unit: str = "block",
     release_original: bool = False,
+    device: str | torch.device | None = None,
+    amp: str | None = None,
 ) -> PruneResult:
     """Capture, analyse, plan, apply and verify in one call.
+
+    `device` (`cpu`, `cuda`, `cuda:N`, `mps`, `auto`; engine.device.resolve_device) runs the
+    model's forwards: data-aware scoring and verification; `amp` (`bf16`, `fp16`) runs the
+    calibration passes in autocast. Capture, slicing and export stay on the CPU.
 
     `release_original=True` with a model file: the original's weights are freed as the pruned
     ones are made (the two are never all in memory together), so the result cannot be
@@ -201,9 +213,11 @@ def _report_uniform(result: PruneResult, analysis: Analysis) -> None:
     result.report["uniform"] = entry
 
 
+@device_scope
 def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, *,
-          release_original: bool = False) -> PruneResult:
-    """Remove the planned channels for real, verify against mask mode, re-export.
+          release_original: bool = False, device: str | torch.device | None = None
+          ) -> PruneResult:
+    """Remove the planned channels for real, verify against mask mode on `device`, re-export.
 
     `release_original=True` gives the analysed model up: its weights are freed as their
     slices are made (the analysis cannot be applied or masked again afterwards).
@@ -214,17 +228,20 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     removed = pruned_roots(structure, the_plan)
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
+    run_inputs, run_kwargs = to_device(inputs), to_device(kwargs)
     before = model_metrics(analysis.gm)
     say("running the masked original")
     with torch.no_grad():  # mask mode first: the rewrite may release the original weights
-        masked = tensor_leaves(masked_module(analysis.gm, structure, removed)(*inputs, **kwargs))
+        masked = tensor_leaves(masked_module(on_device(analysis.gm), structure, removed)(
+            *run_inputs, **run_kwargs))
     say("removing channels")
     release = _releaser(analysis) if release_original else None
     pruned_gm = rewrite(analysis.gm, structure, removed, release)
     say("verifying")
     with torch.no_grad():
         try:
-            pruned = tensor_leaves(run_graph(_ShapeRecorder(pruned_gm), inputs, kwargs))
+            pruned = tensor_leaves(run_graph(_ShapeRecorder(on_device(pruned_gm), pruned_gm),
+                                             run_inputs, run_kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
             raise PruneScopeError(f"the pruned model failed to run: {one_line(exc)}") from exc
     verification = verify_width(masked, pruned, {gp.name: structure.group(gp.name).exact
@@ -254,6 +271,7 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
         report["ratios"] = dict(the_plan.ratios)
     if the_plan.ratio is not None or the_plan.ratios is None:
         report["ratio"] = the_plan.ratio
+    report["device"] = str(current())
     return PruneResult(pruned_gm, report, the_plan, analysis, inputs)
 
 
@@ -286,16 +304,23 @@ def _releaser(analysis: Analysis) -> Callable[[torch.Tensor], None]:
 
 class _ShapeRecorder(torch.fx.Interpreter):
     """Runs the pruned graph once and records each node's new shape in its metadata (the
-    FLOPs count reads it), so no second pass is needed."""
+    FLOPs count reads it), so no second pass is needed. Run on a device copy of the graph,
+    it records into the nodes of `into`, the graph it was copied from."""
+
+    def __init__(self, module: torch.fx.GraphModule,
+                 into: torch.fx.GraphModule | None = None) -> None:
+        super().__init__(module)
+        self.nodes = {n.name: n for n in (into or module).graph.nodes}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
+        target = self.nodes[n.name]
         if isinstance(result, torch.Tensor):
-            n.meta["val"] = torch.empty_like(result, device="meta")
+            target.meta["val"] = torch.empty_like(result, device="meta")
         elif isinstance(result, (list, tuple)) and all(
             isinstance(r, torch.Tensor) for r in result
         ):
-            n.meta["val"] = [torch.empty_like(r, device="meta") for r in result]
+            target.meta["val"] = [torch.empty_like(r, device="meta") for r in result]
         return result
 
 
@@ -328,7 +353,8 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".prunescope-", dir=out))
+        _remove_dead_staging(out)
+        staging = new_staging(out)
     except OSError as exc:
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     try:
@@ -360,6 +386,16 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """A run killed mid-way leaves its staging folder; say which ones were removed."""
+    import warnings
+
+    removed = remove_dead_staging(out)
+    if removed:
+        warnings.warn(f"removed {len(removed)} staging folder(s) of runs no longer alive in "
+                      f"{out}: {', '.join(p.name for p in removed)}", UserWarning, stacklevel=3)
 
 
 def _write_hf(result: PruneResult, folder: Path) -> dict[str, Any]:

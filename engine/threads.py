@@ -1,9 +1,19 @@
-"""Running a stretch of torch work on one thread."""
+"""Threads and torch: running a stretch of torch work on one thread; one lock for torch.export."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
+
+# torch.export keeps process-global state while it runs: `torch.export.load` sets a module
+# global deserializer and asserts that none is set yet, so two loads at once fail with
+# "AssertionError: _CURRENT_DESERIALIZER is already set"; export and save swap global tracing
+# and serialisation state the same way. Every Streamlit session is a thread, and the Python
+# API may be called from threads, so every engine call into torch.export (export, load, save,
+# run_decompositions, the ONNX exporter, which calls torch.export itself) holds this lock.
+# Re-entrant: an ONNX export (locked) may re-export inside the same thread.
+TORCH_EXPORT_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager

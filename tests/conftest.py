@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,22 +47,18 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def dashboard_url(tmp_path_factory):
-    """`streamlit run dashboard/app.py` on a free loopback port, for the browser tests."""
-    from tests.helpers import free_port, stop, wait_healthy
+def dashboard_server(tmp_path_factory):
+    """`streamlit run dashboard/app.py` on a free loopback port, for the browser tests:
+    ``.url`` and ``.log`` (the server's stdout and stderr)."""
+    from tests.helpers import start_dashboard, stop
 
-    root = Path(__file__).resolve().parent.parent
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
-    streamlit = Path(sys.executable).with_name("streamlit")
-    cmd = [str(streamlit), "run", "dashboard/app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port)]
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    server = start_dashboard(tmp_path_factory.mktemp("streamlit") / "streamlit.log")
     try:
-        wait_healthy(url, proc, log_path, 120)
-        yield url
+        yield server
     finally:
-        stop(proc)
+        stop(server.proc)
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(dashboard_server):
+    return dashboard_server.url

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from engine.cli import main
 
+ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def cli(capfd, *argv: object) -> tuple[int, str, str]:
-    """The real CLI entry point in this process; stdout/stderr captured at the fd level."""
+    """The real CLI entry point in this process; stdout/stderr captured at the fd level.
+    `prune` runs with --no-latency unless the test asks for --latency (timing both models
+    costs seconds that only the latency tests need)."""
     capfd.readouterr()
-    rc = main([str(a) for a in argv])
+    args = [str(a) for a in argv]
+    if args[:1] == ["prune"] and "--latency" not in args and "--no-latency" not in args:
+        args.append("--no-latency")
+    rc = main(args)
     out, err = capfd.readouterr()
     return rc, out, err
 
@@ -54,6 +63,31 @@ def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: fl
         if time.monotonic() > deadline:
             pytest.fail(f"streamlit did not become healthy:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+@dataclass
+class DashboardServer:
+    url: str
+    log: Path  # the server's stdout and stderr
+    proc: subprocess.Popen
+
+
+def start_dashboard(log_path: Path, timeout_s: float = 120) -> DashboardServer:
+    """`streamlit run dashboard/app.py` on a free loopback port, healthy when returned."""
+    port = free_port()
+    streamlit = Path(sys.executable).with_name("streamlit")
+    cmd = [str(streamlit), "run", "dashboard/app.py", "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port)]
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log_path, timeout_s)
+    except BaseException:
+        stop(proc)
+        raise
+    return DashboardServer(url, log_path, proc)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
@@ -152,6 +153,9 @@ def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine.scoring.analysis, "weight_scores", counting)
+    # the demo's analysis is shared by every session of the process (an earlier test may
+    # have scored it already): start from a fresh one so that its first scoring is counted
+    st.cache_resource.clear()
     at = _open()
     model = _model(at)
     analysis = model.analysis
@@ -356,9 +360,10 @@ def test_plan_table_lists_groups_and_applies_own_ratio_and_pin():
 
     groups = [g.name for g in model.analysis.groups]
     at.session_state[editor.key] = {
-        "edited_rows": {0: {"Pinned": True}, 1: {"Own ratio": 0.25}},
+        "edited_rows": {1: {"Own ratio": "0.25"}},
         "added_rows": [], "deleted_rows": [],
     }
+    at.get("button_group")[0].set_value([groups[0]])  # the pin: one pill
     at.run()
     _ok(at)
     table = at.data_editor[0].value
@@ -422,7 +427,7 @@ def test_prune_shows_before_after_fidelity_and_downloads():
     # Changing an option marks the result as stale instead of silently mixing them.
     at.slider(key="opt_ratio").set_value(0.2).run()
     _ok(at)
-    assert any("earlier options" in w.value for w in at.warning)
+    assert any("earlier settings" in w.value and "ratio" in w.value for w in at.warning)
 
 
 # ----------------------------------------------------------------------------- graphs

@@ -38,7 +38,8 @@ def test_recover_step_compares_original_pruned_recovered_and_offers_downloads():
     at.multiselect(key="recover_methods").set_value(["lsq"]).run()
     at.button(key="recover").click().run()
     _ok(at)
-    done = at.session_state["_ps_recover"]
+    model = at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
+    done = model.cache["_ps_recover"]
     assert done.recovery["methods"] == ["lsq"]
     table = _table(at, "Recovered").set_index("Measure")
     accuracy = {k: float(v.rstrip("%")) / 100 for k, v in table.loc["Accuracy"].items()}

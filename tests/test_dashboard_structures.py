@@ -151,7 +151,7 @@ def test_blocks_chosen_in_the_blocks_tab_are_removed_by_prune():
     assert at.slider(key="blocks_to_remove").value == 1
     at.slider(key="blocks_to_remove").set_value(0).run()
     _tab(at, "Prune & compare")
-    assert any("earlier options" in w.value for w in at.warning)
+    assert any("earlier settings" in w.value and "blocks to remove" in w.value for w in at.warning)
 
 
 def test_plan_tab_pins_give_way_to_block_removal(tmp_path):

@@ -88,7 +88,8 @@ def test_upload_bytes_read_as_the_file_would_be(tmp_path: Path) -> None:
     buf = io.BytesIO()
     np.save(buf, X)
     np.testing.assert_array_equal(load_data(buf.getvalue(), name="x.npy").inputs[0], X)
-    assert "extension '.csv'" in str(_error(lambda: load_data(b"1,2", name="x.csv")))
+    assert "extension '.xlsx'" in str(_error(lambda: load_data(b"1,2", name="x.xlsx")))
+    assert "needs the model" in str(_error(lambda: load_data(b"text\nhi\n", name="x.csv")))
 
 
 # ----------------------------------------------------------------------------- bad files
@@ -119,7 +120,8 @@ def test_bad_arrays_are_one_line_naming_the_file(tmp_path: Path, arrays, words: 
 def test_data_errors_are_option_and_model_load_errors(tmp_path: Path) -> None:
     error = _error(lambda: load_data(tmp_path / "missing.npz"))
     assert isinstance(error, OptionError) and isinstance(error, ModelLoadError)
-    assert "does not exist; give a .npz with x" in str(error) and "demo, demo-lm" in str(error)
+    assert "does not exist; give .npz/.npy arrays, text" in str(error)
+    assert "demo, demo-lm" in str(error)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".npz"])
@@ -162,9 +164,9 @@ def test_unreadable_files(tmp_path: Path, content, words: str) -> None:
 
 
 def test_folders_and_extensions(tmp_path: Path) -> None:
-    assert "is a folder" in str(_error(lambda: load_data(tmp_path)))
-    (tmp_path / "d.csv").write_text("1,2")
-    assert "has extension '.csv'" in str(_error(lambda: load_data(tmp_path / "d.csv")))
+    assert "is neither a datasets save_to_disk folder" in str(_error(lambda: load_data(tmp_path)))
+    (tmp_path / "d.xlsx").write_text("1,2")
+    assert "has extension '.xlsx'" in str(_error(lambda: load_data(tmp_path / "d.xlsx")))
 
 
 def test_size_limit_is_read_from_the_headers(tmp_path: Path, monkeypatch) -> None:

@@ -172,7 +172,10 @@ def test_prune_eval_data_writes_quality_matching_evaluate(capfd, tmp_path: Path)
     rc, out, err = cli(capfd, "evaluate", tmp_path / "model.pt2", "--data", DEMO_EVAL_PATH,
                        "--json", tmp_path / "e.json")
     assert rc == 0, err
-    assert out.strip() == f"accuracy {quality['pruned']:.4f} (450 samples)"
+    first, reason = out.strip().splitlines()
+    assert first == f"accuracy {quality['pruned']:.4f} (450 samples)"
+    assert reason == f"metric: --data {DEMO_EVAL_PATH} has labels and the model returns class " \
+                     "scores"
     assert json.loads((tmp_path / "e.json").read_text())["value"] == quality["pruned"]
     # the original, measured independently of the engine on the same file
     with np.load(DEMO_EVAL_PATH) as d:
@@ -185,7 +188,8 @@ def test_evaluate_agreement_with_a_reference_on_the_command_line(capfd, tmp_path
     rc, out, err = cli(capfd, "evaluate", "demo", "--data", "demo", "--metric", "agreement",
                        "--reference", "demo")
     assert rc == 0, err
-    assert out.strip() == "agreement 1.0000 (450 samples)"
+    assert out.strip().splitlines() == ["agreement 1.0000 (450 samples)",
+                                        "metric: chosen by --metric"]
 
 
 def _write(tmp_path: Path, name: str, **arrays) -> Path:
@@ -237,7 +241,9 @@ def test_unlabelled_data_needs_a_reference_or_a_metric(capfd, tmp_path: Path) ->
 
 @pytest.mark.parametrize("argv, pattern", [
     (["evaluate", "demo", "--data", "missing.npz"], "--data file missing.npz does not exist"),
-    (["evaluate", "demo", "--data", "data.txt"], "extension '.txt'"),
+    (["evaluate", "demo", "--data", "data.txt"], "data.txt is text, but demo does not take "
+                                                 "token ids"),
+    (["evaluate", "demo", "--data", "data.xlsx"], "extension '.xlsx'"),
     (["evaluate", "demo", "--data", "demo", "--metric", "f1"],
      "--metric 'f1' is not allowed; allowed: accuracy, perplexity, agreement, relative_error"),
     (["evaluate", "demo", "--data", "demo", "--metric", "perplexity"],
@@ -254,6 +260,7 @@ def test_unlabelled_data_needs_a_reference_or_a_metric(capfd, tmp_path: Path) ->
 def test_bad_options_are_one_line(capfd, tmp_path, monkeypatch, argv, pattern) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.txt").write_text("1 2 3")
+    (tmp_path / "data.xlsx").write_text("1 2 3")
     rc, _, err = cli(capfd, *argv)
     assert rc == 2
     assert re.search(pattern, one_error_line(err))

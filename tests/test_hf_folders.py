@@ -14,6 +14,7 @@ import transformers as tf
 from torch.utils import _pytree as pytree
 
 import engine
+from engine.graph.capture import has_dynamic_batch
 from engine.scoring.planning import aligned_kept
 from tests.helpers import cli, one_error_line
 
@@ -137,7 +138,9 @@ def test_pretrained_model_in_python_writes_hf(tmp_path):
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(_llama_config()).eval()
     result = engine.prune(model, ratio=0.5, uniform=True)  # inputs from the config
-    assert result.example_inputs[0].shape == (1, 32)
+    # 32 tokens from the config; a batch of 2, as a size-1 batch would be captured fixed
+    assert result.example_inputs[0].shape == (2, 32)
+    assert has_dynamic_batch(result.program)
     engine.save(result, tmp_path)
     assert (tmp_path / "model.onnx").is_file()
     _assert_hf_equals_pt2("llama", tmp_path)
@@ -152,17 +155,26 @@ def test_pretrained_model_in_python_writes_hf(tmp_path):
                                          "model.layers.1.self_attn.v_proj"}
 
 
-def test_resnet_folder_says_in_one_line_why_hf_is_not_written(folders, tmp_path, capfd):
+def test_resnet_folder_with_uniform_shrinks_stage_widths_and_bottlenecks(folders, tmp_path,
+                                                                        capfd):
+    """ResNetConfig fixes each bottleneck's inner width at a quarter of its stage width: the
+    stage and its bottlenecks are tied in that proportion, so hf/ is written."""
     out = tmp_path / "out"
     rc, _, err = cli(capfd, "prune", folders["resnet"], "--ratio", "0.5", "--uniform",
-                     "--out", out)
+                     "--no-onnx", "--out", out)
     assert rc == 0, err
-    lines = [ln for ln in err.splitlines() if "hf/" in ln]
-    assert len(lines) == 1 and "hf/ not written" in lines[0] and "bottleneck" in lines[0]
-    assert {p.name for p in out.iterdir()} == {"model.pt2", "model.onnx", "report.json"}
+    assert "hf/ not written" not in err
     report = json.loads((out / "report.json").read_text())
-    assert report["hf"]["written"] is False and "bottleneck" in report["hf"]["reason"]
-    assert report["after"]["params"] < report["before"]["params"]
+    assert report["hf"]["written"], report["hf"]
+    saved = json.loads((out / "hf" / "config.json").read_text())
+    assert saved["hidden_sizes"] != [32, 64]
+    assert all(a <= b for a, b in zip(saved["hidden_sizes"], [32, 64]))
+    _assert_hf_equals_pt2("resnet", out)
+    # without --uniform the stages are cut unequally: one line says --uniform is needed
+    rc, _, err = cli(capfd, "prune", folders["resnet"], "--ratio", "0.5", "--no-onnx",
+                     "--out", tmp_path / "free")
+    lines = [ln for ln in err.splitlines() if "hf/" in ln]
+    assert rc == 0 and len(lines) == 1 and "hf/ not written" in lines[0], err
 
 
 def test_plan_that_is_not_uniform_needs_uniform_for_hf(tmp_path, capfd):
@@ -275,7 +287,8 @@ def test_folder_without_config_is_refused(folders, tmp_path, capfd):
 
 def test_seq_len_and_input_shape_set_the_example_inputs(folders, capfd):
     captured = engine.analyze(str(folders["gpt2"]), seq_len=8).captured
-    assert [tuple(x.shape) for x in captured.example_inputs] == [(1, 8), (1, 8)]
+    # a batch of 2: a size-1 batch would be captured fixed
+    assert [tuple(x.shape) for x in captured.example_inputs] == [(2, 8), (2, 8)]
     assert captured.example_inputs[1].eq(1).all()
     captured = engine.analyze(str(folders["vit"]), input_shapes=[(2, 3, 32, 32)]).captured
     assert tuple(captured.example_inputs[0].shape) == (2, 3, 32, 32)

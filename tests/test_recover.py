@@ -69,7 +69,14 @@ def test_each_method_improves_demo_accuracy(pruned, calib, evaluation, method, m
 def test_data_light_recovery_reaches_ninety_percent(pruned, data_light, evaluation):
     assert _accuracy(data_light.module, *evaluation) >= 0.90
     info = data_light.report["recovery"]
-    assert info["methods"] == ["bias", "lsq", "bn", "norm"]
+    # each method ran on top of the ones kept before it and stayed only if the held-back
+    # accuracy rose; lsq carries most of the gain
+    assert list(info["per_method"]) == [m for m in ("bias", "lsq", "bn", "norm")
+                                        if m not in info["skipped"]]
+    assert "lsq" in info["methods"]
+    for name, verdict in info["per_method"].items():
+        assert verdict["kept"] == (verdict["after"] > verdict["before"]) == \
+            (name in info["methods"])
     assert info["metric"] == "accuracy"
     assert info["metric_after"] > info["metric_before"]
     for name, param in pruned.module.named_parameters():  # same shapes as the pruned model
@@ -248,7 +255,7 @@ def test_recovered_model_saves_and_passes_the_onnx_check(data_light, tmp_path, e
     paths = engine.save(data_light, tmp_path)
     report = json.loads(paths["report.json"].read_text())
     assert report["onnx"]["max_abs_diff_vs_torch"] < 1e-4
-    assert report["recovery"]["methods"] == ["bias", "lsq", "bn", "norm"]
+    assert report["recovery"]["methods"] == data_light.report["recovery"]["methods"]
     program = torch.export.load(paths["model.pt2"])
     x = torch.from_numpy(evaluation[0][:32])
     with torch.no_grad():  # the saved program is the recovered model, not the stale pruned one
@@ -263,8 +270,11 @@ def test_recovered_model_saves_and_passes_the_onnx_check(data_light, tmp_path, e
 def test_auto_runs_data_light_then_distill(pruned, calib):
     few = {"x": calib["x"][:300], "y": calib["y"][:300]}
     recovered = engine.recover(pruned, few, "auto", steps=3)
-    assert recovered.report["recovery"]["methods"] == ["bias", "lsq", "bn", "norm", "distill"]
-    assert recovered.report["recovery"]["distill"]["steps"] == 3
+    info = recovered.report["recovery"]
+    # every method measured in this order (distill last, on top of the data-light ones kept)
+    assert list(info["per_method"]) == ["bias", "lsq", "bn", "norm", "distill"]
+    assert info["methods"] == [m for m, v in info["per_method"].items() if v["kept"]]
+    assert info["distill"]["steps"] == 3
 
 
 def test_calibration_forms_and_built_in_name(calib):

@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.block_chart import block_scores
+from dashboard.page import PageState
 from engine.transform.depth import choose, plan_depth
 from engine.transform.experts import expert_scores, plan_experts
 
@@ -61,7 +62,8 @@ def _routers(model: state.LoadedModel) -> list:
     return routers
 
 
-def render(model: state.LoadedModel, calibration: Any = None) -> None:
+def render(page: PageState) -> None:
+    model, calibration = page.model, page.calibration
     st.markdown(
         "Depth pruning removes whole **residual blocks** (a branch added back to the stream "
         "it leaves: bottleneck blocks, attention and MLP sublayers). The least important go: "
@@ -97,9 +99,28 @@ def render(model: state.LoadedModel, calibration: Any = None) -> None:
         st.plotly_chart(block_scores(frame, _CRITERIA[cached["criterion"]]), key="block_chart")
         st.dataframe(frame, hide_index=True)
         removed = [b["name"] for b in report["blocks"] if b["removed"]]
-        st.caption(f"{len(removed)} of {n} blocks would go ({', '.join(removed) or 'none'}): "
-                   f"`prunescope prune MODEL --remove-blocks {count} --out DIR`")
+        st.caption(f"{len(removed)} of {n} blocks would go ({', '.join(removed) or 'none'}). "
+                   "The same from the command line:")
+        st.code(blocks_command(model, count, calibration,
+                               st.session_state.get("opt_ratio")), language="bash")
     _experts(model)
+
+
+def blocks_command(model: state.LoadedModel, count: int, calibration: Any,
+                   ratio: float | None) -> str:
+    """The CLI line doing what the Prune step does with these blocks: the model, the blocks,
+    the calibration data that scored them (block influence) and the channel ratio."""
+    name = model.key.split(":", 1)[0]
+    model_arg = name if name in ("demo", "demo-lm") else "MODEL"
+    parts = ["prunescope prune", model_arg, f"--remove-blocks {int(count)}"]
+    if isinstance(calibration, str):
+        parts.append(f"--calibration {calibration}")
+    elif calibration is not None:
+        parts.append("--calibration YOUR_DATA.npz")
+    if ratio is not None:
+        parts.append(f"--ratio {float(ratio):.2f}")
+    parts.append("--out DIR")
+    return " ".join(parts)
 
 
 def _experts(model: state.LoadedModel) -> None:

@@ -23,8 +23,12 @@ from dashboard.charts_sweep import (
     sweep_frame,
 )
 from dashboard.common import editor_key, session_files, short, show_error
+from dashboard.guide import glossary_popover
+from dashboard.long_run import LongRun, wait_for_stopped_run
+from dashboard.page import PageState
 from engine.io.data import DataSet
 from engine.options import PruningOptions
+from engine.quality.evaluate import HIGHER_IS_BETTER
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEMO_SWEEP = ASSETS / "demo_sweep.json"
@@ -62,8 +66,8 @@ def _demo_report(path: Path) -> dict | None:
     return _read_json(str(path), path.stat().st_mtime) if path.is_file() else None
 
 
-def render(model: state.LoadedModel, options: PruningOptions,
-           eval_data: DataSet | None) -> None:
+def render(page: PageState) -> None:
+    model, options, eval_data = page.model, page.options, page.eval_data
     st.markdown(
         "What each option does to the model's **metric** at each size, measured on the "
         "evaluation data: one curve per value of the option you compare, the other options "
@@ -76,7 +80,8 @@ def render(model: state.LoadedModel, options: PruningOptions,
         _sweep_controls(model, eval_data)
         report = _last_sweep(model)
     if report is None:
-        st.info("No sweep yet: choose what to compare and press **Run sweep**.", icon="📈")
+        st.info("No sweep yet: choose what to compare and press **Run sweep**.",
+                icon=":material/show_chart:")
     else:
         _comparison(report, options)
     st.divider()
@@ -107,24 +112,48 @@ def _comparison(report: dict, options: PruningOptions) -> None:
         fixed.append(f"{name} {value}")
     if fixed:
         st.caption("Other options: " + ", ".join(fixed))
-    from engine.quality.evaluate import HIGHER_IS_BETTER
-
     metric = report["metric"]
+    current = current_point(rows, chosen, st.session_state.get("opt_ratio"))
     fig = comparison_figure(rows, axis, x, original=report["original"], metric=metric,
-                            higher_is_better=HIGHER_IS_BETTER.get(metric, True))
+                            higher_is_better=HIGHER_IS_BETTER.get(metric, True),
+                            current=current)
     event = st.plotly_chart(fig, key="cmp_chart", on_select="rerun", selection_mode="points",
                             width="stretch")
+    labels = {int(r["index"]): f"{r[axis]} @ ratio {r['ratio']:g}: {metric} {r['metric']:.4f}"
+              for _, r in rows.iterrows()}
     chosen_index = _selected_index(event, fig)
     # the chart keeps its selection across reruns: act on a new one only
     if chosen_index is not None and chosen_index != st.session_state.get("_cmp_applied"):
         st.session_state["_cmp_applied"] = chosen_index
+        if chosen_index in labels:
+            st.session_state["cmp_pick"] = chosen_index  # the picker follows the click
         _choose(frame, chosen_index)
-    labels = {int(r["index"]): f"{r[axis]} @ ratio {r['ratio']:g}: {metric} {r['metric']:.4f}"
-              for _, r in rows.iterrows()}
+    if st.session_state.get("cmp_pick") not in labels:  # start on the sidebar's point
+        st.session_state["cmp_pick"] = current if current in labels else None
     c1, c2 = st.columns([3, 1])
-    pick = c1.selectbox("Point", list(labels), format_func=labels.get, key="cmp_pick")
-    if c2.button("Use this point", key="cmp_use"):
+    pick = c1.selectbox("Point", list(labels), format_func=labels.get, key="cmp_pick",
+                        placeholder="pick a point of the chart (or click one)")
+    if c2.button("Use this point", key="cmp_use", disabled=pick is None,
+                 help="Pick a point first" if pick is None else
+                 "Set the sidebar to this point's options and ratio"):
         _choose(frame, int(pick))
+    if current is None:
+        st.caption("The sidebar's setting is not a point of this sweep, so it is not marked; "
+                   "pick a point to move the sidebar onto the chart.")
+    else:
+        st.caption("The star marks the sidebar's current setting.")
+
+
+def current_point(rows, options: dict, ratio: float | None) -> int | None:
+    """The sweep index of the point with the sidebar's options and ratio, if it has one."""
+    if ratio is None or rows.empty:
+        return None
+    match = (rows["ratio"] - float(ratio)).abs() < 1e-9
+    for name in OPTION_KEYS:
+        if name in rows.columns and name in options:
+            match &= rows[name].astype(str) == str(options[name])
+    found = rows[match]
+    return int(found["index"].iloc[0]) if len(found) else None
 
 
 def _selected_index(event, fig) -> int | None:
@@ -158,7 +187,7 @@ def _choose(frame, index: int) -> None:
 def _sweep_controls(model: state.LoadedModel, eval_data: DataSet | None) -> None:
     if eval_data is None:
         st.info("Upload evaluation data (an .npz with x and labels y) in the sidebar to "
-                "compare options on this model's metric.", icon="📈")
+                "compare options on this model's metric.", icon=":material/show_chart:")
         return
     from engine.options import ALLOWED
 
@@ -169,35 +198,35 @@ def _sweep_controls(model: state.LoadedModel, eval_data: DataSet | None) -> None
                             default=[v for v in ALLOWED[axis] if v != "index"][:5],
                             key=f"sweep_values_{axis}")
     ratios = c3.text_input("Ratios", DEFAULT_RATIOS, key="sweep_ratios")
-    if not st.button("Run sweep", key="sweep_run", type="primary", disabled=not values):
+    if not st.button("Run sweep", key="sweep_run", type="primary", disabled=not values,
+                     help=None if values else "Choose at least one value to sweep over"):
         return
     from engine.quality.sweep import sweep
-
-    bar = st.progress(0.0, text="sweeping… (stop with ⏹ at the top right; finished points "
-                                "are kept)")
-
-    def progress(done: int, total: int, record: dict) -> None:
-        bar.progress(done / total, text=f"{done}/{total} points")
 
     # written after every point, so a stopped sweep still shows what finished
     path = session_files().subdir("sweeps") / f"{short(model.key)}.json"
     path.unlink(missing_ok=True)
     model.cache["sweep_path"] = str(path)
+    work = LongRun("Sweep", "sweep")
     try:
-        # in this process (Streamlit's threads make forking unsafe): a stop stops it at once
-        sweep(model.analysis, {axis: values}, ratios, eval_data=eval_data,
-              workers=1, progress=progress, out_json=path)
+        # in this process (Streamlit's threads make forking unsafe)
+        work.run(lambda: sweep(model.analysis, {axis: values}, ratios, eval_data=eval_data,
+                               workers=1, out_json=path, stop=work.stop,
+                               progress=lambda d, n, _r: work.update(d, n, "points")),
+                 keep=lambda _report: None)  # the report is the file written point by point
     except Exception as e:  # noqa: BLE001 - one line in the page
         show_error(e, "The sweep failed")
 
 
 def _last_sweep(model: state.LoadedModel) -> dict | None:
+    wait_for_stopped_run("sweep")
     path = model.cache.get("sweep_path")
     if not path or not Path(path).is_file():
         return None
     report = json.loads(Path(path).read_text())
     if not report.get("complete"):
-        st.caption(f"Stopped sweep: {len(report['points'])} of {report['total']} points.")
+        st.caption(f"Stopped sweep: {len(report['points'])} of {report['total']} points "
+                   "finished; they are shown below.")
     return report
 
 
@@ -209,52 +238,113 @@ def _sensitivity(model: state.LoadedModel, options: PruningOptions,
         st.caption("Each group pruned alone at each ratio, default options, measured on the "
                    "demo's calibration split (the evaluation set stays held out).")
     elif eval_data is not None:
+        wait_for_stopped_run("sens")  # a stopped run stores what finished
         report = model.cache.get("sensitivity")
         if st.button("Measure sensitivity", key="sens_run",
                      help="Each group pruned alone at 0.1 ... 0.9, on the sidebar's data"):
             from engine.quality.sensitivity import sensitivity
 
-            bar = st.progress(0.0, text="measuring…")
+            work = LongRun("Sensitivity", "sens")
+
+            def keep(done: dict) -> None:
+                model.cache["sensitivity"] = done
+
             try:
-                report = sensitivity(
-                    model.analysis, options, eval_data=eval_data, workers=1,
-                    progress=lambda d, n, r: bar.progress(d / n, text=f"{d}/{n} points"))
-                model.cache["sensitivity"] = report
+                report = work.run(lambda: sensitivity(
+                    model.analysis, options, eval_data=eval_data, workers=1, stop=work.stop,
+                    progress=lambda d, n, _r: work.update(d, n, "points")), keep)
             except Exception as e:  # noqa: BLE001
                 show_error(e, "Measuring the sensitivity failed")
     if report is None:
         st.caption("No sensitivity curves yet.")
         return
-    st.plotly_chart(sensitivity_heatmap(sensitivity_frame(report), report["metric"]),
+    if not report.get("complete", True):
+        st.caption(f"Stopped: {len(report['points'])} of {report['total']} points finished; "
+                   "the missing cells are blank. Auto ratios use the finished points.")
+    metric = report["metric"]
+    higher = HIGHER_IS_BETTER.get(metric, True)
+    log = st.toggle("Log colour scale", value=not higher, key="sens_log",
+                    help="Spreads small and large changes apart: on a linear scale a few "
+                    "large values leave the rest white.")
+    st.plotly_chart(sensitivity_heatmap(sensitivity_frame(report), metric,
+                                        higher_is_better=higher, log=log),
                     key="sens_heatmap", width="stretch")
-    _auto_ratios(model, report)
+    glossary_popover("sens")
+    _auto_ratios(model, report, eval_data)
 
 
-def _auto_ratios(model: state.LoadedModel, report: dict) -> None:
+def _auto_ratios(model: state.LoadedModel, report: dict, eval_data: DataSet | None) -> None:
     c1, c2, c3 = st.columns([1, 2, 1])
     resource = c1.radio("Target", ["flops", "params"], horizontal=True, key="auto_resource",
-                        format_func={"flops": "FLOPs", "params": "parameters"}.get)
+                        format_func=RESOURCE_WORDS.get)
     target = c2.slider("Fraction to remove", 0.05, 0.9, 0.5, 0.05, key="auto_target")
     if not c3.button("Auto ratios", key="auto_run", type="primary"):
         chosen = st.session_state.get(auto_ratios_key(model))
         if chosen:
+            summary = st.session_state.get(AUTO_SUMMARY_KEY, {}).get(model.key)
+            if summary:
+                st.success(summary)
             st.caption("Per-group ratios in the Plan tab: "
                        + ", ".join(f"{k} {v:g}" for k, v in chosen.items()))
         return
     from engine.quality.targets import ratios_for_target
+    from engine.scoring.analysis import plan as make_engine_plan
 
     sens_options = PruningOptions.from_any(report["options"])
     try:
-        with st.spinner("choosing per-group ratios…"):
+        with st.spinner("choosing per-group ratios and measuring them…"):
             section = ratios_for_target(
                 model.analysis, sens_options, sensitivity_report=report,
-                analysis=model.analysis,
+                analysis=model.analysis, eval_data=eval_data,
                 **{f"target_{resource}": target})
+            chosen_plan = make_engine_plan(model.analysis, sens_options,
+                                           ratios=section["ratios"])
     except Exception as e:  # noqa: BLE001
         show_error(e, "Auto ratios failed")
         return
-    st.session_state[auto_ratios_key(model)] = section["ratios"]
-    st.session_state.pop(editor_key(model), None)  # the table shows the new ratios
-    st.success(f"{section['removed']:.1%} of the {resource} removed; the uniform global ratio "
-               f"removing as much is {section['uniform']['ratio']:g}. Per-group ratios are in "
-               "the Plan tab.")
+    pruned = sum(int(g.pruned.size) for g in chosen_plan.groups)
+    total = sum(int(g.scores.size) for g in chosen_plan.groups)
+    ss = st.session_state
+    ss[auto_ratios_key(model)] = section["ratios"]
+    ss.pop(editor_key(model), None)  # the table shows the new ratios
+    summary = auto_summary(section, resource, pruned / max(total, 1))
+    ss.setdefault(AUTO_SUMMARY_KEY, {})[model.key] = summary
+    # Every group now has its own ratio: the sidebar shows the share of channels they prune,
+    # and the options the ratios were chosen with.
+    ss[PENDING_KEY] = {"options": {k: v for k, v in report["options"].items()
+                                   if k in OPTION_KEYS},
+                       "ratio": round(pruned / max(total, 1), 2)}
+    st.rerun()
+
+
+RESOURCE_WORDS = {"flops": "FLOPs", "params": "parameters"}
+AUTO_SUMMARY_KEY = "_ps_auto_summary"
+
+
+def auto_summary(section: dict, resource: str, channel_share: float) -> str:
+    """What Auto ratios did, in words: the target, what was removed (and why more), the
+    metric of the chosen ratios against the uniform ratio and the original."""
+    words = RESOURCE_WORDS.get(resource, resource)
+    target = float(section["target"]["remove"])
+    removed = float(section["removed"])
+    text = f"Target: remove {target:.0%} of the {words}; the chosen ratios remove {removed:.1%}"
+    over = removed - target
+    if over > 0.005:
+        text += (f" ({over * 100:.1f} points more: channels go in whole steps and blocks, so "
+                 "the nearest plan at or above the target was taken)")
+    elif over < -0.005:
+        text += f" ({-over * 100:.1f} points less: no plan reaches the target)"
+    text += (f", pruning {channel_share:.1%} of the channels; the sidebar's ratio now shows that "
+             f"share. The uniform global ratio removing as much is "
+             f"{section['uniform']['ratio']:g}.")
+    comparison = section.get("comparison")
+    if comparison:
+        m = comparison["metric"]
+        fmt = "{:.2%}" if HIGHER_IS_BETTER.get(m, True) and m != "relative_error" else "{:.4g}"
+        text += (f" {m.capitalize()} on {comparison['data']}: chosen ratios "
+                 f"{fmt.format(comparison['auto'])}, uniform ratio "
+                 f"{fmt.format(comparison['uniform'])}, original "
+                 f"{fmt.format(comparison['original'])}.")
+    else:
+        text += " Not measured on evaluation data (none given)."
+    return text

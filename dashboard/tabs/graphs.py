@@ -9,11 +9,13 @@ import streamlit as st
 import engine.io.export
 from dashboard import netron_server, state
 from dashboard.common import RESULT_KEY, session_files, short, show_error
+from dashboard.page import PageState
 from dashboard.prune_run import PruneRun
 from dashboard.tabs.prune import file_named
 
 
-def render(model: state.LoadedModel) -> None:
+def render(page: PageState) -> None:
+    model = page.model
     st.markdown("The original and the pruned graph in [Netron](https://netron.app), served "
                 "locally (127.0.0.1) from the ONNX files.")
     left, right = st.columns(2)

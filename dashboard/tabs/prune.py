@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,24 @@ import streamlit as st
 
 import engine
 from dashboard import state
+from dashboard.charts_results import widths_figure
 from dashboard.common import RESULT_KEY, session_files, short, show_error
-from dashboard.prune_run import PruneRun, comparison_rows, run_prune
+from dashboard.frames import history_frame, widths_frame
+from dashboard.guide import glossary_popover
+from dashboard.page import PageState
+from dashboard.prune_run import (
+    PruneRun,
+    comparison_rows,
+    history_row,
+    latency_rows,
+    run_prune,
+)
 from dashboard.tabs import recover
-from engine.io.data import DataSet
 
 
-def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
-           eval_data: DataSet | None, plan_args: dict[str, Any] | None = None,
-           structures: dict[str, Any] | None = None) -> None:
+def render(page: PageState) -> None:
+    model, plan, signature, ratio = page.model, page.plan, page.signature, page.ratio
+    eval_data, plan_args, structures = page.eval_data, page.plan_args, page.structures
     total = sum(int(g.scores.size) for g in plan.groups)
     pruned = sum(int(g.pruned.size) for g in plan.groups)
     st.markdown(
@@ -43,8 +53,14 @@ def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
                      if args.get("ratios") or args.get("pinned") else "")
         st.info(f"Also removes {whole} (chosen in the Blocks tab) before the channels; the "
                 "channel plan is then made again on the smaller model, so its counts can "
-                "differ a little from the Plan tab's." + per_group, icon="🧱")
-    if st.button("Prune", type="primary", key="prune", icon="✂️"):
+                "differ a little from the Plan tab's." + per_group, icon=":material/view_module:")
+    ratio_note = ratio_explanation(ratio, pruned / max(total, 1), plan,
+                                   bool((plan_args or {}).get("ratios")),
+                                   bool((plan_args or {}).get("pinned")),
+                                   has_blocks(model))
+    if ratio_note:
+        st.caption(ratio_note)
+    if st.button("Prune", type="primary", key="prune", icon=":material/content_cut:"):
         files = session_files()
         out_dir = files.subdir(f"pruned-{short(model.key)}-{short(signature)}")
         with st.status("Pruning…", expanded=True) as status:
@@ -57,17 +73,21 @@ def render(model: state.LoadedModel, plan: Any, signature: str, ratio: float,
                 show_error(e, "Pruning failed")
             else:
                 st.session_state[RESULT_KEY] = run
+                remember(run)
                 status.update(label="Pruned and saved", state="complete", expanded=False)
     run: PruneRun | None = st.session_state.get(RESULT_KEY)
     if run is None or run.model_key != model.key:
         st.info("Press **Prune** to build the pruned model and see before/after numbers.")
         return
     if run.signature != signature:
-        st.warning("These results are for earlier options "
-                   f"({_options_line(run.options, run.ratio)}). Press Prune to update.")
+        changed = signature_changes(run.signature, signature)
+        st.warning("These results are for earlier settings: "
+                   + ("; ".join(changed) if changed else "the settings differ")
+                   + ". Press Prune to update.")
     show_result(run)
     if run.signature == signature:
         recover.render(model, run, eval_data)
+    show_history()
 
 
 def structure_line(structures: dict[str, Any]) -> str:
@@ -82,9 +102,93 @@ def structure_line(structures: dict[str, Any]) -> str:
     return " and ".join(parts)
 
 
-def _options_line(options: dict, ratio: float) -> str:
-    parts = [f"{k}={v}" for k, v in options.items() if k != "seed"]
-    return ", ".join(parts + [f"ratio={ratio:.2f}"])
+SIGNATURE_WORDS = {"ratio": "pruning ratio", "ratios": "own ratios (Plan tab)",
+                   "pinned": "pinned groups", "indices": "channel indices",
+                   "uniform": "uniform", "eval": "evaluation data",
+                   "remove_blocks": "blocks to remove", "expert_ratio": "share of experts",
+                   "model": "model"}
+
+
+def signature_changes(old: str, new: str) -> list[str]:
+    """What differs between two page signatures (JSON of the settings), in words:
+    "uniform: off → on", "layer_norm: standard_score → tss_norm"."""
+    try:
+        a, b = json.loads(old), json.loads(new)
+    except (TypeError, ValueError):
+        return []
+    flat_a = {**{k: v for k, v in a.items() if k != "options"}, **a.get("options", {})}
+    flat_b = {**{k: v for k, v in b.items() if k != "options"}, **b.get("options", {})}
+    out = []
+    for key in dict.fromkeys([*flat_a, *flat_b]):
+        va, vb = flat_a.get(key), flat_b.get(key)
+        if va != vb:
+            out.append(f"{SIGNATURE_WORDS.get(key, key)}: {_word(va)} → {_word(vb)}")
+    return out
+
+
+def _word(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == [] or value == {}:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_word(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_word(v) for v in value)
+    return str(value)
+
+
+def ratio_explanation(ratio: float, share: float, plan: Any, own_ratios: bool,
+                      pinned: bool, has_blocks: bool) -> str:
+    """Why the share of channels removed differs from the ratio, or "" when it does not."""
+    if abs(share - ratio) < 0.005:
+        return ""
+    reasons = []
+    if own_ratios:
+        reasons.append("groups with their own ratio (Plan tab) use that instead")
+    if pinned:
+        reasons.append("pinned groups keep every channel")
+    options = plan.options
+    if options.step_op != "none" and options.step_size > 1:
+        reasons.append(f"the step rule rounds each group's kept count to a multiple of "
+                       f"{options.step_size} ({options.step_op})")
+    if has_blocks:
+        reasons.append("grouped layers and attention heads keep equal blocks (group policy "
+                       f"{options.group_policy})")
+    reasons.append("frozen channels and each group's last channels always stay")
+    return (f"Ratio {ratio:.2f} removes {share:.1%} of the prunable channels, not "
+            f"{ratio:.0%}: " + "; ".join(reasons) + ".")
+
+
+def has_blocks(model: state.LoadedModel) -> bool:
+    """Whether some group must keep equal blocks (grouped convolutions, attention heads)."""
+    return any(getattr(g, "block_index", None) is not None for g in model.analysis.groups)
+
+
+HISTORY_KEY = "_ps_history"
+
+
+def remember(run: PruneRun) -> None:
+    """Add a finished run to this session's history."""
+    history: list = st.session_state.setdefault(HISTORY_KEY, [])
+    history.append(history_row(run, len(history) + 1))
+
+
+def show_history() -> None:
+    """This session's Prune runs side by side, downloadable as CSV."""
+    history = st.session_state.get(HISTORY_KEY) or []
+    if not history:
+        return
+    st.subheader("This session's runs")
+    table = history_frame(history)
+    st.caption("Every Prune of this session, newest last: options, size, metric and latency "
+               "side by side. Gone when the browser tab closes: download it.")
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.download_button("Download the runs (CSV)", table.to_csv(index=False),
+                       file_name="prunescope-runs.csv", mime="text/csv", key="dl_history",
+                       on_click="ignore")
 
 
 def show_result(run: PruneRun) -> None:
@@ -101,14 +205,27 @@ def show_result(run: PruneRun) -> None:
                     help="Share of samples where the pruned model predicts the same class")
     if "accuracy_after" in fid:
         c[3].metric("Accuracy after", f"{fid['accuracy_after']:.1%}",
-                    f"{fid['accuracy_after'] - fid['accuracy_before']:+.1%} "
-                    f"(before {fid['accuracy_before']:.1%})")
+                    f"{points(fid['accuracy_after'] - fid['accuracy_before'])} "
+                    f"(before {fid['accuracy_before']:.1%})",
+                    help="The change is in percentage points: the difference of the two "
+                    "accuracies, not a share of the accuracy before.")
     elif "perplexity_after" in fid:
         c[3].metric("Perplexity after", f"{fid['perplexity_after']:.3f}",
                     f"{fid['perplexity_after'] - fid['perplexity_before']:+.3f} "
                     f"(before {fid['perplexity_before']:.3f})", delta_color="inverse",
                     help="exp of the mean next-token negative log-likelihood; lower is better")
     st.dataframe(pd.DataFrame(comparison_rows(run)), hide_index=True, width="stretch")
+    report = run.result.report if run.result is not None else {}
+    engine_latency = latency_rows(report)
+    if engine_latency:
+        st.markdown("**Latency** measured by the engine (report.json: \"latency\"):")
+        st.dataframe(pd.DataFrame(engine_latency), hide_index=True, width="stretch")
+    show_verification(report)
+    if report.get("groups"):
+        st.markdown("**Channels per group, before and after** (network order):")
+        st.plotly_chart(widths_figure(widths_frame(report)), key="chart_widths",
+                        width="stretch")
+        glossary_popover("widths", ("group", "step rule", "group policy", "frozen"))
     if fid:
         rows = [{"Measure": "Samples", "Value": f"{fid.get('samples', 0):,}"}]
         if "top1_agreement" in fid:
@@ -129,7 +246,6 @@ def show_result(run: PruneRun) -> None:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     for note in run.notes:
         st.caption(note)
-    report = run.result.report if run.result is not None else {}
     gone = [b["name"] for b in report.get("blocks", []) if b.get("removed")]
     if gone:
         st.caption(f"Removed residual blocks: {', '.join(gone)} (report.json: \"blocks\", "
@@ -150,15 +266,38 @@ def show_result(run: PruneRun) -> None:
             continue
         col.download_button(
             f"Download {name}", data=lambda p=path: p.read_bytes(), file_name=name, mime=mime,
-            key=f"dl_{name.replace('.', '_')}", icon="⬇️", width="stretch", on_click="ignore",
+            key=f"dl_{name.replace('.', '_')}", icon=":material/download:", width="stretch",
+            on_click="ignore",
         )
     if has_hf:
         c[3].download_button(
             "Download hf/ (zip)", data=lambda p=hf_dir: zip_folder(p), file_name="hf.zip",
-            mime="application/zip", key="dl_hf_zip", icon="⬇️", width="stretch",
+            mime="application/zip", key="dl_hf_zip", icon=":material/download:", width="stretch",
             on_click="ignore", help="The pruned model as a folder transformers loads with "
                                     "from_pretrained (no custom code)",
         )
+
+
+def points(change: float) -> str:
+    """A difference of two fractions in percentage points: "-54.4 points"."""
+    return f"{change * 100:+.1f} points"
+
+
+def show_verification(report: dict[str, Any]) -> None:
+    """report.json's verification, said when the pruned model is not exactly the masked one."""
+    check = report.get("verification") or {}
+    if not check or check.get("exact", True):
+        return
+    inexact = check.get("inexact_groups") or []
+    st.warning(
+        "verification.exact is false: the pruned model's outputs differ from the original "
+        "with the same channels zeroed by up to "
+        f"{check.get('max_abs_diff_vs_masked', float('nan')):.3g} (relative "
+        f"{check.get('relative_diff_vs_masked', float('nan')):.3g})"
+        + (f". Expected: {len(inexact)} pruned group(s) pass through an operation where "
+           "removing a channel is not the same as zeroing it (e.g. a normalisation over the "
+           f"channels): {', '.join(map(str, inexact))}" if inexact else "")
+        + ".", icon=":material/warning:")
 
 
 def zip_folder(folder: Path) -> bytes:

@@ -12,6 +12,7 @@ import streamlit as st
 import engine
 from dashboard import sources, state
 from dashboard.common import session_files, short, show_error
+from dashboard.long_run import LongRun, wait_for_stopped_run
 from dashboard.prune_run import PruneRun
 from dashboard.recover_run import (
     DEFAULT_METHODS,
@@ -20,6 +21,7 @@ from dashboard.recover_run import (
     comparison_rows,
     run_recover,
 )
+from engine.demo import BUILTIN_NAMES, builtin_data_path
 from engine.io.data import DataSet
 
 RECOVER_KEY = "_ps_recover"
@@ -32,21 +34,41 @@ METHOD_HELP = (
 
 
 def _calibration(model: state.LoadedModel) -> Any:
-    """The built-in model's own calibration set, or an uploaded .npz."""
-    if model.key.startswith("demo:"):
-        st.caption("Calibration data: the demo's training split (`assets/demo_calib.npz`); "
-                   "the comparison below uses the held-out evaluation set.")
-        return "demo"
-    up = st.file_uploader("Calibration data for recovery (.npz with x, optional y)",
-                          type=["npz"], key="upload_calib",
-                          help="Never the evaluation data: quality is measured on that.")
+    """A built-in model's own calibration set (its training split), or an uploaded file."""
+    builtin = builtin_name(model)
+    if builtin is not None:
+        st.caption(f"Calibration data: {builtin}'s own training split "
+                   f"(`{builtin_data_path(builtin, 'calibration').name}`); the comparison "
+                   "below uses its held-out evaluation set.")
+        return builtin
+    up = st.file_uploader("Calibration data for recovery (.npz with x, optional y; or text)",
+                          type=sources.upload_types(), key="upload_calib",
+                          help="Never the evaluation data: quality is measured on that. Text "
+                               "(.txt, .jsonl, .json, .csv, .tsv, .parquet) is tokenized with "
+                               "the model's tokenizer.")
     if up is None:
         return None
     try:
-        return sources.load_upload(up.getvalue(), up.name, flag="calibration data")
+        return sources.load_upload(up.getvalue(), up.name, flag="calibration data",
+                                   model=model.captured)
     except Exception as e:
         show_error(e, "Calibration data")
         return None
+
+
+def builtin_name(model: state.LoadedModel) -> str | None:
+    """"demo" / "demo-lm" for the built-in models (the engine knows their data), else None."""
+    name = model.key.split(":", 1)[0]
+    return name if name in BUILTIN_NAMES else None
+
+
+def recover_blocker(methods: list[str], calibration: Any) -> str | None:
+    """Why the Recover button is disabled (None when it is not): said next to it."""
+    if not methods:
+        return "Choose at least one method."
+    if calibration is None:
+        return "Upload calibration data above (an .npz with x, optional labels y)."
+    return None
 
 
 def render(model: state.LoadedModel, run: PruneRun,
@@ -60,28 +82,34 @@ def render(model: state.LoadedModel, run: PruneRun,
     c = st.columns([3, 1])
     methods = c[0].multiselect("Methods", METHOD_CHOICES, default=list(DEFAULT_METHODS),
                                key="recover_methods", help=METHOD_HELP)
-    budget = c[1].number_input("Budget (s)", min_value=1, max_value=600, value=30, step=5,
-                               key="recover_budget", help="Time for distillation")
+    budget = 30
+    if "distill" in methods:  # the budget is distillation's training time, nothing else's
+        budget = c[1].number_input("Budget (s)", min_value=1, max_value=600, value=30, step=5,
+                                   key="recover_budget", help="Training time for distill")
     calibration = _calibration(model)
-    if st.button("Recover", key="recover", icon="🩹", disabled=not methods or
-                 calibration is None):
+    blocker = recover_blocker(methods, calibration)
+    clicked = st.button("Recover", key="recover", icon=":material/healing:",
+                        disabled=blocker is not None, help=blocker)
+    if blocker is not None:
+        st.caption(f"Recover is disabled: {blocker}")
+    if clicked:
         files = session_files()
         out_dir = files.subdir(f"recovered-{short(model.key)}-{short(run.signature)}")
-        bar = st.progress(0.0, text="Starting recovery…")
+        work = LongRun("Recovery", "recover")
 
-        def progress(message: str, fraction: float) -> None:
-            bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+        def keep(done: RecoverRun) -> None:
+            model.cache[RECOVER_KEY] = done
 
         try:
-            done = run_recover(engine, run.result, _original(model), calibration, methods,
-                               float(budget), out_dir, eval_data, run.signature, progress)
+            work.run(lambda: run_recover(engine, run.result, _original(model), calibration,
+                                         methods, float(budget), out_dir, eval_data,
+                                         run.signature,
+                                         lambda m, f: work.update(f, 1.0, message=m), work.stop),
+                     keep)
         except Exception as e:
-            bar.empty()
             show_error(e, "Recovery failed")
-        else:
-            bar.progress(1.0, text="Recovered and saved")
-            st.session_state[RECOVER_KEY] = done
-    done: RecoverRun | None = st.session_state.get(RECOVER_KEY)
+    wait_for_stopped_run("recover")
+    done: RecoverRun | None = model.cache.get(RECOVER_KEY)
     if done is None or done.prune_signature != run.signature:
         return
     show_recovery(done)
@@ -99,6 +127,10 @@ def show_recovery(done: RecoverRun) -> None:
     st.markdown(f"Applied **{', '.join(info['methods']) or 'nothing'}** in "
                 f"{info['seconds']:.1f} s" + (f"; compared on {done.scored_on}."
                                                if done.scored_on else "."))
+    if info.get("stopped"):
+        st.caption("Stopped early: what was done before the stop is kept"
+                   + (f" (distillation ran {info['distill']['steps']} steps)."
+                      if info.get("distill") else "."))
     st.dataframe(pd.DataFrame(comparison_rows(done)), hide_index=True, width="stretch")
     for method, reason in info["skipped"].items():
         st.caption(f"skipped {method}: {reason}")
@@ -111,4 +143,4 @@ def show_recovery(done: RecoverRun) -> None:
             continue
         col.download_button(f"Download recovered {name}", data=lambda p=path: p.read_bytes(),
                             file_name=f"recovered_{name}", key=f"dl_recovered_{name}",
-                            icon="⬇️", width="stretch", on_click="ignore")
+                            icon=":material/download:", width="stretch", on_click="ignore")

@@ -11,12 +11,15 @@ import streamlit as st
 
 from dashboard import charts, frames, sources, state
 from dashboard.common import make_plan, short
+from dashboard.guide import glossary_popover
+from dashboard.page import PageState
 from engine.options import LAYER_NORMS, POLICIES, PruningOptions
 
 SCORE_VIEWS = ("Overview", "Compare layer norms", "Compare policies")
 
 
-def render(model: state.LoadedModel, plan: Any, options: PruningOptions, plan_args: dict):
+def render(page: PageState) -> None:
+    model, plan, options, plan_args = page.model, page.plan, page.options, page.plan_args
     view = st.segmented_control("View", SCORE_VIEWS, default=SCORE_VIEWS[0], key="score_view",
                                 label_visibility="collapsed") or SCORE_VIEWS[0]
     if view == "Overview":
@@ -33,8 +36,8 @@ def scores_overview(model: state.LoadedModel, plan: Any, options: PruningOptions
     c = st.columns(4)
     c[0].metric("Prunable groups", len(plan.groups))
     c[1].metric("Channels", f"{total:,}")
-    c[2].metric("Channels to prune", f"{pruned:,}", f"-{pruned / max(total, 1):.1%}",
-                delta_color="off")
+    c[2].metric("Channels to prune", f"{pruned:,}", f"{pruned / max(total, 1):.1%} of them",
+                delta_color="off", delta_arrow="off")
     c[3].metric("Global cut", "—" if plan.threshold is None else f"{plan.threshold:.4g}")
     st.markdown(
         f"**Combined normalized score of every group** (criterion `{options.criterion}`, "
@@ -44,6 +47,11 @@ def scores_overview(model: state.LoadedModel, plan: Any, options: PruningOptions
     )
     fig = charts.score_overview(frames.stats_frame(plan), plan.threshold)
     st.plotly_chart(fig, key="chart_overview", width="stretch")
+    crossing = crossing_note(*frames.cut_crossings(plan), options)
+    if crossing:
+        st.info(crossing, icon=":material/info:")
+    glossary_popover("overview", ("group", "global cut", "frozen", "group policy",
+                                  "step rule", "own ratio"))
 
     st.subheader("Drill down into one group")
     names = [g.name for g in plan.groups]
@@ -61,6 +69,23 @@ def scores_overview(model: state.LoadedModel, plan: Any, options: PruningOptions
                                  plan.threshold if getattr(gp, "mode", "global") == "global"
                                  else None)
     st.plotly_chart(detail, key="chart_detail", width="stretch")
+    glossary_popover("detail", ("group", "score", "policy", "layer norm", "global cut"))
+
+
+def crossing_note(above: int, below: int, options: PruningOptions) -> str:
+    """Why pruned channels can sit above the global cut (and kept ones below), or ""."""
+    if not above and not below:
+        return ""
+    parts = []
+    if above:
+        parts.append(f"{above:,} pruned channel(s) score above the global cut")
+    if below:
+        parts.append(f"{below:,} kept channel(s) below it")
+    return (" and ".join(parts) + ". The cut ranks channels one by one; then each group's "
+            "rules decide: grouped layers and attention heads lose the same number in every "
+            f"block (group policy `{options.group_policy}`), and the step rule rounds every "
+            f"group's kept count to a multiple of {options.step_size} (`{options.step_op}`). "
+            "See **Terms**.")
 
 
 def _variant_plans(model, options, plan_args, field_name, values) -> tuple[dict, list[str]]:
@@ -88,6 +113,7 @@ def compare_norms(model: state.LoadedModel, options: PruningOptions, plan_args: 
     fig = charts.norm_comparison(frames.norm_stats_frame(plans),
                                  {n: p.threshold for n, p in plans.items()})
     st.plotly_chart(fig, key="chart_norms", width="stretch")
+    glossary_popover("norms", ("layer norm", "global cut"))
     st.markdown("**What each norm would prune** (channels per group):")
     counts = frames.prune_count_frame(plans, by="norm")
     st.plotly_chart(charts.prune_count_comparison(counts, by="norm"), key="chart_norm_counts",
@@ -117,6 +143,7 @@ def compare_policies(model: state.LoadedModel, options: PruningOptions,
     fig = charts.policy_comparison(frames.policy_frame(plans, name),
                                    {p: plan.threshold for p, plan in plans.items()})
     st.plotly_chart(fig, key="chart_policies", width="stretch")
+    glossary_popover("policies", ("policy", "group", "global cut"))
     counts = frames.prune_count_frame(plans, by="policy")
     st.markdown("**What each policy would prune** (all groups; connected groups first):")
     table = frames.pivot_counts(counts, by="policy")

@@ -38,11 +38,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"prunescope: warning: {message}", file=sys.stderr)
 
 
+def _run(args: argparse.Namespace) -> int:
+    """The command, on the --device it names (every forward it makes runs there)."""
+    device, amp = getattr(args, "device", None), getattr(args, "amp", None)
+    if device is None and amp is None:
+        return args.run(args)
+    from engine.device import using  # imports torch: not for --help
+
+    with using(device, amp):
+        return args.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
-        return args.run(args)
+        return _run(args)
     except PruneScopeError as exc:
         print(f"prunescope: error: {one_line(exc, limit=2000)}", file=sys.stderr)
         return EXIT_BAD_INPUT

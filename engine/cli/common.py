@@ -19,6 +19,7 @@ from engine.options import (
     POLICIES,
     RESHAPE_CHANNEL_AXES,
     STEP_OPS,
+    TEXT_MODES,
     PruningOptions,
 )
 
@@ -39,6 +40,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", default=None, metavar="N",
                    help="tokens in the example inputs of a model folder's text model "
                         "(default 32)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the model runs (verification, data-aware scoring, evaluation, "
+                        "recovery): cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument("--amp", default=None, metavar="DTYPE",
+                   help="calibration passes in autocast: bf16 or fp16 (default: full "
+                        "precision)")
+
+
+def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """--device and --amp for engine calls that hand them on to workers (sweeps)."""
+    return {"device": getattr(args, "device", None), "amp": getattr(args, "amp", None)}
 
 
 def criterion_help() -> str:
@@ -51,8 +63,8 @@ def criterion_help() -> str:
 def add_option_args(p: argparse.ArgumentParser) -> None:
     """The pruning options of the spec (one value each)."""
     p.add_argument("--calibration", metavar="FILE",
-                   help=".npz with array x and optional labels y (or .npy): data for "
-                        "nuclear_norm and the data-aware criteria")
+                   help=f"data for nuclear_norm, the data-aware criteria and recovery: "
+                        f"{DATA_FORMS_HELP}")
     p.add_argument("--indices", metavar="FILE.json",
                    help="criterion index: {layer: [filter indices to remove]}")
     p.add_argument("--criterion", default="l2", help=criterion_help())
@@ -68,25 +80,104 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", default="0", help="seed of the random criterion")
 
 
-def calibration_from(path: str | None) -> Any:
-    """--calibration FILE (or a built-in name) read by the data loader: inputs, plus labels y
-    when the file has them (the taylor criterion uses them)."""
+DATA_FORMS_HELP = (".npz/.npy arrays, text (.txt one sample a line, .jsonl/.json, .csv/.tsv/"
+                   ".parquet), a datasets save_to_disk folder, hf:NAME[:CONFIG]:SPLIT, a folder "
+                   "of images, or a built-in name (demo, demo-lm)")
+
+
+def calibration_from(path: str | None, model: Any = None,
+                     args: argparse.Namespace | None = None) -> Any:
+    """--calibration (a file, folder or built-in name) read by the data loader: inputs, plus
+    labels y when the data has them (the taylor criterion uses them). Text and images need
+    the captured `model`; `args` carry the data options."""
     if path is None:
         return None
     from engine.io.data import load_calibration_data
 
-    return load_calibration_data(path)
+    return load_calibration_data(path, model=model, options=data_options(args))
 
 
-DEFAULT_METRIC_HELP = ("default: accuracy with labels y, perplexity for a causal language "
-                       "model, else agreement with the reference")
+def add_data_args(p: argparse.ArgumentParser, *, max_samples: bool = True) -> None:
+    """How text and images become the model's inputs (engine/io/data.py)."""
+    g = p.add_argument_group("data forms (text, datasets, images)")
+    g.add_argument("--text-field", metavar="NAME",
+                   help="field/column holding the text in .jsonl/.json/.csv/.tsv/.parquet and "
+                        "datasets (default: text)")
+    g.add_argument("--label-field", metavar="NAME",
+                   help="field/column holding the optional label (default: label)")
+    g.add_argument("--text-mode", default="pad",
+                   help=f"one of {', '.join(TEXT_MODES)}: pad = one sample per line/record, "
+                        "padded or truncated to the sequence length; stream = all text "
+                        "concatenated and cut into --seq-len windows (causal-LM perplexity)")
+    g.add_argument("--tokenizer", metavar="FOLDER",
+                   help="a folder holding the tokenizer, for a model without one (.pt2, module)")
+    if max_samples:
+        g.add_argument("--max-samples", metavar="N",
+                       help="a seeded random subset of N samples of each data set")
+    g.add_argument("--image-size", metavar="H,W",
+                   help="resize images to H,W (models without an image processor)")
+    g.add_argument("--mean", metavar="M[,M,M]", help="per-channel mean of pixels in [0, 1]")
+    g.add_argument("--std", metavar="S[,S,S]", help="per-channel std of pixels in [0, 1]")
+
+
+def data_options(args: argparse.Namespace | None) -> Any:
+    """engine.io.data.DataOptions from the data flags (defaults where a command has none)."""
+    from engine.io.data import DataOptions
+
+    if args is None:
+        return DataOptions()
+
+    def floats(flag: str, value: str | None) -> tuple[float, ...] | None:
+        if value is None:
+            return None
+        try:
+            return tuple(float(v) for v in value.split(","))
+        except ValueError:
+            raise OptionError(f"option {flag}={value!r} must be comma-separated numbers") \
+                from None
+
+    size = floats("--image-size", getattr(args, "image_size", None))
+    if size is not None and (len(size) not in (1, 2) or any(v < 1 or v != int(v) for v in size)):
+        raise OptionError(f"option --image-size={args.image_size!r} must be H,W (or one "
+                          "size), positive integers")
+    max_samples = getattr(args, "max_samples", None)
+    seq_len = getattr(args, "seq_len", None)
+    seed = getattr(args, "seed", None)
+    return DataOptions(
+        text_field=getattr(args, "text_field", None),
+        label_field=getattr(args, "label_field", None),
+        text_mode=getattr(args, "text_mode", None) or "pad",
+        seq_len=None if seq_len is None else int_option("seq-len", seq_len),
+        tokenizer=getattr(args, "tokenizer", None),
+        max_samples=None if max_samples is None else int_option("max-samples", max_samples),
+        seed=0 if seed is None else int_option("seed", seed),
+        image_size=None if size is None else (int(size[0]), int(size[-1])),
+        mean=floats("--mean", getattr(args, "mean", None)),
+        std=floats("--std", getattr(args, "std", None)),
+    )
+
+
+def model_for_data(args: argparse.Namespace, model: Any, *sources: str | None) -> Any:
+    """The model, captured now when one of the data `sources` is text, images or a
+    dataset (turning them into inputs needs its tokenizer and inputs); else unchanged."""
+    from engine.io.data import needs_model
+
+    if any(s is not None and needs_model(s) for s in sources):
+        import engine
+
+        return engine.load_model(model, **load_kwargs(args))
+    return model
+
+
+DEFAULT_METRIC_HELP = ("default: what fits the model: accuracy with labels, perplexity for a "
+                       "causal language model, embedding metrics for an encoder's hidden "
+                       "states, else agreement with the reference")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """Held-out data to measure the model on, and the metric."""
-    p.add_argument("--eval-data", metavar="FILE.npz",
-                   help="held-out data: .npz with x (or x0, x1, ...) and optional labels y, a "
-                        ".npy, or a built-in name (demo, demo-lm); never the calibration set")
+    p.add_argument("--eval-data", metavar="FILE",
+                   help=f"held-out data, never the calibration set: {DATA_FORMS_HELP}")
     p.add_argument("--metric", help=f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})")
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.cli.common import DEFAULT_METRIC_HELP, add_model_args, load_kwargs
+from engine.cli.common import (
+    DATA_FORMS_HELP,
+    DEFAULT_METRIC_HELP,
+    add_data_args,
+    add_model_args,
+    data_options,
+    load_kwargs,
+    model_for_data,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,14 +21,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="measure a model on held-out data (accuracy, ...)")
     add_model_args(p)
-    p.add_argument("--data", required=True, metavar="FILE.npz",
-                   help=".npz with x (or x0, x1, ...) and optional labels y, a .npy, or a "
-                        "built-in name (demo, demo-lm: its evaluation set)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help=f"held-out data: {DATA_FORMS_HELP}")
     p.add_argument("--metric", help=f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})")
     p.add_argument("--reference", metavar="MODEL",
                    help="the model to compare with (agreement, relative_error)")
-    p.add_argument("--max-samples", type=int, metavar="N", help="evaluate the first N samples")
+    p.add_argument("--seed", default="0", help="seed of the --max-samples subset")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
+    add_data_args(p)
     p.set_defaults(run=run)
 
 
@@ -28,13 +36,18 @@ def run(args: argparse.Namespace) -> int:
     from engine.quality.evaluate import check_metric, evaluate, format_value, load_eval_data
 
     metric = check_metric(args.metric)
-    data = load_eval_data(args.data, flag="--data")
+    options = data_options(args)
+    model = model_for_data(args, args.model, args.data)
+    data = load_eval_data(args.data, flag="--data", model=model, options=options)
     kwargs = load_kwargs(args)
-    result = evaluate(args.model, data, metric, reference=args.reference,
-                      max_samples=args.max_samples, **kwargs)
+    result = evaluate(model, data, metric, reference=args.reference, **kwargs)
     extra = f", {result['tokens']} tokens" if "tokens" in result else ""
     print(f"{result['metric']} {format_value(result['metric'], result['value'])} "
           f"({result['samples']} samples{extra})")
+    for name, value in result.get("embedding", {}).items():
+        if name != result["metric"]:
+            print(f"{name} {value:.4f}")
+    print(f"metric: {result['reason']}")
     if args.json:
         from engine.io.export import atomic_write_bytes
 

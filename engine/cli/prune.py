@@ -8,12 +8,15 @@ import sys
 from engine.cli.common import (
     EXIT_ONNX_FAILED,
     Progress,
+    add_data_args,
     add_eval_args,
     add_model_args,
     add_option_args,
     calibration_from,
+    data_options,
     indices_from,
     load_kwargs,
+    model_for_data,
     options_from_args,
     read_json,
     report_frozen,
@@ -34,12 +37,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_target_args(ratio, p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the original and the pruned model (torch on --device, ONNX "
+                        "Runtime on the CPU; batch 1 and 8) into report.json's latency "
+                        "(default on; --no-latency skips it)")
     p.add_argument("--uniform", action="store_true",
                    help="every repeated layer of the same kind loses the same number of "
                         "channels (a standard transformers config for OUT/hf/)")
     add_structure_args(p)
     add_eval_args(p)
     add_recovery_args(p)
+    add_data_args(p)
     p.set_defaults(run=run)
 
 
@@ -65,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     if args.indices and options.criterion != "index":
         raise OptionError("--indices names filters to remove; it needs --criterion index")
-    calibration = calibration_from(args.calibration)
+    data_options(args)  # a bad data option fails before the model is loaded
+    model = model_for_data(args, args.model, args.calibration, args.eval_data)
+    calibration = calibration_from(args.calibration, model, args)
     indices = indices_from(args.indices)
     ratio = args.ratio
     ratios = _ratios(args.ratios) if args.ratios else None
@@ -73,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     if ratio is None and ratios is None and not wants_target(args) \
             and options.criterion != "index" and not any(
                 v is not None for v in structures.values()):
-        raise OptionError("prune needs --ratio R, --ratios FILE.json, --target-params F or "
-                          "--target-flops F (or --expert-ratio R, --block-ratio R, "
-                          "--remove-blocks N)")
+        raise OptionError("prune needs --ratio R, --ratios FILE.json, --target-params F, "
+                          "--target-flops F or --target-latency F (or --expert-ratio R, "
+                          "--block-ratio R, --remove-blocks N)")
     if ratio is not None:
         ratio = check_ratio(ratio, "--ratio")
     metric = check_metric(args.metric)
@@ -85,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"--eval-data {args.eval_data} is the --calibration file; measure on "
                           "held-out data the model was not calibrated on")
     recovery = check_recovery_args(args)
-    eval_data = load_eval_data(args.eval_data) if args.eval_data else None
-    model = args.model
-    if recovery is not None:  # loaded here, the original keeps its weights for recovery
+    eval_data = load_eval_data(args.eval_data, model=model, options=data_options(args)) \
+        if args.eval_data else None
+    if recovery is not None or args.latency:  # loaded here, the original keeps its weights
         model = engine.load_model(model, **load_kwargs(args))
     if eval_data is not None:  # a bad --eval-data fails before the pruning, not after
         model = engine.load_model(model, **load_kwargs(args))
@@ -98,23 +108,29 @@ def run(args: argparse.Namespace) -> int:
         auto = target_section(args, model, options, eval_data, metric, calibration,
                               load_kwargs(args))
         ratios = auto["ratios"]
-    progress = Progress(9 if eval_data else 8)
+    progress = Progress(8 + bool(eval_data) + bool(args.latency))
     try:
         result = engine.prune(model, None, options, ratio=ratio, ratios=ratios,
                               calibration=calibration, indices=indices, progress=progress,
                               uniform=args.uniform, **load_kwargs(args), **structures,
                               # nothing after this needs the original: free it as we go
-                              release_original=recovery is None and eval_data is None)
+                              release_original=recovery is None and eval_data is None
+                              and not args.latency)
         if auto is not None:
             result.report["auto_ratios"] = auto
         pruned = result
         if recovery is not None:
-            result = run_recovery(result, args.calibration, recovery)
+            result = run_recovery(result, calibration, recovery)
         if eval_data is not None:
             progress("evaluating on --eval-data")
             result.report["quality"] = quality_report(
                 model, pruned, eval_data, metric,
                 recovered=result if recovery is not None else None)
+        if args.latency:
+            from engine.quality.latency import latency_report
+
+            progress("timing the original and the pruned model")
+            result.report["latency"] = latency_report(model, result, onnx=not args.no_onnx)
         onnx_error = None
         try:
             paths = engine.save(result, args.out, onnx=not args.no_onnx, progress=progress)
@@ -131,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"verification: output shapes match={v['output_shapes_match']}, "
           f"max |pruned - masked| = {v['max_abs_diff_vs_masked']:.3g}, exact={v['exact']}")
     print_structures(report)
+    if "latency" in report:
+        from engine.quality.latency import latency_lines
+
+        print("\n".join(latency_lines(report["latency"])))
     if "quality" in report:
         print(quality_line(report["quality"]))
     if auto is not None:

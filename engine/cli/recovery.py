@@ -98,6 +98,8 @@ def run_recovery(result, calibration: str, settings: dict[str, Any]):
         line += (f"; {info['metric']} on {info['holdout_samples']} held-back calibration samples "
                  f"{info['metric_before']:.4f} -> {info['metric_after']:.4f}")
     print(line)
+    for method, verdict in info.get("per_method", {}).items():
+        print(f"recovery: {method}: {verdict['why']}")
     for method, reason in info["skipped"].items():
         print(f"recovery: skipped {method}: {reason}")
     if "chunking" in info:

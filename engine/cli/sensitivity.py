@@ -8,6 +8,7 @@ from engine.cli.common import (
     add_model_args,
     add_option_args,
     calibration_from,
+    device_kwargs,
     int_option,
     load_kwargs,
     options_from_args,
@@ -41,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     bar = SweepBar()
     try:
         report = sensitivity(args.model, options, ratios, eval_data=args.eval_data,
-                             metric=args.metric, calibration=calibration_from(args.calibration),
+                             metric=args.metric, calibration=_calibration(args),
                              workers=workers, ray=args.ray, progress=bar, out_json=args.json,
-                             **load_kwargs(args))
+                             **load_kwargs(args), **device_kwargs(args))
     finally:
         bar.close()
     print(f"{report['metric']} drop per group (original {report['original']:.4g})")
@@ -54,3 +55,13 @@ def run(args: argparse.Namespace) -> int:
                                             for r in report["ratios"]]))
     print(f"wrote {args.json}")
     return 0
+
+
+def _calibration(args: argparse.Namespace):
+    """Arrays read now (a bad file fails before the analysis); text and images are read by
+    the engine for the model it analyses."""
+    from engine.io.data import needs_model
+
+    if args.calibration is not None and needs_model(args.calibration):
+        return args.calibration
+    return calibration_from(args.calibration)

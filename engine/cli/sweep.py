@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli.common import add_model_args, int_option, load_kwargs
+from engine.cli.common import add_model_args, device_kwargs, int_option, load_kwargs
 from engine.options import ALLOWED
 
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         report = sweep(args.model, grid, ratios, eval_data=args.eval_data, metric=args.metric,
                        recover=args.recover, calibration=args.calibration,
                        recover_steps=steps, workers=workers, ray=args.ray, progress=bar,
-                       out_json=args.json, **load_kwargs(args))
+                       out_json=args.json, **load_kwargs(args), **device_kwargs(args))
     except KeyboardInterrupt:
         bar.close()
         print(f"prunescope: sweep interrupted; the finished points are in {args.json}",

@@ -14,13 +14,17 @@ def add_target_args(ratio_group: argparse._MutuallyExclusiveGroup,
                                   "ratios chosen from sensitivity curves")
     ratio_group.add_argument("--target-flops", metavar="F",
                              help="fraction of FLOPs to remove (0 < F < 1), likewise")
+    ratio_group.add_argument("--target-latency", metavar="F",
+                             help="fraction of the latency to remove (0 < F < 1), from each "
+                                  "group's latency cost measured here on --device (cached)")
     p.add_argument("--sensitivity", metavar="CURVES.json",
                    help="with a target: curves from `prunescope sensitivity` (default: measured "
                         "now on --calibration, else on --eval-data)")
 
 
 def wants_target(args: argparse.Namespace) -> bool:
-    return args.target_params is not None or args.target_flops is not None
+    return any(v is not None for v in (args.target_params, args.target_flops,
+                                      args.target_latency))
 
 
 def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, metric,
@@ -31,7 +35,8 @@ def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, 
     from engine.scoring.auto_ratios import check_target
 
     for flag, value in (("--target-params", args.target_params),
-                        ("--target-flops", args.target_flops)):
+                        ("--target-flops", args.target_flops),
+                        ("--target-latency", args.target_latency)):
         if value is not None:
             check_target(value, flag)  # before any work
     curves = read_json(args.sensitivity, "--sensitivity") if args.sensitivity else None
@@ -50,6 +55,7 @@ def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, 
                       stacklevel=1)
     return ratios_for_target(
         args.model, options, target_params=args.target_params, target_flops=args.target_flops,
+        target_latency=args.target_latency,
         sensitivity_data=data, eval_data=eval_data, metric=metric, sensitivity_report=curves,
         calibration=calibration, analysis=analysis, **load_kwargs)
 
@@ -61,6 +67,12 @@ def print_section(section: dict[str, Any]) -> None:
           + ", ".join(f"{k} {v:g}" for k, v in section["ratios"].items()))
     print(f"uniform global ratio removing as much: {section['uniform']['ratio']:g} "
           f"({section['uniform']['removed']:.1%})")
+    costs = section.get("latency_costs")
+    if costs:
+        m = costs["measured"]
+        print(f"latency measured: {m['original_ms']:.3g} ms -> {m['pruned_ms']:.3g} ms "
+              f"({m['removed']:.1%} removed; group costs "
+              f"{'from the cache' if costs['cached'] else 'measured now'})")
     comparison = section.get("comparison")
     if comparison:
         print(f"{comparison['metric']}: auto {comparison['auto']:.4g}, uniform "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from engine.graph.safety import (
     verify_checksums,
 )
 from engine.io.hf import example_inputs_for, is_pretrained_model, load_folder, source_of_model
+from engine.threads import TORCH_EXPORT_LOCK
 
 ACCEPTED = (
     "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
@@ -49,6 +51,9 @@ class Captured:
     source: str
     example_kwargs: dict | None = None
     hf: Any = None  # engine.io.hf.HFSource when the model is a transformers model
+    # the forward() parameter each positional input fills, where known (the program's own
+    # placeholders are args_0, ... after the output-flattening wrapper)
+    input_names: tuple[str, ...] = ()
 
 
 def load_model(
@@ -92,7 +97,8 @@ def _as_tuple(inputs: Any) -> tuple:
 def _load_folder(path: Path, trust_pickle: bool, input_shapes, seq_len) -> Captured:
     model, inputs, hf = load_folder(path, trust_pickle=trust_pickle, input_shapes=input_shapes,
                                     seq_len=seq_len)
-    captured = capture_module(model, inputs, source=str(path), input_names=hf.input_names)
+    captured = capture_module(model, inputs, source=str(path), input_names=hf.input_names,
+                              dynamic=True)
     captured.hf = hf
     return captured
 
@@ -103,7 +109,7 @@ def _capture_transformers(model, example_inputs, input_shapes, seq_len) -> Captu
     if example_inputs is None:
         example_inputs, names = example_inputs_for(model, input_shapes, seq_len)
     captured = capture_module(model, _as_tuple(example_inputs), source=type(model).__name__,
-                              input_names=names)
+                              input_names=names, dynamic=True)
     captured.hf = source_of_model(model, names)
     return captured
 
@@ -126,7 +132,8 @@ def _load_path(path: Path, example_inputs, trust_pickle: bool, input_shapes) -> 
             checked = pool.submit(verify_checksums, path, weights)
             with quiet_torch_load(weights_only=not trust_pickle) as log:
                 try:
-                    program = torch.export.load(os.fspath(path))
+                    with TORCH_EXPORT_LOCK:
+                        program = torch.export.load(os.fspath(path))
                     failure = None
                 except Exception as exc:  # noqa: BLE001 - any failure: an unreadable file
                     failure = root_cause(exc, log)
@@ -180,7 +187,7 @@ def _from_program(program, example_inputs, source: str) -> Captured:
 
 
 def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str = "",
-                   input_names: tuple[str, ...] = ()) -> Captured:
+                   input_names: tuple[str, ...] = (), dynamic: bool = False) -> Captured:
     """Export a module (eval mode, outputs flattened to plain tensors so the .pt2 loads anywhere).
 
     Models such as those of ``transformers`` return ``ModelOutput`` dataclasses; a program
@@ -190,6 +197,11 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
     each positional input (transformers models take ``input_ids``, ``attention_mask``, ...
     by name); the program takes them positionally. A model with a ``config.use_cache`` is
     captured with the cache off.
+
+    ``dynamic``: capture with a dynamic batch dimension (and a dynamic sequence length for
+    token inputs) where the model allows, so calibration, evaluation and recovery run any
+    number of samples at once (see `dynamic_batch_shapes`); a model that only exports with a
+    fixed batch is captured as before, with the example inputs as given.
     """
     flat = _with_flat_outputs(module, input_names)
     config = getattr(module, "config", None)
@@ -197,15 +209,91 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
     try:
         if use_cache:
             config.use_cache = False
-        with without_stack_traces():
-            program = torch.export.export(flat, example_inputs, strict=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
-                             f"{one_line(exc)}") from None
+        program, example_inputs = _export(flat, example_inputs, input_names, dynamic, source)
     finally:
         if use_cache:
             config.use_cache = use_cache
-    return Captured(program, example_inputs, source)
+    names = tuple(input_names) or forward_parameter_names(module, len(example_inputs))
+    return Captured(program, example_inputs, source, input_names=names)
+
+
+def forward_parameter_names(module: torch.nn.Module, count: int) -> tuple[str, ...]:
+    """The names of the first `count` positional parameters of module.forward, or () where
+    they are not plain named parameters (``*args``)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    positional = [p.name for p in parameters
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return tuple(positional[:count]) if len(positional) >= count else ()
+
+
+def _export(flat: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],
+            dynamic: bool, source: str) -> tuple[torch.export.ExportedProgram, tuple]:
+    """(program, the example inputs it was captured with): dynamic where the model allows."""
+    if dynamic:
+        inputs = _at_least_two(example_inputs)
+        shapes = dynamic_batch_shapes(inputs, input_names)
+        if shapes is not None:
+            try:
+                with without_stack_traces(), TORCH_EXPORT_LOCK:
+                    program = torch.export.export(flat, inputs, dynamic_shapes=(shapes,),
+                                                  strict=False)
+            except Exception:  # noqa: BLE001 - the model needs a fixed batch: captured so below
+                program = None
+            if program is not None and has_dynamic_batch(program):
+                return program, inputs
+    try:
+        with without_stack_traces(), TORCH_EXPORT_LOCK:
+            return torch.export.export(flat, example_inputs, strict=False), example_inputs
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
+                             f"{one_line(exc)}") from None
+
+
+# token inputs of transformers models whose dim 1 is a sequence length
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask")
+
+
+def dynamic_batch_shapes(inputs: tuple, input_names: tuple[str, ...]) -> tuple | None:
+    """``dynamic_shapes`` for `torch.export.export` of a flattened transformers model: dim 0
+    of every input is the batch; dim 1 of token inputs is the sequence length (one for the
+    encoder's inputs, another for a decoder's). ``Dim.AUTO``: a dimension the model pins to
+    its example size (a fixed position table, a reshape to a constant) stays static instead
+    of failing the capture. None when the inputs are not all tensors with a batch dim."""
+    if not inputs or not all(isinstance(x, torch.Tensor) and x.ndim for x in inputs):
+        return None
+    auto = torch.export.Dim.AUTO
+    shapes = []
+    for k, x in enumerate(inputs):
+        name = input_names[k] if k < len(input_names) else ""
+        dims = {0: auto}
+        if x.ndim >= 2 and name in (*_TOKEN_INPUTS, *_DECODER_INPUTS):
+            dims[1] = auto
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def _at_least_two(inputs: tuple) -> tuple:
+    """Example inputs with a batch of at least 2: torch.export specialises a size-1
+    dimension to the constant 1, so a batch of one would always be captured as fixed."""
+    if not all(isinstance(x, torch.Tensor) and x.ndim for x in inputs):
+        return inputs
+    if all(x.shape[0] >= 2 for x in inputs):
+        return inputs
+    return tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs)
+
+
+def has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
+    """Whether dim 0 of the program's first user input is symbolic (any batch size runs)."""
+    inputs = user_inputs(program)
+    if not inputs:
+        return False
+    val = inputs[0][1]
+    return isinstance(val, torch.Tensor) and bool(val.dim()) and \
+        isinstance(val.shape[0], torch.SymInt)
 
 
 @contextlib.contextmanager
@@ -257,7 +345,7 @@ def reexport(module: torch.nn.Module, captured: Captured) -> torch.export.Export
     inputs = captured.example_inputs
     kwargs = captured.example_kwargs or {}
     try:
-        with without_stack_traces():
+        with without_stack_traces(), TORCH_EXPORT_LOCK:
             return torch.export.export(module, inputs, kwargs or None,
                                        dynamic_shapes=_dynamic_shapes(captured), strict=False)
     except Exception as exc:  # noqa: BLE001 - any export failure is one line

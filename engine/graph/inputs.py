@@ -10,7 +10,7 @@ inputs (names, shapes, dynamic dimensions) are read here too (:func:`user_inputs
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,3 +63,24 @@ def user_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[int |
     """Each tensor user input's shape, None where the dimension is dynamic."""
     return [tuple(s if isinstance(s, int) else None for s in val.shape)
             for _name, val in user_inputs(program) if isinstance(val, torch.Tensor)]
+
+
+def sample_chunks(xs: Sequence[torch.Tensor], size: int, *, fixed: bool = False,
+                  fill: bool = False) -> Iterator[tuple[list[torch.Tensor], int]]:
+    """Consecutive chunks of `size` samples (dim 0 of every tensor in `xs`), as
+    (chunk, how many of its samples are real).
+
+    `fixed`: the model was captured with a batch of exactly `size`, so a short last chunk
+    cannot run as it is: `fill=True` fills it up with copies of its last sample (the caller
+    drops their outputs), `fill=False` leaves it out. Every fixed-batch loop of the engine
+    (calibration, scoring, evaluation, recovery) cuts its samples here.
+    """
+    total = int(xs[0].shape[0])
+    for start in range(0, total, size):
+        chunk = [x[start:start + size] for x in xs]
+        real = int(chunk[0].shape[0])
+        if fixed and real < size:
+            if not fill:
+                return
+            chunk = [torch.cat([c, c[-1:].expand(size - real, *c.shape[1:])]) for c in chunk]
+        yield chunk, real

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.threads import TORCH_EXPORT_LOCK
+
 
 def _grouped_mm_dense(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *_: object,
                       **__: object) -> torch.Tensor:
@@ -38,4 +40,5 @@ def without_custom_ops(program: torch.export.ExportedProgram) -> torch.export.Ex
     table = {op: _grouped_mm_dense for op in targets if op in used}
     if not table:
         return program
-    return program.run_decompositions(table)
+    with TORCH_EXPORT_LOCK:
+        return program.run_decompositions(table)

@@ -26,6 +26,7 @@ from engine.errors import ExportError, one_line
 from engine.graph.inputs import flat_inputs
 from engine.graph.outputs import tensor_leaves
 from engine.io.custom_ops_onnx import without_custom_ops
+from engine.threads import TORCH_EXPORT_LOCK
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -131,7 +132,8 @@ def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             sink = _DeferredErrorWriter(f)
-            torch.export.save(program, sink)
+            with TORCH_EXPORT_LOCK:
+                torch.export.save(program, sink)
             if sink.error is not None:
                 raise sink.error
             f.flush()
@@ -176,26 +178,32 @@ class _DeferredErrorWriter(io.RawIOBase):
         return self.pos
 
 
+# Loggers of the ONNX exporter and its optimiser. A served dashboard logs at INFO, where these
+# wrote about a thousand lines per export (rewrite rules applied, slices collapsed, unused
+# nodes removed, optional torchvision ops missing); none concerns the user's model.
+EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._export")
+_logger = logging.getLogger(__name__)
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The dynamo exporter logs about optional torchvision ops and emits pytree deprecation
-    warnings, and onnxscript's optimizer logs constants it could not fold (an attention mask
-    input of transformers models); none concerns the user's model, so they are hidden."""
-    loggers = [logging.getLogger(name) for name in (
-        "torch.onnx._internal.exporter._registration",
-        "onnxscript.optimizer._constant_folding",
-    )]
+    """The exporter's logging below ERROR and its warnings (pytree deprecations, constants it
+    could not fold) are held back for the export; its errors still raise (and become an
+    ExportError), and what was held back is one DEBUG line of this module's logger."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+    if caught:
+        _logger.debug("ONNX export: %d warning(s) held back, first: %s", len(caught),
+                      caught[0].message)
 
 
 def export_onnx(
@@ -233,7 +241,7 @@ def export_onnx(
     weights = _weight_bytes(source.state_dict.values() if source is not None
                             else program.state_dict().values())
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), TORCH_EXPORT_LOCK:
             onnx_program = torch.onnx.export(
                 program,
                 args,

@@ -270,17 +270,22 @@ def example_inputs_for(
 
 
 def _carried_files(path: Path) -> list[str]:
-    """Top-level non-weight files of the folder (tokenizer, processor, generation config)."""
+    """Non-weight files of the folder and its subfolders (tokenizer, processor, generation
+    config, a sentence-transformers ``1_Pooling/config.json``), as paths relative to it."""
     carried = []
-    for item in sorted(path.iterdir()):
+    for item in sorted(path.rglob("*")):
+        rel = item.relative_to(path)
         name = item.name
-        if not item.is_file() or item.is_symlink() or name.startswith("."):
+        if any(part.startswith(".") for part in rel.parts) or not item.is_file() \
+                or item.is_symlink():
             continue
-        if name in _NOT_CARRIED_NAMES or name.lower().endswith(_NOT_CARRIED_SUFFIXES):
+        if (len(rel.parts) == 1 and name in _NOT_CARRIED_NAMES) or \
+                name.lower().endswith(_NOT_CARRIED_SUFFIXES):
             continue
-        if item.stat().st_size > _CARRIED_MAX_BYTES:
+        if any((path / p).is_symlink() for p in rel.parents if str(p) != ".") or \
+                item.stat().st_size > _CARRIED_MAX_BYTES:
             continue
-        carried.append(name)
+        carried.append(rel.as_posix())
     return carried
 
 

@@ -1,17 +1,50 @@
-"""What a transformers config can describe of a pruned model (reading side, no writing).
+"""Which parameter dimensions each field of a transformers config sets, found by building.
 
-`groups_config_keeps` and `count_adjuster` steer planning (--uniform) so that the pruned
-shapes stay expressible by the model's config; `NotDescribable` is the one-line reason
-when they are not (engine/io/hf_export.py and engine/io/hf_depth.py raise it).
+A config describes a model's shapes with a few numbers. Which weight dimension follows
+which number is not written anywhere, so it is measured: the model class is built on the
+meta device (no memory, no initialisation) once with the config as it is and once per
+integer field with that field changed; the dimensions whose size moved are the ones the
+field sets. A field that adds or removes weights (a layer count) is left out: it is not a
+width. The result (:class:`ConfigMap`) serves two purposes:
+
+- before planning (``--uniform``): a group of channels can shrink only when some field that
+  can change sets every dimension its members prune; groups that one field sets together are
+  tied (they must lose the same count), and groups no field describes stay whole;
+- after pruning (hf/): the new field values are solved from the pruned shapes
+  (:func:`solve_config`) and checked by building the model of the new config on meta.
+
+A head's size cannot change in any config here: the attention scale follows it (and rotary
+tables too), so a field that sets it, or derives it (``hidden_size / num_attention_heads``),
+is *fixed*: every dimension it moves stays.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import json
 import math
 import re
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
 
 from engine.errors import PruneScopeError
-from engine.io.hf import HFSource
+from engine.io.hf import HFSource, quiet_transformers
+
+Dim = tuple[str, int]  # (parameter name, dimension)
+Shapes = dict[str, tuple[int, ...]]
+
+# integer fields that are identifiers or switches, never widths
+_NOT_WIDTH = re.compile(r"(_id|_ids|_token|_index|_idx|seed|_layers?|_steps?|_epochs?)$|"
+                        r"^(chunk_size_feed_forward|pretraining_tp|max_position_embeddings|"
+                        r"vocab_size|type_vocab_size|num_labels|num_hidden_layers|n_layer)$")
+# unset (None) fields that a config fills in from others (GPT-2's n_inner = 4 * n_embd)
+_UNSET_WIDTH = re.compile(r"(inner|_size|_dim|ffn|width)$")
+_MAX_SEARCH = 256  # candidate configs built while solving
 
 
 class NotDescribable(PruneScopeError):
@@ -25,62 +58,509 @@ def model_class(hf: HFSource):
     return getattr(transformers, hf.model_class)
 
 
-# What each config cannot describe whatever the counts: "head_channels" (channels inside a
-# head: one head size, and the attention scale follows it), "heads" (the number of heads:
-# BertConfig and GPT2Config derive the head size from hidden_size / heads), "hidden" (the
-# hidden size, for the same reason). --uniform keeps such groups whole on these models.
-_LLAMA_FIXED = ("head_channels",)
-_TIED_FIXED = ("head_channels", "heads", "hidden")
-FIXED: dict[str, tuple[str, ...]] = {
-    **{t: _LLAMA_FIXED for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")},
-    **{t: _TIED_FIXED for t in ("bert", "roberta", "xlm-roberta", "camembert")},
-    "vit": _LLAMA_FIXED,
-    "gpt2": _TIED_FIXED,
-}
-_EMBEDDING = re.compile(r"(word_embeddings|embed_tokens|wte|wpe|patch_embeddings\.projection)$")
-_POOLER = re.compile(r"pooler\.dense$")  # BertConfig: the pooler is hidden_size wide
-_WHY = {
-    "head_channels": "has one head size (channels inside heads cannot shrink)",
-    "heads": "derives the head size from hidden_size / heads (heads cannot go)",
-    "hidden": "derives the head size from hidden_size / heads (the hidden size cannot shrink)",
-}
+@dataclass
+class FieldEffect:
+    """One config field and the dimensions it moves: (size at x0, size at x1)."""
+
+    name: str
+    base: int | float | None  # the config's value (None: unset, derived by the config)
+    x0: int | float
+    x1: int | float
+    dims: dict[Dim, tuple[int, int]] = field(default_factory=dict)
+
+    def value_for(self, dim: Dim, size: int) -> int | float | None:
+        """The field value that gives `dim` this size (linear), or None if not an integer
+        (a float field, a ratio, takes the exact quotient)."""
+        s0, s1 = self.dims[dim]
+        if isinstance(self.x0, float):
+            value = self.x0 * size / s0 if s0 else None
+            return value if value and value > 0 else None
+        num = (size - s0) * (self.x1 - self.x0)
+        if num % (s1 - s0):
+            return None
+        value = self.x0 + num // (s1 - s0)
+        return value if value >= 1 else None
 
 
-def _is_embedding(hf: HFSource, layer: str) -> bool:
-    """An embedding layer, or the output layer tied to one (a tied pair may be captured under
-    the output layer's name only)."""
-    if _EMBEDDING.search(layer):
-        return True
-    tied = getattr(model_class(hf), "_tied_weights_keys", None)
-    return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
-            and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
-                                                                .removesuffix(".weight")))
+@dataclass
+class ConfigMap:
+    """The measured map of one config: base shapes and each width field's dimensions."""
+
+    config_name: str
+    shapes: Shapes
+    fields: dict[str, FieldEffect]
+    # boolean switches that add parameters (Llama's mlp_bias): field -> the names it adds
+    switches: dict[str, list[str]] = field(default_factory=dict)
+
+    def switch_for(self, names) -> dict[str, bool]:
+        """The switches to turn on so that the model holds every one of `names` (those it
+        lacks); empty when no set of switches adds them all."""
+        missing = {n for n in names if n not in self.shapes}
+        on = {f: True for f, added in self.switches.items() if missing & set(added)}
+        covered = {n for f in on for n in self.switches[f]}
+        return on if missing and missing <= covered else {}
+
+    @functools.cached_property
+    def by_dim(self) -> dict[Dim, list[str]]:
+        out: dict[Dim, list[str]] = {}
+        for f in self.fields.values():
+            for dim in f.dims:
+                out.setdefault(dim, []).append(f.name)
+        return out
+
+
+def _build_shapes(model_class, config) -> Shapes:
+    from transformers.initialization import no_init_weights
+
+    with torch.device("meta"), quiet_transformers(), no_init_weights():
+        model = model_class(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _with(config, values: dict[str, Any]):
+    """`config` with some fields changed; ``name[i]`` is element i of a list field."""
+    merged = config.to_dict()
+    for key, value in values.items():
+        match = _ELEMENT.fullmatch(key)
+        if match:
+            items = list(merged[match[1]])
+            items[int(match[2])] = value
+            merged[match[1]] = items
+        else:
+            merged[key] = value
+    return type(config).from_dict(merged)
+
+
+_ELEMENT = re.compile(r"(\w+)\[(\d+)\]")
+
+
+def _width_fields(config) -> list[tuple[str, Any]]:
+    """(name, value) of every scalar field, and of every element of a list of integers."""
+    out = []
+    for name, value in config.to_dict().items():
+        if isinstance(value, list) and value and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            if not _NOT_WIDTH.search(name) and not name.endswith(("depths", "layers")):
+                out += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            out.append((name, value))
+    return out
+
+
+def _try_shapes(model_class, config, values: dict[str, Any]) -> Shapes | None:
+    try:
+        with quiet_transformers():
+            return _build_shapes(model_class, _with(config, values))
+    except Exception:  # noqa: BLE001 - a config that refuses the value: not a probe point
+        return None
+
+
+def _moved(base: Shapes, other: Shapes) -> dict[Dim, tuple[int, int]]:
+    """Dimensions of the weights both hold whose size differs (a field may also add or remove
+    weights, e.g. a shortcut projection where two widths stop being equal)."""
+    moved = {}
+    for name, shape in base.items():
+        if name not in other or len(shape) != len(other[name]):
+            continue
+        for d, (a, b) in enumerate(zip(shape, other[name])):
+            if a != b:
+                moved[(name, d)] = (a, b)
+    return moved
+
+
+def _probe_points(name: str, value: Any) -> list[tuple[int, int]]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        if value < 1 or _NOT_WIDTH.search(name):
+            return []
+        points = [(value, 2 * value)]
+        if value >= 2:
+            points.append((value, value // 2))
+        return points
+    if isinstance(value, float) and value > 0 and name.endswith("_ratio"):
+        return [(value, 2 * value)]  # a width as a multiple of another (Swin's mlp_ratio)
+    if value is None and _UNSET_WIDTH.search(name) and not _NOT_WIDTH.search(name):
+        return [(64, 128), (48, 96)]
+    return []
+
+
+def probe_config(model_class, config) -> ConfigMap:
+    """Build `model_class` on meta with each width field of `config` changed in turn."""
+    key = (model_class.__module__, model_class.__name__,
+           json.dumps(config.to_dict(), sort_keys=True, default=str))
+    if key not in _PROBED:
+        if len(_PROBED) >= 8:
+            _PROBED.pop(next(iter(_PROBED)))
+        _PROBED[key] = _probe(model_class, config)
+    return _PROBED[key]
+
+
+_PROBED: dict[tuple, ConfigMap] = {}
+
+
+def _probe(model_class, config) -> ConfigMap:
+    base = _build_shapes(model_class, config)
+    fields: dict[str, FieldEffect] = {}
+    for name, value in _width_fields(config):
+        for x0, x1 in _probe_points(name, value):
+            at0 = base if value is not None else _try_shapes(model_class, config, {name: x0})
+            at1 = _try_shapes(model_class, config, {name: x1})
+            if at0 is None or at1 is None:
+                continue
+            moved = _moved(at0, at1)
+            if moved:
+                fields[name] = FieldEffect(name, value, x0, x1, moved)
+            break
+    switches = {}
+    for name, value in config.to_dict().items():
+        if value is False and "bias" in name:
+            on = _try_shapes(model_class, config, {name: True})
+            if on is not None and set(base) < set(on):
+                switches[name] = sorted(set(on) - set(base))
+    return ConfigMap(type(config).__name__, base, fields, switches)
+
+
+@dataclass
+class Constraints:
+    """What a config lets a plan change: groups kept whole (with the reason) and tied."""
+
+    keep: dict[str, str]  # group name -> why it stays whole
+    ties: list[dict[str, float]]  # groups set together: name -> field units per channel
+    fixed: dict[str, str]  # field -> why it cannot change
+    free: list[str]  # fields that can change
+
+
+def head_sizes(inside, whole) -> dict[Dim, int]:
+    """Member dimension -> head size, for attention heads: groups split into blocks (A, B)
+    in `inside` (heads split into channels) whose dimensions are whole heads in `whole`
+    (convolution groups and group norms have blocks too, but their block size is no head's)."""
+    in_whole_heads = {(s.member.param, s.member.dim) for g in whole.groups if g.whole_blocks
+                      for s in g.slots.values()}
+    out = {}
+    for g in inside.groups:
+        if g.blocks:
+            for slots in g.slots.values():
+                dim = (slots.member.param, slots.member.dim)
+                if dim in in_whole_heads:
+                    out[dim] = g.blocks[1]
+    return out
+
+
+def field_roles(cmap: ConfigMap, heads: dict[Dim, int]) -> dict[str, str]:
+    """Field -> why it cannot change ('' when it can): it sets or derives a head size."""
+    roles = {}
+    for f in cmap.fields.values():
+        why = ""
+        for dim, (s0, s1) in f.dims.items():
+            size = heads.get(dim)
+            if size is None:
+                continue
+            if f.base == size:
+                why = f"{f.name} is the head size"
+                break
+            if f.base is None or s0 != f.base * size or s1 != f.x1 * size:
+                why = f"{f.name} sets the head size (heads of {size} in {dim[0]})"
+                break
+        roles[f.name] = why
+    return roles
+
+
+def computed_with(cmap: ConfigMap, constants: set[float]) -> dict[str, str]:
+    """Fields whose value the model computes with, not only shapes: a constant of the graph
+    is its square root (Gemma scales embeddings by sqrt(hidden_size)); a smaller config would
+    change that number."""
+    out = {}
+    for f in cmap.fields.values():
+        if not f.base or isinstance(f.base, float):
+            continue
+        # the square root only: small inverses (1/4, 1/sqrt(4)) are the attention scale or
+        # GELU's 0.5 as often as anything a field sets
+        forms = {"sqrt({})": f.base ** 0.5}
+        for form, x in forms.items():
+            if any(math.isclose(c, x, rel_tol=1e-6) for c in constants):
+                out[f.name] = (f"the model computes with {form.format(f.name)} = {x:.6g} "
+                               "(a constant of the graph), which a smaller config would change")
+                break
+    return out
+
+
+def graph_constants(gm) -> set[float]:
+    """Float scalars of a graph: arguments and 0-d tensors it reads (buffers, constants)."""
+    out: set[float] = set()
+    for node in gm.graph.nodes:
+        for arg in (*node.args, *node.kwargs.values()):
+            if isinstance(arg, float) and math.isfinite(arg) and arg != 0:
+                out.add(arg)
+        if node.op == "get_attr":
+            obj = gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, torch.Tensor) and obj.dim() == 0 and obj.is_floating_point():
+                out.add(float(obj))
+    return out
+
+
+def constraints(cmap: ConfigMap, groups: list, heads: dict[Dim, int],
+                constants: set[float] = frozenset()) -> Constraints:
+    """Which of `groups` (GroupInfo of the plan's block mode) a config can describe shrunk.
+
+    `heads`: the head size of each attention dimension (:func:`head_sizes`); `constants`:
+    the float constants of the graph (:func:`graph_constants`).
+    """
+    name = cmap.config_name
+    roles = field_roles(cmap, heads)
+    fixed = {f: why for f, why in roles.items() if why}
+    for f, why in computed_with(cmap, set(constants)).items():
+        fixed.setdefault(f, why)
+    owner: dict[Dim, str] = {}
+    for g in groups:
+        for slots in g.slots.values():
+            owner[(slots.member.param, slots.member.dim)] = g.name
+    keep: dict[str, str] = {}
+    for g in groups:
+        if g.blocks and not g.whole_blocks and any(
+                (x.member.param, x.member.dim) in heads for x in g.slots.values()):
+            keep[g.name] = (f"{name} has one head size: channels inside heads cannot shrink "
+                            "(--reshape-channel-axis -2 prunes whole heads)")
+            continue
+        for slots in g.slots.values():
+            dim = (slots.member.param, slots.member.dim)
+            movers = cmap.by_dim.get(dim, [])
+            if not movers:
+                keep[g.name] = f"no field of {name} sets dimension {dim[1]} of {dim[0]}"
+                break
+            free = [f for f in movers if f not in fixed]
+            if not free:
+                keep[g.name] = f"{name} cannot change it: {fixed[movers[0]]}"
+                break
+    # a free field setting several groups ties them; one kept group keeps its whole tie
+    parent = {g.name: g.name for g in groups}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    by_name = {g.name: g for g in groups}
+    # each group's field units per channel removed: groups one field sets must lose counts
+    # in that proportion (ConvNeXt's MLP is 4 x hidden_sizes[i]: 4 inner channels per one)
+    units: dict[str, float] = {}
+    uneven: dict[str, str] = {}  # a group -> why its tie keeps no proportion
+    for f in cmap.fields.values():
+        if f.name in fixed:
+            continue
+        steps: dict[str, set[float]] = {}
+        for dim, (s0, s1) in f.dims.items():
+            if dim in owner:
+                g = by_name[owner[dim]]
+                steps.setdefault(g.name, set()).add(
+                    _slots_per_channel(g, dim) * (f.x1 - f.x0) / (s1 - s0))
+        touched = sorted(steps, key=list(parent).index)
+        for other in touched[1:]:
+            parent[root(other)] = root(touched[0])
+        if any(len(v) > 1 for v in steps.values()):
+            for g_name in steps:
+                uneven[g_name] = (f"{name}'s {f.name} sets the members of {g_name} in "
+                                  "different proportions")
+            continue
+        known = [g for g in touched if g in units]
+        scale = units[known[0]] / next(iter(steps[known[0]])) if known else 1.0
+        for g_name in touched:
+            unit = next(iter(steps[g_name])) * scale
+            if g_name in units and not math.isclose(units[g_name], unit, rel_tol=1e-9):
+                uneven[g_name] = (f"{name}'s fields set {g_name} in proportions that "
+                                  "contradict each other")
+            units.setdefault(g_name, unit)
+    classes: dict[str, list[str]] = {}
+    for g in groups:
+        classes.setdefault(root(g.name), []).append(g.name)
+    ties = []
+    for members in classes.values():
+        kept = [m for m in members if m in keep]
+        bad = [m for m in members if m in uneven]
+        if kept or bad:
+            for m in members:
+                keep.setdefault(m, uneven[bad[0]] if bad else
+                                f"tied by a field of {name} to {kept[0]}, which stays whole")
+        elif len(members) > 1:
+            ties.append({m: units.get(m, 1.0) for m in members})
+    return Constraints(keep, ties, fixed, [f for f in cmap.fields if f not in fixed])
+
+
+def _slots_per_channel(group, dim: Dim) -> float:
+    for slots in group.slots.values():
+        if (slots.member.param, slots.member.dim) == dim:
+            return len(slots.slot_index) / max(group.channels, 1)
+    return 1.0
+
+
+class Unsolvable(Exception):
+    """No config of the class gives the pruned shapes (the message is the one-line reason)."""
+
+
+def solve_config(model_class, config, shapes: Shapes, fixed: set[str] = frozenset()):
+    """A config of the same class whose model has exactly `shapes` (names present in both)."""
+    sizes = {(name, d): n for name, shape in shapes.items() for d, n in enumerate(shape)}
+    new, wrong = solve_dims(model_class, config, sizes, fixed)
+    if new is None:
+        raise Unsolvable(_mismatch_line(probe_config(model_class, config), wrong[0], sizes,
+                                        shapes))
+    return new
+
+
+def solve_dims(model_class, config, sizes: dict[Dim, int], fixed: set[str] = frozenset()):
+    """(config, []) for a config of the same class whose model has these dimension sizes
+    (weights present in both), else (None, the dimensions the closest candidate gets wrong).
+
+    Each field's candidates are its value and the values each dimension it moves implies;
+    combinations with the fewest changed fields are built first."""
+    cmap = probe_config(model_class, config)
+    candidates: dict[str, list[int]] = {}
+    for f in cmap.fields.values():
+        if f.name in fixed:
+            continue
+        options: list[int] = []
+        for dim in f.dims:
+            if dim in sizes and sizes[dim] != cmap.shapes[dim[0]][dim[1]]:
+                value = f.value_for(dim, sizes[dim])
+                if value is not None and value != f.base and value not in options:
+                    options.append(value)
+        if options:
+            candidates[f.name] = options
+    best = _wrong(cmap.shapes, sizes)
+    if not best:
+        return config, []
+    names = list(candidates)
+    tried = 0
+    for changed in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, changed):
+            for values in itertools.product(*(candidates[n] for n in subset)):
+                tried += 1
+                if tried > _MAX_SEARCH:
+                    return None, best
+                try:
+                    with quiet_transformers():
+                        new = _with(config, dict(zip(subset, values)))
+                    built = _build_shapes(model_class, new)
+                except Exception:  # noqa: BLE001 - the config refuses these values
+                    continue
+                wrong = _wrong(built, sizes)
+                if not wrong:
+                    return new, []
+                if len(wrong) < len(best):
+                    best = wrong
+    return None, best
+
+
+def _wrong(shapes: Shapes, sizes: dict[Dim, int]) -> list[Dim]:
+    return [(p, d) for (p, d), n in sizes.items()
+            if p in shapes and d < len(shapes[p]) and shapes[p][d] != n]
+
+
+def _mismatch_line(cmap: ConfigMap, dim: Dim, sizes: dict[Dim, int], shapes: Shapes) -> str:
+    name, d = dim
+    movers = sorted(cmap.by_dim.get(dim, []))
+    which = (f"no combination of {', '.join(movers)} gives it together with every other "
+             "pruned size" if movers else "no field of the config sets it")
+    return (f"{cmap.config_name} cannot describe {name} of shape {list(shapes[name])} "
+            f"(dimension {d}, {cmap.shapes[name][d]} before pruning: {which})")
+
+
+# ---------------------------------------------------------------- planning (--uniform)
+def config_constraints(analysis, whole_blocks: bool) -> Constraints:
+    """What the model's config lets a plan of this block mode change (engine/io/hf_config)."""
+    hf = analysis.captured.hf
+    cmap = probe_config(model_class(hf), hf.config)
+    return constraints(cmap, analysis.prunable_groups(whole_blocks), attention_heads(analysis),
+                       graph_constants(analysis.gm))
+
+
+def attention_heads(analysis) -> dict[tuple[str, int], int]:
+    """Head size of each attention weight dimension of the analysed model."""
+    return head_sizes(analysis.structure(False), analysis.structure(True))
 
 
 def groups_config_keeps(analysis, whole_blocks: bool) -> dict[str, str]:
     """Group name -> why the model's config cannot describe pruning it (for --uniform)."""
+    found = _FOUND_BY_SOLVING.get(analysis, {}).get(whole_blocks, {})
+    return {**config_constraints(analysis, whole_blocks).keep, **found}
+
+
+# groups a uniform plan had to keep after solving its config failed, per analysis and mode
+_FOUND_BY_SOLVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def planned_sizes(analysis, plan) -> dict[tuple[str, int], int]:
+    """The size each member dimension will have once `plan` is applied (unpruned ones keep
+    theirs), and the other dimensions of the same weights that no pruned group reads (they
+    keep theirs too: a config that moves them does not describe the plan)."""
     hf = analysis.captured.hf
-    fixed = FIXED.get(getattr(hf.config, "model_type", None), ())
+    shapes = probe_config(model_class(hf), hf.config).shapes
+    structure = analysis.structure(plan.options.prunes_whole_blocks)
+    pruned = {gp.name: gp.pruned for gp in plan.groups}
+    reading = {f"{layer}.weight" for gp in plan.groups if len(gp.pruned)
+               for layer in structure.group(gp.name).consumers}
+    sizes = {}
+    for g in structure.groups:
+        for slots in g.slots.values():
+            param, dim = slots.member.param, slots.member.dim
+            if param not in shapes or dim >= len(shapes[param]):
+                continue
+            gone = pruned.get(g.name)
+            removed = 0 if gone is None else int(np.isin(slots.channel, gone).sum())
+            sizes[(param, dim)] = shapes[param][dim] - removed
+            if param not in reading:
+                for d, n in enumerate(shapes[param]):
+                    sizes.setdefault((param, d), n)
+    return sizes
+
+
+def keep_to_describe(analysis, plan) -> dict[str, str]:
+    """Groups `plan` must keep whole so that a config can describe it (empty: it can): those
+    owning the dimensions that the closest config solved from the planned sizes gets wrong,
+    or, for a dimension no pruned group owns, the pruned groups set by the fields that move
+    it. The reasons are remembered for the report (:func:`groups_config_keeps`)."""
+    hf = analysis.captured.hf
+    cls = model_class(hf)
+    cmap = probe_config(cls, hf.config)
+    roles = field_roles(cmap, attention_heads(analysis))
+    sizes = planned_sizes(analysis, plan)
+    new, wrong = solve_dims(cls, hf.config, sizes, {f for f, why in roles.items() if why})
+    if new is not None:
+        return {}
+    whole = plan.options.prunes_whole_blocks
+    structure = analysis.structure(whole)
+    owner = {(x.member.param, x.member.dim): gp.name for gp in plan.groups if len(gp.pruned)
+             for x in structure.group(gp.name).slots.values()}
     name = type(hf.config).__name__
     keep = {}
-    for g in analysis.prunable_groups(whole_blocks):
-        if g.whole_blocks and "heads" in fixed:
-            keep[g.name] = f"{name} {_WHY['heads']}"
-        elif g.blocks and "head_channels" in fixed and not g.whole_blocks:
-            keep[g.name] = f"{name} {_WHY['head_channels']}"
-        elif "hidden" in fixed and any(_is_embedding(hf, x) or _POOLER.search(x)
-                                       for x in g.layers):
-            keep[g.name] = f"{name} {_WHY['hidden']}"
+    for d in wrong:
+        if d in owner:
+            keep[owner[d]] = (f"no {name} gives {d[0]} dimension {d[1]} the size {sizes[d]} "
+                              "together with the rest of the plan")
+            continue
+        for field_name in cmap.by_dim.get(d, []):
+            for moved in cmap.fields[field_name].dims:
+                if moved in owner:
+                    keep.setdefault(owner[moved], (
+                        f"{name}'s {field_name} also sets {d[0]} dimension {d[1]}, which "
+                        "the plan keeps"))
+    _FOUND_BY_SOLVING.setdefault(analysis, {}).setdefault(whole, {}).update(keep)
     return keep
 
 
 def count_adjuster(analysis, options):
-    """For --uniform on Llama-like models: LlamaConfig requires hidden_size to be a multiple
-    of num_attention_heads, so the hidden stream keeps such a multiple (the heads left after
-    pruning whole heads; the step size too when the step rule is on)."""
+    """For --uniform where the config requires hidden_size to be a multiple of
+    num_attention_heads while the head size is its own field (LlamaConfig and kin): the hidden
+    stream keeps such a multiple (the heads left after pruning whole heads; the step size too
+    when the step rule is on)."""
     hf = analysis.captured.hf
-    if FIXED.get(getattr(hf.config, "model_type", None)) is not _LLAMA_FIXED or \
-            hf.config.model_type == "vit":
+    config = hf.config
+    if not (isinstance(getattr(config, "head_dim", None), int)
+            and isinstance(getattr(config, "num_attention_heads", None), int)
+            and isinstance(getattr(config, "hidden_size", None), int)):
         return None
     groups = analysis.prunable_groups(options.prunes_whole_blocks)
     hidden = next((g.name for g in groups if any(_is_embedding(hf, x) for x in g.layers)), None)
@@ -88,8 +568,8 @@ def count_adjuster(analysis, options):
              if g.whole_blocks and any(x.endswith("q_proj") for x in g.layers)]
     if hidden is None:
         return None
-    n_heads = hf.config.num_attention_heads
-    n_kv = getattr(hf.config, "num_key_value_heads", None) or n_heads
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     step = options.step_size if options.step_op != "none" else 1
 
     def adjust(counts: dict[str, int], sizes: dict[str, int]) -> dict[str, int]:
@@ -102,3 +582,17 @@ def count_adjuster(analysis, options):
         return {**counts, hidden: size - kept}
 
     return adjust
+
+
+_EMBEDDING = re.compile(r"(word_embeddings|embed_tokens|wte|wpe|patch_embeddings\.projection)$")
+
+
+def _is_embedding(hf: HFSource, layer: str) -> bool:
+    """An embedding layer, or the output layer tied to one (a tied pair may be captured under
+    the output layer's name only)."""
+    if _EMBEDDING.search(layer):
+        return True
+    tied = getattr(model_class(hf), "_tied_weights_keys", None)
+    return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
+            and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
+                                                                .removesuffix(".weight")))

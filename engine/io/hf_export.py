@@ -16,9 +16,7 @@ relative, or the folder is not written. The check goes into ``report.json`` as `
 from __future__ import annotations
 
 import os
-import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,115 +24,21 @@ import torch
 
 from engine.graph.outputs import tensor_leaves
 from engine.io.hf import HFSource, quiet_transformers
-from engine.io.hf_config import NotDescribable, model_class
+from engine.io.hf_config import (
+    NotDescribable,
+    Unsolvable,
+    attention_heads,
+    field_roles,
+    model_class,
+    probe_config,
+    solve_config,
+)
 from engine.io.hf_depth import config_update, renumber
 from engine.scoring.uniform import families
 from engine.transform.exactness import exact_tolerance
 
 HF_TOLERANCE = 1e-5  # relative: max |hf - pt2| / max |pt2|
 Shapes = dict[str, tuple[int, ...]]
-
-
-def _find(shapes: Shapes, pattern: str) -> tuple[str, tuple[int, ...]]:
-    regex = re.compile(pattern)
-    for name, shape in shapes.items():
-        if regex.search(name):
-            return name, shape
-    raise NotDescribable(f"no weight matching {pattern!r}")
-
-
-def _heads(shapes: Shapes, pattern: str, dim: int, head_size: int, parts: int = 1) -> int:
-    name, shape = _find(shapes, pattern)
-    width = shape[dim] // parts
-    if width % head_size:
-        raise NotDescribable(
-            f"{name} has {width} attention channels, not a whole number of heads of "
-            f"{head_size}: the config has one head size; prune whole heads "
-            "(--reshape-channel-axis -2) instead"
-        )
-    return width // head_size
-
-
-def _llama_like(config, shapes: Shapes) -> dict[str, Any]:
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    update = {
-        "hidden_size": _find(shapes, r"embed_tokens\.weight$")[1][1],
-        "intermediate_size": _find(shapes, r"layers\.0\.mlp\.(gate|up)_proj\.weight$")[1][0],
-        "num_attention_heads": _heads(shapes, r"layers\.0\.self_attn\.q_proj\.weight$", 0, head),
-        "head_dim": head,
-    }
-    if kv:
-        update["num_key_value_heads"] = _heads(
-            shapes, r"layers\.0\.self_attn\.k_proj\.weight$", 0, head)
-    return update
-
-
-def _bert_like(config, shapes: Shapes) -> dict[str, Any]:
-    head = config.hidden_size // config.num_attention_heads
-    return {
-        "hidden_size": _find(shapes, r"embeddings\.word_embeddings\.weight$")[1][1],
-        "intermediate_size": _find(shapes, r"layer\.0\.intermediate\.dense\.weight$")[1][0],
-        "num_attention_heads": _heads(shapes, r"layer\.0\.attention\.self\.query\.weight$", 0,
-                                      head),
-    }
-
-
-def _vit(config, shapes: Shapes) -> dict[str, Any]:
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {
-        "hidden_size": _find(shapes, r"embeddings\.cls_token$")[1][-1],
-        "intermediate_size": _find(shapes, r"layers\.0\.mlp\.fc1\.weight$")[1][0],
-        "num_attention_heads": _heads(shapes, r"layers\.0\.attention\.q_proj\.weight$", 0, head),
-        "head_dim": head,
-    }
-
-
-def _gpt2(config, shapes: Shapes) -> dict[str, Any]:
-    head = config.n_embd // config.n_head
-    return {
-        "n_embd": _find(shapes, r"wte\.weight$")[1][1],
-        "n_inner": _find(shapes, r"h\.0\.mlp\.c_fc\.weight$")[1][1],  # Conv1D: (in, out)
-        "n_head": _heads(shapes, r"h\.0\.attn\.c_attn\.weight$", 1, head, parts=3),
-    }
-
-
-def _resnet(config, shapes: Shapes) -> dict[str, Any]:
-    """Stage widths from each stage's last block output; the bottleneck ratio is fixed."""
-    sizes = []
-    for stage in range(len(config.hidden_sizes)):
-        pattern = rf"stages\.{stage}\.layers\.\d+\.layer\.\d+\.convolution\.weight$"
-        names = [n for n in shapes if re.search(pattern, n)]
-        if not names:
-            raise NotDescribable(f"no weights of ResNet stage {stage}")
-        sizes.append(shapes[names[-1]][0])
-    if getattr(config, "layer_type", "bottleneck") == "bottleneck":
-        first = re.compile(r"stages\.(\d+)\.layers\.\d+\.layer\.0\.convolution\.weight$")
-        for name, shape in shapes.items():
-            match = first.search(name)
-            if match and shape[0] != sizes[int(match.group(1))] // 4:
-                raise NotDescribable(
-                    f"ResNetConfig fixes every bottleneck's inner width at a quarter of its "
-                    f"stage width, and {name} keeps {shape[0]} of {sizes[int(match.group(1))]}"
-                )
-    return {
-        "embedding_size": _find(shapes, r"embedder\.embedder\.convolution\.weight$")[1][0],
-        "hidden_sizes": sizes,
-    }
-
-
-# model_type -> rule reading the new config numbers off the pruned weights
-RULES: dict[str, Callable[[Any, Shapes], dict[str, Any]]] = {
-    **{t: _llama_like for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")},
-    **{t: _bert_like for t in ("bert", "roberta", "xlm-roberta", "camembert")},
-    "vit": _vit,
-    "gpt2": _gpt2,
-    "resnet": _resnet,
-}
-
-
-def supported_model_types() -> list[str]:
-    return sorted(RULES)
 
 
 def check_uniform(result) -> None:
@@ -157,9 +61,11 @@ def check_heads(result) -> None:
     """Channels pruned inside attention heads change the head size of some projections only,
     and the attention scale stays the original one; no config here has a field for that."""
     structure = result.analysis.structure(result.plan.options.prunes_whole_blocks)
+    heads = attention_heads(result.analysis)
     for gp in result.plan.groups:
         info = structure.group(gp.name)
-        if len(gp.pruned) and info.blocks and not info.whole_blocks:
+        if len(gp.pruned) and info.blocks and not info.whole_blocks and any(
+                (x.member.param, x.member.dim) in heads for x in info.slots.values()):
             heads, size = info.blocks
             kept = size - len(gp.pruned) // heads
             config_name = type(result.analysis.captured.hf.config).__name__
@@ -170,36 +76,27 @@ def check_heads(result) -> None:
             )
 
 
-def pruned_config(hf: HFSource, module: torch.nn.Module):
-    """The config describing `module`'s weights (checked against a fresh model on meta)."""
+def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None):
+    """The config describing `module`'s weights: its width fields solved from the pruned
+    shapes (engine/io/hf_config.py) and checked by building the model on meta."""
     config = hf.config
-    model_type = getattr(config, "model_type", "?")
-    rule = RULES.get(model_type)
-    if rule is None:
-        raise NotDescribable(
-            f"no rule maps pruned shapes onto a {type(config).__name__} (hf/ is written for "
-            f"model types {', '.join(supported_model_types())})"
-        )
-    shapes = {k: tuple(v.shape) for k, v in _hf_weights(hf, module).items()}
     values = config.to_dict()
-    values.update(config_update(hf))
-    values.update(rule(config, shapes))
+    depth = config_update(hf)
+    if depth:
+        values.update(depth)
+        config = type(config).from_dict(values)
+    shapes = {k: tuple(v.shape) for k, v in _hf_weights(hf, module).items()}
+    switches = probe_config(model_class(hf), config).switch_for(shapes)
+    if switches:  # recovery added biases the config's own switches describe
+        config = type(config).from_dict({**config.to_dict(), **switches})
+    fixed: set[str] = set()
+    if analysis is not None:  # a head's size stays, whatever shapes could also be read
+        roles = field_roles(probe_config(model_class(hf), config), attention_heads(analysis))
+        fixed = {name for name, why in roles.items() if why}
     try:
-        new_config = type(config).from_dict(values)
-        with torch.device("meta"), quiet_transformers():
-            fresh = model_class(hf)(new_config)
-    except Exception as exc:  # noqa: BLE001 - the config refuses the numbers read off
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise NotDescribable(f"{type(config).__name__} refuses the pruned sizes "
-                             f"({_changed(config, values)}): {first}"[:400]) from None
-    expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    for name, shape in shapes.items():
-        if name in expected and expected[name] != shape:
-            raise NotDescribable(
-                f"{type(config).__name__} cannot describe {name} of shape {list(shape)} "
-                f"(the config implies {list(expected[name])})"
-            )
-    return new_config
+        return solve_config(model_class(hf), config, shapes, fixed)
+    except Unsolvable as exc:
+        raise NotDescribable(str(exc)[:400]) from None
 
 
 def _changed(config, values: dict[str, Any]) -> str:
@@ -233,11 +130,11 @@ def _loader_class(hf: HFSource):
     return getattr(transformers, hf.auto_class or hf.model_class)
 
 
-def build_pretrained(hf: HFSource, module: torch.nn.Module):
+def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
     """A fresh transformers model of the pruned config holding `module`'s weights."""
     from transformers.initialization import no_init_weights
 
-    new_config = pruned_config(hf, module)
+    new_config = pruned_config(hf, module, analysis)
     # every weight is overwritten below: skip the random initialisation (seconds per billion
     # parameters) and build in the weights' dtype (a bf16 model stays bf16 on disk)
     with quiet_transformers(), no_init_weights():
@@ -256,9 +153,30 @@ def build_pretrained(hf: HFSource, module: torch.nn.Module):
                if k not in loaded and v.data_ptr() not in loaded_ptrs]
     persistent_params = {k for k, _ in fresh.named_parameters()}
     missing = [k for k in missing if k in persistent_params]
+    # biases a config switch turned on (recovery corrected some of them): zero elsewhere
+    switched = {n for added in probe_config(model_class(hf), hf.config).switches.values()
+                for n in added}
+    with torch.no_grad():
+        for k in [k for k in missing if k in switched]:
+            fresh.get_parameter(k).zero_()
+    missing = [k for k in missing if k not in switched]
     if missing:
         raise NotDescribable(f"the pruned model has no weight for {missing[0]}")
     return fresh
+
+
+def parameter_places(hf: HFSource):
+    """For recovery: parameter name -> why the architecture has no place for it (None: it
+    has one, or a config switch such as ``mlp_bias`` adds it)."""
+    cmap = probe_config(model_class(hf), hf.config)
+
+    def why(name: str) -> str | None:
+        if name in cmap.shapes or cmap.switch_for([name]):
+            return None
+        return (f"{hf.model_class} has no {name} and no {cmap.config_name} switch adds one "
+                "(hf/ stays loadable)")
+
+    return why
 
 
 def write_hf(result, folder: Path) -> dict[str, Any]:
@@ -273,7 +191,7 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     try:
         check_uniform(result)
         check_heads(result)
-        model = build_pretrained(hf, result.module)
+        model = build_pretrained(hf, result.module, result.analysis)
     except NotDescribable as exc:
         return {"written": False, "reason": str(exc)}
     with quiet_transformers():
@@ -281,6 +199,7 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     carried = []
     for name in hf.carried:
         if hf.folder is not None and (hf.folder / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(hf.folder / name, folder / name)
             carried.append(name)
     dtype = _weight_dtype(result.module)

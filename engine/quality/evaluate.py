@@ -12,8 +12,14 @@ Metrics (of the model's first output):
 - ``agreement``: share of top-1 predictions equal to a reference model's;
 - ``relative_error``: ``||out - ref|| / ||ref||`` against a reference model's output.
 
-Default: ``accuracy`` with labels; ``perplexity`` when the data are token ids and the model
-gives next-token logits over them; otherwise ``agreement`` (which needs a reference).
+- ``embedding_cosine``, ``embedding_spearman``, ``neighbor_agreement``: an encoder's pooled
+  embeddings against a reference model's (``engine/quality/embedding.py``).
+
+The default follows what the model returns (``choose_metric``): ``accuracy`` with labels and
+class scores; ``perplexity`` for a causal language model whose logits span the tokenizer's
+vocabulary; the embedding metrics for an encoder's hidden states ``[N, T, H]`` (never
+perplexity); otherwise ``agreement`` (which needs a reference). Results name the metric and
+the reason it was chosen.
 """
 
 from __future__ import annotations
@@ -26,23 +32,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.device import current, device_scope, on_device, to_device
 from engine.errors import OptionError, PruneScopeError
 from engine.graph.capture import Captured, load_model
-from engine.graph.inputs import user_input_shapes, user_inputs
+from engine.graph.inputs import sample_chunks, user_input_shapes, user_inputs
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import (  # noqa: F401 - importable from here, as before
+    DataOptions,
     DataSet,
+    as_model_inputs,
     load_calibration_data,
     load_eval_data,
     same_data_file,
 )
 from engine.options import METRICS
 from engine.pipeline import PruneResult
+from engine.quality.embedding import EMBEDDING_METRICS, embedding_metrics, mean_pool
 from engine.scoring.analysis import Analysis
 
 HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "agreement": True,
-                    "relative_error": False}
-NEEDS_REFERENCE = ("agreement", "relative_error")
+                    "relative_error": False, **dict.fromkeys(EMBEDDING_METRICS, True)}
+NEEDS_REFERENCE = ("agreement", "relative_error", *EMBEDDING_METRICS)
+# transformers classes whose logits predict the next token (perplexity applies)
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 EvalData = DataSet  # the public name of held-out data (engine.EvalData)
 
 
@@ -63,12 +75,28 @@ class _Runner:
         self.fixed_batch = fixed_batch
         self.fallback_batch = fallback_batch
         self.name = name
+        self.captured: Any = None  # the captured model where known (its inputs, hf class)
+
+    @property
+    def model_class(self) -> str | None:
+        """The transformers class name of the model, where known."""
+        return getattr(getattr(self.captured, "hf", None), "model_class", None)
+        self._placed: tuple[torch.device, Callable] | None = None
+
+    def placed(self) -> Callable:
+        """The module on the current device (copied there once)."""
+        where = current()
+        if self._placed is None or self._placed[0] != where:
+            self._placed = (where, on_device(self.module, where))
+        return self._placed[1]
 
     @torch.no_grad()
     def __call__(self, chunk: Sequence[torch.Tensor], data: EvalData) -> torch.Tensor:
+        module = self.placed()
+        chunk = to_device(tuple(chunk))
         if self.fixed_batch is None:
             try:
-                return _first_tensor(self.module(*chunk))
+                return _first_tensor(module(*chunk))
             except PruneScopeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - retried with the example's batch size
@@ -77,13 +105,9 @@ class _Runner:
                 self.fixed_batch = self.fallback_batch
         size = self.fixed_batch
         outs = []
-        for start in range(0, chunk[0].shape[0], size):
-            part = [x[start:start + size] for x in chunk]
-            real = part[0].shape[0]
-            if real < size:
-                part = [torch.cat([x, x[-1:].expand(size - real, *x.shape[1:])]) for x in part]
+        for part, real in sample_chunks(chunk, size, fixed=True, fill=True):
             try:
-                outs.append(_first_tensor(self.module(*part))[:real])
+                outs.append(_first_tensor(module(*part))[:real])
             except PruneScopeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the user's data or model: one line
@@ -101,14 +125,15 @@ def _first_tensor(output: Any) -> torch.Tensor:
     leaves = tensor_leaves(output)
     if not leaves:
         raise OptionError(f"the model's output ({type(output).__name__}) holds no tensor")
-    return leaves[0].detach()
+    return leaves[0].detach().cpu()
 
 
 def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Runner:
-    program = None
+    program = captured = None
     if isinstance(model, PruneResult):
         examples = example_inputs or model.example_inputs
-        program = model.analysis.captured.program  # same input constraints as the pruned one
+        captured = model.analysis.captured
+        program = captured.program  # same input constraints as the pruned one
         module, name = model.module, "the pruned model"
     elif isinstance(model, torch.export.ExportedProgram):
         program, module, name = model, model.module(), "the program"
@@ -132,7 +157,9 @@ def _runner(model: Any, example_inputs: tuple | None, load_kwargs: dict) -> _Run
     fallback = None
     if examples and isinstance(examples[0], torch.Tensor) and examples[0].ndim:
         fallback = int(examples[0].shape[0])
-    return _Runner(module, expected, fixed, fallback, name)
+    runner = _Runner(module, expected, fixed, fallback, name)
+    runner.captured = captured
+    return runner
 
 
 def _expected_inputs(program, examples) -> list[tuple] | None:
@@ -188,9 +215,11 @@ class _Accumulator:
         self.total = 0.0
         self.count = 0
         self.ref_total = 0.0
+        self.pooled: list[np.ndarray] = []  # embedding metrics: the model's pooled outputs
+        self.ref_pooled: list[np.ndarray] = []
 
     def add(self, out: torch.Tensor, x: Sequence[torch.Tensor], labels: np.ndarray | None,
-            ref: torch.Tensor | None) -> None:
+            ref: torch.Tensor | None, mask: np.ndarray | None = None) -> None:
         where = f"{self.data.flag} {self.data.source}"
         if self.metric == "accuracy":
             pred = out.argmax(dim=-1).numpy() if out.ndim >= 2 else None
@@ -216,9 +245,24 @@ class _Accumulator:
                 raise OptionError(f"perplexity on {where}: token ids must lie in "
                                   f"[0, {out.shape[-1]}) (the vocabulary of the logits)")
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            self.total += float(nll)
-            self.count += targets.numel()
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            if mask is not None:  # padding is not text: only real next tokens count
+                real = torch.from_numpy(np.ascontiguousarray(mask[:, 1:])).reshape(-1) > 0
+                nll = nll[real]
+            self.total += float(nll.sum())
+            self.count += nll.numel()
+        elif self.metric in EMBEDDING_METRICS:
+            if ref.shape != out.shape:
+                raise OptionError(f"{self.metric}: the reference's first output has shape "
+                                  f"{tuple(ref.shape)}, the model's {tuple(out.shape)}")
+            if out.ndim not in (2, 3):
+                raise OptionError(f"{self.metric} needs embeddings [N, H] or hidden states "
+                                  f"[N, T, H]; the first output has shape {tuple(out.shape)}")
+            use_mask = mask if out.ndim == 3 and mask is not None and \
+                mask.shape == tuple(out.shape[:2]) else None
+            self.pooled.append(mean_pool(out, use_mask))
+            self.ref_pooled.append(mean_pool(ref, use_mask))
+            self.count += int(out.shape[0])
         else:
             if ref.shape != out.shape:
                 raise OptionError(f"{self.metric}: the reference's first output has shape "
@@ -235,7 +279,12 @@ class _Accumulator:
                 self.ref_total += float((ref.double() ** 2).sum())
                 self.count += out.numel()
 
+    def embedding(self) -> dict[str, float]:
+        return embedding_metrics(np.concatenate(self.pooled), np.concatenate(self.ref_pooled))
+
     def value(self) -> float:
+        if self.metric in EMBEDDING_METRICS:
+            return self.embedding()[self.metric] if self.count else float("nan")
         if self.metric == "perplexity":
             return math.exp(self.total / self.count) if self.count else float("nan")
         if self.metric == "relative_error":
@@ -251,15 +300,70 @@ def _is_lm(out: torch.Tensor, tokens: torch.Tensor) -> bool:
             and out.is_floating_point())
 
 
-def _default_metric(data: EvalData, out: torch.Tensor, x, has_reference: bool) -> str:
-    if data.labels is not None:
-        return "accuracy"
-    if _is_lm(out, x[0]):
-        return "perplexity"
+def _is_hidden_states(out: torch.Tensor, tokens: torch.Tensor) -> bool:
+    """Token ids [N, T] in, float [N, T, H] out (an encoder's hidden states)."""
+    return (not tokens.is_floating_point() and tokens.ndim == 2 and out.ndim == 3
+            and tuple(out.shape[:2]) == tuple(tokens.shape) and out.is_floating_point())
+
+
+def causal_lm_reason(out: torch.Tensor, tokens: torch.Tensor, vocab_size: int | None,
+                     model_class: str | None) -> tuple[bool, str]:
+    """Whether perplexity applies (a causal LM whose logits span the tokenizer's
+    vocabulary), and why (not)."""
+    if not _is_lm(out, tokens):
+        return False, (f"the first output {tuple(out.shape)} is not next-token logits [N, T, V] "
+                       f"over token ids [N, T] {tuple(tokens.shape)}")
+    width = int(out.shape[-1])
+    if model_class is not None and not model_class.endswith(CAUSAL_LM_SUFFIXES):
+        return False, f"{model_class} is not a causal language model"
+    if vocab_size is not None and width < vocab_size:
+        return False, (f"the last axis of the first output ({width}) does not span the "
+                       f"tokenizer's vocabulary of {vocab_size}: hidden states, not logits")
+    top = int(tokens.max()) if tokens.numel() else 0
+    if vocab_size is None and top >= width:
+        return False, (f"token ids reach {top}, beyond the last axis of the first output "
+                       f"({width}): hidden states, not logits")
+    vocab = f"the tokenizer's vocabulary of {vocab_size}" if vocab_size is not None else \
+        "every token id of the data"
+    who = model_class or "the model"
+    return True, (f"{who} returns next-token logits [N, T, {width}] spanning {vocab}: a "
+                  "causal language model")
+
+
+def choose_metric(data: EvalData, out: torch.Tensor, x: Sequence[torch.Tensor],
+                  has_reference: bool, model_class: str | None = None) -> tuple[str, str]:
+    """The metric that fits what the model returns on this data, and why: accuracy for class
+    scores with labels; perplexity for a causal LM (logits spanning the tokenizer's
+    vocabulary); embedding metrics for an encoder's hidden states; agreement otherwise."""
+    where = f"{data.flag} {data.source}"
+    labels_fit = data.labels is not None and out.ndim == data.labels.ndim + 1 and \
+        tuple(out.shape[:-1]) == (out.shape[0], *data.labels.shape[1:])
+    if labels_fit:
+        return "accuracy", f"{where} has labels and the model returns class scores"
+    tokens = x[0]
+    causal, why = causal_lm_reason(out, tokens, data.vocab_size, model_class)
+    if causal:
+        return "perplexity", why
+    encoder = _is_hidden_states(out, tokens) or (
+        out.ndim == 2 and out.is_floating_point() and model_class is not None
+        and not model_class.endswith(("ForSequenceClassification", "ForImageClassification",
+                                      "ForAudioClassification")) and data.form == "text")
+    if encoder and has_reference:
+        return "embedding_cosine", (
+            f"the model returns hidden states {tuple(out.shape)} ({why}): an encoder, so its "
+            "embeddings (mean pooling over the attention mask) are compared with the "
+            "original's: cosine, rank correlation of pairwise similarities, nearest neighbours")
+    if encoder:
+        raise OptionError(
+            f"{where}: the model returns hidden states {tuple(out.shape)} (an encoder; {why}); "
+            "embedding metrics compare them with a reference: give --reference MODEL (prune "
+            "compares with the original)")
+    if data.labels is not None and not encoder:
+        return "accuracy", f"{where} has labels"  # accuracy says why the shapes do not fit
     if has_reference:
-        return "agreement"
+        return "agreement", f"{where} has no labels: top-1 agreement with the reference"
     raise OptionError(
-        f"{data.flag} {data.source} has no labels y, so accuracy is not possible; give "
+        f"{where} has no labels y, so accuracy is not possible; give "
         "--metric perplexity for a causal language model, or a reference model (agreement, "
         "relative_error: prunescope evaluate --reference MODEL; prune compares with the original)")
 
@@ -270,6 +374,13 @@ def check_metric(metric: str | None, flag: str = "--metric") -> str | None:
     return metric
 
 
+def _load(data: Any, runner: _Runner, options: DataOptions | None) -> EvalData:
+    if isinstance(data, EvalData):
+        return data
+    return load_eval_data(data, model=runner.captured, options=options)
+
+
+@device_scope
 def evaluate(
     model: Any,
     data: EvalData | str | os.PathLike,
@@ -282,25 +393,28 @@ def evaluate(
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
     seq_len: int | None = None,
+    data_options: DataOptions | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Measure `model` on `data`: ``{"metric", "value", "samples", "data"}`` (+ ``"tokens"``
-    for perplexity).
+    """Measure `model` on `data` (run on `device`): ``{"metric", "value", "samples", "data",
+    "reason"}`` (+ ``"tokens"`` for perplexity, ``"embedding"`` (all three) for the embedding
+    metrics).
 
     `model` and `reference` may be an nn.Module/GraphModule (with `example_inputs` to check
     the data against), an ExportedProgram, a PruneResult, a Captured or Analysis, a path or a
     built-in name. `reference` may also be an array of the reference's first outputs on `data`.
+    `data` may be any form ``engine.load_data`` reads (text and images are made into the
+    model's inputs; `data_options` say how).
     """
     check_metric(metric)
     if batch_size < 1:
         raise OptionError(f"batch_size {batch_size} must be >= 1")
     if max_samples is not None and max_samples < 1:
         raise OptionError(f"max_samples {max_samples} must be >= 1")
-    if not isinstance(data, EvalData):
-        data = load_eval_data(data)
-    data = data.head(max_samples)
     load_kwargs = {"trust_pickle": trust_pickle, "input_shapes": input_shapes,
                    "seq_len": seq_len}
     runner = _runner(model, example_inputs, load_kwargs)
+    data = _load(data, runner, data_options).head(max_samples)
     inputs = _as_tensors(data, runner)
     ref_runner = ref_array = None
     if isinstance(reference, np.ndarray | torch.Tensor):
@@ -316,15 +430,25 @@ def evaluate(
         raise OptionError(f"metric {metric} compares with a reference model; give one "
                           "(prunescope evaluate --reference MODEL), or --metric accuracy / "
                           "perplexity")
-
+    model_class = runner.model_class or (ref_runner.model_class if ref_runner else None)
+    mask = data.named("attention_mask")
     acc: _Accumulator | None = None
+    reason = "chosen by --metric"
     was_training = _set_eval(runner.module)
     try:
         for start in range(0, len(data), batch_size):
             chunk = [x[start:start + batch_size] for x in inputs]
             out = runner(chunk, data)
             if acc is None:
-                metric = metric or _default_metric(data, out, chunk, reference is not None)
+                if metric is None:
+                    metric, reason = choose_metric(data, out, chunk, reference is not None,
+                                                   model_class)
+                elif metric == "perplexity":
+                    causal, why = causal_lm_reason(out, chunk[0], data.vocab_size, model_class)
+                    if not causal:
+                        raise OptionError(f"perplexity on {data.flag} {data.source} needs a "
+                                          f"causal language model: {why}; use --metric "
+                                          f"{', '.join(m for m in METRICS if m != 'perplexity')}")
                 acc = _Accumulator(metric, data, runner.name)
             ref = None
             if metric in NEEDS_REFERENCE:
@@ -333,25 +457,28 @@ def evaluate(
                 else:
                     ref = ref_runner([x[start:start + batch_size] for x in ref_inputs], data)
             labels = None if data.labels is None else data.labels[start:start + batch_size]
-            acc.add(out.float() if metric != "perplexity" else out, chunk, labels, ref)
+            part = None if mask is None else mask[start:start + batch_size]
+            acc.add(out.float() if metric != "perplexity" else out, chunk, labels, ref, part)
     finally:
         _restore_training(runner.module, was_training)
     result: dict[str, Any] = {"metric": metric, "value": acc.value(), "samples": len(data),
-                              "data": data.source}
+                              "data": data.source, "reason": reason}
     if metric == "perplexity":
         result["tokens"] = acc.count
+    if metric in EMBEDDING_METRICS:
+        result["embedding"] = acc.embedding()
     return result
 
 
+@device_scope
 @torch.no_grad()
 def predict(model: Any, data: EvalData | str | os.PathLike, *, example_inputs: tuple | None = None,
-            max_samples: int | None = None, batch_size: int = 256) -> np.ndarray:
+            max_samples: int | None = None, batch_size: int = 256,
+            device: str | torch.device | None = None) -> np.ndarray:
     """The model's first output on every sample of `data`, as one array (float32), e.g. to
     pass as `reference` to several `evaluate` calls without running the reference again."""
-    if not isinstance(data, EvalData):
-        data = load_eval_data(data)
-    data = data.head(max_samples)
     runner = _runner(model, example_inputs, {})
+    data = _load(data, runner, None).head(max_samples)
     inputs = _as_tensors(data, runner)
     was_training = _set_eval(runner.module)
     try:
@@ -384,22 +511,38 @@ def _restore_training(module: Any, was_training: bool | None) -> None:
 def quality_report(original: Any, pruned: Any, data: EvalData | str, metric: str | None = None,
                    recovered: Any = None, **kwargs: Any) -> dict[str, Any]:
     """``report["quality"]``: the metric of the original and the pruned model (and of the
-    recovered one, when recovery ran) on the same held-out data; references are the original."""
+    recovered one, when recovery ran) on the same held-out data; references are the original.
+    ``metric_reason`` says why the metric fits the model; with the embedding metrics,
+    ``embedding`` holds all three for the pruned (and recovered) model."""
     if not isinstance(data, EvalData):
-        data = load_eval_data(data)
+        data = load_eval_data(data, model=as_model_inputs(_captured_of(original)))
     before = evaluate(original, data, metric, reference=original, **kwargs)
     metric = before["metric"]
     after = evaluate(pruned, data, metric, reference=original, **kwargs)
-    report = {"metric": metric, "original": before["value"], "pruned": after["value"],
-              "samples": before["samples"], "data": data.source}
+    report = {"metric": metric, "metric_reason": before["reason"], "original": before["value"],
+              "pruned": after["value"], "samples": before["samples"], "data": data.source}
+    if "embedding" in after:
+        report["embedding"] = {"pruned": after["embedding"]}
     if recovered is not None:
-        report["recovered"] = evaluate(recovered, data, metric, reference=original,
-                                       **kwargs)["value"]
+        again = evaluate(recovered, data, metric, reference=original, **kwargs)
+        report["recovered"] = again["value"]
+        if "embedding" in again:
+            report["embedding"]["recovered"] = again["embedding"]
     return report
 
 
+def _captured_of(model: Any) -> Any:
+    """The captured model inside `model` where there is one (for reading text or images)."""
+    if isinstance(model, Captured) or hasattr(model, "captured") or hasattr(model, "analysis"):
+        return model
+    if isinstance(model, str | os.PathLike):
+        return load_model(model)
+    return None
+
+
 def format_value(metric: str, value: float) -> str:
-    return f"{value:.4f}" if metric in ("accuracy", "agreement", "perplexity") else f"{value:.4g}"
+    fixed = ("accuracy", "agreement", "perplexity", *EMBEDDING_METRICS)
+    return f"{value:.4f}" if metric in fixed else f"{value:.4g}"
 
 
 def quality_line(quality: dict[str, Any]) -> str:
@@ -407,5 +550,9 @@ def quality_line(quality: dict[str, Any]) -> str:
     metric = quality["metric"]
     parts = [f"{key} {format_value(metric, quality[key])}"
              for key in ("original", "pruned", "recovered") if key in quality]
-    return f"quality: {metric} {', '.join(parts)} ({quality['samples']} samples of " \
+    line = f"quality: {metric} {', '.join(parts)} ({quality['samples']} samples of " \
            f"{quality['data']})"
+    for key, values in quality.get("embedding", {}).items():
+        line += f"\nquality: {key}: " + ", ".join(f"{name} {value:.4f}"
+                                                  for name, value in values.items())
+    return line

@@ -8,6 +8,7 @@ each worker once; each worker analyses the model once and keeps it for all its p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
+from engine.device import resolve_device
 from engine.errors import OptionError, one_line
 from engine.quality.sweep_job import SweepJob, run_point
 from engine.threads import one_torch_thread
@@ -62,17 +64,19 @@ def _pool_point(index: int, point: Point) -> tuple[int, dict]:
     return index, run_point(_POOL_JOB, point)
 
 
-def _context() -> tuple[Any, bool]:
-    """fork when it is safe (Linux, no other threads): the workers inherit the analysis
-    already in memory; otherwise spawn, and each worker analyses the model itself."""
-    if sys.platform.startswith("linux") and threading.active_count() == 1:
+def _context(job: SweepJob) -> tuple[Any, bool]:
+    """fork when it is safe (Linux, no other threads, no GPU: CUDA does not survive a fork):
+    the workers inherit the analysis already in memory; otherwise spawn, and each worker
+    analyses the model itself."""
+    on_cpu = job.device is None or resolve_device(job.device).type == "cpu"
+    if on_cpu and sys.platform.startswith("linux") and threading.active_count() == 1:
         return multiprocessing.get_context("fork"), True
     return multiprocessing.get_context("spawn"), False
 
 
 def _in_pool(job: SweepJob, points: list[Point], workers: int) -> Iterator[tuple[int, dict]]:
     global _POOL_JOB
-    context, forked = _context()
+    context, forked = _context(job)
     _POOL_JOB = job
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_init,
                                initargs=(None if forked else job,))
@@ -154,7 +158,11 @@ def _on_ray(job: SweepJob, points: list[Point], address: str,
             except Exception as exc:  # noqa: BLE001 - any failure to connect is one line
                 raise OptionError(f"--ray {address}: cannot connect: {one_line(exc)}") from None
         started = True
-    task = ray.remote(num_cpus=1)(_ray_point)
+    # a GPU run: Ray gives each worker one GPU of its own (it sees it as cuda:0)
+    gpus = 1 if job.device is not None and resolve_device(job.device).type == "cuda" else 0
+    if gpus and job.device != "auto":
+        job = dataclasses.replace(job, device="cuda")
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(_ray_point)
     # a remote worker may not see this machine's files: the model travels as bytes
     job_ref = ray.put(_shippable(job))
     pending: dict = {}

@@ -7,7 +7,7 @@ sweep machinery, so the same executors (process pool, Ray) and the same measurem
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine.io.export import write_json
@@ -47,19 +47,25 @@ def sensitivity(
     input_shapes: list[tuple[int, ...]] | None = None,
     analysis: Any = None,
     seq_len: int | None = None,
+    stop: Callable[[], bool] | None = None,
+    device: str | None = None,
+    amp: str | None = None,
 ) -> dict[str, Any]:
     """Per prunable group and ratio: the metric, its drop, and params/FLOPs after.
 
     Returns `{"model", "metric", "original", "before", "options", "ratios", "points",
     "groups": [{"name", "channels", "curve": [{"ratio", "metric", "drop", "params",
-    "flops"}]}]}`; each curve starts at ratio 0 (the original model).
+    "flops"}]}]}`; each curve starts at ratio 0 (the original model). `stop()`, asked after
+    every point, ends the run early: the curves then hold the points that finished and
+    `complete` is false.
     """
     options = PruningOptions.from_any(options)
     ratio_list = parse_ratios(ratios)
     prepared = prepare(model, eval_data=eval_data, metric=metric, criteria=[options.criterion],
                        calibration=calibration, ray=ray, example_inputs=example_inputs,
                        trust_pickle=trust_pickle, input_shapes=input_shapes,
-                       analysis=analysis, seq_len=seq_len, ship=runs_elsewhere(workers, ray, 2))
+                       analysis=analysis, seq_len=seq_len, device=device, amp=amp,
+                       ship=runs_elsewhere(workers, ray, 2))
     groups = prepared.analysis.prunable_groups(options.prunes_whole_blocks)
     report = base_report(prepared)
     report["options"] = options.to_dict()
@@ -67,7 +73,7 @@ def sensitivity(
     points = [{"options": options.to_dict(), "ratios": {g.name: r}, "group": g.name}
               for g in groups for r in ratio_list if r > 0]
     run_points(prepared, points, report, workers=workers, ray=ray, progress=progress,
-               out_json=out_json)
+               out_json=out_json, stop=stop)
     report["groups"] = curves(report, [(g.name, g.channels) for g in groups])
     if out_json is not None:
         write_json(out_json, report)

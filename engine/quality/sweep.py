@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.device import device_scope
 from engine.errors import OptionError
-from engine.io.data import load_calibration_data
+from engine.io.data import load_calibration_data, needs_model
 from engine.io.export import atomic_write_bytes, write_json
 from engine.options import ALLOWED, PruningOptions, check_ratio
 from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
@@ -32,6 +33,7 @@ from engine.quality.sweep_job import (
     prime_worker_cache,
 )
 from engine.scoring.analysis import analyze
+from engine.threads import TORCH_EXPORT_LOCK
 
 # option name -> command-line flag, for the options that can be an axis of the grid
 AXES = {
@@ -122,6 +124,7 @@ class Prepared:
     before: dict[str, int]
 
 
+@device_scope
 def prepare(
     model: Any,
     *,
@@ -138,17 +141,26 @@ def prepare(
     analysis: Any = None,
     ship: bool = True,
     seq_len: int | None = None,
+    device: str | None = None,
+    amp: str | None = None,
 ) -> Prepared:
     """Check everything that can be checked before work starts, analyse, score, evaluate.
+
+    `device`/`amp`: where this process scores and evaluates and every point runs
+    (engine.device; on Ray each worker gets one GPU of its own).
 
     `analysis` reuses one this process already has (`model` still says what workers load).
     `ship=False`: every point runs in this process, so an in-memory model is not serialised.
     """
     check_executor(ray)
     check_metric(metric)
-    data = load_eval_data(eval_data) if isinstance(eval_data, (str, os.PathLike)) else eval_data
+    # arrays are read (and checked) before the analysis; text and images need the model
+    data = eval_data
+    if isinstance(eval_data, (str, os.PathLike)) and not needs_model(eval_data):
+        data = load_eval_data(eval_data)
     criteria = list(dict.fromkeys(criteria))
-    calibration = _calibration(calibration)
+    if not needs_model(calibration):
+        calibration = _calibration(calibration)
     if recover:
         parse_methods(recover)
         check_steps(recover_steps)
@@ -157,6 +169,9 @@ def prepare(
     if analysis is None:
         analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
                            input_shapes=input_shapes, seq_len=seq_len)
+    if isinstance(data, (str, os.PathLike)):
+        data = load_eval_data(data, model=analysis.captured)
+    calibration = _calibration(calibration, analysis.captured)
     check_data(analysis.captured, data)
     for criterion in criteria:
         analysis.filter_scores(criterion, calibration)  # once per criterion; forks inherit it
@@ -164,7 +179,8 @@ def prepare(
     original = evaluate(analysis.captured, data, metric, reference=analysis.captured)
     source = _model_source(model, analysis, trust_pickle, input_shapes, ship)
     job = SweepJob(uuid.uuid4().hex, source, data, original["metric"], calibration, recover,
-                   calibration, recover_steps)
+                   calibration, recover_steps, device=None if device is None else str(device),
+                   amp=amp)
     prime_worker_cache(job, analysis)
     before = {"params": count_params(analysis.gm), "flops": graph_flops(analysis.gm)}
     return Prepared(job, analysis, original, before)
@@ -179,9 +195,11 @@ def run_points(
     ray: str | None = None,
     progress: SweepProgress | None = None,
     out_json: str | os.PathLike | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run `points`, filling report["points"] (in point order) as they finish; after each,
-    rewrite `out_json` atomically so an interrupted run keeps what finished."""
+    rewrite `out_json` atomically so an interrupted run keeps what finished. `stop()`, asked
+    after every point, ends the run early (the report then says `complete: false`)."""
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise OptionError(f"--workers {workers!r} must be an integer >= 1")
     report.update(points=[], total=len(points), complete=False)
@@ -196,6 +214,8 @@ def run_points(
                 _write_json(out_json, report)
             if progress is not None:
                 progress(len(finished), len(points), finished[index])
+            if stop is not None and stop():
+                break
     finally:
         runner.close()
     return report
@@ -219,14 +239,19 @@ def sweep(
     trust_pickle: bool = False,
     input_shapes: list[tuple[int, ...]] | None = None,
     seq_len: int | None = None,
+    stop: Callable[[], bool] | None = None,
+    device: str | None = None,
+    amp: str | None = None,
 ) -> dict[str, Any]:
-    """Prune `model` at every point of `grid` x `ratios` and measure each pruned model.
+    """Prune `model` at every point of `grid` x `ratios` and measure each pruned model
+    (on `device`, calibration passes in `amp` autocast: engine.device).
 
     `grid` maps option names to a value, a list or "all"; `eval_data` is an EvalData or a
     file/name for `load_eval_data`. Returns (and, after every point, atomically writes to
     `out_json`) `{"model", "metric", "original", "before", "axes", "ratios", "points",
     "complete"}`; each point has its `options`, `ratio`, `params`, `flops`, `metric`
-    (`recovered` with `recover`) and `seconds`. An interrupted sweep keeps finished points.
+    (`recovered` with `recover`) and `seconds`. An interrupted sweep keeps finished points;
+    so does one that `stop()` (asked after every point) ends.
     """
     options_list = expand_grid(grid)
     ratio_list = parse_ratios(ratios)
@@ -234,7 +259,7 @@ def sweep(
                        criteria=[o.criterion for o in options_list], calibration=calibration,
                        recover=recover, recover_steps=recover_steps, ray=ray,
                        example_inputs=example_inputs, trust_pickle=trust_pickle,
-                       input_shapes=input_shapes, seq_len=seq_len,
+                       input_shapes=input_shapes, seq_len=seq_len, device=device, amp=amp,
                        ship=runs_elsewhere(workers, ray, len(options_list) * len(ratio_list)))
     report = base_report(prepared)
     report["axes"] = {name: axis_values(name, grid[name]) for name in AXES
@@ -244,7 +269,7 @@ def sweep(
         report["recover"] = recover
     points = [{"options": o.to_dict(), "ratio": r} for o in options_list for r in ratio_list]
     return run_points(prepared, points, report, workers=workers, ray=ray, progress=progress,
-                      out_json=out_json)
+                      out_json=out_json, stop=stop)
 
 
 def runs_elsewhere(workers: int | None, ray: str | None, points: int) -> bool:
@@ -276,15 +301,17 @@ def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> Mo
     import torch
 
     buffer = io.BytesIO()
-    torch.export.save(analysis.captured.program, buffer)
+    with TORCH_EXPORT_LOCK:
+        torch.export.save(analysis.captured.program, buffer)
     return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 
-def _calibration(calibration: Any) -> Any:
-    """A calibration file read once here (the points, and Ray workers, get the arrays)."""
+def _calibration(calibration: Any, model: Any = None) -> Any:
+    """A calibration file read once here (the points, and Ray workers, get the arrays);
+    text and images are made into the inputs of `model` (captured)."""
     if not isinstance(calibration, (str, os.PathLike)):
         return calibration
-    return load_calibration_data(calibration, flag="calibration")
+    return load_calibration_data(calibration, flag="calibration", model=model)
 
 
 def _write_json(path, report: dict) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.device import using
 from engine.errors import PruneScopeError
 from engine.pipeline import apply
 from engine.quality.evaluate import evaluate
@@ -63,6 +64,8 @@ class SweepJob:
     recover_data: Any = None
     recover_steps: int | None = None
     recover_budget: float | None = 30
+    device: str | None = None  # where each point's model runs ("cuda" on a Ray GPU worker)
+    amp: str | None = None
 
 
 _WORKER_ANALYSIS: dict[str, Any] = {}
@@ -89,10 +92,15 @@ def point_quality(result, data, metric: str | None = None) -> dict[str, Any]:
 
 
 def run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
-    """Prune at one point and measure it (what `prune --eval-data` does).
+    """Prune at one point and measure it (what `prune --eval-data` does), on the job's device.
 
     `point` holds `options` and either a global `ratio` or per-group `ratios`.
     """
+    with using(job.device, job.amp):
+        return _run_point(job, point)
+
+
+def _run_point(job: SweepJob, point: Mapping[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = dict(point)
     analysis = job_analysis(job)  # a worker's first point loads the model: not timed
     start = time.perf_counter()

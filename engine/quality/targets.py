@@ -1,5 +1,5 @@
-"""Prune to a target (a fraction of params or FLOPs to remove) with automatic per-group ratios,
-and compare them with the uniform global ratio that removes as much."""
+"""Prune to a target (a fraction of params, FLOPs or measured latency to remove) with automatic
+per-group ratios, and compare them with the uniform global ratio that removes as much."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ from engine.quality.evaluate import (
     load_calibration_data,
     load_eval_data,
     predict,
+)
+from engine.quality.latency_costs import (
+    add_latency,
+    group_latency,
+    measured_saving,
+    saved_fraction,
 )
 from engine.quality.sensitivity import DEFAULT_RATIOS, metric_drop, sensitivity
 from engine.quality.sweep_job import point_quality
@@ -40,6 +46,7 @@ def ratios_for_target(
     *,
     target_params: float | None = None,
     target_flops: float | None = None,
+    target_latency: float | None = None,
     sensitivity_data: Any = None,
     eval_data: Any = None,
     metric: str | None = None,
@@ -60,16 +67,19 @@ def ratios_for_target(
     report.json: `{"target", "ratios", "predicted_loss", "removed", "uniform", "sensitivity",
     "comparison"}`.
     """
-    if (target_params is None) == (target_flops is None):
-        raise OptionError("give one target: --target-params F or --target-flops F")
-    resource = "params" if target_params is not None else "flops"
+    targets = {"params": target_params, "flops": target_flops, "latency": target_latency}
+    given = [name for name, value in targets.items() if value is not None]
+    if len(given) != 1:
+        raise OptionError("give one target: --target-params F, --target-flops F or "
+                          "--target-latency F")
+    resource = given[0]
     flag = f"--target-{resource}"
-    target = check_target(target_params if target_params is not None else target_flops, flag)
+    target = check_target(targets[resource], flag)
     options = PruningOptions.from_any(options)
-    if isinstance(sensitivity_data, str):
-        sensitivity_data = load_calibration_data(sensitivity_data)
     if analysis is None:
         analysis = analyze(model, **load_kwargs)
+    if isinstance(sensitivity_data, str):
+        sensitivity_data = load_calibration_data(sensitivity_data, model=analysis.captured)
     start = time.perf_counter()
     if sensitivity_report is None:
         if sensitivity_data is None:
@@ -80,6 +90,10 @@ def ratios_for_target(
             calibration=calibration, workers=workers, ray=ray, progress=progress,
             analysis=analysis, **load_kwargs)
     sensitivity_seconds = time.perf_counter() - start
+    costs = None
+    if resource == "latency":  # measured per group on this machine (cached), not from FLOPs
+        costs = group_latency(analysis, options, calibration=calibration)
+        add_latency(sensitivity_report, costs)
     total = sensitivity_report["before"][resource]
     light: dict[tuple, Any] = {}
     removals: dict[tuple, float] = {}
@@ -99,9 +113,13 @@ def ratios_for_target(
         return key, light[key]
 
     def removed(ratios, ratio) -> float:
-        key = planned(ratios, ratio)[1]
+        the_plan, key = planned(ratios, ratio)
         if key not in removals:
-            removals[key] = 1.0 - pruned(ratios, ratio)[1][1][resource] / total
+            if costs is not None:  # the measured per-group savings, added up
+                removals[key] = saved_fraction(costs, {g.name: len(g.pruned) / max(g.n, 1)
+                                                       for g in the_plan.groups})
+            else:
+                removals[key] = 1.0 - pruned(ratios, ratio)[1][1][resource] / total
         return removals[key]
 
     method = "curves"
@@ -183,6 +201,13 @@ def ratios_for_target(
             "seconds": round(sensitivity_seconds, 2),
         },
     }
+    if costs is not None:
+        section["latency_costs"] = {
+            "device": costs["device"], "original_ms": round(costs["original_s"] * 1e3, 4),
+            "ratios": costs["ratios"], "cached": costs["cached"],
+            "groups": costs["groups"],
+            "measured": measured_saving(analysis, planned(chosen, None)[0]),
+        }
     if eval_data is not None:
         data = _as_eval_data(eval_data)
         original = evaluate(analysis.captured, data, metric, reference=analysis.captured)

@@ -6,6 +6,7 @@ every filter per criterion. Changing the layer norm, policy or ratio only re-pla
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -13,11 +14,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from engine.device import calibration_autocast, device_scope, on_device, to_device
 from engine.errors import ModelLoadError, OptionError, PruneScopeError
 from engine.graph.capture import Captured, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
-from engine.graph.inputs import run_graph
-from engine.io.hf_config import count_adjuster, groups_config_keeps
+from engine.graph.inputs import run_graph, sample_chunks
+from engine.io.hf_config import config_constraints, count_adjuster, keep_to_describe
 from engine.options import CRITERIA, CRITERIA_NEEDING_DATA, PruningOptions
 from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
 from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_scores
@@ -77,7 +79,7 @@ class Analysis:
                     f"--criterion {criterion} needs --calibration FILE.npz (calibration inputs "
                     "x, optional labels y)"
                 )
-            calibration = as_calibration(calibration)
+            calibration = as_calibration(calibration, self.captured)
             # keyed by content, so equal data loaded again (a new array) still hits the cache
             data_key = calibration.fingerprint(DEFAULT_SAMPLES)
         key = (criterion, seed if criterion == "random" else None, data_key)
@@ -225,19 +227,19 @@ def _feature_scores(analysis: Analysis, members, calibration: np.ndarray) -> dic
     if x.dtype != example.dtype:
         x = x.to(example.dtype)
     batch = _batch_size(analysis, x)
-    recorder = Recorder(analysis.gm)
-    with torch.inference_mode():
-        for start in range(0, min(len(x), 256), batch):
-            chunk = x[start : start + batch]
-            if len(chunk) != batch and not _dynamic_batch(analysis):
-                break
-            run_graph(recorder, (chunk, *analysis.captured.example_inputs[1:]),
-                      analysis.captured.example_kwargs)
+    recorder = Recorder(on_device(analysis.gm))
+    rest = to_device(tuple(analysis.captured.example_inputs[1:]))
+    with torch.inference_mode(), calibration_autocast():
+        # the chunks that start within the first 256 samples
+        first = x[:math.ceil(min(len(x), 256) / batch) * batch]
+        for (chunk,), _real in sample_chunks([first], batch, fixed=not _dynamic_batch(analysis)):
+            run_graph(recorder, (to_device(chunk), *rest),
+                      to_device(analysis.captured.example_kwargs))
     out = {}
     for node, m in wanted.items():
         if not captured[node]:
             raise OptionError("nuclear_norm: the calibration data produced no feature maps")
-        feats = torch.cat(captured[node], dim=0).float()
+        feats = torch.cat(captured[node], dim=0).float().cpu()
         out[(m.param, m.dim)] = nuclear_norm_scores(feats, m.out_dim)
     return out
 
@@ -304,6 +306,10 @@ def analyze(model: Any, example_inputs: tuple | None = None, **load_kwargs) -> A
     return Analysis(load_model(model, example_inputs, **load_kwargs))
 
 
+_DESCRIBE_ROUNDS = 8  # re-plans of --uniform for a transformers config, at most
+
+
+@device_scope
 def plan(
     analysis: Analysis,
     options: PruningOptions | dict | None = None,
@@ -314,8 +320,11 @@ def plan(
     calibration: np.ndarray | None = None,
     indices: Mapping[str, Iterable[int]] | None = None,
     uniform: bool = False,
+    device: str | torch.device | None = None,
+    amp: str | None = None,
 ) -> Plan:
-    """Decide what every group loses; fast, reuses cached raw scores.
+    """Decide what every group loses; fast, reuses cached raw scores. Data-aware criteria
+    run their calibration passes on `device`, in `amp` autocast if given (engine.device).
 
     ``uniform``: every repeated layer of the same kind loses the same number of channels
     (engine/scoring/uniform.py), so a transformers config can describe the result."""
@@ -330,12 +339,20 @@ def plan(
     inputs = analysis.group_inputs(options, calibration)
     if uniform:
         pinned = [pinned] if isinstance(pinned, str) else list(pinned)
-        adjust = None
-        if analysis.captured.hf is not None:
-            pinned += sorted(set(groups_config_keeps(analysis, options.prunes_whole_blocks))
-                             - set(pinned))
-            adjust = count_adjuster(analysis, options)
-        return uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
-                            removals=removals, adjust=adjust)
+        if analysis.captured.hf is None:
+            return uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                                removals=removals)
+        limits = config_constraints(analysis, options.prunes_whole_blocks)
+        pinned += sorted(set(limits.keep) - set(pinned))
+        adjust = count_adjuster(analysis, options)
+        # groups no config describes together with the rest stay whole; plan again
+        for _ in range(_DESCRIBE_ROUNDS):
+            the_plan = uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                                    removals=removals, adjust=adjust, ties=limits.ties)
+            more = sorted(set(keep_to_describe(analysis, the_plan)) - set(pinned))
+            if not more:
+                break
+            pinned += more
+        return the_plan
     return make_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
                      removals=removals)

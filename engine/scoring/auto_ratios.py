@@ -28,7 +28,7 @@ import numpy as np
 
 from engine.errors import OptionError
 
-RESOURCES = ("params", "flops")
+RESOURCES = ("params", "flops", "latency")
 UNITS = 1000  # the removal target is resolved to 0.1% of the model
 CANDIDATES = np.round(np.arange(0.0, 0.951, 0.025), 4)
 

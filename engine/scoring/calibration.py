@@ -18,17 +18,19 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from engine.device import calibration_autocast, on_device, to_device
 from engine.errors import OptionError
-from engine.graph.inputs import run_graph
+from engine.graph.inputs import run_graph, sample_chunks
 from engine.io.data import DataSet, as_data
 
 DEFAULT_SAMPLES = 256
 DYNAMIC_BATCH = 32
 
 
-def as_calibration(data: Any) -> DataSet:
-    """The calibration data in any accepted form, checked (see the module docstring)."""
-    return as_data(data, flag="calibration", kind="calibration")
+def as_calibration(data: Any, model: Any = None) -> DataSet:
+    """The calibration data in any accepted form, checked (see the module docstring); text
+    and images are made into the inputs of ``model`` (the captured model)."""
+    return as_data(data, flag="calibration", kind="calibration", model=model)
 
 
 def _dynamic_batch(program: torch.export.ExportedProgram) -> bool:
@@ -79,11 +81,9 @@ def batches(
             f"the model was captured with batch size {size}; give at least {size} calibration "
             f"samples (got {n})"
         )
-    for start in range(0, n, size):
-        chunk = tuple(t[start : start + size] for t in tensors)
-        if chunk[0].shape[0] != size and not dynamic:
-            break
-        yield chunk, None if labels is None else labels[start : start + size]
+    for start, (chunk, _real) in zip(range(0, n, size),
+                                     sample_chunks(tensors, size, fixed=not dynamic)):
+        yield tuple(chunk), None if labels is None else labels[start : start + size]
 
 
 @dataclass
@@ -98,6 +98,8 @@ class ChannelStats:
 
     def add(self, value: torch.Tensor, dim: int) -> None:
         v = torch.movedim(value.detach(), dim % value.dim(), -1)
+        if v.device.type == "mps":  # no float64 kernels there
+            v = v.cpu()
         v = v.reshape(-1, v.shape[-1]).to(torch.float64)
         n = float(v.shape[0])
         if n == 0:
@@ -118,15 +120,15 @@ class ChannelStats:
 
     @property
     def mean_abs(self) -> np.ndarray:
-        return (self.abs_sum / self.count).numpy()
+        return (self.abs_sum / self.count).cpu().numpy()
 
     @property
     def l2(self) -> np.ndarray:
-        return self.sq_sum.sqrt().numpy()
+        return self.sq_sum.sqrt().cpu().numpy()
 
     @property
     def variance(self) -> np.ndarray:
-        return (self.m2 / self.count).numpy()  # population variance over samples x positions
+        return (self.m2 / self.count).cpu().numpy()  # population variance over samples x positions
 
 
 def channel_stats(
@@ -153,11 +155,12 @@ def channel_stats(
             record(n.name, result)
             return result
 
-    recorder = Recorder(gm)
+    recorder = Recorder(on_device(gm))
     ran = False
-    with torch.inference_mode():
+    kwargs = to_device(captured.example_kwargs or {})
+    with torch.inference_mode(), calibration_autocast():
         for inputs, _ in batches(captured, calibration, limit):
-            run_graph(recorder, inputs, captured.example_kwargs)
+            run_graph(recorder, to_device(inputs), kwargs)
             ran = True
     if not ran:
         raise OptionError("the calibration data produced no batches")
@@ -173,7 +176,7 @@ def _recorder(stats, by_node, counts) -> Callable[[str, Any], None]:
                 raise OptionError(f"node {name} carries no floating-point activations")
             stats[(name, dim)].add(result, dim)
         if name in counts:
-            ids = result.reshape(-1).to(torch.int64).numpy()
+            ids = result.reshape(-1).to(torch.int64).cpu().numpy()
             size = len(counts[name])
             counts[name] += np.bincount(ids[(ids >= 0) & (ids < size)], minlength=size)
 

@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from engine.device import on_device, to_device
 from engine.errors import OptionError
 from engine.graph.outputs import tensor_leaves
 from engine.graph.tracer import AnalysisState, Member, Tracer
@@ -292,7 +293,8 @@ class DataAwareScorer:
         return np.where(np.isnan(values), 0.0, values)
 
     def _gradients(self) -> dict[str, torch.Tensor]:
-        named = dict(self.gm.named_parameters())
+        gm = on_device(self.gm)
+        named = dict(gm.named_parameters())
         grads = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named.items()}
         flags = {name: p.requires_grad for name, p in named.items()}
         total = min(len(self.calibration), self.limit)
@@ -300,9 +302,11 @@ class DataAwareScorer:
             for p in named.values():
                 p.requires_grad_(p.is_floating_point())
             trainable = [(n, p) for n, p in named.items() if p.requires_grad]
+            kwargs = to_device(self.captured.example_kwargs or {})
             with torch.enable_grad():
                 for inputs, labels in batches(self.captured, self.calibration, self.limit):
-                    outputs = self.gm(*inputs, **(self.captured.example_kwargs or {}))
+                    inputs, labels = to_device(inputs), to_device(labels)
+                    outputs = gm(*inputs, **kwargs)
                     loss = _loss(outputs, inputs, labels) / total
                     found = torch.autograd.grad(loss, [p for _, p in trainable],
                                                 allow_unused=True)
@@ -312,7 +316,7 @@ class DataAwareScorer:
         finally:
             for name, p in named.items():
                 p.requires_grad_(flags[name])
-        return grads
+        return {name: g.cpu() for name, g in grads.items()}
 
 
 def _loss(outputs: Any, inputs: tuple, labels: torch.Tensor | None) -> torch.Tensor:

@@ -65,6 +65,33 @@ def families(groups: Iterable[GroupInput | GroupInfo]) -> list[list[str]]:
     return [names for names in by_key.values() if len(names) > 1]
 
 
+def proportional_counts(units: Mapping[str, float], asked: Mapping[str, int],
+                        sizes: Mapping[str, int], step: int) -> dict[str, int]:
+    """Counts for groups that one config field sets in fixed proportions (`units`: field
+    units per channel of each group): the field change closest below the mean the ranking
+    asked for at which every group loses a whole number of channels and keeps a multiple of
+    `step` (0, nothing removed, when there is none)."""
+    want = sum(asked[n] * u for n, u in units.items()) / len(units)
+    for change in range(int(math.floor(want)), 0, -1):
+        counts = {n: change / u for n, u in units.items()}
+        if all(abs(c - round(c)) < 1e-9 and 0 <= round(c) < sizes[n]
+               and (sizes[n] - round(c)) % step == 0 for n, c in counts.items()):
+            return {n: round(c) for n, c in counts.items()}
+    return dict.fromkeys(units, 0)
+
+
+def merge_sets(sets: list[list[str]], known: Mapping[str, int]) -> list[list[str]]:
+    """Overlapping sets of group names joined (names not in `known` dropped)."""
+    merged: list[list[str]] = []
+    for names in sets:
+        names = [n for n in names if n in known]
+        overlapping = [m for m in merged if set(m) & set(names)]
+        joined = [n for m in overlapping for n in m]
+        joined += [n for n in names if n not in joined]
+        merged = [m for m in merged if m not in overlapping] + [joined]
+    return [m for m in merged if len(m) > 1]
+
+
 def uniform_plan(
     groups: list[GroupInput],
     options,
@@ -74,11 +101,15 @@ def uniform_plan(
     pinned: Iterable[str] = (),
     removals: Mapping[str, np.ndarray] | None = None,
     adjust: Callable[[dict[str, int], dict[str, int]], dict[str, int]] | None = None,
+    ties: Iterable[Mapping[str, float] | Iterable[str]] = (),
 ) -> Plan:
     """A plan in which every family's groups lose the same number of channels.
 
     ``adjust(counts, sizes)``: a last say on the per-group counts (a config's divisibility
-    rules, e.g. a hidden size that must be a multiple of the number of heads)."""
+    rules, e.g. a hidden size that must be a multiple of the number of heads).
+    ``ties``: more sets of groups that one config field sets (engine/io/hf_config.py), each
+    a list (equal counts) or a mapping name -> field units per channel (counts in that
+    proportion); they join the families they overlap."""
     if removals:
         raise OptionError("uniform counts are chosen from scores; they cannot be combined "
                           "with criterion index (explicit indices)")
@@ -88,13 +119,19 @@ def uniform_plan(
     sizes = {gp.name: gp.n for gp in first.groups}
     per_group = dict(asked)
     pinned_set = set(pinned)
-    for names in families(groups):
+    ties = [t if isinstance(t, Mapping) else dict.fromkeys(t, 1.0) for t in ties]
+    units = {name: unit for t in ties for name, unit in t.items()}
+    step = options.step_size if options.step_op != "none" else 1
+    for names in merge_sets([*families(groups), *(list(t) for t in ties)], sizes):
         free = [n for n in names if n not in pinned_set]
         if not free:
             continue
-        count = round_half_down(sum(asked[n] for n in free) / len(free))
-        for name in free:
-            per_group[name] = count
+        if len({units.get(n, 1.0) for n in free}) == 1:
+            count = round_half_down(sum(asked[n] for n in free) / len(free))
+            per_group.update(dict.fromkeys(free, count))
+        else:
+            per_group.update(proportional_counts(
+                {n: units.get(n, 1.0) for n in free}, asked, sizes, step))
     if adjust is not None:
         per_group = adjust(per_group, sizes)
     second = make_plan(

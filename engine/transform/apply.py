@@ -263,7 +263,9 @@ def keep_mask(ids, roots, removed):
 def _apply_mask(value, mask):
     if mask is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return value
-    return value * (mask if mask.dtype == value.dtype else mask.to(value.dtype))
+    if mask.dtype != value.dtype or mask.device != value.device:
+        mask = mask.to(device=value.device, dtype=value.dtype)
+    return value * mask
 
 
 def masked_module(gm: fx.GraphModule, structure: Structure, removed: np.ndarray):

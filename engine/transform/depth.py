@@ -169,7 +169,8 @@ def score_inputs(analysis, calibration: Any) -> list[tuple]:
     """The example inputs, or the calibration batches."""
     if calibration is None:
         return [tuple(analysis.captured.example_inputs)]
-    return [inputs for inputs, _labels in batches(analysis.captured, as_calibration(calibration))]
+    data = as_calibration(calibration, analysis.captured)
+    return [inputs for inputs, _labels in batches(analysis.captured, data)]
 
 
 def layers_of(blocks: list[Block]) -> dict[str, list[Block]]:

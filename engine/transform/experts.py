@@ -110,7 +110,7 @@ def routing_scores(analysis, routers: list[Router], calibration: Any) -> dict[st
     recorder = Recorder(analysis.gm)
     kwargs = analysis.captured.example_kwargs or {}
     with torch.no_grad():
-        for inputs, _ in batches(analysis.captured, as_calibration(calibration)):
+        for inputs, _ in batches(analysis.captured, as_calibration(calibration, analysis.captured)):
             run_graph(recorder, inputs, kwargs)
     out = {}
     for r in routers:

@@ -10,6 +10,7 @@ on calibration samples held back from every method, never on evaluation data.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,12 +20,15 @@ from typing import Any
 import torch
 
 from engine.demo import is_builtin
+from engine.device import CPU, device_scope, on_device, to_device
 from engine.errors import OptionError, PruneScopeError
 from engine.graph.capture import load_model
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import as_data
+from engine.io.hf_export import parameter_places
 from engine.options import RECOVERY_AUTO, RECOVERY_METHODS, RECOVERY_TABLE
 from engine.pipeline import PruneResult
+from engine.quality.evaluate import check_metric
 from engine.quality.metrics import model_metrics
 from engine.quality.recovery import bias, bn, data, distill, lsq, norm
 from engine.quality.recovery.lockstep import Context, Layout
@@ -92,16 +96,26 @@ def check_steps(steps: Any, flag: str = "steps") -> int | None:
     return steps
 
 
+@device_scope
 def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             budget_s: float | None = 30, steps: int | None = None, seed: int = 0,
-            progress: RecoverProgress | None = None, eval_holdout: float = 0.1):
+            progress: RecoverProgress | None = None, eval_holdout: float = 0.1,
+            metric: str | None = None, stop: Callable[[], bool] | None = None,
+            device: str | torch.device | None = None):
     """Recover a pruned model's quality; returns a new PruneResult (the input is untouched).
+
+    `device`: where the original and the pruned model run (both passes and distillation);
+    the result comes back on the CPU, like the input.
 
     `methods`: "auto" or names from bias, lsq, bn, norm, distill (comma string or list).
     `budget_s` bounds the distillation's training time in seconds; `steps` fixes the number
     of distillation steps instead (reproducible with `seed`; the budget is then ignored).
     `eval_holdout`: the fraction of calibration samples held back to measure the result and
-    to pick the best distillation state.
+    to pick the best distillation state. `metric`: the held-back measure (default: the one
+    evaluation chooses for this model and data, see engine.quality.evaluate.choose_metric);
+    a method is kept only if it improves it. `stop()`, asked between methods and between
+    distillation steps, ends the recovery early with what is done so far (the report's
+    `recovery.stopped` is then true and the methods not run are listed under `skipped`).
     """
     result.analysis.check_not_released()  # recovery fits to the original's outputs
     start = time.monotonic()
@@ -111,14 +125,17 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     if not 0 <= eval_holdout < 1:
         raise OptionError(f"eval_holdout {eval_holdout!r} is not allowed; allowed: 0 <= f < 1")
     say = progress or (lambda _msg, _fraction: None)
+    stopped = stop or (lambda: False)
     analysis = result.analysis
-    calibration = as_data(calibration)
+    calibration = as_data(calibration, model=analysis.captured)
     xs, y, where = list(calibration.inputs), calibration.labels, calibration.where
     examples = analysis.captured.example_inputs
     shapes = data.expected_shapes(analysis.captured.program)
-    xs, filled = data.with_attention_mask(
-        xs, getattr(analysis.captured.hf, "input_names", ()) if len(shapes) == 2 else ())
-    full = data.check(xs, y, shapes, examples, where, ["x", *filled] if filled else None)
+    input_names = getattr(analysis.captured.hf, "input_names", ())
+    xs, filled = data.with_attention_mask(xs, input_names if len(shapes) == 2 else ())
+    full = data.check(xs, y, shapes, examples, where, ["x", *filled] if filled else None,
+                      input_names)
+    full = dataclasses.replace(full, xs=to_device(full.xs), y=to_device(full.y))
     fit, holdout = _split(full, eval_holdout, seed)
     batch = full.batch
     if batch is not None and len(fit) < batch:
@@ -129,55 +146,88 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
 
     wanted = list(DATA_LIGHT) if "auto" in names else [m for m in DATA_LIGHT if m in names]
     distilling = "distill" in names or ("auto" in names and (steps or (budget_s or 0) > 0))
-    module = copy.deepcopy(result.module)
-    original = _original(analysis)
+    module = on_device(copy.deepcopy(result.module))
+    original_here = _original(analysis)
+    original = on_device(original_here)
     teacher_hold = data.outputs(original, holdout) if len(holdout) else None
-    metric_name, before = _measure(module, holdout, teacher_hold)
+    model_class = getattr(analysis.captured.hf, "model_class", None)
+    probe = holdout if len(holdout) else full.take(torch.arange(min(len(full), 8)))
+    metric_name, why = data.fitting_metric(
+        (teacher_hold or data.outputs(original, probe))[0], calibration, probe, model_class)
+    if metric is not None and check_metric(metric, "metric") != metric_name:
+        metric_name, why = metric, "chosen by the caller"
+
+    def measure(candidate) -> float | None:
+        if not len(holdout):
+            return None
+        return round(data.metric_value(metric_name, data.outputs(candidate, holdout),
+                                       teacher_hold, holdout), 6)
+
+    before = current = measure(module)
     applied: list[str] = []
     skipped: dict[str, str] = {}
     changed: dict[str, list[str]] = {}
+    verdicts: dict[str, dict[str, Any]] = {}
     if wanted:
         structure = analysis.structure(result.plan.options.prunes_whole_blocks)
-        ctx = Context(original, module, Layout(structure, pruned_roots(structure, result.plan)))
+        layout = Layout(structure, pruned_roots(structure, result.plan))
+        # hf/ is written: keep the folder loadable (no parameter its config cannot describe)
+        may_add = parameter_places(analysis.captured.hf) if analysis.captured.hf is not None \
+            else None
+        layer_skips: dict[str, str] = {}
         light = fit.take(torch.arange(_light_samples(len(fit), batch)))
-        say(f"recovery: {', '.join(wanted)}", 0.0)
-        for name in wanted:
-            changed[name] = []
-
-        def correct(node, step) -> None:
-            for name in wanted:
-                layer = CORRECTIONS[name](ctx, node, step)
-                if layer is not None:
-                    changed[name].append(layer)
-
-        if batch is None:
-            ctx.run(tuple(light.xs), correct)
-        else:  # the graph runs `batch` samples at a time; the methods see them all joined
-            ctx.run_chunks([tuple(chunk) for chunk in light.chunks()], correct)
-        for name in wanted:
-            if changed[name]:
-                applied.append(name)
-            else:
+        chunks = None if batch is None else [tuple(chunk) for chunk in light.chunks()]
+        for k, name in enumerate(wanted):
+            if stopped():
+                skipped[name] = "stopped before it started"
+                continue
+            reason = _nothing_to_do(name, module, layout)
+            if reason is not None:
+                skipped[name] = reason
+                continue
+            say(f"recovery: {name}", 0.6 * k / len(wanted) if distilling else k / len(wanted))
+            trial = copy.deepcopy(module)
+            ctx = Context(original, trial, layout, light.token_mask, may_add=may_add)
+            layers = _light_pass(ctx, name, light, chunks)
+            layer_skips.update(ctx.skipped)
+            if not layers:
                 skipped[name] = _NOTHING[name]
-                del changed[name]
+                continue
+            after = measure(trial)
+            kept = after is None or data.better(metric_name, after, current)
+            verdicts[name] = _verdict(metric_name, current, after, kept)
+            if kept:
+                module, current = trial, after
+                applied.append(name)
+                changed[name] = layers
     details: dict[str, Any] = {}
     nothing_pruned = all(len(gp.pruned) == 0 for gp in result.plan.groups)
-    if distilling and nothing_pruned:
+    if distilling and stopped():
+        skipped["distill"] = "stopped before it started"
+    elif distilling and nothing_pruned:
         skipped["distill"] = "nothing was pruned: the model is the original"
     elif distilling:
         if steps is None and not budget_s:
             skipped["distill"] = "no time budget (give --recover-budget or --recover-steps)"
         else:
-            base = 0.2 if wanted else 0.0
+            base = 0.6 if wanted else 0.0
+            trial = copy.deepcopy(module)
             details = distill.run(
-                module, fit, data.outputs(original, fit), holdout if len(holdout) else None,
+                trial, fit, data.outputs(original, fit), holdout if len(holdout) else None,
                 teacher_hold, seconds=budget_s, steps=steps, seed=seed,
-                progress=lambda msg, f: say(msg, base + (1 - base) * f),
+                progress=lambda msg, f: say(msg, base + (1 - base) * f), stop=stopped,
+                hidden_states=metric_name == "embedding_cosine",
             )
-            applied.append("distill")
+            trial.recompile()
+            after = measure(trial)
+            kept = after is None or data.better(metric_name, after, current)
+            verdicts["distill"] = _verdict(metric_name, current, after, kept)
+            if kept:
+                module, current = trial, after
+                applied.append("distill")
     module.recompile()
-    _check_shapes(module, original, examples, analysis.captured.example_kwargs)
-    _, after = _measure(module, holdout, teacher_hold)
+    module = on_device(module, CPU)
+    _check_shapes(module, original_here, examples, analysis.captured.example_kwargs)
     say("recovery: done", 1.0)
     report = copy.deepcopy(result.report)
     report["after"] = model_metrics(module)
@@ -185,10 +235,14 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
         "methods": applied,
         "skipped": skipped,
         "layers": changed,
+        **({"skipped_layers": layer_skips} if wanted and layer_skips else {}),
         "seconds": round(time.monotonic() - start, 3),
-        "metric": metric_name,
+        "stopped": bool(stop is not None and stopped()),
+        "metric": metric_name if len(holdout) else None,
+        "metric_why": why if len(holdout) else None,
         "metric_before": before,
-        "metric_after": after,
+        "metric_after": current,
+        "per_method": verdicts,
         "output_shapes_match": True,  # checked above; a mismatch is an error
         "holdout_samples": len(holdout),
         "calibration_samples": len(fit),
@@ -198,6 +252,51 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
            if batch is not None else {}),
     }
     return PruneResult(module, report, result.plan, analysis, result.example_inputs)
+
+
+def _light_pass(ctx: Context, name: str, light: data.CalibrationSet,
+                chunks: list[tuple] | None) -> list[str]:
+    """One data-light method over the calibration set, node by node in network order (each
+    correction sees the ones upstream of it); the layers it changed."""
+    changed: list[str] = []
+    method = CORRECTIONS[name]
+
+    def correct(node, step) -> None:
+        layer = method(ctx, node, step)
+        if layer is not None:
+            changed.append(layer)
+
+    if chunks is None:
+        ctx.run(tuple(light.xs), correct)
+    else:  # the graph runs `batch` samples at a time; the method sees them all joined
+        ctx.run_chunks(chunks, correct)
+    return changed
+
+
+def _nothing_to_do(name: str, module: torch.fx.GraphModule, layout: Layout) -> str | None:
+    """Why method `name` cannot change this pruned model (None: it may), decided from the
+    graph alone, so a method with nothing to do costs no pass over the data."""
+    nodes = [n for n in module.graph.nodes if n.op == "call_function"]
+    if name == "bn" and not any(n.target in bn.BATCH_NORMS for n in nodes):
+        return _NOTHING["bn"]
+    if name == "norm" and not any(n.target == torch.ops.aten.rsqrt.default for n in nodes):
+        # no written-out RMSNorm: a norm layer must have lost some of its input channels
+        if not any(not keep.all() for n in nodes
+                   if n.target in norm.NORMS and isinstance(n.args[0], torch.fx.Node)
+                   for keep in layout.kept(n.args[0].name).values()):
+            return _NOTHING["norm"]
+    return None
+
+
+def _verdict(metric: str, before: float | None, after: float | None, kept: bool) -> dict:
+    """A method's entry in report["recovery"]["per_method"]."""
+    if after is None:
+        return {"before": None, "after": None, "kept": True,
+                "why": "no held-back samples to measure it on: kept untested"}
+    direction = "higher" if data.HIGHER_IS_BETTER[metric] else "lower"
+    why = (f"{metric} {before:.6g} -> {after:.6g} on the held-back split ({direction} is "
+           f"better): " + ("it helps, kept" if kept else "it does not help, dropped"))
+    return {"before": before, "after": after, "kept": kept, "why": why}
 
 
 def _light_samples(n_fit: int, batch: int | None) -> int:
@@ -250,13 +349,6 @@ def _split(full: data.CalibrationSet, fraction: float, seed: int):
     n_hold = int(round(n * fraction)) if n >= 10 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return full.take(order[n_hold:].sort().values), full.take(order[:n_hold].sort().values)
-
-
-def _measure(module, holdout: data.CalibrationSet, teacher) -> tuple[str | None, float | None]:
-    if not len(holdout):
-        return None, None
-    name, value = data.metric(data.outputs(module, holdout), teacher, holdout.y)
-    return name, round(value, 6)
 
 
 def _check_shapes(module, original, inputs: tuple, kwargs: dict | None) -> None:

@@ -31,9 +31,14 @@ def correct(ctx: Context, node: fx.Node, step: Step) -> str | None:
     target = ctx.layout.restrict(node.name, step.original_out, like=current)
     if target is None:
         return None
+    if layer.kind == "linear":  # a text model's padding positions are not averaged
+        target, current = ctx.real_rows(target, current)
     dim = layer.channel_dim % current.ndim
     others = [d for d in range(current.ndim) if d != dim]
     delta = target.double().mean(dim=others) - current.double().mean(dim=others)
+    owner = str(layer.weight_node.target).rpartition(".")[0]
+    if layer.bias_node() is None and ctx.refuses(owner, f"{owner}.bias"):
+        return None
     bias = layer.bias_tensor(ctx.pruned, len(delta))
     with torch.no_grad():
         bias.add_(delta.to(bias.dtype))

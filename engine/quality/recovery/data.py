@@ -10,8 +10,10 @@ import numpy as np
 import torch
 
 from engine.errors import OptionError
-from engine.graph.inputs import user_input_shapes
+from engine.graph.inputs import sample_chunks, user_input_shapes
 from engine.graph.outputs import tensor_leaves
+from engine.quality.embedding import EMBEDDING_METRICS, embedding_metrics, mean_pool
+from engine.quality.evaluate import HIGHER_IS_BETTER, choose_metric
 
 CHUNK = 256  # samples per forward pass when only outputs are needed
 
@@ -22,22 +24,28 @@ class CalibrationSet:
     y: torch.Tensor | None = None
     # the model's fixed batch size (None: any): such a graph runs exactly this many at once
     batch: int | None = None
+    # which input is the attention mask of a text model (1: a real token, 0: padding)
+    mask_input: int | None = None
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        """(samples, tokens) True at real tokens, for a text model given an attention mask."""
+        return None if self.mask_input is None else self.xs[self.mask_input] > 0
 
     def __len__(self) -> int:
         return int(self.xs[0].shape[0])
 
     def take(self, index: torch.Tensor) -> CalibrationSet:
         return CalibrationSet([x[index] for x in self.xs],
-                              None if self.y is None else self.y[index], self.batch)
+                              None if self.y is None else self.y[index], self.batch,
+                              self.mask_input)
 
     def chunks(self, size: int = CHUNK):
         """Consecutive input chunks of `size` samples; with a fixed batch, chunks of exactly
         that batch, the remainder (fewer samples) left out."""
-        if self.batch is not None:
-            size = self.batch
-        stop = len(self) - len(self) % size if self.batch is not None else len(self)
-        for start in range(0, stop, size):
-            yield [x[start:start + size] for x in self.xs]
+        fixed = self.batch is not None
+        for chunk, _real in sample_chunks(self.xs, self.batch if fixed else size, fixed=fixed):
+            yield chunk
 
 
 def expected_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | None, ...]]:
@@ -65,12 +73,26 @@ def with_attention_mask(xs: list[np.ndarray], input_names: Sequence[str]) -> \
     return xs, []
 
 
+def attention_mask_input(xs: Sequence[torch.Tensor], input_names: Sequence[str]) -> int | None:
+    """The position of a text model's attention mask among its inputs, when it is an integer
+    (samples, tokens) mask over the first input's token ids; None otherwise."""
+    names = list(input_names)
+    if "attention_mask" not in names or not xs or xs[0].is_floating_point() or xs[0].ndim != 2:
+        return None
+    k = names.index("attention_mask")
+    if k >= len(xs) or xs[k].shape != xs[0].shape or xs[k].is_floating_point():
+        return None
+    return k
+
+
 def check(xs: list[np.ndarray], y: np.ndarray | None, shapes, example_inputs: tuple,
-          where: str, names: Sequence[str] | None = None) -> CalibrationSet:
+          where: str, names: Sequence[str] | None = None,
+          input_names: Sequence[str] = ()) -> CalibrationSet:
     """Tensors shaped and typed like the model's inputs, or a one-line error. Dim 0 holds
     the samples, any number of them; a model captured with a fixed batch B runs them B at
     a time, so it needs at least B. `names`: what the errors call each array (default x,
-    or x0, x1, ...)."""
+    or x0, x1, ...); `input_names`: the model's forward() keyword of each input (a
+    transformers model), which tells the attention mask apart."""
     if len(xs) != len(shapes):
         raise OptionError(f"{where} gives {len(xs)} input array(s); the model takes "
                           f"{len(shapes)} (x, or x0, x1, ... in order)")
@@ -101,7 +123,7 @@ def check(xs: list[np.ndarray], y: np.ndarray | None, shapes, example_inputs: tu
                           f"at a time: give at least {batch}, x of shape ({want})")
     # the loader (engine.io.data) has checked the sample counts and the labels
     labels = None if y is None else torch.from_numpy(np.ascontiguousarray(y)).long()
-    return CalibrationSet(tensors, labels, batch)
+    return CalibrationSet(tensors, labels, batch, attention_mask_input(tensors, input_names))
 
 
 def outputs(module: torch.nn.Module, data: CalibrationSet) -> list[torch.Tensor]:
@@ -122,11 +144,7 @@ def forward(module: torch.nn.Module, xs: Sequence[torch.Tensor],
     if batch is None:
         return tensor_leaves(module(*xs))
     parts = []
-    for start in range(0, int(xs[0].shape[0]), batch):
-        chunk = [x[start:start + batch] for x in xs]
-        real = int(chunk[0].shape[0])
-        if real < batch:
-            chunk = [torch.cat([c, c[-1:].expand(batch - real, *c.shape[1:])]) for c in chunk]
+    for chunk, real in sample_chunks(xs, batch, fixed=True, fill=True):
         out = tensor_leaves(module(*chunk))
         if any(t.ndim == 0 or t.shape[0] != batch for t in out):
             shapes = ", ".join(str(tuple(t.shape)) for t in out)
@@ -137,15 +155,48 @@ def forward(module: torch.nn.Module, xs: Sequence[torch.Tensor],
     return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
-def metric(student: list[torch.Tensor], teacher: list[torch.Tensor],
-           y: torch.Tensor | None) -> tuple[str, float]:
-    """accuracy with labels, else top-1 agreement with the original, on the first output;
-    a relative output error where the output has no class dimension."""
-    s, t = student[0], teacher[0]
-    if s.ndim >= 2 and s.shape[-1] > 1:
-        pred = s.argmax(-1)
-        if y is not None and y.shape == pred.shape:
-            return "accuracy", float((pred == y).float().mean())
-        return "agreement", float((pred == t.argmax(-1)).float().mean())
-    err = float((s - t).norm() / t.norm().clamp_min(1e-12))
-    return "relative_error", err
+def fitting_metric(first: torch.Tensor, data, held: CalibrationSet,
+                   model_class: str | None) -> tuple[str, str]:
+    """The held-back measure: the metric evaluation would choose for this model and data
+    (engine.quality.evaluate.choose_metric, against the original as reference), why, and
+    relative error where top-1 agreement means nothing (an output without a class axis).
+    `first`: the original's first output on `held`; `data`: the loaded calibration set."""
+    name, why = choose_metric(data, first, held.xs, True, model_class)
+    if name == "agreement" and (first.ndim < 2 or first.shape[-1] <= 1):
+        return "relative_error", (f"the first output {tuple(first.shape)} has no class axis: "
+                                  "||pruned - original|| / ||original||")
+    return name, why
+
+
+def pooled(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real tokens (mask True) of (samples, tokens, features) hidden states:
+    engine.quality.embedding.mean_pool in torch, so that distillation can differentiate it."""
+    if mask is None:
+        return hidden.mean(1)
+    weight = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+
+
+def metric_value(name: str, student: list[torch.Tensor], teacher: list[torch.Tensor],
+                 data: CalibrationSet) -> float:
+    """`name` (from `fitting_metric`) of the student's first output against the teacher's."""
+    s, t = student[0].double(), teacher[0].double()
+    mask = data.token_mask
+    if name == "accuracy":
+        return float((s.argmax(-1) == data.y).double().mean())
+    if name == "agreement":
+        return float((s.argmax(-1) == t.argmax(-1)).double().mean())
+    if name in EMBEDDING_METRICS:
+        return embedding_metrics(mean_pool(s, mask), mean_pool(t, mask))[name]
+    if name == "perplexity":
+        targets = data.xs[0][:, 1:].long()
+        nll = torch.nn.functional.cross_entropy(s[:, :-1].transpose(1, 2), targets,
+                                                reduction="none")
+        real = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
+        return float(torch.exp((nll * real).sum() / real.sum().clamp_min(1.0)))
+    return float((s - t).norm() / t.norm().clamp_min(1e-12))
+
+
+def better(name: str, value: float, than: float) -> bool:
+    """Whether `value` of metric `name` is strictly better than `than`."""
+    return value > than if HIGHER_IS_BETTER[name] else value < than

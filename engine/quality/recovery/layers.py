@@ -48,7 +48,8 @@ class Layer:
             return param_of(gm, node)
         weight = param_of(gm, self.weight_node)
         new = add_parameter(gm, self.node, owner_path(self.weight_node), "bias",
-                            torch.zeros(out_channels, dtype=weight.dtype))
+                            torch.zeros(out_channels, dtype=weight.dtype,
+                                        device=weight.device))
         args = list(self.node.args)
         while len(args) < 3:
             args.append(None)

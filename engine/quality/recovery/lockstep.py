@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -84,7 +84,8 @@ class Layout:
             if value.shape[dim] != len(keep):
                 return None
             if not keep.all():
-                value = value.index_select(dim, torch.as_tensor(np.flatnonzero(keep)))
+                value = value.index_select(dim, torch.as_tensor(np.flatnonzero(keep),
+                                                                 device=value.device))
         if isinstance(like, torch.Tensor) and value.shape != like.shape:
             return None
         return value
@@ -255,6 +256,29 @@ class Context:
     original: fx.GraphModule
     pruned: fx.GraphModule
     layout: Layout
+    # (samples, tokens) True at real tokens of a text model's calibration set (None: every
+    # position counts): padding is left out of the statistics the methods fit
+    token_mask: torch.Tensor | None = None
+
+    def real_rows(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(samples, tokens, ...) activations cut to the real tokens' rows (tokens, ...);
+        values of any other shape are returned unchanged."""
+        mask = self.token_mask
+        if mask is None or not all(v.ndim >= 3 and tuple(v.shape[:2]) == tuple(mask.shape)
+                                   for v in values):
+            return values
+        return tuple(v[mask] for v in values)
+    # where the result must stay loadable as its own architecture (a transformers folder):
+    # parameter name -> why it cannot be added (None: it can)
+    may_add: Callable[[str], str | None] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why a change was skipped
+
+    def refuses(self, layer: str, param: str) -> str | None:
+        """Why `layer` may not get the new parameter `param` (recorded), or None."""
+        why = self.may_add(param) if self.may_add is not None else None
+        if why:
+            self.skipped[layer] = why
+        return why
 
     def run(self, inputs: tuple, hook: Hook) -> Any:
         out = run_lockstep(self.original, self.pruned, inputs, hook)

@@ -47,14 +47,19 @@ def correct(ctx: Context, node: fx.Node, step: Step, ridge: float = RIDGE) -> st
         return None
     weight = param_of(ctx.pruned, layer.weight_node)
     bias_node = layer.bias_node()
+    owner = str(layer.weight_node.target).rpartition(".")[0]
+    if bias_node is None and ctx.refuses(owner, f"{owner}.bias"):
+        return None  # the refit solves for a bias too
     old_bias = param_of(ctx.pruned, bias_node) if bias_node is not None else \
-        torch.zeros(weight.shape[0], dtype=weight.dtype)
+        torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     x = step.pruned_args[0]
+    if layer.kind == "linear":  # a text model's padding positions are not fitted
+        x, target = ctx.real_rows(x, target)
     groups = layer.conv_args(step.pruned_args)[3] if layer.kind == "conv" else 1
     in_per_group = weight.shape[1]
     out_per_group = weight.shape[0] // groups
     new_w = torch.empty_like(weight, dtype=torch.float64)
-    new_b = torch.empty(weight.shape[0], dtype=torch.float64)
+    new_b = torch.empty(weight.shape[0], dtype=torch.float64, device=weight.device)
     y = out_rows(layer, target)
     for g in range(groups):
         rows = slice(g * out_per_group, (g + 1) * out_per_group)

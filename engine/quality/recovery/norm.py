@@ -170,6 +170,10 @@ def correct(ctx: Context, node: fx.Node, step: Step) -> str | None:
     if z_full is None:
         return None
     with_bias = b_i is not None
+    owner = str(weight_node.target).rpartition(".")[0]
+    has_bias = with_bias and len(node.args) > b_i and isinstance(node.args[b_i], fx.Node)
+    if with_bias and not has_bias and ctx.refuses(owner, f"{owner}.bias"):
+        with_bias = False  # scale only: the architecture has no bias here
     a, c = fit_affine(_rows(z_kept, trailing), _rows(z_full, trailing), with_bias)
     old_weight = weight.detach().double().clone()
     with torch.no_grad():
