@@ -76,12 +76,12 @@ class _Runner:
         self.fallback_batch = fallback_batch
         self.name = name
         self.captured: Any = None  # the captured model where known (its inputs, hf class)
+        self._placed: tuple[torch.device, Callable] | None = None
 
     @property
     def model_class(self) -> str | None:
         """The transformers class name of the model, where known."""
         return getattr(getattr(self.captured, "hf", None), "model_class", None)
-        self._placed: tuple[torch.device, Callable] | None = None
 
     def placed(self) -> Callable:
         """The module on the current device (copied there once)."""
