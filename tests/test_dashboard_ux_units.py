@@ -308,8 +308,16 @@ def test_engine_sensitivity_stops_and_keeps_finished_points(demo):
 
 def test_engine_recover_stops_and_keeps_what_is_done(demo):
     result = engine.apply(demo, engine.plan(demo, {}, ratio=0.5))
+    # stopped before anything started: nothing runs
     stopped = engine.recover(result, "demo", ["bias", "distill"], budget_s=60,
                              stop=lambda: True)
+    info = stopped.report["recovery"]
+    assert info["stopped"] is True and info["methods"] == []
+    assert {"bias", "distill"} <= set(info["skipped"])
+    # stopped after the first method: it is kept, the next one never starts
+    calls = []
+    stopped = engine.recover(result, "demo", ["bias", "distill"], budget_s=60,
+                             stop=lambda: calls.append(1) or len(calls) > 1)
     info = stopped.report["recovery"]
     assert info["stopped"] is True
     assert info["methods"] == ["bias"] and "distill" in info["skipped"]

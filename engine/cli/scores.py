@@ -6,11 +6,13 @@ import argparse
 import json
 
 from engine.cli.common import (
+    add_data_args,
     add_model_args,
     add_option_args,
     calibration_from,
     indices_from,
     load_kwargs,
+    model_for_data,
     options_from_args,
     report_frozen,
 )
@@ -21,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scores", help="print the per-group scores as JSON")
     add_model_args(p)
     add_option_args(p)
+    add_data_args(p)
     p.add_argument("--json", metavar="PATH", help="write the JSON here instead of stdout")
     p.set_defaults(run=run)
 
@@ -31,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     if args.indices and options.criterion != "index":
         raise OptionError("--indices names filters to remove; it needs --criterion index")
-    calibration = calibration_from(args.calibration)
-    result = engine.score(args.model, None, options, calibration,
+    model = model_for_data(args, args.model, args.calibration)
+    calibration = calibration_from(args.calibration, model, args)
+    result = engine.score(model, None, options, calibration,
                           indices=indices_from(args.indices), **load_kwargs(args))
     data = result.to_dict()
     text = json.dumps(data, indent=1)
