@@ -35,12 +35,12 @@ def _frame() -> pd.DataFrame:
 def test_one_trace_per_value_plus_the_pareto_front_and_the_original_line():
     fig = comparison_figure(_frame(), "layer_norm", "ratio", original=0.99)
     names = [t.name for t in fig.data]
-    assert names == ["tss_norm", "none", PARETO_NAME]
+    assert names == ["tss_norm", "none", PARETO_NAME, "original 0.99"]
     assert list(fig.data[0].y) == [0.9, 0.7, 0.2]
     assert list(fig.data[0].customdata) == [0, 1, 2]
     # at every ratio tss_norm is at least as good: the front is tss_norm's three points
     assert sorted(fig.data[2].customdata) == [0, 1, 2]
-    assert fig.layout.shapes[0].y0 == 0.99
+    assert list(fig.data[3].y) == [0.99, 0.99] and fig.data[3].line.dash == "dash"
 
 
 def test_pareto_front_against_flops_kept():

@@ -56,8 +56,10 @@ def test_comparison_chart_renders_and_a_click_chooses_a_point(dashboard_url, bro
     page.get_by_role("tab", name="Compare on accuracy").click()
     names = wait_for(lambda: page.evaluate(
         f"() => {{ const p = ({CHART})(); return p ? p.data.map(t => t.name) : null; }}"))
-    assert names == ["standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none",
-                     "Pareto front"]
+    assert names[:6] == ["standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none",
+                         "Pareto front"]
+    # then the sidebar's current setting (a star) and the original's level, both in the legend
+    assert names[6] == "sidebar setting" and names[7].startswith("original ")
     assert page.locator("[data-testid='stException']").count() == 0
     _shot(page, "compare-01-chart.png")
 

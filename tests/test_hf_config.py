@@ -162,7 +162,9 @@ def test_bias_recovery_keeps_the_folder_loadable(tmp_path):
     tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, num_key_value_heads=2)).save_pretrained(folder)
     result = engine.prune(str(folder), ratio=0.5, uniform=True)
     calibration = np.random.default_rng(0).integers(0, 100, (40, 32))
-    recovered = engine.recover(result, calibration, "bias")
+    # nothing held back: random tokens on random weights say nothing about whether bias
+    # helps, and this test is about where the biases go, not about the verdict
+    recovered = engine.recover(result, calibration, "bias", eval_holdout=0)
     recovery = recovered.report["recovery"]
     assert "lm_head" in recovery["skipped_layers"]
     assert "no lm_head.bias" in recovery["skipped_layers"]["lm_head"]

@@ -84,4 +84,5 @@ def test_transformers_outputs_survive_an_import_inside_an_export_trace() -> None
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[-2] == "1 (1, 2)"
+    # transformers models are captured with a dynamic batch from an example batch of 2
+    assert done.stdout.split("\n")[-2] == "1 (2, 2)"

@@ -199,8 +199,8 @@ def llama_folder(tmp_path_factory):
 def test_a_corrupted_hf_folder_is_not_written(llama_folder, tmp_path, monkeypatch):
     real_build = hf_export.build_pretrained
 
-    def build_pretrained(hf, module):
-        model = real_build(hf, module)
+    def build_pretrained(hf, module, *rest):
+        model = real_build(hf, module, *rest)
         with torch.no_grad():
             weight = model.get_output_embeddings().weight
             weight[0, 0] += 10.0 * float(weight.abs().max())

@@ -26,12 +26,14 @@ from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_s
 from engine.scoring.data_aware import DATA_CRITERIA, DataAwareScorer
 from engine.scoring.planning import GroupInput, Plan, make_plan
 from engine.scoring.uniform import uniform_plan
+from engine.threads import TORCH_EXPORT_LOCK
 
 
 class Analysis:
     def __init__(self, captured: Captured) -> None:
         self.captured = captured
-        self.gm: fx.GraphModule = captured.program.module()
+        with TORCH_EXPORT_LOCK:  # unlifting traces through torch.fx global state
+            self.gm: fx.GraphModule = captured.program.module()
         self.released = False  # True once a prune gave the original weights up (apply)
         _check_finite(self.gm)
         self._structures: dict[bool, Structure] = {}
