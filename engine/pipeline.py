@@ -34,6 +34,7 @@ from engine.quality.metrics import model_metrics
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
 from engine.scoring.uniform import family_counts
+from engine.threads import exclusive
 from engine.transform import structural
 from engine.transform.apply import masked_module, pruned_roots, rewrite, tensor_places
 from engine.transform.exactness import exact_tolerance, verify_width
@@ -103,6 +104,7 @@ class PruneResult:
         return self.report["after"]
 
 
+@exclusive
 @device_scope
 def score(
     model: Any,
@@ -126,6 +128,7 @@ def score(
     return Scores(analysis, the_plan, calibration)
 
 
+@exclusive
 @device_scope
 def prune(
     model: Any,
@@ -213,6 +216,7 @@ def _report_uniform(result: PruneResult, analysis: Analysis) -> None:
     result.report["uniform"] = entry
 
 
+@exclusive
 @device_scope
 def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, *,
           release_original: bool = False, device: str | torch.device | None = None
@@ -338,6 +342,7 @@ def prune_unverified(analysis: Analysis, the_plan: Plan) -> tuple[torch.fx.Graph
     return gm, model_metrics(gm)
 
 
+@exclusive
 def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
          progress: Progress | None = None) -> dict[str, Path]:
     """Write model.pt2, model.onnx (+ model.onnx.data for big models), report.json and, for a
@@ -475,6 +480,7 @@ def _output_scale(result: PruneResult) -> float:
                default=1.0)
 
 
+@exclusive
 def masked(analysis: Analysis, the_plan: Plan) -> Callable:
     """Mask mode: the original model with the planned channels zeroed (nothing removed)."""
     analysis.check_not_released()

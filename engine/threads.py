@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 # torch.export keeps process-global state while it runs: `torch.export.load` sets a module
 # global deserializer and asserts that none is set yet, so two loads at once fail with
@@ -14,6 +16,26 @@ from collections.abc import Iterator
 # run_decompositions, the ONNX exporter, which calls torch.export itself) holds this lock.
 # Re-entrant: an ONNX export (locked) may re-export inside the same thread.
 TORCH_EXPORT_LOCK = threading.RLock()
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def exclusive(fn: _F) -> _F:
+    """`fn` (a public engine entry point) run under TORCH_EXPORT_LOCK from start to end.
+
+    Locking only the calls into torch.export is not enough: while one thread exports,
+    `torch.compiler.is_exporting()` is true process-wide, and then every function torch wraps
+    with its dynamo-disable decorator, which forwards of exported modules and unlifting
+    call, writes torch.fx's global node meta in any thread. Two threads doing that at once
+    fail ("KeyError: 'custom'"). So the engine's entry points that capture, run or save a
+    model take turns; nested calls re-enter the lock."""
+
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with TORCH_EXPORT_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from engine.graph.safety import (
     verify_checksums,
 )
 from engine.io.hf import example_inputs_for, is_pretrained_model, load_folder, source_of_model
-from engine.threads import TORCH_EXPORT_LOCK
+from engine.threads import TORCH_EXPORT_LOCK, exclusive
 
 ACCEPTED = (
     "'demo', 'demo-lm', a .pt2 file saved by torch.export.save, a Hugging Face model folder "
@@ -56,6 +56,7 @@ class Captured:
     input_names: tuple[str, ...] = ()
 
 
+@exclusive
 def load_model(
     source: Any,
     example_inputs: tuple | None = None,

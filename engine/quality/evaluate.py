@@ -49,6 +49,7 @@ from engine.options import METRICS
 from engine.pipeline import PruneResult
 from engine.quality.embedding import EMBEDDING_METRICS, embedding_metrics, mean_pool
 from engine.scoring.analysis import Analysis
+from engine.threads import exclusive
 
 HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "agreement": True,
                     "relative_error": False, **dict.fromkeys(EMBEDDING_METRICS, True)}
@@ -380,6 +381,7 @@ def _load(data: Any, runner: _Runner, options: DataOptions | None) -> EvalData:
     return load_eval_data(data, model=runner.captured, options=options)
 
 
+@exclusive
 @device_scope
 def evaluate(
     model: Any,

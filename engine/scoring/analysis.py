@@ -26,7 +26,7 @@ from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_s
 from engine.scoring.data_aware import DATA_CRITERIA, DataAwareScorer
 from engine.scoring.planning import GroupInput, Plan, make_plan
 from engine.scoring.uniform import uniform_plan
-from engine.threads import TORCH_EXPORT_LOCK
+from engine.threads import TORCH_EXPORT_LOCK, exclusive
 
 
 class Analysis:
@@ -301,6 +301,7 @@ def _batch_size(analysis: Analysis, x: torch.Tensor) -> int:
     return int(analysis.captured.example_inputs[0].shape[0])
 
 
+@exclusive
 def analyze(model: Any, example_inputs: tuple | None = None, **load_kwargs) -> Analysis:
     """Capture (if needed) and analyse a model: its groups, frozen layers and score cache."""
     if isinstance(model, Analysis):
@@ -311,6 +312,7 @@ def analyze(model: Any, example_inputs: tuple | None = None, **load_kwargs) -> A
 _DESCRIBE_ROUNDS = 8  # re-plans of --uniform for a transformers config, at most
 
 
+@exclusive
 @device_scope
 def plan(
     analysis: Analysis,

@@ -32,6 +32,7 @@ from engine.quality.evaluate import check_metric
 from engine.quality.metrics import model_metrics
 from engine.quality.recovery import bias, bn, data, distill, lsq, norm
 from engine.quality.recovery.lockstep import Context, Layout
+from engine.threads import exclusive
 from engine.transform.apply import pruned_roots
 
 # Data-light methods share one pass over the calibration data, node by node in network order,
@@ -96,6 +97,7 @@ def check_steps(steps: Any, flag: str = "steps") -> int | None:
     return steps
 
 
+@exclusive
 @device_scope
 def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             budget_s: float | None = 30, steps: int | None = None, seed: int = 0,
