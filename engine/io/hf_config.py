@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from engine.errors import PruneScopeError
-from engine.io.hf import HFSource, quiet_transformers
+from engine.io.hf import HFSource, quiet_transformers, transformers_class
 
 Dim = tuple[str, int]  # (parameter name, dimension)
 Shapes = dict[str, tuple[int, ...]]
@@ -53,9 +53,7 @@ class NotDescribable(PruneScopeError):
 
 def model_class(hf: HFSource):
     """The transformers class the model was built with."""
-    import transformers
-
-    return getattr(transformers, hf.model_class)
+    return transformers_class(hf.model_class, getattr(hf.config, "model_type", None))
 
 
 @dataclass

@@ -127,7 +127,9 @@ def _hf_weights(hf: HFSource, module: torch.nn.Module) -> dict[str, torch.Tensor
 def _loader_class(hf: HFSource):
     import transformers
 
-    return getattr(transformers, hf.auto_class or hf.model_class)
+    if hf.auto_class:
+        return getattr(transformers, hf.auto_class)
+    return model_class(hf)
 
 
 def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
