@@ -512,7 +512,32 @@ def planned_sizes(analysis, plan) -> dict[tuple[str, int], int]:
             if param not in reading:
                 for d, n in enumerate(shapes[param]):
                     sizes.setdefault((param, d), n)
+    for dim, (size, _) in block_dims(structure, shapes, plan).items():
+        sizes.setdefault(dim, size)
     return sizes
+
+
+def block_dims(structure, shapes: Shapes, plan) -> dict[Dim, tuple[int, str]]:
+    """Dimensions of a pruned group's readers that are one block wide (a grouped
+    convolution's input channels per group: RegNet's ``groups_width``): dimension -> (its
+    size after `plan`, the group). They are no member of any group, so only this tells that
+    pruning inside the blocks narrows them."""
+    members = {(x.member.param, x.member.dim) for g in structure.groups
+               for x in g.slots.values()}
+    out = {}
+    for gp in plan.groups:
+        info = structure.group(gp.name)
+        if not len(gp.pruned) or not info.blocks or info.whole_blocks:
+            continue
+        count, width = info.blocks
+        if len(gp.pruned) % count:
+            continue
+        for layer in info.consumers:
+            param = f"{layer}.weight"
+            for d, n in enumerate(shapes.get(param, ())):
+                if d and n == width and (param, d) not in members:
+                    out[(param, d)] = (width - len(gp.pruned) // count, gp.name)
+    return out
 
 
 def keep_to_describe(analysis, plan) -> dict[str, str]:
@@ -532,6 +557,9 @@ def keep_to_describe(analysis, plan) -> dict[str, str]:
     structure = analysis.structure(whole)
     owner = {(x.member.param, x.member.dim): gp.name for gp in plan.groups if len(gp.pruned)
              for x in structure.group(gp.name).slots.values()}
+    shapes = cmap.shapes
+    for dim, (_, group) in block_dims(structure, shapes, plan).items():
+        owner.setdefault(dim, group)
     name = type(hf.config).__name__
     keep = {}
     for d in wrong:

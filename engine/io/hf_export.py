@@ -191,10 +191,14 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     if hf.depth_reason:
         return {"written": False, "reason": hf.depth_reason}
     try:
-        check_uniform(result)
         check_heads(result)
         model = build_pretrained(hf, result.module, result.analysis)
     except NotDescribable as exc:
+        # layers of one kind that lose different counts are the likely cause: say so
+        try:
+            check_uniform(result)
+        except NotDescribable as uneven:
+            return {"written": False, "reason": str(uneven)}
         return {"written": False, "reason": str(exc)}
     with quiet_transformers():
         model.save_pretrained(os.fspath(folder))
