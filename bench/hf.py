@@ -1,12 +1,13 @@
 """12. hf/ with --uniform for every transformers architecture of the coverage set.
 
 Each architecture of ``tests/architectures.py`` that is a transformers model (67 of its 69:
-the two recurrent rows are modules of our own, with no config) is saved with ``save_pretrained`` (tiny config,
-random weights), pruned from the folder as a user would (``engine.prune(FOLDER, ratio=0.5,
-uniform=True)``, default options otherwise) and saved (``engine.save``, no ONNX). The row
-says whether OUT/hf/ was written (reloaded with the Auto class, equal to model.pt2 within
-1e-5 relative), the parameters removed, the config fields that changed, and the one-line
-reason when hf/ was not written or less than 20% of the parameters could go.
+the two recurrent rows are modules of our own, with no config) is saved with
+``save_pretrained`` (tiny config, random weights), pruned from the folder as a user would
+(``engine.prune(FOLDER, ratio=0.5, uniform=True)``, default options otherwise) and saved
+(``engine.save``, no ONNX). The row says whether OUT/hf/ was written (reloaded with the Auto
+class, equal to model.pt2 within 1e-5 relative), the parameters removed, the config fields
+that changed, and the one-line reason when hf/ was not written or less than 20% of the
+parameters could go.
 
 The models are built and run in batches of child processes by ``bench/architecture_runs.py``,
 as for ``coverage_v2`` (``python -m bench.hf --one NAME ...`` runs some here).
