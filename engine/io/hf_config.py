@@ -185,16 +185,20 @@ def _probe_points(name: str, value: Any) -> list[tuple[int, int]]:
 
 def probe_config(model_class, config) -> ConfigMap:
     """Build `model_class` on meta with each width field of `config` changed in turn."""
-    key = (model_class.__module__, model_class.__name__,
+    return _remembered("widths", model_class, config, _probe)
+
+
+_PROBED: dict[tuple, Any] = {}  # the last few measurements (a build per field each)
+
+
+def _remembered(kind: str, model_class, config, measure):
+    key = (kind, model_class.__module__, model_class.__name__,
            json.dumps(config.to_dict(), sort_keys=True, default=str))
     if key not in _PROBED:
         if len(_PROBED) >= 8:
             _PROBED.pop(next(iter(_PROBED)))
-        _PROBED[key] = _probe(model_class, config)
+        _PROBED[key] = measure(model_class, config)
     return _PROBED[key]
-
-
-_PROBED: dict[tuple, ConfigMap] = {}
 
 
 def _probe(model_class, config) -> ConfigMap:
@@ -475,13 +479,7 @@ def per_layer_fields(model_class, config) -> dict[str, dict[int, FieldEffect]]:
     ``per_layer_config={i: {field: other value}}``; a field whose layer-0 override moves
     nothing (the code reads the global value), or that the config refuses per layer, is not
     one. Empty for model types whose code never reads ``per_layer_config``."""
-    key = ("per_layer", model_class.__module__, model_class.__name__,
-           json.dumps(config.to_dict(), sort_keys=True, default=str))
-    if key not in _PROBED:
-        if len(_PROBED) >= 8:
-            _PROBED.pop(next(iter(_PROBED)))
-        _PROBED[key] = _probe_per_layer(model_class, config)
-    return _PROBED[key]
+    return _remembered("per_layer", model_class, config, _probe_per_layer)
 
 
 def _probe_per_layer(model_class, config) -> dict[str, dict[int, FieldEffect]]:
