@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
 import engine
 import engine.scoring.analysis
 from dashboard import netron_server
+from dashboard.common import clear_shared_models
 from engine.demo import load_demo_eval
 from engine.options import (
     CRITERIA,
@@ -155,7 +155,7 @@ def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
     monkeypatch.setattr(engine.scoring.analysis, "weight_scores", counting)
     # the demo's analysis is shared by every session of the process (an earlier test may
     # have scored it already): start from a fresh one so that its first scoring is counted
-    st.cache_resource.clear()
+    clear_shared_models()
     at = _open()
     model = _model(at)
     analysis = model.analysis
