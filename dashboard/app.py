@@ -24,7 +24,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard import sources, state  # noqa: E402
 from dashboard.common import calibration_for, get_model, make_plan, show_error  # noqa: E402
-from dashboard.guide import start_here  # noqa: E402
+from dashboard.guide import header  # noqa: E402
 from dashboard.page import PageState  # noqa: E402
 from dashboard.sidebar import (  # noqa: E402
     index_example,
@@ -44,13 +44,7 @@ from engine.scoring.criteria import CRITERIA_NEEDING_CALIBRATION  # noqa: E402
 def main() -> None:
     # a local icon: a material or emoji icon makes the browser fetch it from Google's fonts
     st.set_page_config(page_title="PruneScope", page_icon=str(FAVICON), layout="wide")
-    st.title("PruneScope")
-    st.markdown(
-        "See how important every channel of a PyTorch model is under each pruning option, "
-        "choose what to cut, prune it, and compare the smaller model with the original. "
-        "It opens on a built-in demo model: every feature works without an upload."
-    )
-    start_here()
+    header()
     page = _page_state()
     tabs = st.tabs([tab.title for tab in TABS], key="main_tab", on_change="rerun")
     # Lazy tabs: only the open tab's content runs (the Graphs tab exports ONNX on first use).
