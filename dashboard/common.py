@@ -11,7 +11,7 @@ from typing import Any
 import streamlit as st
 
 import engine
-from dashboard import netron_server, sources, state
+from dashboard import charts, netron_server, sources, state
 from engine.demo import is_builtin
 from engine.errors import PruneScopeError
 from engine.io.data import DataSet
@@ -151,6 +151,14 @@ def clear_shared_models() -> None:
     """Forget the shared built-in models (tests that count a first load)."""
     with _SHARED_LOCK:
         _SHARED.clear()
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def cached_figure(builder: str, frame: Any, *args: Any) -> Any:
+    """``dashboard.charts.<builder>(frame, *args)``, built once per process for equal frames
+    and arguments (a rerun or another session with the same options redraws without
+    rebuilding the Plotly figure). Shared read-only: ``st.plotly_chart`` only serialises it."""
+    return getattr(charts, builder)(frame, *args)
 
 
 def get_model(request: sources.ModelRequest) -> state.LoadedModel:

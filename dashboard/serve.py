@@ -42,9 +42,12 @@ def warm_up() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Start the warm-up thread, then `streamlit run dashboard/app.py` with ``argv``."""
     args = sys.argv[1:] if argv is None else argv
-    threading.Thread(target=warm_up, name="prunescope-warm-up", daemon=True).start()
+    # Streamlit (with plotly and pandas) is imported before the thread starts: plotly peeks
+    # at sys.modules for pandas, and a pandas half-imported by the other thread breaks it.
+    import streamlit.web.bootstrap  # noqa: F401
     from streamlit.web import cli
 
+    threading.Thread(target=warm_up, name="prunescope-warm-up", daemon=True).start()
     sys.argv = ["streamlit", "run", str(APP), *args]
     cli.main()
 
