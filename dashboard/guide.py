@@ -61,17 +61,23 @@ START_STRIP = " → ".join(f"**{i}** {title}" for i, (title, _text) in
                          enumerate(START_STEPS, start=1))
 
 
+# Streamlit leaves 6rem above the page for its header bar; its minimal toolbar (one menu button
+# at the top right) needs less, and the tab content then starts higher on a 900 px screen.
+TOP_SPACE = "<style>[data-testid='stMainBlockContainer'] {padding-top: 3.5rem;}</style>"
+
+
 def header() -> None:
     """The page's head in two short lines, so that a 1440x900 screen shows the tab content:
     the name with what the page does and a "Start here" button (the six steps, what to do at
     each), then the steps' names in one line."""
+    st.html(TOP_SPACE)
     name, start = st.columns([6, 1], vertical_alignment="center")
-    name.markdown("#### PruneScope: see how important every channel is, choose what to cut, "
-                  "prune, and compare with the original")
+    name.markdown("**PruneScope**: see how important every channel of a PyTorch model is, "
+                  "choose what to cut, prune, and compare with the original. It opens on a "
+                  "built-in demo: every feature works without an upload.")
     with start:
         start_here()
-    st.caption("Opens on a built-in demo model: every feature works without an upload. "
-               "Start here: " + START_STRIP + ".")
+    st.caption("Start here: " + START_STRIP + ".")
 
 
 def start_here() -> None:
