@@ -242,3 +242,16 @@ def test_blocks_command_hint_is_complete():
     code = " ".join(c.value for c in at.code)
     assert "prunescope prune demo --remove-blocks 0 --calibration demo --ratio 0.50 " \
            "--out DIR" in code
+
+
+def test_latency_row_says_what_it_measured_and_why_it_can_rise():
+    def page(before: float, after: float) -> None:
+        from dashboard.tabs.prune import latency_note
+
+        latency_note(before, after)
+
+    rose = AppTest.from_function(page, args=(0.00715, 0.01287)).run()
+    text = " ".join(_texts(rose.caption))
+    assert "best median of two interleaved rounds" in text and "did not fall" in text
+    fell = AppTest.from_function(page, args=(0.01287, 0.00715)).run()
+    assert "did not fall" not in " ".join(_texts(fell.caption))
