@@ -111,7 +111,7 @@ def _check_overview(at: AppTest, options: PruningOptions, ratio: float, **kw) ->
 
 def test_opens_on_the_demo_with_scores_drawn():
     at = _open()
-    assert "PruneScope" in at.title[0].value
+    assert "**PruneScope**" in at.markdown[0].value  # the header, first on the page
     assert at.radio(key="source").value == "Demo model"
     model = _model(at)
     assert model.captured.source == "demo"
