@@ -72,7 +72,7 @@ class DashboardServer:
     proc: subprocess.Popen
 
 
-def start_dashboard(log_path: Path, timeout_s: float = 120) -> DashboardServer:
+def start_dashboard(log_path: Path, timeout_s: float = 300) -> DashboardServer:
     """The dashboard as `make run` starts it (`python -m dashboard.serve`: `streamlit run
     dashboard/app.py` with the demo warmed up) on a free loopback port, healthy when returned."""
     port = free_port()

@@ -17,6 +17,7 @@ import engine
 import engine.scoring.analysis
 from dashboard import netron_server
 from dashboard.common import clear_shared_models
+from dashboard.serve import warm_up
 from engine.demo import load_demo_eval
 from engine.options import (
     CRITERIA,
@@ -142,6 +143,21 @@ def test_opens_on_the_demo_with_scores_drawn():
 
 
 # ----------------------------------------------------------------------------- caching
+
+
+def test_server_warm_up_leaves_the_first_session_nothing_to_load(monkeypatch):
+    """`python -m dashboard.serve` warms up before it listens: the first session then finds
+    the demo loaded and analysed (no load of its own) and draws its scores."""
+    clear_shared_models()
+    warm_up()
+    loads = []
+    real = engine.load_model
+    monkeypatch.setattr(engine, "load_model",
+                        lambda *a, **k: loads.append(a) or real(*a, **k))
+    at = _open()
+    assert loads == []
+    assert _model(at).captured.source == "demo"
+    _chart(at, "chart_overview")
 
 
 def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
