@@ -602,3 +602,78 @@ def test_frozen_channels_bound_what_each_block_loses():
     plan = make_plan([blocked(prunable=mask)], raw_opts(group_policy="none"),
                      ratios={"x": 0.9})
     assert pruned(plan, "x") == [1, 3, 4, 7]
+
+
+# --- second round of mutation gaps: exact report contents and messages ----------------------
+
+
+def test_group_and_plan_to_dict_hold_exactly_these_entries():
+    # 0.34 of 3 -> round(1.02) = 1 channel asked: the lowest score, 1.0 at index 1
+    groups = [one("g", [3.0, 1.0, 2.0]), one("p", [5.0, 6.0])]
+    plan = make_plan(groups, raw_opts(), ratios={"g": 0.34}, pinned="p")
+    assert plan.group("g").to_dict() == {
+        "name": "g", "layers": ["g.w"], "normalized": {"g.w": [3.0, 1.0, 2.0]},
+        "scores": [3.0, 1.0, 2.0], "pruned": [1], "kept": [0, 2], "ratio": 0.34,
+        "pinned": False, "mode": "ratio", "requested": 1,
+    }
+    assert plan.group("p").to_dict() == {
+        "name": "p", "layers": ["p.w"], "normalized": {"p.w": [5.0, 6.0]},
+        "scores": [5.0, 6.0], "pruned": [], "kept": [0, 1], "ratio": None,
+        "pinned": True, "mode": "pinned", "requested": 0,
+    }
+    d = plan.to_dict()
+    assert set(d) == {"options", "ratio", "ratios", "threshold", "groups"}
+    assert (d["ratio"], d["ratios"], d["threshold"]) == (None, {"g": 0.34}, None)
+    assert make_plan(groups, raw_opts(), ratio=0.5).to_dict()["ratios"] is None
+
+
+def test_unknown_group_messages_list_at_most_five_names():
+    def message(n_groups):
+        plan = make_plan([one(f"g{i}", [1.0, 2.0]) for i in range(n_groups)], raw_opts())
+        with pytest.raises(OptionError) as err:
+            plan.group("missing")
+        return str(err.value)
+
+    assert message(0) == "unknown group 'missing'; there are no groups"
+    assert message(2) == "unknown group 'missing'; valid names include: 'g0', 'g1'"
+    assert message(5) == ("unknown group 'missing'; valid names include: "
+                          "'g0', 'g1', 'g2', 'g3', 'g4'")
+    assert message(6) == ("unknown group 'missing'; valid names include: "
+                          "'g0', 'g1', 'g2', 'g3', 'g4', ... (6 in all)")
+
+
+@pytest.mark.parametrize("group_policy", ["sum", "average", "none", "count"])
+def test_a_block_ratio_below_half_a_channel_per_block_prunes_nothing_under_the_step_rule(
+        group_policy):
+    # 4 blocks of 6; 0.04 of 24 -> 1 channel asked -> round(1 / 4) = 0 per block
+    # (count: round(0.04 * 6) = 0). Aligning the untouched 6 to a multiple of 4 would cut 2
+    # per block: a group asked to lose nothing per block is left alone.
+    group = blocked(scores=np.arange(24.0)[::-1], blocks=np.arange(24).reshape(4, 6))
+    opts = raw_opts(group_policy=group_policy, step_size=4, step_op="round")
+    assert pruned(make_plan([group], opts, ratios={"x": 0.04}), "x") == []
+
+
+def test_removal_messages_are_exact():
+    with pytest.raises(OptionError) as err:
+        make_plan(example(), PruningOptions(), removals={"G": [7]})
+    assert str(err.value) == ("channel index 7 is out of range for group 'G' with n=5 "
+                              "channels (allowed 0..4)")
+    # nine blocks of two: the message shows the first eight per-block counts
+    group = blocked(scores=np.arange(18.0), blocks=np.arange(18).reshape(9, 2))
+    with pytest.raises(OptionError) as err:
+        make_plan([group], raw_opts(), removals={"x": [0]})
+    assert str(err.value) == ("group 'x' has 9 blocks of 2 channels that must keep the same "
+                              "size: remove the same number of indices from every block "
+                              "(got [1, 0, 0, 0, 0, 0, 0, 0])")
+    # a long bad value is cut to 300 characters
+    with pytest.raises(OptionError) as err:
+        make_plan(example(), PruningOptions(), removals={"G": [0.5] * 200})
+    assert len(str(err.value)) == 300
+    assert str(err.value).startswith("channel indices to remove from group 'G' must be a list "
+                                     "of integers, got [0.5, 0.5")
+
+
+def test_removals_from_a_single_block_group():
+    # one block of four (A = 1): any count of indices is the same count in every block
+    group = blocked(scores=[4.0, 1.0, 7.0, 2.0], blocks=np.arange(4).reshape(1, 4))
+    assert pruned(make_plan([group], raw_opts(), removals={"x": [1, 2]}), "x") == [1, 2]
