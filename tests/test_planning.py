@@ -609,15 +609,15 @@ def test_frozen_channels_bound_what_each_block_loses():
 
 def test_group_and_plan_to_dict_hold_exactly_these_entries():
     # 0.34 of 3 -> round(1.02) = 1 channel asked: the lowest score, 1.0 at index 1
-    groups = [one("g", [3.0, 1.0, 2.0]), one("p", [5.0, 6.0])]
-    plan = make_plan(groups, raw_opts(), ratios={"g": 0.34}, pinned="p")
+    groups = [one("g", [3.0, 1.0, 2.0]), one("pin", [5.0, 6.0])]
+    plan = make_plan(groups, raw_opts(), ratios={"g": 0.34}, pinned="pin")  # one name
     assert plan.group("g").to_dict() == {
         "name": "g", "layers": ["g.w"], "normalized": {"g.w": [3.0, 1.0, 2.0]},
         "scores": [3.0, 1.0, 2.0], "pruned": [1], "kept": [0, 2], "ratio": 0.34,
         "pinned": False, "mode": "ratio", "requested": 1,
     }
-    assert plan.group("p").to_dict() == {
-        "name": "p", "layers": ["p.w"], "normalized": {"p.w": [5.0, 6.0]},
+    assert plan.group("pin").to_dict() == {
+        "name": "pin", "layers": ["pin.w"], "normalized": {"pin.w": [5.0, 6.0]},
         "scores": [5.0, 6.0], "pruned": [], "kept": [0, 1], "ratio": None,
         "pinned": True, "mode": "pinned", "requested": 0,
     }
@@ -677,3 +677,49 @@ def test_removals_from_a_single_block_group():
     # one block of four (A = 1): any count of indices is the same count in every block
     group = blocked(scores=[4.0, 1.0, 7.0, 2.0], blocks=np.arange(4).reshape(1, 4))
     assert pruned(make_plan([group], raw_opts(), removals={"x": [1, 2]}), "x") == [1, 2]
+
+
+def test_option_messages_name_the_option_and_the_group_list():
+    with pytest.raises(OptionError) as err:
+        make_plan(example(), PruningOptions(), ratio=1.5)
+    assert str(err.value) == "ratio=1.5 is out of range; allowed: 0 <= ratio < 1"
+    for kind, value in (("ratios", {"nope": 0.1}), ("pinned", ["nope"]),
+                        ("removals", {"nope": [0]})):
+        with pytest.raises(OptionError) as err:
+            make_plan(example(), PruningOptions(), **{kind: value})
+        assert str(err.value) == (f"unknown group in {kind} 'nope'; valid names include: "
+                                  "'add', 'G'")
+
+
+def test_group_input_errors_name_the_group():
+    with pytest.raises(PlanError) as err:
+        make_plan([GroupInput("grp", {"a": np.ones(4), "b": np.ones(3)})], raw_opts())
+    assert str(err.value) == "grp: member 'b' has 3 scores, the first member has 4"
+    for bad in (np.arange(4), np.arange(4.0).reshape(2, 2)):  # not 2-D; not integers
+        with pytest.raises(PlanError, match=r"group 'a': blocks must be an int \(A, B\)"):
+            make_plan([one("a", [1.0, 2, 3, 4], blocks=bad)], raw_opts())
+
+
+def test_ties_among_many_channels_with_frozen_ones_go_to_the_lower_index():
+    scores = np.random.default_rng(4).integers(0, 3, 64).astype(float)
+    mask = np.ones(64, dtype=bool)
+    mask[[0, 7, 30]] = False
+    plan = make_plan([one("x", scores, prunable=mask)], raw_opts(), ratios={"x": 0.5})
+    expected = sorted((i for i in range(64) if mask[i]), key=lambda i: (scores[i], i))[:32]
+    assert pruned(plan, "x") == sorted(expected)
+
+
+def test_global_cut_takes_only_the_ties_it_needs():
+    # 0.4 of 5 -> 2 marked: 1.0 and the first of the three 2.0s (index order)
+    plan = make_plan([one("x", [2.0, 1.0, 2.0, 3.0, 2.0])], raw_opts(), ratio=0.4)
+    assert pruned(plan, "x") == [0, 1] and plan.threshold == 2.0
+
+
+def test_global_cut_where_a_partial_selection_would_be_off_by_one():
+    """300 random scores, 100 cut: for this draw np.partition at the wrong position leaves
+    a larger score at index 99 (checked when the test was written), so the cut must be
+    selected at exactly `count - 1`."""
+    scores = np.random.default_rng(257).random(300)
+    plan = make_plan([one("x", scores)], raw_opts(), ratio=1 / 3)
+    assert pruned(plan, "x") == sorted(np.argsort(scores)[:100].tolist())
+    assert plan.threshold == np.sort(scores)[99]
