@@ -7,6 +7,7 @@ layer_norm='none' so the combined score is the raw score).
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -723,3 +724,29 @@ def test_global_cut_where_a_partial_selection_would_be_off_by_one():
     plan = make_plan([one("x", scores)], raw_opts(), ratio=1 / 3)
     assert pruned(plan, "x") == sorted(np.argsort(scores)[:100].tolist())
     assert plan.threshold == np.sort(scores)[99]
+
+
+def test_combine_messages_without_a_label_say_group():
+    with pytest.raises(PlanError) as err:
+        combine({}, "sum", "none")
+    assert str(err.value) == "group has no member layers"
+    with pytest.raises(PlanError) as err:
+        combine({"a": np.ones(2), "b": np.ones(3)}, "sum", "none")
+    assert str(err.value) == "group: member 'b' has 3 scores, the first member has 2"
+    with pytest.raises(OptionError) as err:
+        combine({"a": np.ones(2)}, "max", "none")
+    assert str(err.value) == ("option policy='max' is not allowed; allowed values: "
+                              "sum, average, backward")
+
+
+def test_combine_backward_adds_float32_scores_in_float64_without_warnings():
+    # 3e38 + 2e38 overflows float32 (max 3.4e38) but not float64; no overflow warning either
+    a = np.array([3e38, 1e38, 0.0], dtype=np.float32)
+    b = np.array([2e38, 1e38, 1.0], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, s = combine({"a": a, "b": b}, "backward", "none")
+        big = np.array([1.5e308, 1.0e308, 0.5e308])
+        _, scaled = combine({"a": big, "b": big}, "backward", "linear_scaling")
+    np.testing.assert_allclose(s, [5e38, 2e38, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(scaled, [1.0, 0.5, 0.0])
