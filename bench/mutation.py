@@ -123,13 +123,25 @@ def prepare(name: str, target: Target) -> Path:
     return work
 
 
-def run_target(name: str, target: Target, children: int, rerun: bool = True) -> dict:
-    """Mutate and test (`rerun=False`: only read the results of the last run)."""
+def run_target(name: str, target: Target, children: int, rerun: bool | str = True) -> dict:
+    """Mutate and test (`rerun=False`: only read the results of the last run;
+    `rerun="survivors"`: run the last run's survivors again with the current tests)."""
     work = WORK / name
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutants/ must win
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
     mutmut = [sys.executable, "-m", "mutmut"]
-    if rerun:
+    if rerun == "survivors":
+        # the last run's survivors only, against the checkout's current tests (mutmut finds
+        # the new tests and collects their stats before running the named mutants)
+        survivors = list(json.loads((work / "summary.json").read_text())["survivors"])
+        shutil.rmtree(work / "tests")
+        shutil.copytree(ROOT / "tests", work / "tests",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        with open(work / "run.log", "a") as out:
+            subprocess.run([*mutmut, "run", "--max-children", str(children), *survivors],
+                           cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
+                           check=False)
+    elif rerun:
         work = prepare(name, target)
         with open(work / "run.log", "w") as out:
             subprocess.run([*mutmut, "run", "--max-children", str(children),
@@ -199,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--children", type=int, default=2, help="mutants run in parallel")
     parser.add_argument("--report", action="store_true",
                         help="only tabulate the last run of each target")
+    parser.add_argument("--survivors", action="store_true",
+                        help="run only the last run's survivors again, with the current tests")
     args = parser.parse_args(argv)
     if args.list:
         for name, target in TARGETS.items():
@@ -208,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; allowed: {', '.join(TARGETS)}")
-    summaries = [run_target(name, TARGETS[name], args.children, rerun=not args.report)
+    rerun = False if args.report else "survivors" if args.survivors else True
+    summaries = [run_target(name, TARGETS[name], args.children, rerun=rerun)
                  for name in names]
     print(table(summaries))
     return 0
