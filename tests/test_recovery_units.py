@@ -216,3 +216,35 @@ def test_distill_loss_on_hidden_states():
     expected = 1 / (11 / 12) + (1 - cos) * distill.COSINE_WEIGHT
     got = distill.loss([s], [t], None, mask=mask, hidden_states=True)
     assert float(got) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lsq_refits_a_bias_free_convolution_to_the_closed_form(groups):
+    """conv -> relu -> conv without bias (grouped or not): the second conv's new weights and
+    the bias lsq adds are the ridge solution on its unfolded 3x3 input patches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1, groups=groups, bias=False)).eval()
+    x = _inputs(48, 2, 5, 5)
+    removed = [1, 5] if groups == 2 else [1, 2]  # one channel from each half when grouped
+    result = engine.prune(_program(model, x), options={"criterion": "index"},
+                          indices={"0": removed})
+    recovered = engine.recover(result, x.numpy(), "lsq", eval_holdout=0)
+    assert "2" in recovered.report["recovery"]["layers"]["lsq"]
+    kept = [c for c in range(8) if c not in removed]
+    with torch.no_grad():
+        hidden = F.conv2d(x, model[0].weight[kept], model[0].bias[kept], padding=1).relu()
+        want = model(x)  # the original's output: what the refit aims at
+    w0 = result.module.get_parameter("2.weight").detach()
+    params = {k: v.detach() for k, v in recovered.module.named_parameters()}
+    per_in, per_out = len(kept) // groups, 4 // groups
+    for g in range(groups):
+        patches = F.unfold(hidden[:, g * per_in:(g + 1) * per_in], 3, padding=1)
+        rows = patches.transpose(1, 2).reshape(-1, per_in * 9)
+        out = want[:, g * per_out:(g + 1) * per_out].permute(0, 2, 3, 1).reshape(-1, per_out)
+        w_ref, b_ref = _ridge_reference(rows, out, w0[g * per_out:(g + 1) * per_out]
+                                        .reshape(per_out, -1), np.zeros(per_out), lsq.RIDGE)
+        got_w = params["2.weight"][g * per_out:(g + 1) * per_out].reshape(per_out, -1)
+        np.testing.assert_allclose(got_w.double().numpy(), w_ref, rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(params["2.bias"][g * per_out:(g + 1) * per_out]
+                                   .double().numpy(), b_ref, rtol=1e-3, atol=1e-5)
