@@ -197,13 +197,23 @@ def test_distill_loss_by_hand():
     teacher = torch.tensor([[2 * math.log(3.0), 0.0]])
     kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
     assert float(distill.loss([zero], [teacher], None)) == pytest.approx(4 * kl, rel=1e-6)
-    # outputs without a class dimension: squared error over the teacher's variance
-    s, t = torch.tensor([1.0, 2.0, 5.0]), torch.tensor([1.0, 2.0, 3.0])  # var(t) = 1
-    assert float(distill.loss([s], [t], None)) == pytest.approx(4 / 3, rel=1e-6)
-    # integer outputs are not distilled; a label only counts on the first output
-    assert float(distill.loss([torch.ones(3, dtype=torch.long), zero],
-                              [torch.zeros(3, dtype=torch.long), zero],
-                              torch.tensor([0]))) == 0.0
+    # outputs without a class dimension (or with one value per row): squared error over the
+    # teacher's variance; mse (0.2^2 / 3) / var(0.1, 0.2, 0.3) = (0.04 / 3) / 0.01 = 4 / 3
+    s, t = torch.tensor([0.1, 0.2, 0.5]), torch.tensor([0.1, 0.2, 0.3])
+    assert float(distill.loss([s], [t], None)) == pytest.approx(4 / 3, rel=1e-5)
+    assert float(distill.loss([s[:, None]], [t[:, None]], None)) == pytest.approx(4 / 3, rel=1e-5)
+    # integer outputs are skipped, the outputs after them still count; a label only counts
+    # on the first output
+    ints = torch.ones(3, dtype=torch.long)
+    assert float(distill.loss([ints, zero], [ints * 0, teacher], torch.tensor([0]))) == \
+        pytest.approx(4 * kl, rel=1e-6)
+
+
+def test_distill_loss_on_per_token_class_scores():
+    # (batch 1, 2 tokens, 3 classes), equal scores: only the labels' cross entropy, ln 3
+    zeros = torch.zeros(1, 2, 3)
+    got = distill.loss([zeros], [zeros], torch.tensor([[0, 2]]))
+    assert float(got) == pytest.approx(math.log(3.0), rel=1e-6)
 
 
 def test_distill_loss_on_hidden_states():
@@ -216,6 +226,14 @@ def test_distill_loss_on_hidden_states():
     expected = 1 / (11 / 12) + (1 - cos) * distill.COSINE_WEIGHT
     got = distill.loss([s], [t], None, mask=mask, hidden_states=True)
     assert float(got) == pytest.approx(expected, rel=1e-6)
+    # a second, pooled (2-D) output is matched whole, without the mask: mse 4 / 2 over var 2
+    pooled_s, pooled_t = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, -1.0]])
+    both = distill.loss([s, pooled_s], [t, pooled_t], None, mask=mask, hidden_states=True)
+    assert float(both) == pytest.approx(expected + ((1 + 9) / 2) / 2, rel=1e-6)
+    # without a mask every token counts and there is no cosine term: squares 0 0 0 4 16 16,
+    # mse 6, over var(1, 0, 0, 2, 5, 5) = 161 / 30
+    unmasked = distill.loss([s], [t], None, hidden_states=True)
+    assert float(unmasked) == pytest.approx(6 / (161 / 30), rel=1e-6)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
