@@ -160,9 +160,13 @@ def run_target(name: str, target: Target, children: int, rerun: bool | str = Tru
         if mutant and any(_matches(mutant, glob) for glob in target.functions):
             statuses[mutant] = status
     survivors = {m: _diff(work, m) for m, s in statuses.items()
-                 if s not in ("killed", "timeout", "caught by type check")}
+                 if s not in ("killed", "timeout", "caught by type check", "not checked")}
     killed = sum(s in ("killed", "timeout") for s in statuses.values())
+    # "not checked": a run stopped before it reached them (counted apart, not as survivors)
+    not_run = sum(s == "not checked" for s in statuses.values())
+    no_tests = sum(s == "no tests" for s in statuses.values())
     summary = {"target": name, "mutants": len(statuses), "killed": killed,
+               "not_run": not_run, "no_tests": no_tests,
                "statuses": statuses, "survivors": survivors}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -196,11 +200,13 @@ def _bodies(path: Path) -> dict[str, list[str]]:
 
 
 def table(summaries: list[dict]) -> str:
-    lines = ["| target | mutants | killed | survived | killed % |", "|---|---|---|---|---|"]
+    lines = ["| target | mutants | run | killed | survived (of which no tests) | killed % of run |",
+             "|---|---|---|---|---|---|"]
     for s in summaries:
-        share = 100.0 * s["killed"] / s["mutants"] if s["mutants"] else 0.0
-        lines.append(f"| {s['target']} | {s['mutants']} | {s['killed']} | "
-                     f"{s['mutants'] - s['killed']} | {share:.1f}% |")
+        run = s["mutants"] - s.get("not_run", 0)
+        share = 100.0 * s["killed"] / run if run else 0.0
+        lines.append(f"| {s['target']} | {s['mutants']} | {run} | {s['killed']} | "
+                     f"{run - s['killed']} ({s.get('no_tests', 0)}) | {share:.1f}% |")
     lines += ["", "| survivor | status | change |", "|---|---|---|"]
     for s in summaries:
         for mutant, change in s["survivors"].items():
