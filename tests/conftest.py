@@ -30,9 +30,10 @@ def tiny_pt2(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser():
-    """Debian's Chromium driven by Playwright (which never downloads a browser here)."""
+    """Debian's Chromium driven by Playwright (which never downloads a browser here); one per
+    xdist worker: each test opens its own page or context (its own cookies and session)."""
     from playwright.sync_api import sync_playwright
 
     from tests.helpers import CHROMIUM, CHROMIUM_ARGS
@@ -46,10 +47,13 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dashboard_server(tmp_path_factory):
     """`streamlit run dashboard/app.py` on a free loopback port, for the browser tests:
-    ``.url`` and ``.log`` (the server's stdout and stderr)."""
+    ``.url`` and ``.log`` (the server's stdout and stderr). One server per xdist worker,
+    shared by every browser test that needs no fresh one (a new page is a new Streamlit
+    session; starting a server and its first script run cost tens of CPU seconds). A test
+    that reads the log reads its own part: ``log_mark()`` / ``log_since(mark)``."""
     from tests.helpers import start_dashboard, stop
 
     server = start_dashboard(tmp_path_factory.mktemp("streamlit") / "streamlit.log")
@@ -59,6 +63,6 @@ def dashboard_server(tmp_path_factory):
         stop(server.proc)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dashboard_url(dashboard_server):
     return dashboard_server.url
