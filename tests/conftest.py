@@ -16,6 +16,29 @@ except Exception as exc:  # noqa: BLE001 - whatever breaks the import
     raise pytest.UsageError(f"transformers does not import ({type(exc).__name__}: {exc}); "
                             "it is required (pip install -e '.[test]')") from exc
 
+def pytest_configure(config: pytest.Config) -> None:
+    # `--dist loadfile` hands out whole files in collection order (the order below); xdist's
+    # own reordering (by number of tests per file) would put the one-test browser and
+    # training files last, where one worker ends up with several of them while the other idles.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with a test marked slow run first, then the rest by number of tests (most
+    first): longest first is what keeps two workers busy to the end. A file's tests stay
+    together and in their order (module fixtures and in-file sequences rely on that)."""
+    by_file: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def heavy_first(path: str) -> tuple[bool, int]:
+        tests = by_file[path]
+        return (not any(t.get_closest_marker("slow") for t in tests), -len(tests))
+
+    items[:] = [item for path in sorted(by_file, key=heavy_first) for item in by_file[path]]
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers on two cores: one torch thread each, not two competing
     torch.set_num_threads(1)
