@@ -34,6 +34,7 @@ import torch
 
 from engine.errors import OptionError, PruneScopeError, one_line
 from engine.graph.capture import capture_module
+from engine.graph.inputs import run_graph
 from engine.io.export import write_json
 from engine.io.hf import HFSource, load_folder_on_meta, quiet_transformers
 from engine.io.hf_config import model_class
@@ -41,6 +42,7 @@ from engine.io.hf_export import check_heads, check_uniform, pruned_config
 from engine.io.shards import ShardSet, write_index, write_shard
 from engine.io.staging import new_staging, remove_dead_staging
 from engine.options import PruningOptions, check_ratio
+from engine.pipeline import ShapeRecorder
 from engine.quality.metrics import model_metrics
 from engine.scoring.analysis import Analysis, plan
 from engine.scoring.criteria import WEIGHT_CRITERIA
@@ -64,10 +66,22 @@ def stored_bytes(folder: Path) -> int:
 def should_stream(folder: Path, available: int | None = None) -> bool:
     """Whether a folder's weights would not fit comfortably in the memory available now."""
     if available is None:
-        import psutil
-
-        available = psutil.virtual_memory().available
+        available = available_memory()
     return stored_bytes(folder) > AUTO_SHARE * available
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux: MemAvailable; elsewhere: the physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
 
 
 def _storage_dtype(shards: ShardSet) -> torch.dtype:
@@ -160,7 +174,7 @@ def prune_streamed(
         "frozen": [f.to_dict() for f in structure.frozen],
         "unsupported_ops": structure.unsupported_ops,
         "before": model_metrics(analysis.gm),
-        "after": model_metrics(pruned_gm),
+        "after": _pruned_metrics(pruned_gm, captured),
         "ratio": the_plan.ratio,
         "pt2": PT2_SKIPPED,
         "onnx": {"error": PT2_SKIPPED.replace("model.pt2", "model.onnx")},
@@ -202,6 +216,16 @@ def prune_streamed(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def _pruned_metrics(gm: torch.fx.GraphModule, captured) -> dict[str, int]:
+    """Parameters and FLOPs of the pruned meta graph: one run on meta inputs records each
+    node's new shape (what the FLOPs count reads)."""
+    meta = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t
+                 for t in captured.example_inputs)
+    with torch.no_grad():
+        run_graph(ShapeRecorder(gm), meta, captured.example_kwargs)
+    return model_metrics(gm)
 
 
 class _Result:
