@@ -148,6 +148,7 @@ def prune_streamed(
         ratio = check_ratio(ratio)
     if not uniform:
         raise OptionError("--stream writes hf/, which needs --uniform (one size per layer kind)")
+    return_freed_memory()
     shards = ShardSet(path)
     dtype = _storage_dtype(shards)
     say("capturing the model on the meta device")
@@ -445,8 +446,12 @@ class BlockVerifier:
         masked_state, pruned_state = {}, {}
         for key, (original, cut) in held.items():
             local = key[len(start):]
-            masked_state[local] = _masked(original, self._how(key))
+            how = self._how(key)
+            if how is not None and cut.data_ptr() == original.data_ptr():
+                original = original.clone()  # nothing was cut: the tensor is shared
+            masked_state[local] = _masked(original, how)
             pruned_state[local] = cut
+        held.clear()
         self.original.load_state_dict(masked_state, strict=True, assign=True)
         self.pruned.load_state_dict(pruned_state, strict=True, assign=True)
         hidden = self.hidden
@@ -461,6 +466,8 @@ class BlockVerifier:
         with torch.no_grad():
             want = _first(self.original(masked_in, *args[1:], **kwargs))
             got = _first(self.pruned(pruned_in, *args[1:], **kwargs))
+        for block, state in ((self.original, masked_state), (self.pruned, pruned_state)):
+            _drop_weights(block, state)  # the next block's weights replace them
         if self.kept_hidden is not None:
             want = want[..., self.kept_hidden]
         if want.shape != got.shape:
@@ -471,15 +478,50 @@ class BlockVerifier:
                              "relative_diff_vs_masked": diff / scale if scale > 0 else diff})
 
 
+def _drop_weights(block: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Point the loaded weights of `block` at the meta device, freeing their memory."""
+    for name in state:
+        owner, _, attr = name.rpartition(".")
+        module = block.get_submodule(owner) if owner else block
+        old = module._parameters.get(attr)
+        if old is not None:
+            module._parameters[attr] = torch.nn.Parameter(
+                torch.empty_like(old, device="meta"), requires_grad=False)
+        elif attr in module._buffers and module._buffers[attr] is not None:
+            module._buffers[attr] = torch.empty_like(module._buffers[attr], device="meta")
+    state.clear()
+
+
+def return_freed_memory() -> None:
+    """Large allocations straight from (and back to) the kernel, on glibc.
+
+    glibc raises its mmap threshold each time a large block is freed, up to 32 MB, after
+    which weights of 1 to 32 MB come from the heap, whose freed pages stay in the process:
+    reading a model one weight at a time would then keep about as much resident as the
+    weights read. A fixed 1 MB threshold returns each freed weight at once."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is not None:
+            mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except OSError:  # not glibc: nothing to tune
+        pass
+
+
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _masked(weight: torch.Tensor, how: ParamSlice | None) -> torch.Tensor:
-    """`weight` with every removed index of each cut dim zeroed (mask mode in the weights)."""
+    """`weight` with every removed index of each cut dim zeroed, in place (mask mode in the
+    weights; the original is not needed once its cut copy exists)."""
     if how is None:
         return weight
-    out = weight.clone()
+    out = weight
     for dim, index in how.gathers:
         keep = np.zeros(weight.shape[dim], dtype=bool)
         keep[index] = True
