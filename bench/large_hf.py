@@ -72,7 +72,8 @@ def _build(name: str, folder: Path) -> None:
     config = LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
                          num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
                          num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
-                         tie_word_embeddings=False, dtype="bfloat16")
+                         tie_word_embeddings=False, dtype="bfloat16",
+                         architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     specs = {k: (torch.bfloat16, tuple(v.shape)) for k, v in model.state_dict().items()}
@@ -230,6 +231,7 @@ def measure(name: str, cap: int) -> dict:
             data = json.loads(report.read_text())
             v = data["verification"]
             out["report"] = {"before": data["before"], "after": data["after"],
+                             "seconds": data.get("seconds"),
                              "hf": data["hf"], "mode": data.get("mode"),
                              "verification": {k: v.get(k) for k in (
                                  "blocks", "relative_diff_vs_masked", "exact",
@@ -249,13 +251,14 @@ def run(quick: bool = False) -> Section:
     if os.environ.get("PRUNESCOPE_BENCH_LARGE_14B") == "1":
         names.append("14b")
     cap = _default_cap()
-    rows, goals = [], []
+    rows, goals, done = [], [], []
     for name in names:
         try:
             r = measure(name, cap)
         except Exception as exc:  # noqa: BLE001 - report the failure, keep the other model
             rows.append((MODELS[name]["label"], "-", one_line(exc, 300), *["-"] * 6))
             continue
+        done.append(r)
         mb = r["model_bytes"]
         floor, prune = r["floor"], r["prune"]
         floor_s = None if "error" in floor else floor["seconds"]
@@ -293,6 +296,8 @@ def run(quick: bool = False) -> Section:
             goals.append(Goal(NAME, f"{label} streamed prune: peak RSS <= {RSS_GOAL}x model",
                               f"{fmt_bytes(prune['peak_rss'])} = {ratio_m:.2f}x {fmt_bytes(mb)}",
                               ratio_m <= RSS_GOAL))
+    stages = [f"{r['label']}: seconds per stage of the streamed prune (report.json): "
+              f"`{json.dumps(r['report']['seconds'])}`" for r in done if r.get("report")]
     body = [
         f"bf16 weights, `--uniform --ratio {RATIO}` (l2, default options), streamed "
         "(`--stream`): capture on the meta device, each weight read alone for scoring, "
@@ -303,6 +308,7 @@ def run(quick: bool = False) -> Section:
         "the page cache as far as memory allows (this machine: less than two copies).",
         md_table(["model", "weights", "params", "floor", "floor peak RSS (x model)",
                   "streamed prune", "peak RSS (x model)", "block verification"], rows),
+        *stages,
     ]
     return Section(NAME, TITLE, "\n\n".join(body), goals)
 

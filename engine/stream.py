@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,7 @@ def prune_streamed(
     if not uniform:
         raise OptionError("--stream writes hf/, which needs --uniform (one size per layer kind)")
     return_freed_memory()
+    clock = _Clock()
     shards = ShardSet(path)
     dtype = _storage_dtype(shards)
     say("capturing the model on the meta device")
@@ -158,6 +160,8 @@ def prune_streamed(
     captured.hf = hf
     weights = _Weights(shards, _aliases(meta_model))
     analysis = Analysis(captured, weights=weights)
+    analysis.structure(options.prunes_whole_blocks)
+    clock("capture_and_analysis")
     say("scoring (reading the weights one at a time)")
     the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned, uniform=True)
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
@@ -166,6 +170,7 @@ def prune_streamed(
                         slices=slices)
     exact = {gp.name: structure.group(gp.name).exact for gp in the_plan.groups
              if len(gp.pruned)}
+    clock("scoring_and_plan")
     report: dict[str, Any] = {
         "options": the_plan.options.to_dict(),
         "mode": "streamed",
@@ -203,6 +208,8 @@ def prune_streamed(
         report["hf"] = write_streamed(hf, new_config, shards, weights, slices,
                                       staging / "hf", verifier.add)
         report["verification"] = verifier.finish()
+        clock("write_and_verify")
+        report["seconds"] = clock.stages
         write_json(staging / "report.json", report)
         for name in ("hf", "report.json"):
             target = out / name
@@ -227,6 +234,19 @@ def _pruned_metrics(gm: torch.fx.GraphModule, captured) -> dict[str, int]:
     with torch.no_grad():
         run_graph(ShapeRecorder(gm), meta, captured.example_kwargs)
     return model_metrics(gm)
+
+
+class _Clock:
+    """Seconds spent in each stage (report.json's ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = round(now - self.last, 2)
+        self.last = now
 
 
 class _Result:
