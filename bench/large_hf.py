@@ -301,7 +301,7 @@ def run(quick: bool = False) -> Section:
     body = [
         f"bf16 weights, `--uniform --ratio {RATIO}` (l2, default options), streamed "
         "(`--stream`): capture on the meta device, each weight read alone for scoring, "
-        "hf/ written shard by shard, blocks verified one by one on the example tokens' "
+        "hf/ written shard by shard, blocks verified one by one on the first 8 example tokens' "
         "embeddings. Floor = every stored tensor read and written again as the same shards. "
         "Each cell is one fresh subprocess; peak RSS is the whole process (Python, torch, "
         f"transformers) from `ru_maxrss`. Watchdog cap {fmt_bytes(cap)}. The folders live in "
