@@ -40,7 +40,7 @@ from engine.io.export import write_json
 from engine.io.hf import HFSource, load_folder_on_meta, quiet_transformers
 from engine.io.hf_config import model_class
 from engine.io.hf_export import check_heads, check_uniform, pruned_config
-from engine.io.shards import ShardSet, write_index, write_shard
+from engine.io.shards import Prefetcher, ShardSet, write_index, write_shard
 from engine.io.staging import new_staging, remove_dead_staging
 from engine.options import PruningOptions, check_ratio
 from engine.pipeline import ShapeRecorder
@@ -109,6 +109,7 @@ class _Weights:
     def __init__(self, shards: ShardSet, aliases: dict[str, list[str]]) -> None:
         self.shards = shards
         self.aliases = aliases
+        self.reader: Callable[[str], torch.Tensor] = shards.read
 
     def key(self, name: str) -> str:
         if name in self.shards:
@@ -119,7 +120,7 @@ class _Weights:
         raise PruneScopeError(f"weight {name} is not stored in the folder's safetensors")
 
     def __call__(self, name: str) -> torch.Tensor:
-        return self.shards.read(self.key(name))
+        return self.reader(self.key(name))
 
 
 @exclusive
@@ -163,7 +164,15 @@ def prune_streamed(
     analysis.structure(options.prunes_whole_blocks)
     clock("capture_and_analysis")
     say("scoring (reading the weights one at a time)")
-    the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned, uniform=True)
+    # scoring asks for each weight once, in the order of the scored members: read ahead
+    order = dict.fromkeys(weights.key(m.param) for m in analysis.members())
+    weights.reader = reader = Prefetcher(shards.read, order)
+    try:
+        the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
+                        uniform=True)
+    finally:
+        reader.close()
+        weights.reader = shards.read
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     slices: dict[str, ParamSlice] = {}
     pruned_gm = rewrite(analysis.gm, structure, pruned_roots(structure, the_plan),
@@ -285,26 +294,11 @@ def write_streamed(hf: HFSource, new_config, shards: ShardSet, weights: _Weights
     folder.mkdir(parents=True)
     with quiet_transformers():
         new_config.save_pretrained(os.fspath(folder))
-    total = 0
-    weight_map = {}
-    for file in shards.files:
-        keys = shards.by_file[file]
-        specs = {}
-        for key in keys:
-            entry = shards.entries[key]
-            how = how_of[key]
-            specs[key] = (entry.dtype, how.shape(entry.shape) if how else entry.shape)
-
-        def tensor_of(key: str) -> torch.Tensor:
-            original = shards.read(key)
-            how = how_of[key]
-            cut = slice_tensor(original, how).contiguous() if how else original
-            if seen is not None:
-                seen(key, original, cut)
-            return cut
-
-        total += write_shard(folder / file, specs, tensor_of, shards.metadata.get(file))
-        weight_map.update({k: file for k in keys})
+    reader = Prefetcher(shards.read, [k for f in shards.files for k in shards.by_file[f]])
+    try:
+        total, weight_map = _write_shards(shards, how_of, folder, reader, seen)
+    finally:
+        reader.close()
     if len(shards.files) > 1 or (shards.folder / "model.safetensors.index.json").is_file():
         write_index(folder, weight_map, total)
     carried = []
@@ -321,6 +315,34 @@ def write_streamed(hf: HFSource, new_config, shards: ShardSet, weights: _Weights
             "model_class": hf.model_class, "config": changed, "carried": carried,
             "shards": len(shards.files), "bytes": total,
             "checked": "block by block against mask mode (see verification)"}
+
+
+def _write_shards(shards: ShardSet, how_of: Mapping[str, ParamSlice | None], folder: Path,
+                  read: Callable[[str], torch.Tensor],
+                  seen: Callable[[str, torch.Tensor, torch.Tensor], None] | None,
+                  ) -> tuple[int, dict[str, str]]:
+    """Each shard of the input written cut, in its order; (bytes, weight_map)."""
+    total = 0
+    weight_map: dict[str, str] = {}
+    for file in shards.files:
+        keys = shards.by_file[file]
+        specs = {}
+        for key in keys:
+            entry = shards.entries[key]
+            how = how_of[key]
+            specs[key] = (entry.dtype, how.shape(entry.shape) if how else entry.shape)
+
+        def tensor_of(key: str) -> torch.Tensor:
+            original = read(key)
+            how = how_of[key]
+            cut = slice_tensor(original, how).contiguous() if how else original
+            if seen is not None:
+                seen(key, original, cut)
+            return cut
+
+        total += write_shard(folder / file, specs, tensor_of, shards.metadata.get(file))
+        weight_map.update({k: file for k in keys})
+    return total, weight_map
 
 
 _BLOCK = re.compile(r"^(.*)\.(\d+)\.(.+)$")

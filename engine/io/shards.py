@@ -18,6 +18,7 @@ import math
 import os
 import struct
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,39 @@ class ShardSet:
         """`keys` in the order they are stored (file, then offset): sequential reads."""
         rank = {f: i for i, f in enumerate(self.files)}
         return sorted(keys, key=lambda k: (rank[self.entries[k].shard], self.entries[k].start))
+
+
+class Prefetcher:
+    """`read(key)` for keys asked in a known order, the next one read ahead in a thread
+    (``readinto`` releases the GIL) while the caller works on the current one: at most one
+    tensor more in memory."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], order: Iterable[str]) -> None:
+        self.read = read
+        self.order = list(order)
+        self.position = {k: i for i, k in enumerate(self.order)}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prunescope-read")
+        self.ahead: tuple[str, Future] | None = None
+
+    def __call__(self, key: str) -> torch.Tensor:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == key:
+            tensor = ahead[1].result()
+        else:
+            if ahead is not None:  # asked out of order: drop the read-ahead
+                ahead[1].cancel()
+            tensor = self.read(key)
+        i = self.position.get(key)
+        if i is not None and i + 1 < len(self.order):
+            following = self.order[i + 1]
+            self.ahead = (following, self.pool.submit(self.read, following))
+        return tensor
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead[1].cancel()
+            self.ahead = None
+        self.pool.shutdown(wait=True)
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
