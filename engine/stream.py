@@ -44,7 +44,7 @@ from engine.io.shards import Prefetcher, ShardSet, write_index, write_shard
 from engine.io.staging import new_staging, remove_dead_staging
 from engine.options import PruningOptions, check_ratio
 from engine.pipeline import ShapeRecorder
-from engine.quality.metrics import model_metrics
+from engine.quality.metrics import flops_samples, model_metrics
 from engine.scoring.analysis import Analysis, plan
 from engine.scoring.criteria import WEIGHT_CRITERIA
 from engine.threads import exclusive
@@ -188,7 +188,7 @@ def prune_streamed(
                     "exact": structure.group(gp.name).exact} for gp in the_plan.groups],
         "frozen": [f.to_dict() for f in structure.frozen],
         "unsupported_ops": structure.unsupported_ops,
-        "before": model_metrics(analysis.gm),
+        "before": model_metrics(analysis.gm, flops_samples(captured)),
         "after": _pruned_metrics(pruned_gm, captured),
         "ratio": the_plan.ratio,
         "pt2": PT2_SKIPPED,
@@ -242,7 +242,7 @@ def _pruned_metrics(gm: torch.fx.GraphModule, captured) -> dict[str, int]:
                  for t in captured.example_inputs)
     with torch.no_grad():
         run_graph(ShapeRecorder(gm), meta, captured.example_kwargs)
-    return model_metrics(gm)
+    return model_metrics(gm, flops_samples(captured))
 
 
 class _Clock:
