@@ -20,6 +20,8 @@ One module per benchmark, each with ``NAME``, ``TITLE`` and ``run(quick) -> Sect
   FLOPs removed vs held-out embedding cosine / nearest-neighbour agreement per recovery
   method, and each pass against a plain batched forward
 - ``large``: bf16 Llama-style 0.85 B and 3B-shaped `.pt2` files pruned by the CLI vs the floor
+- ``large_hf``: a Llama-2-7B-shaped bf16 folder (13.5 GB) pruned streamed (`--stream`) vs the
+  floor of reading and writing its shards
 
 Wall-clock numbers live here and in ``bench/RESULTS.md``, never as assertions in tests.
 """
@@ -34,6 +36,7 @@ BENCHMARKS = (
     "quality",
     "sweep",
     "large",
+    "large_hf",
     "coverage_v2",
     "hf_uniform",
     "hf",

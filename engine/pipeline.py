@@ -245,7 +245,7 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     say("verifying")
     with torch.no_grad():
         try:
-            pruned = tensor_leaves(run_graph(_ShapeRecorder(on_device(pruned_gm), pruned_gm),
+            pruned = tensor_leaves(run_graph(ShapeRecorder(on_device(pruned_gm), pruned_gm),
                                              run_inputs, run_kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
             raise PruneScopeError(f"the pruned model failed to run: {one_line(exc)}") from exc
@@ -307,7 +307,7 @@ def _releaser(analysis: Analysis) -> Callable[[torch.Tensor], None]:
     return release
 
 
-class _ShapeRecorder(torch.fx.Interpreter):
+class ShapeRecorder(torch.fx.Interpreter):
     """Runs the pruned graph once and records each node's new shape in its metadata (the
     FLOPs count reads it), so no second pass is needed. Run on a device copy of the graph,
     it records into the nodes of `into`, the graph it was copied from."""
@@ -338,7 +338,7 @@ def prune_unverified(analysis: Analysis, the_plan: Plan) -> tuple[torch.fx.Graph
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     gm = rewrite(analysis.gm, structure, pruned_roots(structure, the_plan), None)
     with torch.no_grad():
-        run_graph(_ShapeRecorder(gm), analysis.captured.example_inputs,
+        run_graph(ShapeRecorder(gm), analysis.captured.example_inputs,
                   analysis.captured.example_kwargs)
     return gm, model_metrics(gm, flops_samples(analysis.captured))
 

@@ -44,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uniform", action="store_true",
                    help="every repeated layer of the same kind loses the same number of "
                         "channels (a standard transformers config for OUT/hf/)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune a safetensors model folder without holding the model: weights "
+                        "read one at a time, OUT/hf/ written shard by shard, blocks verified "
+                        "one by one; no model.pt2/model.onnx (default: on when the weights "
+                        "take over half the available memory and --uniform with l1/l2/gm "
+                        "is asked for; --no-stream never)")
     add_structure_args(p)
     add_eval_args(p)
     add_recovery_args(p)
@@ -71,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     options = options_from_args(args)
+    if _wants_stream(args, options):
+        return _run_streamed(args, options)
     if args.indices and options.criterion != "index":
         raise OptionError("--indices names filters to remove; it needs --criterion index")
     data_options(args)  # a bad data option fails before the model is loaded
@@ -165,4 +173,74 @@ def run(args: argparse.Namespace) -> int:
     if onnx_error is not None:
         print(f"prunescope: error: {onnx_error}", file=sys.stderr)
         return EXIT_ONNX_FAILED
+    return 0
+
+
+def _stream_conflicts(args: argparse.Namespace, options) -> list[str]:
+    """What a streamed prune cannot do that the command asks for."""
+    from engine.scoring.criteria import WEIGHT_CRITERIA
+
+    structures = structure_kwargs(args)
+    asked = {
+        "--uniform is needed (hf/ needs one size per layer kind)": not args.uniform,
+        f"--criterion {options.criterion} (streamed: l1, l2, gm)":
+            options.criterion not in WEIGHT_CRITERIA,
+        "--ratio or --ratios is needed": args.ratio is None and args.ratios is None,
+        "--calibration": bool(args.calibration), "--eval-data": bool(args.eval_data),
+        "--indices": bool(args.indices), "recovery": check_recovery_args(args) is not None,
+        "--target-*": wants_target(args),
+        "whole experts/blocks": any(v is not None for v in structures.values()),
+    }
+    return [what for what, bad in asked.items() if bad]
+
+
+def _wants_stream(args: argparse.Namespace, options) -> bool:
+    from pathlib import Path
+
+    folder = Path(args.model)
+    if args.stream is False or not folder.is_dir():
+        if args.stream:
+            raise OptionError(f"--stream needs a Hugging Face model folder with safetensors; "
+                              f"{args.model} is not a folder")
+        return False
+    conflicts = _stream_conflicts(args, options)
+    if args.stream:
+        if conflicts:
+            raise OptionError(f"--stream cannot be used with: {'; '.join(conflicts)}")
+        return True
+    if conflicts or not any(folder.glob("*.safetensors")):
+        return False
+    from engine.stream import should_stream
+
+    return should_stream(folder)
+
+
+def _run_streamed(args: argparse.Namespace, options) -> int:
+    from engine.options import check_ratio
+    from engine.stream import prune_streamed
+
+    progress = Progress(3)
+    try:
+        report = prune_streamed(
+            args.model, args.out, options,
+            ratio=check_ratio(args.ratio, "--ratio") if args.ratio is not None else None,
+            ratios=_ratios(args.ratios) if args.ratios else None, uniform=True,
+            seq_len=load_kwargs(args).get("seq_len"), progress=progress)
+    finally:
+        progress.close()
+    before, after = report["before"], report["after"]
+    print("streamed: weights read one at a time, hf/ written shard by shard")
+    print(f"params {before['params']:,} -> {after['params']:,} "
+          f"({100 * (1 - after['params'] / max(before['params'], 1)):.1f}% removed)")
+    print(f"FLOPs  {before['flops']:,} -> {after['flops']:,}")
+    v = report["verification"]
+    if "skipped" in v:
+        print(f"verification: {v['skipped']}")
+    else:
+        print(f"verification: {v['blocks']} blocks against mask mode, max relative "
+              f"|pruned - masked| = {v['relative_diff_vs_masked']:.3g} (block "
+              f"{v['worst_block']}), exact={v['exact']}")
+    report_frozen(report["frozen"])
+    print(f"model.pt2, model.onnx: {report['pt2']}")
+    print(f"wrote {args.out}/hf ({report['hf']['shards']} shard(s)) and {args.out}/report.json")
     return 0

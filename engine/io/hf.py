@@ -88,22 +88,9 @@ def load_folder(
     seq_len: int | None = None,
 ) -> tuple[torch.nn.Module, tuple, HFSource]:
     """The model of a Hugging Face folder, its example inputs and what hf/ export needs."""
-    config_dict = _read_config(path)
-    architectures = config_dict.get("architectures") or []
-    if not architectures or not isinstance(architectures, list):
-        raise ModelLoadError(
-            f"model folder {path}: config.json names no 'architectures', so the model class "
-            "is unknown; save the model with save_pretrained"
-        )
+    config_dict, name = _architecture(path)
     weights = _weight_files(path, trust_pickle)
-    tf = _transformers()
-    name = str(architectures[0])
-    cls = transformers_class(name, config_dict.get("model_type"))
-    if cls is None:
-        raise ModelLoadError(
-            f"model folder {path}: architecture {name!r} is not a model class of transformers "
-            f"{tf.__version__}"
-        )
+    cls = _class_of(path, config_dict, name)
     if weights == "pickle":
         warnings.warn(
             f"loading pickle {path / PICKLE_WEIGHTS[0]}: it runs code from the file "
@@ -113,6 +100,57 @@ def load_folder(
     inputs, names = example_inputs_for(model, input_shapes, seq_len)
     source = HFSource(name, model.config, names, path, tuple(_carried_files(path)))
     return model, inputs, source
+
+
+def load_folder_on_meta(
+    path: Path, dtype: torch.dtype, *, seq_len: int | None = None,
+) -> tuple[torch.nn.Module, tuple, HFSource]:
+    """The model of a safetensors folder built on the meta device in `dtype` (shapes, no
+    weights), its example inputs and HFSource: what a streamed prune captures."""
+    if _weight_files(path, trust_pickle=False) != "safetensors":  # pragma: no cover
+        raise ModelLoadError(f"model folder {path}: streaming needs safetensors weights")
+    name, cls = _model_class(path)
+    tf = _transformers()
+    try:
+        with quiet_transformers():
+            config = tf.AutoConfig.from_pretrained(os.fspath(path), local_files_only=True,
+                                                   trust_remote_code=False)
+            with torch.device("meta"):
+                model = cls._from_config(config, dtype=dtype).eval()
+    except Exception as exc:  # noqa: BLE001 - any failure means an unloadable folder
+        raise ModelLoadError(f"model folder {path} could not be built: {one_line(exc)}") \
+            from None
+    inputs, names = example_inputs_for(model, None, seq_len)
+    source = HFSource(name, model.config, names, path, tuple(_carried_files(path)))
+    return model, inputs, source
+
+
+def _model_class(path: Path) -> tuple[str, type]:
+    """The architecture config.json names and its transformers class."""
+    config_dict, name = _architecture(path)
+    return name, _class_of(path, config_dict, name)
+
+
+def _architecture(path: Path) -> tuple[dict[str, Any], str]:
+    """config.json and the model class name it gives."""
+    config_dict = _read_config(path)
+    architectures = config_dict.get("architectures") or []
+    if not architectures or not isinstance(architectures, list):
+        raise ModelLoadError(
+            f"model folder {path}: config.json names no 'architectures', so the model class "
+            "is unknown; save the model with save_pretrained"
+        )
+    return config_dict, str(architectures[0])
+
+
+def _class_of(path: Path, config_dict: dict[str, Any], name: str) -> type:
+    cls = transformers_class(name, config_dict.get("model_type"))
+    if cls is None:
+        raise ModelLoadError(
+            f"model folder {path}: architecture {name!r} is not a model class of transformers "
+            f"{_transformers().__version__}"
+        )
+    return cls
 
 
 def transformers_class(name: str, model_type: str | None = None):

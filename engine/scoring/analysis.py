@@ -30,12 +30,18 @@ from engine.threads import TORCH_EXPORT_LOCK, exclusive
 
 
 class Analysis:
-    def __init__(self, captured: Captured) -> None:
+    def __init__(self, captured: Captured,
+                 weights: Callable[[str], torch.Tensor] | None = None) -> None:
+        """`weights`: where the parameters' values come from when the captured model holds
+        them on the meta device (a streamed prune reads them from the safetensors shards,
+        one at a time, and checks each one for NaN as it is read)."""
         self.captured = captured
         with TORCH_EXPORT_LOCK:  # unlifting traces through torch.fx global state
             self.gm: fx.GraphModule = captured.program.module()
         self.released = False  # True once a prune gave the original weights up (apply)
-        _check_finite(self.gm)
+        self.weights = weights
+        if weights is None:
+            _check_finite(self.gm)
         self._structures: dict[bool, Structure] = {}
         self._filter_scores: dict[tuple, dict[tuple[str, int], np.ndarray]] = {}
         self.score_computations = 0  # how many times filter scores were computed (tests)
@@ -100,6 +106,12 @@ class Analysis:
         return SCORERS[criterion](self, criterion, calibration, seed)
 
     def param(self, name: str) -> torch.Tensor:
+        if self.weights is not None:
+            tensor = self.weights(name)
+            if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
+                raise ModelLoadError(f"the model has NaN or infinite values in {name}; fix "
+                                     "the weights before pruning")
+            return tensor
         owner, _, attr = name.rpartition(".")
         module = self.gm.get_submodule(owner) if owner else self.gm
         return getattr(module, attr).detach()
@@ -253,8 +265,17 @@ Scorer = Callable[[Analysis, str, Any, int], dict]
 
 
 def _weight_scorer(analysis: Analysis, criterion: str, _calibration: Any, _seed: int) -> dict:
-    return {(m.param, m.dim): weight_scores(analysis.param(m.param), m.dim, criterion)
-            for m in analysis.members()}
+    # each weight is read once for all its scored dims (a streamed analysis reads it from disk)
+    dims_of: dict[str, list[int]] = {}
+    for m in analysis.members():
+        dims_of.setdefault(m.param, []).append(m.dim)
+    out = {}
+    for name, dims in dims_of.items():
+        weight = analysis.param(name)
+        for dim in dims:
+            out[(name, dim)] = weight_scores(weight, dim, criterion)
+        del weight
+    return out
 
 
 def _random_scorer(analysis: Analysis, _criterion: str, _calibration: Any, seed: int) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,9 +29,43 @@ def pruned_roots(structure: Structure, plan: Plan) -> np.ndarray:
     return mask
 
 
+@dataclass(frozen=True)
+class ParamSlice:
+    """How one weight is cut: the kept indices of each sliced dim, in order, then (grouped
+    convolutions) the kept input columns of each group."""
+
+    gathers: tuple[tuple[int, np.ndarray], ...]
+    grouped: tuple[np.ndarray, ...] | None = None
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The sliced shape of a weight of `shape`."""
+        out = list(shape)
+        for dim, index in self.gathers:
+            out[dim] = len(index)
+        if self.grouped is not None and len(out) > 1:
+            out[1] = len(self.grouped[0])
+        return tuple(out)
+
+
+def slice_tensor(data: torch.Tensor, how: ParamSlice) -> torch.Tensor:
+    """`data` cut as `how` says (a new tensor, or `data` itself where nothing is cut)."""
+    for dim, index in how.gathers:
+        if not (len(index) == data.shape[dim] and
+                np.array_equal(index, np.arange(data.shape[dim]))):
+            data = take(data, dim, index)
+    if how.grouped is not None:
+        data = _gather_grouped(data, list(how.grouped))
+    return data
+
+
 def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
-            release: Callable[[torch.Tensor], None] | None = None) -> fx.GraphModule:
+            release: Callable[[torch.Tensor], None] | None = None,
+            slices: dict[str, ParamSlice] | None = None) -> fx.GraphModule:
     """A copy of `gm` without the removed channels: sliced parameters, new shape constants.
+
+    `slices`, when given, receives how each sliced weight (by its name in `gm`) was cut: a
+    streamed prune rewrites a graph whose weights are on the meta device and cuts the stored
+    weights the same way (engine/stream.py).
 
     With `release`, the original is being given up (a model loaded from a file): each
     original tensor is handed to `release` (which drops the caller's references) as soon as
@@ -47,7 +82,7 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
     try:
         tracer.run(rule_for)
-        _slice_params(new, tracer, release)
+        _slice_params(new, tracer, release, slices)
     except Exception as exc:  # noqa: BLE001 - an engine bug reaches the user as one line
         raise PruneScopeError(
             f"removing the planned channels failed: {type(exc).__name__}: {exc}".splitlines()[0]
@@ -61,21 +96,20 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
 
 
 def _slice_params(new: fx.GraphModule, tracer: Tracer,
-                  release: Callable[[torch.Tensor], None] | None) -> None:
+                  release: Callable[[torch.Tensor], None] | None,
+                  slices: dict[str, ParamSlice] | None = None) -> None:
     by_param: dict[str, list[tuple[int, np.ndarray]]] = {name: [] for name in
                                                           tracer.grouped_gathers}
     for (param, dim), index in sorted(tracer.gathers.items()):
         by_param.setdefault(param, []).append((dim, index))
     places = tensor_places(new)
     for name, gathers in by_param.items():
+        grouped = tracer.grouped_gathers.get(name)
+        how = ParamSlice(tuple(gathers), tuple(grouped) if grouped is not None else None)
+        if slices is not None:
+            slices[name] = how
         tensor = tracer.param_tensor(name)
-        data = tensor.detach()
-        for dim, index in gathers:
-            if not (len(index) == data.shape[dim] and
-                    np.array_equal(index, np.arange(data.shape[dim]))):
-                data = take(data, dim, index)
-        if name in tracer.grouped_gathers:
-            data = _gather_grouped(data, tracer.grouped_gathers[name])
+        data = slice_tensor(tensor.detach(), how)
         _set_tensor(new, name, tensor, data.contiguous(), places)
         if release is not None:
             release(tensor)
