@@ -54,6 +54,9 @@ class Captured:
     # the forward() parameter each positional input fills, where known (the program's own
     # placeholders are args_0, ... after the output-flattening wrapper)
     input_names: tuple[str, ...] = ()
+    # the example inputs are the user's single sample twice (a batch of 1 is captured fixed,
+    # see `_at_least_two`): one forward on the first sample gives every distinct output
+    repeated_sample: bool = False
 
 
 @exclusive
@@ -210,12 +213,24 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
     try:
         if use_cache:
             config.use_cache = False
-        program, example_inputs = _export(flat, example_inputs, input_names, dynamic, source)
+        program, captured_inputs = _export(flat, example_inputs, input_names, dynamic, source)
     finally:
         if use_cache:
             config.use_cache = use_cache
-    names = tuple(input_names) or forward_parameter_names(module, len(example_inputs))
-    return Captured(program, example_inputs, source, input_names=names)
+    names = tuple(input_names) or forward_parameter_names(module, len(captured_inputs))
+    repeated = captured_inputs is not example_inputs and all(
+        isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1 for x in example_inputs)
+    return Captured(program, captured_inputs, source, input_names=names,
+                    repeated_sample=repeated)
+
+
+def distinct_example_inputs(captured: Captured) -> tuple:
+    """The example inputs without the repeat of a single sample (`Captured.repeated_sample`):
+    the program's batch is dynamic then, and the second sample only doubles a forward's work
+    (the verification forwards of a prune run on this)."""
+    if not captured.repeated_sample:
+        return captured.example_inputs
+    return tuple(x[:1] for x in captured.example_inputs)
 
 
 def forward_parameter_names(module: torch.nn.Module, count: int) -> tuple[str, ...]:
