@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from engine.device import calibration_autocast, device_scope, on_device, to_device
 from engine.errors import ModelLoadError, OptionError, PruneScopeError
-from engine.graph.capture import Captured, load_model
+from engine.graph.capture import Captured, lazy_recompiles, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
 from engine.graph.inputs import run_graph, sample_chunks
 from engine.io.hf_config import config_constraints, count_adjuster, keep_to_describe
@@ -32,7 +32,8 @@ from engine.threads import TORCH_EXPORT_LOCK, exclusive
 class Analysis:
     def __init__(self, captured: Captured) -> None:
         self.captured = captured
-        with TORCH_EXPORT_LOCK:  # unlifting traces through torch.fx global state
+        # unlifting traces through torch.fx global state
+        with TORCH_EXPORT_LOCK, lazy_recompiles():
             self.gm: fx.GraphModule = captured.program.module()
         self.released = False  # True once a prune gave the original weights up (apply)
         _check_finite(self.gm)
