@@ -220,9 +220,17 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
             config.use_cache = use_cache
     names = tuple(input_names) or forward_parameter_names(module, len(captured_inputs))
     repeated = captured_inputs is not example_inputs and all(
-        isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1 for x in example_inputs)
+        isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1 for x in example_inputs) \
+        and _every_batch_dynamic(program)
     return Captured(program, captured_inputs, source, input_names=names,
                     repeated_sample=repeated)
+
+
+def _every_batch_dynamic(program: torch.export.ExportedProgram) -> bool:
+    """Whether dim 0 of every user input is symbolic (a batch of 1 runs)."""
+    values = [val for _name, val in user_inputs(program)]
+    return bool(values) and all(isinstance(v, torch.Tensor) and v.dim() and
+                                isinstance(v.shape[0], torch.SymInt) for v in values)
 
 
 def distinct_example_inputs(captured: Captured) -> tuple:
