@@ -31,7 +31,7 @@ from engine.io.hf_config import groups_config_keeps
 from engine.io.hf_export import write_hf
 from engine.io.staging import new_staging, remove_dead_staging
 from engine.options import PruningOptions, check_ratio
-from engine.quality.metrics import model_metrics
+from engine.quality.metrics import flops_samples, model_metrics
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
 from engine.scoring.uniform import family_counts
@@ -205,7 +205,7 @@ def prune(
     result = apply(analysis, the_plan, progress=progress, release_original=owned)
     if structures:
         # the report of the whole run: sizes before every pass, one section per pass
-        result.report["before"] = model_metrics(original.gm)
+        result.report["before"] = model_metrics(original.gm, flops_samples(original.captured))
         result.report.update(sections)
     if uniform:
         _report_uniform(result, analysis)
@@ -243,8 +243,9 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     # a repeated sample is verified once: half the work of both forwards below
     run_inputs = to_device(distinct_example_inputs(analysis.captured))
     run_kwargs = to_device(kwargs)
-    before = model_metrics(analysis.gm)
-    # the shapes of the pruned model are recorded for its FLOPs at the captured inputs' batch
+    samples = flops_samples(analysis.captured)
+    before = model_metrics(analysis.gm, samples)
+    # the shapes of the pruned model are recorded at the captured inputs' batch, as `before`
     rescale = _CaptureBatch(analysis.gm) if analysis.captured.repeated_sample else None
     say("running the masked original")
     with torch.no_grad():  # mask mode first: the rewrite may release the original weights
@@ -267,7 +268,7 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     verification = verify_width(masked, pruned, {gp.name: structure.group(gp.name).exact
                                                  for gp in the_plan.groups if len(gp.pruned)})
     say("measuring")
-    after = model_metrics(pruned_gm)
+    after = model_metrics(pruned_gm, samples)
     report = {
         "options": the_plan.options.to_dict(),
         "groups": [
@@ -406,7 +407,7 @@ def prune_unverified(analysis: Analysis, the_plan: Plan) -> tuple[torch.fx.Graph
     with torch.no_grad():
         run_graph(_ShapeRecorder(gm), analysis.captured.example_inputs,
                   analysis.captured.example_kwargs)
-    return gm, model_metrics(gm)
+    return gm, model_metrics(gm, flops_samples(analysis.captured))
 
 
 @exclusive
