@@ -30,8 +30,10 @@ from engine.io.hf_config import (
     attention_heads,
     field_roles,
     model_class,
+    per_layer_reason,
     probe_config,
     solve_config,
+    solve_per_layer,
 )
 from engine.io.hf_depth import config_update, renumber
 from engine.scoring.uniform import families
@@ -96,7 +98,11 @@ def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None):
     try:
         return solve_config(model_class(hf), config, shapes, fixed)
     except Unsolvable as exc:
-        raise NotDescribable(str(exc)[:400]) from None
+        # layers of one kind may differ where the model's code reads per_layer_config
+        hetero = solve_per_layer(model_class(hf), config, shapes, fixed)
+        if hetero is None:
+            raise NotDescribable(str(exc)[:400]) from None
+        return hetero
 
 
 def _changed(config, values: dict[str, Any]) -> str:
@@ -127,7 +133,9 @@ def _hf_weights(hf: HFSource, module: torch.nn.Module) -> dict[str, torch.Tensor
 def _loader_class(hf: HFSource):
     import transformers
 
-    return getattr(transformers, hf.auto_class or hf.model_class)
+    if hf.auto_class:
+        return getattr(transformers, hf.auto_class)
+    return model_class(hf)
 
 
 def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
@@ -189,10 +197,15 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     if hf.depth_reason:
         return {"written": False, "reason": hf.depth_reason}
     try:
-        check_uniform(result)
         check_heads(result)
         model = build_pretrained(hf, result.module, result.analysis)
     except NotDescribable as exc:
+        # layers of one kind that lose different counts are the likely cause: say so
+        try:
+            check_uniform(result)
+        except NotDescribable as uneven:
+            why = per_layer_reason(model_class(hf), hf.config)
+            return {"written": False, "reason": f"{uneven}; {why}"}
         return {"written": False, "reason": str(exc)}
     with quiet_transformers():
         model.save_pretrained(os.fspath(folder))
@@ -214,7 +227,8 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
                           f"(relative; allowed {allowed:.3g})"}
     before = hf.config.to_dict()
     after = model.config.to_dict()
-    changed = {k: after[k] for k in after if k in before and before[k] != after[k]
+    changed = {k: after[k] for k in after if before.get(k) != after[k]
+               and (k in before or k == "per_layer_config")
                and k not in ("architectures", "dtype", "torch_dtype", "transformers_version")}
     return {
         "written": True,
