@@ -15,9 +15,10 @@ import torch
 
 from engine.device import current, device_scope, on_device, to_device
 from engine.errors import ExportError, OnnxExportError, PruneScopeError, one_line
-from engine.graph.capture import reexport
+from engine.graph.capture import distinct_example_inputs, reexport
 from engine.graph.inputs import run_graph
 from engine.graph.outputs import tensor_leaves
+from engine.graph.tracer import val_shape
 from engine.io.export import (
     check_onnx,
     check_onnx_structure,
@@ -36,7 +37,14 @@ from engine.scoring.planning import Plan
 from engine.scoring.uniform import family_counts
 from engine.threads import exclusive
 from engine.transform import structural
-from engine.transform.apply import masked_module, pruned_roots, rewrite, tensor_places
+from engine.transform.apply import (
+    MaskedInterpreter,
+    masked_module,
+    output_shapes,
+    pruned_roots,
+    rewrite,
+    tensor_places,
+)
 from engine.transform.exactness import exact_tolerance, verify_width
 
 ONNX_TOLERANCE = 1e-3  # absolute, per unit of output scale: ONNX Runtime vs the pruned module
@@ -232,21 +240,29 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     removed = pruned_roots(structure, the_plan)
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
-    run_inputs, run_kwargs = to_device(inputs), to_device(kwargs)
+    # a repeated sample is verified once: half the work of both forwards below
+    run_inputs = to_device(distinct_example_inputs(analysis.captured))
+    run_kwargs = to_device(kwargs)
     samples = flops_samples(analysis.captured)
     before = model_metrics(analysis.gm, samples)
+    # the shapes of the pruned model are recorded at the captured inputs' batch, as `before`
+    rescale = _CaptureBatch(analysis.gm) if analysis.captured.repeated_sample else None
     say("running the masked original")
     with torch.no_grad():  # mask mode first: the rewrite may release the original weights
-        masked = tensor_leaves(masked_module(on_device(analysis.gm), structure, removed)(
-            *run_inputs, **run_kwargs))
+        masking = MaskedInterpreter(on_device(analysis.gm), structure, removed,
+                                    record_shapes=rescale is not None)
+        masked = tensor_leaves(run_graph(masking, run_inputs, run_kwargs))
+    if rescale is not None:
+        rescale.run_shapes = masking.shapes or {}
+    del masking
     say("removing channels")
     release = _releaser(analysis) if release_original else None
     pruned_gm = rewrite(analysis.gm, structure, removed, release)
     say("verifying")
     with torch.no_grad():
         try:
-            pruned = tensor_leaves(run_graph(ShapeRecorder(on_device(pruned_gm), pruned_gm),
-                                             run_inputs, run_kwargs))
+            pruned = tensor_leaves(run_graph(
+                ShapeRecorder(on_device(pruned_gm), pruned_gm, rescale), run_inputs, run_kwargs))
         except Exception as exc:  # noqa: BLE001 - an engine bug must surface, not crash
             raise PruneScopeError(f"the pruned model failed to run: {one_line(exc)}") from exc
     verification = verify_width(masked, pruned, {gp.name: structure.group(gp.name).exact
@@ -307,26 +323,77 @@ def _releaser(analysis: Analysis) -> Callable[[torch.Tensor], None]:
     return release
 
 
+class _CaptureBatch:
+    """Shapes of a run on fewer samples than the capture's, scaled back to the capture's
+    batch: a dimension that the original model had at another size in the run than at
+    capture (the batch, or a product of the batch with other sizes) is scaled by the same
+    factor in the pruned model. `run_shapes`: the original's node shapes in the run."""
+
+    def __init__(self, original: torch.fx.GraphModule) -> None:
+        self.captured_shapes: dict[str, Any] = {}
+        for node in original.graph.nodes:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                self.captured_shapes[node.name] = val_shape(val)
+            elif isinstance(val, (list, tuple)) and all(isinstance(v, torch.Tensor)
+                                                        for v in val):
+                self.captured_shapes[node.name] = [val_shape(v) for v in val]
+        self.run_shapes: dict[str, Any] = {}
+
+    def shapes(self, name: str, shapes: Any) -> Any:
+        """`shapes` (one tuple or a list, as `output_shapes` gives) at the capture's batch."""
+        captured, run = self.captured_shapes.get(name), self.run_shapes.get(name)
+        if isinstance(shapes, list):
+            if not (isinstance(captured, list) and isinstance(run, list) and
+                    len(captured) == len(run) == len(shapes)):
+                return shapes
+            return [_scaled(s, r, c) for s, r, c in zip(shapes, run, captured)]
+        if not isinstance(captured, tuple) or not isinstance(run, tuple):
+            return shapes
+        return _scaled(shapes, run, captured)
+
+
+def _scaled(shape: tuple[int, ...], run: tuple[int, ...], captured: tuple[int, ...]
+            ) -> tuple[int, ...]:
+    if not len(shape) == len(run) == len(captured):
+        return shape
+    return tuple(new * c // r if r and c != r and (new * c) % r == 0 else new
+                 for new, r, c in zip(shape, run, captured))
+
+
 class ShapeRecorder(torch.fx.Interpreter):
     """Runs the pruned graph once and records each node's new shape in its metadata (the
     FLOPs count reads it), so no second pass is needed. Run on a device copy of the graph,
-    it records into the nodes of `into`, the graph it was copied from."""
+    it records into the nodes of `into`, the graph it was copied from; with `rescale`, a run
+    on fewer samples records the shapes at the capture's batch."""
 
     def __init__(self, module: torch.fx.GraphModule,
-                 into: torch.fx.GraphModule | None = None) -> None:
+                 into: torch.fx.GraphModule | None = None,
+                 rescale: _CaptureBatch | None = None) -> None:
         super().__init__(module)
         self.nodes = {n.name: n for n in (into or module).graph.nodes}
+        self.rescale = rescale
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
+        shapes = output_shapes(result)
+        if shapes is None:
+            return result
+        if self.rescale is not None:
+            shapes = self.rescale.shapes(n.name, shapes)
         target = self.nodes[n.name]
-        if isinstance(result, torch.Tensor):
-            target.meta["val"] = torch.empty_like(result, device="meta")
-        elif isinstance(result, (list, tuple)) and all(
-            isinstance(r, torch.Tensor) for r in result
-        ):
-            target.meta["val"] = [torch.empty_like(r, device="meta") for r in result]
+        if isinstance(shapes, list):
+            target.meta["val"] = [_meta_like(r, s) for r, s in zip(result, shapes)]
+        else:
+            target.meta["val"] = _meta_like(result, shapes)
         return result
+
+
+def _meta_like(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A meta tensor like `tensor` (strides included), or of `shape` where that differs."""
+    if tuple(tensor.shape) == tuple(shape):
+        return torch.empty_like(tensor, device="meta")
+    return torch.empty(shape, dtype=tensor.dtype, device="meta")
 
 
 

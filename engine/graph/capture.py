@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from engine.demo import builtin_example_inputs, is_builtin, load_builtin_program
 from engine.errors import ModelLoadError, PruneScopeError, one_line
@@ -54,6 +55,9 @@ class Captured:
     # the forward() parameter each positional input fills, where known (the program's own
     # placeholders are args_0, ... after the output-flattening wrapper)
     input_names: tuple[str, ...] = ()
+    # the example inputs are the user's single sample twice (a batch of 1 is captured fixed,
+    # see `_at_least_two`): one forward on the first sample gives every distinct output
+    repeated_sample: bool = False
 
 
 @exclusive
@@ -210,12 +214,32 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, source: str =
     try:
         if use_cache:
             config.use_cache = False
-        program, example_inputs = _export(flat, example_inputs, input_names, dynamic, source)
+        program, captured_inputs = _export(flat, example_inputs, input_names, dynamic, source)
     finally:
         if use_cache:
             config.use_cache = use_cache
-    names = tuple(input_names) or forward_parameter_names(module, len(example_inputs))
-    return Captured(program, example_inputs, source, input_names=names)
+    names = tuple(input_names) or forward_parameter_names(module, len(captured_inputs))
+    repeated = captured_inputs is not example_inputs and all(
+        isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1 for x in example_inputs) \
+        and _every_batch_dynamic(program)
+    return Captured(program, captured_inputs, source, input_names=names,
+                    repeated_sample=repeated)
+
+
+def _every_batch_dynamic(program: torch.export.ExportedProgram) -> bool:
+    """Whether dim 0 of every user input is symbolic (a batch of 1 runs)."""
+    values = [val for _name, val in user_inputs(program)]
+    return bool(values) and all(isinstance(v, torch.Tensor) and v.dim() and
+                                isinstance(v.shape[0], torch.SymInt) for v in values)
+
+
+def distinct_example_inputs(captured: Captured) -> tuple:
+    """The example inputs without the repeat of a single sample (`Captured.repeated_sample`):
+    the program's batch is dynamic then, and the second sample only doubles a forward's work
+    (the verification forwards of a prune run on this)."""
+    if not captured.repeated_sample:
+        return captured.example_inputs
+    return tuple(x[:1] for x in captured.example_inputs)
 
 
 def forward_parameter_names(module: torch.nn.Module, count: int) -> tuple[str, ...]:
@@ -238,7 +262,7 @@ def _export(flat: torch.nn.Module, example_inputs: tuple, input_names: tuple[str
         shapes = dynamic_batch_shapes(inputs, input_names)
         if shapes is not None:
             try:
-                with without_stack_traces(), TORCH_EXPORT_LOCK:
+                with light_tracing(), TORCH_EXPORT_LOCK:
                     program = torch.export.export(flat, inputs, dynamic_shapes=(shapes,),
                                                   strict=False)
             except Exception:  # noqa: BLE001 - the model needs a fixed batch: captured so below
@@ -246,7 +270,7 @@ def _export(flat: torch.nn.Module, example_inputs: tuple, input_names: tuple[str
             if program is not None and has_dynamic_batch(program):
                 return program, inputs
     try:
-        with without_stack_traces(), TORCH_EXPORT_LOCK:
+        with light_tracing(), TORCH_EXPORT_LOCK:
             return torch.export.export(flat, example_inputs, strict=False), example_inputs
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"torch.export could not capture {source or 'the model'}: "
@@ -311,6 +335,22 @@ def without_stack_traces() -> Iterator[None]:
         config.do_not_emit_stack_traces = before
 
 
+@contextlib.contextmanager
+def lazy_recompiles() -> Iterator[None]:
+    """fx graph modules made inside write and compile their Python code on first use
+    instead of after every change: torch.export and unlifting rebuild modules whose code
+    never runs (a ResNet-50 prune compiled generated code 20 times, 15 with this)."""
+    with _use_lazy_graph_module(True):
+        yield
+
+
+@contextlib.contextmanager
+def light_tracing() -> Iterator[None]:
+    """Tracing for torch.export: no stack traces per node, lazily compiled modules."""
+    with without_stack_traces(), lazy_recompiles():
+        yield
+
+
 def _with_flat_outputs(module: torch.nn.Module, input_names: tuple[str, ...] = ()) \
         -> torch.nn.Module:
     wrapped = copy.copy(module)
@@ -346,7 +386,7 @@ def reexport(module: torch.nn.Module, captured: Captured) -> torch.export.Export
     inputs = captured.example_inputs
     kwargs = captured.example_kwargs or {}
     try:
-        with without_stack_traces(), TORCH_EXPORT_LOCK:
+        with light_tracing(), TORCH_EXPORT_LOCK:
             return torch.export.export(module, inputs, kwargs or None,
                                        dynamic_shapes=_dynamic_shapes(captured), strict=False)
     except Exception as exc:  # noqa: BLE001 - any export failure is one line

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from engine.device import calibration_autocast, device_scope, on_device, to_device
 from engine.errors import ModelLoadError, OptionError, PruneScopeError
-from engine.graph.capture import Captured, load_model
+from engine.graph.capture import Captured, lazy_recompiles, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
 from engine.graph.inputs import run_graph, sample_chunks
 from engine.io.hf_config import config_constraints, count_adjuster, keep_to_describe
@@ -36,7 +36,8 @@ class Analysis:
         them on the meta device (a streamed prune reads them from the safetensors shards,
         one at a time, and checks each one for NaN as it is read)."""
         self.captured = captured
-        with TORCH_EXPORT_LOCK:  # unlifting traces through torch.fx global state
+        # unlifting traces through torch.fx global state
+        with TORCH_EXPORT_LOCK, lazy_recompiles():
             self.gm: fx.GraphModule = captured.program.module()
         self.released = False  # True once a prune gave the original weights up (apply)
         self.weights = weights
