@@ -111,8 +111,24 @@ def _signatures(comp, source, weight, size: int) -> np.ndarray:
     return out
 
 
+def _freeze_unlike_pieces(state: AnalysisState, roots: np.ndarray) -> None:
+    """Deferred checks (Tracer.defer_same_channels): pieces that do not hold the same
+    channels position by position are frozen."""
+    for reason, pieces in state.same_channels:
+        shape = np.broadcast_shapes(*(p.shape for p in pieces))
+        located = [np.where(p >= 0, roots[np.maximum(p, 0)], -1) for p in
+                   (np.broadcast_to(p, shape) for p in pieces)]
+        if all(np.array_equal(located[0], other) for other in located[1:]):
+            continue
+        for piece in pieces:
+            for i in unique_ints(piece):
+                if i >= 0:
+                    state.frozen.setdefault(int(i), reason)
+
+
 def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[str]) -> Structure:
     roots = state.uf.roots()
+    _freeze_unlike_pieces(state, roots)
     frozen_roots: dict[int, str] = {}
     for i, reason in state.frozen.items():
         frozen_roots.setdefault(int(roots[i]), reason)
@@ -313,6 +329,16 @@ def _assign_blocks(groups: list[GroupInfo], state: AnalysisState, roots: np.ndar
         if (ids < 0).any() or not ids.size:
             continue
         located = roots[ids]
+        if located.shape[0] > 1:
+            located = _without_shared_columns(located)
+            if located is None:
+                for gi in unique_ints(group_of[roots[ids]]).tolist():
+                    if gi >= 0:
+                        _freeze_group(groups[gi], f"{split.where}: channels shared by every "
+                                      "block also sit apart in some")
+                continue
+            if not located.size:
+                continue
         split_groups = group_of[located]
         if (split_groups < 0).any():
             continue
@@ -327,6 +353,23 @@ def _assign_blocks(groups: list[GroupInfo], state: AnalysisState, roots: np.ndar
     for gi, layout in layouts.items():
         groups[gi].block_index = layout
         groups[gi].blocks = (int(layout.shape[0]), int(layout.shape[1]))
+
+
+def _without_shared_columns(located: np.ndarray) -> np.ndarray | None:
+    """The split's columns less those holding the same channel in every block.
+
+    Rotary attention joins channel j of every head with frequency j of one table, so every
+    head holds the same channels there: removing one removes that position from every head,
+    which keeps the blocks equal without a constraint. None: a shared channel also sits in
+    a column of its own somewhere (no consistent layout).
+    """
+    shared = (located == located[:1]).all(axis=0)
+    if not shared.any():
+        return located
+    rest = located[:, ~shared]
+    if np.isin(rest, located[0, shared]).any():
+        return None
+    return rest
 
 
 def _layout(groups, layouts, gi: int, rows: np.ndarray, where: str) -> None:
