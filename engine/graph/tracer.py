@@ -75,9 +75,9 @@ class AnalysisState:
     labels: dict[str, Any] = field(default_factory=dict)  # node name -> labels
     routers: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (topk node, expert ids)
     failed: dict[str, str] = field(default_factory=dict)  # node name -> why its rule failed
-    # (reason, labels): arrays that must hold the same channels position by position once
-    # every join is known, or be frozen (checked by engine.graph.dependency)
-    same_channels: list[tuple[str, list[np.ndarray]]] = field(default_factory=list)
+    # (reason, dim, labels): pieces joined along dim whose extents along their other dims
+    # must survive any plan, or be frozen (checked by engine.graph.dependency)
+    same_channels: list[tuple[str, int, list[np.ndarray]]] = field(default_factory=list)
 
 
 @dataclass
@@ -399,11 +399,11 @@ class Tracer:
             if i >= 0:
                 self.state.inexact.setdefault(int(i), reason)
 
-    def defer_same_channels(self, labels: list[np.ndarray], reason: str) -> None:
-        """`labels` must end up joined position by position (checked after the walk);
-        otherwise all of them are frozen with `reason`."""
+    def defer_cat_check(self, labels: list[np.ndarray], dim: int, reason: str) -> None:
+        """Pieces joined along `dim` must keep their extents along their other dims under
+        any plan (checked once groups and blocks are known); otherwise frozen with `reason`."""
         if not self.apply_pass:
-            self.state.same_channels.append((reason, [np.array(x) for x in labels]))
+            self.state.same_channels.append((reason, dim, [np.array(x) for x in labels]))
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         if not self.apply_pass:
