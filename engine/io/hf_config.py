@@ -475,8 +475,20 @@ def config_constraints(analysis, whole_blocks: bool) -> Constraints:
     cmap = probe_config(model_class(hf), hf.config)
     limits = constraints(cmap, analysis.prunable_groups(whole_blocks),
                          attention_heads(analysis), graph_constants(analysis.gm))
-    rotary = None if whole_blocks else rotary_heads(analysis)
-    return limits if rotary is None else with_rotary(limits, rotary)
+    if whole_blocks:
+        return limits
+    rotary = rotary_heads(analysis)
+    if rotary is not None:
+        return with_rotary(limits, rotary)
+    # rotary pairs whose frequencies the config cannot give (head size derived from
+    # hidden_size, partial or scaled rope): whole, whatever field could read their shapes
+    name = type(hf.config).__name__
+    for group in rotary_pair_groups(analysis):
+        limits.keep.setdefault(group, (
+            f"{name} derives the rotary frequencies from its head size, and cannot describe "
+            "them pruned here (a head_dim field and default rope over whole heads are needed)"))
+    limits.ties[:] = [t for t in limits.ties if not set(t) & set(limits.keep)]
+    return limits
 
 
 def rotary_free_fields(analysis, whole_blocks: bool) -> set[str]:
@@ -677,9 +689,7 @@ def _find_rotary_heads(analysis, hf: HFSource) -> RotaryHeads | None:
         return None
     structure = analysis.structure(False)
     roots = structure.state.uf.roots()
-    buffers = {name for name, _ in analysis.gm.named_buffers()}
-    tables = [ids for (name, dim), ids in structure.state.slots.items()
-              if name in buffers and dim == 0 and len(ids) == head_dim // 2]
+    tables = [ids for ids in frequency_tables(analysis).values() if len(ids) == head_dim // 2]
     if len(tables) != 1:
         return None
     table_roots = roots[tables[0]]
@@ -689,9 +699,10 @@ def _find_rotary_heads(analysis, hf: HFSource) -> RotaryHeads | None:
         return None
     if not _member_dims(group) <= set(moved.dims):
         return None
-    values = [g for g in structure.groups if g is not group and g.blocks is not None
-              and g.blocks[1] == head_dim and _member_dims(g)
-              and _member_dims(g) <= set(moved.dims)]
+    # value heads: blocks of head_dim (one key/value head: a plain group of head_dim)
+    values = [g for g in structure.groups if g is not group and _member_dims(g)
+              and _member_dims(g) <= set(moved.dims)
+              and (g.blocks[1] if g.blocks is not None else g.channels) == head_dim]
     members = set().union(_member_dims(group), *(_member_dims(g) for g in values))
     readers = {c for g in [group, *values] for c in [*g.consumers, *g.layers]}
     if any(d not in members and layer_of(d[0]) not in readers for d in moved.dims):
@@ -701,6 +712,24 @@ def _find_rotary_heads(analysis, hf: HFSource) -> RotaryHeads | None:
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return RotaryHeads(group.name, [g.name for g in values], head_dim, float(theta), int(kv),
                        channel)
+
+
+def frequency_tables(analysis) -> dict[str, np.ndarray]:
+    """Rotary frequency buffers whose entries the analysis (inside heads) gave channel
+    slots (engine.graph.tracer.find_frequency_tables): name -> slot ids."""
+    structure = analysis.structure(False)
+    buffers = {name for name, _ in analysis.gm.named_buffers()}
+    return {name: ids for (name, dim), ids in structure.state.slots.items()
+            if name in buffers and dim == 0}
+
+
+def rotary_pair_groups(analysis) -> list[str]:
+    """Groups (inside heads) holding rotary frequency pairs."""
+    structure = analysis.structure(False)
+    roots = structure.state.uf.roots()
+    table_roots = [roots[ids] for ids in frequency_tables(analysis).values()]
+    return [g.name for g in structure.groups
+            if any(np.isin(r, g.roots).any() for r in table_roots)]
 
 
 def _member_dims(group) -> set[Dim]:
