@@ -137,3 +137,126 @@ def test_whole_heads_mode_leaves_the_frequency_table_alone():
     q = result.module.state_dict()["model.model.layers.0.self_attn.q_proj.weight"]
     assert q.shape[0] % 16 == 0
     assert np.isfinite(result.report["verification"]["max_abs_diff_vs_masked"])
+
+
+# ------------------------------------------------------------------ hf/ with --uniform
+def _reloaded_equals_pt2(out_dir, inputs) -> "tf.PreTrainedModel":  # noqa: F821
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(out_dir / "hf", local_files_only=True,
+                                                    trust_remote_code=False).eval()
+    program = torch.export.load(out_dir / "model.pt2")
+    with torch.no_grad():
+        got = model(*inputs, use_cache=False).logits
+        want = program.module()(*inputs)
+        want = want if isinstance(want, torch.Tensor) else want[0]
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    return model
+
+
+def _uniform_hf(model, inputs, out_dir):
+    result = engine.prune(model, inputs, ratio=0.5, uniform=True)
+    engine.save(result, out_dir, onnx=False)
+    return result
+
+
+def _check_rope(result, original_config, new_config):
+    """head_dim' = 2k, rope_theta' = theta^(2k/d), linear factor theta^(2s/d) when the kept
+    run of frequencies starts at s > 0; the kept pairs are that run."""
+    from engine.io.hf_config import rotary_heads
+
+    rotary = rotary_heads(result.analysis)
+    kept_channels = result.plan.group(rotary.group).kept
+    j = sorted(int(np.flatnonzero(rotary.frequency_channel == c)[0]) for c in kept_channels)
+    start, k, d = j[0], len(j), original_config.head_dim
+    assert j == list(range(start, start + k)) and 0 < k < d // 2
+    assert new_config.head_dim == 2 * k
+    theta = original_config.rope_parameters["rope_theta"]
+    rope = new_config.rope_parameters
+    assert rope["rope_theta"] == pytest.approx(theta ** (2 * k / d), rel=1e-9)
+    if start:
+        assert rope["rope_type"] == "linear"
+        assert rope["factor"] == pytest.approx(theta ** (2 * start / d), rel=1e-9)
+    else:
+        assert rope.get("rope_type", "default") == "default"
+
+
+def test_llama_folder_uniform_writes_hf_with_fewer_rotary_frequencies(tmp_path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(**architectures.DECODER, num_key_value_heads=2)
+    tf.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "in")
+    inputs = (torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2)),)
+    result = _uniform_hf(str(tmp_path / "in"), inputs, tmp_path / "out")
+    entry = result.report["hf"]
+    assert entry["written"], entry
+    assert "head_dim" in entry["config"]
+    reloaded = _reloaded_equals_pt2(tmp_path / "out", inputs)
+    _check_rope(result, config, reloaded.config)
+    state = reloaded.state_dict()
+    head_dim = reloaded.config.head_dim
+    assert state["model.layers.0.self_attn.v_proj.weight"].shape[0] == 2 * head_dim
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "mistral"])
+def test_uniform_hf_for_other_rotary_configs(name, tmp_path):
+    """Gemma: one key/value head, attention scaled by head_dim (queries rescaled);
+    Gemma 2: scaled by query_pre_attn_scalar (queries untouched); Mistral: like Llama."""
+    torch.manual_seed(0)
+    wrapped, inputs = getattr(architectures, name)()
+    model = wrapped.model
+    result = _uniform_hf(model, inputs, tmp_path)
+    assert result.report["hf"]["written"], result.report["hf"]
+    reloaded = _reloaded_equals_pt2(tmp_path, inputs)
+    _check_rope(result, model.config, reloaded.config)
+
+
+def test_config_without_head_dim_keeps_rotary_pairs_whole_and_says_why(tmp_path):
+    """Qwen2Config derives its head size from hidden_size: the rotary pairs stay whole under
+    --uniform (with the reason), the rest is pruned and hf/ is written."""
+    torch.manual_seed(0)
+    wrapped, inputs = architectures.qwen2()
+    result = _uniform_hf(wrapped.model, inputs, tmp_path)
+    kept = {e["group"]: e["reason"] for e in result.report["uniform"]["kept_for_config"]}
+    assert "model.layers.0.self_attn.q_proj+3" in kept
+    assert result.report["hf"]["written"], result.report["hf"]
+    assert result.report["after"]["params"] < result.report["before"]["params"]
+    _reloaded_equals_pt2(tmp_path, inputs)
+
+
+def test_keep_contiguous_keeps_the_best_run_of_frequencies():
+    from engine.options import PruningOptions
+    from engine.scoring.planning import GroupInput, make_plan
+    from engine.scoring.uniform import keep_contiguous
+
+    raw = np.array([1.0, 9.0, 0.5, 8.0, 7.0, 0.1])
+    group = GroupInput(name="pairs", raw={"q": raw})
+    plan = make_plan([group], PruningOptions(step_size=1), ratios={"pairs": 0.5})
+    assert sorted(plan.group("pairs").kept.tolist()) == [1, 3, 4]  # the best three
+    # layer norms are affine per member: the best run of raw scores is 1..3 (17.5 against
+    # 15.5 for 2..4 and 15.1 for 3..5)
+    window = keep_contiguous(plan, "pairs", np.arange(6)).group("pairs")
+    assert window.kept.tolist() == [1, 2, 3]
+    assert window.pruned.tolist() == [0, 4, 5]
+    # the order maps run positions to channels (channel 5 is frequency 0, ...)
+    reverse = keep_contiguous(plan, "pairs", np.arange(6)[::-1].copy()).group("pairs")
+    assert reverse.kept.tolist() == [1, 2, 3]
+    order = np.array([0, 2, 4, 1, 3, 5])  # runs: {0,2,4} 8.5, {2,4,1} 16.5, {4,1,3} 24
+    moved = keep_contiguous(plan, "pairs", order).group("pairs")
+    assert moved.kept.tolist() == [1, 3, 4]
+
+
+def test_a_scattered_kept_set_is_not_describable():
+    import transformers as tf
+
+    from engine.io.hf_config import NotDescribable, RotaryHeads, rotary_config
+
+    config = tf.LlamaConfig(**architectures.DECODER, num_key_value_heads=2)
+    rotary = RotaryHeads("pairs", [], 16, 10000.0, 2, np.arange(8))
+    with pytest.raises(NotDescribable, match="contiguous run"):
+        rotary_config(config, rotary, [0, 2, 3])
+    new = rotary_config(config, rotary, [2, 3, 4])
+    assert new.rope_parameters["rope_theta"] == pytest.approx(10000.0 ** (6 / 16))
+    assert new.rope_parameters["factor"] == pytest.approx(10000.0 ** (4 / 16))
