@@ -140,14 +140,18 @@ def test_whole_heads_mode_leaves_the_frequency_table_alone():
 
 
 # ------------------------------------------------------------------ hf/ with --uniform
-def _reloaded_equals_pt2(out_dir, inputs) -> "tf.PreTrainedModel":  # noqa: F821
+def _reloaded_equals_pt2(out_dir, result):
+    """OUT/hf/ reloaded with the Auto class gives model.pt2's logits (loaded from disk)."""
     import transformers as tf
 
     model = tf.AutoModelForCausalLM.from_pretrained(out_dir / "hf", local_files_only=True,
                                                     trust_remote_code=False).eval()
     program = torch.export.load(out_dir / "model.pt2")
+    inputs = result.example_inputs
+    names = result.analysis.captured.hf.input_names
     with torch.no_grad():
-        got = model(*inputs, use_cache=False).logits
+        got = (model(**dict(zip(names, inputs)), use_cache=False) if names else
+               model(*inputs, use_cache=False)).logits
         want = program.module()(*inputs)
         want = want if isinstance(want, torch.Tensor) else want[0]
     assert got.shape == want.shape
@@ -188,12 +192,11 @@ def test_llama_folder_uniform_writes_hf_with_fewer_rotary_frequencies(tmp_path):
     torch.manual_seed(0)
     config = tf.LlamaConfig(**architectures.DECODER, num_key_value_heads=2)
     tf.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "in")
-    inputs = (torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2)),)
-    result = _uniform_hf(str(tmp_path / "in"), inputs, tmp_path / "out")
+    result = _uniform_hf(str(tmp_path / "in"), None, tmp_path / "out")
     entry = result.report["hf"]
     assert entry["written"], entry
     assert "head_dim" in entry["config"]
-    reloaded = _reloaded_equals_pt2(tmp_path / "out", inputs)
+    reloaded = _reloaded_equals_pt2(tmp_path / "out", result)
     _check_rope(result, config, reloaded.config)
     state = reloaded.state_dict()
     head_dim = reloaded.config.head_dim
@@ -209,7 +212,7 @@ def test_uniform_hf_for_other_rotary_configs(name, tmp_path):
     model = wrapped.model
     result = _uniform_hf(model, inputs, tmp_path)
     assert result.report["hf"]["written"], result.report["hf"]
-    reloaded = _reloaded_equals_pt2(tmp_path, inputs)
+    reloaded = _reloaded_equals_pt2(tmp_path, result)
     _check_rope(result, model.config, reloaded.config)
 
 
@@ -223,7 +226,7 @@ def test_config_without_head_dim_keeps_rotary_pairs_whole_and_says_why(tmp_path)
     assert "model.layers.0.self_attn.q_proj+3" in kept
     assert result.report["hf"]["written"], result.report["hf"]
     assert result.report["after"]["params"] < result.report["before"]["params"]
-    _reloaded_equals_pt2(tmp_path, inputs)
+    _reloaded_equals_pt2(tmp_path, result)
 
 
 def test_keep_contiguous_keeps_the_best_run_of_frequencies():
