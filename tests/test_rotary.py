@@ -203,10 +203,10 @@ def test_llama_folder_uniform_writes_hf_with_fewer_rotary_frequencies(tmp_path):
     assert state["model.layers.0.self_attn.v_proj.weight"].shape[0] == 2 * head_dim
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "mistral"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2"])
 def test_uniform_hf_for_other_rotary_configs(name, tmp_path):
     """Gemma: one key/value head, attention scaled by head_dim (queries rescaled);
-    Gemma 2: scaled by query_pre_attn_scalar (queries untouched); Mistral: like Llama."""
+    Gemma 2: scaled by query_pre_attn_scalar (queries untouched)."""
     torch.manual_seed(0)
     wrapped, inputs = getattr(architectures, name)()
     model = wrapped.model
