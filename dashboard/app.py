@@ -20,6 +20,10 @@ FAVICON = Path(__file__).resolve().parent / "favicon.png"
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from engine.offline import stay_offline  # noqa: E402
+
+stay_offline()
+
 import streamlit as st  # noqa: E402
 
 from dashboard import sources, state  # noqa: E402

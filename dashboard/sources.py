@@ -25,6 +25,7 @@ from typing import Any
 
 from engine.errors import ModelLoadError, PruneScopeError, one_line  # noqa: F401 - sources.one_line
 from engine.io.data import DataSet
+from engine.io.staging import process_alive
 
 DEMO = "Demo model"
 DEMO_LM = "Demo language model (demo-lm)"
@@ -152,16 +153,6 @@ def start_sweeper(is_alive: Callable[[str], bool], on_removed: Callable[[Path], 
         return True
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def remove_orphans(temp_dir: str | Path | None = None) -> list[Path]:
     """Remove this user's session folders whose server process no longer exists.
 
@@ -176,7 +167,7 @@ def remove_orphans(temp_dir: str | Path | None = None) -> list[Path]:
         return removed
     for folder in candidates:
         match = re.fullmatch(re.escape(PREFIX) + r"(\d+)-.+", folder.name)
-        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
+        if not match or int(match.group(1)) == os.getpid() or process_alive(int(match.group(1))):
             continue
         try:
             if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():

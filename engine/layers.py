@@ -15,7 +15,7 @@ from __future__ import annotations
 # lowest first: (stage, module prefixes, what it holds)
 LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("base", ("engine.errors", "engine.options", "engine.threads", "engine.layers",
-              "engine.device"),
+              "engine.device", "engine.offline"),
      "the error hierarchy, the pruning options and their allowed values, the device"),
     ("io", ("engine.graph.safety", "engine.graph.custom_ops", "engine.graph.outputs",
             "engine.graph.inputs", "engine.demo", "engine.io", "engine.io.data", "engine.io.hf",

@@ -250,14 +250,17 @@ def test_a_datasets_folder_with_splits_and_hf_names(bert, tmp_path) -> None:
         _error(lambda: load_data("hf:onlyname", model=bert)))
 
 
-def test_hf_name_without_network_is_one_line(folders, tmp_path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def test_hf_name_reads_only_the_local_cache(folders, tmp_path) -> None:
+    """The CLI keeps datasets off the network unless the user sets HF_HUB_OFFLINE=0: a name
+    that is not cached is one line saying so, not a download attempt."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB", "HF_DATASETS"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf-home"))
     done = subprocess.run([sys.executable, "-m", "engine", "evaluate", str(folders["bert"]),
                            "--data", "hf:prunescope-missing/none:test", "--reference",
                            str(folders["bert"])], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 2, done.stderr
     line = one_error_line(done.stderr)
-    assert line.startswith("prunescope: error: --data hf:prunescope-missing/none:test could "
-                           "not be loaded through datasets")
-    assert "save it with save_to_disk" in line
+    assert line.startswith("prunescope: error: --data hf:prunescope-missing/none:test is not "
+                           "in the local datasets cache")
+    assert "set HF_HUB_OFFLINE=0" in line

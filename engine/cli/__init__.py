@@ -18,6 +18,7 @@ from engine.cli.common import (  # noqa: F401 - EXIT_ONNX_FAILED: importable fro
     EXIT_ONNX_FAILED,
 )
 from engine.errors import PruneScopeError, one_line
+from engine.offline import stay_offline
 
 COMMANDS = (scores, prune, evaluate, sweep, sensitivity, dashboard)
 
@@ -51,6 +52,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stay_offline()
     warnings.showwarning = _show_warning
     try:
         return _run(args)

@@ -174,11 +174,14 @@ DEFAULT_METRIC_HELP = ("default: what fits the model: accuracy with labels, perp
                        "states, else agreement with the reference")
 
 
+METRIC_HELP = f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})"
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """Held-out data to measure the model on, and the metric."""
     p.add_argument("--eval-data", metavar="FILE",
                    help=f"held-out data, never the calibration set: {DATA_FORMS_HELP}")
-    p.add_argument("--metric", help=f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})")
+    p.add_argument("--metric", help=METRIC_HELP)
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:

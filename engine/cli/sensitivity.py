@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 
 from engine.cli.common import (
+    DATA_FORMS_HELP,
+    METRIC_HELP,
+    add_data_args,
     add_model_args,
     add_option_args,
     calibration_from,
+    data_options,
     device_kwargs,
     int_option,
     load_kwargs,
@@ -23,12 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_option_args(p)
     p.add_argument("--ratio", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
                    metavar="R1,R2,...", help="ratios to prune each group at, each 0 <= R < 1")
-    p.add_argument("--eval-data", required=True, metavar="F.npz",
-                   help="data to measure on (x, optional y), or a built-in name")
-    p.add_argument("--metric", help="accuracy, perplexity, agreement or relative_error")
+    p.add_argument("--eval-data", required=True, metavar="FILE",
+                   help=f"held-out data, never the calibration set: {DATA_FORMS_HELP}")
+    p.add_argument("--metric", help=METRIC_HELP)
     p.add_argument("--workers", metavar="N", help="local processes (default: number of cores)")
     p.add_argument("--ray", metavar="ADDRESS", help="a Ray cluster (HOST:PORT), or `local`")
     p.add_argument("--json", required=True, metavar="OUT.json", help="the curves")
+    add_data_args(p)
     p.set_defaults(run=run)
 
 
@@ -44,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         report = sensitivity(args.model, options, ratios, eval_data=args.eval_data,
                              metric=args.metric, calibration=_calibration(args),
                              workers=workers, ray=args.ray, progress=bar, out_json=args.json,
-                             **load_kwargs(args), **device_kwargs(args))
+                             data_options=data_options(args), **load_kwargs(args),
+                             **device_kwargs(args))
     finally:
         bar.close()
     print(f"{report['metric']} drop per group (original {report['original']:.4g})")
@@ -64,4 +70,4 @@ def _calibration(args: argparse.Namespace):
 
     if args.calibration is not None and needs_model(args.calibration):
         return args.calibration
-    return calibration_from(args.calibration)
+    return calibration_from(args.calibration, args=args)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli.common import add_model_args, device_kwargs, int_option, load_kwargs
+from engine.cli.common import (
+    DATA_FORMS_HELP,
+    METRIC_HELP,
+    add_data_args,
+    add_model_args,
+    data_options,
+    device_kwargs,
+    int_option,
+    load_kwargs,
+)
 from engine.options import ALLOWED
 
 
@@ -36,11 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_grid_args(p)
     p.add_argument("--ratio", required=True, metavar="R1,R2,...",
                    help="pruning ratios to try, each 0 <= R < 1")
-    p.add_argument("--eval-data", required=True, metavar="F.npz",
-                   help="held-out evaluation data (x, optional y), or `demo`")
-    p.add_argument("--metric", help="accuracy, agreement, ... (default: accuracy with labels)")
-    p.add_argument("--calibration", metavar="F",
-                   help="calibration data (nuclear_norm, recovery); never the evaluation set")
+    p.add_argument("--eval-data", required=True, metavar="FILE",
+                   help=f"held-out data, never the calibration set: {DATA_FORMS_HELP}")
+    p.add_argument("--metric", help=METRIC_HELP)
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration data (data-aware criteria, recovery); never the "
+                        "evaluation set; same forms as --eval-data")
     p.add_argument("--recover", metavar="METHODS", help="also measure each point recovered")
     p.add_argument("--recover-steps", metavar="N",
                    help="fixed recovery work per point (reproducible across executors)")
@@ -50,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", required=True, metavar="OUT.json",
                    help="results; rewritten after every point")
     p.add_argument("--csv", metavar="OUT.csv", help="also write the points as CSV")
+    add_data_args(p, max_samples=False)
     p.set_defaults(run=run)
 
 
@@ -88,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         report = sweep(args.model, grid, ratios, eval_data=args.eval_data, metric=args.metric,
                        recover=args.recover, calibration=args.calibration,
                        recover_steps=steps, workers=workers, ray=args.ray, progress=bar,
-                       out_json=args.json, **load_kwargs(args), **device_kwargs(args))
+                       out_json=args.json, data_options=data_options(args),
+                       **load_kwargs(args), **device_kwargs(args))
     except KeyboardInterrupt:
         bar.close()
         print(f"prunescope: sweep interrupted; the finished points are in {args.json}",

@@ -28,6 +28,7 @@ import numpy as np
 
 from engine.errors import DataError, one_line
 from engine.io.hf import quiet_transformers
+from engine.offline import HUB_OFFLINE
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # a model whose input names are unknown (a .pt2 exported by position) takes them in the
@@ -223,6 +224,11 @@ def _dataset(source: str, where: str):
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001 - no network, unknown name or split
+        if datasets.config.HF_HUB_OFFLINE:
+            raise DataError(f"{where} is not in the local datasets cache "
+                            f"({one_line(exc, limit=200)}); PruneScope does not download "
+                            f"(set {HUB_OFFLINE}=0 to let datasets fetch it), or give a "
+                            "save_to_disk folder") from None
         raise DataError(f"{where} could not be loaded through datasets ({one_line(exc)}); "
                         "without network, save it with save_to_disk where you have one and "
                         "give that folder") from None

@@ -29,15 +29,16 @@ def process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` still runs (and, given `start`, is the same process, not a
+    recycled pid). Where the OS gives no clear answer it counts as alive: the callers remove
+    a dead run's files, and keeping litter is cheaper than deleting a live run's work."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
+    except OSError:  # PermissionError: another user's live process
         return True
-    except OSError:
-        return False
     now = process_start(pid)
     return start is None or now is None or now == start
 
@@ -68,7 +69,7 @@ def remove_dead_staging(out: Path) -> list[Path]:
             pid, start = int(owner["pid"]), owner.get("start")
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if _alive(pid, start):
+        if process_alive(pid, start):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         if not folder.exists():

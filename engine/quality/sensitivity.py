@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from engine.io.data import DataOptions
 from engine.io.export import write_json
 from engine.options import PruningOptions
 from engine.quality.evaluate import HIGHER_IS_BETTER
@@ -50,6 +51,7 @@ def sensitivity(
     stop: Callable[[], bool] | None = None,
     device: str | None = None,
     amp: str | None = None,
+    data_options: DataOptions | None = None,
 ) -> dict[str, Any]:
     """Per prunable group and ratio: the metric, its drop, and params/FLOPs after.
 
@@ -65,7 +67,7 @@ def sensitivity(
                        calibration=calibration, ray=ray, example_inputs=example_inputs,
                        trust_pickle=trust_pickle, input_shapes=input_shapes,
                        analysis=analysis, seq_len=seq_len, device=device, amp=amp,
-                       ship=runs_elsewhere(workers, ray, 2))
+                       data_options=data_options, ship=runs_elsewhere(workers, ray, 2))
     groups = prepared.analysis.prunable_groups(options.prunes_whole_blocks)
     report = base_report(prepared)
     report["options"] = options.to_dict()

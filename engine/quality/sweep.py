@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.device import device_scope
 from engine.errors import OptionError
-from engine.io.data import load_calibration_data, needs_model
+from engine.io.data import DataOptions, load_calibration_data, needs_model
 from engine.io.export import atomic_write_bytes, write_json
 from engine.options import ALLOWED, PruningOptions, check_ratio
 from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
@@ -143,12 +143,14 @@ def prepare(
     seq_len: int | None = None,
     device: str | None = None,
     amp: str | None = None,
+    data_options: DataOptions | None = None,
 ) -> Prepared:
     """Check everything that can be checked before work starts, analyse, score, evaluate.
 
     `device`/`amp`: where this process scores and evaluates and every point runs
     (engine.device; on Ray each worker gets one GPU of its own).
 
+    `data_options`: how text, datasets and images become inputs (engine.io.data).
     `analysis` reuses one this process already has (`model` still says what workers load).
     `ship=False`: every point runs in this process, so an in-memory model is not serialised.
     """
@@ -157,10 +159,10 @@ def prepare(
     # arrays are read (and checked) before the analysis; text and images need the model
     data = eval_data
     if isinstance(eval_data, (str, os.PathLike)) and not needs_model(eval_data):
-        data = load_eval_data(eval_data)
+        data = load_eval_data(eval_data, options=data_options)
     criteria = list(dict.fromkeys(criteria))
     if not needs_model(calibration):
-        calibration = _calibration(calibration)
+        calibration = _calibration(calibration, options=data_options)
     if recover:
         parse_methods(recover)
         check_steps(recover_steps)
@@ -170,8 +172,8 @@ def prepare(
         analysis = analyze(model, example_inputs, trust_pickle=trust_pickle,
                            input_shapes=input_shapes, seq_len=seq_len)
     if isinstance(data, (str, os.PathLike)):
-        data = load_eval_data(data, model=analysis.captured)
-    calibration = _calibration(calibration, analysis.captured)
+        data = load_eval_data(data, model=analysis.captured, options=data_options)
+    calibration = _calibration(calibration, analysis.captured, options=data_options)
     check_data(analysis.captured, data)
     for criterion in criteria:
         analysis.filter_scores(criterion, calibration)  # once per criterion; forks inherit it
@@ -242,15 +244,17 @@ def sweep(
     stop: Callable[[], bool] | None = None,
     device: str | None = None,
     amp: str | None = None,
+    data_options: DataOptions | None = None,
 ) -> dict[str, Any]:
     """Prune `model` at every point of `grid` x `ratios` and measure each pruned model
     (on `device`, calibration passes in `amp` autocast: engine.device).
 
     `grid` maps option names to a value, a list or "all"; `eval_data` is an EvalData or a
-    file/name for `load_eval_data`. Returns (and, after every point, atomically writes to
-    `out_json`) `{"model", "metric", "original", "before", "axes", "ratios", "points",
-    "complete"}`; each point has its `options`, `ratio`, `params`, `flops`, `metric`
-    (`recovered` with `recover`) and `seconds`. An interrupted sweep keeps finished points;
+    file/name for `load_eval_data` (text, datasets and images read as `data_options` say).
+    Returns (and, after every point, atomically writes to `out_json`) `{"model", "metric",
+    "original", "before", "axes", "ratios", "points", "complete"}`; each point has its
+    `options`, `ratio`, `params`, `flops`, `metric` (`recovered` with `recover`) and
+    `seconds`. An interrupted sweep keeps finished points;
     so does one that `stop()` (asked after every point) ends.
     """
     options_list = expand_grid(grid)
@@ -260,6 +264,7 @@ def sweep(
                        recover=recover, recover_steps=recover_steps, ray=ray,
                        example_inputs=example_inputs, trust_pickle=trust_pickle,
                        input_shapes=input_shapes, seq_len=seq_len, device=device, amp=amp,
+                       data_options=data_options,
                        ship=runs_elsewhere(workers, ray, len(options_list) * len(ratio_list)))
     report = base_report(prepared)
     report["axes"] = {name: axis_values(name, grid[name]) for name in AXES
@@ -306,12 +311,14 @@ def _model_source(model, analysis, trust_pickle, input_shapes, ship: bool) -> Mo
     return ModelSource(name, None, buffer.getvalue(), trust_pickle=True)
 
 
-def _calibration(calibration: Any, model: Any = None) -> Any:
+def _calibration(calibration: Any, model: Any = None,
+                 options: DataOptions | None = None) -> Any:
     """A calibration file read once here (the points, and Ray workers, get the arrays);
     text and images are made into the inputs of `model` (captured)."""
     if not isinstance(calibration, (str, os.PathLike)):
         return calibration
-    return load_calibration_data(calibration, flag="calibration", model=model)
+    return load_calibration_data(calibration, flag="calibration", model=model,
+                                 options=options)
 
 
 def _write_json(path, report: dict) -> None:
