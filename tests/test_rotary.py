@@ -263,3 +263,11 @@ def test_a_scattered_kept_set_is_not_describable():
     new = rotary_config(config, rotary, [2, 3, 4])
     assert new.rope_parameters["rope_theta"] == pytest.approx(10000.0 ** (6 / 16))
     assert new.rope_parameters["factor"] == pytest.approx(10000.0 ** (4 / 16))
+
+
+def test_uniform_with_frozen_rotary_pairs_still_plans():
+    """GPT-NeoX's fused per-head q/k/v keeps its pairs frozen: --uniform plans the rest."""
+    torch.manual_seed(0)
+    wrapped, inputs = architectures.gpt_neox()
+    result = engine.prune(wrapped.model, inputs, ratio=0.5, uniform=True)
+    assert result.report["after"]["params"] < result.report["before"]["params"]

@@ -483,7 +483,8 @@ def config_constraints(analysis, whole_blocks: bool) -> Constraints:
     # rotary pairs whose frequencies the config cannot give (head size derived from
     # hidden_size, partial or scaled rope): whole, whatever field could read their shapes
     name = type(hf.config).__name__
-    for group in rotary_pair_groups(analysis):
+    prunable = {g.name for g in analysis.prunable_groups(whole_blocks)}
+    for group in (g for g in rotary_pair_groups(analysis) if g in prunable):
         limits.keep.setdefault(group, (
             f"{name} derives the rotary frequencies from its head size, and cannot describe "
             "them pruned here (a head_dim field and default rope over whole heads are needed)"))
