@@ -40,7 +40,7 @@ venv-run: $(VENV)/.stamp-run
 
 run: $(VENV)/.stamp-run
 	@if [ -f dashboard/app.py ]; then \
-		$(VENV)/bin/streamlit run dashboard/app.py --server.headless true \
+		$(PY) -m dashboard.serve --server.headless true \
 			--server.address 127.0.0.1 --server.port $(PORT); \
 	else \
 		echo "dashboard/app.py not found: pruning the demo model from the CLI instead"; \

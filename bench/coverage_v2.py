@@ -3,7 +3,8 @@ would prune them: built from tiny transformers configs with random weights, wrap
 return one tensor, ``engine.prune(model, inputs, ratio=0.5)`` with default options, then
 ``engine.save`` (``model.pt2`` and ONNX checked with ONNX Runtime).
 
-Each model runs in its own process (a crash or a hang costs one row, and memory is returned).
+Models run in batches of child processes (``bench/architecture_runs.py``: a crash or a hang
+costs one row, and memory is returned).
 ``python -m bench.coverage_v2 --one NAME`` runs one model and prints its JSON row.
 """
 
@@ -12,20 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
+from bench.architecture_runs import line, main_one, run_batches
 from bench.common import REPO, Goal, Section, md_table
 
 NAME = "coverage_v2"
 TITLE = "10. Coverage v2: real architectures at ratio 0.5, default options (prune, verify, export)"
 RATIO = 0.5
 TIMEOUT_S = 600
-BATCH = 6
 QUICK = ("ResNet-50 style", "Swin", "BERT", "Llama (GQA)", "Mamba")
 
 
@@ -38,29 +37,17 @@ def _short(reason: str) -> str:
     return reason if len(reason) <= 70 else reason[:67] + "..."
 
 
-def run_one(name: str) -> dict:
-    sys.path.insert(0, str(REPO))
-    import torch  # noqa: PLC0415
-
+def measure(row: dict, model, inputs) -> None:
+    """Prune with default options, verify, export (ONNX too); fill the row."""
     import engine  # noqa: PLC0415
-    from tests.architectures import ARCHITECTURES, build, unexplained_layers  # noqa: PLC0415
+    from tests.architectures import unexplained_layers  # noqa: PLC0415
 
-    torch.set_num_threads(1)
-    row: dict = {"name": name, "family": ARCHITECTURES[name][0]}
-    start = time.perf_counter()
-    try:
-        model, inputs = build(name)
-    except Exception as exc:  # noqa: BLE001 - a failure is the result
-        row["error"] = f"build: {_line(exc)}"
-        return row
     try:
         result = engine.prune(model, inputs, ratio=RATIO)
-    except Exception as exc:  # noqa: BLE001
-        row["error"] = f"prune: {_line(exc)}"
-        row["seconds"] = time.perf_counter() - start
-        return row
+    except Exception as exc:  # noqa: BLE001 - a failure is the result
+        row["error"] = f"prune: {line(exc, 160)}"
+        return
     report = result.report
-    row["seconds"] = time.perf_counter() - start
     row["before"] = report["before"]["params"]
     row["after"] = report["after"]["params"]
     row["exact"] = report["verification"]["exact"]
@@ -76,37 +63,7 @@ def run_one(name: str) -> dict:
             row["onnx"] = "ok"
             row["onnx_diff"] = result.report.get("onnx", {}).get("max_abs_diff_vs_torch")
         except Exception as exc:  # noqa: BLE001
-            row["onnx"] = _line(exc)
-    return row
-
-
-def _line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
-
-
-def _subprocess(names: list[str]) -> list[dict]:
-    """Run a batch of architectures in one process (imports are paid once); a model that
-    kills or hangs the process is retried alone, so it costs only its own row."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.coverage_v2", "--one", *names],
-            capture_output=True, text=True, timeout=TIMEOUT_S * len(names), cwd=REPO,
-        )
-        stdout, error = done.stdout, f"process failed ({done.returncode})"
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
-    except subprocess.TimeoutExpired as exc:
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        error, tail = f"timed out after {TIMEOUT_S * len(names)} s", ""
-    rows = {r["name"]: r for r in (json.loads(x) for x in stdout.splitlines()
-                                   if x.startswith("{"))}
-    missing = [n for n in names if n not in rows]
-    if len(names) > 1 and missing:
-        for row in _subprocess(missing):
-            rows[row["name"]] = row
-    elif missing:
-        rows[names[0]] = {"name": names[0], "error": f"{error}: {tail}".rstrip(": ")}
-    return [rows[n] for n in names]
+            row["onnx"] = line(exc, 160)
 
 
 def _removed(row: dict) -> float | None:
@@ -151,12 +108,7 @@ def run(quick: bool = False) -> Section:
     from tests.architectures import ARCHITECTURES  # noqa: PLC0415
 
     names = list(QUICK) if quick else list(ARCHITECTURES)
-    rows = []
-    for start in range(0, len(names), BATCH):
-        for row in _subprocess(names[start:start + BATCH]):
-            print(f"  {row['name']}: {json.dumps(row)[:300]}", flush=True)
-            rows.append(row)
-    return section(rows)
+    return section(run_batches(f"bench.{NAME}", names, TIMEOUT_S))
 
 
 def section(rows: list[dict]) -> Section:
@@ -197,9 +149,9 @@ def _write_section(paths: list[Path]) -> None:
 
     by_name: dict[str, dict] = {}
     for path in paths:
-        for line in path.read_text().splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
+        for text in path.read_text().splitlines():
+            if text.startswith("{"):
+                row = json.loads(text)
                 by_name[row["name"]] = row
     rows = [by_name[n] for n in ARCHITECTURES if n in by_name]
     result = section(rows)
@@ -227,17 +179,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet()
     if args.one:
-        for name in args.one:
-            print(json.dumps(run_one(name)), flush=True)
-        return 0
+        return main_one(args.one, measure)
     if args.from_rows:
         _write_section(args.from_rows)
         return 0
     if args.only:
-        rows = []
-        for start in range(0, len(args.only), BATCH):
-            rows += _subprocess(args.only[start:start + BATCH])
-        print(table(rows))
+        print(table(run_batches(f"bench.{NAME}", args.only, TIMEOUT_S, progress=False)))
     return 0
 
 

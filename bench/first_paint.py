@@ -1,7 +1,8 @@
 """First paint of the dashboard in a real browser: `python -m bench.first_paint [--root DIR]`.
 
-Starts `streamlit run dashboard/app.py` (of this checkout, or of ``--root``, to compare two
-checkouts on the same machine in the same run) and times, in Debian's Chromium at 1440x900,
+Starts the dashboard as `make run` does (`python -m dashboard.serve`, or `streamlit run
+dashboard/app.py` in a checkout without it) of this checkout, or of ``--root`` (to compare two
+checkouts on the same machine in the same run), and times, in Debian's Chromium at 1440x900,
 from navigation to the score chart drawn: the first session of a fresh server, then
 ``--warm`` further sessions one after another, then four sessions opened at the same moment
 on another fresh server. Needs /usr/bin/chromium and Playwright (the test extras). Prints
@@ -28,16 +29,20 @@ def _server(root: Path, log: Path):
     import sys
 
     port = free_port()
-    cmd = [str(Path(sys.executable).with_name("streamlit")), "run", "dashboard/app.py",
-           "--server.headless", "true", "--server.address", "127.0.0.1",
-           "--server.port", str(port)]
+    # as `make run` starts it (the warm-up launcher) where the checkout has one
+    launcher = (["-m", "dashboard.serve"] if (root / "dashboard" / "serve.py").is_file()
+                else ["-m", "streamlit", "run", "dashboard/app.py"])
+    cmd = [sys.executable, *launcher, "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port)]
     env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
            "PYTHONPATH": str(root)}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
     wait_healthy(url, proc, log, 180)
-    return url, proc
+    print(f"server start to healthy: {time.monotonic() - started:.2f} s", flush=True)
+    return url, proc, started
 
 
 def _paint(browser, url: str, count: int) -> list[float]:
@@ -66,14 +71,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                      args=CHROMIUM_ARGS)
-        url, proc = _server(args.root, Path(tmp) / "fresh.log")
+        url, proc, started = _server(args.root, Path(tmp) / "fresh.log")
         try:
-            print(f"fresh server, first session: {_paint(browser, url, 1)[0]:.2f} s", flush=True)
+            print(f"fresh server, first session: {_paint(browser, url, 1)[0]:.2f} s "
+                  f"({time.monotonic() - started:.2f} s after the server was started)",
+                  flush=True)
             for i in range(args.warm):
                 print(f"warm session {i + 1}: {_paint(browser, url, 1)[0]:.2f} s", flush=True)
         finally:
             stop(proc)
-        url, proc = _server(args.root, Path(tmp) / "four.log")
+        url, proc, _started = _server(args.root, Path(tmp) / "four.log")
         try:
             together = _paint(browser, url, 4)
             print("fresh server, 4 sessions at once: "

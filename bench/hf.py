@@ -1,67 +1,50 @@
 """12. hf/ with --uniform for every transformers architecture of the coverage set.
 
-Each architecture of ``tests/architectures.py`` that is a transformers model (69 of 71: the
-two recurrent rows are modules of our own) is saved with ``save_pretrained`` (tiny config,
-random weights), pruned from the folder as a user would (``engine.prune(FOLDER, ratio=0.5,
-uniform=True)``, default options otherwise) and saved (``engine.save``, no ONNX). The row
-says whether OUT/hf/ was written (reloaded with the Auto class, equal to model.pt2 within
-1e-5 relative), the parameters removed, the config fields that changed, and the one-line
-reason when hf/ was not written or less than 20% of the parameters could go.
+Each architecture of ``tests/architectures.py`` that is a transformers model (67 of its 69:
+the two recurrent rows are modules of our own, with no config) is saved with
+``save_pretrained`` (tiny config, random weights), pruned from the folder as a user would
+(``engine.prune(FOLDER, ratio=0.5, uniform=True)``, default options otherwise) and saved
+(``engine.save``, no ONNX). The row says whether OUT/hf/ was written (reloaded with the Auto
+class, equal to model.pt2 within 1e-5 relative), the parameters removed, the config fields
+that changed, and the one-line reason when hf/ was not written or less than 20% of the
+parameters could go.
 
-Each batch of models runs in its own process (``python -m bench.hf --one NAME ...``).
+The models are built and run in batches of child processes by ``bench/architecture_runs.py``,
+as for ``coverage_v2`` (``python -m bench.hf --one NAME ...`` runs some here).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.architecture_runs import main_one, run_batches
 from bench.common import REPO, Goal, Section, md_table
 
 NAME = "hf"
 TITLE = "12. hf/ with --uniform: every transformers architecture of the coverage set"
 RATIO = 0.5
-BATCH = 6
 TIMEOUT_S = 300
 QUICK = ("RoBERTa", "DeiT", "OPT", "Llama (GQA)", "GPT-2")
 
 
-def run_one(name: str) -> dict:
-    sys.path.insert(0, str(REPO))
-    import torch  # noqa: PLC0415
-
+def measure(row: dict, wrapped, inputs) -> None:
+    """Save the transformers model as a folder, prune it from the folder with --uniform,
+    save (no ONNX); fill the row."""
     import engine  # noqa: PLC0415
-    from tests.architectures import ARCHITECTURES, build  # noqa: PLC0415
 
-    torch.set_num_threads(1)
-    row: dict = {"name": name, "family": ARCHITECTURES[name][0]}
-    start = time.perf_counter()
-    try:
-        wrapped, _ = build(name)
-    except Exception as exc:  # noqa: BLE001 - a failure is the result
-        row["error"] = f"build: {_line(exc)}"
-        return row
     model = getattr(wrapped, "model", wrapped)
     if not hasattr(model, "save_pretrained"):
         row["skip"] = "not a transformers model (no config)"
-        return row
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "in"
-        try:
-            model.save_pretrained(folder)
-            result = engine.prune(str(folder), ratio=RATIO, uniform=True)
-            engine.save(result, Path(tmp) / "out", onnx=False)
-        except Exception as exc:  # noqa: BLE001
-            row["error"] = _line(exc)
-            row["seconds"] = time.perf_counter() - start
-            return row
+        model.save_pretrained(folder)
+        result = engine.prune(str(folder), ratio=RATIO, uniform=True)
+        engine.save(result, Path(tmp) / "out", onnx=False)
     report = result.report
-    row["seconds"] = time.perf_counter() - start
     row["before"] = report["before"]["params"]
     row["after"] = report["after"]["params"]
     hf = report["hf"]
@@ -70,32 +53,6 @@ def run_one(name: str) -> dict:
     row["reason"] = hf.get("reason")
     kept = (report.get("uniform") or {}).get("kept_for_config") or []
     row["kept"] = sorted({k["reason"] for k in kept})
-    return row
-
-
-def _line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
-def _subprocess(names: list[str]) -> list[dict]:
-    try:
-        done = subprocess.run([sys.executable, "-m", "bench.hf", "--one", *names],
-                              capture_output=True, text=True, timeout=TIMEOUT_S * len(names),
-                              cwd=REPO)
-        stdout, error = done.stdout, f"process failed ({done.returncode})"
-    except subprocess.TimeoutExpired as exc:
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        error = f"timed out after {TIMEOUT_S * len(names)} s"
-    rows = {r["name"]: r for r in (json.loads(x) for x in stdout.splitlines()
-                                   if x.startswith("{"))}
-    missing = [n for n in names if n not in rows]
-    if len(names) > 1 and missing:
-        for row in _subprocess(missing):
-            rows[row["name"]] = row
-    elif missing:
-        rows[names[0]] = {"name": names[0], "error": error}
-    return [rows[n] for n in names]
 
 
 def removed(row: dict) -> float | None:
@@ -151,11 +108,7 @@ def run(quick: bool = False) -> Section:
     from tests.architectures import ARCHITECTURES  # noqa: PLC0415
 
     names = list(QUICK) if quick else list(ARCHITECTURES)
-    rows = []
-    for start in range(0, len(names), BATCH):
-        for row in _subprocess(names[start:start + BATCH]):
-            print(f"  {row['name']}: {json.dumps(row)[:300]}", flush=True)
-            rows.append(row)
+    rows = run_batches(f"bench.{NAME}", names, TIMEOUT_S)
     for row in rows:
         if "skip" not in row:
             print(f"{row['name']}: hf/ {'written' if row.get('written') else 'NOT written'}, "
@@ -174,14 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet()
     if args.one:
-        for name in args.one:
-            print(json.dumps(run_one(name)), flush=True)
-        return 0
+        return main_one(args.one, measure)
     if args.only:
-        rows = []
-        for start in range(0, len(args.only), BATCH):
-            rows += _subprocess(args.only[start:start + BATCH])
-        print(table(rows))
+        print(table(run_batches(f"bench.{NAME}", args.only, TIMEOUT_S, progress=False)))
     return 0
 
 

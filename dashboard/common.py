@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from typing import Any
 
 import streamlit as st
 
 import engine
-from dashboard import netron_server, sources, state
+from dashboard import charts, netron_server, sources, state
 from engine.demo import is_builtin
 from engine.errors import PruneScopeError
 from engine.io.data import DataSet
@@ -124,13 +125,40 @@ def _load(request: sources.ModelRequest) -> tuple[Any, Any]:
     return captured, analysis
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _shared_builtin(key: str, source: str) -> tuple[Any, Any]:
+_SHARED_LOCK = threading.Lock()
+_SHARED: dict[str, tuple[Any, Any]] = {}  # built-in model key -> (captured, analysis)
+MAX_SHARED = 4
+
+
+def shared_builtin(key: str, source: str) -> tuple[Any, Any]:
     """A built-in model (demo, demo-lm), loaded and analysed once per process and shared by
     every session (read-only: the engine's score cache inside the analysis only grows).
-    Streamlit runs one call per key while concurrent sessions wait for its result; ``key``
-    holds the file's stamp, so a retrained demo is loaded afresh."""
-    return _load(sources.ModelRequest(key=key, label=key, source=source))
+
+    A plain process-wide cache rather than ``st.cache_resource`` so that the server's warm-up
+    thread (dashboard/serve.py), which runs outside any session, fills the same cache the
+    sessions read; one lock, so a session that arrives during the warm-up waits for it
+    instead of loading a second copy. ``key`` holds the file's stamp, so a retrained demo is
+    loaded afresh."""
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = _load(sources.ModelRequest(key=key, label=key, source=source))
+            while len(_SHARED) > MAX_SHARED:
+                del _SHARED[next(iter(_SHARED))]
+        return _SHARED[key]
+
+
+def clear_shared_models() -> None:
+    """Forget the shared built-in models (tests that count a first load)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def cached_figure(builder: str, frame: Any, *args: Any) -> Any:
+    """``dashboard.charts.<builder>(frame, *args)``, built once per process for equal frames
+    and arguments (a rerun or another session with the same options redraws without
+    rebuilding the Plotly figure). Shared read-only: ``st.plotly_chart`` only serialises it."""
+    return getattr(charts, builder)(frame, *args)
 
 
 def get_model(request: sources.ModelRequest) -> state.LoadedModel:
@@ -142,7 +170,7 @@ def get_model(request: sources.ModelRequest) -> state.LoadedModel:
     try:
         if is_builtin(request.source):
             def load() -> tuple[Any, Any]:
-                return _shared_builtin(request.key, request.source)
+                return shared_builtin(request.key, request.source)
         else:
             def load() -> tuple[Any, Any]:
                 return _load(request)

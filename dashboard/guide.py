@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-START_KEY = "_ps_start_seen"
-
 START_STEPS = (
     ("Pick a model", "in the sidebar: the built-in demo (a digit classifier) or demo-lm (a "
      "small language model) work at once; bring your own as a .pt2 or a Hugging Face folder."),
@@ -58,11 +56,33 @@ GLOSSARY = {
 }
 
 
+# The steps' short names, in one line above the tabs (the full text is under "Start here").
+START_STRIP = " → ".join(f"**{i}** {title}" for i, (title, _text) in
+                         enumerate(START_STEPS, start=1))
+
+
+# Streamlit leaves 6rem above the page for its header bar; its minimal toolbar (one menu button
+# at the top right) needs less, and the tab content then starts higher on a 900 px screen.
+TOP_SPACE = "<style>[data-testid='stMainBlockContainer'] {padding-top: 3.5rem;}</style>"
+
+
+def header() -> None:
+    """The page's head in two short lines, so that a 1440x900 screen shows the tab content:
+    the name with what the page does and a "Start here" button (the six steps, what to do at
+    each), then the steps' names in one line."""
+    st.html(TOP_SPACE)
+    name, start = st.columns([6, 1], vertical_alignment="center")
+    name.markdown("**PruneScope**: see how important every channel of a PyTorch model is, "
+                  "choose what to cut, prune, and compare with the original. It opens on a "
+                  "built-in demo: every feature works without an upload.")
+    with start:
+        start_here()
+    st.caption("Start here: " + START_STRIP + ".")
+
+
 def start_here() -> None:
-    """The numbered first steps, open on a session's first page and folded afterwards."""
-    first = not st.session_state.get(START_KEY)
-    st.session_state[START_KEY] = True
-    with st.expander("**Start here**: six steps through the page", expanded=first):
+    """The numbered first steps with what to do at each, one click away."""
+    with st.popover("Start here", icon=":material/flag:", key="start_here", width="stretch"):
         st.markdown("\n".join(f"{i}. **{title}**: {text}"
                               for i, (title, text) in enumerate(START_STEPS, start=1)))
         st.caption("Terms such as group, global cut, frozen, group policy and step rule are "

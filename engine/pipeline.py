@@ -30,7 +30,7 @@ from engine.io.hf_config import groups_config_keeps
 from engine.io.hf_export import write_hf
 from engine.io.staging import new_staging, remove_dead_staging
 from engine.options import PruningOptions, check_ratio
-from engine.quality.metrics import model_metrics
+from engine.quality.metrics import flops_samples, model_metrics
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
 from engine.scoring.uniform import family_counts
@@ -197,7 +197,7 @@ def prune(
     result = apply(analysis, the_plan, progress=progress, release_original=owned)
     if structures:
         # the report of the whole run: sizes before every pass, one section per pass
-        result.report["before"] = model_metrics(original.gm)
+        result.report["before"] = model_metrics(original.gm, flops_samples(original.captured))
         result.report.update(sections)
     if uniform:
         _report_uniform(result, analysis)
@@ -233,7 +233,8 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
     run_inputs, run_kwargs = to_device(inputs), to_device(kwargs)
-    before = model_metrics(analysis.gm)
+    samples = flops_samples(analysis.captured)
+    before = model_metrics(analysis.gm, samples)
     say("running the masked original")
     with torch.no_grad():  # mask mode first: the rewrite may release the original weights
         masked = tensor_leaves(masked_module(on_device(analysis.gm), structure, removed)(
@@ -251,7 +252,7 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     verification = verify_width(masked, pruned, {gp.name: structure.group(gp.name).exact
                                                  for gp in the_plan.groups if len(gp.pruned)})
     say("measuring")
-    after = model_metrics(pruned_gm)
+    after = model_metrics(pruned_gm, samples)
     report = {
         "options": the_plan.options.to_dict(),
         "groups": [
@@ -339,7 +340,7 @@ def prune_unverified(analysis: Analysis, the_plan: Plan) -> tuple[torch.fx.Graph
     with torch.no_grad():
         run_graph(_ShapeRecorder(gm), analysis.captured.example_inputs,
                   analysis.captured.example_kwargs)
-    return gm, model_metrics(gm)
+    return gm, model_metrics(gm, flops_samples(analysis.captured))
 
 
 @exclusive

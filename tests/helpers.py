@@ -72,11 +72,11 @@ class DashboardServer:
     proc: subprocess.Popen
 
 
-def start_dashboard(log_path: Path, timeout_s: float = 120) -> DashboardServer:
-    """`streamlit run dashboard/app.py` on a free loopback port, healthy when returned."""
+def start_dashboard(log_path: Path, timeout_s: float = 300) -> DashboardServer:
+    """The dashboard as `make run` starts it (`python -m dashboard.serve`: `streamlit run
+    dashboard/app.py` with the demo warmed up) on a free loopback port, healthy when returned."""
     port = free_port()
-    streamlit = Path(sys.executable).with_name("streamlit")
-    cmd = [str(streamlit), "run", "dashboard/app.py", "--server.headless", "true",
+    cmd = [sys.executable, "-m", "dashboard.serve", "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port)]
     env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     with open(log_path, "w") as log:

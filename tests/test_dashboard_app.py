@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
 import engine
 import engine.scoring.analysis
 from dashboard import netron_server
+from dashboard.common import clear_shared_models
+from dashboard.serve import warm_up
 from engine.demo import load_demo_eval
 from engine.options import (
     CRITERIA,
@@ -111,7 +112,7 @@ def _check_overview(at: AppTest, options: PruningOptions, ratio: float, **kw) ->
 
 def test_opens_on_the_demo_with_scores_drawn():
     at = _open()
-    assert "PruneScope" in at.title[0].value
+    assert "**PruneScope**" in at.markdown[0].value  # the header, first on the page
     assert at.radio(key="source").value == "Demo model"
     model = _model(at)
     assert model.captured.source == "demo"
@@ -144,6 +145,21 @@ def test_opens_on_the_demo_with_scores_drawn():
 # ----------------------------------------------------------------------------- caching
 
 
+def test_server_warm_up_leaves_the_first_session_nothing_to_load(monkeypatch):
+    """`python -m dashboard.serve` warms up before it listens: the first session then finds
+    the demo loaded and analysed (no load of its own) and draws its scores."""
+    clear_shared_models()
+    warm_up()
+    loads = []
+    real = engine.load_model
+    monkeypatch.setattr(engine, "load_model",
+                        lambda *a, **k: loads.append(a) or real(*a, **k))
+    at = _open()
+    assert loads == []
+    assert _model(at).captured.source == "demo"
+    _chart(at, "chart_overview")
+
+
 def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
     calls = []
     real = engine.scoring.analysis.weight_scores
@@ -155,7 +171,7 @@ def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
     monkeypatch.setattr(engine.scoring.analysis, "weight_scores", counting)
     # the demo's analysis is shared by every session of the process (an earlier test may
     # have scored it already): start from a fresh one so that its first scoring is counted
-    st.cache_resource.clear()
+    clear_shared_models()
     at = _open()
     model = _model(at)
     analysis = model.analysis

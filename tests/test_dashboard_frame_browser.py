@@ -22,6 +22,8 @@ STEP_TIMEOUT_MS = 120_000
 VIEWPORT = {"width": 1440, "height": 900}
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 SESSIONS = 4
+TABS_TOP_MAX = 220  # px from the top of a 1440x900 window
+CHART_VISIBLE_MIN = 350  # px of the Scores tab's first chart inside the first screen
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +58,26 @@ def _shot(page, name: str) -> Path:
     page.screenshot(path=str(path))
     assert path.stat().st_size > 10_000  # a real rendering, not a blank page
     return path
+
+
+FULL_HEIGHT_MAX = 12_000
+
+
+def _full_shot(page, name: str) -> Path:
+    """The whole of the open tab, not only the first screen: Streamlit scrolls its own main
+    container (the document does not grow), so the window is made as tall as the container's
+    content for the screenshot and put back after."""
+    _settle(page)
+    height = page.evaluate("""() => Math.max(...['stMain', 'stAppViewContainer',
+        'stMainBlockContainer'].map(id => document.querySelector(`[data-testid=${id}]`))
+        .filter(e => e).map(e => e.scrollHeight))""")
+    page.set_viewport_size({"width": VIEWPORT["width"],
+                            "height": min(max(height + 40, VIEWPORT["height"]), FULL_HEIGHT_MAX)})
+    time.sleep(1.5)  # the charts lay themselves out again at the new size
+    try:
+        return _shot(page, name)
+    finally:
+        page.set_viewport_size(VIEWPORT)
 
 
 def _no_errors(page) -> None:
@@ -140,6 +162,14 @@ def test_layout_at_1440x900_and_a_chart_click(dashboard_server, browser):
     assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= VIEWPORT["height"], (
         f"the ratio slider is at y={box and box['y']:.0f}..{box and box['y'] + box['height']:.0f}"
         f", below the {VIEWPORT['height']} px fold")
+    # The first screen shows the tab's content: the tabs near the top and most of the
+    # first chart above the fold (the old header pushed them down by about 300 px).
+    tabs = page.get_by_role("tablist").first.bounding_box()
+    chart = page.locator(".js-plotly-plot").first.bounding_box()
+    print(f"tabs at y={tabs['y']:.0f}, first chart at y={chart['y']:.0f}")
+    assert tabs["y"] <= TABS_TOP_MAX, f"the tabs start at y={tabs['y']:.0f}"
+    visible = VIEWPORT["height"] - chart["y"]
+    assert visible >= CHART_VISIBLE_MIN, f"only {visible:.0f} px of the first chart show"
     text = page.evaluate(PAGE_TEXT)
     assert not _unsafe_glyphs(text), _unsafe_glyphs(text)
 
@@ -185,7 +215,8 @@ def test_every_tab_drawn_at_1440x900(dashboard_server, browser):
         text = page.evaluate(PAGE_TEXT)
         assert not _unsafe_glyphs(text), (tab.title, _unsafe_glyphs(text))
         slug = re.sub(r"[^a-z]+", "-", tab.title.lower()).strip("-")
-        _shot(page, f"frame-tab-{number}-{slug}.png")
+        _shot(page, f"frame-tab-{number}-{slug}.png")  # the first screen
+        _full_shot(page, f"frame-tab-{number}-{slug}-full.png")  # all of the tab
     context.close()
 
 

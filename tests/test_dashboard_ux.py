@@ -59,21 +59,24 @@ def _table(at: AppTest, first_column: str):
     raise AssertionError(f"no table with column {first_column!r}")
 
 
-def test_start_here_opens_first_and_terms_reach_from_charts():
+def test_start_here_on_the_first_screen_and_terms_reach_from_charts():
     at = _open()
-    start = at.expander[0]
-    assert "Start here" in start.label and start.proto.expanded
-    steps = " ".join(_texts(start.markdown))
+    # the six steps' names in one line above the tabs, what to do at each under "Start here"
+    strip = " ".join(_texts(at.caption))
+    assert "**1** Pick a model → **2** See the scores → **3** Compare on accuracy" in strip
+    popovers: dict = {}
+    for popover in at.get("popover"):
+        popovers.setdefault(popover.proto.popover.label, popover)  # the first of each label
+    steps = " ".join(_texts(popovers["Start here"].markdown))
     for step in ("1. **Pick a model**", "3. **Compare on accuracy**", "5. **Recover**",
                  "6. **Download**"):
         assert step in steps
     # the glossary is one click from the score chart
-    terms = " ".join(_texts(at.get("popover")[0].markdown))
+    terms = " ".join(_texts(popovers["Terms"].markdown))
     for term in ("**group**", "**global cut**", "**frozen**", "**group policy**",
                  "**step rule**"):
         assert term in terms
-    at.run()
-    assert not at.expander[0].proto.expanded  # folded once seen
+    assert not at.expander  # nothing folded open above the tabs pushes them down
 
 
 def test_demo_lm_recovers_with_its_own_calibration_and_disabled_says_why():
@@ -239,3 +242,16 @@ def test_blocks_command_hint_is_complete():
     code = " ".join(c.value for c in at.code)
     assert "prunescope prune demo --remove-blocks 0 --calibration demo --ratio 0.50 " \
            "--out DIR" in code
+
+
+def test_latency_row_says_what_it_measured_and_why_it_can_rise():
+    def page(before: float, after: float) -> None:
+        from dashboard.tabs.prune import latency_note
+
+        latency_note(before, after)
+
+    rose = AppTest.from_function(page, args=(0.00715, 0.01287)).run()
+    text = " ".join(_texts(rose.caption))
+    assert "best median of two interleaved rounds" in text and "did not fall" in text
+    fell = AppTest.from_function(page, args=(0.01287, 0.00715)).run()
+    assert "did not fall" not in " ".join(_texts(fell.caption))

@@ -135,3 +135,23 @@ def test_metric_errors():
         count_params("model")
     with pytest.raises(PruneScopeError, match="runs"):
         measure_latency(nn.Linear(2, 2), (torch.randn(1, 2),), runs=0)
+
+
+def test_report_flops_are_for_the_example_given_where_the_batch_is_dynamic():
+    """A transformers model is captured from two copies of a one-sample example (a size-1
+    dimension would be fixed); the report still counts one sample, before and after, as
+    torch's FlopCounterMode counts the eager models on the one-sample input."""
+    import transformers
+
+    import engine
+
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       num_channels=3)
+    torch.manual_seed(0)
+    model = transformers.ResNetModel(config).eval()
+    x = torch.randn(1, 3, 32, 32)
+    result = engine.prune(model, (x,), ratio=0.5)
+    assert result.analysis.captured.example_inputs[0].shape[0] == 2  # captured dynamic
+    assert result.report["before"]["flops"] == count_flops(model, (x,))
+    assert result.report["after"]["flops"] == count_flops(result.module, (x,))
+    assert result.report["after"]["flops"] < result.report["before"]["flops"]

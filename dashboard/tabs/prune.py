@@ -19,6 +19,7 @@ from dashboard.frames import history_frame, widths_frame
 from dashboard.guide import glossary_popover
 from dashboard.page import PageState
 from dashboard.prune_run import (
+    LATENCY_RUNS,
     PruneRun,
     comparison_rows,
     history_row,
@@ -215,6 +216,7 @@ def show_result(run: PruneRun) -> None:
                     f"(before {fid['perplexity_before']:.3f})", delta_color="inverse",
                     help="exp of the mean next-token negative log-likelihood; lower is better")
     st.dataframe(pd.DataFrame(comparison_rows(run)), hide_index=True, width="stretch")
+    latency_note(run.before.get("latency_s"), run.after.get("latency_s"))
     report = run.result.report if run.result is not None else {}
     engine_latency = latency_rows(report)
     if engine_latency:
@@ -317,3 +319,17 @@ def file_named(run: PruneRun, name: str) -> Path | None:
                 return path
     return None
 
+
+def latency_note(before: float | None, after: float | None) -> None:
+    """What the CPU latency row measured, and why it can rise (a newcomer read "+80%" on the
+    demo as pruning making the model slower)."""
+    if not before or not after:
+        return
+    note = ("CPU latency: the best median of two interleaved rounds of "
+            f"{LATENCY_RUNS} calls per model on the example inputs, on this machine as it is "
+            "now.")
+    if after >= before:
+        note += (" It did not fall: on a model this small a call is mostly fixed per-call "
+                 "overhead and whatever else the machine is running, not the channels "
+                 "removed; the FLOPs and parameters above are the size of the work saved.")
+    st.caption(note)

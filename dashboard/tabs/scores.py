@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, frames, sources, state
-from dashboard.common import make_plan, short
+from dashboard.common import cached_figure, make_plan, short
 from dashboard.guide import glossary_popover
 from dashboard.page import PageState
 from engine.options import LAYER_NORMS, POLICIES, PruningOptions
@@ -45,7 +45,7 @@ def scores_overview(model: state.LoadedModel, plan: Any, options: PruningOptions
         "Boxes span the quartiles, whiskers min–max; green = kept channels, red = pruned, "
         "dashed line = the global cut."
     )
-    fig = charts.score_overview(frames.stats_frame(plan), plan.threshold)
+    fig = cached_figure("score_overview", frames.stats_frame(plan), plan.threshold)
     st.plotly_chart(fig, key="chart_overview", width="stretch")
     crossing = crossing_note(*frames.cut_crossings(plan), options)
     if crossing:
@@ -65,9 +65,9 @@ def scores_overview(model: state.LoadedModel, plan: Any, options: PruningOptions
         g for g in plan.groups if g.name == name)
     st.caption(f"Members: {', '.join(gp.layers)} · pruned {gp.pruned.size} of {gp.scores.size}"
                f" channels ({getattr(gp, 'mode', '')})")
-    detail = charts.group_detail(frames.detail_frame(gp, options.policy),
-                                 plan.threshold if getattr(gp, "mode", "global") == "global"
-                                 else None)
+    detail = cached_figure("group_detail", frames.detail_frame(gp, options.policy),
+                           plan.threshold if getattr(gp, "mode", "global") == "global"
+                           else None)
     st.plotly_chart(detail, key="chart_detail", width="stretch")
     glossary_popover("detail", ("group", "score", "policy", "layer norm", "global cut"))
 

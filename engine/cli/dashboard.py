@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model if args.model == "demo" else str(Path(args.model).resolve())
     env = dict(os.environ, PRUNESCOPE_MODEL=model)
     return subprocess.call(
-        [sys.executable, "-m", "streamlit", "run", str(root / "dashboard" / "app.py"),
+        [sys.executable, "-m", "dashboard.serve",
          "--server.headless", "true", "--server.address", "127.0.0.1",
          "--server.port", str(args.port), "--server.maxUploadSize", "2048"],
         env=env, cwd=root,

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -256,6 +257,7 @@ def export_onnx(
     if onnx_program is None:
         raise ExportError(f"ONNX conversion for {path} failed: the exporter returned nothing")
 
+    readable_dim_names(onnx_program.model)
     weights = sum(v.const_value.nbytes for v in onnx_program.model.graph.initializers.values()
                   if v.const_value is not None)
     if weights <= external_data_threshold():
@@ -263,6 +265,45 @@ def export_onnx(
     else:
         _write_with_external_data(onnx_program, path)
     return path
+
+
+# torch.export names a dynamic size after its internal symbol (s0, s77, ...).
+_TORCH_SIZE_SYMBOL = re.compile(r"\bs\d+\b")
+
+
+def readable_dim_names(model: Any) -> dict[str, str]:
+    """Rename torch.export's size symbols in an ONNX IR model (``onnx_program.model``) to
+    names a reader of the graph understands: dim 0 of the first input that has a dynamic one
+    is ``batch``, any other ``<input>_dim<i>``; every shape in the graph that mentions the
+    symbol (``s77`` or ``s77*4``) follows. Returns the renaming."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    names: dict[str, str] = {}
+    for value in graph.inputs:
+        for i, dim in enumerate(value.shape or ()):
+            symbol = dim.value if isinstance(dim, ir.SymbolicDim) else None
+            if symbol and _TORCH_SIZE_SYMBOL.fullmatch(symbol) and symbol not in names:
+                readable = "batch" if i == 0 and "batch" not in names.values() \
+                    else f"{value.name}_dim{i}"
+                names[symbol] = readable
+    if not names:
+        return names
+
+    def rename(value: Any) -> None:
+        shape = value.shape
+        if shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value for d in shape):
+            return
+        dims = [ir.SymbolicDim(_TORCH_SIZE_SYMBOL.sub(lambda m: names.get(m[0], m[0]), d.value))
+                if isinstance(d, ir.SymbolicDim) and d.value else d for d in shape]
+        value.shape = ir.Shape(dims)
+
+    for value in (*graph.inputs, *graph.outputs):
+        rename(value)
+    for node in graph.all_nodes():  # subgraphs included
+        for value in node.outputs:
+            rename(value)
+    return names
 
 
 def _weight_bytes(tensors: Any) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import os
 import warnings
@@ -97,8 +98,8 @@ def load_folder(
     weights = _weight_files(path, trust_pickle)
     tf = _transformers()
     name = str(architectures[0])
-    cls = getattr(tf, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
+    cls = transformers_class(name, config_dict.get("model_type"))
+    if cls is None:
         raise ModelLoadError(
             f"model folder {path}: architecture {name!r} is not a model class of transformers "
             f"{tf.__version__}"
@@ -112,6 +113,28 @@ def load_folder(
     inputs, names = example_inputs_for(model, input_shapes, seq_len)
     source = HFSource(name, model.config, names, path, tuple(_carried_files(path)))
     return model, inputs, source
+
+
+def transformers_class(name: str, model_type: str | None = None):
+    """The PreTrainedModel class `name` of transformers itself, or None: a top-level export,
+    else a class of the model type's own modeling module (``WhisperEncoder``, which
+    ``save_pretrained`` of ``WhisperModel.get_encoder()`` names, is not exported at the top).
+    Never code from anywhere else."""
+    tf = _transformers()
+    cls = getattr(tf, name, None)
+    if cls is None and isinstance(model_type, str) and model_type.isidentifier():
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+        module_name = model_type_to_module_name(model_type)
+        try:
+            module = importlib.import_module(
+                f"transformers.models.{module_name}.modeling_{module_name}")
+        except ImportError:
+            return None
+        cls = getattr(module, name, None)
+    if isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel):
+        return cls
+    return None
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -248,6 +271,11 @@ def example_inputs_for(
         height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
         shape = shapes[0] if shapes else (1, channels, height, width)
         inputs, names = [torch.randn(shape, generator=gen)], ["pixel_values"]
+    elif main == "input_values" and getattr(config, "num_mel_bins", None):
+        # a spectrogram (AST): max_length frames of num_mel_bins
+        frames = int(getattr(config, "max_length", None) or 1024)
+        shape = shapes[0] if shapes else (1, frames, int(config.num_mel_bins))
+        inputs, names = [torch.randn(shape, generator=gen)], ["input_values"]
     elif main == "input_values":  # raw waveform (wav2vec2, HuBERT, ...): one second
         shape = shapes[0] if shapes else (1, 16000)
         inputs, names = [torch.randn(shape, generator=gen)], ["input_values"]

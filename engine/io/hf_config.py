@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from engine.errors import PruneScopeError
-from engine.io.hf import HFSource, quiet_transformers
+from engine.io.hf import HFSource, quiet_transformers, transformers_class
 
 Dim = tuple[str, int]  # (parameter name, dimension)
 Shapes = dict[str, tuple[int, ...]]
@@ -53,9 +53,7 @@ class NotDescribable(PruneScopeError):
 
 def model_class(hf: HFSource):
     """The transformers class the model was built with."""
-    import transformers
-
-    return getattr(transformers, hf.model_class)
+    return transformers_class(hf.model_class, getattr(hf.config, "model_type", None))
 
 
 @dataclass
@@ -187,16 +185,20 @@ def _probe_points(name: str, value: Any) -> list[tuple[int, int]]:
 
 def probe_config(model_class, config) -> ConfigMap:
     """Build `model_class` on meta with each width field of `config` changed in turn."""
-    key = (model_class.__module__, model_class.__name__,
+    return _remembered("widths", model_class, config, _probe)
+
+
+_PROBED: dict[tuple, Any] = {}  # the last few measurements (a build per field each)
+
+
+def _remembered(kind: str, model_class, config, measure):
+    key = (kind, model_class.__module__, model_class.__name__,
            json.dumps(config.to_dict(), sort_keys=True, default=str))
     if key not in _PROBED:
         if len(_PROBED) >= 8:
             _PROBED.pop(next(iter(_PROBED)))
-        _PROBED[key] = _probe(model_class, config)
+        _PROBED[key] = measure(model_class, config)
     return _PROBED[key]
-
-
-_PROBED: dict[tuple, ConfigMap] = {}
 
 
 def _probe(model_class, config) -> ConfigMap:
@@ -468,6 +470,88 @@ def _mismatch_line(cmap: ConfigMap, dim: Dim, sizes: dict[Dim, int], shapes: Sha
             f"(dimension {d}, {cmap.shapes[name][d]} before pruning: {which})")
 
 
+# ------------------------------------------------ per-layer configs (per_layer_config)
+def per_layer_fields(model_class, config) -> dict[str, dict[int, FieldEffect]]:
+    """Width fields that the model's code reads per layer from ``per_layer_config``
+    (transformers' heterogeneous configs): field -> layer -> the dimensions it moves there.
+
+    Measured like :func:`probe_config`: the model is built on meta with
+    ``per_layer_config={i: {field: other value}}``; a field whose layer-0 override moves
+    nothing (the code reads the global value), or that the config refuses per layer, is not
+    one. Empty for model types whose code never reads ``per_layer_config``."""
+    return _remembered("per_layer", model_class, config, _probe_per_layer)
+
+
+def _probe_per_layer(model_class, config) -> dict[str, dict[int, FieldEffect]]:
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 1 or config.to_dict().get("per_layer_config"):
+        return {}
+    cmap = probe_config(model_class, config)
+    out: dict[str, dict[int, FieldEffect]] = {}
+    for f in cmap.fields.values():
+        if not isinstance(f.base, int) or "[" in f.name:
+            continue
+        x1 = f.base // 2 if f.base >= 2 else 2 * f.base
+        effects = {}
+        for layer in range(layers):
+            shapes = _try_shapes(model_class, config, {"per_layer_config": {layer: {f.name: x1}}})
+            moved = _moved(cmap.shapes, shapes) if shapes is not None else {}
+            if not moved:
+                break  # read globally (or refused): not a per-layer field
+            effects[layer] = FieldEffect(f.name, f.base, f.base, x1, moved)
+        if len(effects) == layers:
+            out[f.name] = effects
+    return out
+
+
+def solve_per_layer(model_class, config, shapes: Shapes, fixed: set[str] = frozenset()):
+    """A heterogeneous config (``per_layer_config``) of the same class whose model has exactly
+    `shapes`, or None: each per-layer field's value at each layer read from the dimensions it
+    moves there (all must agree), the global fields solved as usual (:func:`solve_dims`)."""
+    layered = {name: effects for name, effects in per_layer_fields(model_class, config).items()
+               if name not in fixed}
+    if not layered:
+        return None
+    sizes = {(name, d): n for name, shape in shapes.items() for d, n in enumerate(shape)}
+    overrides: dict[int, dict[str, int]] = {}
+    for name, effects in layered.items():
+        for layer, effect in effects.items():
+            values = {effect.value_for(dim, sizes[dim]) for dim in effect.dims if dim in sizes}
+            if len(values) != 1 or None in values:
+                return None
+            value = values.pop()
+            if value != effect.base:
+                overrides.setdefault(layer, {})[name] = value
+    if not overrides:
+        return None
+    try:
+        with quiet_transformers():
+            hetero = _with(config, {"per_layer_config": overrides})
+    except Exception:  # noqa: BLE001 - the config refuses these per-layer values
+        return None
+    # the global fields the per-layer ones do not cover (a narrower MLP everywhere)
+    rest = {d: n for d, n in sizes.items()
+            if not any(d in e.dims for effects in layered.values() for e in effects.values())}
+    new, _ = solve_dims(model_class, hetero, rest, set(fixed) | set(layered))
+    if new is None:
+        return None
+    try:
+        built = _build_shapes(model_class, new)
+    except Exception:  # noqa: BLE001
+        return None
+    return None if _wrong(built, sizes) else new
+
+
+def per_layer_reason(model_class, config) -> str:
+    """Why a plan whose layers of one kind differ needs --uniform for this config."""
+    layered = per_layer_fields(model_class, config)
+    if not layered:
+        return (f"{model_class.__name__}'s code reads no width from per_layer_config "
+                "(transformers' heterogeneous configs)")
+    return (f"{model_class.__name__} reads only {', '.join(sorted(layered))} from "
+            "per_layer_config, which does not describe the plan")
+
+
 # ---------------------------------------------------------------- planning (--uniform)
 def config_constraints(analysis, whole_blocks: bool) -> Constraints:
     """What the model's config lets a plan of this block mode change (engine/io/hf_config)."""
@@ -535,7 +619,32 @@ def planned_sizes(analysis, plan) -> dict[tuple[str, int], int]:
             if param not in reading:
                 for d, n in enumerate(shapes[param]):
                     sizes.setdefault((param, d), n)
+    for dim, (size, _) in block_dims(structure, shapes, plan).items():
+        sizes.setdefault(dim, size)
     return sizes
+
+
+def block_dims(structure, shapes: Shapes, plan) -> dict[Dim, tuple[int, str]]:
+    """Dimensions of a pruned group's readers that are one block wide (a grouped
+    convolution's input channels per group: RegNet's ``groups_width``): dimension -> (its
+    size after `plan`, the group). They are no member of any group, so only this tells that
+    pruning inside the blocks narrows them."""
+    members = {(x.member.param, x.member.dim) for g in structure.groups
+               for x in g.slots.values()}
+    out = {}
+    for gp in plan.groups:
+        info = structure.group(gp.name)
+        if not len(gp.pruned) or not info.blocks or info.whole_blocks:
+            continue
+        count, width = info.blocks
+        if len(gp.pruned) % count:
+            continue
+        for layer in info.consumers:
+            param = f"{layer}.weight"
+            for d, n in enumerate(shapes.get(param, ())):
+                if d and n == width and (param, d) not in members:
+                    out[(param, d)] = (width - len(gp.pruned) // count, gp.name)
+    return out
 
 
 def keep_to_describe(analysis, plan) -> dict[str, str]:
@@ -557,6 +666,9 @@ def keep_to_describe(analysis, plan) -> dict[str, str]:
     structure = analysis.structure(whole)
     owner = {(x.member.param, x.member.dim): gp.name for gp in plan.groups if len(gp.pruned)
              for x in structure.group(gp.name).slots.values()}
+    shapes = cmap.shapes
+    for dim, (_, group) in block_dims(structure, shapes, plan).items():
+        owner.setdefault(dim, group)
     name = type(hf.config).__name__
     keep = {}
     for d in wrong:

@@ -30,12 +30,14 @@ from engine.io.hf_config import (
     attention_heads,
     field_roles,
     model_class,
+    per_layer_reason,
     probe_config,
     query_scale,
     rotary_config,
     rotary_free_fields,
     rotary_heads,
     solve_config,
+    solve_per_layer,
 )
 from engine.io.hf_depth import config_update, renumber
 from engine.scoring.uniform import families
@@ -108,7 +110,10 @@ def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None, plan=Non
     try:
         new = solve_config(model_class(hf), config, shapes, fixed)
     except Unsolvable as exc:
-        raise NotDescribable(str(exc)[:400]) from None
+        # layers of one kind may differ where the model's code reads per_layer_config
+        new = solve_per_layer(model_class(hf), config, shapes, fixed)
+        if new is None:
+            raise NotDescribable(str(exc)[:400]) from None
     if kept_pairs is not None:
         new = rotary_config(new, rotary_heads(analysis), kept_pairs)
     return new
@@ -175,7 +180,9 @@ def _hf_weights(hf: HFSource, module: torch.nn.Module) -> dict[str, torch.Tensor
 def _loader_class(hf: HFSource):
     import transformers
 
-    return getattr(transformers, hf.auto_class or hf.model_class)
+    if hf.auto_class:
+        return getattr(transformers, hf.auto_class)
+    return model_class(hf)
 
 
 def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None, plan=None):
@@ -238,10 +245,15 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
     if hf.depth_reason:
         return {"written": False, "reason": hf.depth_reason}
     try:
-        check_uniform(result)
         check_heads(result)
         model = build_pretrained(hf, result.module, result.analysis, result.plan)
     except NotDescribable as exc:
+        # layers of one kind that lose different counts are the likely cause: say so
+        try:
+            check_uniform(result)
+        except NotDescribable as uneven:
+            why = per_layer_reason(model_class(hf), hf.config)
+            return {"written": False, "reason": f"{uneven}; {why}"}
         return {"written": False, "reason": str(exc)}
     with quiet_transformers():
         model.save_pretrained(os.fspath(folder))
@@ -263,7 +275,8 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
                           f"(relative; allowed {allowed:.3g})"}
     before = hf.config.to_dict()
     after = model.config.to_dict()
-    changed = {k: after[k] for k in after if k in before and before[k] != after[k]
+    changed = {k: after[k] for k in after if before.get(k) != after[k]
+               and (k in before or k == "per_layer_config")
                and k not in ("architectures", "dtype", "torch_dtype", "transformers_version")}
     return {
         "written": True,

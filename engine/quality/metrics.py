@@ -15,11 +15,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.errors import PruneScopeError
+from engine.graph.capture import has_dynamic_batch
 from engine.graph.tracer import val_shape
 from engine.graph.weighted import weighted_op
 
-__all__ = ["count_flops", "count_params", "graph_flops", "measure_latency", "model_metrics",
-           "size_bytes"]
+__all__ = ["count_flops", "count_params", "flops_samples", "graph_flops", "measure_latency",
+           "model_metrics", "size_bytes"]
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -152,10 +153,22 @@ def graph_flops(gm: torch.fx.GraphModule) -> int:
     return int(total)
 
 
-def model_metrics(module: torch.fx.GraphModule) -> dict[str, int]:
-    """The "before"/"after" entry of a report: parameters, FLOPs, bytes."""
+def flops_samples(captured: Any) -> int:
+    """How many samples one counted forward pass of `captured` holds, to report FLOPs per
+    sample where the batch is dynamic (the unit a model's FLOPs are quoted in; the example
+    batch then has at least two samples, torch.export's price for a symbolic batch). A fixed
+    batch counts the example as given: 1."""
+    inputs = captured.example_inputs
+    if not inputs or not isinstance(inputs[0], torch.Tensor) or not inputs[0].dim():
+        return 1
+    return int(inputs[0].shape[0]) if has_dynamic_batch(captured.program) else 1
+
+
+def model_metrics(module: torch.fx.GraphModule, samples: int = 1) -> dict[str, int]:
+    """The "before"/"after" entry of a report: parameters, FLOPs (per sample of a dynamic
+    batch: `samples` from `flops_samples`), bytes."""
     return {
         "params": count_params(module),
-        "flops": graph_flops(module),
+        "flops": round(graph_flops(module) / samples),
         "size_bytes": size_bytes(module),
     }

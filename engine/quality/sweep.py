@@ -25,7 +25,7 @@ from engine.io.export import atomic_write_bytes, write_json
 from engine.options import ALLOWED, PruningOptions, check_ratio
 from engine.quality.evaluate import check_data, check_metric, evaluate, load_eval_data
 from engine.quality.executors import check_executor, execute
-from engine.quality.metrics import count_params, graph_flops
+from engine.quality.metrics import count_params, flops_samples, graph_flops
 from engine.quality.recovery import check_steps, parse_methods
 from engine.quality.sweep_job import (
     ModelSource,
@@ -184,7 +184,8 @@ def prepare(
                    calibration, recover_steps, device=None if device is None else str(device),
                    amp=amp)
     prime_worker_cache(job, analysis)
-    before = {"params": count_params(analysis.gm), "flops": graph_flops(analysis.gm)}
+    before = {"params": count_params(analysis.gm),
+              "flops": round(graph_flops(analysis.gm) / flops_samples(analysis.captured))}
     return Prepared(job, analysis, original, before)
 
 

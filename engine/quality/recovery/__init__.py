@@ -29,7 +29,7 @@ from engine.io.hf_export import parameter_places
 from engine.options import RECOVERY_AUTO, RECOVERY_METHODS, RECOVERY_TABLE
 from engine.pipeline import PruneResult
 from engine.quality.evaluate import check_metric
-from engine.quality.metrics import model_metrics
+from engine.quality.metrics import flops_samples, model_metrics
 from engine.quality.recovery import bias, bn, data, distill, lsq, norm
 from engine.quality.recovery.lockstep import Context, Layout
 from engine.threads import exclusive
@@ -232,7 +232,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     _check_shapes(module, original_here, examples, analysis.captured.example_kwargs)
     say("recovery: done", 1.0)
     report = copy.deepcopy(result.report)
-    report["after"] = model_metrics(module)
+    report["after"] = model_metrics(module, flops_samples(analysis.captured))
     report["recovery"] = {
         "methods": applied,
         "skipped": skipped,
