@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from engine.errors import PruneScopeError
+from engine.graph.tracer import find_frequency_tables
 from engine.io.hf import HFSource, quiet_transformers, transformers_class
 
 Dim = tuple[str, int]  # (parameter name, dimension)
@@ -831,9 +832,9 @@ def frequency_tables(analysis) -> dict[str, np.ndarray]:
     """Rotary frequency buffers whose entries the analysis (inside heads) gave channel
     slots (engine.graph.tracer.find_frequency_tables): name -> slot ids."""
     structure = analysis.structure(False)
-    buffers = {name for name, _ in analysis.gm.named_buffers()}
+    tables = find_frequency_tables(analysis.gm)
     return {name: ids for (name, dim), ids in structure.state.slots.items()
-            if name in buffers and dim == 0}
+            if name in tables and dim == 0}
 
 
 def rotary_pair_groups(analysis) -> list[str]:
