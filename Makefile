@@ -47,6 +47,9 @@ run: $(VENV)/.stamp-run
 		$(VENV)/bin/prunescope prune demo --ratio 0.5 --out out/demo; \
 	fi
 
+# Two workers, whole files each (module fixtures are built once); tests/conftest.py hands out
+# the files with slow tests first and turns xdist's own reordering off, so that both workers
+# stay busy to the end. The browser tests share one Streamlit server per worker.
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = ROOT / "test-artifacts"  # the browser tests' screenshots
+STEP_TIMEOUT_MS = 120_000  # one browser step (a first prune on a loaded machine takes a while)
+APP = str(ROOT / "dashboard" / "app.py")
 
 
 def cli(capfd, *argv: object) -> tuple[int, str, str]:
@@ -70,6 +73,21 @@ class DashboardServer:
     url: str
     log: Path  # the server's stdout and stderr
     proc: subprocess.Popen
+    startup_bytes: int = 0  # the log's size when the server became healthy
+
+    def log_mark(self) -> int:
+        """Where the log ends now: `log_since(mark)` reads what a test made the server write
+        (the server is shared by the browser tests of one worker)."""
+        return self.log.stat().st_size
+
+    def log_since(self, mark: int) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")
+
+    def startup_log(self) -> str:
+        """What the server wrote before it became healthy (its start-up banner)."""
+        return self.log.read_bytes()[: self.startup_bytes].decode(errors="replace")
 
 
 def start_dashboard(log_path: Path, timeout_s: float = 300) -> DashboardServer:
@@ -87,7 +105,7 @@ def start_dashboard(log_path: Path, timeout_s: float = 300) -> DashboardServer:
     except BaseException:
         stop(proc)
         raise
-    return DashboardServer(url, log_path, proc)
+    return DashboardServer(url, log_path, proc, startup_bytes=log_path.stat().st_size)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -151,3 +169,62 @@ def assert_equals_mask_mode(result, rtol: float = 1e-4) -> None:
         assert w.shape == g.shape
         diff = float((w.double() - g.double()).abs().max()) if w.numel() else 0.0
         assert diff <= rtol * scale, f"pruned vs mask mode: {diff:.3g} (scale {scale:.3g})"
+
+
+# ----------------------------------------------------------------------------- browser pages
+
+
+def settle(page, pause_s: float = 0.4, timeout_ms: int = STEP_TIMEOUT_MS) -> None:
+    """Wait until Streamlit has finished its script run (stale elements are then gone)."""
+    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+    for _ in range(2):  # twice: a run can start right after the first idle sighting
+        page.wait_for_selector(idle, timeout=timeout_ms)
+        time.sleep(pause_s)
+
+
+def screenshot(page, name: str, full_page: bool = True) -> Path:
+    """test-artifacts/NAME once the page has settled; a real rendering, not a blank page."""
+    settle(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=full_page)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def choose(page, label: str, value: str) -> None:
+    """Pick `value` in the selectbox labelled `label`."""
+    box = page.get_by_test_id("stSelectbox").filter(has_text=label).first
+    box.click()
+    page.get_by_role("option", name=value, exact=True).click()
+
+
+# ----------------------------------------------------------------------------- AppTest
+
+
+def open_app(timeout_s: float = 300):
+    """dashboard/app.py under streamlit.testing AppTest, run once, without an error."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=timeout_s).run()
+    app_ok(at)
+    return at
+
+
+def app_ok(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def active_model(at):
+    """The session's active model entry."""
+    return at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
+
+
+def chart_spec(at, key: str) -> dict:
+    """The Plotly figure of the chart with widget key `key`, as a dict."""
+    import json
+
+    found = [el for el in at.get("plotly_chart") if getattr(el, "key", None) == key]
+    assert found, f"no chart {key!r} on the page"
+    return json.loads(found[0].proto.spec)

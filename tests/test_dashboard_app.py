@@ -28,8 +28,8 @@ from engine.options import (
     STEP_OPS,
     PruningOptions,
 )
+from tests.helpers import ROOT, active_model, app_ok, chart_spec, open_app
 
-APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 TIMEOUT = 240
 
 OPTION_WIDGETS = {
@@ -44,27 +44,6 @@ OPTION_WIDGETS = {
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _open() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
-    _ok(at)
-    return at
-
-
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def _model(at: AppTest):
-    return at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
-
-
-def _chart(at: AppTest, key: str) -> dict:
-    found = [el for el in at.get("plotly_chart") if getattr(el, "key", None) == key]
-    assert found, f"no chart {key!r} on the page"
-    return json.loads(found[0].proto.spec)
 
 
 def _traces(spec: dict, name: str | None = None, kind: str | None = None) -> list[dict]:
@@ -83,7 +62,7 @@ def _calibration():
 
 def _expected_plan(at: AppTest, options: PruningOptions, ratio: float, **kw):
     """The engine's own plan for the page's model, computed outside the page."""
-    model = _model(at)
+    model = active_model(at)
     # a built-in model scores on its own calibration set (never the evaluation set the page
     # measures on); uploaded data is used as uploaded
     key, data = at.session_state["_ps_eval"]
@@ -94,7 +73,7 @@ def _expected_plan(at: AppTest, options: PruningOptions, ratio: float, **kw):
 def _check_overview(at: AppTest, options: PruningOptions, ratio: float, **kw) -> None:
     """The overview chart shows exactly the engine's plan for these options."""
     expected = _expected_plan(at, options, ratio, **kw)
-    spec = _chart(at, "chart_overview")
+    spec = chart_spec(at, "chart_overview")
     names = [g.name for g in expected.groups]
     assert spec["layout"]["xaxis"]["categoryarray"] == names
     cut = _traces(spec, "global cut")
@@ -111,18 +90,18 @@ def _check_overview(at: AppTest, options: PruningOptions, ratio: float, **kw) ->
 
 
 def test_opens_on_the_demo_with_scores_drawn():
-    at = _open()
+    at = open_app(TIMEOUT)
     assert "**PruneScope**" in at.markdown[0].value  # the header, first on the page
     assert at.radio(key="source").value == "Demo model"
-    model = _model(at)
+    model = active_model(at)
     assert model.captured.source == "demo"
     # Network order = the engine's group order.
-    spec = _chart(at, "chart_overview")
+    spec = chart_spec(at, "chart_overview")
     assert spec["layout"]["xaxis"]["categoryarray"] == [g.name for g in model.analysis.groups]
     assert {t["name"] for t in _traces(spec, kind="box")} == {"kept", "pruned"}
     _check_overview(at, PruningOptions(), 0.5)
     # The drill-down of the first group shows every member and the combined score.
-    detail = _chart(at, "chart_detail")
+    detail = chart_spec(at, "chart_detail")
     first = model.analysis.groups[0]
     assert [t["name"] for t in detail["data"][: len(first.layers)]] == list(first.layers)
     assert _traces(detail, "combined · pruned") and _traces(detail, "combined · kept")
@@ -154,10 +133,10 @@ def test_server_warm_up_leaves_the_first_session_nothing_to_load(monkeypatch):
     real = engine.load_model
     monkeypatch.setattr(engine, "load_model",
                         lambda *a, **k: loads.append(a) or real(*a, **k))
-    at = _open()
+    at = open_app(TIMEOUT)
     assert loads == []
-    assert _model(at).captured.source == "demo"
-    _chart(at, "chart_overview")
+    assert active_model(at).captured.source == "demo"
+    chart_spec(at, "chart_overview")
 
 
 def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
@@ -172,49 +151,49 @@ def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
     # the demo's analysis is shared by every session of the process (an earlier test may
     # have scored it already): start from a fresh one so that its first scoring is counted
     clear_shared_models()
-    at = _open()
-    model = _model(at)
+    at = open_app(TIMEOUT)
+    model = active_model(at)
     analysis = model.analysis
     first_calls = len(calls)
     assert first_calls > 0 and set(calls) == {"l2"}
     cached = analysis.filter_scores("l2")
     arrays = {k: v for k, v in cached.items()}
-    before = _chart(at, "chart_overview")
+    before = chart_spec(at, "chart_overview")
 
     for norm in LAYER_NORMS[1:]:
         _set(at, "layer_norm", norm)
         at.run()
-        _ok(at)
+        app_ok(at)
         _check_overview(at, PruningOptions(layer_norm=norm), 0.5)
     for policy in POLICIES:
         _set(at, "policy", policy)
         at.run()
-        _ok(at)
+        app_ok(at)
     at.slider(key="opt_ratio").set_value(0.3).run()
-    _ok(at)
+    app_ok(at)
     # The chart did change (a redraw), yet no criterion ran again and nothing was replaced.
-    assert _chart(at, "chart_overview") != before
+    assert chart_spec(at, "chart_overview") != before
     assert len(calls) == first_calls
-    assert _model(at).analysis is analysis
+    assert active_model(at).analysis is analysis
     assert analysis.filter_scores("l2") is cached
     assert all(cached[k] is v for k, v in arrays.items())
     # The comparison views re-plan with every norm/policy: still no new raw scores.
     at.segmented_control(key="score_view").set_value("Compare layer norms").run()
-    _ok(at)
+    app_ok(at)
     at.segmented_control(key="score_view").set_value("Compare policies").run()
-    _ok(at)
+    app_ok(at)
     assert len(calls) == first_calls
     # A different criterion is computed once, then cached too (the counter does count).
     at.segmented_control(key="score_view").set_value("Overview").run()
     _set(at, "criterion", "l1")
     at.run()
-    _ok(at)
+    app_ok(at)
     assert len(calls) == 2 * first_calls and calls[-1] == "l1"
     _set(at, "layer_norm", "tss_norm")
     at.run()
     _set(at, "criterion", "l2")
     at.run()
-    _ok(at)
+    app_ok(at)
     assert len(calls) == 2 * first_calls
 
 
@@ -238,7 +217,7 @@ OPTION_VALUES = {
 
 def _index_setup(at: AppTest) -> dict[str, list[int]]:
     # A single-member group; one index per block keeps the blocks equal in size.
-    group = next(g for g in _model(at).analysis.groups if len(g.layers) == 1)
+    group = next(g for g in active_model(at).analysis.groups if len(g.layers) == 1)
     blocks, size = group.blocks or (1, group.channels)
     chosen = [k * size + 1 for k in range(blocks)]
     indices = {group.layers[0]: chosen}
@@ -247,23 +226,23 @@ def _index_setup(at: AppTest) -> dict[str, list[int]]:
 
 
 def test_index_criterion_asks_for_indices_first():
-    at = _open()
+    at = open_app(TIMEOUT)
     _set(at, "criterion", "index")
     at.run()
     assert not at.exception and not at.error
     assert any("Channel indices to remove" in i.value for i in at.info)
     at.session_state["main_tab"] = "Plan"
     at.run()
-    _ok(at)
+    app_ok(at)
     names = list(at.data_editor[0].value["Group"])
-    assert names == [g.name for g in _model(at).analysis.groups]
+    assert names == [g.name for g in active_model(at).analysis.groups]
     at.text_area(key="opt_indices").set_value("no_such_layer: 1").run()
     assert not at.exception
     assert len(at.error) == 1 and "no_such_layer" in at.error[0].value
 
 
 def test_every_option_value_runs_one_at_a_time():
-    at = _open()
+    at = open_app(TIMEOUT)
     for option, values in OPTION_VALUES.items():
         for value in values:
             _set(at, option, value)
@@ -272,14 +251,14 @@ def test_every_option_value_runs_one_at_a_time():
             if option == "criterion" and value == "index":
                 kw["indices"] = _index_setup(at)
                 at.run()
-            _ok(at)
+            app_ok(at)
             _check_overview(at, replace(PruningOptions(), **{option: value}), 0.5, **kw)
         _set(at, option, _default_value(option))
         at.run()
-        _ok(at)
+        app_ok(at)
     for ratio in (0.0, 0.05, 0.9, 0.95):
         at.slider(key="opt_ratio").set_value(ratio).run()
-        _ok(at)
+        app_ok(at)
         _check_overview(at, PruningOptions(), ratio)
 
 
@@ -296,34 +275,34 @@ def test_every_option_value_runs_one_at_a_time():
     ],
 )
 def test_option_combinations_on_every_view(combo):
-    at = _open()
+    at = open_app(TIMEOUT)
     for option, value in combo.items():
         _set(at, option, value)
     at.slider(key="opt_ratio").set_value(0.7)
     at.run()
-    _ok(at)
+    app_ok(at)
     options = PruningOptions(**combo)
     _check_overview(at, options, 0.7)
     for view in ("Compare layer norms", "Compare policies", "Overview"):
         at.segmented_control(key="score_view").set_value(view).run()
-        _ok(at)
+        app_ok(at)
     at.session_state["main_tab"] = "Plan"
     at.run()
-    _ok(at)
+    app_ok(at)
 
 
 # ----------------------------------------------------------------------------- comparisons
 
 
 def test_compare_layer_norms_one_trace_per_norm_with_each_cut():
-    at = _open()
+    at = open_app(TIMEOUT)
     at.slider(key="opt_ratio").set_value(0.4)
     at.segmented_control(key="score_view").set_value("Compare layer norms").run()
-    _ok(at)
-    spec = _chart(at, "chart_norms")
+    app_ok(at)
+    spec = chart_spec(at, "chart_norms")
     boxes = _traces(spec, kind="box")
     assert [b["name"] for b in boxes] == list(LAYER_NORMS)
-    groups = [g.name for g in _model(at).analysis.groups]
+    groups = [g.name for g in active_model(at).analysis.groups]
     cuts = _traces(spec, "global cut")
     for norm, box in zip(LAYER_NORMS, boxes):
         assert box["x"] == groups
@@ -331,7 +310,7 @@ def test_compare_layer_norms_one_trace_per_norm_with_each_cut():
         axis_cuts = [c for c in cuts if c.get("yaxis") == box.get("yaxis")]
         assert len(axis_cuts) == 1
         assert axis_cuts[0]["y"] == pytest.approx([expected.threshold] * len(groups))
-    counts = _chart(at, "chart_norm_counts")
+    counts = chart_spec(at, "chart_norm_counts")
     assert [t["name"] for t in counts["data"]] == list(LAYER_NORMS)
     for trace in counts["data"]:
         expected = _expected_plan(at, PruningOptions(layer_norm=trace["name"]), 0.4)
@@ -339,14 +318,14 @@ def test_compare_layer_norms_one_trace_per_norm_with_each_cut():
 
 
 def test_compare_policies_for_connected_groups():
-    at = _open()
+    at = open_app(TIMEOUT)
     at.segmented_control(key="score_view").set_value("Compare policies").run()
-    _ok(at)
-    connected = [g.name for g in _model(at).analysis.groups if len(g.layers) > 1]
+    app_ok(at)
+    connected = [g.name for g in active_model(at).analysis.groups if len(g.layers) > 1]
     assert connected, "the demo has residual (connected) groups"
     choose = [s for s in at.selectbox if s.label == "Connected group"][0]
     assert list(choose.options) == connected
-    spec = _chart(at, "chart_policies")
+    spec = chart_spec(at, "chart_policies")
     bars = _traces(spec, kind="bar")
     assert [b["name"] for b in bars] == list(POLICIES)
     for bar in bars:
@@ -361,11 +340,11 @@ def test_compare_policies_for_connected_groups():
 
 
 def test_plan_table_lists_groups_and_applies_own_ratio_and_pin():
-    at = _open()
+    at = open_app(TIMEOUT)
     at.session_state["main_tab"] = "Plan"
     at.run()
-    _ok(at)
-    model = _model(at)
+    app_ok(at)
+    model = active_model(at)
     editor = at.data_editor[0]
     table = editor.value
     assert list(table["Group"]) == [g.name for g in model.analysis.groups]
@@ -381,7 +360,7 @@ def test_plan_table_lists_groups_and_applies_own_ratio_and_pin():
     }
     at.get("button_group")[0].set_value([groups[0]])  # the pin: one pill
     at.run()
-    _ok(at)
+    app_ok(at)
     table = at.data_editor[0].value
     expected = _expected_plan(at, PruningOptions(), 0.5, ratios={groups[1]: 0.25},
                               pinned=(groups[0],))
@@ -399,9 +378,9 @@ def test_plan_table_lists_groups_and_applies_own_ratio_and_pin():
 def _prune(at: AppTest) -> None:
     at.session_state["main_tab"] = "Prune & compare"
     at.run()
-    _ok(at)
+    app_ok(at)
     at.button(key="prune").click().run()
-    _ok(at)
+    app_ok(at)
 
 
 def _table(at: AppTest, first_column: str):
@@ -413,7 +392,7 @@ def _table(at: AppTest, first_column: str):
 
 
 def test_prune_shows_before_after_fidelity_and_downloads():
-    at = _open()
+    at = open_app(TIMEOUT)
     _prune(at)
     run = at.session_state["_ps_result"]
     metrics = _table(at, "Metric").set_index("Metric")
@@ -442,7 +421,7 @@ def test_prune_shows_before_after_fidelity_and_downloads():
     assert report
     # Changing an option marks the result as stale instead of silently mixing them.
     at.slider(key="opt_ratio").set_value(0.2).run()
-    _ok(at)
+    app_ok(at)
     assert any("earlier settings" in w.value and "ratio" in w.value for w in at.warning)
 
 
@@ -454,10 +433,10 @@ def _iframes(at: AppTest) -> list[str]:
 
 
 def test_graphs_tab_serves_netron_once_per_file():
-    at = _open()
+    at = open_app(TIMEOUT)
     at.session_state["main_tab"] = "Graphs"
     at.run()
-    _ok(at)
+    app_ok(at)
     (url,) = _iframes(at)
     assert url.startswith("http://127.0.0.1:")
     servers = len(netron_server.running())
@@ -475,7 +454,7 @@ def test_graphs_tab_serves_netron_once_per_file():
     _prune(at)
     at.session_state["main_tab"] = "Graphs"
     at.run()
-    _ok(at)
+    app_ok(at)
     urls = _iframes(at)
     assert len(urls) == 2 and urls[0] == url and urls[1] != url
     # Each frame serves its own file (netron keeps the served file on a shared class).
@@ -494,7 +473,7 @@ def test_graphs_tab_serves_netron_once_per_file():
 
 
 def test_bad_upload_shows_error_and_demo_stays_usable():
-    at = _open()
+    at = open_app(TIMEOUT)
     at.radio(key="source").set_value("Upload .pt2").run()
     assert not at.exception
     at.file_uploader(key="upload_pt2").upload("broken.pt2", b"this is not a zip archive").run()
@@ -503,18 +482,18 @@ def test_bad_upload_shows_error_and_demo_stays_usable():
     message = at.error[0].value
     assert "broken.pt2" in message and "Traceback" not in message and "\n" not in message
     # The demo is still there and still works.
-    assert _model(at).captured.source == "demo"
+    assert active_model(at).captured.source == "demo"
     _check_overview(at, PruningOptions(), 0.5)
     _set(at, "layer_norm", "tss_norm")
     at.run()
     assert not at.exception
     _check_overview(at, PruningOptions(layer_norm="tss_norm"), 0.5)
     at.radio(key="source").set_value("Demo model").run()
-    _ok(at)
+    app_ok(at)
 
 
 def test_bad_paths_and_data_show_one_line_errors(tmp_path):
-    at = _open()
+    at = open_app(TIMEOUT)
     at.radio(key="source").set_value("Local file path").run()
     cases = {
         str(tmp_path / "missing.pt2"): "not found",
@@ -528,14 +507,14 @@ def test_bad_paths_and_data_show_one_line_errors(tmp_path):
         assert len(at.error) == 1, path
         assert words in at.error[0].value.lower()
         assert "\n" not in at.error[0].value
-        assert _chart(at, "chart_overview")  # the demo is still drawn
+        assert chart_spec(at, "chart_overview")  # the demo is still drawn
     bad = io.BytesIO()
     np.savez(bad, inputs=np.zeros((2, 1, 8, 8), np.float32))
     at.radio(key="source").set_value("Demo model").run()
     at.file_uploader(key="upload_eval").upload("data.npz", bad.getvalue()).run()
     assert not at.exception
     assert any("data.npz has no array 'x' (found: inputs)" in e.value for e in at.error)
-    assert _chart(at, "chart_overview")
+    assert chart_spec(at, "chart_overview")
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -560,14 +539,14 @@ def test_local_pt2_path_loads_and_plans(tmp_path):
     model = _Tiny().eval()
     path = tmp_path / "tiny.pt2"
     torch.export.save(torch.export.export(model, (torch.randn(2, 1, 8, 8),)), str(path))
-    at = _open()
+    at = open_app(TIMEOUT)
     at.radio(key="source").set_value("Local file path").run()
     at.text_input(key="local_path").set_value(str(path)).run()
-    _ok(at)
-    loaded = _model(at)
+    app_ok(at)
+    loaded = active_model(at)
     assert loaded.captured.source == str(path.resolve())
     assert {layer for g in loaded.analysis.groups for layer in g.layers} == {"conv1", "conv2"}
-    spec = _chart(at, "chart_overview")
+    spec = chart_spec(at, "chart_overview")
     assert spec["layout"]["xaxis"]["categoryarray"] == [g.name for g in loaded.analysis.groups]
     # Without evaluation data there is nothing to calibrate nuclear_norm with: say so.
     _set(at, "criterion", "nuclear_norm")
@@ -577,7 +556,7 @@ def test_local_pt2_path_loads_and_plans(tmp_path):
     # With an .npz of matching inputs it scores, and the scores change.
     data = _npz(x=torch.randn(16, 1, 8, 8).numpy(), y=np.arange(16) % 3)
     at.file_uploader(key="upload_eval").upload("calib.npz", data).run()
-    _ok(at)
+    app_ok(at)
     assert len(at.session_state["_ps_eval"][1]) == 16
     _check_overview(at, PruningOptions(criterion="nuclear_norm"), 0.5)
 
@@ -585,22 +564,22 @@ def test_local_pt2_path_loads_and_plans(tmp_path):
 def test_trusted_pickle_upload_with_input_shape(tmp_path):
     buf = io.BytesIO()
     torch.save(_Tiny().eval(), buf)
-    at = _open()
+    at = open_app(TIMEOUT)
     at.radio(key="source").set_value("Upload .pt (pickle)").run()
     assert at.file_uploader(key="upload_pt").proto.disabled  # no upload before the box is ticked
     at.checkbox(key="trust_pickle").check()
     at.text_input(key="pt_shapes").set_value("1,1,8,8")
     at.run()
     at.file_uploader(key="upload_pt").upload("tiny.pt", buf.getvalue()).run()
-    _ok(at)
-    loaded = _model(at)
+    app_ok(at)
+    loaded = active_model(at)
     assert loaded.captured.source.endswith("tiny.pt")
     assert tuple(loaded.captured.example_inputs[0].shape) == (1, 1, 8, 8)
     # A bad shape is a readable error, and the loaded model stays.
     at.text_input(key="pt_shapes").set_value("1,a,8").run()
     assert not at.exception
     assert len(at.error) == 1 and "input shape" in at.error[0].value
-    assert _model(at) is loaded
+    assert active_model(at) is loaded
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -614,7 +593,7 @@ def test_uploads_go_to_a_private_session_folder_that_is_removed():
 
     from dashboard import sources
 
-    at = _open()
+    at = open_app(TIMEOUT)
     at.radio(key="source").set_value("Upload .pt2").run()
     at.file_uploader(key="upload_pt2").upload("first.pt2", b"not a model").run()
     files = at.session_state["_ps_files"]
@@ -633,7 +612,7 @@ def test_uploads_go_to_a_private_session_folder_that_is_removed():
     code = ("from dashboard.sources import SessionFiles; f = SessionFiles(); "
             "(f.root / 'x.pt2').write_bytes(b'1'); print(f.root)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(APP).parent.parent, check=True)
+                         cwd=ROOT, check=True)
     left = Path(out.stdout.strip())
     assert left.name.startswith("prunescope-") and not left.exists()
 

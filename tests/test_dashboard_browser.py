@@ -7,31 +7,15 @@ Uses /usr/bin/chromium (never `playwright install`); the test fails, not skips, 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from engine.demo import load_demo_eval
-from tests.helpers import wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
-STEP_TIMEOUT_MS = 120_000
+from tests.helpers import STEP_TIMEOUT_MS, choose, screenshot, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-
-
-def _shot(page, name: str) -> Path:
-    _settle(page)
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    page.screenshot(path=str(path), full_page=True)
-    assert path.stat().st_size > 10_000  # a real rendering, not a blank page
-    return path
 
 
 def _overview_data(page) -> dict:
@@ -48,22 +32,8 @@ def _overview_data(page) -> dict:
     )
 
 
-def _settle(page) -> None:
-    """Wait until Streamlit has finished its script run (stale elements are then gone)."""
-    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-    for _ in range(2):  # twice: a run can start right after the first idle sighting
-        page.wait_for_selector(idle, timeout=STEP_TIMEOUT_MS)
-        time.sleep(0.4)
-
-
 def _changed(data: dict | None, before: dict) -> dict | None:
     return data if data and data["median"] and data["median"] != before["median"] else None
-
-
-def _choose(page, label: str, value: str) -> None:
-    box = page.get_by_test_id("stSelectbox").filter(has_text=label).first
-    box.click()
-    page.get_by_role("option", name=value, exact=True).click()
 
 
 def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
@@ -79,15 +49,15 @@ def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
     assert {"kept", "pruned", "global cut"} <= set(before["names"])
     assert page.get_by_text("built-in demo").first.is_visible()
     assert page.locator("[data-testid='stException']").count() == 0
-    _shot(page, "01-open.png")
+    screenshot(page, "01-open.png")
 
     # 2. A layer-norm change redraws the chart from cached scores.
-    _choose(page, "Layer norm", "tss_norm")
+    choose(page, "Layer norm", "tss_norm")
     page.get_by_text("layer norm tss_norm").first.wait_for()
     after = wait_for(lambda: _changed(_overview_data(page), before))
     assert after["x"] == before["x"]  # same groups, same network order
     assert page.locator("[data-testid='stException']").count() == 0
-    _shot(page, "02-norm-tss.png")
+    screenshot(page, "02-norm-tss.png")
 
     # 3. Compare layer norms: one subplot per norm.
     page.get_by_text("Compare layer norms", exact=True).click()
@@ -97,13 +67,13 @@ def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
                  .map(p => (p.data || []).filter(t => t.type === 'box').map(t => t.name))
                  .find(n => n.length === 5)"""))
     assert norms == ["standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none"]
-    _shot(page, "03-compare-norms.png")
+    screenshot(page, "03-compare-norms.png")
 
     # 4. The per-group plan table.
     page.get_by_role("tab", name="Plan").click()
     page.get_by_text("Frozen layers").wait_for()
     page.get_by_text("reaches a model output").first.wait_for(state="attached")
-    _shot(page, "04-plan.png")
+    screenshot(page, "04-plan.png")
 
     # 5. Prune runs with a status display and shows before/after numbers.
     page.get_by_role("tab", name="Prune & compare").click()
@@ -112,7 +82,7 @@ def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
     page.get_by_text("Before / after").wait_for()
     page.get_by_text("Accuracy before").first.wait_for(state="attached")  # canvas grid cell
     assert page.locator("[data-testid='stException']").count() == 0
-    _shot(page, "05-pruned.png")
+    screenshot(page, "05-pruned.png")
 
     # 6. A download arrives and loads with torch.export.load.
     with page.expect_download() as info:
@@ -127,7 +97,7 @@ def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
         logits = program.module()(torch.from_numpy(x[:64]))
     assert logits.shape[0] == 64
     assert float(np.mean(logits.argmax(1).numpy() == y[:64])) > 0.2  # still a classifier
-    _shot(page, "06-download.png")
+    screenshot(page, "06-download.png")
 
     # 7. The Netron frames show the original and the pruned graph.
     page.get_by_role("tab", name="Graphs").click()
@@ -149,5 +119,5 @@ def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
     # Two different graphs: the original's layer shapes are not the pruned ones.
     assert texts[0] != texts[1]
     time.sleep(1)  # let Netron finish its layout before the screenshot
-    _shot(page, "07-graphs.png")
+    screenshot(page, "07-graphs.png")
     page.close()

@@ -5,35 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import ROOT, STEP_TIMEOUT_MS, screenshot, settle, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
 SWEEP = json.loads((ROOT / "assets" / "demo_sweep.json").read_text())
-STEP_TIMEOUT_MS = 120_000
 
 pytestmark = pytest.mark.slow
-
-
-
-
-def _settle(page) -> None:
-    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-    for _ in range(2):
-        page.wait_for_selector(idle, timeout=STEP_TIMEOUT_MS)
-        time.sleep(0.4)
-
-
-def _shot(page, name: str) -> None:
-    _settle(page)
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    page.screenshot(path=str(path), full_page=True)
-    assert path.stat().st_size > 10_000
 
 
 def _shown(locator) -> str:
@@ -52,7 +31,7 @@ def test_comparison_chart_renders_and_a_click_chooses_a_point(dashboard_url, bro
     page.set_default_timeout(STEP_TIMEOUT_MS)
     page.goto(dashboard_url)
     page.get_by_text("PruneScope").first.wait_for()
-    _settle(page)
+    settle(page)
     page.get_by_role("tab", name="Compare on accuracy").click()
     names = wait_for(lambda: page.evaluate(
         f"() => {{ const p = ({CHART})(); return p ? p.data.map(t => t.name) : null; }}"))
@@ -61,7 +40,7 @@ def test_comparison_chart_renders_and_a_click_chooses_a_point(dashboard_url, bro
     # then the sidebar's current setting (a star) and the original's level, both in the legend
     assert names[6] == "sidebar setting" and names[7].startswith("original ")
     assert page.locator("[data-testid='stException']").count() == 0
-    _shot(page, "compare-01-chart.png")
+    screenshot(page, "compare-01-chart.png")
 
     # tss_norm (trace 1) at ratio 0.3 (its third point): click its marker
     target = next(p for p in SWEEP["points"] if p["options"] == {
@@ -85,5 +64,5 @@ def test_comparison_chart_renders_and_a_click_chooses_a_point(dashboard_url, bro
     slider = sidebar.get_by_test_id("stSlider").filter(has_text="Pruning ratio").first
     wait_for(lambda: "0.30" in _shown(slider))
     assert page.locator("[data-testid='stException']").count() == 0
-    _shot(page, "compare-02-point-chosen.png")
+    screenshot(page, "compare-02-point-chosen.png")
     assert target["metric"] > 0  # the point clicked is a measured point of the stored sweep

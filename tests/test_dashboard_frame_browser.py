@@ -14,11 +14,8 @@ from urllib.parse import urlparse
 import pytest
 
 from dashboard.tabs import TABS
-from tests.helpers import start_dashboard, stop, wait_for
+from tests.helpers import STEP_TIMEOUT_MS, screenshot, settle, start_dashboard, stop, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
-STEP_TIMEOUT_MS = 120_000
 VIEWPORT = {"width": 1440, "height": 900}
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 SESSIONS = 4
@@ -43,23 +40,6 @@ PAGE_TEXT = """() => document.title + ' ' + document.body.innerText + ' ' +
     Array.from(document.querySelectorAll('svg text')).map(t => t.textContent).join(' ')"""
 
 
-def _settle(page) -> None:
-    """Wait until Streamlit has finished its script run (stale elements are then gone)."""
-    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-    for _ in range(2):  # twice: a run can start right after the first idle sighting
-        page.wait_for_selector(idle, timeout=STEP_TIMEOUT_MS)
-        time.sleep(0.4)
-
-
-def _shot(page, name: str) -> Path:
-    _settle(page)
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    page.screenshot(path=str(path))
-    assert path.stat().st_size > 10_000  # a real rendering, not a blank page
-    return path
-
-
 FULL_HEIGHT_MAX = 12_000
 
 
@@ -67,7 +47,7 @@ def _full_shot(page, name: str) -> Path:
     """The whole of the open tab, not only the first screen: Streamlit scrolls its own main
     container (the document does not grow), so the window is made as tall as the container's
     content for the screenshot and put back after."""
-    _settle(page)
+    settle(page)
     height = page.evaluate("""() => Math.max(...['stMain', 'stAppViewContainer',
         'stMainBlockContainer'].map(id => document.querySelector(`[data-testid=${id}]`))
         .filter(e => e).map(e => e.scrollHeight))""")
@@ -75,7 +55,7 @@ def _full_shot(page, name: str) -> Path:
                             "height": min(max(height + 40, VIEWPORT["height"]), FULL_HEIGHT_MAX)})
     time.sleep(1.5)  # the charts lay themselves out again at the new size
     try:
-        return _shot(page, name)
+        return screenshot(page, name, full_page=False)
     finally:
         page.set_viewport_size(VIEWPORT)
 
@@ -91,22 +71,23 @@ def _open(context, url: str):
     page.set_default_timeout(STEP_TIMEOUT_MS)
     page.goto(url)
     page.wait_for_selector(".js-plotly-plot .boxlayer")
-    _settle(page)
+    settle(page)
     return page
 
 
 def _prune(page) -> None:
     page.get_by_role("tab", name="Prune & compare").click()
-    _settle(page)  # a click during the tab's own rerun can be lost
+    settle(page)  # a click during the tab's own rerun can be lost
     page.locator(".st-key-prune button").click()
     page.get_by_text("Pruned and saved").wait_for(timeout=3 * STEP_TIMEOUT_MS)
-    _settle(page)
+    settle(page)
 
 
 NETRON_BLOCKERS = re.compile(r"uses cookies|Accept|Please update")  # netron's start-up walls
 
 
 def test_graphs_tab_calls_nothing_outside_and_shows_no_banner(dashboard_server, browser):
+    mark = dashboard_server.log_mark()
     context = browser.new_context(viewport=VIEWPORT)
     requests: list[str] = []
     context.on("request", lambda r: requests.append(r.url))  # the page and every frame
@@ -132,15 +113,16 @@ def test_graphs_tab_calls_nothing_outside_and_shows_no_banner(dashboard_server, 
         assert not _unsafe_glyphs(shown), _unsafe_glyphs(shown)
     assert texts[0] != texts[1]  # the original and the pruned graph
     time.sleep(3)  # time for any late start-up request (netron asked ipinfo.io at once)
-    _shot(page, "frame-graphs-private.png")
+    screenshot(page, "frame-graphs-private.png", full_page=False)
     outside = sorted({urlparse(u).hostname for u in requests
                       if urlparse(u).scheme in ("http", "https", "ws", "wss")}
                      - LOCAL_HOSTS)
     assert not outside, f"requests left the machine: {outside}"
     netron_ports = {urlparse(frames.nth(i).get_attribute("src")).port for i in range(2)}
     assert any(urlparse(u).port in netron_ports for u in requests)  # the frames are recorded
-    # Exporting both graphs to ONNX and pruning left no exporter chatter in the server log.
-    log = dashboard_server.log.read_text()
+    # Exporting both graphs to ONNX and pruning left no exporter chatter in the server log
+    # (its start-up banner and what this test made it write: the server is shared).
+    log = dashboard_server.startup_log() + dashboard_server.log_since(mark)
     chatter = [ln for ln in log.splitlines()
                if re.search(r"onnx|torch\.export|Translate the graph|Obtain model graph", ln,
                             re.IGNORECASE) and "Serving '" not in ln]
@@ -150,6 +132,7 @@ def test_graphs_tab_calls_nothing_outside_and_shows_no_banner(dashboard_server, 
 
 
 def test_layout_at_1440x900_and_a_chart_click(dashboard_server, browser):
+    mark = dashboard_server.log_mark()
     context = browser.new_context(viewport=VIEWPORT)
     page = _open(context, dashboard_server.url)
     sidebar = page.get_by_test_id("stSidebar")
@@ -157,7 +140,7 @@ def test_layout_at_1440x900_and_a_chart_click(dashboard_server, browser):
     box = slider.bounding_box()
     scrolled = page.evaluate("() => (document.querySelector('[data-testid=stSidebarContent]')"
                              " || document.body).scrollTop")
-    _shot(page, "frame-layout-1440x900.png")
+    screenshot(page, "frame-layout-1440x900.png", full_page=False)
     assert scrolled == 0
     assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= VIEWPORT["height"], (
         f"the ratio slider is at y={box and box['y']:.0f}..{box and box['y'] + box['height']:.0f}"
@@ -178,7 +161,7 @@ def test_layout_at_1440x900_and_a_chart_click(dashboard_server, browser):
     chart = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
         .find(p => p.data && p.data.some(t => t.name === 'Pareto front'))"""
     wait_for(lambda: page.evaluate(f"() => !!({chart})()"))
-    _settle(page)
+    settle(page)
     page.locator(".js-plotly-plot").filter(has=page.locator("g.scatterlayer")).first \
         .scroll_into_view_if_needed()
     where = page.evaluate(f"""() => {{
@@ -193,9 +176,9 @@ def test_layout_at_1440x900_and_a_chart_click(dashboard_server, browser):
     page.mouse.click(where["x"], where["y"])
     wait_for(lambda: "0.30" in slider.evaluate(
         "e => e.textContent + Array.from(e.querySelectorAll('input')).map(i => i.value)"))
-    _settle(page)
+    settle(page)
     _no_errors(page)
-    log = dashboard_server.log.read_text()
+    log = dashboard_server.log_since(mark)
     assert "set via the Session State API" not in log, log[-3000:]
     context.close()
 
@@ -206,7 +189,7 @@ def test_every_tab_drawn_at_1440x900(dashboard_server, browser):
     _prune(page)
     for number, tab in enumerate(TABS, start=1):
         page.get_by_role("tab", name=tab.title).click()
-        _settle(page)
+        settle(page)
         if tab.module == "graphs":
             page.frame_locator("iframe[src^='http://127.0.0.1']").nth(1) \
                 .locator("svg#canvas g.node").first.wait_for()
@@ -215,7 +198,7 @@ def test_every_tab_drawn_at_1440x900(dashboard_server, browser):
         text = page.evaluate(PAGE_TEXT)
         assert not _unsafe_glyphs(text), (tab.title, _unsafe_glyphs(text))
         slug = re.sub(r"[^a-z]+", "-", tab.title.lower()).strip("-")
-        _shot(page, f"frame-tab-{number}-{slug}.png")  # the first screen
+        screenshot(page, f"frame-tab-{number}-{slug}.png", full_page=False)  # first screen
         _full_shot(page, f"frame-tab-{number}-{slug}-full.png")  # all of the tab
     context.close()
 
@@ -234,7 +217,7 @@ def test_four_sessions_open_at_once(browser, tmp_path):
             page.wait_for_selector(".js-plotly-plot .boxlayer", timeout=STEP_TIMEOUT_MS)
             painted.append(round(time.monotonic() - start, 1))
         for page in pages:
-            _settle(page)
+            settle(page)
             _no_errors(page)
         # How soon is a benchmark's question (bench/first_paint.py), not a wall-clock assert
         # on a shared machine; here each page has STEP_TIMEOUT_MS, a guard against a hang.

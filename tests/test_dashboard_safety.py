@@ -29,10 +29,17 @@ import pytest
 import torch
 
 from engine.demo import load_demo_eval
-from tests.helpers import free_port, stop, wait_for, wait_healthy
+from tests.helpers import (
+    ROOT,
+    choose,
+    free_port,
+    screenshot,
+    settle,
+    stop,
+    wait_for,
+    wait_healthy,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
 STARTUP_TIMEOUT_S = 120
 STEP_TIMEOUT_MS = 60_000
 UPLOAD_LIMIT_MB = 1
@@ -105,25 +112,15 @@ def _open_session(browser, server: Server):
 
 
 def _settle(page) -> None:
-    """Wait until Streamlit has finished its script run (stale elements are then gone)."""
-    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-    for _ in range(2):  # twice: a run can start right after the first idle sighting
-        page.wait_for_selector(idle, timeout=STEP_TIMEOUT_MS)
-        time.sleep(0.3)
+    settle(page, pause_s=0.3, timeout_ms=STEP_TIMEOUT_MS)
 
 
 def _shot(page, name: str) -> None:
-    _settle(page)
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"safety-{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    assert path.stat().st_size > 10_000  # a real rendering, not a blank page
+    screenshot(page, f"safety-{name}.png")
 
 
 def _choose(page, label: str, value: str) -> None:
-    box = page.get_by_test_id("stSelectbox").filter(has_text=label).first
-    box.click()
-    page.get_by_role("option", name=value, exact=True).click()
+    choose(page, label, value)
     _settle(page)
 
 

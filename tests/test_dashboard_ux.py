@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 from streamlit.testing.v1 import AppTest
@@ -13,24 +12,9 @@ from streamlit.testing.v1 import AppTest
 import engine
 from dashboard.sidebar import index_example, parse_indices
 from engine.demo import load_demo_eval
+from tests.helpers import active_model, app_ok, chart_spec, open_app
 
-APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 TIMEOUT = 300
-
-
-def _open() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
-    _ok(at)
-    return at
-
-
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def _model(at: AppTest):
-    return at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
 
 
 def _texts(elements) -> list[str]:
@@ -40,12 +24,6 @@ def _texts(elements) -> list[str]:
 def _tab(at: AppTest, name: str) -> AppTest:
     at.session_state["main_tab"] = name
     return at.run()
-
-
-def _chart(at: AppTest, key: str) -> dict:
-    found = [el for el in at.get("plotly_chart") if getattr(el, "key", None) == key]
-    assert found, f"no chart {key!r} on the page"
-    return json.loads(found[0].proto.spec)
 
 
 def _button(at: AppTest, key: str):
@@ -60,7 +38,7 @@ def _table(at: AppTest, first_column: str):
 
 
 def test_start_here_on_the_first_screen_and_terms_reach_from_charts():
-    at = _open()
+    at = open_app(TIMEOUT)
     # the six steps' names in one line above the tabs, what to do at each under "Start here"
     strip = " ".join(_texts(at.caption))
     assert "**1** Pick a model → **2** See the scores → **3** Compare on accuracy" in strip
@@ -80,12 +58,12 @@ def test_start_here_on_the_first_screen_and_terms_reach_from_charts():
 
 
 def test_demo_lm_recovers_with_its_own_calibration_and_disabled_says_why():
-    at = _open()
+    at = open_app(TIMEOUT)
     at.sidebar.radio(key="source").set_value("Demo language model (demo-lm)").run()
-    _ok(at)
+    app_ok(at)
     _tab(at, "Prune & compare")
     _button(at, "prune").click().run()
-    _ok(at)
+    app_ok(at)
     captions = " ".join(_texts(at.caption))
     assert "demo-lm's own training split" in captions
     recover = _button(at, "recover")
@@ -99,26 +77,26 @@ def test_demo_lm_recovers_with_its_own_calibration_and_disabled_says_why():
     assert [n for n in at.number_input if n.key == "recover_budget"]
     at.number_input(key="recover_budget").set_value(1).run()
     _button(at, "recover").click().run()
-    _ok(at)
+    app_ok(at)
     table = next(f.value for f in at.dataframe if "Recovered" in f.value.columns)
     assert "Perplexity" in list(table["Measure"])
-    done = _model(at).cache["_ps_recover"]
+    done = active_model(at).cache["_ps_recover"]
     report = json.loads(done.files["report.json"].read_text())
     assert report["quality"]["metric"] == "perplexity"
     assert report["quality"]["recovered"] == done.scores["Perplexity"]["recovered"]
 
 
 def test_index_example_works_on_the_demo_and_errors_use_page_words():
-    at = _open()
+    at = open_app(TIMEOUT)
     at.sidebar.selectbox(key="opt_criterion").set_value("index").run()
-    _ok(at)
-    example = index_example(_model(at).analysis)
+    app_ok(at)
+    example = index_example(active_model(at).analysis)
     _button(at, "opt_indices_example").click().run()
-    _ok(at)
+    app_ok(at)
     assert at.sidebar.text_area(key="opt_indices").value == example
-    spec = _chart(at, "chart_overview")  # the Scores tab is drawn, not blank
+    spec = chart_spec(at, "chart_overview")  # the Scores tab is drawn, not blank
     pruned = next(t for t in spec["data"] if t.get("name") == "pruned channels")
-    expected = engine.plan(_model(at).analysis, {"criterion": "index"}, ratio=0.5,
+    expected = engine.plan(active_model(at).analysis, {"criterion": "index"}, ratio=0.5,
                            indices=parse_indices(example))
     assert pruned["y"] == [int(g.pruned.size) for g in expected.groups]
     assert sum(pruned["y"]) > 0
@@ -131,7 +109,7 @@ def test_index_example_works_on_the_demo_and_errors_use_page_words():
 
 
 def test_mismatched_evaluation_data_is_refused_at_once():
-    at = _open()
+    at = open_app(TIMEOUT)
     at.sidebar.radio(key="source").set_value("Demo language model (demo-lm)").run()
     x, y = load_demo_eval()  # the digit classifier's images, not demo-lm's token ids
     buf = io.BytesIO()
@@ -147,11 +125,11 @@ def test_mismatched_evaluation_data_is_refused_at_once():
 
 
 def test_prune_results_in_view_report_matches_page_and_history():
-    at = _open()
+    at = open_app(TIMEOUT)
     _tab(at, "Prune & compare")
     assert any("Ratio 0.50 removes" in c and "step rule" in c for c in _texts(at.caption))
     _button(at, "prune").click().run()
-    _ok(at)
+    app_ok(at)
     run = at.session_state["_ps_result"]
     # accuracy change in points, not per cent
     accuracy = next(m for m in at.metric if m.label == "Accuracy after")
@@ -162,7 +140,7 @@ def test_prune_results_in_view_report_matches_page_and_history():
     assert report["quality"]["pruned"] == run.fidelity["accuracy_after"]
     assert report["quality"]["data"] == "demo evaluation set"
     # widths before and after, per group
-    widths = _chart(at, "chart_widths")
+    widths = chart_spec(at, "chart_widths")
     after = next(t for t in widths["data"] if t["name"] == "after (pruned)")
     assert after["y"] == [len(g["kept"]) for g in report["groups"]]
     # a second run with other settings: history of both, and a stale warning naming them
@@ -171,7 +149,7 @@ def test_prune_results_in_view_report_matches_page_and_history():
     assert "uniform: off → on" in warning and "layer_norm" not in warning
     at.sidebar.slider(key="opt_ratio").set_value(0.3).run()
     _button(at, "prune").click().run()
-    _ok(at)
+    app_ok(at)
     history = _table(at, "run")
     assert list(history["run"]) == [1, 2] and list(history["ratio"]) == [0.5, 0.3]
     assert {"metric before", "metric after", "params after"} <= set(history.columns)
@@ -181,7 +159,7 @@ def test_prune_results_in_view_report_matches_page_and_history():
 
 
 def test_inexact_verification_is_shown(monkeypatch):
-    at = _open()
+    at = open_app(TIMEOUT)
     _tab(at, "Prune & compare")
     _button(at, "prune").click().run()
     run = at.session_state["_ps_result"]
@@ -193,17 +171,17 @@ def test_inexact_verification_is_shown(monkeypatch):
 
 
 def test_plan_table_members_whole_no_none_pins_in_one_click():
-    at = _open()
+    at = open_app(TIMEOUT)
     _tab(at, "Plan")
-    _ok(at)
+    app_ok(at)
     table = at.data_editor[0].value
-    groups = _model(at).analysis.groups
+    groups = active_model(at).analysis.groups
     assert list(table["Member layers"]) == [", ".join(g.layers) for g in groups]
     assert "None" not in table.astype(str).to_numpy().ravel().tolist()
     assert not table["Own ratio"].isna().any()
     pins = at.get("button_group")[0]
     pins.set_value([groups[0].name]).run()  # one click on the group's pill
-    _ok(at)
+    app_ok(at)
     table = at.data_editor[0].value
     assert table["To prune"].iloc[0] == 0 and table["Pinned"].iloc[0] == "yes"
     _tab(at, "Scores")
@@ -212,12 +190,12 @@ def test_plan_table_members_whole_no_none_pins_in_one_click():
 
 
 def test_auto_ratios_move_the_sidebar_and_say_overshoot_and_accuracy():
-    at = _open()
+    at = open_app(TIMEOUT)
     _tab(at, "Compare on accuracy")
     _button(at, "auto_run").click().run()
-    _ok(at)
+    app_ok(at)
     ratios = at.session_state[f"auto_ratios_{next(iter(_short_keys(at)))}"]
-    model = _model(at)
+    model = active_model(at)
     plan = engine.plan(model.analysis, {}, ratios=ratios)
     share = plan.total_pruned / plan.total_channels
     assert at.sidebar.slider(key="opt_ratio").value == round(share, 2)
@@ -225,20 +203,20 @@ def test_auto_ratios_move_the_sidebar_and_say_overshoot_and_accuracy():
     assert "Target: remove 50% of the FLOPs" in summary
     assert "Accuracy on demo evaluation set: chosen ratios" in summary
     # the sensitivity heatmap speaks of a drop for accuracy
-    heat = _chart(at, "sens_heatmap")
+    heat = chart_spec(at, "sens_heatmap")
     assert "accuracy drop" in heat["data"][0]["colorbar"]["title"]["text"]
 
 
 def _short_keys(at: AppTest):
     from dashboard.common import short
 
-    return [short(_model(at).key)]
+    return [short(active_model(at).key)]
 
 
 def test_blocks_command_hint_is_complete():
-    at = _open()
+    at = open_app(TIMEOUT)
     _tab(at, "Blocks")
-    _ok(at)
+    app_ok(at)
     code = " ".join(c.value for c in at.code)
     assert "prunescope prune demo --remove-blocks 0 --calibration demo --ratio 0.50 " \
            "--out DIR" in code

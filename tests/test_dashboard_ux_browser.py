@@ -9,28 +9,12 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
-STEP_MS = 120_000
+from tests.helpers import STEP_TIMEOUT_MS, screenshot, settle
 
 pytestmark = pytest.mark.slow
-
-
-def _settle(page) -> None:
-    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-    for _ in range(2):
-        page.wait_for_selector(idle, timeout=STEP_MS)
-        time.sleep(0.4)
-
-
-def _shot(page, name: str) -> None:
-    _settle(page)
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
 def _no_exception(page) -> None:
@@ -67,12 +51,12 @@ def _pruned_bars(page) -> list[int] | None:
 
 def test_dashboard_v3_in_chromium(dashboard_url, browser):
     page = browser.new_page(viewport={"width": 1440, "height": 900})
-    page.set_default_timeout(STEP_MS)
+    page.set_default_timeout(STEP_TIMEOUT_MS)
     page.goto(dashboard_url)
     page.wait_for_selector(".js-plotly-plot .boxlayer")
-    _settle(page)
+    settle(page)
     assert page.get_by_text("Start here").first.is_visible()
-    _shot(page, "ux-01-start-scores.png")
+    screenshot(page, "ux-01-start-scores.png")
 
     # Toolbar never covers a legend entry: the score overview.
     _toolbar_clear_of_legend(page, page.locator(".js-plotly-plot").first)
@@ -84,17 +68,17 @@ def test_dashboard_v3_in_chromium(dashboard_url, browser):
     page.get_by_text("Pinned groups").wait_for()
     first = page.locator("[data-testid='stButtonGroup'] button").first
     first.click()
-    _settle(page)
+    settle(page)
     _no_exception(page)
     page.get_by_role("tab", name="Scores").click()
     page.wait_for_selector(".js-plotly-plot .boxlayer")
-    _settle(page)
+    settle(page)
     after = _pruned_bars(page)
     assert after[0] == 0, after
     page.get_by_role("tab", name="Plan").click()
-    _shot(page, "ux-02-plan-pinned.png")
+    screenshot(page, "ux-02-plan-pinned.png")
     page.get_by_role("button", name="Reset per-group settings").click()
-    _settle(page)
+    settle(page)
 
     # The comparison chart: toolbar clear of the legend, the sidebar setting starred, and
     # the Point picker follows a clicked point.
@@ -114,7 +98,7 @@ def test_dashboard_v3_in_chromium(dashboard_url, browser):
                     ratio: d.text[i], name: d.name};
         }""")
     page.mouse.click(target["x"], target["y"])
-    _settle(page)
+    settle(page)
     picker = page.get_by_test_id("stSelectbox").filter(has_text="Point")
     pattern = re.compile(re.escape(f"{target['name']} @ ratio {target['ratio']}:"))
     shown = picker.locator("input")  # the chosen point is the combobox's value
@@ -126,24 +110,24 @@ def test_dashboard_v3_in_chromium(dashboard_url, browser):
     slider = page.get_by_test_id("stSlider").filter(has_text="Pruning ratio")
     assert f"{float(target['ratio']):.2f}" in slider.inner_text()
     _no_exception(page)
-    _shot(page, "ux-03-compare.png")
+    screenshot(page, "ux-03-compare.png")
 
     # Stop keeps what is done: demo-lm's sensitivity, stopped after its first points.
     page.get_by_text("Demo language model (demo-lm)").click()
-    _settle(page)
+    settle(page)
     page.get_by_role("tab", name="Compare on accuracy").click()
     page.get_by_role("button", name="Measure sensitivity").click()
     page.get_by_text(re.compile(r"Sensitivity: [1-9]\d* of \d+ points · about")).wait_for()
     page.locator(".st-key-sens_stop button").first.click()  # the page's own Stop
     page.get_by_text(re.compile(r"Stopped: [1-9]\d* of \d+ points finished")).wait_for()
-    _settle(page)
+    settle(page)
     _no_exception(page)
     title = page.evaluate(
         """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
                  .map(p => (p.data || [])[0]).filter(t => t && t.type === 'heatmap')
                  .map(t => t.colorbar.title.text)""")
     assert title and "perplexity rise" in title[0]
-    _shot(page, "ux-04-sensitivity-stopped.png")
+    screenshot(page, "ux-04-sensitivity-stopped.png")
 
     # Prune and the results in view.
     page.get_by_role("tab", name="Prune & compare").click()
@@ -152,5 +136,5 @@ def test_dashboard_v3_in_chromium(dashboard_url, browser):
     page.get_by_text("Channels per group, before and after").wait_for()
     page.get_by_text("This session's runs", exact=True).wait_for()
     _no_exception(page)
-    _shot(page, "ux-05-prune-results.png")
+    screenshot(page, "ux-05-prune-results.png")
     page.close()

@@ -82,7 +82,9 @@ def test_demo_contains_every_prunable_structure() -> None:
 def test_training_script_reproduces_the_demo(tmp_path: Path) -> None:
     script = ASSETS_DIR / "train_demo.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path)],
+        # one torch thread: `make test` runs two workers on two cores (the recipe and its
+        # accuracy are the same; two threads per worker only compete for the cores)
+        [sys.executable, str(script), "--out", str(tmp_path), "--threads", "1"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -7,6 +7,7 @@ layer_norm='none' so the combined score is the raw score).
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -602,3 +603,150 @@ def test_frozen_channels_bound_what_each_block_loses():
     plan = make_plan([blocked(prunable=mask)], raw_opts(group_policy="none"),
                      ratios={"x": 0.9})
     assert pruned(plan, "x") == [1, 3, 4, 7]
+
+
+# --- second round of mutation gaps: exact report contents and messages ----------------------
+
+
+def test_group_and_plan_to_dict_hold_exactly_these_entries():
+    # 0.34 of 3 -> round(1.02) = 1 channel asked: the lowest score, 1.0 at index 1
+    groups = [one("g", [3.0, 1.0, 2.0]), one("pin", [5.0, 6.0])]
+    plan = make_plan(groups, raw_opts(), ratios={"g": 0.34}, pinned="pin")  # one name
+    assert plan.group("g").to_dict() == {
+        "name": "g", "layers": ["g.w"], "normalized": {"g.w": [3.0, 1.0, 2.0]},
+        "scores": [3.0, 1.0, 2.0], "pruned": [1], "kept": [0, 2], "ratio": 0.34,
+        "pinned": False, "mode": "ratio", "requested": 1,
+    }
+    assert plan.group("pin").to_dict() == {
+        "name": "pin", "layers": ["pin.w"], "normalized": {"pin.w": [5.0, 6.0]},
+        "scores": [5.0, 6.0], "pruned": [], "kept": [0, 1], "ratio": None,
+        "pinned": True, "mode": "pinned", "requested": 0,
+    }
+    d = plan.to_dict()
+    assert set(d) == {"options", "ratio", "ratios", "threshold", "groups"}
+    assert (d["ratio"], d["ratios"], d["threshold"]) == (None, {"g": 0.34}, None)
+    assert make_plan(groups, raw_opts(), ratio=0.5).to_dict()["ratios"] is None
+
+
+def test_unknown_group_messages_list_at_most_five_names():
+    def message(n_groups):
+        plan = make_plan([one(f"g{i}", [1.0, 2.0]) for i in range(n_groups)], raw_opts())
+        with pytest.raises(OptionError) as err:
+            plan.group("missing")
+        return str(err.value)
+
+    assert message(0) == "unknown group 'missing'; there are no groups"
+    assert message(2) == "unknown group 'missing'; valid names include: 'g0', 'g1'"
+    assert message(5) == ("unknown group 'missing'; valid names include: "
+                          "'g0', 'g1', 'g2', 'g3', 'g4'")
+    assert message(6) == ("unknown group 'missing'; valid names include: "
+                          "'g0', 'g1', 'g2', 'g3', 'g4', ... (6 in all)")
+
+
+@pytest.mark.parametrize("group_policy", ["sum", "average", "none", "count"])
+def test_a_block_ratio_below_half_a_channel_per_block_prunes_nothing_under_the_step_rule(
+        group_policy):
+    # 4 blocks of 6; 0.04 of 24 -> 1 channel asked -> round(1 / 4) = 0 per block
+    # (count: round(0.04 * 6) = 0). Aligning the untouched 6 to a multiple of 4 would cut 2
+    # per block: a group asked to lose nothing per block is left alone.
+    group = blocked(scores=np.arange(24.0)[::-1], blocks=np.arange(24).reshape(4, 6))
+    opts = raw_opts(group_policy=group_policy, step_size=4, step_op="round")
+    assert pruned(make_plan([group], opts, ratios={"x": 0.04}), "x") == []
+
+
+def test_removal_messages_are_exact():
+    with pytest.raises(OptionError) as err:
+        make_plan(example(), PruningOptions(), removals={"G": [7]})
+    assert str(err.value) == ("channel index 7 is out of range for group 'G' with n=5 "
+                              "channels (allowed 0..4)")
+    # nine blocks of two: the message shows the first eight per-block counts
+    group = blocked(scores=np.arange(18.0), blocks=np.arange(18).reshape(9, 2))
+    with pytest.raises(OptionError) as err:
+        make_plan([group], raw_opts(), removals={"x": [0]})
+    assert str(err.value) == ("group 'x' has 9 blocks of 2 channels that must keep the same "
+                              "size: remove the same number of indices from every block "
+                              "(got [1, 0, 0, 0, 0, 0, 0, 0])")
+    # a long bad value is cut to 300 characters
+    with pytest.raises(OptionError) as err:
+        make_plan(example(), PruningOptions(), removals={"G": [0.5] * 200})
+    assert len(str(err.value)) == 300
+    assert str(err.value).startswith("channel indices to remove from group 'G' must be a list "
+                                     "of integers, got [0.5, 0.5")
+
+
+def test_removals_from_a_single_block_group():
+    # one block of four (A = 1): any count of indices is the same count in every block
+    group = blocked(scores=[4.0, 1.0, 7.0, 2.0], blocks=np.arange(4).reshape(1, 4))
+    assert pruned(make_plan([group], raw_opts(), removals={"x": [1, 2]}), "x") == [1, 2]
+
+
+def test_option_messages_name_the_option_and_the_group_list():
+    with pytest.raises(OptionError) as err:
+        make_plan(example(), PruningOptions(), ratio=1.5)
+    assert str(err.value) == "ratio=1.5 is out of range; allowed: 0 <= ratio < 1"
+    for kind, value in (("ratios", {"nope": 0.1}), ("pinned", ["nope"]),
+                        ("removals", {"nope": [0]})):
+        with pytest.raises(OptionError) as err:
+            make_plan(example(), PruningOptions(), **{kind: value})
+        assert str(err.value) == (f"unknown group in {kind} 'nope'; valid names include: "
+                                  "'add', 'G'")
+
+
+def test_group_input_errors_name_the_group():
+    with pytest.raises(PlanError) as err:
+        make_plan([GroupInput("grp", {"a": np.ones(4), "b": np.ones(3)})], raw_opts())
+    assert str(err.value) == "grp: member 'b' has 3 scores, the first member has 4"
+    for bad in (np.arange(4), np.arange(4.0).reshape(2, 2)):  # not 2-D; not integers
+        with pytest.raises(PlanError, match=r"group 'a': blocks must be an int \(A, B\)"):
+            make_plan([one("a", [1.0, 2, 3, 4], blocks=bad)], raw_opts())
+
+
+def test_ties_among_many_channels_with_frozen_ones_go_to_the_lower_index():
+    scores = np.random.default_rng(4).integers(0, 3, 64).astype(float)
+    mask = np.ones(64, dtype=bool)
+    mask[[0, 7, 30]] = False
+    plan = make_plan([one("x", scores, prunable=mask)], raw_opts(), ratios={"x": 0.5})
+    expected = sorted((i for i in range(64) if mask[i]), key=lambda i: (scores[i], i))[:32]
+    assert pruned(plan, "x") == sorted(expected)
+
+
+def test_global_cut_takes_only_the_ties_it_needs():
+    # 0.4 of 5 -> 2 marked: 1.0 and the first of the three 2.0s (index order)
+    plan = make_plan([one("x", [2.0, 1.0, 2.0, 3.0, 2.0])], raw_opts(), ratio=0.4)
+    assert pruned(plan, "x") == [0, 1] and plan.threshold == 2.0
+
+
+def test_global_cut_where_a_partial_selection_would_be_off_by_one():
+    """300 random scores, 100 cut: for this draw np.partition at the wrong position leaves
+    a larger score at index 99 (checked when the test was written), so the cut must be
+    selected at exactly `count - 1`."""
+    scores = np.random.default_rng(257).random(300)
+    plan = make_plan([one("x", scores)], raw_opts(), ratio=1 / 3)
+    assert pruned(plan, "x") == sorted(np.argsort(scores)[:100].tolist())
+    assert plan.threshold == np.sort(scores)[99]
+
+
+def test_combine_messages_without_a_label_say_group():
+    with pytest.raises(PlanError) as err:
+        combine({}, "sum", "none")
+    assert str(err.value) == "group has no member layers"
+    with pytest.raises(PlanError) as err:
+        combine({"a": np.ones(2), "b": np.ones(3)}, "sum", "none")
+    assert str(err.value) == "group: member 'b' has 3 scores, the first member has 2"
+    with pytest.raises(OptionError) as err:
+        combine({"a": np.ones(2)}, "max", "none")
+    assert str(err.value) == ("option policy='max' is not allowed; allowed values: "
+                              "sum, average, backward")
+
+
+def test_combine_backward_adds_float32_scores_in_float64_without_warnings():
+    # 3e38 + 2e38 overflows float32 (max 3.4e38) but not float64; no overflow warning either
+    a = np.array([3e38, 1e38, 0.0], dtype=np.float32)
+    b = np.array([2e38, 1e38, 1.0], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, s = combine({"a": a, "b": b}, "backward", "none")
+        big = np.array([1.5e308, 1.0e308, 0.5e308])
+        _, scaled = combine({"a": big, "b": big}, "backward", "linear_scaling")
+    np.testing.assert_allclose(s, [5e38, 2e38, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(scaled, [1.0, 0.5, 0.0])
