@@ -145,14 +145,14 @@ def test_pretrained_model_in_python_writes_hf(tmp_path):
     assert (tmp_path / "model.onnx").is_file()
     _assert_hf_equals_pt2("llama", tmp_path)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    # default axis -1: per-head value channels are kept (one head size), heads all stay, the
-    # hidden size stays a multiple of the heads (LlamaConfig requires it)
+    # default axis -1: heads all stay, the hidden size stays a multiple of the heads
+    # (LlamaConfig requires it); rotary pairs and value channels shrink together as a
+    # smaller head_dim with the rope parameters of the kept frequencies (tests/test_rotary.py)
     assert config["num_attention_heads"] == 4 and config["num_key_value_heads"] == 2
     assert config["hidden_size"] < 64 and config["hidden_size"] % 4 == 0
     assert config["intermediate_size"] < 128
-    kept = result.report["uniform"]["kept_for_config"]
-    assert {k["group"] for k in kept} == {"model.layers.0.self_attn.v_proj",
-                                         "model.layers.1.self_attn.v_proj"}
+    assert config["head_dim"] < 16 and config["head_dim"] % 2 == 0
+    assert result.report["uniform"]["kept_for_config"] == []
 
 
 def test_resnet_folder_with_uniform_shrinks_stage_widths_and_bottlenecks(folders, tmp_path,

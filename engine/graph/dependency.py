@@ -217,6 +217,7 @@ def _build(gm: fx.GraphModule, state: AnalysisState, whole: bool, unknown: list[
         )
     groups.sort(key=lambda g: member_rank[g.layers[0]])
     _assign_blocks(groups, state, roots)
+    _check_joined_pieces(groups, state, roots, whole)
     _name_groups(groups)
 
     frozen: list[FrozenInfo] = []
@@ -313,6 +314,16 @@ def _assign_blocks(groups: list[GroupInfo], state: AnalysisState, roots: np.ndar
         if (ids < 0).any() or not ids.size:
             continue
         located = roots[ids]
+        if located.shape[0] > 1:
+            located = _without_shared_columns(located)
+            if located is None:
+                for gi in unique_ints(group_of[roots[ids]]).tolist():
+                    if gi >= 0:
+                        _freeze_group(groups[gi], f"{split.where}: channels shared by every "
+                                      "block also sit apart in some")
+                continue
+            if not located.size:
+                continue
         split_groups = group_of[located]
         if (split_groups < 0).any():
             continue
@@ -327,6 +338,73 @@ def _assign_blocks(groups: list[GroupInfo], state: AnalysisState, roots: np.ndar
     for gi, layout in layouts.items():
         groups[gi].block_index = layout
         groups[gi].blocks = (int(layout.shape[0]), int(layout.shape[1]))
+
+
+def _check_joined_pieces(groups: list[GroupInfo], state: AnalysisState, roots: np.ndarray,
+                         whole: bool) -> None:
+    """Deferred checks of Tracer.defer_cat_check: pieces joined along one dim that carry
+    channels along other dims too must keep their extent along those dims, or the join
+    fails. A slice along such a dim never vanishes when it holds a whole group's channels
+    (a group never loses all of them), a whole block of a group (inside-head pruning keeps
+    every block) or a frozen channel; otherwise the groups involved are frozen."""
+    group_of = np.full(len(roots), -1, dtype=np.int64)
+    for gi, g in enumerate(groups):
+        group_of[g.roots] = gi
+    for reason, dim, pieces in state.same_channels:
+        located = [np.where(p >= 0, roots[np.maximum(p, 0)], -1) for p in pieces]
+        if all(_slices_survive(x, dim, groups, group_of, whole) for x in located):
+            continue
+        for x in located:
+            for gi in unique_ints(group_of[x[x >= 0]]).tolist():
+                if gi >= 0:
+                    _freeze_group(groups[gi], reason)
+
+
+def _slices_survive(located: np.ndarray, dim: int, groups: list[GroupInfo],
+                    group_of: np.ndarray, whole: bool) -> bool:
+    for d in range(located.ndim):
+        if d == dim or located.shape[d] == 1:
+            continue
+        for k in range(located.shape[d]):
+            kept = set(unique_ints(np.take(located, k, axis=d)).tolist())
+            # an unlabelled position is never removed
+            if -1 not in kept and not _never_emptied(kept, groups, group_of, whole):
+                return False
+    return True
+
+
+def _never_emptied(kept: set[int], groups: list[GroupInfo], group_of: np.ndarray,
+                   whole: bool) -> bool:
+    for r in kept:
+        gi = int(group_of[r])
+        if gi < 0:
+            return True  # not in any group: never pruned
+        g = groups[gi]
+        position = int(np.flatnonzero(g.roots == r)[0])
+        if not g.prunable[position] or kept.issuperset(g.roots.tolist()):
+            return True
+        if g.block_index is not None and not whole:
+            row = g.block_index[(g.block_index == position).any(axis=1)]
+            if len(row) and kept.issuperset(g.roots[row[0]].tolist()):
+                return True
+    return False
+
+
+def _without_shared_columns(located: np.ndarray) -> np.ndarray | None:
+    """The split's columns less those holding the same channel in every block.
+
+    Rotary attention joins channel j of every head with frequency j of one table, so every
+    head holds the same channels there: removing one removes that position from every head,
+    which keeps the blocks equal without a constraint. None: a shared channel also sits in
+    a column of its own somewhere (no consistent layout).
+    """
+    shared = (located == located[:1]).all(axis=0)
+    if not shared.any():
+        return located
+    rest = located[:, ~shared]
+    if np.isin(rest, located[0, shared]).any():
+        return None
+    return rest
 
 
 def _layout(groups, layouts, gi: int, rows: np.ndarray, where: str) -> None:

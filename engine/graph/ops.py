@@ -670,9 +670,12 @@ def cat(t: Tracer, node: fx.Node) -> Any:
         return t.align(tensors, ndim, "cat with data that cannot be sliced")
     if any(d != dim for a in tensors for d in t.label_dims(a)):
         # pieces with channels along another dim too (ConvBERT: attention and convolution
-        # heads joined, each of head_size): their other dims must keep equal sizes
-        for x in labels:
-            t.freeze(x, f"{op_key(node)} of channels laid out over several dimensions")
+        # heads joined, each of head_size): their other dims must keep equal sizes. Rotary
+        # attention's rotate_half, cat(-x2, x1), and partial rotary's cat(rotated, passed)
+        # do: each head's slice holds whole groups or whole blocks. That is known only once
+        # the groups are, so the check is deferred
+        t.defer_cat_check(labels, dim, f"{op_key(node)} of channels laid out over several "
+                          "dimensions")
     sizes = [1] * ndim
     for x in labels:
         for d in range(ndim):

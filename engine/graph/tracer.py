@@ -75,6 +75,9 @@ class AnalysisState:
     labels: dict[str, Any] = field(default_factory=dict)  # node name -> labels
     routers: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (topk node, expert ids)
     failed: dict[str, str] = field(default_factory=dict)  # node name -> why its rule failed
+    # (reason, dim, labels): pieces joined along dim whose extents along their other dims
+    # must survive any plan, or be frozen (checked by engine.graph.dependency)
+    same_channels: list[tuple[str, int, list[np.ndarray]]] = field(default_factory=list)
 
 
 @dataclass
@@ -175,6 +178,8 @@ class Tracer:
         self.param_views = self._find_param_views(gm)
         self.derived_weights = self._find_derived_weights(gm)
         self.derived_sources = {d.param for d in self.derived_weights.values()}
+        # inside-head pruning only: with whole heads the tables meet no channel of their own
+        self.frequency_tables = set() if whole_blocks else find_frequency_tables(gm)
 
     # ----------------------------------------------------------------- queries for rules
     def labels_of(self, arg: Any) -> np.ndarray | None:
@@ -394,6 +399,12 @@ class Tracer:
             if i >= 0:
                 self.state.inexact.setdefault(int(i), reason)
 
+    def defer_cat_check(self, labels: list[np.ndarray], dim: int, reason: str) -> None:
+        """Pieces joined along `dim` must keep their extents along their other dims under
+        any plan (checked once groups and blocks are known); otherwise frozen with `reason`."""
+        if not self.apply_pass:
+            self.state.same_channels.append((reason, dim, [np.array(x) for x in labels]))
+
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         if not self.apply_pass:
             self.state.uf.union_pairs(a, b)
@@ -565,8 +576,15 @@ class Tracer:
     def _param_labels(self, node: fx.Node) -> np.ndarray | None:
         """A parameter used as data carries the slots of its one non-trivial dimension."""
         shape = self.orig_shape(node)
-        if shape is None or not isinstance(self.param_tensor(node.target), torch.nn.Parameter):
-            return None  # buffers (position ids, rotary frequencies) carry no channels
+        if shape is None:
+            return None
+        if node.target in self.frequency_tables:
+            # rotary frequencies: entry j turns the channel pair (j, j + d/2) of every head it
+            # meets; slicing the table with the kept pairs keeps the rotation exact
+            ids = self.slots(node.target, 0)
+            return ids
+        if not isinstance(self.param_tensor(node.target), torch.nn.Parameter):
+            return None  # other buffers (position ids, masks) carry no channels
         big = [d for d, s in enumerate(shape) if s > 1]
         if node.target in self.derived_sources:
             big = [0]  # a weight transformed before use: its output channels
@@ -605,6 +623,51 @@ class Tracer:
             return None
         index_1 = tuple(slice(0, 1) if ref.shape[d] == 1 else slice(None) for d in range(ids.ndim))
         return ids[index_1]
+
+
+# ops a rotary frequency table passes through on its way to its cos/sin tables: dtype and
+# device moves, products with positions, the (freqs, freqs) concatenation, views
+_FREQUENCY_PATH = frozenset({
+    "_to_copy", "to", "type_as", "clone", "contiguous", "alias", "detach", "mul", "div",
+    "matmul", "bmm", "mm", "einsum", "outer", "unsqueeze", "expand", "view", "reshape",
+    "_unsafe_view", "transpose", "permute", "cat", "float", "repeat_interleave", "repeat",
+    "slice", "squeeze", "cos", "sin", "_assert_tensor_metadata",
+})
+
+
+def find_frequency_tables(gm: fx.GraphModule) -> set[str]:
+    """Rotary frequency buffers (``inv_freq``): 1-D floating buffers whose values reach
+    both ``cos`` and ``sin`` through the ops of :data:`_FREQUENCY_PATH` only.
+
+    Found by what the graph does with them, not by name. Their entries are channel slots:
+    the cos/sin tables made from them can then be sliced with the kept frequencies.
+    """
+    params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    found: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in params:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() != 1 or not val.is_floating_point() \
+                or val.shape[0] < 2:
+            continue
+        reached: set[str] = set()
+        todo, seen = list(node.users), set()
+        while todo:
+            user = todo.pop()
+            if user.name in seen or user.op != "call_function":
+                continue
+            seen.add(user.name)
+            short = _short_op(user)
+            if short not in _FREQUENCY_PATH:
+                continue
+            if short in ("cos", "sin"):
+                reached.add(short)
+                continue
+            todo.extend(user.users)
+        if reached == {"cos", "sin"}:
+            found.add(node.target)
+    return found
 
 
 def _rank(ids: np.ndarray, ndim: int) -> np.ndarray:

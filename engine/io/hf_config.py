@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from engine.errors import PruneScopeError
+from engine.graph.tracer import find_frequency_tables
 from engine.io.hf import HFSource, quiet_transformers, transformers_class
 
 Dim = tuple[str, int]  # (parameter name, dimension)
@@ -557,8 +558,29 @@ def config_constraints(analysis, whole_blocks: bool) -> Constraints:
     """What the model's config lets a plan of this block mode change (engine/io/hf_config)."""
     hf = analysis.captured.hf
     cmap = probe_config(model_class(hf), hf.config)
-    return constraints(cmap, analysis.prunable_groups(whole_blocks), attention_heads(analysis),
-                       graph_constants(analysis.gm))
+    limits = constraints(cmap, analysis.prunable_groups(whole_blocks),
+                         attention_heads(analysis), graph_constants(analysis.gm))
+    if whole_blocks:
+        return limits
+    rotary = rotary_heads(analysis)
+    if rotary is not None:
+        return with_rotary(limits, rotary)
+    # rotary pairs whose frequencies the config cannot give (head size derived from
+    # hidden_size, partial or scaled rope): whole, whatever field could read their shapes
+    name = type(hf.config).__name__
+    prunable = {g.name for g in analysis.prunable_groups(whole_blocks)}
+    for group in (g for g in rotary_pair_groups(analysis) if g in prunable):
+        limits.keep.setdefault(group, (
+            f"{name} derives the rotary frequencies from its head size, and cannot describe "
+            "them pruned here (a head_dim field and default rope over whole heads are needed)"))
+    limits.ties[:] = [t for t in limits.ties if not set(t) & set(limits.keep)]
+    return limits
+
+
+def rotary_free_fields(analysis, whole_blocks: bool) -> set[str]:
+    """Head-size fields a plan of this block mode may change: head_dim where rotary pairs
+    are pruned inside heads (engine.io.hf_config.rotary_heads)."""
+    return set() if whole_blocks or rotary_heads(analysis) is None else {"head_dim"}
 
 
 def attention_heads(analysis) -> dict[tuple[str, int], int]:
@@ -636,7 +658,9 @@ def keep_to_describe(analysis, plan) -> dict[str, str]:
     cmap = probe_config(cls, hf.config)
     roles = field_roles(cmap, attention_heads(analysis))
     sizes = planned_sizes(analysis, plan)
-    new, wrong = solve_dims(cls, hf.config, sizes, {f for f, why in roles.items() if why})
+    fixed = {f for f, why in roles.items() if why} - rotary_free_fields(
+        analysis, plan.options.prunes_whole_blocks)
+    new, wrong = solve_dims(cls, hf.config, sizes, fixed)
     if new is not None:
         return {}
     whole = plan.options.prunes_whole_blocks
@@ -708,3 +732,174 @@ def _is_embedding(hf: HFSource, layer: str) -> bool:
     return (isinstance(tied, dict) and getattr(hf.config, "tie_word_embeddings", False)
             and f"{layer}.weight" in tied and _EMBEDDING.search(tied[f"{layer}.weight"]
                                                                 .removesuffix(".weight")))
+
+
+# ------------------------------------------------- rotary heads pruned inside (issue 17)
+# Rotary attention turns channel j and j + d/2 of every head by the frequency
+# theta^(-2j/d). The analysis prunes such pairs (one group: every layer's queries and keys,
+# through the one frequency table). A config derives the frequencies from head_dim and the
+# rope parameters, so it describes a kept set j = s..s+k-1 only: head_dim' = 2k,
+# rope_theta' = theta^(2k/d), and for s > 0 a linear scaling factor theta^(2s/d). head_dim
+# also sets the value heads: each value head then keeps 2k channels.
+
+
+@dataclass
+class RotaryHeads:
+    """A model whose rotary query/key pairs a config can describe pruned."""
+
+    group: str  # the pairs: every layer's query and key projections
+    values: list[str]  # the value groups (heads of head_dim channels) head_dim also sets
+    head_dim: int
+    theta: float
+    kv_heads: int
+    frequency_channel: np.ndarray  # the group channel of each frequency index j
+
+
+def rope_parameters(config) -> dict[str, Any]:
+    """The config's rope settings (transformers 5 ``rope_parameters``, or the older
+    ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor`` fields)."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        return dict(params)
+    out: dict[str, Any] = {"rope_theta": getattr(config, "rope_theta", None),
+                           "rope_type": "default"}
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(scaling, dict):
+        out.update(scaling)
+        out["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+    factor = getattr(config, "partial_rotary_factor", None)
+    if factor is not None:
+        out["partial_rotary_factor"] = factor
+    return out
+
+
+def rotary_heads(analysis) -> RotaryHeads | None:
+    """The rotary pairs and value heads of a transformers model whose config can describe
+    them pruned (head_dim a field, default rope over the whole head), else None."""
+    hf = analysis.captured.hf
+    if hf is None:
+        return None
+    if analysis not in _ROTARY:
+        _ROTARY[analysis] = _find_rotary_heads(analysis, hf)
+    return _ROTARY[analysis]
+
+
+_ROTARY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _find_rotary_heads(analysis, hf: HFSource) -> RotaryHeads | None:
+    config = hf.config
+    head_dim = config.to_dict().get("head_dim")
+    rope = rope_parameters(config)
+    theta = rope.get("rope_theta")
+    if not isinstance(head_dim, int) or head_dim < 4 or not isinstance(theta, (int, float)):
+        return None
+    if rope.get("rope_type", "default") != "default" or \
+            rope.get("partial_rotary_factor", 1.0) != 1.0:
+        return None
+    cmap = probe_config(model_class(hf), config)
+    moved = cmap.fields.get("head_dim")
+    if moved is None:
+        return None
+    structure = analysis.structure(False)
+    roots = structure.state.uf.roots()
+    tables = [ids for ids in frequency_tables(analysis).values() if len(ids) == head_dim // 2]
+    if len(tables) != 1:
+        return None
+    table_roots = roots[tables[0]]
+    group = next((g for g in structure.groups if np.isin(table_roots, g.roots).all()), None)
+    if group is None or group.channels != head_dim // 2 or not group.prunable.all() \
+            or not group.exact or group.blocks is not None:
+        return None
+    if not _member_dims(group) <= set(moved.dims):
+        return None
+    # value heads: blocks of head_dim (one key/value head: a plain group of head_dim)
+    values = [g for g in structure.groups if g is not group and _member_dims(g)
+              and _member_dims(g) <= set(moved.dims)
+              and (g.blocks[1] if g.blocks is not None else g.channels) == head_dim]
+    members = set().union(_member_dims(group), *(_member_dims(g) for g in values))
+    readers = {c for g in [group, *values] for c in [*g.consumers, *g.layers]}
+    if any(d not in members and layer_of(d[0]) not in readers for d in moved.dims):
+        return None  # head_dim sets a weight these groups do not prune (a q/k norm)
+    position = {int(r): k for k, r in enumerate(group.roots)}
+    channel = np.array([position[int(r)] for r in table_roots], dtype=np.int64)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return RotaryHeads(group.name, [g.name for g in values], head_dim, float(theta), int(kv),
+                       channel)
+
+
+def frequency_tables(analysis) -> dict[str, np.ndarray]:
+    """Rotary frequency buffers whose entries the analysis (inside heads) gave channel
+    slots (engine.graph.tracer.find_frequency_tables): name -> slot ids."""
+    structure = analysis.structure(False)
+    tables = find_frequency_tables(analysis.gm)
+    return {name: ids for (name, dim), ids in structure.state.slots.items()
+            if name in tables and dim == 0}
+
+
+def rotary_pair_groups(analysis) -> list[str]:
+    """Groups (inside heads) holding rotary frequency pairs."""
+    structure = analysis.structure(False)
+    roots = structure.state.uf.roots()
+    table_roots = [roots[ids] for ids in frequency_tables(analysis).values()]
+    return [g.name for g in structure.groups
+            if any(np.isin(r, g.roots).any() for r in table_roots)]
+
+
+def _member_dims(group) -> set[Dim]:
+    return {(s.member.param, s.member.dim) for s in group.slots.values()}
+
+
+def layer_of(param: str) -> str:
+    return param.rsplit(".", 1)[0]
+
+
+def with_rotary(limits: Constraints, rotary: RotaryHeads) -> Constraints:
+    """`limits` with the rotary pairs and value heads free to shrink together: head_dim can
+    change, and they are tied (a pair is 2 head_dim units, a value channel 1/kv_heads)."""
+    ours = {rotary.group, *rotary.values}
+    keep = {g: why for g, why in limits.keep.items()
+            if g not in ours and not any(why.endswith(f"to {o}, which stays whole")
+                                         for o in ours)}
+    ties = [t for t in limits.ties if not set(t) & ours]
+    ties.append({rotary.group: 2.0, **dict.fromkeys(rotary.values, 1.0 / rotary.kv_heads)})
+    fixed = {f: why for f, why in limits.fixed.items() if f != "head_dim"}
+    free = [*limits.free, *(["head_dim"] if "head_dim" not in limits.free else [])]
+    return Constraints(keep, ties, fixed, free)
+
+
+def rotary_config(config, rotary: RotaryHeads, kept_channels) -> Any:
+    """`config` (head_dim already solved) with the rope parameters that give the kept
+    frequencies; NotDescribable when they are not one contiguous run."""
+    channel_to_j = {int(c): j for j, c in enumerate(rotary.frequency_channel)}
+    kept = sorted(channel_to_j[int(c)] for c in kept_channels)
+    if not kept:
+        raise NotDescribable(f"group {rotary.group} keeps no rotary frequency")
+    start, k = kept[0], len(kept)
+    if kept != list(range(start, start + k)):
+        raise NotDescribable(
+            f"group {rotary.group} keeps rotary frequencies {kept}, and "
+            f"{type(config).__name__} describes only a contiguous run (--uniform picks one)")
+    d = rotary.head_dim
+    rope = rope_parameters(config)
+    rope["rope_theta"] = rotary.theta ** (2 * k / d)
+    if start:
+        rope["rope_type"] = "linear"
+        rope["factor"] = rotary.theta ** (2 * start / d)
+    values = config.to_dict()
+    if isinstance(getattr(config, "rope_parameters", None), dict):
+        values["rope_parameters"] = rope
+    else:
+        values["rope_theta"] = rope["rope_theta"]
+        if start:
+            values["rope_scaling"] = {"rope_type": "linear", "factor": rope["factor"]}
+    return type(config).from_dict(values)
+
+
+def query_scale(config, rotary: RotaryHeads, new_head_dim: int) -> float:
+    """The factor the query projections take so that a head_dim-derived attention scale
+    (1/sqrt(head_dim')) gives the original 1/sqrt(head_dim); 1 where the config fixes the
+    scale by its own field (Gemma 2's query_pre_attn_scalar)."""
+    if getattr(config, "query_pre_attn_scalar", None) is not None:
+        return 1.0
+    return math.sqrt(new_head_dim / rotary.head_dim)

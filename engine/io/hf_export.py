@@ -32,6 +32,10 @@ from engine.io.hf_config import (
     model_class,
     per_layer_reason,
     probe_config,
+    query_scale,
+    rotary_config,
+    rotary_free_fields,
+    rotary_heads,
     solve_config,
     solve_per_layer,
 )
@@ -64,10 +68,14 @@ def check_heads(result) -> None:
     and the attention scale stays the original one; no config here has a field for that."""
     structure = result.analysis.structure(result.plan.options.prunes_whole_blocks)
     heads = attention_heads(result.analysis)
+    # value heads shrunk with the rotary pairs: head_dim describes them (pruned_config)
+    with_pairs = (set(rotary_heads(result.analysis).values)
+                  if _kept_rotary_pairs(result.analysis, result.plan) is not None else set())
     for gp in result.plan.groups:
         info = structure.group(gp.name)
-        if len(gp.pruned) and info.blocks and not info.whole_blocks and any(
-                (x.member.param, x.member.dim) in heads for x in info.slots.values()):
+        if len(gp.pruned) and gp.name not in with_pairs and info.blocks and \
+                not info.whole_blocks and any((x.member.param, x.member.dim) in heads
+                                              for x in info.slots.values()):
             heads, size = info.blocks
             kept = size - len(gp.pruned) // heads
             config_name = type(result.analysis.captured.hf.config).__name__
@@ -78,9 +86,10 @@ def check_heads(result) -> None:
             )
 
 
-def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None):
+def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None, plan=None):
     """The config describing `module`'s weights: its width fields solved from the pruned
-    shapes (engine/io/hf_config.py) and checked by building the model on meta."""
+    shapes (engine/io/hf_config.py) and checked by building the model on meta. With the
+    `plan`, rotary pairs pruned inside heads set head_dim and the rope parameters."""
     config = hf.config
     values = config.to_dict()
     depth = config_update(hf)
@@ -95,14 +104,52 @@ def pruned_config(hf: HFSource, module: torch.nn.Module, analysis=None):
     if analysis is not None:  # a head's size stays, whatever shapes could also be read
         roles = field_roles(probe_config(model_class(hf), config), attention_heads(analysis))
         fixed = {name for name, why in roles.items() if why}
+    kept_pairs = _kept_rotary_pairs(analysis, plan)
+    if kept_pairs is not None:
+        fixed -= rotary_free_fields(analysis, plan.options.prunes_whole_blocks)
     try:
-        return solve_config(model_class(hf), config, shapes, fixed)
+        new = solve_config(model_class(hf), config, shapes, fixed)
     except Unsolvable as exc:
         # layers of one kind may differ where the model's code reads per_layer_config
-        hetero = solve_per_layer(model_class(hf), config, shapes, fixed)
-        if hetero is None:
+        new = solve_per_layer(model_class(hf), config, shapes, fixed)
+        if new is None:
             raise NotDescribable(str(exc)[:400]) from None
-        return hetero
+    if kept_pairs is not None:
+        new = rotary_config(new, rotary_heads(analysis), kept_pairs)
+    return new
+
+
+def _kept_rotary_pairs(analysis, plan):
+    """The channels the plan keeps of the rotary pairs group, when it prunes some."""
+    if analysis is None or plan is None or plan.options.prunes_whole_blocks:
+        return None
+    rotary = rotary_heads(analysis)
+    if rotary is None:
+        return None
+    gp = plan.group(rotary.group)
+    return gp.kept if len(gp.pruned) else None
+
+
+def _scale_queries(fresh, analysis, plan) -> None:
+    """Attention scaled by 1/sqrt(head_dim) in the original must stay so with the smaller
+    head_dim the new config gives: the first projection of each attention layer in the
+    rotary pairs group (the queries) takes the factor (engine.io.hf_config.query_scale)."""
+    if _kept_rotary_pairs(analysis, plan) is None:
+        return
+    rotary = rotary_heads(analysis)
+    scale = query_scale(fresh.config, rotary, fresh.config.head_dim)
+    if scale == 1.0:
+        return
+    layers = analysis.structure(False).group(rotary.group).layers
+    first: dict[str, str] = {}
+    for layer in layers:  # network order: queries before keys
+        first.setdefault(layer.rsplit(".", 1)[0], layer)
+    params = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for layer in first.values():
+            for suffix in ("weight", "bias"):
+                if f"{layer}.{suffix}" in params:
+                    params[f"{layer}.{suffix}"].mul_(scale)
 
 
 def _changed(config, values: dict[str, Any]) -> str:
@@ -138,11 +185,11 @@ def _loader_class(hf: HFSource):
     return model_class(hf)
 
 
-def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
+def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None, plan=None):
     """A fresh transformers model of the pruned config holding `module`'s weights."""
     from transformers.initialization import no_init_weights
 
-    new_config = pruned_config(hf, module, analysis)
+    new_config = pruned_config(hf, module, analysis, plan)
     # every weight is overwritten below: skip the random initialisation (seconds per billion
     # parameters) and build in the weights' dtype (a bf16 model stays bf16 on disk)
     with quiet_transformers(), no_init_weights():
@@ -170,6 +217,7 @@ def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None):
     missing = [k for k in missing if k not in switched]
     if missing:
         raise NotDescribable(f"the pruned model has no weight for {missing[0]}")
+    _scale_queries(fresh, analysis, plan)
     return fresh
 
 
@@ -198,7 +246,7 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
         return {"written": False, "reason": hf.depth_reason}
     try:
         check_heads(result)
-        model = build_pretrained(hf, result.module, result.analysis)
+        model = build_pretrained(hf, result.module, result.analysis, result.plan)
     except NotDescribable as exc:
         # layers of one kind that lose different counts are the likely cause: say so
         try:

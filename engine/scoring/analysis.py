@@ -19,13 +19,18 @@ from engine.errors import ModelLoadError, OptionError, PruneScopeError
 from engine.graph.capture import Captured, lazy_recompiles, load_model
 from engine.graph.dependency import FrozenInfo, GroupInfo, Structure, analyze_graph
 from engine.graph.inputs import run_graph, sample_chunks
-from engine.io.hf_config import config_constraints, count_adjuster, keep_to_describe
+from engine.io.hf_config import (
+    config_constraints,
+    count_adjuster,
+    keep_to_describe,
+    rotary_heads,
+)
 from engine.options import CRITERIA, CRITERIA_NEEDING_DATA, PruningOptions
 from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
 from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_scores
 from engine.scoring.data_aware import DATA_CRITERIA, DataAwareScorer
 from engine.scoring.planning import GroupInput, Plan, make_plan
-from engine.scoring.uniform import uniform_plan
+from engine.scoring.uniform import keep_contiguous, uniform_plan
 from engine.threads import TORCH_EXPORT_LOCK, exclusive
 
 
@@ -371,10 +376,14 @@ def plan(
         limits = config_constraints(analysis, options.prunes_whole_blocks)
         pinned += sorted(set(limits.keep) - set(pinned))
         adjust = count_adjuster(analysis, options)
+        rotary = None if options.prunes_whole_blocks else rotary_heads(analysis)
         # groups no config describes together with the rest stay whole; plan again
         for _ in range(_DESCRIBE_ROUNDS):
             the_plan = uniform_plan(inputs, options, ratio=ratio, ratios=ratios, pinned=pinned,
                                     removals=removals, adjust=adjust, ties=limits.ties)
+            if rotary is not None and rotary.group not in pinned:
+                # rotary frequencies a config can give: one contiguous run
+                the_plan = keep_contiguous(the_plan, rotary.group, rotary.frequency_channel)
             more = sorted(set(keep_to_describe(analysis, the_plan)) - set(pinned))
             if not more:
                 break

@@ -145,6 +145,24 @@ def uniform_plan(
                    _by_name={})
 
 
+def keep_contiguous(plan: Plan, name: str, order: np.ndarray) -> Plan:
+    """`plan` with group `name` keeping as many channels as planned, as the best-scoring
+    run of consecutive entries of `order` (a config describes rotary frequencies
+    j = s..s+k-1 only: engine/io/hf_config.py); unchanged when it loses nothing."""
+    gp = plan.group(name)
+    k = gp.n - len(gp.pruned)
+    if not len(gp.pruned) or k <= 0:
+        return plan
+    scores = np.asarray(gp.scores, dtype=np.float64)[order]
+    sums = np.convolve(scores, np.ones(k), mode="valid")
+    start = int(np.argmax(sums))  # the first best run: ties keep the lowest frequencies
+    kept = np.sort(np.asarray(order[start:start + k], dtype=np.int64))
+    pruned = np.setdiff1d(np.arange(gp.n, dtype=np.int64), kept)
+    groups = [replace(g, kept=kept, pruned=pruned) if g.name == name else g
+              for g in plan.groups]
+    return replace(plan, groups=groups, _by_name={})
+
+
 def family_counts(plan: Plan, groups: Iterable[GroupInput | GroupInfo]) -> list[dict]:
     """Per family: its layer kind and the channels each of its groups lost (the report)."""
     pruned = {gp.name: int(gp.pruned.size) for gp in plan.groups}
