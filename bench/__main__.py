@@ -83,8 +83,11 @@ def write_results(sections: list[str], names: list[str], path: Path = RESULTS) -
         else:
             text = text.rstrip() + "\n\n" + rendered + "\n"
     # keep sections in the benchmarks' order whatever order they were first written in
-    blocks = {n: m.group(0) for n in BENCHMARKS if (m := _section_re(n).search(text))}
-    body = "\n\n".join(blocks[n] for n in BENCHMARKS if n in blocks)
+    # sections written by other tools (bench/mutation.py) follow, in the order they stand
+    names = list(BENCHMARKS) + [n for n in re.findall(r"<!-- bench:(\w+) -->", text)
+                                if n not in BENCHMARKS and n != "summary"]
+    blocks = {n: m.group(0) for n in names if (m := _section_re(n).search(text))}
+    body = "\n\n".join(blocks[n] for n in names if n in blocks)
     text = HEADER + "\n" + _summary(body) + "\n\n" + body + "\n"
     path.write_text(text)
 
