@@ -18,7 +18,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
               "engine.device", "engine.offline"),
      "the error hierarchy, the pruning options and their allowed values, the device"),
     ("io", ("engine.graph.safety", "engine.graph.custom_ops", "engine.graph.outputs",
-            "engine.graph.inputs", "engine.demo", "engine.io", "engine.io.data", "engine.io.hf",
+            "engine.graph.inputs", "engine.graph.frequencies", "engine.demo", "engine.io",
+            "engine.io.data", "engine.io.hf",
             "engine.io.hf_config", "engine.io.hf_depth", "engine.io.export",
             "engine.io.custom_ops_onnx"),
      "files and formats: model files read safely, data sets, Hugging Face folders and config "

@@ -38,7 +38,7 @@ from engine.graph.capture import capture_module
 from engine.graph.inputs import run_graph
 from engine.io.export import write_json
 from engine.io.hf import HFSource, load_folder_on_meta, quiet_transformers
-from engine.io.hf_config import model_class
+from engine.io.hf_config import model_class, rotary_heads
 from engine.io.hf_export import check_heads, check_uniform, pruned_config
 from engine.io.shards import Prefetcher, ShardSet, write_index, write_shard
 from engine.io.staging import new_staging, remove_dead_staging
@@ -167,6 +167,11 @@ def prune_streamed(
     # scoring asks for each weight once, in the order of the scored members: read ahead
     order = dict.fromkeys(weights.key(m.param) for m in analysis.members())
     weights.reader = reader = Prefetcher(shards.read, order)
+    # rotary pairs stay whole here: pruning them rescales the query weights and solves the
+    # rope fields (engine/io/hf_export.py), which this tensor-by-tensor writer does not do
+    rotary = None if options.prunes_whole_blocks else rotary_heads(analysis)
+    if rotary is not None:
+        pinned = [*pinned, rotary.group]
     try:
         the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
                         uniform=True)

@@ -16,6 +16,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 import engine
+from engine.io.hf_config import rotary_heads
 from engine.stream import prune_streamed, should_stream
 from tests.helpers import ROOT, cli, one_error_line
 
@@ -37,7 +38,10 @@ def pruned(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
     src = _llama(root / "src", hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2,
                  vocab=100, shard="40KB")
-    result = engine.prune(str(src), ratio=0.3, uniform=True)
+    # streamed mode keeps the rotary query/key pairs whole; the normal path, told the same,
+    # must then give the same tensors
+    pairs = rotary_heads(engine.analyze(str(src))).group
+    result = engine.prune(str(src), ratio=0.3, uniform=True, pinned=[pairs])
     engine.save(result, root / "normal", onnx=False)
     report = prune_streamed(src, root / "stream", ratio=0.3)
     return src, root / "normal" / "hf", root / "stream", report

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from engine.graph.frequencies import find_frequency_tables
 from engine.graph.labels import (
     NO_LABEL,
     UnionFind,
@@ -627,49 +628,6 @@ class Tracer:
 
 # ops a rotary frequency table passes through on its way to its cos/sin tables: dtype and
 # device moves, products with positions, the (freqs, freqs) concatenation, views
-_FREQUENCY_PATH = frozenset({
-    "_to_copy", "to", "type_as", "clone", "contiguous", "alias", "detach", "mul", "div",
-    "matmul", "bmm", "mm", "einsum", "outer", "unsqueeze", "expand", "view", "reshape",
-    "_unsafe_view", "transpose", "permute", "cat", "float", "repeat_interleave", "repeat",
-    "slice", "squeeze", "cos", "sin", "_assert_tensor_metadata",
-})
-
-
-def find_frequency_tables(gm: fx.GraphModule) -> set[str]:
-    """Rotary frequency buffers (``inv_freq``): 1-D floating buffers whose values reach
-    both ``cos`` and ``sin`` through the ops of :data:`_FREQUENCY_PATH` only.
-
-    Found by what the graph does with them, not by name. Their entries are channel slots:
-    the cos/sin tables made from them can then be sliced with the kept frequencies.
-    """
-    params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
-    found: set[str] = set()
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target in params:
-            continue
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor) or val.dim() != 1 or not val.is_floating_point() \
-                or val.shape[0] < 2:
-            continue
-        reached: set[str] = set()
-        todo, seen = list(node.users), set()
-        while todo:
-            user = todo.pop()
-            if user.name in seen or user.op != "call_function":
-                continue
-            seen.add(user.name)
-            short = _short_op(user)
-            if short not in _FREQUENCY_PATH:
-                continue
-            if short in ("cos", "sin"):
-                reached.add(short)
-                continue
-            todo.extend(user.users)
-        if reached == {"cos", "sin"}:
-            found.add(node.target)
-    return found
-
-
 def _rank(ids: np.ndarray, ndim: int) -> np.ndarray:
     if ids.ndim < ndim:
         return ids.reshape((1,) * (ndim - ids.ndim) + ids.shape)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from engine.errors import PruneScopeError
-from engine.graph.tracer import find_frequency_tables
+from engine.graph.frequencies import find_frequency_tables
 from engine.io.hf import HFSource, quiet_transformers, transformers_class
 
 Dim = tuple[str, int]  # (parameter name, dimension)
@@ -830,7 +830,7 @@ def _find_rotary_heads(analysis, hf: HFSource) -> RotaryHeads | None:
 
 def frequency_tables(analysis) -> dict[str, np.ndarray]:
     """Rotary frequency buffers whose entries the analysis (inside heads) gave channel
-    slots (engine.graph.tracer.find_frequency_tables): name -> slot ids."""
+    slots (engine.graph.frequencies.find_frequency_tables): name -> slot ids."""
     structure = analysis.structure(False)
     tables = find_frequency_tables(analysis.gm)
     return {name: ids for (name, dim), ids in structure.state.slots.items()

@@ -25,6 +25,7 @@ from engine.quality.latency_costs import (
     measured_saving,
     saved_fraction,
 )
+from engine.quality.metrics import flops_samples, model_metrics
 from engine.quality.sensitivity import DEFAULT_RATIOS, metric_drop, sensitivity
 from engine.quality.sweep_job import point_quality
 from engine.scoring.analysis import analyze, plan
@@ -95,6 +96,10 @@ def ratios_for_target(
         costs = group_latency(analysis, options, calibration=calibration)
         add_latency(sensitivity_report, costs)
     total = sensitivity_report["before"][resource]
+    if resource != "latency":
+        # stored curves may count in other units (an older version's FLOPs): this model's
+        # own size is the reference the pruned candidates are measured against
+        total = model_metrics(analysis.gm, flops_samples(analysis.captured))[resource]
     light: dict[tuple, Any] = {}
     removals: dict[tuple, float] = {}
     losses: dict[tuple, float] = {}
@@ -229,12 +234,14 @@ def _reuse_sensitivity(report: dict, options: PruningOptions, data: Any, metric:
             and (metric is None or metric == report.get("metric")))
     if not same:
         return
+    same_units = resource == "latency" or report.get("before", {}).get(resource) == total
     for point in report.get("points", []):
         if "metric" not in point or "ratios" not in point:
             continue
         key = planned(point["ratios"], None)[1]
         losses.setdefault(key, metric_drop(report["metric"], 0.0, point["metric"]))
-        removals.setdefault(key, 1.0 - point[resource] / total)
+        if same_units:
+            removals.setdefault(key, 1.0 - point[resource] / total)
 
 
 def _as_eval_data(data: Any):
