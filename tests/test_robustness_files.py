@@ -72,7 +72,11 @@ for argv in json.loads(sys.argv[1]):
         rc = "uncaught exception"
     sys.stderr.flush()
     print("@@@ rc", json.dumps(rc), flush=True)
-print("@@@ peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+# VmHWM is this process's own high-water mark; ru_maxrss would also count the parent's size
+# at fork time (Linux keeps it across exec), so a pytest worker grown to 2 GiB showed here
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+print("@@@ peak", int(hwm[0].split()[1]) if hwm else
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
 """
 
 
