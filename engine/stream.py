@@ -39,7 +39,7 @@ from engine.graph.inputs import run_graph
 from engine.io.export import write_json
 from engine.io.hf import HFSource, load_folder_on_meta, quiet_transformers
 from engine.io.hf_config import model_class, rotary_heads
-from engine.io.hf_export import check_heads, check_uniform, pruned_config
+from engine.io.hf_export import carry_files, check_heads, check_uniform, pruned_config
 from engine.io.shards import Prefetcher, ShardSet, write_index, write_shard
 from engine.io.staging import new_staging, remove_dead_staging
 from engine.options import PruningOptions, check_ratio
@@ -306,12 +306,7 @@ def write_streamed(hf: HFSource, new_config, shards: ShardSet, weights: _Weights
         reader.close()
     if len(shards.files) > 1 or (shards.folder / "model.safetensors.index.json").is_file():
         write_index(folder, weight_map, total)
-    carried = []
-    for name in hf.carried:
-        if hf.folder is not None and (hf.folder / name).is_file():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(hf.folder / name, folder / name)
-            carried.append(name)
+    carried = carry_files(hf, folder)
     before = hf.config.to_dict()
     after = new_config.to_dict()
     changed = {k: after[k] for k in after if k in before and before[k] != after[k]

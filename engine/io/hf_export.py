@@ -185,6 +185,18 @@ def _loader_class(hf: HFSource):
     return model_class(hf)
 
 
+def carry_files(hf: HFSource, folder: Path) -> list[str]:
+    """Copy the source folder's non-weight files (tokenizer, subfolder configs) into
+    `folder`, keeping their relative paths; the names copied."""
+    carried = []
+    for name in hf.carried:
+        if hf.folder is not None and (hf.folder / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(hf.folder / name, folder / name)
+            carried.append(name)
+    return carried
+
+
 def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None, plan=None):
     """A fresh transformers model of the pruned config holding `module`'s weights."""
     from transformers.initialization import no_init_weights
@@ -257,12 +269,7 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
         return {"written": False, "reason": str(exc)}
     with quiet_transformers():
         model.save_pretrained(os.fspath(folder))
-    carried = []
-    for name in hf.carried:
-        if hf.folder is not None and (hf.folder / name).is_file():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(hf.folder / name, folder / name)
-            carried.append(name)
+    carried = carry_files(hf, folder)
     dtype = _weight_dtype(result.module)
     diff = _check(hf, folder, result, dtype)
     # a half-precision model reloaded by transformers runs its own kernels (e.g. fused
