@@ -62,7 +62,7 @@ TARGETS: dict[str, Target] = {
          "engine.quality.recovery.distill.*"),
         # the tiny-model tests only: the demo-based ones in test_recover.py take minutes per
         # mutant on a shared machine (and measure accuracy, not each formula)
-        ("tests/test_recovery_units.py",
+        ("tests/test_recovery_units.py", "tests/test_recovery_paths.py",
          "tests/test_recover.py::test_lsq_is_exact_when_removed_inputs_are_combinations_of_kept_ones",
          "tests/test_recover.py::test_bias_restores_the_mean_of_a_layer_that_lost_inputs",
          "tests/test_headline_claims.py::test_distillation_returns_its_best_held_back_state_not_its_last"),

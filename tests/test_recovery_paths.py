@@ -1,0 +1,525 @@
+"""The recovery code paths the demo never takes, on tiny models (each test well under 2 s):
+transformers' written-out RMSNorm, GroupNorm, LayerNorm over two dims or without a bias,
+bias-free linear layers and convolutions for `bias` and `lsq`, and distillation's schedule
+(learning rate, seeded batches, check interval, fixed-batch rounding, stop). Every expected
+value is worked out here: normalisations written by hand, numpy's polyfit and least squares,
+the training loop written out with torch's AdamW. Part of the `recovery` mutation target
+(bench/mutation.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import engine
+from engine.quality.recovery import distill
+from engine.quality.recovery.data import CalibrationSet
+
+
+def _program(model: nn.Module, x: torch.Tensor):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return torch.export.export(model.eval(), (x[:4],), dynamic_shapes=({0: batch},))
+
+
+def _inputs(*shape: int, seed: int = 5) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _params(module) -> dict[str, np.ndarray]:
+    return {k: v.detach().double().numpy() for k, v in module.named_parameters()}
+
+
+def _prune_and_recover(model, x, removed: dict, method: str):
+    result = engine.prune(_program(model, x), options={"criterion": "index"}, indices=removed)
+    return result, engine.recover(result, x.numpy(), method, eval_holdout=0)
+
+
+# ------------------------------------------------------------------ norm: written-out RMSNorm
+
+
+def _rms_factor(h: torch.Tensor, kept: list[int], eps: float) -> np.ndarray:
+    """Per kept channel: the through-origin least-squares factor from the value normalised
+    over the kept channels only to the value normalised over all of them."""
+    h = h.double()
+    z_full = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))[..., kept]
+    hk = h[..., kept]
+    z_kept = hk * torch.rsqrt(hk.pow(2).mean(-1, keepdim=True) + eps)
+    z_full, z_kept = z_full.reshape(-1, len(kept)), z_kept.reshape(-1, len(kept))
+    return ((z_kept * z_full).sum(0) / (z_kept * z_kept).sum(0)).numpy()
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1e-9])
+def test_norm_rescales_transformers_written_out_rms_norm(eps):
+    """LlamaRMSNorm (pow, mean, add eps, rsqrt, mul, casts, weight * ...) on hidden 16 with
+    token positions: the weight times the hand-computed factor. eps 1e-2 matters next to the
+    mean square (the formula with eps); at 1e-9 it is lost in rounding (the one without)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), LlamaRMSNorm(16, eps=eps), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.3)  # mean square about 0.05: eps 1e-2 changes the scale
+        model[1].weight.uniform_(0.5, 1.5)
+    x = _inputs(40, 5, 4)  # (samples, tokens, features)
+    removed = [1, 4, 9, 10, 15]
+    _, recovered = _prune_and_recover(model, x, {"0": removed}, "norm")
+    assert recovered.report["recovery"]["layers"]["norm"] == ["1"]
+    kept = [c for c in range(16) if c not in removed]
+    with torch.no_grad():
+        factor = _rms_factor(model[0](x), kept, eps)
+    assert not np.allclose(factor, 1.0, atol=1e-3)  # the fit does change something
+    w0 = model[1].weight.detach().double().numpy()[kept]
+    np.testing.assert_allclose(_params(recovered.module)["1.weight"], w0 * factor, rtol=1e-5)
+
+
+class _WrittenRMS(nn.Module):
+    """RMSNorm written out by hand in several ways transformers models do (or do not)."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.style == "weight last, eps 1e-2":
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-2)) * self.weight
+        if self.style == "rsqrt first, no eps":
+            return self.weight * (torch.rsqrt(h.pow(2).mean(-1, keepdim=True)) * h)
+        if self.style == "cube":  # not a mean square: no RMSNorm
+            return self.weight * (h * torch.rsqrt(h.pow(3).abs().mean(-1, keepdim=True) + 1))
+        if self.style == "unsqueezed":  # mean without keepdim, unsqueezed: not recognised
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1).unsqueeze(-1) + 1e-2))
+        if self.style == "eps a tensor":  # eps not a number: not recognised
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)
+                                                  + self.weight[:1]))
+        if self.style == "sqrt":  # divided by sqrt: not the rsqrt pattern
+            return self.weight * (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-2))
+        if self.style == "scale only":  # no normalisation at all
+            return self.weight * (h * 2.0)
+        raise AssertionError(self.style)
+
+
+def _rms_chain(style: str) -> nn.Module:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), _WrittenRMS(style), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.3)
+    return model
+
+
+@pytest.mark.parametrize(("style", "eps"), [("weight last, eps 1e-2", 1e-2),
+                                            ("rsqrt first, no eps", 0.0)])
+def test_norm_finds_written_out_rms_norm_in_either_operand_order(style, eps):
+    model = _rms_chain(style)
+    x = _inputs(30, 3, 4)
+    removed = [2, 5, 6]
+    _, recovered = _prune_and_recover(model, x, {"0": removed}, "norm")
+    assert recovered.report["recovery"]["layers"]["norm"] == ["1"]
+    kept = [c for c in range(8) if c not in removed]
+    with torch.no_grad():
+        factor = _rms_factor(model[0](x), kept, eps)
+    assert not np.allclose(factor, 1.0, atol=1e-3)
+    w0 = model[1].weight.detach().double().numpy()[kept]
+    np.testing.assert_allclose(_params(recovered.module)["1.weight"], w0 * factor, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["cube", "unsqueezed", "eps a tensor", "sqrt",
+                                   "scale only"])
+def test_norm_leaves_products_that_are_not_rms_norm_alone(style):
+    model = _rms_chain(style)
+    x = _inputs(30, 3, 4)
+    result, recovered = _prune_and_recover(model, x, {"0": [2, 5, 6]}, "norm")
+    assert "norm" not in recovered.report["recovery"]["layers"]
+    assert "norm" in recovered.report["recovery"]["skipped"]
+    np.testing.assert_array_equal(_params(recovered.module)["1.weight"],
+                                  _params(result.module)["1.weight"])
+
+
+def test_norm_leaves_a_rms_norm_whose_channels_were_all_kept():
+    """Pruning the layer after the norm: the norm's channels are whole, nothing to fit."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 8), _WrittenRMS("weight last, eps 1e-2"),
+                          nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = _inputs(30, 3, 4)
+    result, recovered = _prune_and_recover(model, x, {"2": [0, 3]}, "norm")
+    assert "norm" not in recovered.report["recovery"]["layers"]
+    np.testing.assert_array_equal(_params(recovered.module)["1.weight"],
+                                  model[1].weight.detach().double().numpy())
+
+
+# ------------------------------------------------------------------ norm: GroupNorm, LayerNorm
+
+
+def _group_norm_by_hand(h: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    n, c = h.shape[:2]
+    g = h.reshape(n, groups, -1)
+    mean = g.mean(-1, keepdim=True)
+    var = ((g - mean) ** 2).mean(-1, keepdim=True)
+    return ((g - mean) / torch.sqrt(var + eps)).reshape(h.shape)
+
+
+def _affine_fits(z_kept: np.ndarray, z_full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's polyfit per column: slope and shift from z_kept to z_full."""
+    fits = [np.polyfit(z_kept[:, j], z_full[:, j], 1) for j in range(z_kept.shape[1])]
+    return np.array([f[0] for f in fits]), np.array([f[1] for f in fits])
+
+
+def test_norm_refits_a_group_norm_per_channel():
+    """GroupNorm(2 groups of 4) loses one channel per group: each kept channel's weight and
+    bias absorb the polyfit of its value over 3 channels against its value over 4."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.GroupNorm(2, 8, eps=0.5),
+                          nn.Conv2d(8, 3, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)  # variance near eps: eps 0.5 counts
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    x = _inputs(24, 2, 5, 5)
+    removed = [1, 5]
+    _, recovered = _prune_and_recover(model, x, {"0": removed}, "norm")
+    assert recovered.report["recovery"]["layers"]["norm"] == ["1"]
+    kept = [c for c in range(8) if c not in removed]
+    with torch.no_grad():
+        h = model[0](x).double()
+    z_full = _group_norm_by_hand(h, 2, 0.5)[:, kept]
+    z_kept = _group_norm_by_hand(h[:, kept], 2, 0.5)
+
+    def rows(z):  # (samples * positions, channels)
+        return z.transpose(0, 1).reshape(len(kept), -1).T.numpy()
+
+    slope, shift = _affine_fits(rows(z_kept), rows(z_full))
+    assert not np.allclose(slope, 1.0, atol=1e-3)
+    w0 = model[1].weight.detach().double().numpy()[kept]
+    b0 = model[1].bias.detach().double().numpy()[kept]
+    got = _params(recovered.module)
+    np.testing.assert_allclose(got["1.weight"], w0 * slope, rtol=1e-5)
+    np.testing.assert_allclose(got["1.bias"], b0 + w0 * shift, rtol=1e-5, atol=1e-7)
+
+
+def _layer_norm_by_hand(h: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    mean = h.mean(dims, keepdim=True)
+    var = ((h - mean) ** 2).mean(dims, keepdim=True)
+    return (h - mean) / torch.sqrt(var + eps)
+
+
+def test_norm_refits_a_layer_norm_with_its_own_eps_on_token_rows():
+    """LayerNorm(6, eps 0.1) over the features of (samples, tokens, features), activations
+    small enough for eps to count: one fit per kept feature over every token's row."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6, eps=0.1),
+                          nn.Linear(6, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.4)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    x = _inputs(80, 3, 4)
+    removed = [0, 4]
+    _, recovered = _prune_and_recover(model, x, {"0": removed}, "norm")
+    assert recovered.report["recovery"]["layers"]["norm"] == ["1"]
+    kept = [1, 2, 3, 5]
+    with torch.no_grad():
+        h = model[0](x).double()
+    z_full = _layer_norm_by_hand(h, (2,), 0.1)[..., kept].reshape(-1, 4).numpy()
+    z_kept = _layer_norm_by_hand(h[..., kept], (2,), 0.1).reshape(-1, 4).numpy()
+    slope, shift = _affine_fits(z_kept, z_full)
+    w0 = model[1].weight.detach().double().numpy()[kept]
+    b0 = model[1].bias.detach().double().numpy()[kept]
+    got = _params(recovered.module)
+    np.testing.assert_allclose(got["1.weight"], w0 * slope, rtol=1e-5)
+    np.testing.assert_allclose(got["1.bias"], b0 + w0 * shift, rtol=1e-5, atol=1e-7)
+
+
+def test_norm_adds_the_bias_a_layer_norm_without_one_needs():
+    """LayerNorm(bias=False) over the features of (samples, tokens, features): a bias is
+    added holding weight x shift (the fit's intercept)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6, bias=False), nn.Linear(6, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x = _inputs(50, 4, 4)
+    removed = [2, 3]
+    _, recovered = _prune_and_recover(model, x, {"0": removed}, "norm")
+    assert recovered.report["recovery"]["layers"]["norm"] == ["1"]
+    kept = [0, 1, 4, 5]
+    with torch.no_grad():
+        h = model[0](x).double()
+    z_full = _layer_norm_by_hand(h, (2,), 1e-5)[..., kept].reshape(-1, 4).numpy()
+    z_kept = _layer_norm_by_hand(h[..., kept], (2,), 1e-5).reshape(-1, 4).numpy()
+    slope, shift = _affine_fits(z_kept, z_full)
+    assert not np.allclose(shift, 0.0, atol=1e-3)
+    w0 = model[1].weight.detach().double().numpy()[kept]
+    got = _params(recovered.module)
+    np.testing.assert_allclose(got["1.weight"], w0 * slope, rtol=1e-5)
+    bias = next(v for k, v in got.items() if k.startswith("1.") and "bias" in k)
+    np.testing.assert_allclose(bias, w0 * shift, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # and the model runs with it: the kept LayerNorm's output
+        out = recovered.module(x)
+    assert out.shape == (50, 4, 2)
+
+
+def test_norm_leaves_a_layer_norm_without_affine_alone():
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6, elementwise_affine=False),
+                          nn.Linear(6, 2)).eval()
+    x = _inputs(50, 4)
+    _, recovered = _prune_and_recover(model, x, {"0": [2, 3]}, "norm")
+    assert "norm" not in recovered.report["recovery"]["layers"]
+
+
+# ------------------------------------------------------------------ bias
+
+
+def test_bias_adds_the_removed_channels_mean_to_a_bias_free_convolution():
+    """FLAP on a convolution: the added bias is the mean over samples and positions of what
+    the removed input channels gave (padding borders included), computed here with conv2d
+    on the removed channels alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, padding=1, bias=False)).eval()
+    x = _inputs(32, 2, 5, 5)
+    removed = [0, 3]
+    _, recovered = _prune_and_recover(model, x, {"0": removed}, "bias")
+    assert recovered.report["recovery"]["layers"]["bias"] == ["2"]
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+        lost = F.conv2d(hidden[:, removed], model[2].weight[:, removed], padding=1)
+    expected = lost.double().mean((0, 2, 3)).numpy()
+    got = _params(recovered.module)
+    bias = next(v for k, v in got.items() if k.startswith("2.") and "bias" in k)
+    np.testing.assert_allclose(bias, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_corrects_only_the_layer_that_lost_inputs_on_token_rows():
+    """(samples, tokens, features): the middle layer loses outputs, so only the last one
+    lost inputs; its bias moves by W[:, removed] @ mean over samples and tokens."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
+                          nn.Linear(5, 3)).eval()
+    x = _inputs(30, 7, 4)
+    removed = [1, 2]
+    result, recovered = _prune_and_recover(model, x, {"2": removed}, "bias")
+    assert recovered.report["recovery"]["layers"]["bias"] == ["4"]
+    with torch.no_grad():
+        hidden = model[3](model[2](model[1](model[0](x))))
+        shift = (model[4].weight[:, removed].double()
+                 @ hidden[..., removed].double().mean((0, 1))).numpy()
+    got, before = _params(recovered.module), _params(result.module)
+    np.testing.assert_allclose(got["4.bias"], model[4].bias.detach().double().numpy() + shift,
+                               rtol=1e-5, atol=1e-6)
+    for name in ("0.bias", "2.bias", "0.weight", "2.weight", "4.weight"):
+        np.testing.assert_array_equal(got[name], before[name])
+
+
+# ------------------------------------------------------------------ lsq
+
+
+def _ridge(x, y, w, b, ridge):
+    """min ||X W^T + b - Y||^2 + lam ||W - W0||^2 (+ a negligible pull on b), in numpy."""
+    x, y, w, b = (np.asarray(t, dtype=np.float64) for t in (x, y, w, b))
+    a = np.hstack([x, np.ones((len(x), 1))])
+    gram = a.T @ a
+    lam = np.full(x.shape[1] + 1, ridge * np.mean(np.diag(gram)[:-1]))
+    lam[-1] = 1e-10 * max(len(x), 1.0)
+    prior = np.vstack([w.T, b[None, :]])
+    theta = np.linalg.solve(gram + np.diag(lam), a.T @ y + lam[:, None] * prior)
+    return theta[:-1].T, theta[-1]
+
+
+def test_lsq_refits_a_bias_free_linear_layer_on_token_rows():
+    """(samples, tokens, features) through a bias-free last layer: its new weight and added
+    bias are the ridge solution (numpy) on every token's row; the first layer, whose kept
+    outputs are unchanged, is left as it is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3, bias=False)).eval()
+    x = _inputs(40, 6, 4)
+    removed = [0, 5, 6]
+    result, recovered = _prune_and_recover(model, x, {"0": removed}, "lsq")
+    assert recovered.report["recovery"]["layers"]["lsq"] == ["2"]
+    kept = [c for c in range(8) if c not in removed]
+    with torch.no_grad():
+        hidden = model[1](model[0](x))[..., kept].reshape(-1, len(kept))
+        want = model(x).reshape(-1, 3)
+    w0 = result.module.get_parameter("2.weight").detach()
+    w_ref, b_ref = _ridge(hidden, want, w0, np.zeros(3), 1e-6)
+    got, before = _params(recovered.module), _params(result.module)
+    np.testing.assert_allclose(got["2.weight"], w_ref, rtol=1e-4, atol=1e-6)
+    bias = next(v for k, v in got.items() if k.startswith("2.") and "bias" in k)
+    np.testing.assert_allclose(bias, b_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(got["0.weight"], before["0.weight"])
+    np.testing.assert_array_equal(got["0.bias"], before["0.bias"])
+
+
+def test_lsq_refits_a_strided_convolution_with_bias():
+    """Conv2d with stride 2 and padding 1 after a pruned one: the ridge solution (numpy) on
+    the 3x3 patches its output positions read (unfold), bias refitted in place."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, stride=2, padding=1)).eval()
+    x = _inputs(40, 2, 6, 6)
+    removed = [2, 4]
+    result, recovered = _prune_and_recover(model, x, {"0": removed}, "lsq")
+    assert recovered.report["recovery"]["layers"]["lsq"] == ["2"]
+    kept = [0, 1, 3, 5]
+    with torch.no_grad():
+        hidden = model[1](model[0](x))[:, kept]
+        want = model(x)
+    rows = F.unfold(hidden, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 4 * 9)
+    out = want.permute(0, 2, 3, 1).reshape(-1, 4)
+    w0 = result.module.get_parameter("2.weight").detach().reshape(4, -1)
+    b0 = result.module.get_parameter("2.bias").detach()
+    w_ref, b_ref = _ridge(rows, out, w0, b0, 1e-6)
+    got = _params(recovered.module)
+    np.testing.assert_allclose(got["2.weight"].reshape(4, -1), w_ref, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(got["2.bias"], b_ref, rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------ distill: the schedule
+
+
+class _Student(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _by_hand(student, x, teacher, y, *, steps, batch, rate, seed, hidden_states=False):
+    """The training distill.run documents, written out: AdamW (no weight decay), the rate
+    on a half cosine over the steps, seeded shuffles, a new shuffle when an epoch's next
+    batch would run past the end."""
+    student = copy.deepcopy(student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(x)
+    order, position = torch.randperm(n, generator=generator), 0
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = rate * (1 + math.cos(math.pi * step / steps)) / 2
+        if position + batch > n:
+            order, position = torch.randperm(n, generator=generator), 0
+        index = order[position:position + batch]
+        position += batch
+        value = distill.loss([student(x[index])], [teacher[index]],
+                             None if y is None else y[index], None, hidden_states)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    return student
+
+
+def _run(student, fit, teacher, **kwargs):
+    calls = []
+    details = distill.run(student, fit, [teacher], None, None, seed=kwargs.pop("seed", 4),
+                          progress=lambda msg, f: calls.append((msg, round(f, 9))),
+                          **{"seconds": None, **kwargs})
+    return details, calls
+
+
+@pytest.mark.parametrize("hidden_states", [False, True])
+def test_distill_run_is_the_seeded_cosine_schedule_written_out(hidden_states):
+    """20 samples in batches of 8: two per epoch, then a reshuffle (4 left over); checks
+    every 2 steps (the epoch); without held-back samples the last state is kept. Class
+    scores with labels at rate 5e-3, hidden states at 1e-4."""
+    x = _inputs(20, 3)
+    teacher = _inputs(20, 2, seed=6) * 2
+    y = None if hidden_states else torch.tensor([0, 1] * 10)
+    student = _Student()
+    fit = CalibrationSet([x], y)
+    details, calls = _run(student, fit, teacher, steps=7, batch=8, hidden_states=hidden_states)
+    assert details["steps"] == 7 and details["best_step"] == 7
+    assert math.isnan(details["holdout_loss"]) and "stopped" not in details
+    assert "minibatch" not in details
+    assert calls == [("distilling: step 2", round(1 / 7, 9)),
+                     ("distilling: step 4", round(3 / 7, 9)),
+                     ("distilling: step 6", round(5 / 7, 9))]
+    rate = 1e-4 if hidden_states else 5e-3
+    want = _by_hand(_Student(), x, teacher, y, steps=7, batch=8, rate=rate, seed=4,
+                    hidden_states=hidden_states)
+    for name, value in want.state_dict().items():
+        assert torch.allclose(student.state_dict()[name], value, rtol=1e-5, atol=1e-7), name
+    assert not torch.allclose(student.fc.weight, _Student().fc.weight, atol=rate / 2)
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_distill_run_first_step_moves_each_weight_by_the_full_rate():
+    """Adam's first step is the rate times the gradient's sign: every weight moves by
+    exactly 5e-3 (the cosine starts at its top)."""
+    student = _Student()
+    start = student.fc.weight.detach().clone()
+    _run(student, CalibrationSet([_inputs(16, 3)]), _inputs(16, 2, seed=6), steps=1)
+    moved = (student.fc.weight.detach() - start).abs()
+    assert torch.allclose(moved, torch.full_like(moved, 5e-3), rtol=1e-4)
+
+
+def test_distill_run_checks_every_fifty_steps_at_most():
+    """240 samples in batches of 4 make 60 per epoch; the held-back check (and progress)
+    comes every 50 steps."""
+    student = _Student()
+    _, calls = _run(student, CalibrationSet([_inputs(240, 3)]), _inputs(240, 2, seed=6),
+                    steps=101, batch=4)
+    assert [msg for msg, _ in calls] == ["distilling: step 50", "distilling: step 100"]
+    assert [f for _, f in calls] == [round(49 / 101, 9), round(99 / 101, 9)]
+
+
+@pytest.mark.parametrize(("batch", "expected"), [(20, 16), (5, 8), (64, 24)])
+def test_distill_run_rounds_the_batch_to_whole_fixed_batches(batch, expected):
+    """A fixed-batch graph of 8 and 30 samples: the batch goes down to a multiple of 8 (not
+    below 8; the default 64 is first cut to the 30 samples); the training is the one
+    written out with that batch."""
+    x, teacher = _inputs(30, 3), _inputs(30, 2, seed=6)
+    student = _Student()
+    details, calls = _run(student, CalibrationSet([x], None, 8), teacher, steps=5,
+                          **({} if batch == 64 else {"batch": batch}))
+    assert details["minibatch"] == expected and details["steps"] == 5
+    per_epoch = 30 // expected
+    assert [msg for msg, _ in calls] == [f"distilling: step {s}" for s in range(1, 6)
+                                         if s % per_epoch == 0]
+    want = _by_hand(_Student(), x, teacher, None, steps=5, batch=expected, rate=5e-3, seed=4)
+    assert torch.allclose(student.fc.weight, want.fc.weight, rtol=1e-5, atol=1e-7)
+
+
+def test_distill_run_batch_is_cut_to_the_samples():
+    """12 samples and the default batch of 64: every step sees all 12 (one per epoch)."""
+    x, teacher = _inputs(12, 3), _inputs(12, 2, seed=6)
+    student = _Student()
+    details, calls = _run(student, CalibrationSet([x]), teacher, steps=3)
+    assert len(calls) == 3
+    want = _by_hand(_Student(), x, teacher, None, steps=3, batch=12, rate=5e-3, seed=4)
+    assert torch.allclose(student.fc.weight, want.fc.weight, rtol=1e-5, atol=1e-7)
+
+
+def test_distill_run_stop_ends_it_and_keeps_the_best_state():
+    x, teacher = _inputs(40, 3), _inputs(40, 2, seed=6)
+    held = CalibrationSet([_inputs(10, 3, seed=7)])
+    student = _Student()
+    start = copy.deepcopy(student.state_dict())
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 3  # three steps run, then stop
+
+    with torch.no_grad():
+        held_teacher = [student(held.xs[0])]  # the start is perfect on the held-back set
+    details = distill.run(student, CalibrationSet([x]), [teacher], held, held_teacher,
+                          seconds=None, steps=100, seed=0, progress=lambda *_: None,
+                          batch=8, stop=stop)
+    assert details["stopped"] is True and details["steps"] == 3
+    assert details["best_step"] == 0 and details["holdout_loss"] == pytest.approx(0, abs=1e-12)
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, start[name])
+    # no held-back samples (an empty set): the last state is kept
+    empty = CalibrationSet([x[:0]])
+    details = distill.run(student, CalibrationSet([x]), [teacher], empty, [teacher[:0]],
+                          seconds=None, steps=2, seed=0, progress=lambda *_: None, batch=8)
+    assert math.isnan(details["holdout_loss"]) and details["best_step"] == 2
+    assert not torch.equal(student.fc.weight, start["fc.weight"])
