@@ -426,20 +426,19 @@ def _run(student, fit, teacher, **kwargs):
 
 @pytest.mark.parametrize("hidden_states", [False, True])
 def test_distill_run_is_the_seeded_cosine_schedule_written_out(hidden_states):
-    """20 samples in batches of 8: two per epoch, then a reshuffle (4 left over); checks
-    every 2 steps (the epoch); without held-back samples the last state is kept. Class
-    scores with labels at rate 5e-3, hidden states at 1e-4."""
-    x = _inputs(20, 3)
-    teacher = _inputs(20, 2, seed=6) * 2
-    y = None if hidden_states else torch.tensor([0, 1] * 10)
+    """24 samples in batches of 8: three per epoch, a reshuffle when one ends (exactly:
+    not one batch early); checks every 3 steps (the epoch); without held-back samples the
+    last state is kept. Class scores with labels at rate 5e-3, hidden states at 1e-4."""
+    x = _inputs(24, 3)
+    teacher = _inputs(24, 2, seed=6) * 2
+    y = None if hidden_states else torch.tensor([0, 1] * 12)
     student = _Student()
     fit = CalibrationSet([x], y)
     details, calls = _run(student, fit, teacher, steps=7, batch=8, hidden_states=hidden_states)
     assert details["steps"] == 7 and details["best_step"] == 7
     assert math.isnan(details["holdout_loss"]) and "stopped" not in details
     assert "minibatch" not in details
-    assert calls == [("distilling: step 2", round(1 / 7, 9)),
-                     ("distilling: step 4", round(3 / 7, 9)),
+    assert calls == [("distilling: step 3", round(2 / 7, 9)),
                      ("distilling: step 6", round(5 / 7, 9))]
     rate = 1e-4 if hidden_states else 5e-3
     want = _by_hand(_Student(), x, teacher, y, steps=7, batch=8, rate=rate, seed=4,
