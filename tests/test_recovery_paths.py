@@ -522,3 +522,23 @@ def test_distill_run_stop_ends_it_and_keeps_the_best_state():
                           seconds=None, steps=2, seed=0, progress=lambda *_: None, batch=8)
     assert math.isnan(details["holdout_loss"]) and details["best_step"] == 2
     assert not torch.equal(student.fc.weight, start["fc.weight"])
+
+
+# ------------------------------------------------------------------ nested layer names
+
+
+def test_each_method_names_the_nested_layers_it_changed():
+    """Layers inside a block are named by their full path (`0.3`, not `0`): conv (pruned),
+    GroupNorm, ReLU, bias-free conv, BatchNorm, all in block 0."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    model = nn.Sequential(block, nn.ReLU()).eval()
+    x = _inputs(24, 2, 5, 5)
+    result = engine.prune(_program(model, x), options={"criterion": "index"},
+                          indices={"0.0": [1, 4]})
+    recovered = engine.recover(result, x.numpy(), "bias,lsq,bn,norm", eval_holdout=0)
+    assert recovered.report["recovery"]["layers"] == {
+        "bias": ["0.3"], "lsq": ["0.3"], "bn": ["0.4"], "norm": ["0.1"]}
+    names = {k for k, _ in recovered.module.named_parameters()}
+    assert "0.3.bias" in names  # the bias `bias` added lives in its own layer

@@ -214,6 +214,12 @@ def test_distill_loss_on_per_token_class_scores():
     zeros = torch.zeros(1, 2, 3)
     got = distill.loss([zeros], [zeros], torch.tensor([[0, 2]]))
     assert float(got) == pytest.approx(math.log(3.0), rel=1e-6)
+    # one token (batch 2, 1 token, 2 classes): still class scores, the temperature-softened
+    # KL of (3/4, 1/4) against (1/2, 1/2) per row, times T^2 = 4
+    teacher = torch.tensor([[[2 * math.log(3.0), 0.0]], [[2 * math.log(3.0), 0.0]]])
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    got = distill.loss([torch.zeros(2, 1, 2)], [teacher], None)
+    assert float(got) == pytest.approx(4 * kl, rel=1e-6)
 
 
 def test_distill_loss_on_hidden_states():
