@@ -142,6 +142,9 @@ def run_target(name: str, target: Target, children: int, rerun: bool | str = Tru
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # the target's current test selection (a test file added to it since the run counts)
+        for folder in (work, work / "mutants"):
+            (folder / "setup.cfg").write_text(setup_cfg(target))
         with open(work / "run.log", "a") as out:
             subprocess.run([*mutmut, "run", "--max-children", str(children), *survivors],
                            cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
