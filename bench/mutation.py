@@ -72,7 +72,7 @@ TARGETS: dict[str, Target] = {
         ("engine.scoring.auto_ratios.*",),
         # the search on the demo (marked slow) takes minutes per mutant; the synthetic
         # problems check the same search against brute force
-        ("tests/test_auto_ratios.py", "-m", "not slow"),
+        ("tests/test_auto_ratios.py", "tests/test_auto_ratios_units.py", "-m", "not slow"),
     ),
     "metrics": Target(
         ("engine/quality/evaluate.py", "engine/quality/metrics.py"),

@@ -1,0 +1,294 @@
+"""The automatic-ratio search's building blocks on tiny synthetic curves (no model, each test
+milliseconds): the target check, the interpolated tables, the knapsack against brute force,
+the shortfall loop, the global-ratio bisection and the measured greedy, with every expected
+value worked out by hand. Part of the `auto-ratios` mutation target (bench/mutation.py); the
+search on the demo (test_auto_ratios.py, `slow`) checks the whole."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from engine.errors import OptionError
+from engine.scoring import auto_ratios
+from engine.scoring.auto_ratios import (
+    check_target,
+    choose_ratios,
+    fit_ratios,
+    greedy_measured,
+    group_tables,
+    uniform_ratio,
+)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0.5", 0.5), (0.01, 0.01), (0.99, 0.99)])
+def test_a_target_is_a_fraction_strictly_between_zero_and_one(value, expected):
+    assert check_target(value, "--target-flops") == expected
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (0, "--target-flops=0 is out of range; allowed: 0 < target < 1 (the fraction to remove)"),
+    (1.0, "--target-flops=1.0 is out of range; allowed: 0 < target < 1 (the fraction to "
+          "remove)"),
+    ("half", "--target-flops='half' is not a number; allowed: 0 < target < 1 (the fraction "
+             "to remove)"),
+    (None, "--target-flops=None is not a number; allowed: 0 < target < 1 (the fraction to "
+           "remove)"),
+])
+def test_a_bad_target_is_one_line_naming_the_flag(value, message):
+    with pytest.raises(OptionError) as info:
+        check_target(value, "--target-flops")
+    assert str(info.value) == message
+
+
+def _curve(points):
+    """(ratio, drop, params left of 100) -> a sensitivity curve."""
+    return [{"ratio": r, "drop": d, "params": p, "flops": 2 * p} for r, d, p in points]
+
+
+def test_group_tables_interpolate_the_sorted_curve_made_non_decreasing():
+    # unsorted; the drop dips at 0.5 (0.3 -> 0.2) and is negative at 0: made 0.3 and 0
+    sensitivity = {"before": {"params": 100.0, "flops": 200.0}, "groups": [
+        {"name": "a", "curve": _curve([(0.5, 0.2, 80.0), (0.0, -0.1, 100.0),
+                                       (0.25, 0.3, 90.0)])},
+        {"name": "b", "curve": _curve([(0.0, 0.0, 100.0), (0.9, 0.6, 10.0)])},
+    ]}
+    tables = group_tables(sensitivity, "params")
+    cand, loss, removed = tables["a"]
+    np.testing.assert_allclose(cand, np.arange(0, 0.501, 0.025), atol=1e-12)
+    at = {round(float(c), 4): (float(lo), float(rm)) for c, lo, rm in zip(cand, loss, removed)}
+    assert at[0.0] == pytest.approx((0.0, 0.0))
+    assert at[0.125] == pytest.approx((0.15, 0.05))
+    assert at[0.375] == pytest.approx((0.3, 0.15))
+    assert at[0.5] == pytest.approx((0.3, 0.2))
+    cand, loss, removed = tables["b"]
+    assert len(cand) == 37 and float(cand[-1]) == pytest.approx(0.9)
+    assert float(loss[12]) == pytest.approx(0.2) and float(removed[12]) == pytest.approx(0.3)
+    # FLOPs: the same fractions of 200
+    assert float(group_tables(sensitivity, "flops")["a"][2][-1]) == pytest.approx(0.2)
+
+
+def _knapsack_problem():
+    """Three groups on the ratios 0, .25, .5, .75 (params left, drop), made up."""
+    curves = {
+        "a": [(0.0, 0.0, 100.0), (0.25, 0.01, 92.0), (0.5, 0.05, 85.0), (0.75, 0.2, 77.0)],
+        "b": [(0.0, 0.0, 100.0), (0.25, 0.04, 88.0), (0.5, 0.06, 76.0), (0.75, 0.3, 64.0)],
+        "c": [(0.0, 0.0, 100.0), (0.25, 0.005, 95.0), (0.5, 0.1, 90.0), (0.75, 0.11, 83.0)],
+    }
+    return {"before": {"params": 100.0},
+            "groups": [{"name": n, "curve": _curve(c)} for n, c in curves.items()]}
+
+
+def _brute_force(sensitivity, target):
+    """Every combination of the four ratios: the least summed drop whose summed removal
+    (counted in 0.1% units, as the search resolves it) reaches the target."""
+    per = {g["name"]: {c["ratio"]: (c["drop"], (100 - c["params"]) / 100) for c in g["curve"]}
+           for g in sensitivity["groups"]}
+    best = None
+    for combo in itertools.product([0.0, 0.25, 0.5, 0.75], repeat=3):
+        loss = sum(per[n][r][0] for n, r in zip("abc", combo))
+        units = sum(math.floor(per[n][r][1] * 1000 + 1e-9) for n, r in zip("abc", combo))
+        if units >= math.ceil(target * 1000 - 1e-9) and (best is None or loss < best[0] - 1e-12):
+            best = (loss, dict(zip("abc", combo)))
+    return best
+
+
+@pytest.mark.parametrize("target", [0.05, 0.13, 0.2, 0.3, 0.4, 0.49, 0.76])
+def test_choose_ratios_is_the_brute_force_optimum(target):
+    sensitivity = _knapsack_problem()
+    candidates = np.array([0.0, 0.25, 0.5, 0.75])
+    choice = choose_ratios(sensitivity, "params", target, candidates)
+    loss, ratios = _brute_force(sensitivity, target)
+    assert choice.predicted_loss == pytest.approx(loss, abs=1e-12)
+    assert list(choice.ratios) == ["a", "b", "c"]
+    per = {g["name"]: {c["ratio"]: (c["drop"], (100 - c["params"]) / 100)
+                       for c in g["curve"]} for g in sensitivity["groups"]}
+    assert sum(per[n][r][0] for n, r in choice.ratios.items()) == pytest.approx(loss)
+    removed = sum(per[n][r][1] for n, r in choice.ratios.items())
+    assert choice.predicted_removed == pytest.approx(removed) and removed >= target - 1e-9
+    assert choice.ratios == ratios  # no ties in this problem
+
+
+def test_choose_ratios_by_hand():
+    # 30% of the params: a .25 (8, drop .01) + b .5 (24, .06) = 32, drop .07, is the least
+    # (a .5 + c .75: .16; a .25 + b .25 + c .5: .15; b .5 + c .25 removes only 29)
+    choice = choose_ratios(_knapsack_problem(), "params", 0.3,
+                           np.array([0.0, 0.25, 0.5, 0.75]))
+    assert choice.ratios == {"a": 0.25, "b": 0.5, "c": 0.0}
+    assert choice.predicted_loss == pytest.approx(0.07)
+    assert choice.predicted_removed == pytest.approx(0.32)
+
+
+def test_choose_ratios_refuses_an_unreachable_target_and_an_unknown_resource():
+    with pytest.raises(OptionError) as info:
+        choose_ratios(_knapsack_problem(), "params", 0.8, np.array([0.0, 0.25, 0.5, 0.75]))
+    assert str(info.value) == ("the target removes 80% of the params, but pruning every group "
+                               "as far as its curve goes removes at most 76%")
+    with pytest.raises(OptionError) as info:
+        choose_ratios(_knapsack_problem(), "memory", 0.3)
+    assert str(info.value) == ("resource 'memory' is not allowed; allowed: "
+                               "('params', 'flops', 'latency')")
+
+
+def test_fit_ratios_raises_the_aim_by_the_shortfall_until_the_measure_meets_the_target(
+        monkeypatch):
+    """The measured removal is 0.04 below the curves' sum: the first choice (aim .3: a .25
+    + b .5, removal .32, measured .28) falls short by .02, so the aim becomes
+    .3 + .02 + .001 = .321, and the brute-force choice for .321 is met for real."""
+    sensitivity = _knapsack_problem()
+    aims, measured = [], []
+    grid = np.array([0.0, 0.25, 0.5, 0.75])
+
+    def choose(s, resource, aim):
+        aims.append(aim)
+        return choose_ratios(s, resource, aim, grid)
+
+    def measure(ratios, ratio):
+        assert ratio is None
+        left = {g["name"]: {c["ratio"]: c["params"] for c in g["curve"]}
+                for g in sensitivity["groups"]}
+        measured.append(sum(100 - left[n][r] for n, r in ratios.items()) / 100 - 0.04)
+        return measured[-1]
+
+    monkeypatch.setattr(auto_ratios, "choose_ratios", choose)
+    choice, achieved = fit_ratios(sensitivity, "params", 0.3, measure)
+    assert aims == pytest.approx([0.3, 0.321])
+    assert measured[0] == pytest.approx(0.28)
+    loss, _ = _brute_force(sensitivity, 0.321)
+    assert choice.predicted_loss == pytest.approx(loss)
+    assert achieved == measured[1] and achieved >= 0.3
+
+
+def test_fit_ratios_gives_up_after_six_rounds_in_one_line():
+    """The measure always says 19%: the aim rises by .011 a round, six rounds, then one
+    line."""
+    calls = []
+
+    def measure(ratios, ratio):
+        calls.append(ratios)
+        return 0.19
+
+    with pytest.raises(OptionError) as info:
+        fit_ratios(_knapsack_problem(), "params", 0.2, measure)
+    assert len(calls) == 6
+    assert str(info.value) == ("could not reach 20% of the params removed with per-group "
+                               "ratios (reached 19.0%); try more sensitivity ratios")
+
+
+def test_uniform_ratio_is_the_smallest_global_ratio_meeting_the_target():
+    """removal = ratio^2: the target .25 needs ratio .5; bisection of [0, .99] to 1e-3."""
+    calls = []
+
+    def measure(ratios, ratio):
+        assert ratios is None
+        calls.append(ratio)
+        return ratio ** 2
+
+    ratio, removed = uniform_ratio("params", 0.25, measure)
+    assert 0.5 <= ratio <= 0.501
+    assert 0.25 <= removed == pytest.approx(ratio ** 2, abs=1e-4)
+    assert calls[0] == 0.99 and calls[1] == pytest.approx(0.495)
+    assert len(calls) == 1 + 10  # 0.99 / 2^10 < 1e-3 <= 0.99 / 2^9
+    assert ratio == round(ratio, 4)
+
+
+def test_uniform_ratio_refuses_a_target_no_global_ratio_meets():
+    with pytest.raises(OptionError) as info:
+        uniform_ratio("flops", 0.6, lambda ratios, ratio: 0.5)
+    assert str(info.value) == ("a global ratio of 0.99 removes only 50% of the flops; the "
+                               "target 60% cannot be met with a global ratio")
+
+
+# -------------------------------------------------------------------------- the greedy
+
+SLOPE = {"free": 0.5, "costly": 0.5}  # removal per unit ratio
+COST = {"free": 0.0, "costly": 1.0}  # loss per unit ratio
+
+
+def _greedy_sensitivity():
+    ratios = [0.0, 0.3, 0.6, 0.9]
+    return {"before": {"params": 1.0}, "groups": [
+        {"name": n, "curve": [{"ratio": r, "drop": COST[n] * r, "params": 1 - SLOPE[n] * r}
+                              for r in ratios]} for n in ("costly", "free")]}
+
+
+def _measure(ratios, ratio):
+    return sum(SLOPE[n] * r for n, r in ratios.items())
+
+
+def _loss(ratios):
+    return sum(COST[n] * r for n, r in ratios.items())
+
+
+def test_greedy_takes_the_free_group_first_then_shortens_the_last_step():
+    """`free` costs nothing: it goes to 0.6 in steps of 0.1 (removal .3); .33 needs .06 of
+    `costly`, whose step .1 overshoots and is bisected in [0, .1] to .005: .05 (.325, low),
+    .075 (.3375, high), .0625 (.33125, high), .05625 (low), .059375 (low): .0625."""
+    levels = {"free": [0.0, 0.2, 0.4, 0.6], "costly": [0.0, 0.2, 0.4, 0.6, 0.8]}
+    ratios, removed, trail = greedy_measured(_greedy_sensitivity(), "params", 0.33, _measure,
+                                             _loss, steps=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+    assert ratios == {"costly": 0.0625, "free": 0.6}
+    assert removed == pytest.approx(0.33125)
+    assert [(t["group"], t["ratio"]) for t in trail] == [
+        ("free", 0.1), ("free", 0.2), ("free", 0.3), ("free", 0.4), ("free", 0.5),
+        ("free", 0.6), ("costly", 0.0625)]
+    assert trail[-1]["removed"] == pytest.approx(0.33125)
+    assert trail[-1]["loss"] == pytest.approx(0.0625)
+    # with channel-count levels a step is one level and the last one is not shortened; a
+    # free step ends its round (nothing measured after it can be better): the loss is
+    # measured once at the start and once a round
+    losses = []
+
+    def loss(ratios):
+        losses.append(ratios)
+        return _loss(ratios)
+
+    ratios, removed, trail = greedy_measured(_greedy_sensitivity(), "params", 0.33, _measure,
+                                             loss, levels=levels)
+    assert len(losses) == 1 + 4
+    assert ratios == {"costly": 0.2, "free": 0.6} and removed == pytest.approx(0.4)
+    assert [(t["group"], t["ratio"]) for t in trail] == [
+        ("free", 0.2), ("free", 0.4), ("free", 0.6), ("costly", 0.2)]
+    assert [t["loss"] for t in trail] == pytest.approx([0.0, 0.0, 0.0, 0.2])
+
+
+def test_greedy_skips_a_step_that_removes_nothing():
+    """`free` removes nothing at .2 (the step rule swallows it): the step goes on to .4."""
+
+    def measure(ratios, ratio):
+        r = ratios["free"]
+        return SLOPE["free"] * (0.0 if r < 0.3 else r) + SLOPE["costly"] * ratios["costly"]
+
+    levels = {"free": [0.0, 0.2, 0.4, 0.6], "costly": [0.0, 0.2, 0.4]}
+    ratios, removed, trail = greedy_measured(_greedy_sensitivity(), "params", 0.2, measure,
+                                             _loss, levels=levels)
+    assert ratios == {"costly": 0.0, "free": 0.4} and removed == pytest.approx(0.2)
+    assert [(t["group"], t["ratio"]) for t in trail] == [("free", 0.4)]
+
+
+def test_greedy_picks_the_cheaper_loss_per_removed_unit():
+    """Both groups cost; `b` removes twice as much per unit of loss: it goes first."""
+    slope, cost = {"a": 0.2, "b": 0.4}, {"a": 1.0, "b": 1.0}
+    sensitivity = {"before": {"params": 1.0}, "groups": [
+        {"name": n, "curve": [{"ratio": r, "drop": cost[n] * r, "params": 1 - slope[n] * r}
+                              for r in (0.0, 0.5, 1.0)]} for n in ("a", "b")]}
+    levels = {"a": [0.0, 0.5], "b": [0.0, 0.5, 1.0]}
+
+    def measure(ratios, ratio):
+        return sum(slope[n] * r for n, r in ratios.items())
+
+    def loss(ratios):
+        return sum(cost[n] * r for n, r in ratios.items())
+
+    ratios, removed, trail = greedy_measured(sensitivity, "params", 0.5, measure, loss,
+                                             levels=levels)
+    # b .5 (.2), b 1.0 (.4), then only a is left: a .5 (.5)
+    assert [(t["group"], t["ratio"]) for t in trail] == [("b", 0.5), ("b", 1.0), ("a", 0.5)]
+    assert ratios == {"a": 0.5, "b": 1.0} and removed == pytest.approx(0.5)
+    with pytest.raises(OptionError) as info:
+        greedy_measured(sensitivity, "params", 0.7, measure, loss, levels=levels)
+    assert str(info.value) == ("could not reach 70% of the params removed with per-group "
+                               "ratios (reached 50.0%)")
