@@ -138,7 +138,11 @@ def run_target(name: str, target: Target, children: int, rerun: bool | str = Tru
     if rerun == "survivors":
         # the last run's survivors only, against the checkout's current tests (mutmut finds
         # the new tests and collects their stats before running the named mutants)
-        survivors = list(json.loads((work / "summary.json").read_text())["survivors"])
+        last = json.loads((work / "summary.json").read_text())
+        survivors = list(last["survivors"])
+        # mutmut forgets the results of functions whose tests changed ("not checked"): the
+        # mutants the last run killed stay killed (tests were only added), read from here
+        (work / "summary.previous.json").write_text(json.dumps(last, indent=1))
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -162,6 +166,10 @@ def run_target(name: str, target: Target, children: int, rerun: bool | str = Tru
         mutant, _, status = line.strip().rpartition(": ")
         if mutant and any(_matches(mutant, glob) for glob in target.functions):
             statuses[mutant] = status
+    previous = work / "summary.previous.json"  # only after a --survivors run
+    if previous.exists():
+        earlier = json.loads(previous.read_text())["statuses"]
+        statuses = {m: _merged(earlier.get(m), s) for m, s in statuses.items()}
     survivors = {m: _diff(work, m) for m, s in statuses.items()
                  if s not in ("killed", "timeout", "caught by type check", "not checked")}
     killed = sum(s in ("killed", "timeout") for s in statuses.values())
@@ -173,6 +181,11 @@ def run_target(name: str, target: Target, children: int, rerun: bool | str = Tru
                "statuses": statuses, "survivors": survivors}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _merged(earlier: str | None, now: str) -> str:
+    """A mutant's status across a run and a later --survivors run of its survivors."""
+    return earlier if now == "not checked" and earlier in ("killed", "timeout") else now
 
 
 def _matches(mutant: str, glob: str) -> bool:
