@@ -355,6 +355,27 @@ def test_lsq_refits_a_bias_free_linear_layer_on_token_rows():
     np.testing.assert_array_equal(got["0.bias"], before["0.bias"])
 
 
+def test_lsq_refits_a_layer_that_lost_inputs_and_outputs_to_its_kept_outputs():
+    """The middle layer of three loses inputs and outputs: it is fitted (numpy) to the
+    original's outputs on the channels it keeps, from the pruned inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
+                          nn.Linear(6, 3)).eval()
+    x = _inputs(200, 4)
+    result, recovered = _prune_and_recover(model, x, {"0": [1, 6], "2": [0, 4]}, "lsq")
+    assert recovered.report["recovery"]["layers"]["lsq"] == ["2", "4"]
+    kept_in, kept_out = [0, 2, 3, 4, 5, 7], [1, 2, 3, 5]
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+        want = model[2](hidden)[:, kept_out]
+    w0 = result.module.get_parameter("2.weight").detach()
+    b0 = result.module.get_parameter("2.bias").detach()
+    w_ref, b_ref = _ridge(hidden[:, kept_in], want, w0, b0, 1e-6)
+    got = _params(recovered.module)
+    np.testing.assert_allclose(got["2.weight"], w_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["2.bias"], b_ref, rtol=1e-4, atol=1e-6)
+
+
 def test_lsq_refits_a_strided_convolution_with_bias():
     """Conv2d with stride 2 and padding 1 after a pruned one: the ridge solution (numpy) on
     the 3x3 patches its output positions read (unfold), bias refitted in place."""

@@ -100,9 +100,10 @@ def test_lsq_solve_with_a_strong_ridge_matches_the_closed_form():
     y = _inputs(30, 2) + 2.0
     w0 = torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.5, 0.5, 0.5, 0.5]])
     b0 = torch.tensor([3.0, -3.0])
-    for ridge in (0.5, 3.0):
-        w, b = lsq.solve(x, y, w0, b0, ridge=ridge)
-        w_ref, b_ref = _ridge_reference(x, y, w0, b0, ridge)
+    # the last: inputs of 1e-3, whose energy (about 1e-4) is far below 1
+    for ridge, scale in ((0.5, 1.0), (3.0, 1.0), (3.0, 1e-3)):
+        w, b = lsq.solve(x * scale, y, w0, b0, ridge=ridge)
+        w_ref, b_ref = _ridge_reference(x * scale, y, w0, b0, ridge)
         np.testing.assert_allclose(w.numpy(), w_ref, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(b.numpy(), b_ref, rtol=1e-9, atol=1e-9)
 
