@@ -413,7 +413,8 @@ class _Student(nn.Module):
         return self.fc(x)
 
 
-def _by_hand(student, x, teacher, y, *, steps, batch, rate, seed, hidden_states=False):
+def _by_hand(student, x, teacher, y, *, steps, batch, rate, seed, hidden_states=False,
+             mask=None):
     """The training distill.run documents, written out: AdamW (no weight decay), the rate
     on a half cosine over the steps, seeded shuffles, a new shuffle when an epoch's next
     batch would run past the end."""
@@ -429,8 +430,9 @@ def _by_hand(student, x, teacher, y, *, steps, batch, rate, seed, hidden_states=
             order, position = torch.randperm(n, generator=generator), 0
         index = order[position:position + batch]
         position += batch
-        value = distill.loss([student(x[index])], [teacher[index]],
-                             None if y is None else y[index], None, hidden_states)
+        out = student(x[index]) if mask is None else student(x[index], mask[index])
+        value = distill.loss([out], [teacher[index]], None if y is None else y[index],
+                             None if mask is None else mask[index] > 0, hidden_states)
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
@@ -563,3 +565,160 @@ def test_each_method_names_the_nested_layers_it_changed():
         "bias": ["0.3"], "lsq": ["0.3"], "bn": ["0.4"], "norm": ["0.1"]}
     names = {k for k, _ in recovered.module.named_parameters()}
     assert "0.3.bias" in names  # the bias `bias` added lives in its own layer
+
+
+def test_norm_nested_layer_norm_without_bias_and_written_out_rms_get_their_own_names():
+    """Inside block 0: the LayerNorm's added bias is `0.1.bias` and the model uses it; the
+    written-out RMSNorm is reported as `0.3`."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8, bias=False), nn.Linear(8, 8),
+                          _WrittenRMS("weight last, eps 1e-2"), nn.Linear(8, 3))
+    model = nn.Sequential(block).eval()
+    x = _inputs(40, 4)
+    result = engine.prune(_program(model, x), options={"criterion": "index"},
+                          indices={"0.0": [1, 2], "0.2": [3, 5]})
+    recovered = engine.recover(result, x.numpy(), "norm", eval_holdout=0)
+    assert recovered.report["recovery"]["layers"]["norm"] == ["0.1", "0.3"]
+    module = recovered.module
+    assert "0.1.bias" in dict(module.named_parameters())
+    with torch.no_grad():
+        with_bias = module(x)
+        module.get_parameter("0.1.bias").zero_()
+        assert not torch.allclose(module(x), with_bias, atol=1e-4)  # the bias is used
+
+
+def test_norm_leaves_a_layer_norm_whose_channels_were_all_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 5), nn.ReLU(),
+                          nn.Linear(5, 3)).eval()
+    x = _inputs(40, 4)
+    _, recovered = _prune_and_recover(model, x, {"2": [0, 3]}, "norm")
+    assert "norm" not in recovered.report["recovery"]["layers"]
+
+
+def test_bias_corrects_a_layer_that_lost_inputs_and_outputs():
+    """The middle layer loses inputs and outputs: its kept outputs' bias moves by
+    W[kept, removed] @ mean(h[removed])."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
+                          nn.Linear(6, 3)).eval()
+    x = _inputs(100, 4)
+    _, recovered = _prune_and_recover(model, x, {"0": [1, 6], "2": [0, 4]}, "bias")
+    assert recovered.report["recovery"]["layers"]["bias"] == ["2", "4"]
+    kept_out, removed = [1, 2, 3, 5], [1, 6]
+    with torch.no_grad():
+        h = model[1](model[0](x)).double()
+        w = model[2].weight.double()
+        want = model[2].bias.double()[kept_out] + w[kept_out][:, removed] @ h[:, removed].mean(0)
+    np.testing.assert_allclose(_params(recovered.module)["2.bias"], want.numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+# ------------------------------------------------------------------ distill: held-back loss
+
+
+class _Tokens(nn.Module):
+    """(samples, tokens, 2) features and a 0/1 attention mask in; hidden states out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x, mask):
+        return self.fc(x)
+
+
+def test_distill_run_measures_the_held_back_loss_with_labels():
+    """Stopped before any step: the held-back loss is the start's. Teacher = student, so
+    only the labels count: cross entropy (torch's, not distill.loss)."""
+    student = _Student()
+    x = _inputs(10, 3, seed=7)
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 1])
+    with torch.no_grad():
+        out = student(x)
+    details = distill.run(student, CalibrationSet([x]), [out], CalibrationSet([x], y), [out],
+                          seconds=None, steps=5, seed=0, progress=lambda *_: None,
+                          stop=lambda: True)
+    assert details["steps"] == 0
+    assert details["holdout_loss"] == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-6)
+
+
+def test_distill_run_measures_hidden_states_over_real_tokens_only():
+    """Hidden states with a mask: the teacher equals the student on real tokens and is far
+    off on padding, so the held-back loss is 0 (to rounding; counting padding would make it
+    large), and the training is the one written out with the mask."""
+    student = _Tokens()
+    x = _inputs(12, 4, 2, seed=8)
+    mask = torch.ones(12, 4, dtype=torch.long)
+    mask[:, 3] = 0  # the last token is padding
+    with torch.no_grad():
+        teacher = student(x, mask)
+        teacher[:, 3] += 5.0
+    data = CalibrationSet([x, mask], None, None, 1)
+    details = distill.run(student, data, [teacher], data, [teacher], seconds=None, steps=3,
+                          seed=0, progress=lambda *_: None, hidden_states=True, batch=4)
+    assert details["holdout_loss"] == pytest.approx(0.0, abs=1e-5)
+    want = _by_hand(_Tokens(), x, teacher, None, steps=3, batch=4, rate=1e-4, seed=0,
+                    hidden_states=True, mask=mask)
+    assert torch.allclose(student.fc.weight, want.fc.weight, rtol=1e-6, atol=1e-8)
+
+
+def test_distill_run_matches_hidden_states_by_squared_error_not_class_scores():
+    """hidden_states: the held-back teacher is the student's output plus 1, so the loss is
+    mse 1 over the teacher's variance (numpy, ddof 1); as class scores it would be 0."""
+    student = _Student()
+    x = _inputs(10, 3, seed=7)
+    with torch.no_grad():
+        teacher = student(x) + 1.0
+    details = distill.run(student, CalibrationSet([x]), [teacher], CalibrationSet([x]),
+                          [teacher], seconds=None, steps=5, seed=0, progress=lambda *_: None,
+                          hidden_states=True, stop=lambda: True)
+    assert details["holdout_loss"] == pytest.approx(1.0 / np.var(teacher.numpy(), ddof=1),
+                                                    rel=1e-5)
+
+
+def test_distill_run_keeps_the_first_of_equal_held_back_losses():
+    """Held-back inputs of zero through a bias-free layer: every state gives the same
+    held-back loss, so the start is kept although training moved the weights."""
+    torch.manual_seed(4)
+    student = nn.Linear(3, 2, bias=False)
+    start = copy.deepcopy(student.state_dict())
+    x, held = _inputs(16, 3), torch.zeros(4, 3)
+    details = distill.run(student, CalibrationSet([x]), [_inputs(16, 2, seed=6)],
+                          CalibrationSet([held]), [torch.zeros(4, 2)], seconds=None, steps=4,
+                          seed=0, progress=lambda *_: None)
+    assert details["best_step"] == 0
+    assert torch.equal(student.weight, start["weight"])
+
+
+def test_distill_run_returns_the_state_of_its_best_check_in_the_middle():
+    """The training teacher is 1 away from the start in every weight; the held-back teacher
+    0.05 away: the held-back loss falls, then rises again. The state that comes back is the
+    one seen at the check with the least held-back loss (each loss recomputed by numpy)."""
+    student = nn.Linear(3, 1)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[0.5, -0.5, 0.25]]))
+        student.bias.zero_()
+    x, held = _inputs(8, 3), _inputs(6, 3, seed=9)
+    w_far, w_near = student.weight + 1.0, student.weight + 0.05
+
+    def line(inputs, w):
+        return (inputs @ w.T).detach()
+
+    seen = []
+    details = distill.run(student, CalibrationSet([x]), [line(x, w_far)],
+                          CalibrationSet([held]), [line(held, w_near)], seconds=None,
+                          steps=40, seed=0, batch=8,
+                          progress=lambda *_: seen.append(copy.deepcopy(student.state_dict())))
+    target = line(held, w_near).numpy()
+
+    def held_loss(state):
+        out = held.numpy() @ state["weight"].numpy().T + state["bias"].numpy()
+        return float(np.mean((out - target) ** 2) / np.var(target, ddof=1))
+
+    losses = [held_loss(s) for s in seen]  # one check per step (8 samples, batch 8)
+    best = int(np.argmin(losses))
+    assert 0 < best < len(losses) - 1 and details["best_step"] == best + 1
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, seen[best][name]), name
