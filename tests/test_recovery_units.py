@@ -139,8 +139,8 @@ def test_fit_affine_by_hand():
     np.testing.assert_allclose(a.numpy(), [34 / 14, 26 / 21], rtol=1e-12)
     assert c is None
     # small values (sum z^2 = 0.05 < 1): 0.1 * 0.3 + 0.2 * 0.6 = 0.15 over 0.05 = 3
-    a, _ = norm.fit_affine(torch.tensor([[0.1], [0.2]]), torch.tensor([[0.3], [0.6]]),
-                           with_bias=False)
+    a, _ = norm.fit_affine(torch.tensor([[0.1], [0.2]], dtype=torch.float64),
+                           torch.tensor([[0.3], [0.6]], dtype=torch.float64), with_bias=False)
     assert float(a[0]) == pytest.approx(3.0, rel=1e-12)
 
 
