@@ -141,7 +141,7 @@ def run_target(name: str, target: Target, children: int, rerun: bool | str = Tru
         last = json.loads((work / "summary.json").read_text())
         survivors = list(last["survivors"])
         # mutmut forgets the results of functions whose tests changed ("not checked"): the
-        # mutants the last run killed stay killed (tests were only added), read from here
+        # last run's results stand for the mutants not run again, read from here
         (work / "summary.previous.json").write_text(json.dumps(last, indent=1))
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests",
@@ -184,8 +184,9 @@ def run_target(name: str, target: Target, children: int, rerun: bool | str = Tru
 
 
 def _merged(earlier: str | None, now: str) -> str:
-    """A mutant's status across a run and a later --survivors run of its survivors."""
-    return earlier if now == "not checked" and earlier in ("killed", "timeout") else now
+    """A mutant's status across a run and a later --survivors run of its survivors: one not
+    run again keeps its earlier status (killed stays killed; tests were only added)."""
+    return earlier if now == "not checked" and earlier is not None else now
 
 
 def _matches(mutant: str, glob: str) -> bool:
