@@ -99,6 +99,8 @@ class _WrittenRMS(nn.Module):
         if self.style == "eps a tensor":  # eps not a number: not recognised
             return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)
                                                   + self.weight[:1]))
+        if self.style == "no rsqrt":  # times the mean square: no RMSNorm
+            return self.weight * (h * (h.pow(2).mean(-1, keepdim=True) + 1e-2))
         if self.style == "sqrt":  # divided by sqrt: not the rsqrt pattern
             return self.weight * (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-2))
         if self.style == "scale only":  # no normalisation at all
@@ -130,7 +132,7 @@ def test_norm_finds_written_out_rms_norm_in_either_operand_order(style, eps):
     np.testing.assert_allclose(_params(recovered.module)["1.weight"], w0 * factor, rtol=1e-5)
 
 
-@pytest.mark.parametrize("style", ["cube", "unsqueezed", "eps a tensor", "sqrt",
+@pytest.mark.parametrize("style", ["cube", "unsqueezed", "eps a tensor", "no rsqrt", "sqrt",
                                    "scale only"])
 def test_norm_leaves_products_that_are_not_rms_norm_alone(style):
     model = _rms_chain(style)
@@ -588,12 +590,17 @@ def test_norm_nested_layer_norm_without_bias_and_written_out_rms_get_their_own_n
 
 
 def test_norm_leaves_a_layer_norm_whose_channels_were_all_kept():
+    """The first LayerNorm loses channels, the second keeps all of its own: only the first
+    is refitted (and listed)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 5), nn.ReLU(),
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 5), nn.LayerNorm(5),
                           nn.Linear(5, 3)).eval()
     x = _inputs(40, 4)
-    _, recovered = _prune_and_recover(model, x, {"2": [0, 3]}, "norm")
-    assert "norm" not in recovered.report["recovery"]["layers"]
+    result, recovered = _prune_and_recover(model, x, {"0": [0, 3]}, "norm")
+    assert recovered.report["recovery"]["layers"]["norm"] == ["1"]
+    for name in ("3.weight", "3.bias"):
+        np.testing.assert_array_equal(_params(recovered.module)[name],
+                                      _params(result.module)[name])
 
 
 def test_bias_corrects_a_layer_that_lost_inputs_and_outputs():
