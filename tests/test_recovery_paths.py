@@ -589,7 +589,7 @@ def test_norm_nested_layer_norm_without_bias_and_written_out_rms_get_their_own_n
         assert not torch.allclose(module(x), with_bias, atol=1e-4)  # the bias is used
 
 
-def test_norm_leaves_a_layer_norm_whose_channels_were_all_kept():
+def test_norm_refits_only_the_layer_norm_that_lost_channels():
     """The first LayerNorm loses channels, the second keeps all of its own: only the first
     is refitted (and listed)."""
     torch.manual_seed(0)
