@@ -122,6 +122,16 @@ class _Weights:
     def __call__(self, name: str) -> torch.Tensor:
         return self.reader(self.key(name))
 
+    def read_order(self, names: Iterable[str]) -> list[str]:
+        """The scoring pass's order: backwards through the shards. The writing pass reads
+        them forwards next; the page cache, where it cannot hold the whole model, keeps the
+        weights read last, and read backwards those are the ones the writing pass starts
+        with (read in the same order, the writing pass would evict each weight just before
+        it needs it)."""
+        names = list(names)
+        rank = {k: i for i, k in enumerate(self.shards.ordered(self.key(n) for n in names))}
+        return sorted(names, key=lambda n: -rank[self.key(n)])
+
 
 @exclusive
 def prune_streamed(
@@ -165,8 +175,9 @@ def prune_streamed(
     analysis.structure(options.prunes_whole_blocks)
     clock("capture_and_analysis")
     say("scoring (reading the weights one at a time)")
-    # scoring asks for each weight once, in the order of the scored members: read ahead
-    order = dict.fromkeys(weights.key(m.param) for m in analysis.members())
+    # scoring asks for each weight once, in the order read_order gives: read ahead
+    names = dict.fromkeys(m.param for m in analysis.members())
+    order = dict.fromkeys(weights.key(n) for n in weights.read_order(names))
     weights.reader = reader = Prefetcher(shards.read, order)
     # rotary pairs stay whole here: pruning them rescales the query weights and solves the
     # rope fields (engine/io/hf_export.py), which this tensor-by-tensor writer does not do

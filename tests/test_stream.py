@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import engine
 from engine.io.hf_config import rotary_heads
+from engine.io.shards import ShardSet
 from engine.stream import prune_streamed, should_stream
 from tests.helpers import ROOT, cli, one_error_line
 
@@ -127,6 +128,32 @@ def test_cli_stream_flag_and_one_line_refusals(pruned, capfd, tmp_path):
         rc, _, err = cli(capfd, *argv)
         assert rc != 0 and says in one_error_line(err)
     assert not (tmp_path / "p").exists()
+
+
+def test_scoring_reads_the_shards_backwards_and_writing_forwards(pruned, tmp_path, monkeypatch):
+    """Two passes over a model larger than the page cache: the scoring pass reads backwards,
+    so the weights it read last (still cached) are the ones the writing pass reads first."""
+    src = pruned[0]
+    events: list[str] = []
+    real_read = ShardSet.read
+
+    def spy(self, key):
+        events.append(key)
+        return real_read(self, key)
+
+    monkeypatch.setattr(ShardSet, "read", spy)
+    prune_streamed(src, tmp_path / "o", ratio=0.3, progress=lambda msg: events.append(msg))
+    scoring = events.index("scoring (reading the weights one at a time)")
+    writing = next(i for i, e in enumerate(events) if e.startswith("writing hf/"))
+    stored = ShardSet(src).ordered(ShardSet(src).entries)
+    position = {k: i for i, k in enumerate(stored)}
+    scored = events[scoring + 1:writing]
+    assert len(scored) > 20 and len(set(scored)) == len(scored)
+    assert [position[k] for k in scored] == sorted((position[k] for k in scored), reverse=True)
+    written = events[writing + 1:]
+    written.remove("model.embed_tokens.weight")  # the block check's example embeddings
+    assert written == stored
+    assert scored[-1] == written[0]
 
 
 def test_auto_streaming_follows_the_available_memory(pruned):

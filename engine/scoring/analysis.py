@@ -275,8 +275,15 @@ def _weight_scorer(analysis: Analysis, criterion: str, _calibration: Any, _seed:
     dims_of: dict[str, list[int]] = {}
     for m in analysis.members():
         dims_of.setdefault(m.param, []).append(m.dim)
+    names = list(dims_of)
+    # a weights source may say in which order its weights are cheapest to read (a streamed
+    # prune reads its shards backwards: engine/stream.py)
+    read_order = getattr(analysis.weights, "read_order", None)
+    if read_order is not None:
+        names = read_order(names)
     out = {}
-    for name, dims in dims_of.items():
+    for name in names:
+        dims = dims_of[name]
         weight = analysis.param(name)
         for dim in dims:
             out[(name, dim)] = weight_scores(weight, dim, criterion)
