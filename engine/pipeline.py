@@ -29,7 +29,7 @@ from engine.io.export import (
 )
 from engine.io.hf_config import groups_config_keeps
 from engine.io.hf_export import write_hf
-from engine.io.staging import new_staging, remove_dead_staging
+from engine.io.staging import open_staging
 from engine.options import PruningOptions, check_ratio
 from engine.quality.metrics import flops_samples, model_metrics
 from engine.scoring.analysis import Analysis, analyze, plan
@@ -424,12 +424,7 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
     """
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _remove_dead_staging(out)
-        staging = new_staging(out)
-    except OSError as exc:
-        raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    staging = open_staging(out, ExportError)
     try:
         report = dict(result.report)
         say("writing model.pt2")
@@ -459,16 +454,6 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _remove_dead_staging(out: Path) -> None:
-    """A run killed mid-way leaves its staging folder; say which ones were removed."""
-    import warnings
-
-    removed = remove_dead_staging(out)
-    if removed:
-        warnings.warn(f"removed {len(removed)} staging folder(s) of runs no longer alive in "
-                      f"{out}: {', '.join(p.name for p in removed)}", UserWarning, stacklevel=3)
 
 
 def _write_hf(result: PruneResult, folder: Path) -> dict[str, Any]:

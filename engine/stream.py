@@ -41,7 +41,7 @@ from engine.io.hf import HFSource, load_folder_on_meta, quiet_transformers
 from engine.io.hf_config import model_class, rotary_heads
 from engine.io.hf_export import carry_files, check_heads, check_uniform, pruned_config
 from engine.io.shards import Prefetcher, ShardSet, write_index, write_shard
-from engine.io.staging import new_staging, remove_dead_staging
+from engine.io.staging import open_staging
 from engine.options import PruningOptions, check_ratio
 from engine.pipeline import ShapeRecorder
 from engine.quality.metrics import flops_samples, model_metrics
@@ -214,13 +214,7 @@ def prune_streamed(
     if the_plan.ratios is not None:
         report["ratios"] = dict(the_plan.ratios)
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_dead_staging(out)
-        staging = new_staging(out)
-    except OSError as exc:
-        raise PruneScopeError(f"cannot write to output folder {out}: {exc.strerror or exc}") \
-            from None
+    staging = open_staging(out)
     try:
         result = _Result(analysis, the_plan, pruned_gm)
         try:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import engine
 from engine.io.hf_config import rotary_heads
 from engine.io.shards import ShardSet
+from engine.io.staging import OWNER_FILE
 from engine.stream import prune_streamed, should_stream
 from tests.helpers import ROOT, cli, one_error_line
 
@@ -142,7 +143,15 @@ def test_scoring_reads_the_shards_backwards_and_writing_forwards(pruned, tmp_pat
         return real_read(self, key)
 
     monkeypatch.setattr(ShardSet, "read", spy)
-    prune_streamed(src, tmp_path / "o", ratio=0.3, progress=lambda msg: events.append(msg))
+    # the staging folder a killed run left in OUT goes, as in the normal path
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    left = tmp_path / "o" / ".prunescope-killed"
+    left.mkdir(parents=True)
+    (left / OWNER_FILE).write_text(json.dumps({"pid": int(dead.stdout), "start": "1"}))
+    with pytest.warns(UserWarning, match="removed 1 staging folder.*prunescope-killed"):
+        prune_streamed(src, tmp_path / "o", ratio=0.3, progress=lambda msg: events.append(msg))
+    assert not left.exists()
     scoring = events.index("scoring (reading the weights one at a time)")
     writing = next(i for i, e in enumerate(events) if e.startswith("writing hf/"))
     stored = ShardSet(src).ordered(ShardSet(src).entries)
