@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 import transformers as tf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import engine
+from engine.errors import ModelLoadError
 from engine.io.hf_config import rotary_heads
 from engine.io.shards import ShardSet
 from engine.io.staging import OWNER_FILE
@@ -163,6 +164,21 @@ def test_scoring_reads_the_shards_backwards_and_writing_forwards(pruned, tmp_pat
     written.remove("model.embed_tokens.weight")  # the block check's example embeddings
     assert written == stored
     assert scored[-1] == written[0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_stops_the_streamed_prune_naming_it(tmp_path, bad):
+    src = _llama(tmp_path / "src", hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2,
+                 vocab=50, shard="5MB")
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][5, 7] = bad
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as error:
+        prune_streamed(src, tmp_path / "out", ratio=0.3)
+    assert str(error.value) == ("the model has NaN or infinite values in "
+                                "model.layers.1.mlp.up_proj.weight; fix the weights before "
+                                "pruning")
+    assert not (tmp_path / "out" / "hf").exists()
 
 
 def test_auto_streaming_follows_the_available_memory(pruned):

@@ -111,16 +111,25 @@ class Analysis:
     ) -> dict[tuple[str, int], np.ndarray]:
         return SCORERS[criterion](self, criterion, calibration, seed)
 
-    def param(self, name: str) -> torch.Tensor:
+    def param(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
+        """The value of parameter `name`. Read from `weights`, it is checked for NaN and
+        infinities unless `check_finite` is False (the caller then checks it: see
+        `check_weight_finite`)."""
         if self.weights is not None:
             tensor = self.weights(name)
-            if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
-                raise ModelLoadError(f"the model has NaN or infinite values in {name}; fix "
-                                     "the weights before pruning")
+            if check_finite:
+                self.check_weight_finite(name, tensor)
             return tensor
         owner, _, attr = name.rpartition(".")
         module = self.gm.get_submodule(owner) if owner else self.gm
         return getattr(module, attr).detach()
+
+    @staticmethod
+    def check_weight_finite(name: str, tensor: torch.Tensor) -> None:
+        """Refuse a weight with NaN or infinite values (one line naming it)."""
+        if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
+            raise ModelLoadError(f"the model has NaN or infinite values in {name}; fix "
+                                 "the weights before pruning")
 
     def raw_scores(
         self,
@@ -284,9 +293,14 @@ def _weight_scorer(analysis: Analysis, criterion: str, _calibration: Any, _seed:
     out = {}
     for name in names:
         dims = dims_of[name]
-        weight = analysis.param(name)
+        # every value of a weight takes part in its scores: where they are all finite, so is
+        # the weight (a separate NaN pass over a streamed model's weights costs about as much
+        # as the scoring); where one is not, the weight itself is checked
+        weight = analysis.param(name, check_finite=False)
         for dim in dims:
             out[(name, dim)] = weight_scores(weight, dim, criterion)
+        if not all(np.isfinite(out[(name, dim)]).all() for dim in dims):
+            analysis.check_weight_finite(name, weight)
         del weight
     return out
 
