@@ -22,6 +22,7 @@ model. model.pt2 and model.onnx are not written (they need the whole pruned mode
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -305,7 +306,9 @@ def write_streamed(hf: HFSource, new_config, shards: ShardSet, weights: _Weights
     folder.mkdir(parents=True)
     with quiet_transformers():
         new_config.save_pretrained(os.fspath(folder))
-    reader = Prefetcher(shards.read, [k for f in shards.files for k in shards.by_file[f]])
+    # the last pass over the input: its pages can leave the cache once read
+    reader = Prefetcher(functools.partial(shards.read, last_use=True),
+                        [k for f in shards.files for k in shards.by_file[f]])
     try:
         total, weight_map = _write_shards(shards, how_of, folder, reader, seen)
     finally:

@@ -120,8 +120,10 @@ class ShardSet:
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
-    def read(self, key: str) -> torch.Tensor:
-        """A fresh tensor holding the stored weight `key` (its own dtype)."""
+    def read(self, key: str, *, last_use: bool = False) -> torch.Tensor:
+        """A fresh tensor holding the stored weight `key` (its own dtype). `last_use`: the
+        bytes will not be read again, so the page cache drops them (room for the weights
+        still to be read, where the cache cannot hold the whole model)."""
         entry = self.entries[key]
         out = torch.empty(entry.shape, dtype=entry.dtype)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else b""
@@ -136,6 +138,8 @@ class ShardSet:
                 if not got:
                     raise ModelLoadError(f"{self.folder / entry.shard} ends inside tensor {key}")
                 done += got
+            if last_use and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), entry.start, entry.nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
     def ordered(self, keys: Iterable[str]) -> list[str]:
