@@ -5,7 +5,10 @@ pruning a bigger folder must stay well under the model's size in resident memory
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -139,9 +142,9 @@ def test_scoring_reads_the_shards_backwards_and_writing_forwards(pruned, tmp_pat
     events: list[str] = []
     real_read = ShardSet.read
 
-    def spy(self, key):
+    def spy(self, key, **how):
         events.append(key)
-        return real_read(self, key)
+        return real_read(self, key, **how)
 
     monkeypatch.setattr(ShardSet, "read", spy)
     # the staging folder a killed run left in OUT goes, as in the normal path
@@ -164,6 +167,43 @@ def test_scoring_reads_the_shards_backwards_and_writing_forwards(pruned, tmp_pat
     written.remove("model.embed_tokens.weight")  # the block check's example embeddings
     assert written == stored
     assert scored[-1] == written[0]
+
+
+def test_the_writing_pass_leaves_the_input_out_of_the_page_cache(tmp_path):
+    """Its last read of each weight drops the weight's pages from the page cache (room for
+    the weights still to come, where the cache cannot hold the model)."""
+    src = _llama(tmp_path / "src", hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2,
+                 vocab=64, shard="2MB")
+    shards = sorted(src.glob("*.safetensors"))
+    for path in shards:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())  # written just now: clean pages only can leave the cache
+            f.read()  # into the page cache
+    assert _cached_share(shards) > 0.9
+    prune_streamed(src, tmp_path / "out", ratio=0.3)
+    # (about half of the pages go in this small folder, none without; why not all is open)
+    assert _cached_share(shards) < 0.75
+
+
+def _cached_share(paths) -> float:
+    """The share of the files' pages in the page cache (mincore over a private map: its
+    untouched pages are the page cache's)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    cached = total = 0
+    for path in paths:
+        size = path.stat().st_size
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = ctypes.create_string_buffer(pages)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+            view = (ctypes.c_char * size).from_buffer(m)
+            try:
+                assert libc.mincore(ctypes.addressof(view), size, vec) == 0, ctypes.get_errno()
+            finally:
+                del view
+        cached += sum(b & 1 for b in vec.raw)
+        total += pages
+    return cached / total
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
