@@ -22,7 +22,6 @@ model. model.pt2 and model.onnx are not written (they need the whole pruned mode
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -306,9 +305,15 @@ def write_streamed(hf: HFSource, new_config, shards: ShardSet, weights: _Weights
     folder.mkdir(parents=True)
     with quiet_transformers():
         new_config.save_pretrained(os.fspath(folder))
-    # the last pass over the input: its pages can leave the cache once read
-    reader = Prefetcher(functools.partial(shards.read, last_use=True),
-                        [k for f in shards.files for k in shards.by_file[f]])
+    def read_and_cut(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # the last pass over the input: its pages can leave the cache once read
+        original = shards.read(key, last_use=True)
+        how = how_of[key]
+        return original, slice_tensor(original, how).contiguous() if how else original
+
+    # the next weight is read and cut in the reader thread (numpy's take, which cuts bf16
+    # weights, releases the GIL) while this one is verified and written
+    reader = Prefetcher(read_and_cut, [k for f in shards.files for k in shards.by_file[f]])
     try:
         total, weight_map = _write_shards(shards, how_of, folder, reader, seen)
     finally:
@@ -327,10 +332,11 @@ def write_streamed(hf: HFSource, new_config, shards: ShardSet, weights: _Weights
 
 
 def _write_shards(shards: ShardSet, how_of: Mapping[str, ParamSlice | None], folder: Path,
-                  read: Callable[[str], torch.Tensor],
+                  read_and_cut: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
                   seen: Callable[[str, torch.Tensor, torch.Tensor], None] | None,
                   ) -> tuple[int, dict[str, str]]:
-    """Each shard of the input written cut, in its order; (bytes, weight_map)."""
+    """Each shard of the input written cut, in its order; (bytes, weight_map).
+    `read_and_cut(key)`: the stored tensor and its cut copy."""
     total = 0
     weight_map: dict[str, str] = {}
     for file in shards.files:
@@ -342,9 +348,7 @@ def _write_shards(shards: ShardSet, how_of: Mapping[str, ParamSlice | None], fol
             specs[key] = (entry.dtype, how.shape(entry.shape) if how else entry.shape)
 
         def tensor_of(key: str) -> torch.Tensor:
-            original = read(key)
-            how = how_of[key]
-            cut = slice_tensor(original, how).contiguous() if how else original
+            original, cut = read_and_cut(key)
             if seen is not None:
                 seen(key, original, cut)
             return cut
