@@ -106,10 +106,13 @@ def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
 class _Weights:
     """Graph parameter name -> the stored tensor (tied names resolved)."""
 
+    # the scoring pass reads and scores two weights at once (engine/scoring/analysis.py):
+    # one thread's read overlaps the other's scoring, and the scoring of both overlaps
+    scoring_threads = 2
+
     def __init__(self, shards: ShardSet, aliases: dict[str, list[str]]) -> None:
         self.shards = shards
         self.aliases = aliases
-        self.reader: Callable[[str], torch.Tensor] = shards.read
 
     def key(self, name: str) -> str:
         if name in self.shards:
@@ -120,7 +123,7 @@ class _Weights:
         raise PruneScopeError(f"weight {name} is not stored in the folder's safetensors")
 
     def __call__(self, name: str) -> torch.Tensor:
-        return self.reader(self.key(name))
+        return self.shards.read(self.key(name))
 
     def read_order(self, names: Iterable[str]) -> list[str]:
         """The scoring pass's order: backwards through the shards. The writing pass reads
@@ -175,21 +178,12 @@ def prune_streamed(
     analysis.structure(options.prunes_whole_blocks)
     clock("capture_and_analysis")
     say("scoring (reading the weights one at a time)")
-    # scoring asks for each weight once, in the order read_order gives: read ahead
-    names = dict.fromkeys(m.param for m in analysis.members())
-    order = dict.fromkeys(weights.key(n) for n in weights.read_order(names))
-    weights.reader = reader = Prefetcher(shards.read, order)
     # rotary pairs stay whole here: pruning them rescales the query weights and solves the
     # rope fields (engine/io/hf_export.py), which this tensor-by-tensor writer does not do
     rotary = None if options.prunes_whole_blocks else rotary_heads(analysis)
     if rotary is not None:
         pinned = [*pinned, rotary.group]
-    try:
-        the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned,
-                        uniform=True)
-    finally:
-        reader.close()
-        weights.reader = shards.read
+    the_plan = plan(analysis, options, ratio=ratio, ratios=ratios, pinned=pinned, uniform=True)
     structure = analysis.structure(the_plan.options.prunes_whole_blocks)
     slices: dict[str, ParamSlice] = {}
     pruned_gm = rewrite(analysis.gm, structure, pruned_roots(structure, the_plan),

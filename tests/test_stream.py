@@ -162,11 +162,13 @@ def test_scoring_reads_the_shards_backwards_and_writing_forwards(pruned, tmp_pat
     position = {k: i for i, k in enumerate(stored)}
     scored = events[scoring + 1:writing]
     assert len(scored) > 20 and len(set(scored)) == len(scored)
-    assert [position[k] for k in scored] == sorted((position[k] for k in scored), reverse=True)
+    # two weights are read and scored at once: each read comes before the one two later
+    assert all(position[a] > position[b] for a, b in zip(scored, scored[2:]))
+    assert position[scored[0]] > len(stored) - 4 and position[scored[-1]] < 3
     written = events[writing + 1:]
     written.remove("model.embed_tokens.weight")  # the block check's example embeddings
     assert written == stored
-    assert scored[-1] == written[0]
+    assert written[0] in scored[-2:]
 
 
 def test_the_writing_pass_leaves_the_input_out_of_the_page_cache(tmp_path):

@@ -7,7 +7,9 @@ every filter per criterion. Changing the layer norm, policy or ratio only re-pla
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_s
 from engine.scoring.data_aware import DATA_CRITERIA, DataAwareScorer
 from engine.scoring.planning import GroupInput, Plan, make_plan
 from engine.scoring.uniform import keep_contiguous, uniform_plan
-from engine.threads import TORCH_EXPORT_LOCK, exclusive
+from engine.threads import TORCH_EXPORT_LOCK, exclusive, one_torch_thread
 
 
 class Analysis:
@@ -290,18 +292,35 @@ def _weight_scorer(analysis: Analysis, criterion: str, _calibration: Any, _seed:
     read_order = getattr(analysis.weights, "read_order", None)
     if read_order is not None:
         names = read_order(names)
-    out = {}
-    for name in names:
+    def score(name: str) -> dict[tuple[str, int], np.ndarray]:
         dims = dims_of[name]
         # every value of a weight takes part in its scores: where they are all finite, so is
         # the weight (a separate NaN pass over a streamed model's weights costs about as much
         # as the scoring); where one is not, the weight itself is checked
         weight = analysis.param(name, check_finite=False)
-        for dim in dims:
-            out[(name, dim)] = weight_scores(weight, dim, criterion)
-        if not all(np.isfinite(out[(name, dim)]).all() for dim in dims):
+        scores = {(name, dim): weight_scores(weight, dim, criterion) for dim in dims}
+        if not all(np.isfinite(s).all() for s in scores.values()):
             analysis.check_weight_finite(name, weight)
-        del weight
+        return scores
+
+    out: dict[tuple[str, int], np.ndarray] = {}
+    # a weights source may read and score several weights at once (a streamed prune: each
+    # thread reads one weight and scores it, `readinto` and torch release the GIL), at most
+    # that many in memory; torch is on one thread for all of them (set once, not per thread)
+    threads = getattr(analysis.weights, "scoring_threads", 1)
+    if threads <= 1:
+        for name in names:
+            out.update(score(name))
+        return out
+    with one_torch_thread(), ThreadPoolExecutor(threads,
+                                                thread_name_prefix="prunescope-score") as pool:
+        running: deque[Future] = deque()
+        for name in names:
+            running.append(pool.submit(score, name))
+            if len(running) >= threads:
+                out.update(running.popleft().result())
+        while running:
+            out.update(running.popleft().result())
     return out
 
 
