@@ -232,7 +232,8 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     _check_shapes(module, original_here, examples, analysis.captured.example_kwargs)
     say("recovery: done", 1.0)
     report = copy.deepcopy(result.report)
-    report["after"] = model_metrics(module, flops_samples(analysis.captured))
+    report["after"] = model_metrics(module, flops_samples(analysis.captured),
+                                    report["before"].get("flops_uncounted", ()))
     report["recovery"] = {
         "methods": applied,
         "skipped": skipped,
