@@ -5,9 +5,19 @@ dashboard/app.py` in a checkout without it) of this checkout, or of ``--root`` (
 checkouts on the same machine in the same run), and times, in Debian's Chromium at 1440x900,
 from navigation to the score chart drawn: the first session of a fresh server, then
 ``--warm`` further sessions one after another, then four sessions opened at the same moment
-on another fresh server. Needs /usr/bin/chromium and Playwright (the test extras). Prints
-one line per measurement and the load average, since on a shared machine the load decides
-the numbers more than anything else.
+on another fresh server.
+
+Two times per session: "chart", the first score chart on screen (the static SVG copy of
+dashboard/charts_static.py, or Plotly's chart where that comes first or the checkout has no
+static copy), and "interactive", Plotly's chart drawn. Two kinds of warm session: a *first
+visit* opens a new browser context (empty HTTP cache: Streamlit's and Plotly's scripts are
+downloaded and compiled again, as for a newcomer), a *returning browser* opens a new tab in
+one context that has visited the page before (the scripts come from its HTTP cache:
+Streamlit serves its hashed bundles ``immutable, max-age=1 year``).
+
+Needs /usr/bin/chromium and Playwright (the test extras). Prints one line per measurement
+and the load average, since on a shared machine the load decides the numbers more than
+anything else.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from pathlib import Path
 
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, free_port, stop, wait_healthy
 
-CHART = ".js-plotly-plot .boxlayer"
+CHART = ".js-plotly-plot .boxlayer"  # Plotly's score chart drawn
+FIRST_CHART = f"svg.ps-static-chart, {CHART}"  # whichever score chart is on screen first
 VIEWPORT = {"width": 1440, "height": 900}
 
 
@@ -45,50 +56,73 @@ def _server(root: Path, log: Path):
     return url, proc, started
 
 
-def _paint(browser, url: str, count: int) -> list[float]:
-    """Open ``count`` sessions at once; seconds until each has drawn its chart."""
-    contexts = [browser.new_context(viewport=VIEWPORT) for _ in range(count)]
+def _paint(browser, url: str, count: int, context=None) -> list[tuple[float, float]]:
+    """Open ``count`` sessions at once (new browser contexts, or tabs of ``context``); for
+    each, the seconds until a score chart is on screen and until Plotly's chart is drawn."""
+    contexts = ([browser.new_context(viewport=VIEWPORT) for _ in range(count)]
+                if context is None else [context] * count)
     pages = [c.new_page() for c in contexts]
     start = time.monotonic()
     for page in pages:
         page.goto(url, wait_until="commit")
-    seconds = []
+    firsts = []
     for page in pages:
+        page.wait_for_selector(FIRST_CHART, state="attached", timeout=300_000)
+        firsts.append(time.monotonic() - start)
+    seconds = []
+    for page, first in zip(pages, firsts):
         page.wait_for_selector(CHART, timeout=300_000)
-        seconds.append(time.monotonic() - start)
-    for context in contexts:
-        context.close()
+        seconds.append((first, time.monotonic() - start))
+    for page in pages:
+        page.close()
+    if context is None:
+        for own in contexts:
+            own.close()
     return seconds
+
+
+def _line(what: str, times: list[tuple[float, float]]) -> str:
+    return (f"{what}: chart " + ", ".join(f"{c:.2f}" for c, _ in times) + " s; interactive "
+            + ", ".join(f"{i:.2f}" for _, i in times) + " s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--warm", type=int, default=3)
+    parser.add_argument("--no-four", action="store_true",
+                        help="skip the four sessions at once (a second fresh server)")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:
+        print(f"load average at the start: {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                      args=CHROMIUM_ARGS)
         url, proc, started = _server(args.root, Path(tmp) / "fresh.log")
         try:
-            print(f"fresh server, first session: {_paint(browser, url, 1)[0]:.2f} s "
-                  f"({time.monotonic() - started:.2f} s after the server was started)",
+            returning = browser.new_context(viewport=VIEWPORT)  # its first visit is this one
+            first = _paint(browser, url, 1, returning)
+            print(_line("fresh server, first visit", first)
+                  + f" ({time.monotonic() - started:.2f} s after the server was started)",
                   flush=True)
             for i in range(args.warm):
-                print(f"warm session {i + 1}: {_paint(browser, url, 1)[0]:.2f} s", flush=True)
+                print(_line(f"warm server, first visit {i + 1}", _paint(browser, url, 1)),
+                      flush=True)
+                print(_line(f"warm server, returning browser {i + 1}",
+                            _paint(browser, url, 1, returning)), flush=True)
+            returning.close()
         finally:
             stop(proc)
-        url, proc, _started = _server(args.root, Path(tmp) / "four.log")
-        try:
-            together = _paint(browser, url, 4)
-            print("fresh server, 4 sessions at once: "
-                  + ", ".join(f"{s:.2f}" for s in together) + " s", flush=True)
-        finally:
-            stop(proc)
+        if not args.no_four:
+            url, proc, _started = _server(args.root, Path(tmp) / "four.log")
+            try:
+                print(_line("fresh server, 4 first visits at once", _paint(browser, url, 4)),
+                      flush=True)
+            finally:
+                stop(proc)
         browser.close()
-    print(f"load average: {os.getloadavg()[0]:.1f} (2 cores)")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
 
 
 if __name__ == "__main__":
