@@ -168,8 +168,7 @@ def history_view(table: pd.DataFrame, defaults: Mapping[str, Any]) -> pd.DataFra
     for column in ("ratio", "channels pruned"):
         if column in table:
             view[column] = table[column]
-    for key, label in (("params", "params kept"), ("flops", "FLOPs kept"),
-                       ("size_bytes", "size kept")):
+    for key, label in (("params", "params kept"), ("flops", "FLOPs kept")):
         if f"{key} kept" in table:
             view[label] = table[f"{key} kept"].map(lambda v: "" if pd.isna(v) else f"{v:.0%}")
     if "metric" in table:

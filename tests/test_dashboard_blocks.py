@@ -51,11 +51,15 @@ def test_blocks_tab_shows_the_engine_scores_and_marks_the_lowest():
         ["block1", "block2", "attn"]
     assert list(table["score"]) == pytest.approx([b["score"] for b in expected["blocks"]])
     assert not table["removed"].any()
+    # the slider starts at 0: the page says that nothing goes then, and what to try
+    lowest = min(expected["blocks"], key=lambda b: b["score"])["name"]
+    hint = next(c.value for c in at.caption if "At 0 no block is removed" in c.value)
+    assert f"Try 1: the lowest-scoring block, **{lowest}**" in hint
     at.slider(key="blocks_to_remove").set_value(1)
     at.run()
     app_ok(at)
     table = at.dataframe[0].value
-    lowest = min(expected["blocks"], key=lambda b: b["score"])["name"]
+    assert not any("At 0 no block" in c.value for c in at.caption)
     assert list(table.loc[table["removed"], "block"]) == [lowest]
     chart = [el for el in at.get("plotly_chart") if getattr(el, "key", None) == "block_chart"]
     spec = json.loads(chart[0].proto.spec)
