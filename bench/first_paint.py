@@ -81,6 +81,71 @@ def _paint(browser, url: str, count: int, context=None) -> list[tuple[float, flo
     return seconds
 
 
+# Records, in the page, when each step of the first paint is first seen (performance.now()).
+MARKS = """window.__marks = {};
+const mark = (k, css) => { if (!(k in window.__marks) && document.querySelector(css))
+    window.__marks[k] = performance.now(); };
+new MutationObserver(() => {
+  mark('app', '[data-testid=stApp]'); mark('tabs', '[role=tablist]');
+  mark('static chart', 'svg.ps-static-chart'); mark('plotly element', '.js-plotly-plot');
+  mark('plotly chart', '.js-plotly-plot .boxlayer');
+}).observe(document, {subtree: true, childList: true, attributes: true});"""
+
+
+def _profile(browser, url: str, context=None) -> dict[str, float]:
+    """One session's first paint step by step (ms since navigation): the HTML, Streamlit's
+    bundle run (the app element), the websocket, the script's elements (tabs, the static
+    chart), the Plotly chunk's download, its compile and run (to Plotly's first element), and
+    Plotly's drawing; plus Chromium's script time for the whole page (CDP Performance)."""
+    own = context is None
+    context = context or browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.add_init_script(MARKS)
+    cdp = context.new_cdp_session(page)
+    cdp.send("Performance.enable")
+    opened: list[float] = []
+    start = time.monotonic()
+    page.on("websocket", lambda ws: opened.append((time.monotonic() - start) * 1000))
+    page.goto(url, wait_until="commit")
+    page.wait_for_selector(CHART, timeout=300_000)
+    time.sleep(0.3)
+    marks = page.evaluate("window.__marks")
+    timing = page.evaluate("""() => {
+        const nav = performance.getEntriesByType('navigation')[0];
+        const res = performance.getEntriesByType('resource');
+        const plotly = res.find(r => /PlotlyChart\\.[^/]*\\.js$/.test(r.name));
+        const js = res.filter(r => r.name.endsWith('.js'));
+        return {html: nav.responseEnd, dom: nav.domContentLoadedEventEnd,
+                plotlyStart: plotly ? plotly.startTime : null,
+                plotlyEnd: plotly ? plotly.responseEnd : null,
+                plotlyBytes: plotly ? plotly.transferSize : null,
+                jsFiles: js.length, jsBytes: js.reduce((n, r) => n + r.transferSize, 0)};
+    }""")
+    metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+    page.close()
+    if own:
+        context.close()
+    return {"HTML received": timing["html"], "DOMContentLoaded": timing["dom"],
+            "Streamlit app element": marks.get("app"), "websocket open": opened[0]
+            if opened else None, "tabs drawn": marks.get("tabs"),
+            "static chart": marks.get("static chart"),
+            "Plotly chunk requested": timing["plotlyStart"],
+            "Plotly chunk received": timing["plotlyEnd"],
+            "Plotly element (chunk compiled and run)": marks.get("plotly element"),
+            "Plotly chart drawn": marks.get("plotly chart"),
+            "script files": timing["jsFiles"], "script MB transferred": timing["jsBytes"] / 1e6,
+            "Chromium script time (s)": metrics.get("ScriptDuration"),
+            "Chromium task time (s)": metrics.get("TaskDuration")}
+
+
+def _print_profile(what: str, steps: dict[str, float]) -> None:
+    print(f"{what}:", flush=True)
+    for name, value in steps.items():
+        if value is not None:
+            print(f"  {name:42s} {value:9.1f}" + (" ms" if "(" not in name and name not in (
+                "script files", "script MB transferred") else ""), flush=True)
+
+
 def _line(what: str, times: list[tuple[float, float]]) -> str:
     return (f"{what}: chart " + ", ".join(f"{c:.2f}" for c, _ in times) + " s; interactive "
             + ", ".join(f"{i:.2f}" for _, i in times) + " s")
@@ -90,6 +155,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--warm", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="only the step-by-step timeline of a first visit and of a "
+                        "returning browser on a warm server")
     parser.add_argument("--no-four", action="store_true",
                         help="skip the four sessions at once (a second fresh server)")
     args = parser.parse_args()
@@ -100,6 +168,18 @@ def main() -> None:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                      args=CHROMIUM_ARGS)
         url, proc, started = _server(args.root, Path(tmp) / "fresh.log")
+        if args.profile:
+            try:
+                _paint(browser, url, 1)  # the server's first session
+                returning = browser.new_context(viewport=VIEWPORT)
+                _print_profile("warm server, first visit", _profile(browser, url))
+                _profile(browser, url, returning)
+                _print_profile("warm server, returning browser",
+                               _profile(browser, url, returning))
+            finally:
+                stop(proc)
+            print(f"load average at the end: {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
+            return
         try:
             returning = browser.new_context(viewport=VIEWPORT)  # its first visit is this one
             first = _paint(browser, url, 1, returning)
