@@ -290,3 +290,11 @@ def test_nice_ticks_cover_the_range_with_round_steps():
     assert nice_ticks(0, 64, 3) == [0, 50, 100]
     flat = nice_ticks(0.5, 0.5)  # one value: still a range around it
     assert flat[0] <= 0.5 < flat[-1]
+
+
+def test_overview_count_bars_are_centred_under_their_group(stats):
+    fig = charts.score_overview(stats, 0.5)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert len(bars) == 2
+    for bar in bars:  # explicit: Plotly would otherwise put them in a slot beside the boxes
+        assert bar.offset == -bar.width / 2 and 0 < bar.width <= 1
