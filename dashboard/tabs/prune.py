@@ -188,7 +188,8 @@ def show_history() -> None:
     table = history_frame(history)
     st.caption("Every Prune of this session, newest last: the options that differ from the "
                "defaults, the shares of parameters and FLOPs kept, the metric and the "
-               "latency side by side. The CSV holds every option and number. Gone when the browser tab "
+               "latency side by side. The CSV holds every option and number. Gone when the "
+               "browser tab "
                "closes: download it.")
     with st.container(key=RUNS_TABLE_KEY):
         st.dataframe(history_view(table, PruningOptions().to_dict()), hide_index=True,
