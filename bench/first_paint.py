@@ -31,7 +31,7 @@ from pathlib import Path
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, free_port, stop, wait_healthy
 
 CHART = ".js-plotly-plot .boxlayer"  # Plotly's score chart drawn
-FIRST_CHART = f"svg.ps-static-chart, {CHART}"  # whichever score chart is on screen first
+FIRST_CHART = f".ps-static-chart, {CHART}"  # whichever score chart is on screen first
 VIEWPORT = {"width": 1440, "height": 900}
 
 
@@ -87,7 +87,7 @@ const mark = (k, css) => { if (!(k in window.__marks) && document.querySelector(
     window.__marks[k] = performance.now(); };
 new MutationObserver(() => {
   mark('app', '[data-testid=stApp]'); mark('tabs', '[role=tablist]');
-  mark('static chart', 'svg.ps-static-chart'); mark('plotly element', '.js-plotly-plot');
+  mark('static chart', '.ps-static-chart'); mark('plotly element', '.js-plotly-plot');
   mark('plotly chart', '.js-plotly-plot .boxlayer');
 }).observe(document, {subtree: true, childList: true, attributes: true});"""
 

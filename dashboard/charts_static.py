@@ -10,6 +10,7 @@ has drawn the interactive chart in the same container.
 
 from __future__ import annotations
 
+import base64
 import math
 from html import escape
 
@@ -23,7 +24,7 @@ STATIC_CLASS = "ps-static-chart"
 CONTAINER_KEY = "ps_overview"
 SWAP_CSS = (
     f"<style>.st-key-{CONTAINER_KEY}:has(.js-plotly-plot .main-svg) "
-    f"[data-testid='stElementContainer']:has(svg.{STATIC_CLASS}) {{display: none;}}</style>"
+    f"[data-testid='stElementContainer']:has(.{STATIC_CLASS}) {{display: none;}}</style>"
 )
 PRELOAD_NOTE = "interactive chart loading…"
 
@@ -183,7 +184,10 @@ def score_overview_svg(stats: pd.DataFrame, threshold: float | None) -> str:
 
 
 def static_block(stats: pd.DataFrame, threshold: float | None) -> str:
-    """`score_overview_svg` as one raw HTML block for ``st.markdown(unsafe_allow_html=True)``
-    (``st.html`` keeps HTML only and drops SVG): a ``<div>`` line opens an HTML block, so no
-    Markdown rule touches the group names inside."""
-    return f'<div class="{STATIC_CLASS}-box">{score_overview_svg(stats, threshold)}</div>'
+    """`score_overview_svg` as an ``<img>`` with a data URI, for ``st.html``: the browser
+    draws it without Markdown parsing (``st.markdown`` took seconds of a busy main thread on
+    a first visit) and ``st.html``'s sanitiser keeps an image where it drops inline SVG."""
+    data = base64.b64encode(score_overview_svg(stats, threshold).encode()).decode()
+    return (f'<img class="{STATIC_CLASS}" src="data:image/svg+xml;base64,{data}" '
+            'alt="Combined normalized score of every group (static copy)" '
+            'style="width: 100%; height: auto;">')

@@ -196,7 +196,7 @@ def test_layout_at_1440x900_and_a_chart_click(dashboard_server, browser):
 ORDER = """window.__firstSeen = {};
 new MutationObserver(() => {
   const seen = window.__firstSeen, has = (css) => document.querySelector(css) !== null;
-  if (!seen.static && has('svg.ps-static-chart')) seen.static = performance.now();
+  if (!seen.static && has('.ps-static-chart')) seen.static = performance.now();
   if (!seen.plotly && has('.js-plotly-plot .main-svg')) seen.plotly = performance.now();
 }).observe(document, {subtree: true, childList: true});"""
 
@@ -216,7 +216,7 @@ def test_first_visit_paints_the_static_chart_before_plotly_then_swaps(dashboard_
     assert "static" in seen, "no static chart was painted"
     assert seen["static"] < seen["plotly"], seen
     print(f"static chart at {seen['static']:.0f} ms, Plotly's at {seen['plotly']:.0f} ms")
-    assert not page.locator("svg.ps-static-chart").is_visible()  # swapped, not both
+    assert not page.locator(".ps-static-chart").is_visible()  # swapped, not both
     assert page.locator(".js-plotly-plot").first.is_visible()
     context.close()
 

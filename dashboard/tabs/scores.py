@@ -51,7 +51,7 @@ def scores_overview(model: state.LoadedModel, plan: Any, options: PruningOptions
     with st.container(key=charts_static.CONTAINER_KEY):
         # The static copy paints at once; Plotly's chart replaces it once its script has
         # loaded (seconds in a browser's first visit): see dashboard/charts_static.py.
-        st.markdown(charts_static.static_block(stats, plan.threshold), unsafe_allow_html=True)
+        st.html(charts_static.static_block(stats, plan.threshold))
         st.plotly_chart(fig, key="chart_overview", width="stretch")
     crossing = crossing_note(*frames.cut_crossings(plan), options)
     if crossing:
