@@ -151,6 +151,28 @@ def _line(what: str, times: list[tuple[float, float]]) -> str:
             + ", ".join(f"{i:.2f}" for _, i in times) + " s")
 
 
+def _alternate(browser, roots: dict[str, Path], rounds: int, tmp: Path) -> None:
+    """Warm sessions of two checkouts' servers, one after the other in turn, so that both
+    meet the same load: per round a first visit and a returning browser for each."""
+    servers = {name: _server(root, tmp / f"{name}.log")[:2] for name, root in roots.items()}
+    try:
+        returning = {}
+        for name, (url, _proc) in servers.items():
+            returning[name] = browser.new_context(viewport=VIEWPORT)
+            _paint(browser, url, 1, returning[name])  # the server's first session
+        for i in range(rounds):
+            for name, (url, _proc) in servers.items():
+                print(_line(f"{name} ({roots[name]}), warm server, first visit {i + 1}",
+                            _paint(browser, url, 1)), flush=True)
+                print(_line(f"{name} ({roots[name]}), warm server, returning browser {i + 1}",
+                            _paint(browser, url, 1, returning[name])), flush=True)
+        for context in returning.values():
+            context.close()
+    finally:
+        for _url, proc in servers.values():
+            stop(proc)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
@@ -158,6 +180,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="only the step-by-step timeline of a first visit and of a "
                         "returning browser on a warm server")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another checkout: only warm sessions, alternating between a "
+                        "server of --root and one of DIR (same load for both)")
     parser.add_argument("--no-four", action="store_true",
                         help="skip the four sessions at once (a second fresh server)")
     args = parser.parse_args()
@@ -167,6 +192,12 @@ def main() -> None:
         print(f"load average at the start: {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                      args=CHROMIUM_ARGS)
+        if args.against is not None:
+            _alternate(browser, {"root": args.root, "against": args.against}, args.warm,
+                       Path(tmp))
+            browser.close()
+            print(f"load average at the end: {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
+            return
         url, proc, started = _server(args.root, Path(tmp) / "fresh.log")
         if args.profile:
             try:
