@@ -142,8 +142,8 @@ def _print_profile(what: str, steps: dict[str, float]) -> None:
     print(f"{what}:", flush=True)
     for name, value in steps.items():
         if value is not None:
-            print(f"  {name:42s} {value:9.1f}" + (" ms" if "(" not in name and name not in (
-                "script files", "script MB transferred") else ""), flush=True)
+            unit = "" if name.startswith(("script ", "Chromium ")) else " ms"
+            print(f"  {name:42s} {value:9.1f}{unit}", flush=True)
 
 
 def _line(what: str, times: list[tuple[float, float]]) -> str:
