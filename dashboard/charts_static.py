@@ -4,8 +4,9 @@ Why: a browser meeting the page for the first time spends seconds downloading an
 Plotly's JavaScript (Streamlit's 4.7 MB Plotly chunk) before the interactive score chart can
 draw (docs/dashboard-frame.md, "First paint"). The Scores tab therefore sends this SVG of the
 same chart, drawn from the same stats frame as `dashboard.charts.score_overview`, together
-with the Plotly chart; the SVG shows at once and is hidden by `SWAP_CSS` as soon as Plotly
-has drawn the interactive chart in the same container.
+with the Plotly chart; the browser draws the image as soon as its main thread gets to it
+(usually before Plotly's script has run), and `SWAP_CSS` hides it as soon as Plotly has
+drawn the interactive chart in the same container.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from html import escape
 import pandas as pd
 
 from dashboard.charts import ALL_COLOR, CUT_COLOR, KEPT_COLOR, PRUNED_COLOR
+from dashboard.frames import STAT_COLUMNS
 
 STATIC_CLASS = "ps-static-chart"
 # The Streamlit container (key) holding both charts; CSS hides the static one once the
@@ -66,8 +68,7 @@ def score_overview_svg(stats: pd.DataFrame, threshold: float | None) -> str:
     with min-max whiskers, and the global cut as a dashed line; bottom: kept and pruned
     channel counts as stacked bars; group names in network order below. Group names are
     escaped (they come from the user's model)."""
-    missing = [c for c in ("order", "group", "subset", "n", "min", "q1", "median", "q3", "max")
-               if c not in stats.columns]
+    missing = [c for c in STAT_COLUMNS if c not in stats.columns]
     if missing:
         raise ValueError(f"stats frame lacks column(s): {', '.join(missing)}")
     first = stats.sort_values("order", kind="stable").drop_duplicates("group")
@@ -122,13 +123,13 @@ def score_overview_svg(stats: pd.DataFrame, threshold: float | None) -> str:
     parts.append(f'<text transform="translate(14 {mid_bottom:.0f}) rotate(-90)" '
                  f'text-anchor="middle" fill="{_TEXT}">channels</text>')
     box_w = slot * 0.36
+    boxes = {(str(r["group"]), r["subset"]): r for _, r in shown.iterrows()}
     for i, group in enumerate(groups):
         x0 = _LEFT + i * slot
         for j, (subset, color) in enumerate((("kept", KEPT_COLOR), ("pruned", PRUNED_COLOR))):
-            row = shown[(shown["group"].astype(str) == group) & (shown["subset"] == subset)]
-            if row.empty:
+            r = boxes.get((group, subset))
+            if r is None:
                 continue
-            r = row.iloc[0]
             cx = x0 + slot * (0.3 + 0.4 * j)
             left = cx - box_w / 2
             parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y_score(r["max"]):.1f}" '
