@@ -11,10 +11,11 @@ built once, in its own subprocess, and cached under ``$PRUNESCOPE_BENCH_CACHE`` 
 Measured in the same run, each in a fresh subprocess:
 - floor: ``torch.export.load`` + ``torch.export.save`` of the original file;
 - ``prunescope prune MODEL --ratio 0.3 --no-onnx --no-latency`` and the same with ONNX.
-Peak RSS is ``/usr/bin/time -v``'s maximum resident set size of the command. A watchdog
-polls the command's resident memory (psutil) and kills it if it passes the cap (by default
-the machine's available memory minus 3 GiB, at most 18 GiB; ``PRUNESCOPE_BENCH_RSS_CAP_GIB``
-changes it), so a run that would exhaust this shared machine is reported as killed instead.
+Peak RSS is the command's maximum resident set size (``ru_maxrss``, bench/isolated.py). A
+watchdog polls the resident memory of the command and its children and kills it if it
+passes the cap (by default the machine's available memory minus 3 GiB, at most 18 GiB;
+``PRUNESCOPE_BENCH_RSS_CAP_GIB`` changes it), so a run that would exhaust this shared
+machine is reported as killed instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from bench.common import REPO, Goal, Section, fmt_bytes, fmt_s, md_table, one_line, quiet
+from bench.isolated import cache_dir, default_cap, llama_config, measured
 
 NAME = "large"
 TITLE = "9. Large models in bf16: prune a .pt2 against its load + save floor"
@@ -51,26 +52,16 @@ MODELS = {
 }
 
 
-def cache_dir() -> Path:
-    path = Path(os.environ.get("PRUNESCOPE_BENCH_CACHE",
-                               Path.home() / ".cache" / "prunescope-bench"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _build(name: str, path: Path) -> None:
     """The model from its config, random weights, bf16, exported with an 8-token input."""
     quiet()
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     spec = MODELS[name]
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-                      num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                      num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
-                      use_cache=False, attn_implementation="sdpa",
-                      tie_word_embeddings=spec["tied"])
+    cfg = llama_config(spec, use_cache=False, attn_implementation="sdpa",
+                       tie_word_embeddings=spec["tied"])
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -99,65 +90,6 @@ def _floor(src: Path, dst: Path) -> None:
 
     program = torch.export.load(src)
     torch.export.save(program, dst)
-
-
-def _default_cap() -> int:
-    import psutil
-
-    cap = os.environ.get("PRUNESCOPE_BENCH_RSS_CAP_GIB")
-    if cap:
-        return int(float(cap) * 2**30)
-    return int(min(psutil.virtual_memory().available - 3 * 2**30, 18 * 2**30))
-
-
-def measured(cmd: list[str], cap: int, timeout: float = 1800) -> dict:
-    """Run cmd under /usr/bin/time -v with an RSS watchdog; seconds, peak RSS, status."""
-    import psutil
-
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
-        start = time.perf_counter()
-        proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", report.name, *cmd], cwd=REPO,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        watched = psutil.Process(proc.pid)
-        killed = None
-        peak_seen = 0
-        while proc.poll() is None:
-            try:
-                rss = sum(p.memory_info().rss for p in [watched, *watched.children(True)])
-            except psutil.Error:
-                rss = 0
-            peak_seen = max(peak_seen, rss)
-            if rss > cap:
-                killed = f"killed by the bench at {rss / 2**30:.1f} GiB (cap {cap / 2**30:.1f})"
-            elif psutil.virtual_memory().available < 1.5 * 2**30:
-                killed = "killed by the bench: the machine ran low on memory"
-            elif time.perf_counter() - start > timeout:
-                killed = f"killed by the bench after {timeout:.0f} s"
-            if killed:
-                for p in [*watched.children(True), watched]:
-                    try:
-                        p.kill()
-                    except psutil.Error:
-                        pass
-                break
-            time.sleep(0.1)
-        out, err = proc.communicate()
-        seconds = time.perf_counter() - start
-        text = Path(report.name).read_text()
-    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    peak = int(match.group(1)) * 1024 if match else peak_seen
-    status = re.search(r"Exit status: (\d+)", text)
-    code = int(status.group(1)) if status else proc.returncode
-    result = {"seconds": seconds, "peak_rss": max(peak, peak_seen), "exit": code,
-              "stdout": out, "stderr": err}
-    if killed:
-        result["error"] = killed
-    elif code != 0:
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        result["error"] = f"exit {code}: {lines[-1][:300] if lines else 'no output'}"
-    return result
 
 
 def _model_file(name: str) -> tuple[Path, float]:
@@ -266,7 +198,7 @@ def _cell(run: dict, floor: float | None, model_bytes: int) -> tuple[str, str]:
 
 def run(quick: bool = False) -> Section:
     names = ["llama-0.85b"] if quick else list(MODELS)
-    cap = _default_cap()
+    cap = default_cap()
     rows, goals, notes = [], [], []
     for name in names:
         try:
@@ -341,7 +273,7 @@ def run(quick: bool = False) -> Section:
         f"bf16 weights, ratio {RATIO}, default options, verification on the stored {SEQ}-token "
         "example. Floor = `torch.export.load` + `torch.export.save` of the original `.pt2`. "
         "Each cell is one fresh subprocess; peak RSS is the whole process (Python, torch, "
-        f"transformers, ONNX Runtime) from `/usr/bin/time -v`. Watchdog cap "
+        f"transformers, ONNX Runtime) from `ru_maxrss`. Watchdog cap "
         f"{fmt_bytes(cap)}.",
         md_table(["model", "weights", "params", "floor", "floor peak RSS",
                   "prune --no-onnx", "peak RSS (x model)", "prune with ONNX", "peak RSS (x model)"],
@@ -366,4 +298,4 @@ if __name__ == "__main__":
     elif args.dashboard:
         print(json.dumps(_dashboard(Path(args.dashboard))))
     elif args.measure:
-        print(json.dumps(measure(args.measure, _default_cap()), indent=1))
+        print(json.dumps(measure(args.measure, default_cap()), indent=1))

@@ -24,13 +24,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from bench.common import REPO, Goal, Section, fmt_bytes, fmt_s, md_table, one_line, quiet
+from bench.common import Goal, Section, fmt_bytes, fmt_s, md_table, one_line, quiet
+from bench.isolated import cache_dir, default_cap, llama_config, measured
 
 NAME = "large_hf"
 TITLE = "9b. Larger than memory: streamed prune of a 7B-class HF folder against its floor"
@@ -52,28 +51,17 @@ MODELS = {
 }
 
 
-def cache_dir() -> Path:
-    path = Path(os.environ.get("PRUNESCOPE_BENCH_CACHE",
-                               Path.home() / ".cache" / "prunescope-bench"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _build(name: str, folder: Path) -> None:
     """The folder from its config: keys and shapes from the model built on meta, each tensor
     drawn and written alone."""
     quiet()
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from engine.io.shards import write_index, write_shard
 
-    spec = MODELS[name]
-    config = LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-                         num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                         num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
-                         tie_word_embeddings=False, dtype="bfloat16",
-                         architectures=["LlamaForCausalLM"])
+    config = llama_config(MODELS[name], tie_word_embeddings=False, dtype="bfloat16",
+                          architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     specs = {k: (torch.bfloat16, tuple(v.shape)) for k, v in model.state_dict().items()}
@@ -123,87 +111,13 @@ def _floor(src: Path, dst: Path) -> None:
     write_index(dst, weight_map, total)
 
 
-def _default_cap() -> int:
-    cap = os.environ.get("PRUNESCOPE_BENCH_RSS_CAP_GIB")
-    if cap:
-        return int(float(cap) * 2**30)
-    return int(min(_available() - 3 * 2**30, 18 * 2**30))
-
-
-def _available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 16 * 2**30
-
-
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def measured(cmd: list[str], cap: int, timeout: float = 3600) -> dict:
-    """Run cmd with an RSS watchdog; seconds, peak RSS (ru_maxrss), status."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    killed: list[str] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(0.2):
-            rss = _rss(proc.pid)
-            why = None
-            if rss > cap:
-                why = f"killed by the bench at {rss / 2**30:.1f} GiB (cap {cap / 2**30:.1f})"
-            elif _available() < 1.5 * 2**30:
-                why = "killed by the bench: the machine ran low on memory"
-            elif time.perf_counter() - start > timeout:
-                why = f"killed by the bench after {timeout:.0f} s"
-            if why:
-                killed.append(why)
-                proc.kill()
-                return
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    out_chunks: list[str] = []
-    err_chunks: list[str] = []
-    readers = [threading.Thread(target=lambda s=s, c=c: c.append(s.read()), daemon=True)
-               for s, c in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
-    for r in readers:
-        r.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    done.set()
-    for r in readers:
-        r.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = "".join(err_chunks)
-    result = {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "exit": proc.returncode,
-              "stdout": "".join(out_chunks)}
-    if killed:
-        result["error"] = killed[0]
-    elif proc.returncode != 0:
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        result["error"] = f"exit {proc.returncode}: {lines[-1][:300] if lines else 'no output'}"
-    return result
-
-
 def _folder(name: str) -> tuple[Path, float]:
     path = cache_dir() / f"{name}-hf-bf16"
     if path.is_dir():
         return path, 0.0
     start = time.perf_counter()
     run = measured([sys.executable, "-m", "bench.large_hf", "--build", name, str(path)],
-                   _default_cap())
+                   default_cap())
     if "error" in run:
         raise RuntimeError(f"building {name} failed: {run['error']}")
     return path, time.perf_counter() - start
@@ -242,6 +156,7 @@ def measure(name: str, cap: int) -> dict:
             shutil.rmtree(src, ignore_errors=True)
     for key in ("floor", "prune"):
         out[key].pop("stdout", None)
+        out[key].pop("stderr", None)
     (cache_dir() / f"{name}-hf-last-run.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -250,7 +165,7 @@ def run(quick: bool = False) -> Section:
     names = ["llama-2-7b-4l"] if quick else ["llama-2-7b"]
     if os.environ.get("PRUNESCOPE_BENCH_LARGE_14B") == "1":
         names.append("14b")
-    cap = _default_cap()
+    cap = default_cap()
     rows, goals, done = [], [], []
     for name in names:
         try:

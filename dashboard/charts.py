@@ -43,6 +43,7 @@ LEGEND_CLEAR_OF_TOOLBAR = {
     "margin": {"l": 10, "r": TOOLBAR_MARGIN, "t": 60, "b": 40},
 }
 CUT_NAME = "global cut"
+BAR_WIDTH = 0.7  # of a category's width: the overview's channel-count bars
 
 _STAT_COLUMNS = ("order", "group", "subset", "n", "min", "q1", "median", "q3", "max")
 
@@ -164,6 +165,10 @@ def score_overview(stats: pd.DataFrame, threshold: float | None, title: str = ""
                 legendgroup=subset,
                 showlegend=False,
                 hovertemplate="<b>%{x}</b><br>" + subset + ": %{y} channels<extra></extra>",
+                # Centred under the group's name: without an explicit offset, Plotly gives the
+                # bars a third slot beside the boxes' two offset groups (right of the name).
+                offset=-BAR_WIDTH / 2,
+                width=BAR_WIDTH,
             ),
             row=2,
             col=1,

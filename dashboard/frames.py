@@ -145,6 +145,42 @@ def history_frame(rows: list[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame([dict(row) for row in rows], columns=columns)
 
 
+def history_view(table: pd.DataFrame, defaults: Mapping[str, Any]) -> pd.DataFrame:
+    """The run history narrowed to fit a 1440 px page: the options that differ from
+    ``defaults`` in one column, sizes as the share kept, the metric and the latency as
+    "before → after". The full table (every option and number) is the CSV download."""
+    option_names = [k for k in defaults if k in table.columns]
+
+    def options(row: pd.Series) -> str:
+        changed = [f"{k}={row[k]}" for k in option_names
+                   if pd.notna(row[k]) and str(row[k]) != str(defaults[k])]
+        return ", ".join(changed) or "defaults"
+
+    def pair(row: pd.Series, before: str, after: str, fmt: str) -> str:
+        if before not in row or after not in row or pd.isna(row[before]) or pd.isna(row[after]):
+            return ""
+        return f"{row[before]:{fmt}} → {row[after]:{fmt}}"
+
+    view = pd.DataFrame({"run": table["run"]})
+    if "model" in table:
+        view["model"] = table["model"]
+    view["options"] = table.apply(options, axis=1) if len(table) else []
+    for column in ("ratio", "channels pruned"):
+        if column in table:
+            view[column] = table[column]
+    for key, label in (("params", "params kept"), ("flops", "FLOPs kept")):
+        if f"{key} kept" in table:
+            view[label] = table[f"{key} kept"].map(lambda v: "" if pd.isna(v) else f"{v:.0%}")
+    if "metric" in table:
+        view["metric"] = table["metric"].fillna("")
+        view["before → after"] = table.apply(
+            lambda r: pair(r, "metric before", "metric after", ".4g"), axis=1)
+    if "latency before (ms)" in table:
+        view["latency (ms)"] = table.apply(
+            lambda r: pair(r, "latency before (ms)", "latency after (ms)", ".3g"), axis=1)
+    return view
+
+
 def cut_crossings(plan: Any) -> tuple[int, int]:
     """How many pruned channels score above the global cut and kept ones below it (the
     group, step and block rules decide those), counted over the groups in the global

@@ -11,10 +11,10 @@ from typing import Any
 
 from dashboard.evaluate import evaluate_pair
 from engine.io.data import DataSet
-from engine.options import RECOVERY_METHODS, RECOVERY_TABLE
+from engine.options import RECOVERY_DATA_LIGHT, RECOVERY_METHODS
 
 METHOD_CHOICES = RECOVERY_METHODS
-DEFAULT_METHODS = tuple(m.name for m in RECOVERY_TABLE if m.data_light)
+DEFAULT_METHODS = RECOVERY_DATA_LIGHT
 
 
 @dataclass

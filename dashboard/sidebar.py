@@ -23,6 +23,7 @@ from engine.options import (
     RESHAPE_CHANNEL_AXES,
     STEP_OPS,
     PruningOptions,
+    choices_help,
 )
 from engine.quality.evaluate import check_data
 
@@ -33,7 +34,7 @@ OPTION_NAMES = ("criterion", "policy", "layer_norm", "group_policy", "reshape_ch
 
 HELP = {
     "criterion": "How a channel's raw importance is measured: "
-    + "; ".join(f"{c.name} = {c.help}" for c in CRITERION_TABLE)
+    + choices_help(CRITERION_TABLE)
     + f". {', '.join(CRITERIA_NEEDING_DATA)} need calibration data.",
     "policy": "How the members of a connected group (e.g. the convs feeding a residual add) "
     "are combined into one score per channel: sum or average of their normalized scores, "

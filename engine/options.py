@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -10,57 +11,79 @@ from engine.errors import OptionError
 
 
 @dataclass(frozen=True)
-class Criterion:
-    """One criterion: its name, whether it needs calibration data, and the help the CLI's
-    --criterion and the dashboard show. Its scoring function is registered under the same
-    name in engine/scoring/analysis.py (SCORERS; a test checks that both list the same)."""
+class Choice:
+    """One allowed value of an option that has a table (criteria, recovery methods): its
+    name and the help the CLI and the dashboard show for it."""
 
     name: str
-    needs_data: bool
     help: str
+
+
+@dataclass(frozen=True)
+class Criterion(Choice):
+    """A criterion; `needs_data`: it scores on calibration data. Its scoring function is
+    registered under the same name in engine/scoring/analysis.py (SCORERS; a test checks
+    that both list the same)."""
+
+    needs_data: bool = False
+
+
+@dataclass(frozen=True)
+class RecoveryMethod(Choice):
+    """A recovery method; `data_light`: it runs in the shared data-light pass over the
+    calibration data (else it trains). Its function is registered under the same name in
+    engine/quality/recovery/__init__.py."""
+
+    data_light: bool = False
+
+
+def choice_names(table: Iterable[Choice], where: Callable[[Choice], bool] | None = None
+                 ) -> tuple[str, ...]:
+    """The names of a table's entries (those `where` accepts), in table order."""
+    return tuple(c.name for c in table if where is None or where(c))
+
+
+def choices_help(table: Iterable[Choice]) -> str:
+    """"name = help; ..." for every entry: the part of a flag's help that lists its values."""
+    return "; ".join(f"{c.name} = {c.help}" for c in table)
 
 
 # the spec's criteria, then the data-aware ones (beyond the spec; they need calibration data)
 CRITERION_TABLE: tuple[Criterion, ...] = (
-    Criterion("l2", False, "L2 norm of its filter"),
-    Criterion("l1", False, "L1 norm of its filter"),
-    Criterion("gm", False, "distance to the other filters (redundant filters score low)"),
-    Criterion("nuclear_norm", True, "size of its feature maps on the calibration data"),
-    Criterion("random", False, "seeded baseline"),
-    Criterion("index", False, "you name the channels to remove (--indices; charts show l2)"),
-    Criterion("activation", True, "mean |output| on the calibration data"),
-    Criterion("wanda", True, "|weight| x input norm over the weights the channel removes"),
-    Criterion("taylor", True, "|weight x gradient| of the loss (labels y when given)"),
-    Criterion("fluctuation", True,
-              "variance of the channel's input x squared weights reading it (FLAP)"),
+    Criterion("l2", "L2 norm of its filter"),
+    Criterion("l1", "L1 norm of its filter"),
+    Criterion("gm", "distance to the other filters (redundant filters score low)"),
+    Criterion("nuclear_norm", "size of its feature maps on the calibration data",
+              needs_data=True),
+    Criterion("random", "seeded baseline"),
+    Criterion("index", "you name the channels to remove (--indices; charts show l2)"),
+    Criterion("activation", "mean |output| on the calibration data", needs_data=True),
+    Criterion("wanda", "|weight| x input norm over the weights the channel removes",
+              needs_data=True),
+    Criterion("taylor", "|weight x gradient| of the loss (labels y when given)",
+              needs_data=True),
+    Criterion("fluctuation", "variance of the channel's input x squared weights reading it "
+              "(FLAP)", needs_data=True),
 )
-CRITERIA = tuple(c.name for c in CRITERION_TABLE)
-CRITERIA_NEEDING_DATA = tuple(c.name for c in CRITERION_TABLE if c.needs_data)
-
-
-@dataclass(frozen=True)
-class RecoveryMethod:
-    """One recovery method: its name, whether it runs in the shared data-light pass over the
-    calibration data (else it trains), and its help for the CLI and the dashboard. Its
-    function is registered under the same name in engine/quality/recovery/__init__.py."""
-
-    name: str
-    data_light: bool
-    help: str
-
+CRITERIA = choice_names(CRITERION_TABLE)
+CRITERIA_NEEDING_DATA = choice_names(CRITERION_TABLE, lambda c: c.needs_data)
 
 # in the order the data-light pass applies them at each node
 RECOVERY_TABLE: tuple[RecoveryMethod, ...] = (
-    RecoveryMethod("bias", True, "the mean of what a layer's lost inputs carried, into its bias"),
-    RecoveryMethod("lsq", True, "least-squares refit of each linear/conv layer that drifted"),
-    RecoveryMethod("bn", True, "BatchNorm statistics recomputed where their input changed"),
-    RecoveryMethod("norm", True, "LayerNorm/RMSNorm/GroupNorm refitted to the kept channels"),
-    RecoveryMethod("distill", False, "knowledge distillation from the original (time budget "
-                                     "or fixed steps)"),
+    RecoveryMethod("bias", "the mean of what a layer's lost inputs carried, into its bias",
+                   data_light=True),
+    RecoveryMethod("lsq", "least-squares refit of each linear/conv layer that drifted",
+                   data_light=True),
+    RecoveryMethod("bn", "BatchNorm statistics recomputed where their input changed",
+                   data_light=True),
+    RecoveryMethod("norm", "LayerNorm/RMSNorm/GroupNorm refitted to the kept channels",
+                   data_light=True),
+    RecoveryMethod("distill", "knowledge distillation from the original (time budget or "
+                              "fixed steps)"),
 )
-RECOVERY_METHODS = tuple(m.name for m in RECOVERY_TABLE)
+RECOVERY_METHODS = choice_names(RECOVERY_TABLE)
+RECOVERY_DATA_LIGHT = choice_names(RECOVERY_TABLE, lambda m: m.data_light)
 RECOVERY_AUTO = "auto"  # the data-light methods with something to act on, then distill
-
 
 POLICIES = ("sum", "average", "backward")
 LAYER_NORMS = ("standard_score", "tss_norm", "linear_scaling", "softmax_norm", "none")

@@ -18,7 +18,7 @@ from engine.errors import ExportError, OnnxExportError, PruneScopeError, one_lin
 from engine.graph.capture import distinct_example_inputs, reexport
 from engine.graph.inputs import run_graph
 from engine.graph.outputs import tensor_leaves
-from engine.graph.tracer import val_shape
+from engine.graph.tracer import known_shape
 from engine.io.export import (
     check_onnx,
     check_onnx_structure,
@@ -29,9 +29,9 @@ from engine.io.export import (
 )
 from engine.io.hf_config import groups_config_keeps
 from engine.io.hf_export import write_hf
-from engine.io.staging import new_staging, remove_dead_staging
+from engine.io.staging import open_staging
 from engine.options import PruningOptions, check_ratio
-from engine.quality.metrics import flops_samples, model_metrics
+from engine.quality.metrics import count_graph_flops, flops_samples, model_metrics
 from engine.scoring.analysis import Analysis, analyze, plan
 from engine.scoring.planning import Plan
 from engine.scoring.uniform import family_counts
@@ -268,7 +268,7 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     verification = verify_width(masked, pruned, {gp.name: structure.group(gp.name).exact
                                                  for gp in the_plan.groups if len(gp.pruned)})
     say("measuring")
-    after = model_metrics(pruned_gm, samples)
+    after = model_metrics(pruned_gm, samples, skip=before.get("flops_uncounted", ()))
     report = {
         "options": the_plan.options.to_dict(),
         "groups": [
@@ -334,10 +334,10 @@ class _CaptureBatch:
         for node in original.graph.nodes:
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
-                self.captured_shapes[node.name] = val_shape(val)
+                self.captured_shapes[node.name] = known_shape(val)
             elif isinstance(val, (list, tuple)) and all(isinstance(v, torch.Tensor)
                                                         for v in val):
-                self.captured_shapes[node.name] = [val_shape(v) for v in val]
+                self.captured_shapes[node.name] = [known_shape(v) for v in val]
         self.run_shapes: dict[str, Any] = {}
 
     def shapes(self, name: str, shapes: Any) -> Any:
@@ -353,9 +353,10 @@ class _CaptureBatch:
         return _scaled(shapes, run, captured)
 
 
-def _scaled(shape: tuple[int, ...], run: tuple[int, ...], captured: tuple[int, ...]
-            ) -> tuple[int, ...]:
-    if not len(shape) == len(run) == len(captured):
+def _scaled(shape: tuple[int, ...], run: tuple[int, ...] | None,
+            captured: tuple[int, ...] | None) -> tuple[int, ...]:
+    # a data-dependent size at capture (None) has no capture-batch value to scale to
+    if run is None or captured is None or not len(shape) == len(run) == len(captured):
         return shape
     return tuple(new * c // r if r and c != r and (new * c) % r == 0 else new
                  for new, r, c in zip(shape, run, captured))
@@ -407,7 +408,9 @@ def prune_unverified(analysis: Analysis, the_plan: Plan) -> tuple[torch.fx.Graph
     with torch.no_grad():
         run_graph(ShapeRecorder(gm), analysis.captured.example_inputs,
                   analysis.captured.example_kwargs)
-    return gm, model_metrics(gm, flops_samples(analysis.captured))
+    # the operations the original's count leaves out (data-dependent sizes), left out here too
+    skip = count_graph_flops(analysis.gm).uncounted
+    return gm, model_metrics(gm, flops_samples(analysis.captured), skip)
 
 
 @exclusive
@@ -424,12 +427,7 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
     """
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _remove_dead_staging(out)
-        staging = new_staging(out)
-    except OSError as exc:
-        raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    staging = open_staging(out, ExportError)
     try:
         report = dict(result.report)
         say("writing model.pt2")
@@ -459,16 +457,6 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _remove_dead_staging(out: Path) -> None:
-    """A run killed mid-way leaves its staging folder; say which ones were removed."""
-    import warnings
-
-    removed = remove_dead_staging(out)
-    if removed:
-        warnings.warn(f"removed {len(removed)} staging folder(s) of runs no longer alive in "
-                      f"{out}: {', '.join(p.name for p in removed)}", UserWarning, stacklevel=3)
 
 
 def _write_hf(result: PruneResult, folder: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 from dashboard.block_chart import block_scores
 from engine.demo import BUILTIN_NAMES
 from engine.transform.depth import plan_depth
+from tests.helpers import app_ok
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 
@@ -33,17 +34,12 @@ def test_chart_refuses_a_frame_without_its_columns():
         block_scores(pd.DataFrame({"block": ["b0"], "score": [1.0]}))
 
 
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
 def test_blocks_tab_shows_the_engine_scores_and_marks_the_lowest():
     at = AppTest.from_file(APP, default_timeout=240).run()
-    _ok(at)
+    app_ok(at)
     at.session_state["main_tab"] = "Blocks"
     at.run()
-    _ok(at)
+    app_ok(at)
     model = at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
     calibration = None  # what the page scores on: a built-in model's own calibration set
     if "_ps_eval" in at.session_state:
@@ -55,11 +51,15 @@ def test_blocks_tab_shows_the_engine_scores_and_marks_the_lowest():
         ["block1", "block2", "attn"]
     assert list(table["score"]) == pytest.approx([b["score"] for b in expected["blocks"]])
     assert not table["removed"].any()
+    # the slider starts at 0: the page says that nothing goes then, and what to try
+    lowest = min(expected["blocks"], key=lambda b: b["score"])["name"]
+    hint = next(c.value for c in at.caption if "At 0 no block is removed" in c.value)
+    assert f"Try 1: the lowest-scoring block, **{lowest}**" in hint
     at.slider(key="blocks_to_remove").set_value(1)
     at.run()
-    _ok(at)
+    app_ok(at)
     table = at.dataframe[0].value
-    lowest = min(expected["blocks"], key=lambda b: b["score"])["name"]
+    assert not any("At 0 no block" in c.value for c in at.caption)
     assert list(table.loc[table["removed"], "block"]) == [lowest]
     chart = [el for el in at.get("plotly_chart") if getattr(el, "key", None) == "block_chart"]
     spec = json.loads(chart[0].proto.spec)

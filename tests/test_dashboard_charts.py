@@ -232,3 +232,69 @@ def test_prune_counts_and_pivot():
     assert list(table["sum"]) == [1, 2, 3]
     only = frames.prune_count_frame(plans, by="policy", only=["add_0"])
     assert set(only.group) == {"add_0"}
+
+
+# ------------------------------------------------------------- the static first-screen chart
+
+
+def _svg(markup: str):
+    import xml.etree.ElementTree as ET
+
+    return ET.fromstring(markup)  # well-formed XML, or it raises
+
+
+def test_static_overview_draws_the_same_boxes_bars_and_cut(stats):
+    from dashboard import charts_static
+
+    ns = "{http://www.w3.org/2000/svg}"
+    root = _svg(charts_static.score_overview_svg(stats, 0.25))
+    boxes = [r for r in root.iter(f"{ns}rect") if r.find(f"{ns}title") is not None]
+    titles = [r.find(f"{ns}title").text for r in boxes]
+    shown = stats[stats["subset"].isin(("kept", "pruned")) & (stats["n"] > 0)]
+    assert len(boxes) == len(shown)  # one box per group and subset with channels
+    assert sorted(titles) == sorted(f"{g} {s}: {n} channels" for g, s, n in
+                                    zip(shown["group"], shown["subset"], shown["n"]))
+    colours = {r.get("fill") for r in boxes}
+    assert colours == {charts.KEPT_COLOR, charts.PRUNED_COLOR}
+    # group names in network order along the bottom
+    labels = [t.text for t in root.iter(f"{ns}text") if t.text in set(stats["group"])]
+    assert labels == ["zeta.stem", "mid.block", "alpha.conv"]
+    # the dashed cut sits between the tick lines of the values around it
+    dashed = [ln for ln in root.iter(f"{ns}line") if ln.get("stroke-dasharray")
+              and ln.get("x1") != ln.get("x2") and float(ln.get("x2")) - float(ln.get("x1")) > 100]
+    assert len(dashed) == 1
+    ticks = {float(t.text): float(t.get("y")) - 4 for t in root.iter(f"{ns}text")
+             if t.text and t.get("text-anchor") == "end" and t.get("x") == "58"}
+    below = max(v for v in ticks if v <= 0.25)
+    above = min(v for v in ticks if v >= 0.25)
+    y = float(dashed[0].get("y1"))
+    assert ticks[above] <= y <= ticks[below]
+    without = _svg(charts_static.score_overview_svg(stats, None))
+    assert not [ln for ln in without.iter(f"{ns}line") if ln.get("stroke-dasharray")]
+
+
+def test_static_overview_escapes_names_and_refuses_a_short_frame():
+    from dashboard import charts_static
+
+    hostile = pd.DataFrame(_stats_rows(0, "a<b>&\"c\"", [0.1, 0.2], [0.0]))
+    root = _svg(charts_static.score_overview_svg(hostile, 0.05))
+    assert any(t.text == "a<b>&\"c\"" for t in root.iter("{http://www.w3.org/2000/svg}text"))
+    with pytest.raises(ValueError, match="q1"):
+        charts_static.score_overview_svg(hostile.drop(columns=["q1"]), None)
+
+
+def test_nice_ticks_cover_the_range_with_round_steps():
+    from dashboard.charts_static import nice_ticks
+
+    assert nice_ticks(-2.04, 3.26, 6) == [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+    assert nice_ticks(0, 64, 3) == [0, 50, 100]
+    flat = nice_ticks(0.5, 0.5)  # one value: still a range around it
+    assert flat[0] <= 0.5 < flat[-1]
+
+
+def test_overview_count_bars_are_centred_under_their_group(stats):
+    fig = charts.score_overview(stats, 0.5)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert len(bars) == 2
+    for bar in bars:  # explicit: Plotly would otherwise put them in a slot beside the boxes
+        assert bar.offset == -bar.width / 2 and 0 < bar.width <= 1

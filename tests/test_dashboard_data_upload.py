@@ -10,15 +10,11 @@ import numpy as np
 from streamlit.testing.v1 import AppTest
 
 from engine.io.data import UPLOAD_SUFFIXES
+from tests.helpers import app_ok
 from tests.text_models import SENTENCES, bert_folder
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 TIMEOUT = 240
-
-
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def test_text_upload_is_tokenized_for_the_loaded_model(tmp_path) -> None:
@@ -26,7 +22,7 @@ def test_text_upload_is_tokenized_for_the_loaded_model(tmp_path) -> None:
 
     folder = bert_folder(tmp_path / "bert")
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
-    _ok(at)
+    app_ok(at)
     uploader = at.file_uploader(key="upload_eval")
     assert set(uploader.proto.type) == set(UPLOAD_SUFFIXES)  # the engine's list
     # text on the demo (an image model): one line, the demo still drawn
@@ -38,7 +34,7 @@ def test_text_upload_is_tokenized_for_the_loaded_model(tmp_path) -> None:
     at.text_input(key="local_path").set_value(str(folder)).run()
     rows = "".join(json.dumps({"text": t}) + "\n" for t in SENTENCES).encode()
     at.file_uploader(key="upload_eval").upload("sentences.jsonl", rows).run()
-    _ok(at)
+    app_ok(at)
     data = at.session_state["_ps_eval"][1]
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     want = tok(SENTENCES, padding="max_length", truncation=True, max_length=32,

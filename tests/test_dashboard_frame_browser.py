@@ -66,6 +66,15 @@ def _no_errors(page) -> None:
     assert not errors, errors
 
 
+# Every table (Streamlit's data grid) of the open tab whose columns are wider than the table:
+# the user would scroll sideways to read them. Its first column's header names it.
+WIDE_TABLES = """() => Array.from(document.querySelectorAll('[data-testid=stDataFrame]'))
+    .filter(t => t.offsetParent !== null)
+    .map(t => [t.querySelector('.dvn-scroller'), t])
+    .filter(([s, t]) => s && s.scrollWidth > s.clientWidth + 1)
+    .map(([s, t]) => `${s.scrollWidth} > ${s.clientWidth} px`)"""
+
+
 def _open(context, url: str):
     page = context.new_page()
     page.set_default_timeout(STEP_TIMEOUT_MS)
@@ -183,6 +192,35 @@ def test_layout_at_1440x900_and_a_chart_click(dashboard_server, browser):
     context.close()
 
 
+# Records when the static score chart and Plotly's chart first appear (performance.now()).
+ORDER = """window.__firstSeen = {};
+new MutationObserver(() => {
+  const seen = window.__firstSeen, has = (css) => document.querySelector(css) !== null;
+  if (!seen.static && has('.ps-static-chart')) seen.static = performance.now();
+  if (!seen.plotly && has('.js-plotly-plot .main-svg')) seen.plotly = performance.now();
+}).observe(document, {subtree: true, childList: true});"""
+
+
+def test_first_visit_paints_the_static_chart_before_plotly_then_swaps(dashboard_server,
+                                                                        browser):
+    """A first visit (empty browser cache) sees the score chart before Plotly's script has
+    loaded; once Plotly has drawn, only its interactive chart shows."""
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page.add_init_script(ORDER)
+    page.goto(dashboard_server.url)
+    page.wait_for_selector(".js-plotly-plot .boxlayer")
+    settle(page)
+    seen = page.evaluate("window.__firstSeen")
+    assert "static" in seen, "no static chart was painted"
+    assert seen["static"] < seen["plotly"], seen
+    print(f"static chart at {seen['static']:.0f} ms, Plotly's at {seen['plotly']:.0f} ms")
+    assert not page.locator(".ps-static-chart").is_visible()  # swapped, not both
+    assert page.locator(".js-plotly-plot").first.is_visible()
+    context.close()
+
+
 def test_every_tab_drawn_at_1440x900(dashboard_server, browser):
     context = browser.new_context(viewport=VIEWPORT)
     page = _open(context, dashboard_server.url)
@@ -197,6 +235,8 @@ def test_every_tab_drawn_at_1440x900(dashboard_server, browser):
         _no_errors(page)
         text = page.evaluate(PAGE_TEXT)
         assert not _unsafe_glyphs(text), (tab.title, _unsafe_glyphs(text))
+        wide = page.evaluate(WIDE_TABLES)
+        assert not wide, f"{tab.title}: tables scroll sideways at 1440 px: {wide}"
         slug = re.sub(r"[^a-z]+", "-", tab.title.lower()).strip("-")
         screenshot(page, f"frame-tab-{number}-{slug}.png", full_page=False)  # first screen
         _full_shot(page, f"frame-tab-{number}-{slug}-full.png")  # all of the tab

@@ -10,13 +10,9 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from engine.demo import load_demo_eval
+from tests.helpers import app_ok
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-
-
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def _table(at: AppTest, column: str):
@@ -28,16 +24,16 @@ def _table(at: AppTest, column: str):
 
 def test_recover_step_compares_original_pruned_recovered_and_offers_downloads():
     at = AppTest.from_file(APP, default_timeout=600).run()
-    _ok(at)
+    app_ok(at)
     at.session_state["main_tab"] = "Prune & compare"
     at.run()
     at.slider(key="opt_ratio").set_value(0.5).run()
     at.button(key="prune").click().run()
-    _ok(at)
+    app_ok(at)
     assert at.multiselect(key="recover_methods").value == ["bias", "lsq", "bn", "norm"]
     at.multiselect(key="recover_methods").set_value(["lsq"]).run()
     at.button(key="recover").click().run()
-    _ok(at)
+    app_ok(at)
     model = at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
     done = model.cache["_ps_recover"]
     assert done.recovery["methods"] == ["lsq"]

@@ -18,24 +18,16 @@ from dashboard.tabs.prune import zip_folder
 from engine.demo import DEMO_LM_HF_DIR
 from engine.options import PruningOptions
 from engine.transform.depth import plan_depth
+from tests.helpers import active_model, app_ok
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 TIMEOUT = 400
 
 
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def _model(at: AppTest):
-    return at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
-
-
 def _tab(at: AppTest, name: str) -> None:
     at.session_state["main_tab"] = name
     at.run()
-    _ok(at)
+    app_ok(at)
 
 
 def _plan_table(at: AppTest) -> dict[str, int]:
@@ -59,8 +51,8 @@ def test_uniform_switch_evens_repeated_layers_and_offers_hf_zip(tmp_path):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     at.radio(key="source").set_value("Local file path").run()
     at.text_input(key="local_path").set_value(str(DEMO_LM_HF_DIR)).run()
-    _ok(at)
-    assert _model(at).captured.hf is not None
+    app_ok(at)
+    assert active_model(at).captured.hf is not None
     switch = at.toggle(key="opt_uniform")
     assert switch.value is True, "on by default for a transformers model"
     assert "hf/" in switch.help
@@ -76,10 +68,10 @@ def test_uniform_switch_evens_repeated_layers_and_offers_hf_zip(tmp_path):
         "at ratio 0.5 the free ranking cuts the MLPs of different layers differently"
 
     at.toggle(key="opt_uniform").set_value(False).run()
-    _ok(at)
+    app_ok(at)
     assert _plan_table(at) == free
     at.toggle(key="opt_uniform").set_value(True).run()
-    _ok(at)
+    app_ok(at)
     shown = _plan_table(at)
     assert shown == even
     families = _families(shown)
@@ -93,7 +85,7 @@ def test_uniform_switch_evens_repeated_layers_and_offers_hf_zip(tmp_path):
 
     _tab(at, "Prune & compare")
     at.button(key="prune").click().run()
-    _ok(at)
+    app_ok(at)
     run = at.session_state["_ps_result"]
     report = json.loads(run.files["report.json"].read_text())
     assert {g["name"]: len(g["pruned"]) for g in report["groups"]} == even
@@ -109,29 +101,29 @@ def test_uniform_switch_evens_repeated_layers_and_offers_hf_zip(tmp_path):
     inputs = tuple(run.result.example_inputs)  # the saved program's own inputs, by name
     with torch.no_grad():
         want = torch.export.load(str(run.files["model.pt2"])).module()(*inputs)
-        got = loaded(**dict(zip(_model(at).captured.hf.input_names, inputs))).logits
+        got = loaded(**dict(zip(active_model(at).captured.hf.input_names, inputs))).logits
     want = want if isinstance(want, torch.Tensor) else want[0]
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
 
 
 def test_uniform_is_off_by_default_for_a_plain_model():
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
-    _ok(at)
-    assert _model(at).captured.hf is None
+    app_ok(at)
+    assert active_model(at).captured.hf is None
     assert at.toggle(key="opt_uniform").value is False
 
 
 def test_blocks_chosen_in_the_blocks_tab_are_removed_by_prune():
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
-    _ok(at)
+    app_ok(at)
     _tab(at, "Blocks")
     at.slider(key="blocks_to_remove").set_value(1).run()
-    _ok(at)
+    app_ok(at)
     # Prune on another tab: the Blocks tab's widgets are gone, the choice is not.
     _tab(at, "Prune & compare")
     assert any("1 whole residual block" in i.value for i in at.info)
     at.button(key="prune").click().run()
-    _ok(at)
+    app_ok(at)
     run = at.session_state["_ps_result"]
     report = run.result.report
     # The engine's own choice, outside the page: the lowest-scoring block on the demo's

@@ -131,9 +131,14 @@ def test_prune_results_in_view_report_matches_page_and_history():
     _button(at, "prune").click().run()
     app_ok(at)
     run = at.session_state["_ps_result"]
-    # accuracy change in points, not per cent
-    accuracy = next(m for m in at.metric if m.label == "Accuracy after")
+    # accuracy change in points, not per cent, and said to be the number before recovery
+    accuracy = next(m for m in at.metric if m.label == "Accuracy after pruning")
     assert "points" in accuracy.delta and "%" not in accuracy.delta.split("(")[0]
+    fid = run.fidelity
+    fall = next(w for w in _texts(at.warning) if "before any recovery" in w)
+    assert f"{fid['accuracy_before']:.1%} to {fid['accuracy_after']:.1%}" in fall
+    assert "**Recover**" in fall
+    assert any(s.value == "Recover" for s in at.subheader)  # the step it points to is there
     # report.json carries the accuracy shown
     report = json.loads(run.files["report.json"].read_text())
     assert report["quality"]["original"] == run.fidelity["accuracy_before"]
@@ -152,7 +157,10 @@ def test_prune_results_in_view_report_matches_page_and_history():
     app_ok(at)
     history = _table(at, "run")
     assert list(history["run"]) == [1, 2] and list(history["ratio"]) == [0.5, 0.3]
-    assert {"metric before", "metric after", "params after"} <= set(history.columns)
+    # narrow enough for 1440 px: options that differ from the defaults in one column
+    assert len(history.columns) <= 10, list(history.columns)
+    assert list(history["options"]) == ["defaults", "defaults"]  # uniform is no option
+    assert {"params kept", "before → after"} <= set(history.columns)
     csv = next(b for b in at.get("download_button") if b.proto.label.startswith(
         "Download the runs"))
     assert csv is not None

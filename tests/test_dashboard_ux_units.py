@@ -28,6 +28,7 @@ from dashboard.tabs.compare import auto_summary, current_point
 from dashboard.tabs.plan import parse_own_ratio
 from dashboard.tabs.prune import points, ratio_explanation, signature_changes
 from engine.errors import PruneScopeError
+from engine.options import PruningOptions
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +254,45 @@ def test_history_row_has_options_size_metric_latency():
     assert row["params after"] == 25 and row["params kept"] == 0.25
     assert row["metric before"] == 1.0 and row["metric after"] == 0.5
     assert row["latency before (ms)"] == 2.0 and row["latency after (ms)"] == 1.0
+
+
+def test_history_view_fits_the_page_and_keeps_what_differs():
+    from dashboard.prune_run import PruneRun
+
+    def run(options, ratio, after):
+        return PruneRun(model_key="demo:1", signature="s", options=options, ratio=ratio,
+                        files={}, before={"params": 100, "flops": 1000, "latency_s": 0.002},
+                        after={"params": 25, "flops": 300, "latency_s": 0.001},
+                        fidelity={"samples": 4, "metric": "accuracy", "accuracy_before": 0.9933,
+                                  "accuracy_after": after}, fidelity_on="demo evaluation set",
+                        channels_pruned=3, channels_total=8, model_label="built-in demo")
+
+    defaults = PruningOptions().to_dict()
+    table = frames.history_frame([
+        history_row(run(defaults, 0.5, 0.2533), 1),
+        history_row(run({**defaults, "policy": "sum", "step_size": 4}, 0.3, 0.9), 2)])
+    assert len(table.columns) > 15  # the CSV keeps every option and number
+    view = frames.history_view(table, defaults)
+    assert list(view.columns) == ["run", "model", "options", "ratio", "channels pruned",
+                                  "params kept", "FLOPs kept", "metric", "before → after",
+                                  "latency (ms)"]
+    assert list(view["options"]) == ["defaults", "policy=sum, step_size=4"]
+    assert list(view["params kept"]) == ["25%", "25%"]
+    assert list(view["before → after"]) == ["0.9933 → 0.2533", "0.9933 → 0.9"]
+    assert list(view["latency (ms)"]) == ["2 → 1", "2 → 1"]
+
+
+def test_a_large_fall_before_recovery_is_explained_and_points_to_recover():
+    from dashboard.tabs.prune import before_recovery_note
+
+    note = before_recovery_note({"accuracy_before": 0.9933, "accuracy_after": 0.2533})
+    assert "before any recovery" in note and "99.3% to 25.3%" in note
+    assert "-74.0 points" in note and "**Recover**" in note and "smaller" in note
+    assert before_recovery_note({"accuracy_before": 0.9933, "accuracy_after": 0.97}) == ""
+    rise = before_recovery_note({"perplexity_before": 4.0, "perplexity_after": 9.0})
+    assert "perplexity rose from 4.000 to 9.000 (2.25×)" in rise
+    assert before_recovery_note({"perplexity_before": 4.0, "perplexity_after": 4.1}) == ""
+    assert before_recovery_note({"relative_error": 0.5}) == ""
 
 
 # ------------------------------------------------------------------ item 3, 9: inputs

@@ -83,3 +83,17 @@ def test_regnet_of_the_coverage_set_writes_hf(tmp_path):
     wrapped, _ = build("RegNet")
     result = _prune_folder(wrapped.model, tmp_path)
     assert result.report["hf"]["written"], result.report["hf"]
+
+
+def test_deberta_folder_writes_hf_though_its_span_is_data_dependent(tmp_path):
+    # DeBERTa's relative-position span is computed with .item(): an unbacked size that the
+    # FLOPs count cannot read; the prune must still reach hf/ and say what was not counted
+    config = tf.DebertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, vocab_size=64, relative_attention=True,
+                              max_relative_positions=8, pos_att_type=["c2p", "p2c"])
+    torch.manual_seed(0)
+    result = _prune_folder(tf.DebertaForSequenceClassification(config), tmp_path)
+    assert result.report["hf"]["written"], result.report["hf"]
+    before, after = result.report["before"], result.report["after"]
+    assert before["flops_uncounted"] and after["flops_uncounted"] == before["flops_uncounted"]
+    assert after["flops"] < before["flops"]

@@ -11,6 +11,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from dashboard.tabs.prune import zip_folder
+from tests.helpers import app_ok
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 
@@ -25,11 +26,6 @@ def _vit_folder(path: Path) -> Path:
     return path
 
 
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
 def test_local_folder_is_pruned_and_hf_offered_as_zip(tmp_path):
     import transformers as tf
 
@@ -37,7 +33,7 @@ def test_local_folder_is_pruned_and_hf_offered_as_zip(tmp_path):
     at = AppTest.from_file(APP, default_timeout=240).run()
     at.radio(key="source").set_value("Local file path").run()
     at.text_input(key="local_path").set_value(str(folder)).run()
-    _ok(at)
+    app_ok(at)
     model = at.session_state["_ps_models"][at.session_state["_ps_active_model"]]
     assert model.captured.hf is not None and model.captured.hf.model_class == \
         "ViTForImageClassification"
@@ -45,7 +41,7 @@ def test_local_folder_is_pruned_and_hf_offered_as_zip(tmp_path):
     at.session_state["main_tab"] = "Prune & compare"
     at.run()
     at.button(key="prune").click().run()
-    _ok(at)
+    app_ok(at)
     run = at.session_state["_ps_result"]
     assert "Download hf/ (zip)" in [b.label for b in at.download_button]
     archive = zipfile.ZipFile(io.BytesIO(zip_folder(run.files["hf"])))

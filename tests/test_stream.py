@@ -5,7 +5,10 @@ pruning a bigger folder must stay well under the model's size in resident memory
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -13,10 +16,13 @@ import sys
 import pytest
 import torch
 import transformers as tf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import engine
+from engine.errors import ModelLoadError
 from engine.io.hf_config import rotary_heads
+from engine.io.shards import ShardSet
+from engine.io.staging import OWNER_FILE
 from engine.stream import prune_streamed, should_stream
 from tests.helpers import ROOT, cli, one_error_line
 
@@ -127,6 +133,94 @@ def test_cli_stream_flag_and_one_line_refusals(pruned, capfd, tmp_path):
         rc, _, err = cli(capfd, *argv)
         assert rc != 0 and says in one_error_line(err)
     assert not (tmp_path / "p").exists()
+
+
+def test_scoring_reads_the_shards_backwards_and_writing_forwards(pruned, tmp_path, monkeypatch):
+    """Two passes over a model larger than the page cache: the scoring pass reads backwards,
+    so the weights it read last (still cached) are the ones the writing pass reads first."""
+    src = pruned[0]
+    events: list[str] = []
+    real_read = ShardSet.read
+
+    def spy(self, key, **how):
+        events.append(key)
+        return real_read(self, key, **how)
+
+    monkeypatch.setattr(ShardSet, "read", spy)
+    # the staging folder a killed run left in OUT goes, as in the normal path
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    left = tmp_path / "o" / ".prunescope-killed"
+    left.mkdir(parents=True)
+    (left / OWNER_FILE).write_text(json.dumps({"pid": int(dead.stdout), "start": "1"}))
+    with pytest.warns(UserWarning, match="removed 1 staging folder.*prunescope-killed"):
+        prune_streamed(src, tmp_path / "o", ratio=0.3, progress=lambda msg: events.append(msg))
+    assert not left.exists()
+    scoring = events.index("scoring (reading the weights one at a time)")
+    writing = next(i for i, e in enumerate(events) if e.startswith("writing hf/"))
+    stored = ShardSet(src).ordered(ShardSet(src).entries)
+    position = {k: i for i, k in enumerate(stored)}
+    scored = events[scoring + 1:writing]
+    assert len(scored) > 20 and len(set(scored)) == len(scored)
+    # two weights are read and scored at once: each read comes before the one two later
+    assert all(position[a] > position[b] for a, b in zip(scored, scored[2:]))
+    assert position[scored[0]] > len(stored) - 4 and position[scored[-1]] < 3
+    written = events[writing + 1:]
+    written.remove("model.embed_tokens.weight")  # the block check's example embeddings
+    assert written == stored
+    assert written[0] in scored[-2:]
+
+
+def test_the_writing_pass_leaves_the_input_out_of_the_page_cache(tmp_path):
+    """Its last read of each weight drops the weight's pages from the page cache (room for
+    the weights still to come, where the cache cannot hold the model)."""
+    src = _llama(tmp_path / "src", hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2,
+                 vocab=64, shard="2MB")
+    shards = sorted(src.glob("*.safetensors"))
+    for path in shards:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())  # written just now: clean pages only can leave the cache
+            f.read()  # into the page cache
+    assert _cached_share(shards) > 0.9
+    prune_streamed(src, tmp_path / "out", ratio=0.3)
+    # (about half of the pages go in this small folder, none without; why not all is open)
+    assert _cached_share(shards) < 0.75
+
+
+def _cached_share(paths) -> float:
+    """The share of the files' pages in the page cache (mincore over a private map: its
+    untouched pages are the page cache's)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    cached = total = 0
+    for path in paths:
+        size = path.stat().st_size
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = ctypes.create_string_buffer(pages)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+            view = (ctypes.c_char * size).from_buffer(m)
+            try:
+                assert libc.mincore(ctypes.addressof(view), size, vec) == 0, ctypes.get_errno()
+            finally:
+                del view
+        cached += sum(b & 1 for b in vec.raw)
+        total += pages
+    return cached / total
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_stops_the_streamed_prune_naming_it(tmp_path, bad):
+    src = _llama(tmp_path / "src", hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2,
+                 vocab=50, shard="5MB")
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][5, 7] = bad
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as error:
+        prune_streamed(src, tmp_path / "out", ratio=0.3)
+    assert str(error.value) == ("the model has NaN or infinite values in "
+                                "model.layers.1.mlp.up_proj.weight; fix the weights before "
+                                "pruning")
+    assert not (tmp_path / "out" / "hf").exists()
 
 
 def test_auto_streaming_follows_the_available_memory(pruned):

@@ -197,16 +197,17 @@ def llama_folder(tmp_path_factory):
 
 
 def test_a_corrupted_hf_folder_is_not_written(llama_folder, tmp_path, monkeypatch):
-    real_build = hf_export.build_pretrained
+    real_weights = hf_export.pretrained_weights
 
-    def build_pretrained(hf, module, *rest):
-        model = real_build(hf, module, *rest)
-        with torch.no_grad():
-            weight = model.get_output_embeddings().weight
-            weight[0, 0] += 10.0 * float(weight.abs().max())
-        return model
+    def pretrained_weights(hf, module, *rest):
+        model, tensors = real_weights(hf, module, *rest)
+        # a copy: the pruned module (model.pt2) keeps its own weight
+        weight = tensors["lm_head.weight"].clone()
+        weight[0, 0] += 10.0 * float(weight.abs().max())
+        tensors["lm_head.weight"] = weight
+        return model, tensors
 
-    monkeypatch.setattr(hf_export, "build_pretrained", build_pretrained)
+    monkeypatch.setattr(hf_export, "pretrained_weights", pretrained_weights)
     result = engine.prune(str(llama_folder), ratio=0.5, uniform=True,
                           options={"reshape_channel_axis": -2})
     with pytest.warns(UserWarning, match="hf/ not written: the reloaded hf/ model differs"):

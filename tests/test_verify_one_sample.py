@@ -12,8 +12,12 @@ import transformers as tf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
+import engine.transform.depth as depth_module
+import engine.transform.experts as experts_module
+from engine.errors import PruneScopeError
 from engine.pipeline import apply, prune_unverified
 from engine.scoring.analysis import analyze, plan
+from tests.test_verifier_faults import _remove_the_wrong_block
 
 SEQ = 10
 
@@ -89,3 +93,69 @@ def test_a_real_batch_is_verified_whole(bert) -> None:
     with _Batches() as seen:
         apply(analysis, the_plan)
     assert 3 * SEQ in seen.batches, seen.batches
+
+
+# --------------------------------------------------------------- depth and experts
+def _spy_compare(monkeypatch, module) -> list[list[int]]:
+    """The batch of every output each `compare_exact` of `module` is given (both sides)."""
+    seen = []
+    real = module.compare_exact
+
+    def compare(expected, got, *args, **kwargs):
+        seen.append([t.shape[0] for t in [*expected, *got] if t.dim()])
+        return real(expected, got, *args, **kwargs)
+
+    monkeypatch.setattr(module, "compare_exact", compare)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[torch.nn.Module, tuple]:
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=32)
+    ids = torch.randint(1, 100, (1, SEQ), generator=torch.Generator().manual_seed(3))
+    return tf.LlamaForCausalLM(config).eval(), (ids,)
+
+
+@pytest.fixture(scope="module")
+def mixtral() -> tuple[torch.nn.Module, tuple]:
+    torch.manual_seed(0)
+    config = tf.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2,
+                              num_local_experts=4, num_experts_per_tok=2, vocab_size=100,
+                              use_cache=False)
+    ids = torch.randint(1, 100, (1, SEQ), generator=torch.Generator().manual_seed(4))
+    return tf.MixtralForCausalLM(config).eval(), (ids,)
+
+
+def test_depth_verification_runs_on_the_sample_once(llama, monkeypatch) -> None:
+    model, inputs = llama
+    analysis = analyze(model, inputs)
+    assert analysis.captured.repeated_sample
+    seen = _spy_compare(monkeypatch, depth_module)
+    reduced, report = depth_module.prune_depth(analysis, remove_blocks=2)
+    assert seen and all(batch == 1 for batch in seen[0]), seen
+    assert report["verification"]["exact"]
+    # the re-captured model keeps the captured batch for what follows
+    assert reduced.captured.example_inputs[0].shape[0] == 2
+
+
+def test_depth_verification_on_one_sample_still_catches_a_wrong_block(llama, monkeypatch):
+    model, inputs = llama
+    analysis = analyze(model, inputs)
+    seen = _remove_the_wrong_block(monkeypatch)
+    with pytest.raises(PruneScopeError, match=r"^depth verification failed"):
+        depth_module.prune_depth(analysis, remove_blocks=1)
+    assert seen and seen[0][0] != seen[0][1]
+
+
+def test_expert_verification_runs_on_the_sample_once(mixtral, monkeypatch) -> None:
+    model, inputs = mixtral
+    analysis = analyze(model, inputs)
+    assert analysis.captured.repeated_sample
+    seen = _spy_compare(monkeypatch, experts_module)
+    _, report = experts_module.prune_experts(analysis, 0.5)
+    assert seen and all(batch == 1 for batch in seen[0]), seen
+    assert report["verification"]["exact"]

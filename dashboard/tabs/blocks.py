@@ -86,14 +86,16 @@ def render(page: PageState) -> None:
         _remember(model, remove_blocks=0)
     else:
         count = 0
+        scores = {b["name"]: b["score"] for b in cached["blocks"]}
         if n > 1:
             count = st.slider("Blocks to remove", 0, n - 1, key=BLOCKS_KEY,
                               help="How many whole residual blocks the Prune step removes "
                               "(the lowest-scoring ones, marked red), before pruning channels.")
+            st.caption(slider_hint(count, choose(scores, 1)[0]))
         else:
             st.caption("The model's only residual block must stay.")
         _remember(model, remove_blocks=int(count))
-        chosen = set(choose({b["name"]: b["score"] for b in cached["blocks"]}, count))
+        chosen = set(choose(scores, count))
         report = {"blocks": [dict(b, removed=b["name"] in chosen) for b in cached["blocks"]]}
         frame = blocks_frame(report)
         st.plotly_chart(block_scores(frame, _CRITERIA[cached["criterion"]]), key="block_chart")
@@ -104,6 +106,18 @@ def render(page: PageState) -> None:
         st.code(blocks_command(model, count, calibration,
                                st.session_state.get("opt_ratio")), language="bash")
     _experts(model)
+
+
+def slider_hint(count: int, lowest: str) -> str:
+    """What the slider does at its value, and what to try: at 0 (where it starts) nothing is
+    removed, and a newcomer did not see that moving it was the point."""
+    if count == 0:
+        return (f"At 0 no block is removed (depth pruning is off). Try 1: the lowest-scoring "
+                f"block, **{lowest}**, turns red below, and **Prune** (Prune & compare tab) "
+                "then removes it before the channels; compare the accuracy there with and "
+                "without it.")
+    return ("The red blocks below go when you press **Prune** (Prune & compare tab), before "
+            "the channels of the global ratio. Back to 0 keeps every block.")
 
 
 def blocks_command(model: state.LoadedModel, count: int, calibration: Any,

@@ -70,7 +70,8 @@ def render(page: PageState) -> None:
     model, options, eval_data = page.model, page.options, page.eval_data
     st.markdown(
         "What each option does to the model's **metric** at each size, measured on the "
-        "evaluation data: one curve per value of the option you compare, the other options "
+        "evaluation data right after pruning (before any recovery): one curve per value of "
+        "the option you compare, the other options "
         "as in the sidebar. **Click a point** (or pick it below) to set its options and ratio "
         "in the sidebar."
     )

@@ -15,7 +15,7 @@ import engine
 from dashboard import state
 from dashboard.charts_results import widths_figure
 from dashboard.common import RESULT_KEY, session_files, short, show_error
-from dashboard.frames import history_frame, widths_frame
+from dashboard.frames import history_frame, history_view, widths_frame
 from dashboard.guide import glossary_popover
 from dashboard.page import PageState
 from dashboard.prune_run import (
@@ -27,6 +27,7 @@ from dashboard.prune_run import (
     run_prune,
 )
 from dashboard.tabs import recover
+from engine.options import PruningOptions
 
 
 def render(page: PageState) -> None:
@@ -169,6 +170,7 @@ def has_blocks(model: state.LoadedModel) -> bool:
 
 
 HISTORY_KEY = "_ps_history"
+RUNS_TABLE_KEY = "ps_runs"  # the container of the runs table (the browser test finds it)
 
 
 def remember(run: PruneRun) -> None:
@@ -184,9 +186,14 @@ def show_history() -> None:
         return
     st.subheader("This session's runs")
     table = history_frame(history)
-    st.caption("Every Prune of this session, newest last: options, size, metric and latency "
-               "side by side. Gone when the browser tab closes: download it.")
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.caption("Every Prune of this session, newest last: the options that differ from the "
+               "defaults, the shares of parameters and FLOPs kept, the metric and the "
+               "latency side by side. The CSV holds every option and number. Gone when the "
+               "browser tab "
+               "closes: download it.")
+    with st.container(key=RUNS_TABLE_KEY):
+        st.dataframe(history_view(table, PruningOptions().to_dict()), hide_index=True,
+                     width="stretch")
     st.download_button("Download the runs (CSV)", table.to_csv(index=False),
                        file_name="prunescope-runs.csv", mime="text/csv", key="dl_history",
                        on_click="ignore")
@@ -205,16 +212,20 @@ def show_result(run: PruneRun) -> None:
         c[2].metric("Top-1 agreement", f"{fid['top1_agreement']:.1%}",
                     help="Share of samples where the pruned model predicts the same class")
     if "accuracy_after" in fid:
-        c[3].metric("Accuracy after", f"{fid['accuracy_after']:.1%}",
+        c[3].metric("Accuracy after pruning", f"{fid['accuracy_after']:.1%}",
                     f"{points(fid['accuracy_after'] - fid['accuracy_before'])} "
                     f"(before {fid['accuracy_before']:.1%})",
-                    help="The change is in percentage points: the difference of the two "
-                    "accuracies, not a share of the accuracy before.")
+                    help="Before any recovery. The change is in percentage points: the "
+                    "difference of the two accuracies, not a share of the accuracy before.")
     elif "perplexity_after" in fid:
-        c[3].metric("Perplexity after", f"{fid['perplexity_after']:.3f}",
+        c[3].metric("Perplexity after pruning", f"{fid['perplexity_after']:.3f}",
                     f"{fid['perplexity_after'] - fid['perplexity_before']:+.3f} "
                     f"(before {fid['perplexity_before']:.3f})", delta_color="inverse",
-                    help="exp of the mean next-token negative log-likelihood; lower is better")
+                    help="Before any recovery. exp of the mean next-token negative "
+                    "log-likelihood; lower is better")
+    drop = before_recovery_note(fid)
+    if drop:
+        st.warning(drop, icon=":material/trending_down:")
     st.dataframe(pd.DataFrame(comparison_rows(run)), hide_index=True, width="stretch")
     latency_note(run.before.get("latency_s"), run.after.get("latency_s"))
     report = run.result.report if run.result is not None else {}
@@ -238,11 +249,12 @@ def show_result(run: PruneRun) -> None:
                          "Value": f"{fid['relative_error']:.4g}"})
         if "accuracy_before" in fid:
             rows.append({"Measure": "Accuracy before", "Value": f"{fid['accuracy_before']:.2%}"})
-            rows.append({"Measure": "Accuracy after", "Value": f"{fid['accuracy_after']:.2%}"})
+            rows.append({"Measure": "Accuracy after pruning (before recovery)",
+                         "Value": f"{fid['accuracy_after']:.2%}"})
         if "perplexity_before" in fid:
             rows.append({"Measure": "Perplexity before",
                          "Value": f"{fid['perplexity_before']:.4f}"})
-            rows.append({"Measure": "Perplexity after",
+            rows.append({"Measure": "Perplexity after pruning (before recovery)",
                          "Value": f"{fid['perplexity_after']:.4f}"})
         st.markdown(f"**Fidelity** on {run.fidelity_on}:")
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
@@ -278,6 +290,36 @@ def show_result(run: PruneRun) -> None:
             on_click="ignore", help="The pruned model as a folder transformers loads with "
                                     "from_pretrained (no custom code)",
         )
+
+
+BIG_FALL_POINTS = 5.0  # an accuracy fall (points) the page explains and points past
+BIG_RISE = 1.10  # a perplexity rise (factor) the page explains
+
+
+def before_recovery_note(fid: dict[str, Any]) -> str:
+    """What a large fall of the metric right after Prune means and what to do, or "".
+
+    At the default ratio 0.50 the demo falls from 99.3% to 25.3% before recovery: read
+    alone, that number looks like a broken tool. It is the state before recovery; Recover,
+    further down the tab, is the next step (or a smaller ratio)."""
+    if "accuracy_after" in fid and "accuracy_before" in fid:
+        before, after = fid["accuracy_before"], fid["accuracy_after"]
+        if (before - after) * 100 < BIG_FALL_POINTS:
+            return ""
+        what = (f"accuracy fell from {before:.1%} to {after:.1%} "
+                f"({points(after - before)})")
+    elif "perplexity_after" in fid and "perplexity_before" in fid:
+        before, after = fid["perplexity_before"], fid["perplexity_after"]
+        if after < before * BIG_RISE:
+            return ""
+        what = f"perplexity rose from {before:.3f} to {after:.3f} ({after / before:.2f}×)"
+    else:
+        return ""
+    return (f"Right after pruning, before any recovery, {what}. Removing channels without "
+            "retraining does that; it is not the final number. Next: **Recover**, further "
+            "down this tab: its data-light methods refit the remaining layers from a little "
+            "calibration data in seconds and often win most of it back. Or take a smaller "
+            "pruning ratio: **Compare on accuracy** shows the metric at every ratio.")
 
 
 def points(change: float) -> str:

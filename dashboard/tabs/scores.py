@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, frames, sources, state
+from dashboard import charts, charts_static, frames, sources, state
 from dashboard.common import cached_figure, make_plan, short
 from dashboard.guide import glossary_popover
 from dashboard.page import PageState
@@ -45,8 +45,14 @@ def scores_overview(model: state.LoadedModel, plan: Any, options: PruningOptions
         "Boxes span the quartiles, whiskers min–max; green = kept channels, red = pruned, "
         "dashed line = the global cut."
     )
-    fig = cached_figure("score_overview", frames.stats_frame(plan), plan.threshold)
-    st.plotly_chart(fig, key="chart_overview", width="stretch")
+    stats = frames.stats_frame(plan)
+    fig = cached_figure("score_overview", stats, plan.threshold)
+    st.html(charts_static.SWAP_CSS)
+    with st.container(key=charts_static.CONTAINER_KEY):
+        # The static copy paints at once; Plotly's chart replaces it once its script has
+        # loaded (seconds in a browser's first visit): see dashboard/charts_static.py.
+        st.html(charts_static.static_block(stats, plan.threshold))
+        st.plotly_chart(fig, key="chart_overview", width="stretch")
     crossing = crossing_note(*frames.cut_crossings(plan), options)
     if crossing:
         st.info(crossing, icon=":material/info:")

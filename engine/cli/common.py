@@ -21,12 +21,45 @@ from engine.options import (
     STEP_OPS,
     TEXT_MODES,
     PruningOptions,
+    choices_help,
 )
 
 # exit statuses of the prunescope command (0: success)
 EXIT_INTERNAL_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_ONNX_FAILED = 3
+
+
+DATA_FORMS_HELP = (".npz/.npy arrays, text (.txt one sample a line, .jsonl/.json, .csv/.tsv/"
+                   ".parquet), a datasets save_to_disk folder, hf:NAME[:CONFIG]:SPLIT, a folder "
+                   "of images, or a built-in name (demo, demo-lm)")
+
+
+DEFAULT_METRIC_HELP = ("default: what fits the model: accuracy with labels, perplexity for a "
+                       "causal language model, embedding metrics for an encoder's hidden "
+                       "states, else agreement with the reference")
+METRIC_HELP = f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})"
+
+
+# One definition of each flag that several commands take; a command adds only what is its
+# own (required=True, a default, its own help) through `add_flag`.
+SHARED_FLAGS: dict[str, dict[str, Any]] = {
+    "--calibration": {"metavar": "FILE", "help": "data for nuclear_norm, the data-aware "
+                      f"criteria and recovery (never the evaluation set): {DATA_FORMS_HELP}"},
+    "--eval-data": {"metavar": "FILE",
+                    "help": f"held-out data, never the calibration set: {DATA_FORMS_HELP}"},
+    "--metric": {"help": METRIC_HELP},
+    "--step-size": {"default": "2", "help": "kept channels align to this (>= 1)"},
+    "--seed": {"default": "0", "help": "seed of the random criterion"},
+    "--workers": {"metavar": "N", "help": "local processes (default: number of cores)"},
+    "--ray": {"metavar": "ADDRESS",
+              "help": "run on a Ray cluster (HOST:PORT), or `local` to start one"},
+}
+
+
+def add_flag(p: argparse.ArgumentParser | Any, flag: str, **own: Any) -> None:
+    """`flag` as SHARED_FLAGS defines it, with this command's `own` settings on top."""
+    p.add_argument(flag, **{**SHARED_FLAGS[flag], **own})
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -55,16 +88,13 @@ def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def criterion_help() -> str:
     """--criterion's help, from the one criterion table (engine.options.CRITERION_TABLE)."""
-    entries = "; ".join(f"{c.name} = {c.help}" for c in CRITERION_TABLE)
-    return (f"one of {', '.join(CRITERIA)} ({entries}); "
+    return (f"one of {', '.join(CRITERIA)} ({choices_help(CRITERION_TABLE)}); "
             f"{', '.join(CRITERIA_NEEDING_DATA)} need --calibration")
 
 
 def add_option_args(p: argparse.ArgumentParser) -> None:
     """The pruning options of the spec (one value each)."""
-    p.add_argument("--calibration", metavar="FILE",
-                   help=f"data for nuclear_norm, the data-aware criteria and recovery: "
-                        f"{DATA_FORMS_HELP}")
+    add_flag(p, "--calibration")
     p.add_argument("--indices", metavar="FILE.json",
                    help="criterion index: {layer: [filter indices to remove]}")
     p.add_argument("--criterion", default="l2", help=criterion_help())
@@ -75,14 +105,9 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
                    help=f"one of {', '.join(GROUP_POLICIES)}")
     p.add_argument("--reshape-channel-axis", default="-1",
                    help=f"one of {', '.join(str(a) for a in RESHAPE_CHANNEL_AXES)}")
-    p.add_argument("--step-size", default="2", help="kept channels align to this (>= 1)")
+    add_flag(p, "--step-size")
     p.add_argument("--step-op", default="round", help=f"one of {', '.join(STEP_OPS)}")
-    p.add_argument("--seed", default="0", help="seed of the random criterion")
-
-
-DATA_FORMS_HELP = (".npz/.npy arrays, text (.txt one sample a line, .jsonl/.json, .csv/.tsv/"
-                   ".parquet), a datasets save_to_disk folder, hf:NAME[:CONFIG]:SPLIT, a folder "
-                   "of images, or a built-in name (demo, demo-lm)")
+    add_flag(p, "--seed")
 
 
 def calibration_from(path: str | None, model: Any = None,
@@ -169,19 +194,10 @@ def model_for_data(args: argparse.Namespace, model: Any, *sources: str | None) -
     return model
 
 
-DEFAULT_METRIC_HELP = ("default: what fits the model: accuracy with labels, perplexity for a "
-                       "causal language model, embedding metrics for an encoder's hidden "
-                       "states, else agreement with the reference")
-
-
-METRIC_HELP = f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})"
-
-
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """Held-out data to measure the model on, and the metric."""
-    p.add_argument("--eval-data", metavar="FILE",
-                   help=f"held-out data, never the calibration set: {DATA_FORMS_HELP}")
-    p.add_argument("--metric", help=METRIC_HELP)
+    add_flag(p, "--eval-data")
+    add_flag(p, "--metric")
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import json
 
 from engine.cli.common import (
     DATA_FORMS_HELP,
-    DEFAULT_METRIC_HELP,
     add_data_args,
+    add_flag,
     add_model_args,
     data_options,
     load_kwargs,
@@ -17,16 +17,14 @@ from engine.cli.common import (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from engine.options import METRICS
-
     p = sub.add_parser("evaluate", help="measure a model on held-out data (accuracy, ...)")
     add_model_args(p)
     p.add_argument("--data", required=True, metavar="FILE",
                    help=f"held-out data: {DATA_FORMS_HELP}")
-    p.add_argument("--metric", help=f"one of {', '.join(METRICS)} ({DEFAULT_METRIC_HELP})")
+    add_flag(p, "--metric")
     p.add_argument("--reference", metavar="MODEL",
                    help="the model to compare with (agreement, relative_error)")
-    p.add_argument("--seed", default="0", help="seed of the --max-samples subset")
+    add_flag(p, "--seed", help="seed of the --max-samples subset")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
     add_data_args(p)
     p.set_defaults(run=run)

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from engine.errors import OptionError
-from engine.options import RECOVERY_AUTO, RECOVERY_METHODS, RECOVERY_TABLE
+from engine.options import RECOVERY_AUTO, RECOVERY_METHODS, RECOVERY_TABLE, choices_help
 
 METHODS_HELP = f"{', '.join(RECOVERY_METHODS)} or {RECOVERY_AUTO}"
 
@@ -17,7 +17,7 @@ def add_recovery_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recover", metavar="METHODS",
                    help=f"recover accuracy after pruning from --calibration data: a comma list "
                         f"of {METHODS_HELP} ("
-                        + "; ".join(f"{m.name} = {m.help}" for m in RECOVERY_TABLE) + ")")
+                        f"{choices_help(RECOVERY_TABLE)})")
     p.add_argument("--recover-budget", metavar="SECONDS",
                    help="time for distillation (default 30)")
     p.add_argument("--recover-steps", metavar="N",

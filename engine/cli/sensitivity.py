@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from engine.cli.common import (
-    DATA_FORMS_HELP,
-    METRIC_HELP,
     add_data_args,
+    add_flag,
     add_model_args,
     add_option_args,
     calibration_from,
@@ -27,11 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_option_args(p)
     p.add_argument("--ratio", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
                    metavar="R1,R2,...", help="ratios to prune each group at, each 0 <= R < 1")
-    p.add_argument("--eval-data", required=True, metavar="FILE",
-                   help=f"held-out data, never the calibration set: {DATA_FORMS_HELP}")
-    p.add_argument("--metric", help=METRIC_HELP)
-    p.add_argument("--workers", metavar="N", help="local processes (default: number of cores)")
-    p.add_argument("--ray", metavar="ADDRESS", help="a Ray cluster (HOST:PORT), or `local`")
+    add_flag(p, "--eval-data", required=True)
+    add_flag(p, "--metric")
+    add_flag(p, "--workers")
+    add_flag(p, "--ray")
     p.add_argument("--json", required=True, metavar="OUT.json", help="the curves")
     add_data_args(p)
     p.set_defaults(run=run)

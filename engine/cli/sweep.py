@@ -6,9 +6,8 @@ import argparse
 import sys
 
 from engine.cli.common import (
-    DATA_FORMS_HELP,
-    METRIC_HELP,
     add_data_args,
+    add_flag,
     add_model_args,
     data_options,
     device_kwargs,
@@ -26,8 +25,8 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
         allowed = ", ".join(str(v) for v in ALLOWED[name.replace("-", "_")])
         p.add_argument(f"--{name}", metavar="A,B|all",
                        help=f"{help_name} to compare: a comma list of {allowed}, or all")
-    p.add_argument("--step-size", default="2", help="kept channels align to this (>= 1)")
-    p.add_argument("--seed", default="0", help="seed of the random criterion")
+    add_flag(p, "--step-size")
+    add_flag(p, "--seed")
 
 
 def grid_from_args(args: argparse.Namespace) -> dict:
@@ -45,18 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_grid_args(p)
     p.add_argument("--ratio", required=True, metavar="R1,R2,...",
                    help="pruning ratios to try, each 0 <= R < 1")
-    p.add_argument("--eval-data", required=True, metavar="FILE",
-                   help=f"held-out data, never the calibration set: {DATA_FORMS_HELP}")
-    p.add_argument("--metric", help=METRIC_HELP)
-    p.add_argument("--calibration", metavar="FILE",
-                   help="calibration data (data-aware criteria, recovery); never the "
-                        "evaluation set; same forms as --eval-data")
+    add_flag(p, "--eval-data", required=True)
+    add_flag(p, "--metric")
+    add_flag(p, "--calibration")
     p.add_argument("--recover", metavar="METHODS", help="also measure each point recovered")
     p.add_argument("--recover-steps", metavar="N",
                    help="fixed recovery work per point (reproducible across executors)")
-    p.add_argument("--workers", metavar="N", help="local processes (default: number of cores)")
-    p.add_argument("--ray", metavar="ADDRESS",
-                   help="run points on a Ray cluster (HOST:PORT), or `local` to start one")
+    add_flag(p, "--workers")
+    add_flag(p, "--ray")
     p.add_argument("--json", required=True, metavar="OUT.json",
                    help="results; rewritten after every point")
     p.add_argument("--csv", metavar="OUT.csv", help="also write the points as CSV")

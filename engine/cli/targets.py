@@ -6,25 +6,33 @@ import argparse
 import warnings
 from typing import Any
 
+# resource -> the help of its --target-RESOURCE flag (one each; `ratios_for_target` takes
+# them as target_RESOURCE)
+TARGETS: dict[str, str] = {
+    "params": "fraction of parameters to remove (0 < F < 1); per-group ratios chosen from "
+              "sensitivity curves",
+    "flops": "fraction of FLOPs to remove (0 < F < 1), likewise",
+    "latency": "fraction of the latency to remove (0 < F < 1), from each group's latency "
+               "cost measured here on --device (cached)",
+}
+
 
 def add_target_args(ratio_group: argparse._MutuallyExclusiveGroup,
                     p: argparse.ArgumentParser) -> None:
-    ratio_group.add_argument("--target-params", metavar="F",
-                             help="fraction of parameters to remove (0 < F < 1); per-group "
-                                  "ratios chosen from sensitivity curves")
-    ratio_group.add_argument("--target-flops", metavar="F",
-                             help="fraction of FLOPs to remove (0 < F < 1), likewise")
-    ratio_group.add_argument("--target-latency", metavar="F",
-                             help="fraction of the latency to remove (0 < F < 1), from each "
-                                  "group's latency cost measured here on --device (cached)")
+    for resource, help_text in TARGETS.items():
+        ratio_group.add_argument(f"--target-{resource}", metavar="F", help=help_text)
     p.add_argument("--sensitivity", metavar="CURVES.json",
                    help="with a target: curves from `prunescope sensitivity` (default: measured "
                         "now on --calibration, else on --eval-data)")
 
 
+def _targets(args: argparse.Namespace) -> dict[str, Any]:
+    """target_RESOURCE -> its value on the command line (None where not given)."""
+    return {f"target_{resource}": getattr(args, f"target_{resource}") for resource in TARGETS}
+
+
 def wants_target(args: argparse.Namespace) -> bool:
-    return any(v is not None for v in (args.target_params, args.target_flops,
-                                      args.target_latency))
+    return any(v is not None for v in _targets(args).values())
 
 
 def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, metric,
@@ -34,11 +42,10 @@ def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, 
     from engine.quality.targets import ratios_for_target
     from engine.scoring.auto_ratios import check_target
 
-    for flag, value in (("--target-params", args.target_params),
-                        ("--target-flops", args.target_flops),
-                        ("--target-latency", args.target_latency)):
+    targets = _targets(args)
+    for name, value in targets.items():
         if value is not None:
-            check_target(value, flag)  # before any work
+            check_target(value, "--" + name.replace("_", "-"))  # before any work
     curves = read_json(args.sensitivity, "--sensitivity") if args.sensitivity else None
     if curves is not None and not (isinstance(curves, dict) and "groups" in curves):
         from engine.errors import OptionError
@@ -54,8 +61,7 @@ def target_section(args: argparse.Namespace, analysis: Any, options, eval_data, 
                       "--calibration): the metric reported on it is then not held out",
                       stacklevel=1)
     return ratios_for_target(
-        args.model, options, target_params=args.target_params, target_flops=args.target_flops,
-        target_latency=args.target_latency,
+        args.model, options, **targets,
         sensitivity_data=data, eval_data=eval_data, metric=metric, sensitivity_report=curves,
         calibration=calibration, analysis=analysis, **load_kwargs)
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from engine.graph.frequencies import find_frequency_tables
 from engine.graph.labels import (
@@ -147,6 +148,20 @@ def val_shape(val: Any) -> tuple[int, ...] | None:
     if isinstance(val, torch.Tensor):
         return tuple(concrete(s) for s in val.shape)
     return None
+
+
+def is_data_dependent(size: Any) -> bool:
+    """A size torch.export could not bound from the inputs' shapes (an unbacked symbol, from
+    `.item()`, `nonzero` and the like): it has no value until the model runs on data."""
+    return (isinstance(size, torch.SymInt) and size.node.hint is None
+            and bool(free_unbacked_symbols(size.node.expr)))
+
+
+def known_shape(val: Any) -> tuple[int, ...] | None:
+    """`val_shape`, or None where a size is data-dependent (`is_data_dependent`)."""
+    if isinstance(val, torch.Tensor) and any(is_data_dependent(s) for s in val.shape):
+        return None
+    return val_shape(val)
 
 
 class Tracer:

@@ -15,6 +15,7 @@ relative, or the folder is not written. The check goes into ``report.json`` as `
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -40,6 +41,7 @@ from engine.io.hf_config import (
     solve_per_layer,
 )
 from engine.io.hf_depth import config_update, renumber
+from engine.io.shards import write_index, write_shard
 from engine.scoring.uniform import families
 from engine.transform.exactness import exact_tolerance
 
@@ -130,26 +132,26 @@ def _kept_rotary_pairs(analysis, plan):
     return gp.kept if len(gp.pruned) else None
 
 
-def _scale_queries(fresh, analysis, plan) -> None:
+def _scale_queries(config, tensors: dict[str, torch.Tensor], analysis, plan) -> None:
     """Attention scaled by 1/sqrt(head_dim) in the original must stay so with the smaller
     head_dim the new config gives: the first projection of each attention layer in the
-    rotary pairs group (the queries) takes the factor (engine.io.hf_config.query_scale)."""
+    rotary pairs group (the queries) takes the factor (engine.io.hf_config.query_scale).
+    The scaled tensors are new ones in `tensors` (the pruned module's stay as they are)."""
     if _kept_rotary_pairs(analysis, plan) is None:
         return
     rotary = rotary_heads(analysis)
-    scale = query_scale(fresh.config, rotary, fresh.config.head_dim)
+    scale = query_scale(config, rotary, config.head_dim)
     if scale == 1.0:
         return
     layers = analysis.structure(False).group(rotary.group).layers
     first: dict[str, str] = {}
     for layer in layers:  # network order: queries before keys
         first.setdefault(layer.rsplit(".", 1)[0], layer)
-    params = dict(fresh.named_parameters())
     with torch.no_grad():
         for layer in first.values():
             for suffix in ("weight", "bias"):
-                if f"{layer}.{suffix}" in params:
-                    params[f"{layer}.{suffix}"].mul_(scale)
+                if f"{layer}.{suffix}" in tensors:
+                    tensors[f"{layer}.{suffix}"] = tensors[f"{layer}.{suffix}"] * scale
 
 
 def _changed(config, values: dict[str, Any]) -> str:
@@ -197,40 +199,97 @@ def carry_files(hf: HFSource, folder: Path) -> list[str]:
     return carried
 
 
-def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None, plan=None):
-    """A fresh transformers model of the pruned config holding `module`'s weights."""
-    from transformers.initialization import no_init_weights
-
+def pretrained_weights(hf: HFSource, module: torch.nn.Module, analysis=None, plan=None):
+    """(the pruned config's transformers model on the meta device, every tensor of its state
+    dict): `module`'s own tensors under the model's names, no copy made except where the
+    dtype differs, a query projection is rescaled (`_scale_queries`) or a bias a config
+    switch added is zero. Tied weights are one tensor under each name."""
     new_config = pruned_config(hf, module, analysis, plan)
-    # every weight is overwritten below: skip the random initialisation (seconds per billion
-    # parameters) and build in the weights' dtype (a bf16 model stays bf16 on disk)
-    with quiet_transformers(), no_init_weights():
+    # built on the meta device in the weights' dtype (a bf16 model stays bf16 on disk):
+    # its names, shapes and dtypes, no memory
+    with quiet_transformers(), torch.device("meta"):
         fresh = model_class(hf)._from_config(new_config, dtype=_weight_dtype(module)).eval()
+    target = fresh.state_dict(keep_vars=True)
     weights = _hf_weights(hf, module)
-    target = fresh.state_dict()
-    loaded = {k: v for k, v in weights.items() if k in target}
     params = set(renumber(hf, [k for k, _ in module.named_parameters()]).values())
     extra = sorted(k for k in params if k not in target)
     if extra:
         raise NotDescribable(f"weight {extra[0]} has no place in {hf.model_class}")
-    fresh.load_state_dict(loaded, strict=False)
-    # keys the fresh model holds but the pruned module does not must be ties of loaded ones
-    loaded_ptrs = {fresh.state_dict()[k].data_ptr() for k in loaded}
-    missing = [k for k, v in fresh.state_dict().items()
-               if k not in loaded and v.data_ptr() not in loaded_ptrs]
-    persistent_params = {k for k, _ in fresh.named_parameters()}
-    missing = [k for k in missing if k in persistent_params]
+    tensors: dict[str, torch.Tensor] = {}
+    for key, meta in target.items():
+        if key in weights:
+            if tuple(weights[key].shape) != tuple(meta.shape):
+                raise NotDescribable(f"{key} is {list(weights[key].shape)} where the pruned "
+                                     f"config implies {list(meta.shape)}")
+            tensors[key] = weights[key].detach().to(meta.dtype)
+    # a key the pruned module lacks: a tie of one it has (one tensor of the fresh model)
+    for key, meta in target.items():
+        if key not in tensors:
+            tie = next((k for k, m in target.items() if m is meta and k in tensors), None)
+            if tie is not None:
+                tensors[key] = tensors[tie]
     # biases a config switch turned on (recovery corrected some of them): zero elsewhere
     switched = {n for added in probe_config(model_class(hf), hf.config).switches.values()
                 for n in added}
-    with torch.no_grad():
-        for k in [k for k in missing if k in switched]:
-            fresh.get_parameter(k).zero_()
-    missing = [k for k in missing if k not in switched]
+    persistent_params = {k for k, _ in fresh.named_parameters(remove_duplicate=False)}
+    for key, meta in target.items():
+        if key not in tensors and key in switched:
+            tensors[key] = torch.zeros(meta.shape, dtype=meta.dtype)
+    missing = [k for k in target if k not in tensors]
+    if any(k in persistent_params for k in missing):
+        raise NotDescribable("the pruned model has no weight for "
+                             f"{next(k for k in missing if k in persistent_params)}")
     if missing:
-        raise NotDescribable(f"the pruned model has no weight for {missing[0]}")
-    _scale_queries(fresh, analysis, plan)
+        raise NotDescribable(f"the pruned model has no value for the buffer {missing[0]}")
+    _scale_queries(fresh.config, tensors, analysis, plan)
+    return fresh, tensors
+
+
+def build_pretrained(hf: HFSource, module: torch.nn.Module, analysis=None, plan=None):
+    """A transformers model of the pruned config holding `module`'s weights (in memory: a
+    second copy of them; hf/ is written from `pretrained_weights` without one)."""
+    from transformers.initialization import no_init_weights
+
+    meta, tensors = pretrained_weights(hf, module, analysis, plan)
+    # every weight is overwritten below: skip the random initialisation
+    with quiet_transformers(), no_init_weights():
+        fresh = type(meta)._from_config(meta.config, dtype=meta.dtype).eval()
+    fresh.load_state_dict(tensors, strict=False)
     return fresh
+
+
+SAFETENSORS_PATTERN = "model{suffix}.safetensors"  # save_pretrained's shard names
+
+
+def save_pretrained_weights(model, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """What ``model.save_pretrained(folder)`` writes, with `tensors` as its weights: the
+    config (with its dtype and class), the generation config, the safetensors shards
+    (transformers' names, tied copies once, its shard sizes), written one tensor at a time
+    (engine.io.shards.write_shard) rather than through a serialised copy of each shard."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    with quiet_transformers():
+        config.save_pretrained(os.fspath(folder))
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(os.fspath(folder))
+    state = dict(tensors)
+    for ignored in model._keys_to_ignore_on_save or ():
+        state.pop(ignored, None)
+    state = remove_tied_weights_from_state_dict(state, model)
+    state = revert_weight_conversion(model, state)
+    split = split_torch_state_dict_into_shards(state, filename_pattern=SAFETENSORS_PATTERN)
+    total = 0
+    for file, names in split.filename_to_tensors.items():
+        specs = {n: (state[n].dtype, tuple(state[n].shape)) for n in names}
+        total += write_shard(folder / file, specs, state.__getitem__)
+    if split.is_sharded:
+        write_index(folder, dict(split.tensor_to_filename), total)
 
 
 def parameter_places(hf: HFSource):
@@ -258,7 +317,7 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
         return {"written": False, "reason": hf.depth_reason}
     try:
         check_heads(result)
-        model = build_pretrained(hf, result.module, result.analysis, result.plan)
+        model, tensors = pretrained_weights(hf, result.module, result.analysis, result.plan)
     except NotDescribable as exc:
         # layers of one kind that lose different counts are the likely cause: say so
         try:
@@ -267,8 +326,8 @@ def write_hf(result, folder: Path) -> dict[str, Any]:
             why = per_layer_reason(model_class(hf), hf.config)
             return {"written": False, "reason": f"{uneven}; {why}"}
         return {"written": False, "reason": str(exc)}
-    with quiet_transformers():
-        model.save_pretrained(os.fspath(folder))
+    save_pretrained_weights(model, tensors, folder)
+    del tensors  # the pruned module's own tensors: nothing more to free
     carried = carry_files(hf, folder)
     dtype = _weight_dtype(result.module)
     diff = _check(hf, folder, result, dtype)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 
@@ -28,6 +29,7 @@ from engine.errors import ModelLoadError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+T = TypeVar("T")
 _HEADER_LIMIT = 100 * 2**20  # the safetensors library refuses larger headers too
 
 DTYPES: dict[str, torch.dtype] = {
@@ -120,8 +122,10 @@ class ShardSet:
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
-    def read(self, key: str) -> torch.Tensor:
-        """A fresh tensor holding the stored weight `key` (its own dtype)."""
+    def read(self, key: str, *, last_use: bool = False) -> torch.Tensor:
+        """A fresh tensor holding the stored weight `key` (its own dtype). `last_use`: the
+        bytes will not be read again, so the page cache drops them (room for the weights
+        still to be read, where the cache cannot hold the whole model)."""
         entry = self.entries[key]
         out = torch.empty(entry.shape, dtype=entry.dtype)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else b""
@@ -136,6 +140,8 @@ class ShardSet:
                 if not got:
                     raise ModelLoadError(f"{self.folder / entry.shard} ends inside tensor {key}")
                 done += got
+            if last_use and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), entry.start, entry.nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
     def ordered(self, keys: Iterable[str]) -> list[str]:
@@ -144,19 +150,19 @@ class ShardSet:
         return sorted(keys, key=lambda k: (rank[self.entries[k].shard], self.entries[k].start))
 
 
-class Prefetcher:
+class Prefetcher(Generic[T]):
     """`read(key)` for keys asked in a known order, the next one read ahead in a thread
     (``readinto`` releases the GIL) while the caller works on the current one: at most one
-    tensor more in memory."""
+    result more in memory (`read` may do more than read: the streamed writer also cuts)."""
 
-    def __init__(self, read: Callable[[str], torch.Tensor], order: Iterable[str]) -> None:
+    def __init__(self, read: Callable[[str], T], order: Iterable[str]) -> None:
         self.read = read
         self.order = list(order)
         self.position = {k: i for i, k in enumerate(self.order)}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prunescope-read")
-        self.ahead: tuple[str, Future] | None = None
+        self.ahead: tuple[str, Future[T]] | None = None
 
-    def __call__(self, key: str) -> torch.Tensor:
+    def __call__(self, key: str) -> T:
         ahead, self.ahead = self.ahead, None
         if ahead is not None and ahead[0] == key:
             tensor = ahead[1].result()

@@ -12,7 +12,10 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
+
+from engine.errors import PruneScopeError
 
 STAGING_PREFIX = ".prunescope-"
 OWNER_FILE = ".owner.json"
@@ -41,6 +44,22 @@ def process_alive(pid: int, start: str | None = None) -> bool:
         return True
     now = process_start(pid)
     return start is None or now is None or now == start
+
+
+def open_staging(out: Path, error: type[PruneScopeError] = PruneScopeError) -> Path:
+    """A fresh staging folder in `out` (created if needed), after removing the staging
+    folders of runs no longer alive there (a warning names them). An unwritable `out` raises
+    `error` with one line naming the folder."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        removed = remove_dead_staging(out)
+        staging = new_staging(out)
+    except OSError as exc:
+        raise error(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    if removed:
+        warnings.warn(f"removed {len(removed)} staging folder(s) of runs no longer alive in "
+                      f"{out}: {', '.join(p.name for p in removed)}", UserWarning, stacklevel=4)
+    return staging
 
 
 def new_staging(out: Path) -> Path:

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import types
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
@@ -74,6 +75,25 @@ def _context(job: SweepJob) -> tuple[Any, bool]:
     return multiprocessing.get_context("spawn"), False
 
 
+_MAIN_SWAP = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """While spawned workers start: a bare ``__main__`` (no file, no module name), so that
+    multiprocessing does not re-import the parent's main script in each worker. Under
+    Streamlit that script is the dashboard page, which would run again (and a script
+    without an ``if __name__ == "__main__"`` guard would start the sweep again). The
+    workers need nothing from it: the job and `_pool_point` come from engine modules."""
+    with _MAIN_SWAP:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = main
+
+
 def _in_pool(job: SweepJob, points: list[Point], workers: int) -> Iterator[tuple[int, dict]]:
     global _POOL_JOB
     context, forked = _context(job)
@@ -82,7 +102,9 @@ def _in_pool(job: SweepJob, points: list[Point], workers: int) -> Iterator[tuple
                                initargs=(None if forked else job,))
     pending = set()
     try:
-        pending = {pool.submit(_pool_point, i, p) for i, p in enumerate(points)}
+        # a spawning pool starts its workers as points are submitted: all of them here
+        with contextlib.nullcontext() if forked else _without_main():
+            pending = {pool.submit(_pool_point, i, p) for i, p in enumerate(points)}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:

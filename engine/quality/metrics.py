@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,11 +17,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from engine.errors import PruneScopeError
 from engine.graph.capture import has_dynamic_batch
-from engine.graph.tracer import val_shape
+from engine.graph.tracer import known_shape
 from engine.graph.weighted import weighted_op
 
-__all__ = ["count_flops", "count_params", "flops_samples", "graph_flops", "measure_latency",
-           "model_metrics", "size_bytes"]
+__all__ = ["FlopCount", "count_flops", "count_graph_flops", "count_params", "flops_samples",
+           "graph_flops", "measure_latency", "model_metrics", "size_bytes"]
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -112,7 +113,14 @@ def measure_latency(
 
 def _shape(node: Any) -> tuple[int, ...]:
     val = node.meta.get("val") if hasattr(node, "meta") else None
-    return val_shape(val) or ()
+    shape = known_shape(val)
+    if shape is None and isinstance(val, torch.Tensor):
+        raise _DataDependent
+    return shape or ()
+
+
+class _DataDependent(Exception):
+    """A size the FLOPs of a node need is only known when the model runs on data."""
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -122,35 +130,64 @@ def _numel(shape: tuple[int, ...]) -> int:
     return out
 
 
-def graph_flops(gm: torch.fx.GraphModule) -> int:
+@dataclass(frozen=True)
+class FlopCount:
+    """`flops` of one forward pass, and the operations left out of it (`uncounted`, by node
+    name): those whose sizes depend on the data (e.g. DeBERTa's relative-position span,
+    computed with `.item()`), or that the caller asked to leave out."""
+
+    flops: int
+    uncounted: tuple[str, ...] = ()
+
+
+def count_graph_flops(gm: torch.fx.GraphModule, skip: Collection[str] = ()) -> FlopCount:
     """FLOPs of one forward pass read off the graph's recorded shapes, without running it.
 
     Counts what FlopCounterMode counts (matrix products, convolutions, attention; a
-    multiply-add is 2) so the two agree, at a fraction of the cost on large models.
+    multiply-add is 2) so the two agree, at a fraction of the cost on large models. An
+    operation with a data-dependent size, or named in `skip` (to compare a pruned graph with
+    its original on the same operations), is left out and named in `uncounted`.
     """
     total = 0
+    uncounted = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or not hasattr(node.target, "_opname"):
             continue
-        name = node.target._opname
-        out = _shape(node)
-        args = node.args
-        layer = weighted_op(node)
-        kind = layer.kind if layer is not None else name
-        if kind == "linear":
-            total += 2 * _numel(out) * _shape(args[1])[1]
-        elif kind in ("addmm", "mm", "bmm", "baddbmm", "matmul"):
-            a = _shape(args[1] if kind in ("addmm", "baddbmm") else args[0])
-            total += 2 * _numel(out) * (a[-1] if a else 1)
-        elif kind == "conv":
-            weight = _shape(args[1])
-            source = _shape(args[0]) if layer.is_transposed(node) else out
-            total += 2 * _numel(source) * _numel(weight[1:])
-        elif name == "scaled_dot_product_attention":
-            q, k, v = (_shape(a) for a in args[:3])
-            heads_batch = _numel(q[:-2])
-            total += 2 * heads_batch * q[-2] * k[-2] * (q[-1] + v[-1])
-    return int(total)
+        try:
+            flops = _node_flops(node)
+        except _DataDependent:
+            uncounted.append(node.name)
+            continue
+        if flops and node.name in skip:
+            uncounted.append(node.name)
+        else:
+            total += flops
+    return FlopCount(int(total), tuple(uncounted))
+
+
+def _node_flops(node: torch.fx.Node) -> int:
+    name = node.target._opname
+    args = node.args
+    layer = weighted_op(node)
+    kind = layer.kind if layer is not None else name
+    if kind == "linear":
+        return 2 * _numel(_shape(node)) * _shape(args[1])[1]
+    if kind in ("addmm", "mm", "bmm", "baddbmm", "matmul"):
+        a = _shape(args[1] if kind in ("addmm", "baddbmm") else args[0])
+        return 2 * _numel(_shape(node)) * (a[-1] if a else 1)
+    if kind == "conv":
+        weight = _shape(args[1])
+        source = _shape(args[0]) if layer.is_transposed(node) else _shape(node)
+        return 2 * _numel(source) * _numel(weight[1:])
+    if name == "scaled_dot_product_attention":
+        q, k, v = (_shape(a) for a in args[:3])
+        return 2 * _numel(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+    return 0
+
+
+def graph_flops(gm: torch.fx.GraphModule, skip: Collection[str] = ()) -> int:
+    """`count_graph_flops(gm, skip).flops`: the operations that could be counted."""
+    return count_graph_flops(gm, skip).flops
 
 
 def flops_samples(captured: Any) -> int:
@@ -164,11 +201,18 @@ def flops_samples(captured: Any) -> int:
     return int(inputs[0].shape[0]) if has_dynamic_batch(captured.program) else 1
 
 
-def model_metrics(module: torch.fx.GraphModule, samples: int = 1) -> dict[str, int]:
+def model_metrics(module: torch.fx.GraphModule, samples: int = 1,
+                  skip: Collection[str] = ()) -> dict[str, Any]:
     """The "before"/"after" entry of a report: parameters, FLOPs (per sample of a dynamic
-    batch: `samples` from `flops_samples`), bytes."""
-    return {
+    batch: `samples` from `flops_samples`), bytes; and "flops_uncounted", the operations the
+    FLOPs leave out (data-dependent sizes, or `skip`: give a pruned graph its original's
+    "flops_uncounted" so both count the same operations), only when there are some."""
+    count = count_graph_flops(module, skip)
+    metrics: dict[str, Any] = {
         "params": count_params(module),
-        "flops": round(graph_flops(module) / samples),
+        "flops": round(count.flops / samples),
         "size_bytes": size_bytes(module),
     }
+    if count.uncounted:
+        metrics["flops_uncounted"] = list(count.uncounted)
+    return metrics

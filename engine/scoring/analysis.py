@@ -7,7 +7,9 @@ every filter per criterion. Changing the layer norm, policy or ratio only re-pla
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_s
 from engine.scoring.data_aware import DATA_CRITERIA, DataAwareScorer
 from engine.scoring.planning import GroupInput, Plan, make_plan
 from engine.scoring.uniform import keep_contiguous, uniform_plan
-from engine.threads import TORCH_EXPORT_LOCK, exclusive
+from engine.threads import TORCH_EXPORT_LOCK, exclusive, one_torch_thread
 
 
 class Analysis:
@@ -111,16 +113,25 @@ class Analysis:
     ) -> dict[tuple[str, int], np.ndarray]:
         return SCORERS[criterion](self, criterion, calibration, seed)
 
-    def param(self, name: str) -> torch.Tensor:
+    def param(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
+        """The value of parameter `name`. Read from `weights`, it is checked for NaN and
+        infinities unless `check_finite` is False (the caller then checks it: see
+        `check_weight_finite`)."""
         if self.weights is not None:
             tensor = self.weights(name)
-            if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
-                raise ModelLoadError(f"the model has NaN or infinite values in {name}; fix "
-                                     "the weights before pruning")
+            if check_finite:
+                self.check_weight_finite(name, tensor)
             return tensor
         owner, _, attr = name.rpartition(".")
         module = self.gm.get_submodule(owner) if owner else self.gm
         return getattr(module, attr).detach()
+
+    @staticmethod
+    def check_weight_finite(name: str, tensor: torch.Tensor) -> None:
+        """Refuse a weight with NaN or infinite values (one line naming it)."""
+        if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
+            raise ModelLoadError(f"the model has NaN or infinite values in {name}; fix "
+                                 "the weights before pruning")
 
     def raw_scores(
         self,
@@ -275,12 +286,41 @@ def _weight_scorer(analysis: Analysis, criterion: str, _calibration: Any, _seed:
     dims_of: dict[str, list[int]] = {}
     for m in analysis.members():
         dims_of.setdefault(m.param, []).append(m.dim)
-    out = {}
-    for name, dims in dims_of.items():
-        weight = analysis.param(name)
-        for dim in dims:
-            out[(name, dim)] = weight_scores(weight, dim, criterion)
-        del weight
+    names = list(dims_of)
+    # a weights source may say in which order its weights are cheapest to read (a streamed
+    # prune reads its shards backwards: engine/stream.py)
+    read_order = getattr(analysis.weights, "read_order", None)
+    if read_order is not None:
+        names = read_order(names)
+    def score(name: str) -> dict[tuple[str, int], np.ndarray]:
+        dims = dims_of[name]
+        # every value of a weight takes part in its scores: where they are all finite, so is
+        # the weight (a separate NaN pass over a streamed model's weights costs about as much
+        # as the scoring); where one is not, the weight itself is checked
+        weight = analysis.param(name, check_finite=False)
+        scores = {(name, dim): weight_scores(weight, dim, criterion) for dim in dims}
+        if not all(np.isfinite(s).all() for s in scores.values()):
+            analysis.check_weight_finite(name, weight)
+        return scores
+
+    out: dict[tuple[str, int], np.ndarray] = {}
+    # a weights source may read and score several weights at once (a streamed prune: each
+    # thread reads one weight and scores it, `readinto` and torch release the GIL), at most
+    # that many in memory; torch is on one thread for all of them (set once, not per thread)
+    threads = getattr(analysis.weights, "scoring_threads", 1)
+    if threads <= 1:
+        for name in names:
+            out.update(score(name))
+        return out
+    with one_torch_thread(), ThreadPoolExecutor(threads,
+                                                thread_name_prefix="prunescope-score") as pool:
+        running: deque[Future] = deque()
+        for name in names:
+            running.append(pool.submit(score, name))
+            if len(running) >= threads:
+                out.update(running.popleft().result())
+        while running:
+            out.update(running.popleft().result())
     return out
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from engine.errors import OptionError, PruneScopeError, one_line
-from engine.graph.capture import Captured, reexport
+from engine.graph.capture import Captured, distinct_example_inputs, reexport
 from engine.graph.inputs import run_graph
 from engine.graph.ops_moe import expert_params
 from engine.graph.outputs import tensor_leaves
@@ -187,13 +187,15 @@ def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
         return analysis, report
     inputs = analysis.captured.example_inputs
     kwargs = analysis.captured.example_kwargs or {}
+    # a repeated sample is verified once, as the width verification does
+    sample = distinct_example_inputs(analysis.captured)
     try:
         pruned = rewrite(analysis.gm, structure, removed)
         for r in routers:
             _resize_routing_constants(pruned, structure, r, len(r.ids) - len(chosen[r.layer]))
         pruned.recompile()
         with torch.no_grad():
-            got = tensor_leaves(pruned(*inputs, **kwargs))
+            got = tensor_leaves(pruned(*sample, **kwargs))
     except Exception as exc:  # noqa: BLE001 - a routing the engine cannot shrink
         raise PruneScopeError(
             f"experts of {', '.join(r.layer for r in routers)} cannot be removed: the routing "
@@ -201,7 +203,7 @@ def prune_experts(analysis, expert_ratio: Any, calibration: Any = None):
         ) from None
     with torch.no_grad():
         expected = tensor_leaves(run_graph(
-            _ExpertMasked(analysis.gm, structure, removed, routers), inputs, kwargs))
+            _ExpertMasked(analysis.gm, structure, removed, routers), sample, kwargs))
     report["verification"] = compare_exact(expected, got, "expert",
                                              "with the removed experts' router logits at -inf")
     program = reexport(pruned, analysis.captured)

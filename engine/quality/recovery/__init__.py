@@ -26,7 +26,7 @@ from engine.graph.capture import load_model
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import as_data
 from engine.io.hf_export import parameter_places
-from engine.options import RECOVERY_AUTO, RECOVERY_METHODS, RECOVERY_TABLE
+from engine.options import RECOVERY_AUTO, RECOVERY_DATA_LIGHT, RECOVERY_METHODS
 from engine.pipeline import PruneResult
 from engine.quality.evaluate import check_metric
 from engine.quality.metrics import flops_samples, model_metrics
@@ -38,7 +38,7 @@ from engine.transform.apply import pruned_roots
 # Data-light methods share one pass over the calibration data, node by node in network order,
 # so each correction sees the corrections upstream of it; at one layer a bias shift comes
 # before a least-squares refit (which refits the bias too).
-DATA_LIGHT = tuple(m.name for m in RECOVERY_TABLE if m.data_light)
+DATA_LIGHT = RECOVERY_DATA_LIGHT
 METHODS = RECOVERY_METHODS
 ALLOWED = (*METHODS, RECOVERY_AUTO)
 MAX_SAMPLES = 2048  # samples one data-light pass runs on at once
@@ -232,7 +232,8 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
     _check_shapes(module, original_here, examples, analysis.captured.example_kwargs)
     say("recovery: done", 1.0)
     report = copy.deepcopy(result.report)
-    report["after"] = model_metrics(module, flops_samples(analysis.captured))
+    report["after"] = model_metrics(module, flops_samples(analysis.captured),
+                                    report["before"].get("flops_uncounted", ()))
     report["recovery"] = {
         "methods": applied,
         "skipped": skipped,
