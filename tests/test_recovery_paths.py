@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import engine
-from engine.quality.recovery import distill
+from engine.quality.recovery import bias, distill, lsq, norm
 from engine.quality.recovery.data import CalibrationSet
+from engine.quality.recovery.lockstep import Context, Layout
+from engine.transform.apply import pruned_roots
 
 
 def _program(model: nn.Module, x: torch.Tensor):
@@ -729,3 +731,260 @@ def test_distill_run_returns_the_state_of_its_best_check_in_the_middle():
     assert 0 < best < len(losses) - 1 and details["best_step"] == best + 1
     for name, value in student.state_dict().items():
         assert torch.equal(value, seen[best][name]), name
+
+
+# ------------------------------------------------------------------ fixed batch, time budget
+
+
+class _FixedBatchStudent(_Student):
+    """A student that runs exactly 8 samples at a time, like a graph captured with a fixed
+    batch (any other batch is refused)."""
+
+    def forward(self, x):
+        if x.shape[0] != 8:
+            raise ValueError(f"this graph runs 8 samples at a time, not {x.shape[0]}")
+        return self.fc(x)
+
+
+def test_distill_run_feeds_a_fixed_batch_model_whole_batches_in_training_and_held_back():
+    """Batches of 16 over a graph of 8 run as two chunks; 10 held-back samples as 8 + 8
+    (the second filled with copies, their outputs dropped). The weights are the training
+    written out with batches of 16; the held-back loss the softened KL divergence over the
+    10 real samples, by hand."""
+    x, held_x, mix = _inputs(32, 3), _inputs(10, 3, seed=7), _inputs(3, 2, seed=8) * 3
+    teacher, held_teacher = x @ mix, held_x @ mix  # the training gets closer on both
+    student = _FixedBatchStudent()
+    details = distill.run(student, CalibrationSet([x], None, 8), [teacher],
+                          CalibrationSet([held_x], None, 8), [held_teacher], seconds=None,
+                          steps=2, seed=4, progress=lambda *_: None, batch=16)
+    assert details["minibatch"] == 16 and details["steps"] == 2
+    assert details["best_step"] == 2
+    want = _by_hand(_Student(), x, teacher, None, steps=2, batch=16, rate=5e-3, seed=4)
+    assert torch.allclose(student.fc.weight, want.fc.weight, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        out = student.fc(held_x).double()
+    log_s, log_t = (torch.log_softmax(v / 2, -1) for v in (out, held_teacher.double()))
+    by_hand = float((log_t.exp() * (log_t - log_s)).sum() / 10 * 2**2)  # KL at T = 2
+    assert details["holdout_loss"] == pytest.approx(by_hand, rel=1e-5)
+
+
+class _Clock:
+    """A deterministic clock for distill's `time.monotonic`: 1/8 s later at every reading."""
+
+    def __init__(self) -> None:
+        self.ticks = -1
+
+    def monotonic(self) -> float:
+        self.ticks += 1
+        return self.ticks / 8
+
+
+def test_distill_run_time_budget_stops_when_the_seconds_are_spent(monkeypatch):
+    """A 2 s budget on a clock read once at the start and once before each step, 1/8 s
+    apart: step k starts at (k + 1) / 8 s, so 15 steps run and the 16th finds 2 s spent.
+    Progress (every epoch of 3 steps) reports the elapsed share of the budget."""
+    clock = _Clock()
+    monkeypatch.setattr(distill, "time", clock)
+    student = _Student()
+    details, calls = _run(student, CalibrationSet([_inputs(24, 3)]), _inputs(24, 2, seed=6),
+                          seconds=2.0, steps=None, batch=8)
+    assert details["steps"] == 15 and details["best_step"] == 15
+    assert calls == [(f"distilling: step {s}", round(s / 16, 9)) for s in (3, 6, 9, 12, 15)]
+
+
+# ------------------------------------------------------------------ padding rows, refusals
+
+
+class _TextModel(nn.Module):
+    """Token ids and an attention mask: embeddings zeroed at padding, two linear layers
+    inside a block (`blk.0`, `blk.2`)."""
+
+    def __init__(self, last_bias: bool) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = nn.Embedding(11, 4)
+        self.blk = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3, bias=last_bias))
+        with torch.no_grad():
+            self.blk[0].bias.uniform_(0.5, 1.5)  # padding rows: relu(bias), far from the mean
+
+    def forward(self, input_ids, attention_mask):
+        return self.blk(self.emb(input_ids) * attention_mask[..., None].to(torch.float32))
+
+
+def _text_batch():
+    generator = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 11, (24, 7), generator=generator)
+    lengths = torch.randint(2, 8, (24,), generator=generator)
+    mask = (torch.arange(7)[None, :] < lengths[:, None]).long()
+    assert 0.2 < 1 - mask.float().mean() < 0.6  # a good share of padding
+    return ids, mask
+
+
+def _light_pass_by_hand(model, xs, removed: dict, method, token_mask=None, may_add=None):
+    """One data-light method over `xs` on the pruned model, as recover() runs it, with the
+    given token mask and parameter policy; the pruned result, the context, the layers
+    changed."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model.eval(), tuple(x[:4] for x in xs),
+                                  dynamic_shapes=tuple({0: batch} for _ in xs))
+    result = engine.prune(program, options={"criterion": "index"}, indices=removed)
+    structure = result.analysis.structure(result.plan.options.prunes_whole_blocks)
+    layout = Layout(structure, pruned_roots(structure, result.plan))
+    ctx = Context(result.analysis.gm, copy.deepcopy(result.module), layout, token_mask,
+                  may_add=may_add)
+    changed: list = []
+    ctx.run(tuple(xs), lambda node, step: changed.append(method.correct(ctx, node, step)))
+    return result, ctx, [c for c in changed if c is not None]
+
+
+def _bias_of(module: nn.Module, layer: str) -> np.ndarray:
+    """The bias of `layer` (added by recovery or not; zeros where there is none)."""
+    params = _params(module)
+    found = [v for k, v in params.items() if k.startswith(layer + ".") and "bias" in k]
+    return found[0] if found else np.zeros(len(params[layer + ".weight"]))
+
+
+@pytest.mark.parametrize("last_bias", [True, False])
+def test_bias_averages_over_real_tokens_only_with_an_attention_mask(last_bias):
+    """FLAP with a token mask: the bias moves by W[:, removed] @ the mean of the removed
+    channels over the real tokens' rows only (padding rows hold relu(bias), far off)."""
+    model, (ids, mask) = _TextModel(last_bias), _text_batch()
+    removed = [1, 4]
+    _, ctx, changed = _light_pass_by_hand(model, [ids, mask], {"blk.0": removed}, bias,
+                                          token_mask=mask > 0)
+    assert changed == ["blk.2"]
+    with torch.no_grad():
+        hidden = model.blk[1](model.blk[0](model.emb(ids) * mask[..., None]))
+    w_removed = model.blk[2].weight[:, removed].detach().double()
+    shift = (w_removed @ hidden[mask > 0][:, removed].double().mean(0)).numpy()
+    shift_all = (w_removed @ hidden[..., removed].double().mean((0, 1))).numpy()
+    assert not np.allclose(shift, shift_all, atol=1e-2)  # the padding rows would count
+    np.testing.assert_allclose(_bias_of(ctx.pruned, "blk.2"),
+                               _bias_of(model, "blk.2") + shift, rtol=1e-5, atol=1e-6)
+
+
+def test_lsq_fits_real_tokens_only_with_an_attention_mask():
+    """lsq with a token mask: the ridge solution (numpy) on the real tokens' rows only."""
+    model, (ids, mask) = _TextModel(False), _text_batch()
+    removed = [0, 3, 5]
+    result, ctx, changed = _light_pass_by_hand(model, [ids, mask], {"blk.0": removed}, lsq,
+                                               token_mask=mask > 0)
+    assert changed == ["blk.2"]
+    kept = [c for c in range(6) if c not in removed]
+    real = mask > 0
+    with torch.no_grad():
+        hidden = model.blk[1](model.blk[0](model.emb(ids) * mask[..., None]))[..., kept]
+        want = model(ids, mask)
+    w0 = result.module.get_parameter("blk.2.weight").detach()
+    w_ref, b_ref = _ridge(hidden[real], want[real], w0, np.zeros(3), 1e-6)
+    w_all, _ = _ridge(hidden.reshape(-1, 3), want.reshape(-1, 3), w0, np.zeros(3), 1e-6)
+    assert not np.allclose(w_ref, w_all, atol=1e-3)  # the padding rows would count
+    np.testing.assert_allclose(_params(ctx.pruned)["blk.2.weight"], w_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_bias_of(ctx.pruned, "blk.2"), b_ref, rtol=1e-4, atol=1e-6)
+
+
+class _Refusals:
+    """A transformers-like parameter policy: no new parameter may be added (the folder must
+    stay loadable); records every name it was asked about."""
+
+    WHY = "this architecture has no place for it"
+
+    def __init__(self) -> None:
+        self.asked: list = []
+
+    def __call__(self, name):
+        self.asked.append(name)
+        return self.WHY
+
+
+def _nested_chain() -> nn.Module:
+    """blk.0 -> relu -> blk.2 (no bias) -> relu -> blk.4 (with a bias): nested names."""
+    torch.manual_seed(4)
+    model = nn.Module()
+    model.blk = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5, bias=False),
+                              nn.ReLU(), nn.Linear(5, 3))
+    model.forward = model.blk.forward
+    return model
+
+
+def _chain_by_hand(params: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pruned chain from its (pruned) parameters: the input of blk.4 and the output."""
+    x = x.double()
+    h = torch.relu(x @ torch.from_numpy(params["blk.0.weight"]).T
+                   + torch.from_numpy(params["blk.0.bias"]))
+    h = torch.relu(h @ torch.from_numpy(params["blk.2.weight"]).T)
+    return h, h @ torch.from_numpy(params["blk.4.weight"]).T + torch.from_numpy(
+        params["blk.4.bias"])
+
+
+@pytest.mark.parametrize("method", ["bias", "lsq"])
+def test_a_layer_that_may_not_get_a_bias_is_skipped_and_one_that_has_one_corrected(method):
+    """Under a policy that refuses every new parameter, the bias-free `blk.2` (lost inputs
+    and outputs) is left alone and recorded under its own name (asked about exactly
+    `blk.2.bias`); `blk.4`, which has its bias, is corrected as usual: its bias moves by the
+    mean output difference (bias) or it gets the ridge solution on its pruned inputs (lsq)."""
+    model = _nested_chain()
+    x = _inputs(48, 4)
+    refusals = _Refusals()
+    module = bias if method == "bias" else lsq
+    result, ctx, changed = _light_pass_by_hand(model, [x], {"blk.0": [1, 4], "blk.2": [0, 3]},
+                                               module, may_add=refusals)
+    assert changed == ["blk.4"]
+    assert refusals.asked == ["blk.2.bias"]
+    assert ctx.skipped == {"blk.2": _Refusals.WHY}
+    before, got = _params(result.module), _params(ctx.pruned)
+    assert sorted(got) == sorted(before)  # no parameter added
+    np.testing.assert_array_equal(got["blk.2.weight"], before["blk.2.weight"])
+    hidden, out = _chain_by_hand(before, x)
+    with torch.no_grad():
+        want = model(x).double()
+    if method == "bias":
+        shift = (want.mean(0) - out.mean(0)).numpy()
+        np.testing.assert_allclose(got["blk.4.bias"], before["blk.4.bias"] + shift,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got["blk.4.weight"], before["blk.4.weight"])
+    else:
+        w_ref, b_ref = _ridge(hidden, want, before["blk.4.weight"], before["blk.4.bias"], 1e-6)
+        np.testing.assert_allclose(got["blk.4.weight"], w_ref, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["blk.4.bias"], b_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_norm_refits_scale_only_where_no_bias_may_be_added(has_bias):
+    """A nested LayerNorm that lost channels under a policy refusing new parameters: without
+    a bias it gets the through-origin least-squares factor per channel and no bias (asked
+    about exactly `blk.1.bias`, recorded under `blk.1`); with its own bias it gets the
+    polyfit slope and shift as usual and nothing is asked."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blk = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6, bias=has_bias), nn.Linear(6, 2))
+    model.forward = model.blk.forward
+    with torch.no_grad():
+        model.blk[1].weight.uniform_(0.5, 1.5)
+        if has_bias:
+            model.blk[1].bias.uniform_(-0.5, 0.5)
+    x = _inputs(50, 4, 4)
+    removed = [2, 3]
+    refusals = _Refusals()
+    result, ctx, changed = _light_pass_by_hand(model, [x], {"blk.0": removed}, norm,
+                                               may_add=refusals)
+    assert changed == ["blk.1"]
+    kept = [0, 1, 4, 5]
+    with torch.no_grad():
+        h = model.blk[0](x).double()
+    z_full = _layer_norm_by_hand(h, (2,), 1e-5)[..., kept].reshape(-1, 4).numpy()
+    z_kept = _layer_norm_by_hand(h[..., kept], (2,), 1e-5).reshape(-1, 4).numpy()
+    w0 = model.blk[1].weight.detach().double().numpy()[kept]
+    got = _params(ctx.pruned)
+    if has_bias:
+        slope, shift = _affine_fits(z_kept, z_full)
+        assert refusals.asked == [] and ctx.skipped == {}
+        b0 = model.blk[1].bias.detach().double().numpy()[kept]
+        np.testing.assert_allclose(got["blk.1.weight"], w0 * slope, rtol=1e-5)
+        np.testing.assert_allclose(got["blk.1.bias"], b0 + w0 * shift, rtol=1e-5, atol=1e-7)
+    else:
+        factor = (z_kept * z_full).sum(0) / (z_kept * z_kept).sum(0)
+        assert not np.allclose(factor, _affine_fits(z_kept, z_full)[0], atol=1e-4)
+        assert refusals.asked == ["blk.1.bias"] and ctx.skipped == {"blk.1": _Refusals.WHY}
+        assert sorted(got) == sorted(_params(result.module))  # no bias added
+        np.testing.assert_allclose(got["blk.1.weight"], w0 * factor, rtol=1e-5)
