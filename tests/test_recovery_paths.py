@@ -1,7 +1,10 @@
 """The recovery code paths the demo never takes, on tiny models (each test well under 2 s):
 transformers' written-out RMSNorm, GroupNorm, LayerNorm over two dims or without a bias,
-bias-free linear layers and convolutions for `bias` and `lsq`, and distillation's schedule
-(learning rate, seeded batches, check interval, fixed-batch rounding, stop). Every expected
+bias-free linear layers and convolutions for `bias` and `lsq`, distillation's schedule
+(learning rate, seeded batches, check interval, fixed-batch rounding, stop), a fixed-batch
+student, the time budget (on a deterministic clock), a text model's padding rows (an
+attention mask) and a parameter policy that refuses new parameters (what a transformers
+folder imposes, without building one). Every expected
 value is worked out here: normalisations written by hand, numpy's polyfit and least squares,
 the training loop written out with torch's AdamW. Part of the `recovery` mutation target
 (bench/mutation.py).
