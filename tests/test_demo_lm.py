@@ -178,4 +178,5 @@ def test_dashboard_offers_demo_lm_and_shows_perplexity() -> None:
     assert fidelity["perplexity_before"] == pytest.approx(_meta()["perplexity"], rel=1e-3)
     rows = {r["Measure"]: r["Value"] for df in at.dataframe if "Measure" in df.value.columns
             for r in df.value.to_dict("records")}
-    assert rows["Perplexity after pruning (before recovery)"] == f"{fidelity['perplexity_after']:.4f}"
+    after = rows["Perplexity after pruning (before recovery)"]
+    assert after == f"{fidelity['perplexity_after']:.4f}"
