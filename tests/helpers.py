@@ -11,6 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.cli import main
@@ -228,3 +229,16 @@ def chart_spec(at, key: str) -> dict:
     found = [el for el in at.get("plotly_chart") if getattr(el, "key", None) == key]
     assert found, f"no chart {key!r} on the page"
     return json.loads(found[0].proto.spec)
+
+
+def ridge_reference(x, y, w, b, ridge: float):
+    """The recovery `lsq` fit worked out independently, in numpy:
+    min ||X W^T + b - Y||^2 + lam ||W - W0||^2 (+ a negligible pull on b)."""
+    x, y, w, b = (np.asarray(t, dtype=np.float64) for t in (x, y, w, b))
+    a = np.hstack([x, np.ones((len(x), 1))])
+    gram = a.T @ a
+    lam = np.full(x.shape[1] + 1, ridge * np.mean(np.diag(gram)[:-1]))
+    lam[-1] = 1e-10 * max(len(x), 1.0)
+    prior = np.vstack([w.T, b[None, :]])
+    theta = np.linalg.solve(gram + np.diag(lam), a.T @ y + lam[:, None] * prior)
+    return theta[:-1].T, theta[-1]

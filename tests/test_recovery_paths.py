@@ -26,6 +26,7 @@ from engine.quality.recovery import bias, distill, lsq, norm
 from engine.quality.recovery.data import CalibrationSet
 from engine.quality.recovery.lockstep import Context, Layout
 from engine.transform.apply import pruned_roots
+from tests.helpers import ridge_reference
 
 
 def _program(model: nn.Module, x: torch.Tensor):
@@ -326,18 +327,6 @@ def test_bias_corrects_only_the_layer_that_lost_inputs_on_token_rows():
 # ------------------------------------------------------------------ lsq
 
 
-def _ridge(x, y, w, b, ridge):
-    """min ||X W^T + b - Y||^2 + lam ||W - W0||^2 (+ a negligible pull on b), in numpy."""
-    x, y, w, b = (np.asarray(t, dtype=np.float64) for t in (x, y, w, b))
-    a = np.hstack([x, np.ones((len(x), 1))])
-    gram = a.T @ a
-    lam = np.full(x.shape[1] + 1, ridge * np.mean(np.diag(gram)[:-1]))
-    lam[-1] = 1e-10 * max(len(x), 1.0)
-    prior = np.vstack([w.T, b[None, :]])
-    theta = np.linalg.solve(gram + np.diag(lam), a.T @ y + lam[:, None] * prior)
-    return theta[:-1].T, theta[-1]
-
-
 def test_lsq_refits_a_bias_free_linear_layer_on_token_rows():
     """(samples, tokens, features) through a bias-free last layer: its new weight and added
     bias are the ridge solution (numpy) on every token's row; the first layer, whose kept
@@ -353,7 +342,7 @@ def test_lsq_refits_a_bias_free_linear_layer_on_token_rows():
         hidden = model[1](model[0](x))[..., kept].reshape(-1, len(kept))
         want = model(x).reshape(-1, 3)
     w0 = result.module.get_parameter("2.weight").detach()
-    w_ref, b_ref = _ridge(hidden, want, w0, np.zeros(3), 1e-6)
+    w_ref, b_ref = ridge_reference(hidden, want, w0, np.zeros(3), 1e-6)
     got, before = _params(recovered.module), _params(result.module)
     np.testing.assert_allclose(got["2.weight"], w_ref, rtol=1e-4, atol=1e-6)
     bias = next(v for k, v in got.items() if k.startswith("2.") and "bias" in k)
@@ -377,7 +366,7 @@ def test_lsq_refits_a_layer_that_lost_inputs_and_outputs_to_its_kept_outputs():
         want = model[2](hidden)[:, kept_out]
     w0 = result.module.get_parameter("2.weight").detach()
     b0 = result.module.get_parameter("2.bias").detach()
-    w_ref, b_ref = _ridge(hidden[:, kept_in], want, w0, b0, 1e-6)
+    w_ref, b_ref = ridge_reference(hidden[:, kept_in], want, w0, b0, 1e-6)
     got = _params(recovered.module)
     np.testing.assert_allclose(got["2.weight"], w_ref, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got["2.bias"], b_ref, rtol=1e-4, atol=1e-6)
@@ -401,7 +390,7 @@ def test_lsq_refits_a_strided_convolution_with_bias():
     out = want.permute(0, 2, 3, 1).reshape(-1, 4)
     w0 = result.module.get_parameter("2.weight").detach().reshape(4, -1)
     b0 = result.module.get_parameter("2.bias").detach()
-    w_ref, b_ref = _ridge(rows, out, w0, b0, 1e-6)
+    w_ref, b_ref = ridge_reference(rows, out, w0, b0, 1e-6)
     got = _params(recovered.module)
     np.testing.assert_allclose(got["2.weight"].reshape(4, -1), w_ref, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(got["2.bias"], b_ref, rtol=1e-3, atol=1e-5)
@@ -879,8 +868,8 @@ def test_lsq_fits_real_tokens_only_with_an_attention_mask():
         hidden = model.blk[1](model.blk[0](model.emb(ids) * mask[..., None]))[..., kept]
         want = model(ids, mask)
     w0 = result.module.get_parameter("blk.2.weight").detach()
-    w_ref, b_ref = _ridge(hidden[real], want[real], w0, np.zeros(3), 1e-6)
-    w_all, _ = _ridge(hidden.reshape(-1, 3), want.reshape(-1, 3), w0, np.zeros(3), 1e-6)
+    w_ref, b_ref = ridge_reference(hidden[real], want[real], w0, np.zeros(3), 1e-6)
+    w_all, _ = ridge_reference(hidden.reshape(-1, 3), want.reshape(-1, 3), w0, np.zeros(3), 1e-6)
     assert not np.allclose(w_ref, w_all, atol=1e-3)  # the padding rows would count
     np.testing.assert_allclose(_params(ctx.pruned)["blk.2.weight"], w_ref, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(_bias_of(ctx.pruned, "blk.2"), b_ref, rtol=1e-4, atol=1e-6)
@@ -947,7 +936,8 @@ def test_a_layer_that_may_not_get_a_bias_is_skipped_and_one_that_has_one_correct
                                    rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(got["blk.4.weight"], before["blk.4.weight"])
     else:
-        w_ref, b_ref = _ridge(hidden, want, before["blk.4.weight"], before["blk.4.bias"], 1e-6)
+        w_ref, b_ref = ridge_reference(hidden, want, before["blk.4.weight"],
+                                       before["blk.4.bias"], 1e-6)
         np.testing.assert_allclose(got["blk.4.weight"], w_ref, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got["blk.4.bias"], b_ref, rtol=1e-4, atol=1e-6)
 

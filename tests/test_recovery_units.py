@@ -16,6 +16,7 @@ from torch import nn
 import engine
 from engine.quality.recovery import distill, lsq, norm
 from engine.quality.recovery.bn import batch_stats
+from tests.helpers import ridge_reference
 
 GEN_SEED = 5
 
@@ -73,18 +74,6 @@ def test_bn_recomputes_only_the_batch_norm_whose_input_changed():
 # ------------------------------------------------------------------------------ lsq
 
 
-def _ridge_reference(x, y, w, b, ridge):
-    """min ||X W^T + b - Y||^2 + lam ||W - W0||^2 (+ a negligible pull on b), in numpy."""
-    x, y, w, b = (np.asarray(t, dtype=np.float64) for t in (x, y, w, b))
-    a = np.hstack([x, np.ones((len(x), 1))])
-    gram = a.T @ a
-    lam = np.full(x.shape[1] + 1, ridge * np.mean(np.diag(gram)[:-1]))
-    lam[-1] = 1e-10 * max(len(x), 1.0)
-    prior = np.vstack([w.T, b[None, :]])
-    theta = np.linalg.solve(gram + np.diag(lam), a.T @ y + lam[:, None] * prior)
-    return theta[:-1].T, theta[-1]
-
-
 def test_lsq_solve_recovers_an_exact_linear_map():
     x = _inputs(40, 3)
     w_true = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]])
@@ -103,7 +92,7 @@ def test_lsq_solve_with_a_strong_ridge_matches_the_closed_form():
     # the last: inputs of 1e-3, whose energy (about 1e-4) is far below 1
     for ridge, scale in ((0.5, 1.0), (3.0, 1.0), (3.0, 1e-3)):
         w, b = lsq.solve(x * scale, y, w0, b0, ridge=ridge)
-        w_ref, b_ref = _ridge_reference(x * scale, y, w0, b0, ridge)
+        w_ref, b_ref = ridge_reference(x * scale, y, w0, b0, ridge)
         np.testing.assert_allclose(w.numpy(), w_ref, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(b.numpy(), b_ref, rtol=1e-9, atol=1e-9)
 
@@ -271,7 +260,7 @@ def test_lsq_refits_a_bias_free_convolution_to_the_closed_form(groups):
         patches = F.unfold(hidden[:, g * per_in:(g + 1) * per_in], 3, padding=1)
         rows = patches.transpose(1, 2).reshape(-1, per_in * 9)
         out = want[:, g * per_out:(g + 1) * per_out].permute(0, 2, 3, 1).reshape(-1, per_out)
-        w_ref, b_ref = _ridge_reference(rows, out, w0[g * per_out:(g + 1) * per_out]
+        w_ref, b_ref = ridge_reference(rows, out, w0[g * per_out:(g + 1) * per_out]
                                         .reshape(per_out, -1), np.zeros(per_out), lsq.RIDGE)
         got_w = params["2.weight"][g * per_out:(g + 1) * per_out].reshape(per_out, -1)
         np.testing.assert_allclose(got_w.double().numpy(), w_ref, rtol=1e-3, atol=1e-5)
