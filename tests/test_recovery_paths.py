@@ -150,6 +150,26 @@ def test_norm_leaves_products_that_are_not_rms_norm_alone(style):
                                   _params(result.module)["1.weight"])
 
 
+@pytest.mark.parametrize("style", ["cube", "unsqueezed", "eps a tensor", "no rsqrt", "sqrt",
+                                   "scale only"])
+def test_norm_leaves_products_that_are_not_rms_norm_alone_next_to_a_real_one(style):
+    """The same products in a graph that also holds a real written-out RMSNorm (whose
+    channels are all kept), so an rsqrt is present and the pattern matcher itself must refuse
+    them: a product with the mean square and no rsqrt (`x * (ms + eps)`) is no RMSNorm."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), _WrittenRMS(style), nn.Linear(8, 8),
+                          _WrittenRMS("weight last, eps 1e-2"), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.3)
+    x = _inputs(30, 3, 4)
+    result, recovered = _prune_and_recover(model, x, {"0": [2, 5, 6]}, "norm")
+    assert "norm" not in recovered.report["recovery"]["layers"]
+    assert "norm" in recovered.report["recovery"]["skipped"]
+    for name in ("1.weight", "3.weight"):
+        np.testing.assert_array_equal(_params(recovered.module)[name],
+                                      _params(result.module)[name])
+
+
 def test_norm_leaves_a_rms_norm_whose_channels_were_all_kept():
     """Pruning the layer after the norm: the norm's channels are whole, nothing to fit."""
     torch.manual_seed(2)
