@@ -143,6 +143,17 @@ def test_verify_width_accepts_non_finite_values_exactly_where_mask_mode_has_them
         verify_width([t(2.0, float("inf"))], [t(2.0, 7.0)], {"a": False})
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_verify_width_names_mask_mode_when_only_the_masked_original_is_not_finite(bad):
+    with pytest.raises(PruneScopeError, match="^verification failed: the masked original gives "
+                                              "NaN or infinite outputs where the pruned model "
+                                              "does not$"):
+        verify_width([t(1.0, 2.0), t(bad, 3.0)], [t(1.0, 2.0), t(5.0, 3.0)], {"a": True})
+    # both sides non-finite, at different places: the pruned model's is named first
+    with pytest.raises(PruneScopeError, match="^verification failed: the pruned model gives"):
+        verify_width([t(bad, 2.0)], [t(1.0, bad)], {"a": False})
+
+
 def test_verify_width_ignores_integer_and_empty_outputs():
     got = verify_width([torch.tensor([1, 2]), torch.empty(0), t(4.0)],
                        [torch.tensor([7, 9]), torch.empty(0), t(4.0)], {"a": True})

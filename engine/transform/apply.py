@@ -316,9 +316,12 @@ def keep_mask(ids, roots, removed):
 def _apply_mask(value, mask):
     if mask is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return value
-    if mask.dtype != value.dtype or mask.device != value.device:
-        mask = mask.to(device=value.device, dtype=value.dtype)
-    return value * mask
+    if mask.device != value.device:
+        mask = mask.to(device=value.device)
+    # set to zero, not multiplied by it: a removed channel may hold an infinity (a statistic
+    # over tokens, zeroed, then rsqrt or divided by), and 0 * inf = NaN would reach the kept
+    # channels through the next op, where the pruned model has no such channel
+    return value.masked_fill(mask == 0, 0)
 
 
 def masked_module(gm: fx.GraphModule, structure: Structure, removed: np.ndarray):

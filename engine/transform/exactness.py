@@ -62,8 +62,12 @@ def verify_width(masked: list[torch.Tensor], pruned: list[torch.Tensor],
             diff = float((m - p).abs().max())
             # an infinity where mask mode is finite fails too (comparing NaN alone missed it)
             if not np.isfinite(diff) and not torch.equal(m.isfinite(), p.isfinite()):
-                raise PruneScopeError("verification failed: the pruned model gives NaN or "
-                                      "infinite outputs where the masked original does not")
+                # name the side that went non-finite: a NaN only mask mode has is a fault
+                # of the reference, not of the pruned model
+                which = (("pruned model", "masked original") if (m.isfinite() & ~p.isfinite()).any()
+                         else ("masked original", "pruned model"))
+                raise PruneScopeError(f"verification failed: the {which[0]} gives NaN or "
+                                      f"infinite outputs where the {which[1]} does not")
             max_abs = max(max_abs, diff if np.isfinite(diff) else 0.0)
             max_ref = max(max_ref, float(m.abs().max()))
     relative = max_abs / max_ref if max_ref > 0 else max_abs
