@@ -292,3 +292,148 @@ def test_greedy_picks_the_cheaper_loss_per_removed_unit():
         greedy_measured(sensitivity, "params", 0.7, measure, loss, levels=levels)
     assert str(info.value) == ("could not reach 70% of the params removed with per-group "
                                "ratios (reached 50.0%)")
+
+
+# ------------------------------------------------- what the mutation run left unguarded
+# (bench/RESULTS.md, "Mutation testing": each test names the survivors it was written for)
+
+
+def test_choose_ratios_takes_the_smaller_ratio_among_equal_predicted_losses():
+    """`a` costs nothing up to .5: .25 and .5 both meet 5% at a predicted loss of 0; the
+    knapsack keeps the first (smaller) ratio. (choose_ratios 83: `<=` took the later one.)"""
+    sensitivity = {"before": {"params": 100.0}, "groups": [
+        {"name": "a", "curve": _curve([(0.0, 0.0, 100.0), (0.25, 0.0, 92.0),
+                                       (0.5, 0.0, 85.0), (0.75, 0.1, 77.0)])},
+        {"name": "b", "curve": _curve([(0.0, 0.0, 100.0), (0.25, 0.05, 90.0)])},
+    ]}
+    choice = choose_ratios(sensitivity, "params", 0.05, np.array([0.0, 0.25, 0.5, 0.75]))
+    assert choice.ratios == {"a": 0.25, "b": 0.0}
+    assert choice.predicted_loss == 0.0 and choice.predicted_removed == pytest.approx(0.08)
+
+
+def test_a_curve_measured_a_hair_below_a_candidate_still_reaches_it():
+    """Measured up to 0.5 - 1e-9 (float noise in a ratio): the table still holds 0.5.
+    (group_tables 44: `<` for `<=` against the 1e-9 slack.)"""
+    sensitivity = {"before": {"params": 100.0}, "groups": [
+        {"name": "a", "curve": _curve([(0.0, 0.0, 100.0), (0.5 - 1e-9, 0.2, 80.0)])}]}
+    cand, loss, removed = group_tables(sensitivity, "params")["a"]
+    assert float(cand[-1]) == 0.5 and len(cand) == 21
+    assert float(loss[-1]) == pytest.approx(0.2) and float(removed[-1]) == pytest.approx(0.2)
+
+
+def _three_whole_groups():
+    """Each group can remove all of the model's params (the predicted sum reaches 300%)."""
+    return {"before": {"params": 100.0}, "groups": [
+        {"name": n, "curve": _curve([(0.0, 0.0, 100.0), (0.5, 0.1, 50.0), (0.75, 0.2, 0.0)])}
+        for n in "abc"]}
+
+
+def test_fit_ratios_never_aims_at_more_than_999_in_1000(monkeypatch):
+    """The measure is stuck at 10%: the aim .6 rises by .501 to 1.101, then is held at .999
+    for the remaining rounds. (fit_ratios 15: a cap of 1.999 let it rise to 1.602, ...)"""
+    aims = []
+
+    def choose(s, resource, aim):
+        aims.append(aim)
+        return choose_ratios(s, resource, aim, np.array([0.0, 0.5, 0.75]))
+
+    monkeypatch.setattr(auto_ratios, "choose_ratios", choose)
+    with pytest.raises(OptionError, match=r"^could not reach 60% of the params removed .*"
+                                          r"\(reached 10\.0%\)"):
+        fit_ratios(_three_whole_groups(), "params", 0.6, lambda ratios, ratio: 0.1)
+    assert aims == pytest.approx([0.6, 0.999, 0.999, 0.999, 0.999, 0.999])
+
+
+@pytest.mark.parametrize("short", [0.0, 1e-9])
+def test_fit_ratios_accepts_a_removal_at_the_target_or_within_its_1e9_slack(short):
+    """Measured exactly at the target, or 1e-9 below it: met in the first round.
+    (fit_ratios 20: `>` for `>=`; 21: `target + 1e-9`.)"""
+    calls = []
+
+    def measure(ratios, ratio):
+        calls.append(ratios)
+        return 0.3 - short
+
+    choice, achieved = fit_ratios(_knapsack_problem(), "params", 0.3, measure)
+    assert len(calls) == 1 and achieved == 0.3 - short
+    assert choice.predicted_removed >= 0.3
+
+
+def test_uniform_ratio_counts_a_removal_equal_to_the_target_as_met():
+    """The removal jumps from 10% to exactly 50% at ratio .3 and the target is 50%: the
+    bisection of [0, .99] ends at the first point at or above .3, .99 * 311 / 1024 =
+    .30067 (.99 * 310 / 1024 = .29971 is below), rounded to 4 digits.
+    (uniform_ratio 9: `<=` refused the target; 21: `>` never lowered `high`; 28: 5 digits.)"""
+
+    def measure(ratios, ratio):
+        return 0.5 if ratio >= 0.3 else 0.1
+
+    assert uniform_ratio("params", 0.5, measure) == (0.3007, 0.5)
+
+
+def test_uniform_ratio_stops_when_the_bracket_is_the_tolerance():
+    """removal = ratio, target .2, tolerance .99 / 8: mids .495 (above), .2475 (above),
+    .12375 (below) leave [.12375, .2475], exactly the tolerance wide: 1 + 3 measurements.
+    (uniform_ratio 12: `>=` measured once more.)"""
+    calls = []
+
+    def measure(ratios, ratio):
+        calls.append(ratio)
+        return ratio
+
+    assert uniform_ratio("params", 0.2, measure, tolerance=0.99 / 8) == (0.2475, 0.2475)
+    assert calls == [0.99, 0.495, 0.2475, 0.12375]
+
+
+# the measured greedy: group -> (removal per unit ratio, drop at .5, drop at 1.0); the curves
+# and the measurements agree, so the rates below are each step's drop over its removal
+STEPPED = {"g1": (0.02, 0.5, 1.0), "g2": (0.04, 0.7, 3.2), "g3": (0.05, 1.5, 3.0),
+           "g4": (0.005, 0.25, 0.5), "g5": (0.02, 2.0, 4.0), "g6": (0.1, 2.0, 4.0)}
+
+
+def _stepped_sensitivity(groups=STEPPED):
+    return {"before": {"params": 1.0}, "groups": [
+        {"name": n, "curve": [{"ratio": r, "drop": d, "params": 1 - s * r}
+                              for r, d in ((0.0, 0.0), (0.5, half), (1.0, whole))]}
+        for n, (s, half, whole) in groups.items()]}
+
+
+def _stepped_drop(name: str, r: float, groups=STEPPED) -> float:
+    _, half, whole = groups[name]
+    return float(np.interp(r, [0.0, 0.5, 1.0], [0.0, half, whole]))
+
+
+def test_greedy_measures_the_four_cheapest_steps_by_the_curves_in_order():
+    """Rates (drop / removal) of the first steps: g2 35, g6 40, g1 50, g3 60, g4 100, g5 200;
+    g2's second step costs 2.5 / .02 = 125, the others' the same as their first. Round 1
+    measures g2 g6 g1 g3 and takes g2; round 2 g6 g1 g3 g4 (g2 is now 125) and takes g6; round
+    3 the same and takes g6 to 1.0 (.12 removed); round 4 g1 g3 g4 g2 and takes g1 (.13 >=
+    .125). The shortlist is 4 by default.
+    (greedy_measured 1: a shortlist of 5; 51, 52, 57, 58: the curves' rate as drop x removal,
+    l1 + l0, r1 + r0 or the drop alone; 74, 75: the measured rate with `+`.)"""
+    levels = dict.fromkeys(STEPPED, [0.0, 0.5, 1.0])
+    trials: list[dict] = []
+
+    def measure(ratios, ratio):
+        assert ratio is None
+        trials.append(dict(ratios))
+        return sum(STEPPED[n][0] * r for n, r in ratios.items())
+
+    def loss(ratios):
+        return sum(_stepped_drop(n, r) for n, r in ratios.items())
+
+    ratios, removed, trail = greedy_measured(_stepped_sensitivity(), "params", 0.125, measure,
+                                             loss, levels=levels)
+    assert [(t["group"], t["ratio"]) for t in trail] == [
+        ("g2", 0.5), ("g6", 0.5), ("g6", 1.0), ("g1", 0.5)]
+    assert ratios == {"g1": 0.5, "g2": 0.5, "g3": 0.0, "g4": 0.0, "g5": 0.0, "g6": 1.0}
+    assert removed == pytest.approx(0.13)
+    # the state each round starts from, and the group each measured step changed
+    states = [dict.fromkeys(STEPPED, 0.0)]
+    for step in trail[:-1]:
+        states.append({**states[-1], step["group"]: step["ratio"]})
+    assert len(trials) == 4 * 4
+    rounds = [[next(n for n in trial if trial[n] != states[k][n]) for trial in trials[4 * k:4 * k + 4]]
+              for k in range(4)]
+    assert rounds == [["g2", "g6", "g1", "g3"], ["g6", "g1", "g3", "g4"],
+                      ["g6", "g1", "g3", "g4"], ["g1", "g3", "g4", "g2"]]
