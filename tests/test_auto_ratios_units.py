@@ -437,3 +437,226 @@ def test_greedy_measures_the_four_cheapest_steps_by_the_curves_in_order():
               for k in range(4)]
     assert rounds == [["g2", "g6", "g1", "g3"], ["g6", "g1", "g3", "g4"],
                       ["g6", "g1", "g3", "g4"], ["g1", "g3", "g4", "g2"]]
+
+
+def test_greedy_breaks_ties_between_equal_measured_rates_by_the_curves_order():
+    """Two identical groups: both steps cost the same per removed unit; the first one
+    measured (`x`, by name among equal curve rates) is taken. (greedy_measured 78: `<=`.)"""
+    twins = {"x": (0.1, 0.5, 1.0), "y": (0.1, 0.5, 1.0)}
+    levels = dict.fromkeys(twins, [0.0, 0.5, 1.0])
+    _, _, trail = greedy_measured(
+        _stepped_sensitivity(twins), "params", 0.04,
+        lambda ratios, ratio: sum(twins[n][0] * r for n, r in ratios.items()),
+        lambda ratios: sum(_stepped_drop(n, r, twins) for n, r in ratios.items()),
+        levels=levels)
+    assert [(t["group"], t["ratio"]) for t in trail] == [("x", 0.5)]
+
+
+def test_greedy_goes_on_measuring_after_a_cheap_step_that_is_not_free():
+    """The curves rank `a` (rate .5) before `b` (.8), but measured `a` costs .6 per unit and
+    `b` .3: a cheap step (rate <= 1) that is not free does not end the round, `b` is taken.
+    (greedy_measured 82: `rate <= 1.0` stopped after `a`.)"""
+    curves = {"a": (1.0, 0.25, 0.5), "b": (1.0, 0.4, 0.8)}
+    measured_cost = {"a": 0.6, "b": 0.3}
+    levels = dict.fromkeys(curves, [0.0, 0.5, 1.0])
+    _, _, trail = greedy_measured(
+        _stepped_sensitivity(curves), "params", 0.4,
+        lambda ratios, ratio: sum(ratios.values()),
+        lambda ratios: sum(measured_cost[n] * r for n, r in ratios.items()), levels=levels)
+    assert [(t["group"], t["ratio"]) for t in trail] == [("b", 0.5)]
+
+
+def test_greedy_moves_to_the_next_group_when_one_removes_nothing_at_every_level():
+    """`ghost` looks cheapest on its curve, but no level of it removes anything for real:
+    the round goes on to `real`. (greedy_measured 69: `break` ended the round with nothing,
+    which is the "could not reach" error.)"""
+    curves = {"ghost": (1.0, 0.1, 0.2), "real": (1.0, 0.5, 1.0)}
+    levels = dict.fromkeys(curves, [0.0, 0.5, 1.0])
+    ratios, removed, trail = greedy_measured(
+        _stepped_sensitivity(curves), "params", 0.4,
+        lambda ratios, ratio: ratios["real"],
+        lambda ratios: sum(_stepped_drop(n, r, curves) for n, r in ratios.items()),
+        levels=levels)
+    assert [(t["group"], t["ratio"]) for t in trail] == [("real", 0.5)]
+    assert removed == 0.5
+
+
+def test_greedy_without_levels_does_not_shorten_a_step_that_meets_the_target_exactly():
+    """removal = ratio / 2 and the target .1: the step to .2 removes exactly .1, so no
+    bisection; two measurements in all. (greedy_measured 88: `>=` bisected it anyway.)"""
+    calls = []
+
+    def measure(ratios, ratio):
+        calls.append(ratios["a"])
+        return 0.5 * ratios["a"]
+
+    sensitivity = _stepped_sensitivity({"a": (0.5, 0.1, 0.2)})
+    ratios, removed, _ = greedy_measured(sensitivity, "params", 0.1, measure,
+                                         lambda ratios: ratios["a"], steps=(0.1, 0.2, 0.3))
+    assert (ratios, removed) == ({"a": 0.2}, 0.1)
+    assert calls == [0.1, 0.2]
+
+
+def test_greedy_shortens_the_last_step_to_a_point_exactly_at_the_target():
+    """The removal is 5% below ratio .15, exactly the target 10% from .15 to .2, 12% above:
+    the step to .2 overshoots and the bisection of [.1, .2] ends at .15 (measured at .15:
+    met). (greedy_measured 101: `>` never took a point at the target and stayed at .2.)"""
+
+    def measure(ratios, ratio):
+        r = ratios["a"]
+        return 0.05 if r < 0.15 else 0.1 if r < 0.2 else 0.12
+
+    ratios, removed, _ = greedy_measured(_stepped_sensitivity({"a": (0.5, 0.1, 0.2)}),
+                                         "params", 0.1, measure, lambda ratios: ratios["a"],
+                                         steps=(0.1, 0.2, 0.3))
+    assert (ratios, removed) == ({"a": 0.15}, 0.1)
+
+
+def test_greedy_rounds_the_shortened_step_to_four_digits():
+    """removal = ratio / 2, target .0512: the step to .2 overshoots; bisecting [.1, .2]
+    (.15, .125, .1125, .10625, .103125: all meet it) ends at .103125, which is .1031.
+    (greedy_measured 109: 5 digits.)"""
+    ratios, _, _ = greedy_measured(_stepped_sensitivity({"a": (0.5, 0.1, 0.2)}), "params",
+                                   0.0512, lambda ratios, ratio: 0.5 * ratios["a"],
+                                   lambda ratios: ratios["a"], steps=(0.1, 0.2, 0.3))
+    assert ratios == {"a": 0.1031}
+
+
+# ----------------------------------------------------------------- levels and refinement
+
+
+def test_levels_on_the_exact_grid_start_at_the_first_channel_and_reach_most():
+    """A group of 7 and one of 20 channels losing floor(r * n) channels (less a rounding
+    slack): a level at every k/7, rounded to 6 digits (1/7 = .142857), and every k/20 up to
+    .95 itself (19/20).
+    (ratio_levels 10: 7 digits; 12: range(n - 1) lost 19/20; 15: `< most`; 34: the first
+    channel not counted; 35: the first grid point skipped.)"""
+    for n, want in ((7, [0.0, 0.142857, 0.285714, 0.428571, 0.571429, 0.714286, 0.857143]),
+                    (20, [k / 20 for k in range(20)])):
+        levels = auto_ratios.ratio_levels(lambda r, n=n: {"g": math.floor(r * n + 1e-5)},
+                                          {"g": n})
+        assert levels == {"g": want}
+
+
+def test_levels_keep_the_exact_grid_when_it_has_exactly_grid_size_points():
+    """10 channels: k/10 for k = 0..9 is 10 points; with grid_size 10 it is kept.
+    (ratio_levels 16: `>=` replaced it by an even grid.)"""
+    levels = auto_ratios.ratio_levels(lambda r: {"a": math.floor(r * 10 + 1e-5)}, {"a": 10},
+                                      grid_size=10)
+    assert levels["a"] == [k / 10 for k in range(10)]
+
+
+def test_levels_of_a_large_group_use_an_even_grid_of_200_points():
+    """300 channels give 286 ratios k/300 <= .95, more than 200: the grid becomes
+    .95 * i / 199 (i = 0..199), rounded to 6 digits, and every point adds a channel.
+    (ratio_levels 17-30: the even grid broken; 2: a default of 201 points.)"""
+    levels = auto_ratios.ratio_levels(lambda r: {"a": math.floor(r * 300 + 1e-5)}, {"a": 300})
+    assert levels["a"] == [round(0.95 * i / 199, 6) for i in range(200)]
+    assert levels["a"][1] == 0.004774 and levels["a"][-1] == 0.95
+
+
+QUARTERS = {"a": [0.0, 0.25, 0.5, 0.75], "b": [0.0, 0.25, 0.5, 0.75]}
+START = {"a": 0.75, "b": 0.0}  # removal (a + b) / 2 = .375, the target
+# the other points of the pair frontier around START, in the order the walk finds them
+P1, P2, P3 = {"a": 0.0, "b": 0.75}, {"a": 0.25, "b": 0.5}, {"a": 0.5, "b": 0.25}
+
+
+def _half_sum(ratios):
+    return (ratios["a"] + ratios["b"]) / 2
+
+
+def _table_loss(values: dict, calls: list | None = None):
+    """A loss given per point (any other point: 0.9); `calls` records each evaluation."""
+    def loss(ratios):
+        if calls is not None:
+            calls.append(dict(ratios))
+        return next((v for p, v in values if p == ratios), 0.9)
+    return loss
+
+
+def test_the_pair_frontier_keeps_a_point_exactly_at_the_target():
+    """removal a + b, target .5: (0, .5), (.25, .25) and (.5, 0) meet it exactly.
+    (pair_frontier 7: `< target + 1e-12` dropped (0, .5).)"""
+    levels = {"a": [0.0, 0.25, 0.5], "b": [0.0, 0.25, 0.5]}
+    got = auto_ratios.pair_frontier(levels, {"a": 0.0, "b": 0.0}, "a", "b", 0.5,
+                                    lambda r: r["a"] + r["b"])
+    assert got == [{"a": 0.0, "b": 0.5}, {"a": 0.25, "b": 0.25}, {"a": 0.5, "b": 0.0}]
+
+
+def test_refinement_takes_the_earlier_of_two_equally_good_points_and_records_the_move():
+    """P1 and P2 both cost .2 (START .9, P3 .6): the walk's earlier point, P1, is taken; the
+    trail entry holds the pair, the ratios, the loss and the measured removal.
+    (_refine 45: `<=` took P2; 53, 54, 60, 61: the trail's keys.)"""
+    loss = _table_loss([(START, 0.9), (P1, 0.2), (P2, 0.2), (P3, 0.6)])
+    state, value, trail = auto_ratios.refine_pairs(QUARTERS, START, 0.375, _half_sum, loss)
+    assert (state, value) == (P1, 0.2)
+    assert trail == [{"groups": ["a", "b"], "ratios": P1, "loss": 0.2, "removed": 0.375}]
+
+
+def test_refinement_does_not_move_for_an_equal_or_1e12_better_loss():
+    """P2 is better than START by exactly the 1e-12 slack, P1 and P3 equal to it: no move.
+    (_refine 40: `<=` took P2; 41: `loss + 1e-12` took an equal point.)"""
+    loss = _table_loss([(START, 0.5), (P1, 0.5), (P2, 0.5 - 1e-12), (P3, 0.5)])
+    assert auto_ratios.refine_pairs(QUARTERS, START, 0.375, _half_sum, loss) == (START, 0.5, [])
+
+
+def test_screened_refinement_confirms_the_two_best_screened_points_by_default():
+    """Screen = loss: P1 .1, P2 .2, P3 .3 all screen better than START (.9); the two best
+    are measured (confirm=2), the move goes to P1, and from P1 nothing screens better.
+    (refine_pairs 1: confirm 3; 42: no limit; _refine 35: `here - 1.000000000001` never
+    measured anything.)"""
+    values = [(START, 0.9), (P1, 0.1), (P2, 0.2), (P3, 0.3)]
+    calls: list[dict] = []
+    state, value, _ = auto_ratios.refine_pairs(QUARTERS, START, 0.375, _half_sum,
+                                               _table_loss(values, calls),
+                                               screen_of=_table_loss(values))
+    assert (state, value) == (P1, 0.1)
+    assert calls == [START, P1, P2]
+
+
+def test_screened_refinement_does_not_confirm_a_point_that_only_screens_equal():
+    """confirm=1, P1 and P2 screen .1 (P1 first): P1 is confirmed and taken; from P1, P2's
+    screen only equals P1's, so it is not measured. (_refine 34: `here + 1e-12` measured
+    it.)"""
+    values = [(START, 0.9), (P1, 0.1), (P2, 0.1), (P3, 0.3)]
+    calls: list[dict] = []
+    state, _, _ = auto_ratios.refine_pairs(QUARTERS, START, 0.375, _half_sum,
+                                           _table_loss(values, calls),
+                                           screen_of=_table_loss(values), confirm=1)
+    assert state == P1 and calls == [START, P1]
+
+
+def _wide_pair():
+    """Two groups of 400 levels, target .4, a start at a = .8: the pair frontier holds 400
+    points; every point but the start costs 1."""
+    levels = dict.fromkeys("ab", [k / 400 for k in range(400)])
+    start = {"a": 0.8, "b": 0.0}
+    return levels, start, lambda ratios: 0.0 if ratios == start else 1.0
+
+
+def test_refinement_measures_at_most_200_new_points_by_default():
+    """(refine_pairs 2: a default of 201.)"""
+    levels, start, loss = _wide_pair()
+    calls: list[dict] = []
+
+    def counted(ratios):
+        calls.append(ratios)
+        return loss(ratios)
+
+    state, _, _ = auto_ratios.refine_pairs(levels, start, 0.4, _half_sum, counted,
+                                           max_removals=10**6)
+    assert state == start and len(calls) == 1 + 200
+
+
+def test_refinement_stops_after_500_removal_measurements_by_default():
+    """The walk along the 400 levels needs more than 500 distinct removals: it stops where
+    it is after 500. (refine_pairs 3: a default of 501.)"""
+    levels, start, loss = _wide_pair()
+    asked: list[dict] = []
+
+    def removal(ratios):
+        asked.append(ratios)
+        return _half_sum(ratios)
+
+    assert auto_ratios.refine_pairs(levels, start, 0.4, removal, loss) == (start, 0.0, [])
+    assert len(asked) == 500
