@@ -433,8 +433,8 @@ def test_greedy_measures_the_four_cheapest_steps_by_the_curves_in_order():
     for step in trail[:-1]:
         states.append({**states[-1], step["group"]: step["ratio"]})
     assert len(trials) == 4 * 4
-    rounds = [[next(n for n in trial if trial[n] != states[k][n]) for trial in trials[4 * k:4 * k + 4]]
-              for k in range(4)]
+    rounds = [[next(n for n in trial if trial[n] != states[k][n])
+               for trial in trials[4 * k:4 * k + 4]] for k in range(4)]
     assert rounds == [["g2", "g6", "g1", "g3"], ["g6", "g1", "g3", "g4"],
                       ["g6", "g1", "g3", "g4"], ["g1", "g3", "g4", "g2"]]
 
