@@ -237,3 +237,67 @@ def test_calibration_option_errors_name_the_option(capfd, tmp_path: Path) -> Non
     rc, _, err = cli(capfd, "scores", "demo", "--criterion", "wanda", "--calibration", path)
     assert rc == 2
     assert f"--calibration file {path} holds x0, x2" in one_error_line(err)
+
+
+# -------------------------------------------------------- what the mutation run left unguarded
+
+def test_a_gigabyte_sized_header_is_refused_in_gib_under_the_default_limit(tmp_path: Path,
+                                                                          monkeypatch):
+    """A .npy whose header declares 2^28 x 8 float32 (8 GiB) and holds no data: refused from
+    the header alone, in GiB, against the default 4 GiB. (data `_size` 1, 3-6: the GiB
+    branch.)"""
+    monkeypatch.delenv("PRUNESCOPE_MAX_DATA_BYTES", raising=False)
+    path = tmp_path / "huge.npy"
+    with open(path, "wb") as file:
+        np.lib.format.write_array_header_1_0(
+            file, {"descr": "<f4", "fortran_order": False, "shape": (2**28, 8)})
+    assert path.stat().st_size < 4096
+    assert str(_error(lambda: load_data(path))) == (
+        f"--eval-data file {path} holds 8.0 GiB of arrays, more than the limit of 4.0 GiB "
+        "(set PRUNESCOPE_MAX_DATA_BYTES to raise it)")
+    # a limit of exactly 1 GiB is shown in GiB (`_size` 7: `>`; 10: 2**31)
+    monkeypatch.setenv("PRUNESCOPE_MAX_DATA_BYTES", str(2**30))
+    assert str(_error(lambda: load_data(path))).endswith("more than the limit of 1.0 GiB "
+                                                        "(set PRUNESCOPE_MAX_DATA_BYTES to "
+                                                        "raise it)")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(text_mode="wrap"), "--text-mode 'wrap' is not allowed; allowed: pad, stream"),
+    (dict(max_samples=0), "--max-samples 0 is not allowed; allowed: an integer >= 1"),
+    (dict(max_samples=True), "--max-samples True is not allowed; allowed: an integer >= 1"),
+    (dict(max_samples=2.0), "--max-samples 2.0 is not allowed; allowed: an integer >= 1"),
+    (dict(seq_len=-3), "--seq-len -3 is not allowed; allowed: an integer >= 1"),
+    (dict(read_batch=0), "read_batch 0 must be >= 1"),
+])
+def test_data_option_messages_name_the_option_and_what_is_allowed(options, message):
+    """Checked before anything is read. (data `check_options` 2-19: the messages.)"""
+    from engine.io.data import DataOptions
+
+    error = _error(lambda: load_data(DEMO_EVAL_PATH, options=DataOptions(**options)))
+    assert str(error) == message
+
+
+def test_an_array_of_strings_is_refused_naming_the_input_and_the_allowed_dtypes(tmp_path):
+    """(data `_checked` 19, 22, 23: the dtype check and its message.)"""
+    path = _npz(tmp_path / "words.npz", x0=X, x1=np.array(list("abcdef")))
+    assert str(_error(lambda: load_data(path))) == (
+        f"--eval-data file {path}: x1 has dtype <U1; allowed: numbers (float for features, "
+        "integers for token ids)")
+
+
+def test_one_sample_one_token_and_a_read_batch_of_one_are_allowed():
+    """The smallest allowed values. (data `check_options` 14, 15, 17, 18: `<= 1`, `< 2`.)"""
+    from engine.io.data import DataOptions
+
+    data = load_data(DEMO_EVAL_PATH, options=DataOptions(max_samples=1, seq_len=1,
+                                                         read_batch=1))
+    assert len(data) == 1
+
+
+def test_float_labels_are_refused_naming_what_labels_must_be(tmp_path):
+    """(data `_checked` 48, 49: the message.)"""
+    path = _npz(tmp_path / "soft.npz", x=X, y=np.linspace(0, 1, 6))
+    assert str(_error(lambda: load_data(path))) == (
+        f"--eval-data file {path}: labels y have dtype float64; allowed: integer class "
+        "indices")
