@@ -29,7 +29,11 @@ from engine.io.hf_config import (
 )
 from engine.options import CRITERIA, CRITERIA_NEEDING_DATA, PruningOptions
 from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
-from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_scores
+from engine.scoring.criteria import (
+    nuclear_norm_scores,
+    random_scores,
+    weight_scores_by_dim,
+)
 from engine.scoring.data_aware import DATA_CRITERIA, DataAwareScorer
 from engine.scoring.planning import GroupInput, Plan, make_plan
 from engine.scoring.uniform import keep_contiguous, uniform_plan
@@ -298,7 +302,8 @@ def _weight_scorer(analysis: Analysis, criterion: str, _calibration: Any, _seed:
         # the weight (a separate NaN pass over a streamed model's weights costs about as much
         # as the scoring); where one is not, the weight itself is checked
         weight = analysis.param(name, check_finite=False)
-        scores = {(name, dim): weight_scores(weight, dim, criterion) for dim in dims}
+        scores = {(name, dim): scores for dim, scores in
+                  weight_scores_by_dim(weight, dims, criterion).items()}
         if not all(np.isfinite(s).all() for s in scores.values()):
             analysis.check_weight_finite(name, weight)
         return scores
