@@ -199,8 +199,8 @@ def prune_streamed(
                     "exact": structure.group(gp.name).exact} for gp in the_plan.groups],
         "frozen": [f.to_dict() for f in structure.frozen],
         "unsupported_ops": structure.unsupported_ops,
-        "before": model_metrics(analysis.gm, flops_samples(captured)),
-        "after": _pruned_metrics(pruned_gm, captured),
+        **dict(zip(("before", "after"), report_sizes(
+            analysis.gm, _with_pruned_shapes(pruned_gm, captured), flops_samples(captured)))),
         "ratio": the_plan.ratio,
         "pt2": PT2_SKIPPED,
         "onnx": {"error": PT2_SKIPPED.replace("model.pt2", "model.onnx")},
@@ -240,14 +240,23 @@ def prune_streamed(
     return report
 
 
-def _pruned_metrics(gm: torch.fx.GraphModule, captured) -> dict[str, int]:
-    """Parameters and FLOPs of the pruned meta graph: one run on meta inputs records each
-    node's new shape (what the FLOPs count reads)."""
+def _with_pruned_shapes(gm: torch.fx.GraphModule, captured) -> torch.fx.GraphModule:
+    """The pruned meta graph after one run on meta inputs, which records each node's new
+    shape (what the FLOPs count reads)."""
     meta = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t
                  for t in captured.example_inputs)
     with torch.no_grad():
         run_graph(ShapeRecorder(gm), meta, captured.example_kwargs)
-    return model_metrics(gm, flops_samples(captured))
+    return gm
+
+
+def report_sizes(original: torch.fx.GraphModule, pruned: torch.fx.GraphModule,
+                 samples: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The report's ``before`` and ``after`` (parameters, FLOPs, bytes), as the normal path
+    gives them: the pruned count leaves out the operations the original's count leaves out
+    (``flops_uncounted``), so both count the same operations."""
+    before = model_metrics(original, samples)
+    return before, model_metrics(pruned, samples, skip=before.get("flops_uncounted", ()))
 
 
 class _Clock:
