@@ -15,7 +15,9 @@ Measured in the same run, each in a fresh subprocess:
 Peak RSS is the subprocess's ``ru_maxrss`` (``os.wait4``); a watchdog reads its resident
 memory every 0.2 s and kills it above the cap (available memory minus 3 GiB, at most 18 GiB;
 ``PRUNESCOPE_BENCH_RSS_CAP_GIB`` changes it). The folders are removed after the run unless
-``PRUNESCOPE_BENCH_KEEP=1``.
+``PRUNESCOPE_BENCH_KEEP=1``. ``PRUNESCOPE_BENCH_BASELINE=DIR`` also times the streamed prune of
+another checkout (DIR, e.g. ``git worktree add DIR main``) in the same run, just before this
+one's: a before/after pair against the same floor.
 """
 
 from __future__ import annotations
@@ -138,8 +140,13 @@ def measure(name: str, cap: int) -> dict:
         out["floor"] = measured([py, "-m", "bench.large_hf", "--floor", str(src),
                                  str(work / "copy")], cap)
         shutil.rmtree(work / "copy", ignore_errors=True)  # disk: one copy at a time
-        out["prune"] = measured([py, "-m", "engine", "prune", str(src), "--uniform", "--ratio",
-                                 RATIO, "--stream", "--out", str(work / "pruned")], cap)
+        prune = [py, "-m", "engine", "prune", str(src), "--uniform", "--ratio", RATIO,
+                 "--stream", "--out"]
+        baseline = os.environ.get("PRUNESCOPE_BENCH_BASELINE")
+        if baseline:  # another checkout's streamed prune, in the same run (before/after)
+            out["baseline"] = measured([*prune, str(work / "before")], cap, root=Path(baseline))
+            shutil.rmtree(work / "before", ignore_errors=True)
+        out["prune"] = measured([*prune, str(work / "pruned")], cap)
         report = work / "pruned" / "report.json"
         if report.exists():
             data = json.loads(report.read_text())
@@ -154,9 +161,9 @@ def measure(name: str, cap: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         if os.environ.get("PRUNESCOPE_BENCH_KEEP") != "1":
             shutil.rmtree(src, ignore_errors=True)
-    for key in ("floor", "prune"):
-        out[key].pop("stdout", None)
-        out[key].pop("stderr", None)
+    for key in ("floor", "prune", "baseline"):
+        out.get(key, {}).pop("stdout", None)
+        out.get(key, {}).pop("stderr", None)
     (cache_dir() / f"{name}-hf-last-run.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -194,6 +201,14 @@ def run(quick: bool = False) -> Section:
                                             f"expected: {v['exact_expected']})")
         rows.append((r["label"], f"{fmt_bytes(mb)} in {r['shards']} shards", params, *cells,
                      verified))
+        if "baseline" in r:
+            base = r["baseline"]
+            t = base.get("error") or fmt_s(base["seconds"])
+            if "error" not in base and floor_s:
+                t += f" ({base['seconds'] / floor_s:.2f}x floor)"
+            rows.append((f"the same, prune by `{os.environ['PRUNESCOPE_BENCH_BASELINE']}` "
+                         "(before)", "", "", "", "", t,
+                         f"{fmt_bytes(base['peak_rss'])} ({base['peak_rss'] / mb:.2f}x)", ""))
         label = "14B" if name == "14b" else ("7B" if name == "llama-2-7b" else "7B widths, 4L")
         if "error" in prune or floor_s is None:
             goals.append(Goal(NAME, f"{label} streamed prune", prune.get("error", "floor "
