@@ -42,14 +42,20 @@ from engine.threads import TORCH_EXPORT_LOCK, exclusive, one_torch_thread
 
 class Analysis:
     def __init__(self, captured: Captured,
-                 weights: Callable[[str], torch.Tensor] | None = None) -> None:
+                 weights: Callable[[str], torch.Tensor] | None = None,
+                 module: fx.GraphModule | None = None) -> None:
         """`weights`: where the parameters' values come from when the captured model holds
         them on the meta device (a streamed prune reads them from the safetensors shards,
-        one at a time, and checks each one for NaN as it is read)."""
+        one at a time, and checks each one for NaN as it is read). `module`: the graph to
+        analyse where it is not the captured program's own (a streamed prune repeats the
+        layers of a 2-layer capture: engine/graph/repeat.py)."""
         self.captured = captured
-        # unlifting traces through torch.fx global state
-        with TORCH_EXPORT_LOCK, lazy_recompiles():
-            self.gm: fx.GraphModule = captured.program.module()
+        if module is not None:
+            self.gm: fx.GraphModule = module
+        else:
+            # unlifting traces through torch.fx global state
+            with TORCH_EXPORT_LOCK, lazy_recompiles():
+                self.gm = captured.program.module()
         self.released = False  # True once a prune gave the original weights up (apply)
         self.weights = weights
         if weights is None:
