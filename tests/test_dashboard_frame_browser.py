@@ -244,6 +244,10 @@ def test_first_visit_paints_the_static_chart_before_plotly_then_swaps(dashboard_
     assert seen["static"] < seen["plotly"], seen
     assert not static.is_visible()  # swapped, not both
     assert page.locator(".js-plotly-plot").first.is_visible()
+    # and the hidden copy leaves no gap: Plotly's chart starts where their container does
+    both = page.locator(".st-key-ps_overview").bounding_box()
+    chart = page.locator(".js-plotly-plot").first.bounding_box()
+    assert abs(chart["y"] - both["y"]) <= 1, (chart, both)
     context.close()
 
 
