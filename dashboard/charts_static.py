@@ -8,11 +8,11 @@ with the Plotly chart; the browser draws the image as soon as its main thread ge
 (usually before Plotly's script has run), and `SWAP_CSS` hides it as soon as Plotly has
 drawn the interactive chart in the same container.
 
-The image goes out as Markdown image syntax with a data URI (`static_markdown`): Markdown is
-the one element whose script comes with Streamlit's own bundle, and image syntax needs neither
-``st.html``'s script chunk nor the HTML parser (``rehype-raw``) that Markdown loads for raw
-HTML. Those chunks are loaded lazily, six requests at a time, behind the chunks of every
-sidebar widget; the image needs no request at all.
+The image goes out as Markdown image syntax with a data URI (`static_markdown`): Markdown's
+element script comes with Streamlit's own bundle, and image syntax needs neither ``st.html``'s
+script chunk nor the HTML parser (``rehype-raw``) that Markdown loads for raw HTML. Those
+chunks are loaded lazily, six requests at a time, behind the chunks of every sidebar widget;
+the image needs no request at all.
 """
 
 from __future__ import annotations
