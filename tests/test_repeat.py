@@ -11,7 +11,7 @@ import transformers as tf
 from engine.graph.capture import capture_module
 from engine.graph.repeat import repeat_layers
 from engine.io.hf import HFSource, example_inputs_for
-from engine.stream import capture_layers
+from engine.stream import REPEATABLE_MODEL_TYPES, capture_layers
 
 
 def _meta(config):
@@ -97,3 +97,21 @@ def test_layers_that_differ_are_captured_whole():
     model = _meta(config)
     _, module, report = capture_layers(model, inputs, _source(config, model), torch.float32)
     assert module is not None and report["captured_layers"] == 2
+
+
+@pytest.mark.parametrize("model_type", sorted(REPEATABLE_MODEL_TYPES - {"llama"}))
+def test_every_model_type_allowed_to_repeat_equals_its_full_capture(model_type):
+    def config(layers):
+        return tf.AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=layers, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, vocab_size=50,
+                                       pad_token_id=0)
+
+    full = _meta(config(4))
+    inputs, names = example_inputs_for(full, None, None)
+    whole = capture_module(full, inputs, input_names=names).program.module()
+    two = capture_module(_meta(config(2)), inputs, input_names=names).program.module()
+    tensors = dict(full.named_parameters())
+    tensors.update(full.named_buffers())
+    built = repeat_layers(two, "model.layers", 4, tensors)
+    assert built is not None and _canonical(built) == _canonical(whole)
