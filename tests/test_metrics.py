@@ -176,6 +176,10 @@ class _EachProduct(nn.Module):
             return torch.matmul(x, torch.ones(6, 2))
         if self.op == "bmm":  # (3, 4, 6) x (3, 6, 7)
             return torch.bmm(x, torch.ones(3, 6, 7))
+        if self.op == "mm":  # (4, 6) x (6, 7)
+            return torch.mm(x[0], torch.ones(6, 7))
+        if self.op == "baddbmm":  # (3, 4, 7) + (3, 4, 6) x (3, 6, 7)
+            return torch.baddbmm(torch.zeros(3, 4, 7), x, torch.ones(3, 6, 7))
         if self.op == "addmm":  # (4, 6) x (6, 7) + (7,)
             return torch.addmm(torch.zeros(7), x[0], torch.ones(6, 7))
         if self.op == "conv":  # (1, 2, 5, 5) -> (1, 3, 5, 5), weight (3, 2, 3, 3)
@@ -192,6 +196,8 @@ PRODUCTS = {
     "linear": ((3, 4, 6), 2 * (3 * 4 * 5) * 6),
     "matmul": ((3, 4, 6), 2 * (3 * 4 * 2) * 6),
     "bmm": ((3, 4, 6), 2 * (3 * 4 * 7) * 6),
+    "mm": ((1, 4, 6), 2 * (4 * 7) * 6),
+    "baddbmm": ((3, 4, 6), 2 * (3 * 4 * 7) * 6),
     "addmm": ((1, 4, 6), 2 * (4 * 7) * 6),
     "conv": ((1, 2, 5, 5), 2 * (3 * 5 * 5) * (2 * 3 * 3)),  # per output: in x kernel
     "deconv": ((1, 3, 5, 5), 2 * (3 * 5 * 5) * (2 * 2 * 2)),  # per input: out x kernel
