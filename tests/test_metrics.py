@@ -188,6 +188,9 @@ class _EachProduct(nn.Module):
             return self.deconv(x)
         if self.op == "attention":  # q, k, v (2, 3, 4, 8)
             return torch.nn.functional.scaled_dot_product_attention(x, x * 2, x + 1)
+        if self.op == "masked attention":  # q (3, 4, 8), k (3, 5, 8), v (3, 5, 6), a mask
+            return torch.nn.functional.scaled_dot_product_attention(
+                x, torch.ones(3, 5, 8), torch.ones(3, 5, 6), attn_mask=torch.zeros(4, 5))
         raise AssertionError(self.op)
 
 
@@ -202,6 +205,7 @@ PRODUCTS = {
     "conv": ((1, 2, 5, 5), 2 * (3 * 5 * 5) * (2 * 3 * 3)),  # per output: in x kernel
     "deconv": ((1, 3, 5, 5), 2 * (3 * 5 * 5) * (2 * 2 * 2)),  # per input: out x kernel
     "attention": ((2, 3, 4, 8), 2 * (2 * 3) * 4 * 4 * (8 + 8)),  # q k^T, then times v
+    "masked attention": ((3, 4, 8), 2 * 3 * 4 * 5 * (8 + 6)),  # the mask adds no product
 }
 
 
@@ -214,6 +218,7 @@ def test_graph_flops_of_each_product_by_hand_and_as_torch_counts_them(op):
     x = torch.randn(*shape)
     program = torch.export.export(model, (x,))
     assert count_graph_flops(program.graph_module).flops == flops
-    # torch's FlopCounterMode agrees, except on attention, which its CPU kernel
-    # (_scaled_dot_product_flash_attention_for_cpu) is not registered for: it counts 0
+    # torch's FlopCounterMode agrees, except on unmasked attention, whose CPU kernel
+    # (_scaled_dot_product_flash_attention_for_cpu) it does not count: 0 (with a mask the
+    # CPU takes the math path of batched products, which it counts)
     assert count_flops(model, (x,)) == (0 if op == "attention" else flops)
