@@ -70,13 +70,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         by_unit.setdefault(unit_of(item.nodeid), []).append(item)
     timed = config.cache.get(SECONDS_KEY, {}) if config.cache is not None else {}
 
-    def files(unit: str) -> set[str]:
-        return {item.nodeid.split("::", 1)[0] for item in by_unit[unit]}
+    files = {unit: {item.nodeid.split("::", 1)[0] for item in tests}
+             for unit, tests in by_unit.items()}
+    all_timed = all(path in timed for paths in files.values() for path in paths)
 
     def heavy_first(unit: str) -> tuple:
+        if all_timed:
+            return (-sum(timed[path] for path in files[unit]),)
         tests = by_unit[unit]
-        if all(path in timed for unit_ in by_unit for path in files(unit_)):
-            return (-sum(timed[path] for path in files(unit)),)
         return (not any(t.get_closest_marker("slow") for t in tests), -len(tests))
 
     items[:] = [item for unit in sorted(by_unit, key=heavy_first) for item in by_unit[unit]]
