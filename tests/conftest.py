@@ -68,7 +68,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     by_unit: dict[str, list[pytest.Item]] = {}
     for item in items:
         by_unit.setdefault(unit_of(item.nodeid), []).append(item)
-    timed = config.cache.get(SECONDS_KEY, {}) if config.cache is not None else {}
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    timed = cache.get(SECONDS_KEY, {}) if cache is not None else {}
 
     files = {unit: {item.nodeid.split("::", 1)[0] for item in tests}
              for unit, tests in by_unit.items()}
@@ -98,12 +99,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     whole_files = not (config.option.keyword or config.option.markexpr
                        or any("::" in arg for arg in config.args))
-    if (hasattr(config, "workerinput") or config.cache is None or exitstatus != 0
-            or not whole_files):
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    if hasattr(config, "workerinput") or cache is None or exitstatus != 0 or not whole_files:
         return
-    timed = dict(config.cache.get(SECONDS_KEY, {}))
+    timed = dict(cache.get(SECONDS_KEY, {}))
     timed.update({path: round(s, 1) for path, s in _SECONDS.items()})
-    config.cache.set(SECONDS_KEY, timed)
+    cache.set(SECONDS_KEY, timed)
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
