@@ -27,6 +27,7 @@ BROWSER_FILES = (
     "tests/test_dashboard_ux_browser.py",
     "tests/test_dashboard_compare_browser.py",
 )
+BROWSER_UNIT = "browser files"
 # Seconds each file took in the last complete run here (pytest's cache, .pytest_cache/):
 # the next run hands out the longest work first.
 SECONDS_KEY = "prunescope/file_seconds"
@@ -35,7 +36,7 @@ SECONDS_KEY = "prunescope/file_seconds"
 def unit_of(nodeid: str) -> str:
     """The unit of work `--dist loadfile` hands to one worker: a file, or all browser files."""
     path = nodeid.split("::", 1)[0]
-    return "browser-files" if path in BROWSER_FILES else path
+    return BROWSER_UNIT if path in BROWSER_FILES else path
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -63,8 +64,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The longest units of work first, which is what keeps two workers busy to the end: by
     the seconds each file took last time where every file has been timed here, else files
-    with a test marked slow first, then by number of tests (most first). A file's tests stay
-    together and in their order (module fixtures and in-file sequences rely on that)."""
+    with a test marked slow first (the browser files first of all), then by number of tests
+    (most first). A file's tests stay together and in their order (module fixtures and
+    in-file sequences rely on that)."""
     by_unit: dict[str, list[pytest.Item]] = {}
     for item in items:
         by_unit.setdefault(unit_of(item.nodeid), []).append(item)
@@ -79,7 +81,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if all_timed:
             return (-sum(timed[path] for path in files[unit]),)
         tests = by_unit[unit]
-        return (not any(t.get_closest_marker("slow") for t in tests), -len(tests))
+        # untimed: the browser files are the largest unit by far
+        return (unit != BROWSER_UNIT, not any(t.get_closest_marker("slow") for t in tests),
+                -len(tests))
 
     items[:] = [item for unit in sorted(by_unit, key=heavy_first) for item in by_unit[unit]]
 
