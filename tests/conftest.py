@@ -47,6 +47,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.loadscopereorder = False
 
 
+def _timed(config: pytest.Config) -> dict[str, float]:
+    """The seconds per file of the last whole run; xdist workers get the controller's copy
+    (workers that read the cache themselves could see different versions, hence orders)."""
+    if hasattr(config, "workerinput"):
+        return config.workerinput.get(SECONDS_KEY, {})
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    return cache.get(SECONDS_KEY, {}) if cache is not None else {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    node.workerinput[SECONDS_KEY] = _timed(node.config)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """`--dist loadfile` with the browser files as one unit (unit_of)."""
@@ -70,9 +84,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     by_unit: dict[str, list[pytest.Item]] = {}
     for item in items:
         by_unit.setdefault(unit_of(item.nodeid), []).append(item)
-    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
-    timed = cache.get(SECONDS_KEY, {}) if cache is not None else {}
-
+    timed = _timed(config)
     files = {unit: {item.nodeid.split("::", 1)[0] for item in tests}
              for unit, tests in by_unit.items()}
     all_timed = all(path in timed for paths in files.values() for path in paths)
