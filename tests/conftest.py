@@ -168,8 +168,9 @@ def browser():
 @pytest.fixture(scope="session")
 def dashboard_server(tmp_path_factory):
     """`streamlit run dashboard/app.py` on a free loopback port, for the browser tests:
-    ``.url`` and ``.log`` (the server's stdout and stderr). One server per xdist worker,
-    shared by every browser test that needs no fresh one (a new page is a new Streamlit
+    ``.url`` and ``.log`` (the server's stdout and stderr). One server per process (with
+    xdist, the one worker that runs the browser files: BROWSER_FILES), shared by every
+    browser test that needs no fresh one (a new page is a new Streamlit
     session; starting a server and its first script run cost tens of CPU seconds). A test
     that reads the log reads its own part: ``log_mark()`` / ``log_since(mark)``."""
     from tests.helpers import start_dashboard, stop
