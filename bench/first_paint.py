@@ -31,7 +31,9 @@ from pathlib import Path
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, free_port, stop, wait_healthy
 
 CHART = ".js-plotly-plot .boxlayer"  # Plotly's score chart drawn
-FIRST_CHART = f".ps-static-chart, {CHART}"  # whichever score chart is on screen first
+# The static copy: a Markdown image (since 2026-12-06) or an `st.html` image (before).
+STATIC_CHART = ".st-key-ps_static_chart img, img.ps-static-chart"
+FIRST_CHART = f"{STATIC_CHART}, {CHART}"  # whichever score chart is on screen first
 VIEWPORT = {"width": 1440, "height": 900}
 
 
@@ -87,7 +89,8 @@ const mark = (k, css) => { if (!(k in window.__marks) && document.querySelector(
     window.__marks[k] = performance.now(); };
 new MutationObserver(() => {
   mark('app', '[data-testid=stApp]'); mark('tabs', '[role=tablist]');
-  mark('static chart', '.ps-static-chart'); mark('plotly element', '.js-plotly-plot');
+  mark('static chart', '.st-key-ps_static_chart img, img.ps-static-chart');
+  mark('plotly element', '.js-plotly-plot');
   mark('plotly chart', '.js-plotly-plot .boxlayer');
 }).observe(document, {subtree: true, childList: true, attributes: true});"""
 

@@ -67,14 +67,15 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def measured(cmd: list[str], cap: int, timeout: float = 3600) -> dict:
-    """Run `cmd` from the repository root with a watchdog; its seconds, peak RSS
-    (``ru_maxrss`` from ``os.wait4``: the largest of the process and its waited-for
-    descendants), exit status, stdout, stderr and, if it failed, an ``error`` line."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+def measured(cmd: list[str], cap: int, timeout: float = 3600, root: Path = REPO) -> dict:
+    """Run `cmd` from the repository root (or `root`, another checkout of it, whose code
+    it then runs) with a watchdog; its seconds, peak RSS (``ru_maxrss`` from ``os.wait4``:
+    the largest of the process and its waited-for descendants), exit status, stdout, stderr
+    and, if it failed, an ``error`` line."""
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     killed: list[str] = []
     seen = [0]

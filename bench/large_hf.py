@@ -15,7 +15,9 @@ Measured in the same run, each in a fresh subprocess:
 Peak RSS is the subprocess's ``ru_maxrss`` (``os.wait4``); a watchdog reads its resident
 memory every 0.2 s and kills it above the cap (available memory minus 3 GiB, at most 18 GiB;
 ``PRUNESCOPE_BENCH_RSS_CAP_GIB`` changes it). The folders are removed after the run unless
-``PRUNESCOPE_BENCH_KEEP=1``.
+``PRUNESCOPE_BENCH_KEEP=1``. ``PRUNESCOPE_BENCH_BASELINE=DIR`` also times the streamed prune of
+another checkout (DIR, e.g. ``git worktree add DIR main``) in the same run, just before this
+one's: a before/after pair against the same floor (7B-class folders only).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 from bench.common import Goal, Section, fmt_bytes, fmt_s, md_table, one_line, quiet
-from bench.isolated import cache_dir, default_cap, llama_config, measured
+from bench.isolated import available_memory, cache_dir, default_cap, llama_config, measured
 
 NAME = "large_hf"
 TITLE = "9b. Larger than memory: streamed prune of a 7B-class HF folder against its floor"
@@ -111,6 +113,18 @@ def _floor(src: Path, dst: Path) -> None:
     write_index(dst, weight_map, total)
 
 
+def _into_page_cache(folder: Path, model_bytes: int) -> None:
+    """Read the folder's files once (untimed) where they fit in the memory available, so
+    that each timed run starts from the same page cache: the streamed prune's writing pass
+    drops the input's pages (posix_fadvise), which would leave the next run reading the disk."""
+    if model_bytes + 2 * 2**30 > available_memory():
+        return
+    for path in sorted(folder.iterdir()):
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 * 2**20):
+                pass
+
+
 def _folder(name: str) -> tuple[Path, float]:
     path = cache_dir() / f"{name}-hf-bf16"
     if path.is_dir():
@@ -135,11 +149,19 @@ def measure(name: str, cap: int) -> dict:
     work.mkdir()
     try:
         py = sys.executable
+        _into_page_cache(src, model_bytes)
         out["floor"] = measured([py, "-m", "bench.large_hf", "--floor", str(src),
                                  str(work / "copy")], cap)
         shutil.rmtree(work / "copy", ignore_errors=True)  # disk: one copy at a time
-        out["prune"] = measured([py, "-m", "engine", "prune", str(src), "--uniform", "--ratio",
-                                 RATIO, "--stream", "--out", str(work / "pruned")], cap)
+        prune = [py, "-m", "engine", "prune", str(src), "--uniform", "--ratio", RATIO,
+                 "--stream", "--out"]
+        baseline = os.environ.get("PRUNESCOPE_BENCH_BASELINE")
+        if baseline and name != "14b":  # another checkout's prune, same run (before/after)
+            _into_page_cache(src, model_bytes)
+            out["baseline"] = measured([*prune, str(work / "before")], cap, root=Path(baseline))
+            shutil.rmtree(work / "before", ignore_errors=True)
+        _into_page_cache(src, model_bytes)
+        out["prune"] = measured([*prune, str(work / "pruned")], cap)
         report = work / "pruned" / "report.json"
         if report.exists():
             data = json.loads(report.read_text())
@@ -154,9 +176,9 @@ def measure(name: str, cap: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         if os.environ.get("PRUNESCOPE_BENCH_KEEP") != "1":
             shutil.rmtree(src, ignore_errors=True)
-    for key in ("floor", "prune"):
-        out[key].pop("stdout", None)
-        out[key].pop("stderr", None)
+    for key in ("floor", "prune", "baseline"):
+        out.get(key, {}).pop("stdout", None)
+        out.get(key, {}).pop("stderr", None)
     (cache_dir() / f"{name}-hf-last-run.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -194,6 +216,14 @@ def run(quick: bool = False) -> Section:
                                             f"expected: {v['exact_expected']})")
         rows.append((r["label"], f"{fmt_bytes(mb)} in {r['shards']} shards", params, *cells,
                      verified))
+        if "baseline" in r:
+            base = r["baseline"]
+            t = base.get("error") or fmt_s(base["seconds"])
+            if "error" not in base and floor_s:
+                t += f" ({base['seconds'] / floor_s:.2f}x floor)"
+            rows.append((f"the same, prune by `{os.environ['PRUNESCOPE_BENCH_BASELINE']}` "
+                         "(before)", "", "", "", "", t,
+                         f"{fmt_bytes(base['peak_rss'])} ({base['peak_rss'] / mb:.2f}x)", ""))
         label = "14B" if name == "14b" else ("7B" if name == "llama-2-7b" else "7B widths, 4L")
         if "error" in prune or floor_s is None:
             goals.append(Goal(NAME, f"{label} streamed prune", prune.get("error", "floor "
@@ -219,8 +249,10 @@ def run(quick: bool = False) -> Section:
         "hf/ written shard by shard, blocks verified one by one on the first 8 example tokens' "
         "embeddings. Floor = every stored tensor read and written again as the same shards. "
         "Each cell is one fresh subprocess; peak RSS is the whole process (Python, torch, "
-        f"transformers) from `ru_maxrss`. Watchdog cap {fmt_bytes(cap)}. The folders live in "
-        "the page cache as far as memory allows (this machine: less than two copies).",
+        f"transformers) from `ru_maxrss`. Watchdog cap {fmt_bytes(cap)}. Before each timed run "
+        "the input folder is read once, untimed, where it fits in the memory available (the "
+        "7B-class folder does, the 14B-class one does not): each starts from the same page "
+        "cache. The machine is shared: the load average below is part of the result.",
         md_table(["model", "weights", "params", "floor", "floor peak RSS (x model)",
                   "streamed prune", "peak RSS (x model)", "block verification"], rows),
         *stages,

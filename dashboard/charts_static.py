@@ -7,6 +7,12 @@ same chart, drawn from the same stats frame as `dashboard.charts.score_overview`
 with the Plotly chart; the browser draws the image as soon as its main thread gets to it
 (usually before Plotly's script has run), and `SWAP_CSS` hides it as soon as Plotly has
 drawn the interactive chart in the same container.
+
+The image goes out as Markdown image syntax with a data URI (`static_markdown`): Markdown's
+element script comes with Streamlit's own bundle, and image syntax needs neither ``st.html``'s
+script chunk nor the HTML parser (``rehype-raw``) that Markdown loads for raw HTML. Those
+chunks are loaded lazily, six requests at a time, behind the chunks of every sidebar widget;
+the image needs no request at all.
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ from dashboard.charts import ALL_COLOR, CUT_COLOR, KEPT_COLOR, PRUNED_COLOR
 from dashboard.frames import STAT_COLUMNS
 
 STATIC_CLASS = "ps-static-chart"
-# The Streamlit container (key) holding both charts; CSS hides the static one once the
-# Plotly chart beside it has drawn (Chromium, Firefox and Safari all support :has).
+# The Streamlit container (key) holding both charts, and the one inside it holding the static
+# copy; CSS hides the static one once the Plotly chart beside it has drawn (Chromium, Firefox
+# and Safari all support :has).
 CONTAINER_KEY = "ps_overview"
-SWAP_CSS = (
-    f"<style>.st-key-{CONTAINER_KEY}:has(.js-plotly-plot .main-svg) "
-    f"[data-testid='stElementContainer']:has(.{STATIC_CLASS}) {{display: none;}}</style>"
+STATIC_KEY = "ps_static_chart"
+SWAP_CSS = (  # the static copy's child of the charts' container, whatever Streamlit wraps it in
+    f"<style>.st-key-{CONTAINER_KEY}:has(.js-plotly-plot .main-svg) > "
+    f":is(.st-key-{STATIC_KEY}, :has(.st-key-{STATIC_KEY})) {{display: none;}}</style>"
 )
+STATIC_ALT = "Combined normalized score of every group (static copy)"
 PRELOAD_NOTE = "interactive chart loading…"
 
 _WIDTH = 1000
@@ -184,11 +193,9 @@ def score_overview_svg(stats: pd.DataFrame, threshold: float | None) -> str:
     return "".join(parts)
 
 
-def static_block(stats: pd.DataFrame, threshold: float | None) -> str:
-    """`score_overview_svg` as an ``<img>`` with a data URI, for ``st.html``: the browser
-    draws it without Markdown parsing (``st.markdown`` took seconds of a busy main thread on
-    a first visit) and ``st.html``'s sanitiser keeps an image where it drops inline SVG."""
+def static_markdown(stats: pd.DataFrame, threshold: float | None) -> str:
+    """`score_overview_svg` as a Markdown image with a data URI, for ``st.markdown`` without
+    ``unsafe_allow_html``: no HTML (which would load Markdown's lazily loaded HTML parser)
+    and no URL to request (the page's six connections are busy with script chunks)."""
     data = base64.b64encode(score_overview_svg(stats, threshold).encode()).decode()
-    return (f'<img class="{STATIC_CLASS}" src="data:image/svg+xml;base64,{data}" '
-            'alt="Combined normalized score of every group (static copy)" '
-            'style="width: 100%; height: auto;">')
+    return f"![{STATIC_ALT}](data:image/svg+xml;base64,{data})"

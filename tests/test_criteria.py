@@ -21,6 +21,7 @@ from engine.scoring.criteria import (
     nuclear_norm_scores,
     random_scores,
     weight_scores,
+    weight_scores_by_dim,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,3 +246,20 @@ def test_float64_weights_are_not_changed_by_scoring():
         for dim in (0, 1):
             weight_scores(w, dim, criterion)
     assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "gm"])
+def test_scores_of_several_dims_in_one_pass_equal_each_dim_alone(monkeypatch, dtype, criterion):
+    """weight_scores_by_dim (what the scoring of a model calls: one float64 pass over a
+    projection for its rows and its columns) gives weight_scores' values bit for bit, over
+    several chunks of rows."""
+    monkeypatch.setattr(criteria, "_NORM_CHUNK_ELEMENTS", 700)
+    g = torch.Generator().manual_seed(4)
+    for shape, dims in (((300, 70), [0, 1]), ((24, 3, 5, 5), [1, 0, -3]), ((40, 9), [1])):
+        w = (torch.randn(*shape, generator=g) * torch.rand(shape[0], *[1] * (len(shape) - 1),
+                                                             generator=g)).to(dtype)
+        got = weight_scores_by_dim(w, dims, criterion)
+        assert set(got) == set(dims)
+        for dim in dims:
+            assert np.array_equal(got[dim], weight_scores(w, dim, criterion)), (shape, dim)

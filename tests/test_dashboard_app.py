@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import urllib.request
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,6 +121,23 @@ def test_opens_on_the_demo_with_scores_drawn():
     assert at.selectbox(key="opt_reshape_channel_axis").value == defaults.reshape_channel_axis
     assert at.number_input(key="opt_step_size").value == defaults.step_size
     assert at.selectbox(key="opt_step_op").value == defaults.step_op
+
+
+def test_the_static_score_chart_is_a_markdown_image_of_the_plan():
+    """The Scores tab's static copy of the overview is plain Markdown (image syntax, a data
+    URI, no HTML: the browser draws it without a lazily loaded script chunk) showing the
+    engine's plan: one box per group and kept/pruned subset, with its channel count."""
+    at = open_app(TIMEOUT)
+    static = [m for m in at.markdown if m.value.startswith("![")]
+    assert len(static) == 1
+    assert not static[0].proto.allow_html
+    svg = base64.b64decode(static[0].value.split(";base64,", 1)[1].removesuffix(")"))
+    root = ET.fromstring(svg)
+    titles = sorted(t.text for t in root.iter("{http://www.w3.org/2000/svg}title"))
+    expected = _expected_plan(at, PruningOptions(), 0.5)
+    assert titles == sorted(f"{g.name} {subset}: {n} channels" for g in expected.groups
+                            for subset, n in (("kept", g.kept.size), ("pruned", g.pruned.size))
+                            if n)
 
 
 # ----------------------------------------------------------------------------- caching

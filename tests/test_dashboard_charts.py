@@ -283,6 +283,24 @@ def test_static_overview_escapes_names_and_refuses_a_short_frame():
         charts_static.score_overview_svg(hostile.drop(columns=["q1"]), None)
 
 
+def test_static_overview_goes_out_as_a_markdown_image_without_html(stats):
+    """Markdown image syntax with the SVG as a data URI: no raw HTML (Markdown would load its
+    HTML parser, a lazily loaded script, first) and no URL to request."""
+    import base64
+    import re
+
+    from dashboard import charts_static
+
+    text = charts_static.static_markdown(stats, 0.25)
+    found = re.fullmatch(r"!\[([^\]]+)\]\(data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", text)
+    assert found, text[:120]
+    assert "<" not in text
+    root = _svg(base64.b64decode(found.group(2)).decode())
+    ns = "{http://www.w3.org/2000/svg}"
+    labels = [t.text for t in root.iter(f"{ns}text") if t.text in set(stats["group"])]
+    assert labels == ["zeta.stem", "mid.block", "alpha.conv"]
+
+
 def test_nice_ticks_cover_the_range_with_round_steps():
     from dashboard.charts_static import nice_ticks
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import engine
 from engine.quality.metrics import count_graph_flops, graph_flops, model_metrics
+from engine.stream import report_sizes
 
 
 class SpanSlice(nn.Module):
@@ -73,3 +74,13 @@ def test_prune_reports_what_the_flops_leave_out():
     assert len(before["flops_uncounted"]) == 1
     # inner/out lost channels: fewer FLOPs over the same counted operations
     assert 0 < after["flops"] < before["flops"]
+
+
+def test_the_streamed_report_leaves_out_what_the_normal_one_does():
+    """engine/stream.py's before/after sizes count the same operations as the normal path's
+    report: the span linear, uncounted in the original, stays out of the pruned count."""
+    torch.manual_seed(0)
+    result = engine.prune(SpanSlice().eval(), (torch.full((1, 8), 3.0),), ratio=0.5)
+    before, after = report_sizes(result.analysis.gm, result.module, 1)
+    assert (before, after) == (result.report["before"], result.report["after"])
+    assert after["flops_uncounted"] == before["flops_uncounted"]

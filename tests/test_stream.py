@@ -103,6 +103,12 @@ def test_report_sizes_and_block_verification(pruned, tmp_path):
     assert saved["mode"] == "streamed"
     normal = json.loads((stream.parent / "normal" / "report.json").read_text())
     assert saved["before"] == normal["before"] and saved["after"] == normal["after"]
+    # layer 1 of a 2-layer capture repeated onto layer 2 (engine/graph/repeat.py) gives the
+    # normal path's plan, captured with all layers
+    assert saved["capture"] == {"layers": 3, "captured_layers": 2,
+                                "repeated_from": "model.layers.1"}
+    assert [(g["name"], g["kept"], g["pruned"]) for g in saved["groups"]] == [
+        (g["name"], g["kept"], g["pruned"]) for g in normal["groups"]]
     assert saved["after"]["params"] < 0.75 * saved["before"]["params"]
     v = saved["verification"]
     assert v["blocks"] == 3 and [b["block"] for b in v["per_block"]] == [0, 1, 2]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.transform import apply
 from engine.transform.apply import take
 
 
@@ -39,3 +40,32 @@ def test_take_refuses_an_index_out_of_range_like_index_select() -> None:
     for bad in ([0, 4], [-1, 0]):
         with pytest.raises((IndexError, RuntimeError)):
             take(w, 1, np.array(bad))
+
+
+@pytest.mark.parametrize("order", ["rows first", "columns first"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_slice_tensor_of_rows_and_columns_equals_index_select(monkeypatch, order, dtype):
+    """The chunked, threaded cut of a weight's rows and columns (engine/stream.py's writer
+    cuts every projection with it): small chunks and parts force several of each."""
+    monkeypatch.setattr(apply, "_CHUNK_BYTES", 3 * 37 * 2)  # 3 rows of 37 bf16 per chunk
+    monkeypatch.setattr(apply, "_PARALLEL_BYTES", 64)
+    monkeypatch.setattr(apply, "_CUT_THREADS", 3)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(29, 37, generator=g).to(dtype)
+    rows = np.array([0, 1, 2, 5, 8, 9, 10, 11, 20, 27, 28])
+    columns = np.array([1, 3, 4, 5, 17, 30, 36])
+    gathers = ((0, rows), (1, columns))
+    how = apply.ParamSlice(gathers if order == "rows first" else gathers[::-1])
+    want = w.index_select(0, torch.as_tensor(rows)).index_select(1, torch.as_tensor(columns))
+    got = apply.slice_tensor(w, how)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got, want)
+    for dim, index in gathers:  # one dim only, in parts
+        one = apply.slice_tensor(w, apply.ParamSlice(((dim - 2, index),)))
+        assert torch.equal(one, w.index_select(dim, torch.as_tensor(index)))
+
+
+def test_a_cut_out_of_range_raises_rather_than_clipping():
+    w = torch.zeros(6, 5, dtype=torch.bfloat16)
+    with pytest.raises((IndexError, RuntimeError)):
+        apply.slice_tensor(w, apply.ParamSlice(((0, np.array([0, 6])), (1, np.array([0, 1])))))

@@ -49,9 +49,11 @@ def scores_overview(model: state.LoadedModel, plan: Any, options: PruningOptions
     fig = cached_figure("score_overview", stats, plan.threshold)
     st.html(charts_static.SWAP_CSS)
     with st.container(key=charts_static.CONTAINER_KEY):
-        # The static copy paints at once; Plotly's chart replaces it once its script has
-        # loaded (seconds in a browser's first visit): see dashboard/charts_static.py.
-        st.html(charts_static.static_block(stats, plan.threshold))
+        # The static copy paints at once (Markdown: no script chunk to wait for); Plotly's
+        # chart replaces it once its script has loaded (seconds in a browser's first visit):
+        # see dashboard/charts_static.py.
+        with st.container(key=charts_static.STATIC_KEY):
+            st.markdown(charts_static.static_markdown(stats, plan.threshold))
         st.plotly_chart(fig, key="chart_overview", width="stretch")
     crossing = crossing_note(*frames.cut_crossings(plan), options)
     if crossing:

@@ -29,7 +29,11 @@ from engine.io.hf_config import (
 )
 from engine.options import CRITERIA, CRITERIA_NEEDING_DATA, PruningOptions
 from engine.scoring.calibration import DEFAULT_SAMPLES, as_calibration
-from engine.scoring.criteria import nuclear_norm_scores, random_scores, weight_scores
+from engine.scoring.criteria import (
+    nuclear_norm_scores,
+    random_scores,
+    weight_scores_by_dim,
+)
 from engine.scoring.data_aware import DATA_CRITERIA, DataAwareScorer
 from engine.scoring.planning import GroupInput, Plan, make_plan
 from engine.scoring.uniform import keep_contiguous, uniform_plan
@@ -38,14 +42,20 @@ from engine.threads import TORCH_EXPORT_LOCK, exclusive, one_torch_thread
 
 class Analysis:
     def __init__(self, captured: Captured,
-                 weights: Callable[[str], torch.Tensor] | None = None) -> None:
+                 weights: Callable[[str], torch.Tensor] | None = None,
+                 module: fx.GraphModule | None = None) -> None:
         """`weights`: where the parameters' values come from when the captured model holds
         them on the meta device (a streamed prune reads them from the safetensors shards,
-        one at a time, and checks each one for NaN as it is read)."""
+        one at a time, and checks each one for NaN as it is read). `module`: the graph to
+        analyse where it is not the captured program's own (a streamed prune repeats the
+        layers of a 2-layer capture: engine/graph/repeat.py)."""
         self.captured = captured
-        # unlifting traces through torch.fx global state
-        with TORCH_EXPORT_LOCK, lazy_recompiles():
-            self.gm: fx.GraphModule = captured.program.module()
+        if module is not None:
+            self.gm: fx.GraphModule = module
+        else:
+            # unlifting traces through torch.fx global state
+            with TORCH_EXPORT_LOCK, lazy_recompiles():
+                self.gm = captured.program.module()
         self.released = False  # True once a prune gave the original weights up (apply)
         self.weights = weights
         if weights is None:
@@ -298,7 +308,8 @@ def _weight_scorer(analysis: Analysis, criterion: str, _calibration: Any, _seed:
         # the weight (a separate NaN pass over a streamed model's weights costs about as much
         # as the scoring); where one is not, the weight itself is checked
         weight = analysis.param(name, check_finite=False)
-        scores = {(name, dim): weight_scores(weight, dim, criterion) for dim in dims}
+        scores = {(name, dim): scores for dim, scores in
+                  weight_scores_by_dim(weight, dims, criterion).items()}
         if not all(np.isfinite(s).all() for s in scores.values()):
             analysis.check_weight_finite(name, weight)
         return scores

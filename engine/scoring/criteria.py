@@ -29,6 +29,7 @@ __all__ = [
     "nuclear_norm_scores",
     "random_scores",
     "weight_scores",
+    "weight_scores_by_dim",
 ]
 
 # nuclear_norm (the spec) and the data-aware criteria (engine.options.CRITERION_TABLE)
@@ -100,6 +101,46 @@ def weight_scores(weight: torch.Tensor, out_dim: int, criterion: str) -> np.ndar
             chunk = buffer[: rows * d].view(rows, d).copy_(w[start : start + rows])
             out[start : start + rows] = torch.linalg.vector_norm(chunk, ord=ord_, dim=1).numpy()
         return out
+
+
+def weight_scores_by_dim(weight: torch.Tensor, dims: list[int],
+                         criterion: str) -> dict[int, np.ndarray]:
+    """``{dim: weight_scores(weight, dim, criterion)}`` for each of `dims`, with the same
+    values bit for bit. Where l1/l2 scores both the first dim and others (a projection
+    scored by its outputs and its inputs), one pass over the weight gives all of them: each
+    chunk of rows is converted to float64 once, normed by rows, then squared (or made
+    absolute) in place and summed into the other dims' totals, in the order
+    `_norms_across` sums them (converting once halves the scoring of a streamed 7B model)."""
+    w = _checked(weight, dims[0] if dims else 0)
+    nd = w.dim()
+    firsts = [d for d in dims if d % max(1, nd) == 0]
+    others = sorted({d % nd for d in dims if d % max(1, nd) != 0})
+    if criterion not in ("l1", "l2") or not firsts or not others or nd < 2:
+        return {d: weight_scores(weight, d, criterion) for d in dims}
+    ord_ = 2 if criterion == "l2" else 1
+    n, d = w.shape[0], math.prod(w.shape[1:])
+    rows_out = np.empty(n, dtype=np.float64)
+    totals = {o: torch.zeros(w.shape[o], dtype=torch.float64) for o in others}
+    sum_over = {o: tuple(k for k in range(nd) if k != o) for o in others}
+    step = max(1, _NORM_CHUNK_ELEMENTS // max(1, d))
+    with one_torch_thread():
+        buffer = torch.empty((min(step, n), *w.shape[1:]), dtype=torch.float64)
+        for start in range(0, n, step):
+            rows = min(step, n - start)
+            chunk = buffer[:rows].copy_(w[start : start + rows])
+            rows_out[start : start + rows] = torch.linalg.vector_norm(
+                chunk.view(rows, d), ord=ord_, dim=1).numpy()
+            chunk = chunk.abs_() if criterion == "l1" else chunk.square_()
+            for o in others:
+                totals[o] += chunk.sum(dim=sum_over[o])
+    out: dict[int, np.ndarray] = {}
+    for dim in dims:
+        if dim % nd == 0:
+            out[dim] = rows_out
+        else:
+            total = totals[dim % nd]
+            out[dim] = (total.sqrt() if criterion == "l2" else total).numpy()
+    return out
 
 
 def _norms_across(w: torch.Tensor, out_dim: int, criterion: str) -> np.ndarray:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import threading
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,9 +52,18 @@ class ParamSlice:
 
 def slice_tensor(data: torch.Tensor, how: ParamSlice) -> torch.Tensor:
     """`data` cut as `how` says (a new tensor, or `data` itself where nothing is cut)."""
-    for dim, index in how.gathers:
-        if not (len(index) == data.shape[dim] and
-                np.array_equal(index, np.arange(data.shape[dim]))):
+    cuts = [(dim % data.dim(), np.asarray(index, dtype=np.int64)) for dim, index in how.gathers
+            if not (len(index) == data.shape[dim] and
+                    np.array_equal(index, np.arange(data.shape[dim])))]
+    # whole rows (dim 0) first: the cheapest cut (contiguous copies), and it shrinks what the
+    # others go through; a stable sort keeps two cuts of one dim in their order
+    cuts.sort(key=lambda cut: cut[0])
+    if ([dim for dim, _ in cuts] == [0, 1] and data.dim() == 2 and data.device.type == "cpu"
+            and _BITS_AS.get(data.dtype) is not None and not data.requires_grad
+            and all(_in_range(index, data.shape[dim]) for dim, index in cuts)):
+        data = _take_rows_and_columns(data, cuts[0][1], cuts[1][1])
+    else:
+        for dim, index in cuts:
             data = take(data, dim, index)
     if how.grouped is not None:
         data = _gather_grouped(data, list(how.grouped))
@@ -127,19 +139,87 @@ def _slice_params(new: fx.GraphModule, tracer: Tracer,
 _BITS_AS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
+# A big cut is shared among a few threads (numpy's take releases the GIL), each copying its
+# own range of the result's rows; below this many bytes one thread does it all.
+_PARALLEL_BYTES = 8 << 20
+_CUT_THREADS = max(1, min(4, os.cpu_count() or 1))
+# A cut of rows and columns goes through the kept rows this many bytes at a time: gathered
+# into a small buffer that stays in the CPU cache, then their kept columns into the result,
+# instead of through a full-size intermediate in fresh memory (its page faults cost as much
+# as the copy itself: 11008 x 4096 bf16 cut to 70% both ways, 72 ms against 29 ms).
+_CHUNK_BYTES = 1 << 20
+_cut_pool: ThreadPoolExecutor | None = None
+_cut_pool_lock = threading.Lock()
+
+
 def take(data: torch.Tensor, dim: int, index: np.ndarray) -> torch.Tensor:
     """``data.index_select(dim, index)`` (a new contiguous tensor)."""
     bits = _BITS_AS.get(data.dtype)
     index = np.asarray(index, dtype=np.int64)
-    if bits is None or data.device.type != "cpu" or data.requires_grad or (
-            len(index) and not 0 <= int(index.min()) <= int(index.max()) < data.shape[dim]):
+    dim %= max(1, data.dim())
+    if bits is None or data.device.type != "cpu" or data.requires_grad or not _in_range(
+            index, data.shape[dim]):
         return data.index_select(dim, torch.as_tensor(index, dtype=torch.long))
     shape = list(data.shape)
     shape[dim] = len(index)
     out = torch.empty(shape, dtype=data.dtype)
-    # mode="clip" writes straight into `out` (the indices were checked above)
-    np.take(data.view(bits).numpy(), index, axis=dim, out=out.view(bits).numpy(), mode="clip")
+    source, target = data.view(bits).numpy(), out.view(bits).numpy()
+
+    # mode="clip" writes straight into `target` (the indices were checked above)
+    def rows(start: int, stop: int) -> None:
+        if dim == 0:
+            np.take(source, index[start:stop], axis=0, out=target[start:stop], mode="clip")
+        else:
+            np.take(source[start:stop], index, axis=dim, out=target[start:stop], mode="clip")
+
+    _in_parts(rows, target.shape[0] if target.ndim else 0, target.nbytes)
     return out
+
+
+def _in_range(index: np.ndarray, size: int) -> bool:
+    return not len(index) or 0 <= int(index.min()) <= int(index.max()) < size
+
+
+def _take_rows_and_columns(data: torch.Tensor, rows: np.ndarray,
+                           columns: np.ndarray) -> torch.Tensor:
+    """``data[rows][:, columns]`` of a 2-D half-precision CPU tensor, bit for bit."""
+    bits = _BITS_AS[data.dtype]
+    out = torch.empty((len(rows), len(columns)), dtype=data.dtype)
+    source, target = data.view(bits).numpy(), out.view(bits).numpy()
+    step = max(1, _CHUNK_BYTES // max(1, source.shape[1] * source.itemsize))
+
+    def part(start: int, stop: int) -> None:
+        buffer = np.empty((min(step, stop - start), source.shape[1]), dtype=source.dtype)
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            chunk = buffer[: last - first]
+            np.take(source, rows[first:last], axis=0, out=chunk, mode="clip")
+            np.take(chunk, columns, axis=1, out=target[first:last], mode="clip")
+
+    _in_parts(part, len(rows), target.nbytes)
+    return out
+
+
+def _in_parts(work: Callable[[int, int], None], count: int, nbytes: int) -> None:
+    """`work(start, stop)` over ``range(count)``: in one call where small, else in one range
+    per cut thread, run side by side."""
+    parts = _CUT_THREADS if nbytes >= _PARALLEL_BYTES else 1
+    parts = min(parts, count)
+    if parts <= 1:
+        work(0, count)
+        return
+    bounds = np.linspace(0, count, parts + 1).astype(int)
+    futures = [_pool().submit(work, int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
+    for future in futures:
+        future.result()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _cut_pool
+    with _cut_pool_lock:
+        if _cut_pool is None:
+            _cut_pool = ThreadPoolExecutor(_CUT_THREADS, thread_name_prefix="prunescope-cut")
+        return _cut_pool
 
 
 def _resize_param_views(gm: fx.GraphModule, tracer: Tracer) -> None:
