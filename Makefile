@@ -48,8 +48,9 @@ run: $(VENV)/.stamp-run
 	fi
 
 # Two workers, whole files each (module fixtures are built once); tests/conftest.py hands out
-# the files with slow tests first and turns xdist's own reordering off, so that both workers
-# stay busy to the end. The browser tests share one Streamlit server per worker.
+# the longest files first (by their seconds in the last whole run, kept in .pytest_cache/)
+# and turns xdist's own reordering off, so that both workers stay busy to the end. The
+# browser files go to one worker as one unit: one Streamlit server and one Chromium.
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -178,9 +178,9 @@ def test_resnet_folder_with_uniform_shrinks_stage_widths_and_bottlenecks(folders
 
 
 def test_plan_that_is_not_uniform_needs_uniform_for_hf(tmp_path, capfd):
-    folder = tmp_path / "llama4"
-    torch.manual_seed(1)
-    tf.LlamaForCausalLM(_llama_config(layers=4)).save_pretrained(folder)
+    folder = tmp_path / "llama3"
+    torch.manual_seed(1)  # 3 layers (2 would be cut equally here): three prunes, each cheaper
+    tf.LlamaForCausalLM(_llama_config(layers=3)).save_pretrained(folder)
     out = tmp_path / "out"
     rc, _, err = cli(capfd, "prune", folder, "--ratio", "0.5", "--reshape-channel-axis", "-2",
                      "--no-onnx", "--out", out)
