@@ -160,13 +160,13 @@ def test_server_warm_up_leaves_the_first_session_nothing_to_load(monkeypatch):
 
 def test_norm_policy_ratio_changes_do_not_recompute_raw_scores(monkeypatch):
     calls = []
-    real = engine.scoring.analysis.weight_scores
+    real = engine.scoring.analysis.weight_scores_by_dim
 
     def counting(*args, **kwargs):
         calls.append(args[2] if len(args) > 2 else kwargs.get("criterion"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.scoring.analysis, "weight_scores", counting)
+    monkeypatch.setattr(engine.scoring.analysis, "weight_scores_by_dim", counting)
     # the demo's analysis is shared by every session of the process (an earlier test may
     # have scored it already): start from a fresh one so that its first scoring is counted
     clear_shared_models()
