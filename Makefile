@@ -47,13 +47,16 @@ run: $(VENV)/.stamp-run
 		$(VENV)/bin/prunescope prune demo --ratio 0.5 --out out/demo; \
 	fi
 
-# Two workers, whole files each (module fixtures are built once); tests/conftest.py hands out
-# the longest files first (by their seconds in the last whole run, kept in .pytest_cache/)
-# and turns xdist's own reordering off, so that both workers stay busy to the end. The
-# browser files go to one worker as one unit: one Streamlit server and one Chromium.
+# Three workers on two cores, whole files each (module fixtures are built once): the browser
+# and subprocess tests spend part of their time waiting on Chromium, Streamlit and child
+# processes, and a third worker fills those waits (quiet 2-core machine: 518 s with three,
+# 565 s with two). tests/conftest.py hands out the longest files first (by their seconds in
+# the last whole run, kept in .pytest_cache/) and turns xdist's own reordering off, so that
+# every worker stays busy to the end. The browser files go to one worker as one unit: one
+# Streamlit server and one Chromium.
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile
 
 bench: $(VENV)/.stamp-bench
 	$(PY) -m bench

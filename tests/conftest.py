@@ -76,7 +76,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest units of work first, which is what keeps two workers busy to the end: by
+    """The longest units of work first, which is what keeps every worker busy to the end: by
     the seconds each file took last time where every file has been timed here, else files
     with a test marked slow first (the browser files first of all), then by number of tests
     (most first). A file's tests stay together and in their order (module fixtures and
@@ -124,7 +124,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two workers on two cores: one torch thread each, not two competing
+    # `make test` runs three workers on two cores: one torch thread each, not several competing
     torch.set_num_threads(1)
 
 
