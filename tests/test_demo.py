@@ -93,7 +93,7 @@ def test_training_script_reproduces_the_demo(tmp_path: Path) -> None:
     spec.loader.exec_module(script)
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     try:
-        # one torch thread: `make test` runs two workers on two cores
+        # one torch thread: `make test` runs three workers on two cores
         rc = script.main(["--out", str(tmp_path), "--threads", "1",
                           "--epochs", str(SHORT_EPOCHS)])
     finally:
