@@ -47,15 +47,20 @@ def _canonical(gm: torch.fx.GraphModule) -> list[tuple]:
     return out
 
 
-@pytest.fixture(scope="module")
-def captures():
-    full = _meta(_llama(4))
+def _four_and_two(config_with) -> tuple:
+    """The captures of 4 layers and of 2 layers of one config, and the 4-layer tensors."""
+    full = _meta(config_with(4))
     inputs, names = example_inputs_for(full, None, None)
     whole = capture_module(full, inputs, input_names=names).program.module()
-    two = capture_module(_meta(_llama(2)), inputs, input_names=names).program.module()
+    two = capture_module(_meta(config_with(2)), inputs, input_names=names).program.module()
     tensors = dict(full.named_parameters())
     tensors.update(full.named_buffers())
     return whole, two, tensors
+
+
+@pytest.fixture(scope="module")
+def captures():
+    return _four_and_two(_llama)
 
 
 def test_two_layers_repeated_equal_the_capture_of_all_four(captures):
@@ -107,11 +112,6 @@ def test_every_model_type_allowed_to_repeat_equals_its_full_capture(model_type):
                                        num_key_value_heads=2, head_dim=8, vocab_size=50,
                                        pad_token_id=0)
 
-    full = _meta(config(4))
-    inputs, names = example_inputs_for(full, None, None)
-    whole = capture_module(full, inputs, input_names=names).program.module()
-    two = capture_module(_meta(config(2)), inputs, input_names=names).program.module()
-    tensors = dict(full.named_parameters())
-    tensors.update(full.named_buffers())
+    whole, two, tensors = _four_and_two(config)
     built = repeat_layers(two, "model.layers", 4, tensors)
     assert built is not None and _canonical(built) == _canonical(whole)
