@@ -38,6 +38,13 @@ def _inputs(*shape: int, seed: int = 5) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _three_linears() -> nn.Sequential:
+    """4 -> 8 -> 6 -> 3 with ReLUs, seeded: the middle layer can lose inputs and outputs."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
+                         nn.Linear(6, 3)).eval()
+
+
 def _params(module) -> dict[str, np.ndarray]:
     return {k: v.detach().double().numpy() for k, v in module.named_parameters()}
 
@@ -374,9 +381,7 @@ def test_lsq_refits_a_bias_free_linear_layer_on_token_rows():
 def test_lsq_refits_a_layer_that_lost_inputs_and_outputs_to_its_kept_outputs():
     """The middle layer of three loses inputs and outputs: it is fitted (numpy) to the
     original's outputs on the channels it keeps, from the pruned inputs."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
-                          nn.Linear(6, 3)).eval()
+    model = _three_linears()
     x = _inputs(200, 4)
     result, recovered = _prune_and_recover(model, x, {"0": [1, 6], "2": [0, 4]}, "lsq")
     assert recovered.report["recovery"]["layers"]["lsq"] == ["2", "4"]
@@ -620,9 +625,7 @@ def test_norm_refits_only_the_layer_norm_that_lost_channels():
 def test_bias_corrects_a_layer_that_lost_inputs_and_outputs():
     """The middle layer loses inputs and outputs: its kept outputs' bias moves by
     W[kept, removed] @ mean(h[removed])."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
-                          nn.Linear(6, 3)).eval()
+    model = _three_linears()
     x = _inputs(100, 4)
     _, recovered = _prune_and_recover(model, x, {"0": [1, 6], "2": [0, 4]}, "bias")
     assert recovered.report["recovery"]["layers"]["bias"] == ["2", "4"]
