@@ -244,6 +244,14 @@ def _layer_norm_by_hand(h: torch.Tensor, dims: tuple[int, ...], eps: float) -> t
     return (h - mean) / torch.sqrt(var + eps)
 
 
+def _normed_kept(h: torch.Tensor, kept: list[int], eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(z_kept, z_full): the kept features of (samples, tokens, features) normalised over the
+    kept features only, and over all of them (what the pruned and the original norm see)."""
+    z_full = _layer_norm_by_hand(h, (2,), eps)[..., kept].reshape(-1, len(kept)).numpy()
+    z_kept = _layer_norm_by_hand(h[..., kept], (2,), eps).reshape(-1, len(kept)).numpy()
+    return z_kept, z_full
+
+
 def test_norm_refits_a_layer_norm_with_its_own_eps_on_token_rows():
     """LayerNorm(6, eps 0.1) over the features of (samples, tokens, features), activations
     small enough for eps to count: one fit per kept feature over every token's row."""
@@ -261,8 +269,7 @@ def test_norm_refits_a_layer_norm_with_its_own_eps_on_token_rows():
     kept = [1, 2, 3, 5]
     with torch.no_grad():
         h = model[0](x).double()
-    z_full = _layer_norm_by_hand(h, (2,), 0.1)[..., kept].reshape(-1, 4).numpy()
-    z_kept = _layer_norm_by_hand(h[..., kept], (2,), 0.1).reshape(-1, 4).numpy()
+    z_kept, z_full = _normed_kept(h, kept, 0.1)
     slope, shift = _affine_fits(z_kept, z_full)
     w0 = model[1].weight.detach().double().numpy()[kept]
     b0 = model[1].bias.detach().double().numpy()[kept]
@@ -285,8 +292,7 @@ def test_norm_adds_the_bias_a_layer_norm_without_one_needs():
     kept = [0, 1, 4, 5]
     with torch.no_grad():
         h = model[0](x).double()
-    z_full = _layer_norm_by_hand(h, (2,), 1e-5)[..., kept].reshape(-1, 4).numpy()
-    z_kept = _layer_norm_by_hand(h[..., kept], (2,), 1e-5).reshape(-1, 4).numpy()
+    z_kept, z_full = _normed_kept(h, kept, 1e-5)
     slope, shift = _affine_fits(z_kept, z_full)
     assert not np.allclose(shift, 0.0, atol=1e-3)
     w0 = model[1].weight.detach().double().numpy()[kept]
@@ -988,8 +994,7 @@ def test_norm_refits_scale_only_where_no_bias_may_be_added(has_bias):
     kept = [0, 1, 4, 5]
     with torch.no_grad():
         h = model.blk[0](x).double()
-    z_full = _layer_norm_by_hand(h, (2,), 1e-5)[..., kept].reshape(-1, 4).numpy()
-    z_kept = _layer_norm_by_hand(h[..., kept], (2,), 1e-5).reshape(-1, 4).numpy()
+    z_kept, z_full = _normed_kept(h, kept, 1e-5)
     w0 = model.blk[1].weight.detach().double().numpy()[kept]
     got = _params(ctx.pruned)
     if has_bias:
