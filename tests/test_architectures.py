@@ -30,11 +30,38 @@ def _removed(report) -> float:
     return 1 - report["after"]["params"] / report["before"]["params"]
 
 
+@pytest.fixture(scope="module")
+def captured():
+    """One capture per architecture, shared by the tests that prune it (a prune copies what
+    it cuts: the shared analysis stays the original's)."""
+    cache: dict = {}
+
+    def get(name: str) -> engine.Analysis:
+        if name not in cache:
+            cache[name] = engine.analyze(*build_architecture(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def half(captured):
+    """The default prune at ratio 0.5 of an architecture, once: several tests read it, each
+    for its own aspect."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = engine.prune(captured(name), ratio=0.5)
+        return cache[name]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAST)
-def test_architecture_prunes_verifies_and_explains(name):
-    model, inputs = build_architecture(name)
-    result = engine.prune(model, inputs, ratio=0.5)
+def test_architecture_prunes_verifies_and_explains(name, half):
+    result = half(name)
     report = result.report
     verification = report["verification"]
     assert verification["output_shapes_match"]
@@ -49,9 +76,8 @@ def test_architecture_prunes_verifies_and_explains(name):
 
 
 @pytest.mark.slow
-def test_bit_standardised_convs_are_pruned():
-    model, inputs = build_architecture("BiT (weight standardisation)")
-    result = engine.prune(model, inputs, ratio=0.5)
+def test_bit_standardised_convs_are_pruned(half):
+    result = half("BiT (weight standardisation)")
     before = {k: tuple(v.shape) for k, v in result.analysis.gm.state_dict().items()}
     after = {k: tuple(v.shape) for k, v in result.module.state_dict().items()}
     convs = [k for k in before if k.endswith(".weight") and len(before[k]) == 4]
@@ -63,10 +89,9 @@ def test_bit_standardised_convs_are_pruned():
 
 
 @pytest.mark.slow
-def test_swin_exports_to_onnx_after_pruning(tmp_path):
+def test_swin_exports_to_onnx_after_pruning(tmp_path, half):
     """The shifted-window model used to fail its ONNX export ("Cannot view a tensor ...")."""
-    model, inputs = build_architecture("Swin")
-    result = engine.prune(model, inputs, ratio=0.5)
+    result = half("Swin")
     assert _removed(result.report) >= 0.3, "the hidden stream is pruned despite the padding"
     assert "aten.roll.default" not in result.report["unsupported_ops"]
     paths = engine.save(result, tmp_path)
@@ -75,9 +100,8 @@ def test_swin_exports_to_onnx_after_pruning(tmp_path):
 
 
 @pytest.mark.slow
-def test_swin_whole_heads_slice_the_bias_tables():
-    model, inputs = build_architecture("Swin")
-    result = engine.prune(model, inputs, engine.PruningOptions(reshape_channel_axis=-2),
+def test_swin_whole_heads_slice_the_bias_tables(captured):
+    result = engine.prune(captured("Swin"), None, engine.PruningOptions(reshape_channel_axis=-2),
                           ratio=0.5)
     after = {k: tuple(v.shape) for k, v in result.module.state_dict().items()}
     before = {k: tuple(v.shape) for k, v in result.analysis.gm.state_dict().items()}
@@ -98,9 +122,9 @@ def _all_small_models():
 
 @pytest.mark.parametrize(("label", "factory"), list(_all_small_models()))
 def test_every_layer_is_pruned_or_explained(label, factory):
-    model, inputs = factory()
+    analysis = engine.analyze(*factory())  # one capture, pruned along both axes
     for axis in (-1, -2):
-        result = engine.prune(model, inputs, engine.PruningOptions(reshape_channel_axis=axis),
+        result = engine.prune(analysis, None, engine.PruningOptions(reshape_channel_axis=axis),
                               ratio=0.5)
         assert unexplained_layers(result) == [], (label, axis)
 
@@ -122,12 +146,11 @@ def test_an_unexplained_layer_would_be_caught():
 
 
 @pytest.mark.slow
-def test_t5_relative_attention_bias_loses_the_removed_heads():
+def test_t5_relative_attention_bias_loses_the_removed_heads(captured):
     """T5's bias is an embedding of (buckets, heads), computed in the first layer and passed
     to every layer's attention as its float mask: one head index across all layers."""
-    model, inputs = build_architecture("T5 encoder")
-    result = engine.prune(model, inputs, engine.PruningOptions(reshape_channel_axis=-2),
-                          ratio=0.5)
+    result = engine.prune(captured("T5 encoder"), None,
+                          engine.PruningOptions(reshape_channel_axis=-2), ratio=0.5)
     after = {k: tuple(v.shape) for k, v in result.module.state_dict().items()}
     bias = next(v for k, v in after.items() if k.endswith("relative_attention_bias.weight"))
     queries = [v for k, v in after.items() if k.endswith("SelfAttention.q.weight")]

@@ -51,10 +51,12 @@ def test_bench_real_path_on_a_tiny_bert_folder(tmp_path):
     same = real.embedding_quality(reference, reference)
     assert same == {"cosine": 1.0, "neighbours": 1.0}
 
-    rows, best = real.quality_curve(folder, calib, held, reference, (0.5,), ("l2",), 5.0)
+    # a 2 s distillation budget: the path runs and keeps its best held-back state (the
+    # bench gives it minutes); a longer budget adds CPU time, not coverage
+    rows, best = real.quality_curve(folder, calib, held, reference, (0.5,), ("l2",), 2.0)
     flops, pruned, light, distilled, final = best[("l2", 0.5)]
     assert flops > 0.25
-    assert [r[4] for r in rows] == ["none", "data-light (lsq)", "+ distill (5 s)"]
+    assert [r[4] for r in rows] == ["none", "data-light (lsq)", "+ distill (2 s)"]
     # held-out sentences, never fitted: lsq's refit brings the embeddings back (a random
     # encoder's embeddings barely move when pruned: the distance to 1 is what shrinks)
     assert 1 - light["cosine"] < 0.5 * (1 - pruned["cosine"])

@@ -36,6 +36,12 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def bert(folders):
+    """The encoder folder loaded (captured) once; prunes and evaluations only read it."""
+    return engine.load_model(folders["bert"], seq_len=16)
+
+
+@pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "heldout.jsonl"
     path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
@@ -83,8 +89,8 @@ def test_embedding_metrics_against_independent_computations() -> None:
 
 # ------------------------------------------------------------------------- per model kind
 
-def test_encoder_hidden_states_get_embedding_metrics(folders, text) -> None:
-    original = engine.load_model(folders["bert"], seq_len=16)
+def test_encoder_hidden_states_get_embedding_metrics(bert, text) -> None:
+    original = bert
     pruned = engine.prune(original, None, ratio=0.5)
     data = load_data(text, model=original)
     quality = engine.quality_report(original, pruned, data)
@@ -111,10 +117,10 @@ def test_encoder_hidden_states_get_embedding_metrics(folders, text) -> None:
         engine.evaluate(original, data)
 
 
-def test_hidden_states_of_an_npz_are_never_perplexity(folders, tmp_path) -> None:
+def test_hidden_states_of_an_npz_are_never_perplexity(bert, tmp_path) -> None:
     """The issue's case: token ids in a hand-made .npz, an encoder returning hidden states
     [N, T, H] with H smaller than the vocabulary: embedding metrics, not perplexity."""
-    original = engine.load_model(folders["bert"], seq_len=16)
+    original = bert
     ids = np.random.default_rng(0).integers(4, 29, size=(12, 16))
     path = tmp_path / "tokens.npz"
     np.savez(path, x0=ids, x1=np.ones_like(ids))
@@ -218,11 +224,11 @@ def test_sweep_reads_text_for_the_model(folders, text) -> None:
     assert 0 < point["metric"] < 1
 
 
-def test_the_python_api_takes_text_paths_everywhere(folders, text, tmp_path) -> None:
+def test_the_python_api_takes_text_paths_everywhere(bert, tmp_path) -> None:
     """prune(calibration=path) scores on the text; recover(result, path) recovers on it."""
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(reversed(SENTENCES)) + "\n")
-    original = engine.load_model(folders["bert"], seq_len=16)
+    original = bert
     result = engine.prune(original, None, engine.PruningOptions(criterion="activation"),
                           ratio=0.5, calibration=calib)
     recovered = engine.recover(result, calib, "bias", budget_s=0)

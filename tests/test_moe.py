@@ -103,10 +103,16 @@ def _rows_kept(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
     return kept
 
 
-def test_stacked_experts_width_keeps_the_same_channels_in_every_expert():
+@pytest.fixture(scope="module")
+def stacked() -> tuple[StackedMoE, engine.Analysis]:
+    """StackedMoE captured once on _tokens(); each prune of it copies what it cuts."""
     model = StackedMoE().eval()
+    return model, engine.analyze(model, (_tokens(),))
+
+
+def test_stacked_experts_width_keeps_the_same_channels_in_every_expert(stacked):
+    model, analysis = stacked
     x = _tokens()
-    analysis = engine.analyze(model, (x,))
     (group,) = [g for g in analysis.groups if g.layers == ["gate_up"]]
     assert group.channels == HIDDEN  # gate j and up j are one channel, across all experts
     result = engine.apply(analysis, engine.plan(analysis, ratios={group.name: 0.5}))
@@ -155,10 +161,10 @@ def _without_experts(model: StackedMoE, removed: list[int]) -> StackedMoE:
     return small
 
 
-def test_removing_whole_experts_equals_the_model_built_without_them():
-    model = StackedMoE().eval()
+def test_removing_whole_experts_equals_the_model_built_without_them(stacked):
+    model, analysis = stacked
     x = _tokens()
-    result = engine.prune(model, (x,), expert_ratio=0.25)
+    result = engine.prune(analysis, expert_ratio=0.25)
     section = result.report["experts"]
     (router,) = section["routers"]
     assert router["layer"] == "router" and router["experts"] == E and router["top_k"] == K
@@ -179,10 +185,9 @@ def test_removing_whole_experts_equals_the_model_built_without_them():
     assert result.report["before"]["params"] > result.report["after"]["params"]
 
 
-def test_routing_frequency_scores_count_the_tokens_each_expert_gets():
-    model = StackedMoE().eval()
+def test_routing_frequency_scores_count_the_tokens_each_expert_gets(stacked):
+    model, analysis = stacked
     calibration = _tokens(5 * TOKENS, seed=3).numpy()  # whole batches of 12
-    analysis = engine.analyze(model, (_tokens(),))
     (router,) = find_routers(analysis)
     from engine.transform.experts import routing_scores
 
@@ -194,14 +199,14 @@ def test_routing_frequency_scores_count_the_tokens_each_expert_gets():
     freq = np.bincount(chosen.reshape(-1).numpy(), minlength=E) / chosen.numel()
     mass = np.array([float(values[chosen == e].sum()) for e in range(E)])
     np.testing.assert_allclose(scores, 0.5 * freq + 0.5 * mass / mass.sum(), rtol=1e-6)
-    result = engine.prune(model, (_tokens(),), expert_ratio=0.5, calibration=calibration)
+    result = engine.prune(analysis, expert_ratio=0.5, calibration=calibration)
     removed = result.report["experts"]["routers"][0]["removed"]
     assert sorted(removed) == sorted(np.argsort(scores, kind="stable")[:2].tolist())
     assert result.report["experts"]["criterion"] == "routing"
 
 
-def test_experts_keep_at_least_top_k():
-    result = engine.prune(StackedMoE().eval(), (_tokens(),), expert_ratio=0.9)
+def test_experts_keep_at_least_top_k(stacked):
+    result = engine.prune(stacked[1], expert_ratio=0.9)
     assert len(result.report["experts"]["routers"][0]["removed"]) == E - K
 
 
@@ -259,19 +264,34 @@ def _program(build) -> torch.export.ExportedProgram:
 
 
 @pytest.fixture(scope="module")
-def mixtral_pt2(tmp_path_factory):
+def captured():
+    """One export and one analysis per architecture, shared by its width and whole-expert
+    tests (a prune copies what it cuts, so the shared analysis stays the original's)."""
+    cache: dict = {}
+
+    def get(build) -> tuple[torch.export.ExportedProgram, engine.Analysis]:
+        if build not in cache:
+            program = _program(build)
+            cache[build] = (program, engine.analyze(program))
+        return cache[build]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def mixtral_pt2(tmp_path_factory, captured):
     path = tmp_path_factory.mktemp("moe") / "mixtral.pt2"
-    torch.export.save(_program(_mixtral), path)
+    torch.export.save(captured(_mixtral)[0], path)
     return path
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("build", [_mixtral, _qwen2_moe, _qwen3_moe, _deepseek_v3])
-def test_transformers_moe_width_prunes_the_experts_and_verifies(build):
-    program = _program(build)
+def test_transformers_moe_width_prunes_the_experts_and_verifies(build, captured):
+    program, analysis = captured(build)
     ops = {str(n.target) for n in program.graph.nodes}
     assert "transformers.grouped_mm_fallback.default" in ops
-    result = engine.prune(program, ratio=0.5)
+    result = engine.prune(analysis, ratio=0.5)
     report = result.report
     removed = 1 - report["after"]["params"] / report["before"]["params"]
     assert removed >= 0.2
@@ -287,9 +307,8 @@ def test_transformers_moe_width_prunes_the_experts_and_verifies(build):
     (_mixtral, 2), (_qwen2_moe, 2), (_qwen3_moe, 2),
     (_deepseek_v3, 1),  # sigmoid router, score bias, group mask, gather; layer 0 is dense
 ])
-def test_transformers_moe_whole_experts_are_exact(build, routers):
-    program = _program(build)
-    result = engine.prune(program, expert_ratio=0.5)
+def test_transformers_moe_whole_experts_are_exact(build, routers, captured):
+    result = engine.prune(captured(build)[1], expert_ratio=0.5)
     section = result.report["experts"]
     assert len(section["routers"]) == routers
     for router in section["routers"]:
@@ -411,8 +430,8 @@ def test_group_limited_routing_refuses_expert_removal_in_one_line():
             v_head_dim=16, vocab_size=100, use_cache=False)
         return tf.DeepseekV3ForCausalLM(config)
 
-    program = _program(build)
+    analysis = engine.analyze(_program(build))
     with pytest.raises(engine.PruneScopeError, match="cannot be removed") as caught:
-        engine.prune(program, expert_ratio=0.5)
+        engine.prune(analysis, expert_ratio=0.5)
     assert "\n" not in str(caught.value)
-    assert engine.prune(program, ratio=0.5).report["verification"]["output_shapes_match"]
+    assert engine.prune(analysis, ratio=0.5).report["verification"]["output_shapes_match"]

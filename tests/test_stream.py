@@ -46,8 +46,9 @@ def pruned(tmp_path_factory):
                  vocab=100, shard="40KB")
     # streamed mode keeps the rotary query/key pairs whole; the normal path, told the same,
     # must then give the same tensors
-    pairs = rotary_heads(engine.analyze(str(src))).group
-    result = engine.prune(str(src), ratio=0.3, uniform=True, pinned=[pairs])
+    analysis = engine.analyze(str(src))  # one capture: read for the pairs, then pruned
+    pairs = rotary_heads(analysis).group
+    result = engine.prune(analysis, ratio=0.3, uniform=True, pinned=[pairs])
     engine.save(result, root / "normal", onnx=False)
     report = prune_streamed(src, root / "stream", ratio=0.3)
     return src, root / "normal" / "hf", root / "stream", report

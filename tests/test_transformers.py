@@ -68,6 +68,21 @@ def _build(name):
     return model.eval(), inputs
 
 
+@pytest.fixture(scope="module")
+def analyzed():
+    """One capture per model, shared by the tests that prune it with different options (a
+    prune copies what it cuts: the shared analysis stays the original's)."""
+    cache: dict = {}
+
+    def get(name):
+        if name not in cache:
+            model, inputs = _build(name)
+            cache[name] = engine.analyze(model, inputs), inputs
+        return cache[name]
+
+    return get
+
+
 def _check(result, min_removed=0.4):
     report = result.report
     removed = 1 - report["after"]["params"] / report["before"]["params"]
@@ -85,9 +100,9 @@ def _check(result, min_removed=0.4):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_global_half_with_default_options(name):
-    model, inputs = _build(name)
-    result = engine.prune(model, inputs, ratio=0.5)
+def test_global_half_with_default_options(name, analyzed):
+    analysis, inputs = analyzed(name)
+    result = engine.prune(analysis, ratio=0.5)
     _check(result)
     with torch.no_grad():
         out = result.module(*inputs)
@@ -108,10 +123,10 @@ def _heads(result, layer_prefix):
         ("llama_gqa", "self_attn.q_proj.weight", 32, 8),
     ],
 )
-def test_whole_heads_removed(name, query, head_dim, heads):
-    model, inputs = _build(name)
+def test_whole_heads_removed(name, query, head_dim, heads, analyzed):
+    analysis, _ = analyzed(name)
     options = engine.PruningOptions(reshape_channel_axis=-2)
-    result = engine.prune(model, inputs, options, ratio=0.5)
+    result = engine.prune(analysis, None, options, ratio=0.5)
     _check(result, min_removed=0.3)
     widths = _heads(result, query)
     assert widths, "query projections found"
@@ -153,11 +168,20 @@ def test_modeloutput_program_loads_without_transformers(tmp_path):
     assert result.report["onnx"]["max_abs_diff_vs_torch"] < 1e-4
 
 
-@pytest.mark.parametrize("axis", [-1, -2])
-@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "vit"])
-def test_with_normalised_streams_pinned_pruning_is_exact(family, axis):
-    """Only the LayerNorm/RMSNorm-normalised hidden stream is inexact: pin it, and every
-    other group (heads, MLPs) must match mask mode exactly."""
+@pytest.fixture(scope="module")
+def small_family():
+    """One capture per family, shared by both reshape axes."""
+    cache: dict = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = _small_family(family)
+        return cache[family]
+
+    return get
+
+
+def _small_family(family: str) -> engine.Analysis:
     torch.manual_seed(0)
     small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "intermediate_size": 128}
@@ -177,7 +201,15 @@ def test_with_normalised_streams_pinned_pruning_is_exact(family, axis):
                                                           **small))
         inputs = (torch.randn(1, 3, 32, 32),)
     model.eval()
-    an = engine.analyze(model, inputs)
+    return engine.analyze(model, inputs)
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "vit"])
+def test_with_normalised_streams_pinned_pruning_is_exact(family, axis, small_family):
+    """Only the LayerNorm/RMSNorm-normalised hidden stream is inexact: pin it, and every
+    other group (heads, MLPs) must match mask mode exactly."""
+    an = small_family(family)
     options = engine.PruningOptions(reshape_channel_axis=axis)
     structure = an.structure(options.prunes_whole_blocks)
     inexact = [g.name for g in structure.groups if not g.exact and g.prunable.any()]
