@@ -11,15 +11,30 @@ from tests.helpers import assert_equals_mask_mode
 from tests.zoo import ZOO, build
 
 
+@pytest.fixture(scope="module")
+def zoo_captured():
+    """Each zoo model captured once for both reshape axes, with its output and its weights
+    as they were before the capture (a prune must leave the user's model untouched)."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            model, inputs = build(name)
+            with torch.no_grad():
+                original = model(*inputs)
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            cache[name] = model, inputs, original, before, engine.analyze(model, inputs)
+        return cache[name]
+
+    return get
+
+
 @pytest.mark.parametrize("axis", [-1, -2])
 @pytest.mark.parametrize("name", sorted(ZOO))
-def test_prune_is_smaller_and_exact(name, axis):
-    model, inputs = build(name)
-    with torch.no_grad():
-        original = model(*inputs)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+def test_prune_is_smaller_and_exact(name, axis, zoo_captured):
+    model, inputs, original, before, analysis = zoo_captured(name)
     opts = engine.PruningOptions(reshape_channel_axis=axis)
-    result = engine.prune(model, inputs, opts, ratio=0.5)
+    result = engine.prune(analysis, None, opts, ratio=0.5)
     report = result.report
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), f"the user's model changed: {key}"

@@ -42,6 +42,20 @@ def _model(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
     return model.to(dtype), torch.randn(4, 3, 12, 12).to(dtype)
 
 
+@pytest.fixture(scope="module")
+def half_captured():
+    """The half model of each dtype captured once; its plans and prunes only read it."""
+    cache: dict = {}
+
+    def get(dtype: torch.dtype):
+        if dtype not in cache:
+            model, x = _model(dtype)
+            cache[dtype] = model, x, engine.analyze(model, (x,))
+        return cache[dtype]
+
+    return get
+
+
 def test_tolerance_follows_the_coarsest_dtype() -> None:
     assert exact_tolerance([torch.float32]) == 1e-4
     assert exact_tolerance([torch.float32, torch.float16]) == 4 * 2.0**-10
@@ -50,13 +64,13 @@ def test_tolerance_follows_the_coarsest_dtype() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_model_plans_like_its_float32_upcast(dtype: torch.dtype) -> None:
+def test_half_model_plans_like_its_float32_upcast(dtype: torch.dtype, half_captured) -> None:
     # upcasting bf16/fp16 to float32 is exact, so scores computed in float32/64 must rank the
     # channels of both models identically
-    half, x = _model(dtype)
+    half, x, analysis = half_captured(dtype)
     full = ConvMlp().eval()
     full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
-    plan_half = engine.plan(engine.analyze(half, (x,)), ratio=0.5)
+    plan_half = engine.plan(analysis, ratio=0.5)
     plan_full = engine.plan(engine.analyze(full, (x.float(),)), ratio=0.5)
     assert [g.name for g in plan_half.groups] == [g.name for g in plan_full.groups]
     for a, b in zip(plan_half.groups, plan_full.groups):
@@ -66,9 +80,9 @@ def test_half_model_plans_like_its_float32_upcast(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_model_prunes_verifies_and_saves(dtype: torch.dtype, tmp_path: Path) -> None:
-    model, x = _model(dtype)
-    analysis = engine.analyze(model, (x,))
+def test_half_model_prunes_verifies_and_saves(dtype: torch.dtype, tmp_path: Path,
+                                             half_captured) -> None:
+    model, x, analysis = half_captured(dtype)
     the_plan = engine.plan(analysis, ratio=0.5)
     result = engine.apply(analysis, the_plan)
     assert {p.dtype for p in result.module.parameters()} == {dtype}
