@@ -132,6 +132,13 @@ def test_whole_heads_removed(name, query, head_dim, heads, analyzed):
     assert widths, "query projections found"
     assert all(w % head_dim == 0 for w in widths.values()), "whole heads of full width"
     assert min(widths.values()) < heads * head_dim, "some heads were removed"
+    # the planned unit is a whole head (under GQA a key/value head with its query heads),
+    # not a channel of every head, which at 0.5 would also leave widths of whole head_dims
+    units = 2 if name == "llama_gqa" else heads
+    query_layer = query.removesuffix(".weight")
+    planned = [g for g in result.report["groups"]
+               if any(layer.endswith(query_layer) for layer in g["layers"])]
+    assert planned and all(g["channels"] == units for g in planned), planned
     if name == "llama_gqa":
         kv = _heads(result, "self_attn.k_proj.weight")
         for q_name, q_width in widths.items():
