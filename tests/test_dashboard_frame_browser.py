@@ -15,7 +15,16 @@ from urllib.parse import urlparse
 import pytest
 
 from dashboard.tabs import TABS
-from tests.helpers import STEP_TIMEOUT_MS, screenshot, settle, start_dashboard, stop, wait_for
+from tests.helpers import (
+    STEP_TIMEOUT_MS,
+    netron_laid_out,
+    new_page,
+    screenshot,
+    settle,
+    start_dashboard,
+    stop,
+    wait_for,
+)
 
 VIEWPORT = {"width": 1440, "height": 900}
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
@@ -42,6 +51,10 @@ PAGE_TEXT = """() => document.title + ' ' + document.body.innerText + ' ' +
 
 
 FULL_HEIGHT_MAX = 12_000
+# Every drawn Plotly chart is as wide as the element Streamlit puts it in.
+CHARTS_FIT = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+    .filter(p => p.offsetParent !== null && p._fullLayout)
+    .every(p => Math.abs(p._fullLayout.width - p.parentElement.clientWidth) <= 2)"""
 
 
 def _full_shot(page, name: str) -> Path:
@@ -54,7 +67,8 @@ def _full_shot(page, name: str) -> Path:
         .filter(e => e).map(e => e.scrollHeight))""")
     page.set_viewport_size({"width": VIEWPORT["width"],
                             "height": min(max(height + 40, VIEWPORT["height"]), FULL_HEIGHT_MAX)})
-    time.sleep(1.5)  # the charts lay themselves out again at the new size
+    # the charts lay themselves out again at the new size: each as wide as its container
+    page.wait_for_function(CHARTS_FIT)
     try:
         return screenshot(page, name, full_page=False)
     finally:
@@ -77,8 +91,7 @@ WIDE_TABLES = """() => Array.from(document.querySelectorAll('[data-testid=stData
 
 
 def _open(context, url: str):
-    page = context.new_page()
-    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page = new_page(context)
     page.goto(url)
     page.wait_for_selector(".js-plotly-plot .boxlayer")
     settle(page)
@@ -93,6 +106,7 @@ def _prune(page) -> None:
     settle(page)
 
 
+LATE_REQUEST_S = 3.0  # how long the drawn frames are watched for a late outside request
 NETRON_BLOCKERS = re.compile(r"uses cookies|Accept|Please update")  # netron's start-up walls
 
 
@@ -122,8 +136,10 @@ def test_graphs_tab_calls_nothing_outside_and_shows_no_banner(dashboard_server, 
                                ("#menu-button", "#toolbar-path-back-button"))
         assert not _unsafe_glyphs(shown), _unsafe_glyphs(shown)
     assert texts[0] != texts[1]  # the original and the pruned graph
-    time.sleep(3)  # time for any late start-up request (netron asked ipinfo.io at once)
+    # 3 s for any late start-up request (netron asked ipinfo.io at once), the shot among them
+    drawn = time.monotonic()
     screenshot(page, "frame-graphs-private.png", full_page=False)
+    page.wait_for_timeout(max(0.0, LATE_REQUEST_S - (time.monotonic() - drawn)) * 1000)
     outside = sorted({urlparse(u).hostname for u in requests
                       if urlparse(u).scheme in ("http", "https", "ws", "wss")}
                      - LOCAL_HOSTS)
@@ -182,7 +198,8 @@ def test_layout_at_1440x900_and_a_chart_click(dashboard_server, browser):
     page.mouse.move(where["x"] - 30, where["y"] - 30)  # plotly clicks what it hovers
     page.mouse.move(where["x"], where["y"], steps=5)
     page.wait_for_selector(".js-plotly-plot .hoverlayer .hovertext")
-    time.sleep(1)
+    wait_for(lambda: page.evaluate(f"() => (({chart})()._hoverdata || [])"
+                                   ".some(d => d.curveNumber === 1 && d.pointNumber === 2)"))
     page.mouse.click(where["x"], where["y"])
     wait_for(lambda: "0.30" in slider.evaluate(
         "e => e.textContent + Array.from(e.querySelectorAll('input')).map(i => i.value)"))
@@ -214,8 +231,7 @@ def test_first_visit_paints_the_static_chart_before_plotly_then_swaps(dashboard_
     script chunks of `st.html`, Markdown's HTML parser and Plotly are still held back (the
     chart needs none of them); once Plotly has drawn, only its interactive chart shows."""
     context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page = new_page(context)
     page.add_init_script(ORDER)
     held, released = [], threading.Event()
 
@@ -259,9 +275,7 @@ def test_every_tab_drawn_at_1440x900(dashboard_server, browser):
         page.get_by_role("tab", name=tab.title).click()
         settle(page)
         if tab.module == "graphs":
-            page.frame_locator("iframe[src^='http://127.0.0.1']").nth(1) \
-                .locator("svg#canvas g.node").first.wait_for()
-            time.sleep(1)  # let Netron finish its layout
+            netron_laid_out(page.frame_locator("iframe[src^='http://127.0.0.1']").nth(1))
         _no_errors(page)
         text = page.evaluate(PAGE_TEXT)
         assert not _unsafe_glyphs(text), (tab.title, _unsafe_glyphs(text))
@@ -278,7 +292,7 @@ def test_four_sessions_open_at_once(browser, tmp_path):
     server = start_dashboard(tmp_path / "streamlit.log")
     try:
         contexts = [browser.new_context(viewport=VIEWPORT) for _ in range(SESSIONS)]
-        pages = [c.new_page() for c in contexts]
+        pages = [new_page(c) for c in contexts]
         start = time.monotonic()
         for page in pages:
             page.goto(server.url, wait_until="commit")

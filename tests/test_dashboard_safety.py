@@ -33,6 +33,7 @@ from tests.helpers import (
     ROOT,
     choose,
     free_port,
+    new_page,
     screenshot,
     settle,
     stop,
@@ -103,7 +104,7 @@ def server(tmp_path_factory):
 def _open_session(browser, server: Server):
     """A new browser context is a new Streamlit session (its own cookies and websocket)."""
     context = browser.new_context(viewport={"width": 1400, "height": 1800})
-    page = context.new_page()
+    page = new_page(context)
     page.set_default_timeout(STEP_TIMEOUT_MS)
     page.goto(server.url)
     page.wait_for_selector(".js-plotly-plot .boxlayer")
