@@ -92,13 +92,15 @@ class DashboardServer:
         return self.log.read_bytes()[: self.startup_bytes].decode(errors="replace")
 
 
-def start_dashboard(log_path: Path, timeout_s: float = 300) -> DashboardServer:
+def start_dashboard(log_path: Path, timeout_s: float = 300, args: tuple[str, ...] = (),
+                    env: dict[str, str] | None = None) -> DashboardServer:
     """The dashboard as `make run` starts it (`python -m dashboard.serve`: `streamlit run
-    dashboard/app.py` with the demo warmed up) on a free loopback port, healthy when returned."""
+    dashboard/app.py` with the demo warmed up) on a free loopback port, healthy when returned;
+    ``args``: more Streamlit options, ``env``: the server's environment (default: ours)."""
     port = free_port()
     cmd = [sys.executable, "-m", "dashboard.serve", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port)]
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+           "--server.address", "127.0.0.1", "--server.port", str(port), *args]
+    env = {**(os.environ if env is None else env), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
