@@ -180,15 +180,34 @@ def assert_equals_mask_mode(result, rtol: float = 1e-4) -> None:
 
 class ScriptRuns:
     """One page's Streamlit session as its websocket shows it: the runs the page asked for
-    (``rerun_script`` and ``file_urls_request`` messages, whose upload ends in a rerun), the
-    runs the server started (``new_session``) and finished (``script_finished``, not counting
-    a run cut short for the next one), and when the last frame went either way."""
+    (``rerun_script`` messages), the runs the server started (``new_session``) and finished
+    (``script_finished``, not counting a run cut short for the next one), when the last
+    frame went either way, and the file uploads in flight (an upload's rerun is asked for
+    once its PUT is answered; a file the uploader refuses is never sent)."""
 
-    def __init__(self) -> None:
+    def __init__(self, page) -> None:
         self.events: list[str] = []  # "asked", "started", "finished", in arrival order
         self.last_frame = time.monotonic()
+        self.uploads = 0
+        page.on("websocket", self._watch)
+        page.on("request", self._upload_started)
+        page.on("requestfinished", self._upload_ended)
+        page.on("requestfailed", self._upload_ended)
 
-    def watch(self, ws) -> None:
+    @staticmethod
+    def _is_upload(request) -> bool:
+        return request.method == "PUT" and "/_stcore/upload_file/" in request.url
+
+    def _upload_started(self, request) -> None:
+        if self._is_upload(request):
+            self.uploads += 1
+
+    def _upload_ended(self, request) -> None:
+        if self._is_upload(request):
+            self.uploads -= 1
+            self.last_frame = time.monotonic()
+
+    def _watch(self, ws) -> None:
         if ws.url.endswith("/_stcore/stream"):
             ws.on("framesent", self._sent)
             ws.on("framereceived", self._received)
@@ -199,7 +218,7 @@ class ScriptRuns:
         self.last_frame = time.monotonic()
         if isinstance(payload, bytes):
             kind = BackMsg.FromString(payload).WhichOneof("type")
-            if kind in ("rerun_script", "file_urls_request"):
+            if kind == "rerun_script":
                 self.events.append("asked")
 
     def _received(self, payload) -> None:
@@ -220,7 +239,7 @@ class ScriptRuns:
         a run already going counts as answered by that run's successor)."""
         last = {e: max((i for i, x in enumerate(self.events) if x == e), default=-1)
                 for e in ("asked", "started", "finished")}
-        return last["asked"] < last["started"] < last["finished"]
+        return self.uploads == 0 and last["asked"] < last["started"] < last["finished"]
 
 
 _RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # page -> its ScriptRuns
@@ -233,17 +252,16 @@ def new_page(owner, **kwargs):
     follows on the page's websocket, with STEP_TIMEOUT_MS for every step."""
     page = owner.new_page(**kwargs)
     page.set_default_timeout(STEP_TIMEOUT_MS)
-    runs = ScriptRuns()
-    page.on("websocket", runs.watch)
-    _RUNS[page] = runs
+    _RUNS[page] = ScriptRuns(page)
     return page
 
 
 def settle(page, pause_s: float = 0.4, timeout_ms: int = STEP_TIMEOUT_MS) -> None:
     """Wait until Streamlit has finished its script run (stale elements are then gone).
 
-    On a page of new_page(): every run the page asked for has finished, the websocket has
-    been quiet for QUIET_S (a debounced widget or an upload asks a little after the action),
+    On a page of new_page(): no upload is in flight, every run the page asked for has
+    finished, the websocket has been quiet for QUIET_S (a debounced widget or a finished
+    upload asks a little after the action),
     the page shows it is idle, and it has drawn a frame since. Elsewhere: the idle state
     twice, ``pause_s`` apart (a run can start right after the first idle sighting)."""
     runs = _RUNS.get(page)
