@@ -261,9 +261,9 @@ def settle(page, pause_s: float = 0.4, timeout_ms: int = STEP_TIMEOUT_MS) -> Non
 
     On a page of new_page(): no upload is in flight, every run the page asked for has
     finished, the websocket has been quiet for QUIET_S (a debounced widget or a finished
-    upload asks a little after the action),
-    the page shows it is idle, and it has drawn a frame since. Elsewhere: the idle state
-    twice, ``pause_s`` apart (a run can start right after the first idle sighting)."""
+    upload asks a little after the action), the page shows it is idle, and it has drawn a
+    frame since. Elsewhere: the idle state twice, ``pause_s`` apart (a run can start right
+    after the first idle sighting)."""
     runs = _RUNS.get(page)
     if runs is None:
         for _ in range(2):
