@@ -115,7 +115,8 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Data
     progress("Comparing outputs on the evaluation data…")
     try:
         if eval_data is not None and len(example) == 1:
-            fid = evaluate_pair(original, result.module, eval_data, example)
+            fid = evaluate_pair(original, result.module, eval_data, example,
+                                cache=model.cache, remember=True)
             fid_on = eval_data.source
         else:
             x = example[0].detach().cpu().numpy() if len(example) == 1 else None

@@ -32,9 +32,12 @@ class RecoverRun:
 def run_recover(engine: Any, result: Any, original: Any, calibration: Any, methods: list[str],
                 budget_s: float, out_dir: Path, eval_data: DataSet | None, signature: str,
                 progress: Callable[[str, float], None] = lambda _m, _f: None,
-                stop: Callable[[], bool] | None = None) -> RecoverRun:
+                stop: Callable[[], bool] | None = None,
+                cache: dict[str, Any] | None = None) -> RecoverRun:
     """Recover, compare on the evaluation data, then save (report.json then carries the
-    comparison as ``quality``). ``stop()`` ends the recovery early with what is done."""
+    comparison as ``quality``). ``stop()`` ends the recovery early with what is done.
+    ``cache`` (the model's per-session cache) holds the original's outputs and the Prune
+    step's numbers when they were measured on the same data (dashboard/evaluate.py)."""
     recovered = engine.recover(result, calibration, methods, budget_s=budget_s,
                                progress=progress, stop=stop)
     scores: dict[str, dict[str, float]] = {}
@@ -42,8 +45,8 @@ def run_recover(engine: Any, result: Any, original: Any, calibration: Any, metho
     example = tuple(result.example_inputs)
     if eval_data is not None and len(example) == 1:
         progress("Comparing original, pruned and recovered on the evaluation data…", 1.0)
-        pruned = evaluate_pair(original, result.module, eval_data, example)
-        after = evaluate_pair(original, recovered.module, eval_data, example)
+        pruned = evaluate_pair(original, result.module, eval_data, example, cache=cache)
+        after = evaluate_pair(original, recovered.module, eval_data, example, cache=cache)
         metric = pruned.get("metric")
         if metric is not None:
             scores[metric.capitalize()] = {"original": pruned[f"{metric}_before"],

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +92,15 @@ class DashboardServer:
         return self.log.read_bytes()[: self.startup_bytes].decode(errors="replace")
 
 
-def start_dashboard(log_path: Path, timeout_s: float = 300) -> DashboardServer:
+def start_dashboard(log_path: Path, timeout_s: float = 300, args: tuple[str, ...] = (),
+                    env: dict[str, str] | None = None) -> DashboardServer:
     """The dashboard as `make run` starts it (`python -m dashboard.serve`: `streamlit run
-    dashboard/app.py` with the demo warmed up) on a free loopback port, healthy when returned."""
+    dashboard/app.py` with the demo warmed up) on a free loopback port, healthy when returned;
+    ``args``: more Streamlit options, ``env``: the server's environment (default: ours)."""
     port = free_port()
     cmd = [sys.executable, "-m", "dashboard.serve", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port)]
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+           "--server.address", "127.0.0.1", "--server.port", str(port), *args]
+    env = {**(os.environ if env is None else env), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -175,12 +178,124 @@ def assert_equals_mask_mode(result, rtol: float = 1e-4) -> None:
 # ----------------------------------------------------------------------------- browser pages
 
 
+class ScriptRuns:
+    """One page's Streamlit session as its websocket shows it: the runs the page asked for
+    (``rerun_script`` messages), the runs the server started (``new_session``) and finished
+    (``script_finished``, not counting a run cut short for the next one), when the last
+    frame went either way, and the file uploads in flight (an upload's rerun is asked for
+    once its PUT is answered; a file the uploader refuses is never sent)."""
+
+    def __init__(self, page) -> None:
+        self.events: list[str] = []  # "asked", "started", "finished", in arrival order
+        self.last_frame = time.monotonic()
+        self.uploads = 0
+        page.on("websocket", self._watch)
+        page.on("request", self._upload_started)
+        page.on("requestfinished", self._upload_ended)
+        page.on("requestfailed", self._upload_ended)
+
+    @staticmethod
+    def _is_upload(request) -> bool:
+        return request.method == "PUT" and "/_stcore/upload_file/" in request.url
+
+    def _upload_started(self, request) -> None:
+        if self._is_upload(request):
+            self.uploads += 1
+
+    def _upload_ended(self, request) -> None:
+        if self._is_upload(request):
+            self.uploads -= 1
+            self.last_frame = time.monotonic()
+
+    def _watch(self, ws) -> None:
+        if ws.url.endswith("/_stcore/stream"):
+            ws.on("framesent", self._sent)
+            ws.on("framereceived", self._received)
+
+    def _sent(self, payload) -> None:
+        from streamlit.proto.BackMsg_pb2 import BackMsg
+
+        self.last_frame = time.monotonic()
+        if isinstance(payload, bytes):
+            kind = BackMsg.FromString(payload).WhichOneof("type")
+            if kind == "rerun_script":
+                self.events.append("asked")
+
+    def _received(self, payload) -> None:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        self.last_frame = time.monotonic()
+        if isinstance(payload, bytes):
+            msg = ForwardMsg.FromString(payload)
+            kind = msg.WhichOneof("type")
+            if kind == "new_session":
+                self.events.append("started")
+            elif (kind == "script_finished"
+                  and msg.script_finished != ForwardMsg.FINISHED_EARLY_FOR_RERUN):
+                self.events.append("finished")
+
+    def settled(self) -> bool:
+        """The last run asked for has started and finished (a request the server merged into
+        a run already going counts as answered by that run's successor)."""
+        last = {e: max((i for i, x in enumerate(self.events) if x == e), default=-1)
+                for e in ("asked", "started", "finished")}
+        return self.uploads == 0 and last["asked"] < last["started"] < last["finished"]
+
+
+_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # page -> its ScriptRuns
+QUIET_S = 0.15  # a widget may send its rerun this long after the action (Streamlit debounces)
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+
+def new_page(owner, **kwargs):
+    """``owner.new_page(**kwargs)`` (a browser or a context) whose Streamlit runs settle()
+    follows on the page's websocket, with STEP_TIMEOUT_MS for every step."""
+    page = owner.new_page(**kwargs)
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    _RUNS[page] = ScriptRuns(page)
+    return page
+
+
 def settle(page, pause_s: float = 0.4, timeout_ms: int = STEP_TIMEOUT_MS) -> None:
-    """Wait until Streamlit has finished its script run (stale elements are then gone)."""
-    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-    for _ in range(2):  # twice: a run can start right after the first idle sighting
-        page.wait_for_selector(idle, timeout=timeout_ms)
-        time.sleep(pause_s)
+    """Wait until Streamlit has finished its script run (stale elements are then gone).
+
+    On a page of new_page(): no upload is in flight, every run the page asked for has
+    finished, the websocket has been quiet for QUIET_S (a debounced widget or a finished
+    upload asks a little after the action), the page shows it is idle, and it has drawn a
+    frame since. Elsewhere: the idle state twice, ``pause_s`` apart (a run can start right
+    after the first idle sighting)."""
+    runs = _RUNS.get(page)
+    if runs is None:
+        for _ in range(2):
+            page.wait_for_selector(IDLE, timeout=timeout_ms)
+            time.sleep(pause_s)
+        return
+    deadline = time.monotonic() + timeout_ms / 1000
+    quiet_from = time.monotonic()
+    while not (runs.settled()
+               and time.monotonic() - max(runs.last_frame, quiet_from) >= QUIET_S):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Streamlit's runs did not settle: {runs.events[-8:]}")
+        page.wait_for_timeout(50)  # lets Playwright deliver the websocket's frames
+    page.wait_for_selector(IDLE, timeout=timeout_ms)
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+def netron_laid_out(frame, timeout_s: float = STEP_TIMEOUT_MS / 1000) -> None:
+    """Wait until Netron, in ``frame`` (a frame locator), has drawn its graph and stopped
+    moving it: the canvas' box and node count equal in two readings 0.2 s apart (Netron
+    replaces window.eval, so the frame is read through locators only)."""
+    canvas, nodes = frame.locator("svg#canvas"), frame.locator("svg#canvas g.node")
+    nodes.first.wait_for(timeout=timeout_s * 1000)
+    deadline = time.monotonic() + timeout_s
+    seen = None
+    while time.monotonic() < deadline:
+        now = (canvas.bounding_box(), nodes.count())
+        if now == seen:
+            return
+        seen = now
+        time.sleep(0.2)
+    raise AssertionError("Netron kept moving its graph")
 
 
 def screenshot(page, name: str, full_page: bool = True) -> Path:

@@ -202,13 +202,20 @@ def demo_search(demo):
                              sensitivity_report=curves, analysis=demo)
 
 
+@pytest.fixture(scope="module")
+def demo_search_applied(demo, demo_search):
+    """The search's ratios applied for real (verified), once for the tests that read it;
+    they only read it (the pruned module is not modified)."""
+    return apply(demo, plan(demo, {}, ratios=demo_search["ratios"]))
+
+
 @pytest.mark.slow
 def test_the_search_on_the_demo_meets_the_target_and_reports_its_calibration_loss(
-        demo, demo_search):
+        demo, demo_search, demo_search_applied):
     calib = load_calibration_data("demo")
     section = demo_search
     search = section["search"]
-    result = apply(demo, plan(demo, {}, ratios=section["ratios"]))
+    result = demo_search_applied
     removed = 1 - result.after["flops"] / result.before["flops"]
     assert removed >= 0.5 and removed == pytest.approx(section["removed"])
     assert search["loss"] <= search["greedy_loss"]
@@ -247,13 +254,13 @@ def _smallest_global_ratio(analysis, options: dict, target: float) -> float:
 
 @pytest.mark.slow
 def test_auto_ratios_beat_the_best_global_ratio_by_ten_points_at_half_the_flops(
-        demo, demo_search):
+        demo, demo_search, demo_search_applied):
     """The README's claim: at 50% of the FLOPs removed, the automatic ratios (chosen on the
     calibration split) beat every layer norm's global ratio by at least 10 points of held-out
     accuracy, and the pair refinement ends below the greedy's loss."""
     search = demo_search["search"]
     assert search["loss"] < search["greedy_loss"]
-    auto = apply(demo, plan(demo, {}, ratios=demo_search["ratios"]))
+    auto = demo_search_applied
     assert 1 - auto.after["flops"] / auto.before["flops"] >= 0.5
     auto_accuracy = _held_out_accuracy(auto.module)
     greedy = apply(demo, plan(demo, {}, ratios=search["greedy_ratios"]))

@@ -691,3 +691,52 @@ def test_fidelity_measures():
     assert result["top1_agreement"] == 0.75
     assert result["relative_error"] == pytest.approx(np.sqrt(18 / 57))  # (3² + 3²) / Σ before²
     assert result["accuracy_before"] == 0.75 and result["accuracy_after"] == 0.5
+
+
+def test_fidelity_cache_runs_the_original_once_and_gives_the_fresh_numbers():
+    """The model cache (one Prune, then Recover's two comparisons) must give exactly what a
+    fresh evaluate_pair gives, while the original runs on the same data only once."""
+    from dashboard.evaluate import evaluate_pair
+    from engine.io.data import DataSet
+
+    class Counted(torch.nn.Module):
+        """Returns the row of a fixed table named by the sample's first value; counts calls."""
+
+        def __init__(self, table):
+            super().__init__()
+            self.table = torch.tensor(table, dtype=torch.float32)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.table[x[:, 0].long()]
+
+    before = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0], [4.0, 0.0, 0.0]])
+    pruned_table, recovered_table = before.copy(), before.copy()
+    pruned_table[1] = [3.0, 0.0, 1.0]
+    recovered_table[3] = [0.0, 0.0, 4.0]
+    x = np.arange(4, dtype=np.float32).reshape(4, 1)
+    example = (torch.from_numpy(x),)
+    data = DataSet((x,), np.array([0, 1, 2, 1]), "table rows")
+    other = DataSet((x,), np.array([1, 0, 2, 0]), "other labels")
+    original, pruned, recovered = (Counted(t) for t in (before, pruned_table, recovered_table))
+
+    def fresh(model, table_data):
+        return evaluate_pair(Counted(before), model, table_data, example)
+
+    cache: dict = {}
+    first = evaluate_pair(original, pruned, data, example, cache=cache, remember=True)
+    assert first == fresh(pruned, data)
+    runs_of_original, runs_of_pruned = original.calls, pruned.calls
+    assert runs_of_original > 0 and runs_of_pruned > 0
+    # Recover's "pruned" column: the Prune step's numbers, nothing run again
+    assert evaluate_pair(original, pruned, data, example, cache=cache) == first
+    assert (original.calls, pruned.calls) == (runs_of_original, runs_of_pruned)
+    # Recover's "recovered" column: only the recovered model runs
+    after = evaluate_pair(original, recovered, data, example, cache=cache)
+    assert after == fresh(recovered, data) and after != first
+    assert original.calls == runs_of_original and recovered.calls > 0
+    # other data (other labels, same inputs) is measured afresh, not taken from the cache
+    on_other = evaluate_pair(original, pruned, other, example, cache=cache)
+    assert on_other == fresh(pruned, other) and on_other != first
+    assert original.calls > runs_of_original

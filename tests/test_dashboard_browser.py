@@ -6,14 +6,12 @@ Uses /usr/bin/chromium (never `playwright install`); the test fails, not skips, 
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
 
 from engine.demo import load_demo_eval
-from tests.helpers import STEP_TIMEOUT_MS, choose, screenshot, wait_for
+from tests.helpers import choose, netron_laid_out, new_page, screenshot, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +35,7 @@ def _changed(data: dict | None, before: dict) -> dict | None:
 
 
 def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1440, "height": 2200}, accept_downloads=True)
-    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page = new_page(browser, viewport={"width": 1440, "height": 2200}, accept_downloads=True)
 
     # 1. Opens on the demo with the score chart drawn.
     page.goto(dashboard_url)
@@ -117,6 +114,6 @@ def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
         texts.append(frame.locator("svg#canvas").text_content())
     # Two different graphs: the original's layer shapes are not the pruned ones.
     assert texts[0] != texts[1]
-    time.sleep(1)  # let Netron finish its layout before the screenshot
+    netron_laid_out(page.frame_locator("iframe[src^='http://127.0.0.1']").nth(1))
     screenshot(page, "07-graphs.png")
     page.close()

@@ -4,11 +4,10 @@ that point's options and ratio in the sidebar. Screenshots: test-artifacts/compa
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from tests.helpers import ROOT, STEP_TIMEOUT_MS, screenshot, settle, wait_for
+from tests.helpers import ROOT, new_page, screenshot, settle, wait_for
 
 SWEEP = json.loads((ROOT / "assets" / "demo_sweep.json").read_text())
 
@@ -27,8 +26,7 @@ CHART = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
 
 
 def test_comparison_chart_renders_and_a_click_chooses_a_point(dashboard_url, browser):
-    page = browser.new_page(viewport={"width": 1440, "height": 2000})
-    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page = new_page(browser, viewport={"width": 1440, "height": 2000})
     page.goto(dashboard_url)
     page.get_by_text("PruneScope").first.wait_for()
     settle(page)
@@ -56,7 +54,8 @@ def test_comparison_chart_renders_and_a_click_chooses_a_point(dashboard_url, bro
     page.mouse.move(where["x"] - 30, where["y"] - 30)
     page.mouse.move(where["x"], where["y"], steps=5)
     page.wait_for_selector(".js-plotly-plot .hoverlayer .hovertext")
-    time.sleep(1)
+    wait_for(lambda: page.evaluate(f"() => (({CHART})()._hoverdata || [])"
+                                   ".some(d => d.curveNumber === 1 && d.pointNumber === 2)"))
     page.mouse.click(where["x"], where["y"])
     sidebar = page.get_by_test_id("stSidebar")
     layer_norm = sidebar.get_by_test_id("stSelectbox").filter(has_text="Layer norm").first

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import STEP_TIMEOUT_MS, screenshot, settle
+from tests.helpers import new_page, screenshot, settle
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +50,7 @@ def _pruned_bars(page) -> list[int] | None:
 
 
 def test_dashboard_v3_in_chromium(dashboard_url, browser):
-    page = browser.new_page(viewport={"width": 1440, "height": 900})
-    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page = new_page(browser, viewport={"width": 1440, "height": 900})
     page.goto(dashboard_url)
     page.wait_for_selector(".js-plotly-plot .boxlayer")
     settle(page)

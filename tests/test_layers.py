@@ -58,9 +58,15 @@ def test_every_module_has_a_stage():
         stage_of(module)  # ValueError names the module
 
 
+@pytest.fixture(scope="module")
+def project_violations() -> dict[str, list[str]]:
+    """The project's imports parsed once for every kind of fault below."""
+    return _violations(ROOT)
+
+
 @pytest.mark.parametrize("kind", ["circles", "upward", "unknown", "private", "in_function"])
-def test_import_contract(kind):
-    found = _violations(ROOT)[kind]
+def test_import_contract(project_violations, kind):
+    found = project_violations[kind]
     assert found == [], f"{kind}:\n" + "\n".join(found)
 
 

@@ -3,8 +3,11 @@ identical results from every executor (serial, process pool, a real local Ray), 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import engine
 from engine.demo import load_demo_eval
 from engine.errors import OptionError
 from engine.options import CRITERIA, GROUP_POLICIES, LAYER_NORMS, POLICIES
+from engine.quality import executors
 from engine.quality.sweep import axis_values, expand_grid, parse_ratios, sweep
 from tests.helpers import cli, one_error_line
 
@@ -110,11 +114,42 @@ def test_a_point_equals_the_matching_prune_run(demo_sweep):
         assert point["metric"] == _accuracy(result.module, x, y)
 
 
+@pytest.fixture
+def pool_starts(monkeypatch) -> list[str]:
+    """How each process pool of the test started its workers (fork or spawn)."""
+    starts: list[str] = []
+    get_context = multiprocessing.get_context
+
+    def recording(method=None):
+        starts.append(method)
+        return get_context(method)
+
+    monkeypatch.setattr(executors.multiprocessing, "get_context", recording)
+    return starts
+
+
+@contextlib.contextmanager
+def another_thread():
+    """A thread of this process's own, as under Streamlit: the pool must spawn."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @pytest.mark.slow
-def test_process_pool_and_serial_give_identical_results(demo_sweep):
+def test_process_pool_and_serial_give_identical_results(demo_sweep, pool_starts):
     report, _ = demo_sweep
+    # the serial sweep verified pruned models here, which starts tqdm's monitor thread
+    # (torch.fx's Interpreter): the pool still forks, its workers inherit the analysis
+    assert any(t.name == "tqdm_monitor" for t in threading.enumerate())
     pooled = sweep("demo", {"layer_norm": "tss_norm,linear_scaling"}, [0.2, 0.4],
                    eval_data="demo", workers=2)
+    assert pool_starts == ["fork"]
     assert _without_seconds(pooled) == _without_seconds(report)
     # the points really ran in the pool's worker processes (the serial ones ran here)
     assert {p["pid"] for p in report["points"]} == {os.getpid()}
@@ -174,7 +209,7 @@ def test_cli_writes_json_csv_and_a_table(capfd, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_in_memory_model_reaches_the_workers():
+def test_an_in_memory_model_reaches_the_workers(pool_starts):
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     torch.manual_seed(0)
     x = torch.randn(40, 6)
@@ -182,7 +217,10 @@ def test_an_in_memory_model_reaches_the_workers():
 
     data = EvalData((x.numpy(),), np.arange(40) % 3, "memory")
     serial = sweep(model, {}, [0.25, 0.5], eval_data=data, example_inputs=(x,), workers=1)
-    pooled = sweep(model, {}, [0.25, 0.5], eval_data=data, example_inputs=(x,), workers=2)
+    with another_thread():  # spawned workers load the model from the .pt2 bytes they get
+        pooled = sweep(model, {}, [0.25, 0.5], eval_data=data, example_inputs=(x,),
+                       workers=2)
+    assert pool_starts == ["spawn"]
     assert _without_seconds(serial) == _without_seconds(pooled)
     assert [p["params"] for p in serial["points"]] == [6 * 6 + 6 + 6 * 3 + 3, 4 * 6 + 4 + 4 * 3 + 3]
 

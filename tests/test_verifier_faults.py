@@ -196,7 +196,14 @@ def llama_folder(tmp_path_factory):
     return folder
 
 
-def test_a_corrupted_hf_folder_is_not_written(llama_folder, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def llama_pruned(llama_folder):
+    """One prune saved by both tests below (saving leaves the result's module as it was)."""
+    return engine.prune(str(llama_folder), ratio=0.5, uniform=True,
+                        options={"reshape_channel_axis": -2})
+
+
+def test_a_corrupted_hf_folder_is_not_written(llama_pruned, tmp_path, monkeypatch):
     real_weights = hf_export.pretrained_weights
 
     def pretrained_weights(hf, module, *rest):
@@ -208,8 +215,7 @@ def test_a_corrupted_hf_folder_is_not_written(llama_folder, tmp_path, monkeypatc
         return model, tensors
 
     monkeypatch.setattr(hf_export, "pretrained_weights", pretrained_weights)
-    result = engine.prune(str(llama_folder), ratio=0.5, uniform=True,
-                          options={"reshape_channel_axis": -2})
+    result = llama_pruned
     with pytest.warns(UserWarning, match="hf/ not written: the reloaded hf/ model differs"):
         engine.save(result, tmp_path, onnx=False)
     entry = json.loads((tmp_path / "report.json").read_text())["hf"]
@@ -219,10 +225,9 @@ def test_a_corrupted_hf_folder_is_not_written(llama_folder, tmp_path, monkeypatc
     assert (tmp_path / "model.pt2").is_file()
 
 
-def test_sound_hf_folder_is_written(llama_folder, tmp_path):
-    """The control: the same run without the fault writes hf/."""
-    result = engine.prune(str(llama_folder), ratio=0.5, uniform=True,
-                          options={"reshape_channel_axis": -2})
+def test_sound_hf_folder_is_written(llama_pruned, tmp_path):
+    """The control: the same result saved without the fault writes hf/."""
+    result = llama_pruned
     engine.save(result, tmp_path, onnx=False)
     assert result.report["hf"]["written"]
     assert (tmp_path / "hf" / "config.json").is_file()

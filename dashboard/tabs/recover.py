@@ -104,7 +104,8 @@ def render(model: state.LoadedModel, run: PruneRun,
             work.run(lambda: run_recover(engine, run.result, _original(model), calibration,
                                          methods, float(budget), out_dir, eval_data,
                                          run.signature,
-                                         lambda m, f: work.update(f, 1.0, message=m), work.stop),
+                                         lambda m, f: work.update(f, 1.0, message=m), work.stop,
+                                         cache=model.cache),
                      keep)
         except Exception as e:
             show_error(e, "Recovery failed")

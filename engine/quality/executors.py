@@ -70,9 +70,28 @@ def _context(job: SweepJob) -> tuple[Any, bool]:
     the workers inherit the analysis already in memory; otherwise spawn, and each worker
     analyses the model itself."""
     on_cpu = job.device is None or resolve_device(job.device).type == "cpu"
-    if on_cpu and sys.platform.startswith("linux") and threading.active_count() == 1:
-        return multiprocessing.get_context("fork"), True
+    if on_cpu and sys.platform.startswith("linux"):
+        _stop_progress_monitors()
+        if threading.active_count() == 1:
+            return multiprocessing.get_context("fork"), True
     return multiprocessing.get_context("spawn"), False
+
+
+def _stop_progress_monitors() -> None:
+    """Stop tqdm's monitor thread when it is this process's only other thread.
+
+    Every pruned model's verification starts one (torch.fx's Interpreter.run opens a
+    disabled tqdm bar), so without this a process that pruned anything before sweeping
+    would spawn its workers, and each would import torch and analyse the model again.
+    The monitor only re-tunes bars that are drawing; tqdm starts a new one with its next
+    bar. A monitor stopped here holds no lock a forked worker could inherit."""
+    monitor_module = sys.modules.get("tqdm._monitor")  # never imported here for this
+    if monitor_module is None:
+        return
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    if others and all(isinstance(t, monitor_module.TMonitor) for t in others):
+        for monitor in others:
+            monitor.exit()  # wakes it and joins it: it is gone before the fork
 
 
 _MAIN_SWAP = threading.Lock()
