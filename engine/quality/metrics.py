@@ -143,8 +143,10 @@ class FlopCount:
 def count_graph_flops(gm: torch.fx.GraphModule, skip: Collection[str] = ()) -> FlopCount:
     """FLOPs of one forward pass read off the graph's recorded shapes, without running it.
 
-    Counts what FlopCounterMode counts (matrix products, convolutions, attention; a
-    multiply-add is 2) so the two agree, at a fraction of the cost on large models. An
+    Counts the operations FlopCounterMode counts (matrix products, convolutions, attention;
+    a multiply-add is 2), at a fraction of the cost on large models. The two agree except on
+    attention without a mask, which FlopCounterMode counts as 0 on the CPU (its flash kernel
+    has no formula there) and this counts like the masked math path. An
     operation with a data-dependent size, or named in `skip` (to compare a pruned graph with
     its original on the same operations), is left out and named in `uncounted`.
     """
