@@ -36,11 +36,19 @@ def _layer_relative_norms(model) -> list[float]:
     return [float((a - b).norm() / b.norm()) for b, a in (seen[i] for i in sorted(seen))]
 
 
-def test_one_whole_llama_layer_removed_and_written_as_hf(tmp_path):
+@pytest.fixture(scope="module")
+def llama4():
+    """(the 4-layer Llama, its capture): one capture read by several tests; engine.prune
+    removes blocks from a copy of the captured graph, so each test's prune is its own."""
     model = _llama()
+    return model, engine.analyze(model, seq_len=SEQ)
+
+
+def test_one_whole_llama_layer_removed_and_written_as_hf(tmp_path, llama4):
+    model, analysis = llama4
     expected = _layer_relative_norms(model)
     lowest = min(range(4), key=expected.__getitem__)
-    result = engine.prune(model, seq_len=SEQ, remove_blocks=1, block_unit="layer")
+    result = engine.prune(analysis, remove_blocks=1, block_unit="layer")
     depth = result.report["depth"]
     assert depth["unit"] == "layer"
     assert depth["removed_layers"] == [f"model.layers.{lowest}"]
@@ -59,8 +67,8 @@ def test_one_whole_llama_layer_removed_and_written_as_hf(tmp_path):
     assert _rel(got, want) <= 1e-5
 
 
-def test_block_ratio_counts_layers():
-    result = engine.prune(_llama(), seq_len=SEQ, block_ratio=0.5, block_unit="layer")
+def test_block_ratio_counts_layers(llama4):
+    result = engine.prune(llama4[1], block_ratio=0.5, block_unit="layer")
     assert len(result.report["depth"]["removed_layers"]) == 2
     assert sum(b["removed"] for b in result.report["blocks"]) == 4
 
@@ -80,14 +88,14 @@ def test_blocks_outside_multi_block_layers_are_their_own_layers():
 
 def test_cli_removes_a_whole_layer_and_writes_hf(tmp_path, capfd):
     folder = tmp_path / "llama"
-    _llama().save_pretrained(folder)
+    _llama(layers=3).save_pretrained(folder)  # 3 layers: a capture a quarter cheaper
     rc, out, err = cli(capfd, "prune", folder, "--remove-blocks", "1", "--block-unit", "layer",
                        "--out", tmp_path / "o", "--no-onnx")
     assert rc == 0, err
-    assert "layers: removed 1 of 4: model.layers." in out
+    assert "layers: removed 1 of 3: model.layers." in out
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["hf"]["written"], report["hf"]
-    assert _reload(tmp_path / "o" / "hf").config.num_hidden_layers == 3
+    assert _reload(tmp_path / "o" / "hf").config.num_hidden_layers == 2
 
 
 def test_bad_block_unit_is_one_line(tmp_path, capfd):
@@ -101,9 +109,9 @@ def test_bad_block_unit_is_one_line(tmp_path, capfd):
     assert not (tmp_path / "o").exists()
 
 
-def test_too_many_layers_is_one_line(tmp_path):
+def test_too_many_layers_is_one_line(llama4):
     with pytest.raises(engine.errors.OptionError, match="has 4 removable layers"):
-        engine.prune(_llama(), seq_len=SEQ, remove_blocks=4, block_unit="layer")
+        engine.prune(llama4[1], remove_blocks=4, block_unit="layer")
 
 
 def test_layer_influence_with_calibration_on_a_model_of_ones_own():

@@ -55,6 +55,20 @@ def _pruned(name: str):
     return model, original, frequencies, engine.apply(analysis, plan)
 
 
+@pytest.fixture(scope="module")
+def pruned():
+    """name -> _pruned(name), made once: the pair test and the pass-through test of Phi
+    read the same prune (neither changes it)."""
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = _pruned(name)
+        return made[name]
+
+    return get
+
+
 def _kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
     """Which original rows the pruned weight holds, found by value (random weights)."""
     rows = []
@@ -73,8 +87,8 @@ def _per_head(rows: list[int], head_dim: int) -> list[set[int]]:
 
 
 @pytest.mark.parametrize("name", sorted(ROTARY))
-def test_rotary_heads_pruned_in_pairs_exactly(name):
-    model, original, frequencies, result = _pruned(name)
+def test_rotary_heads_pruned_in_pairs_exactly(name, pruned):
+    model, original, frequencies, result = pruned(name)
     verification = result.report["verification"]
     assert verification["exact_expected"] and verification["exact"], verification
     assert_equals_mask_mode(result)
@@ -115,10 +129,10 @@ def test_rotary_heads_pruned_in_pairs_exactly(name):
     assert sliced, "the frequency table follows the kept pairs"
 
 
-def test_partial_rotary_pass_channels_prune_apart_from_pairs():
+def test_partial_rotary_pass_channels_prune_apart_from_pairs(pruned):
     """Phi: the rotary part pairs (one group shared by every layer, through one table);
     each layer's pass-through part is a group of its own, pruned inside heads."""
-    _model, _original, _frequencies, result = _pruned("phi")
+    _model, _original, _frequencies, result = pruned("phi")
     groups = {g["name"]: g for g in result.report["groups"]}
     # 4 heads of 16 channels, 8 of them rotary: 4 x 8 pass-through channels per layer
     pass_groups = [g for g in groups.values() if g["channels"] == 4 * 8]
