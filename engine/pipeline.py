@@ -95,12 +95,19 @@ class PruneResult:
     analysis: Analysis = field(repr=False)
     example_inputs: tuple = field(repr=False, default=())
     _program: torch.export.ExportedProgram | None = field(default=None, repr=False)
+    # the captured program where the width pass removed nothing (a ratio of 0, or whole
+    # layers only, whose removal already re-captured the model): exporting again would give
+    # the same program, and an export of a large model takes minutes
+    _unchanged: torch.export.ExportedProgram | None = field(default=None, repr=False)
 
     @property
     def program(self) -> torch.export.ExportedProgram:
         """The pruned model as an ExportedProgram (what `save` writes as model.pt2)."""
         if self._program is None:
-            self._program = reexport(self.module, self.analysis.captured)
+            if self._unchanged is not None and holds_same_tensors(self.module, self._unchanged):
+                self._program = self._unchanged
+            else:  # pruned, or changed in place since (fine-tuned by the caller)
+                self._program = reexport(self.module, self.analysis.captured)
         return self._program
 
     @property
@@ -293,7 +300,20 @@ def apply(analysis: Analysis, the_plan: Plan, progress: Progress | None = None, 
     if the_plan.ratio is not None or the_plan.ratios is None:
         report["ratio"] = the_plan.ratio
     report["device"] = str(current())
-    return PruneResult(pruned_gm, report, the_plan, analysis, inputs)
+    unchanged = analysis.captured.program if not removed.any() and release is None else None
+    return PruneResult(pruned_gm, report, the_plan, analysis, inputs, _unchanged=unchanged)
+
+
+def holds_same_tensors(module: torch.nn.Module, program: torch.export.ExportedProgram) -> bool:
+    """Whether every parameter and buffer of `module` equals the program's own, by name and
+    value (a module taken from the program, changed in place or not)."""
+    stored = {**program.state_dict, **program.constants}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        other = stored.get(name)
+        if not isinstance(other, torch.Tensor) or other.shape != tensor.shape \
+                or other.dtype != tensor.dtype or not torch.equal(other.detach(), tensor.detach()):
+            return False
+    return True
 
 
 def _releaser(analysis: Analysis) -> Callable[[torch.Tensor], None]:

@@ -180,6 +180,28 @@ def test_cnn_blocks_removed_exactly_and_combined_with_width():
     assert not any(name.startswith("blocks.1.") for name in names)
 
 
+def test_blocks_only_reuse_the_recaptured_program_until_the_module_changes():
+    """Removing whole blocks re-captures the model; with no channels removed after that, the
+    pruned program is that capture (no second export), as long as the module is unchanged."""
+    model = ResCNN().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    depth = engine.prune(model, (x,), remove_blocks=1)
+    assert depth.program is depth.analysis.captured.program
+    with torch.no_grad():
+        torch.testing.assert_close(depth.program.module()(x), depth.module(x))
+
+    changed = engine.prune(model, (x,), remove_blocks=1)
+    with torch.no_grad():
+        changed.module.get_parameter("head.bias").add_(1.0)  # fine-tuned in place
+        assert changed.program is not changed.analysis.captured.program
+        torch.testing.assert_close(changed.program.module()(x), changed.module(x))
+
+    width = engine.prune(model, (x,), ratio=0.5, remove_blocks=1)
+    assert width.program is not width.analysis.captured.program
+    with torch.no_grad():
+        torch.testing.assert_close(width.program.module()(x), width.module(x))
+
+
 @pytest.fixture(scope="module")
 def cnn_pt2(tmp_path_factory):
     path = tmp_path_factory.mktemp("depth") / "cnn.pt2"
