@@ -38,8 +38,8 @@ def evaluate_pair(original: torch.nn.Module, pruned: torch.nn.Module,
     if seen is not None and seen[0] is original and seen[1] is pruned and seen[2] is data:
         return dict(seen[3])
     example = tuple(example_inputs)
-    reference, task = _baseline(original, data, example, cache)
     head = data.head(MAX_EVAL_SAMPLES)
+    reference, task = _baseline(original, data, head, example, cache)
     result: dict[str, Any] = {"samples": len(head)}
     if task["metric"] in ("accuracy", "perplexity"):
         after = evaluate(pruned, head, task["metric"], reference=reference,
@@ -57,14 +57,13 @@ def evaluate_pair(original: torch.nn.Module, pruned: torch.nn.Module,
     return result
 
 
-def _baseline(original: torch.nn.Module, data: DataSet, example: tuple,
+def _baseline(original: torch.nn.Module, data: DataSet, head: DataSet, example: tuple,
               cache: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
-    """The original's first outputs on ``data`` and its task metric (from the cache when the
-    same original was already run on the same data)."""
+    """The original's outputs on ``head`` (the evaluated part of ``data``) and its task
+    metric (from the cache when the same original was already run on the same data)."""
     seen = cache.get(BASELINE_KEY) if cache is not None else None
     if seen is not None and seen[0] is original and seen[1] is data:
         return seen[2], seen[3]
-    head = data.head(MAX_EVAL_SAMPLES)
     reference = predict(original, head, example_inputs=example)
     task = evaluate(original, head, reference=reference, example_inputs=example)
     if cache is not None and reference.nbytes <= BASELINE_MAX_BYTES:
