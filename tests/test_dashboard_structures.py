@@ -57,8 +57,10 @@ def test_uniform_switch_evens_repeated_layers_and_offers_hf_zip(tmp_path):
     assert switch.value is True, "on by default for a transformers model"
     assert "hf/" in switch.help
 
-    # The engine's plans, made outside the page on a fresh analysis of the same folder.
-    analysis = engine.analyze(str(DEMO_LM_HF_DIR))
+    # The engine's plans, made outside the page on a fresh analysis of the folder's capture
+    # (the page's own, not captured a second time: the plans, not the capture, are compared).
+    analysis = engine.analyze(active_model(at).captured)
+    assert analysis is not active_model(at).analysis
     options = PruningOptions()
     free = {g.name: int(g.pruned.size) for g in
             engine.plan(analysis, options, ratio=0.5, uniform=False).groups}

@@ -46,10 +46,17 @@ def _perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def held_out_logits() -> tuple[np.ndarray, np.ndarray]:
+def program_module() -> torch.nn.Module:
+    """demo_lm.pt2 loaded here with torch.export (not through the engine), once for the file;
+    the tests only run it."""
+    return torch.export.load(str(DEMO_LM_PATH)).module()
+
+
+@pytest.fixture(scope="module")
+def held_out_logits(program_module) -> tuple[np.ndarray, np.ndarray]:
     x = _windows(DEMO_LM_EVAL_PATH)
     with torch.no_grad():
-        logits = torch.export.load(str(DEMO_LM_PATH)).module()(torch.from_numpy(x))
+        logits = program_module(torch.from_numpy(x))
     return x, logits.numpy()
 
 
@@ -134,8 +141,8 @@ def test_hugging_face_folder_is_the_same_model(held_out_logits) -> None:
     np.testing.assert_allclose(hf.numpy(), logits[:16], rtol=1e-4, atol=1e-4)
 
 
-def test_program_batch_is_dynamic_and_length_fixed() -> None:
-    module = torch.export.load(str(DEMO_LM_PATH)).module()
+def test_program_batch_is_dynamic_and_length_fixed(program_module) -> None:
+    module = program_module
     x = torch.from_numpy(_windows(DEMO_LM_EVAL_PATH))
     with torch.no_grad():
         one, many = module(x[:1]), module(x[:5])
