@@ -3,10 +3,12 @@ real page with streamlit.testing AppTest on the real demo models and engine."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 
 import numpy as np
+import pytest
 from streamlit.testing.v1 import AppTest
 
 import engine
@@ -75,12 +77,16 @@ def test_demo_lm_recovers_with_its_own_calibration_and_disabled_says_why():
     assert "Recover is disabled: Choose at least one method." in _texts(at.caption)
     at.multiselect(key="recover_methods").set_value(["bias", "distill"]).run()
     assert [n for n in at.number_input if n.key == "recover_budget"]
+    # recover with distill alone (what only this page test runs; bias is the data-light
+    # pass test_dashboard_recover's methods share), for the shortest budget
+    at.multiselect(key="recover_methods").set_value(["distill"]).run()
     at.number_input(key="recover_budget").set_value(1).run()
     _button(at, "recover").click().run()
     app_ok(at)
     table = next(f.value for f in at.dataframe if "Recovered" in f.value.columns)
     assert "Perplexity" in list(table["Measure"])
     done = active_model(at).cache["_ps_recover"]
+    assert done.recovery["methods"] == ["distill"] and done.recovery["distill"]["steps"] > 0
     report = json.loads(done.files["report.json"].read_text())
     assert report["quality"]["metric"] == "perplexity"
     assert report["quality"]["recovered"] == done.scores["Perplexity"]["recovered"]
@@ -124,13 +130,46 @@ def test_mismatched_evaluation_data_is_refused_at_once():
     assert "demo-lm evaluation set" in captions
 
 
-def test_prune_results_in_view_report_matches_page_and_history():
+@pytest.fixture(scope="module")
+def pruned_demo() -> tuple[AppTest, list[str]]:
+    """The demo pruned once at the default settings on the Prune & compare tab, shared by
+    the two tests that read a first prune (one Prune instead of two), in file order:
+    test_inexact_verification_is_shown puts back what it changes, then
+    test_prune_results_in_view_report_matches_page_and_history goes on to a second run.
+    Returns the page and the captions it showed before the click."""
     at = open_app(TIMEOUT)
     _tab(at, "Prune & compare")
-    assert any("Ratio 0.50 removes" in c and "step rule" in c for c in _texts(at.caption))
+    assert "_ps_result" not in at.session_state
+    captions = _texts(at.caption)
     _button(at, "prune").click().run()
     app_ok(at)
+    return at, captions
+
+
+def test_inexact_verification_is_shown(pruned_demo):
+    at, _ = pruned_demo
     run = at.session_state["_ps_result"]
+    verification = run.result.report["verification"]
+    kept = copy.deepcopy(verification)
+    assert "attn.v_proj" not in " ".join(_texts(at.warning))  # not the real run's groups
+    verification.update(exact=False, inexact_groups=["attn.v_proj"],
+                        max_abs_diff_vs_masked=0.25)
+    try:
+        at.run()
+        warning = " ".join(_texts(at.warning))
+        assert "verification.exact is false" in warning and "attn.v_proj" in warning
+    finally:  # the shared page's run as it was
+        verification.clear()
+        verification.update(kept)
+        at.run()
+    assert "attn.v_proj" not in " ".join(_texts(at.warning))
+
+
+def test_prune_results_in_view_report_matches_page_and_history(pruned_demo):
+    at, captions_before_prune = pruned_demo
+    assert any("Ratio 0.50 removes" in c and "step rule" in c for c in captions_before_prune)
+    run = at.session_state["_ps_result"]
+    assert run.ratio == 0.5 and len(_table(at, "run")) == 1  # the first run, as it was left
     # accuracy change in points, not per cent, and said to be the number before recovery
     accuracy = next(m for m in at.metric if m.label == "Accuracy after pruning")
     assert "points" in accuracy.delta and "%" not in accuracy.delta.split("(")[0]
@@ -164,18 +203,6 @@ def test_prune_results_in_view_report_matches_page_and_history():
     csv = next(b for b in at.get("download_button") if b.proto.label.startswith(
         "Download the runs"))
     assert csv is not None
-
-
-def test_inexact_verification_is_shown(monkeypatch):
-    at = open_app(TIMEOUT)
-    _tab(at, "Prune & compare")
-    _button(at, "prune").click().run()
-    run = at.session_state["_ps_result"]
-    run.result.report["verification"].update(exact=False, inexact_groups=["attn.v_proj"],
-                                             max_abs_diff_vs_masked=0.25)
-    at.run()
-    warning = " ".join(_texts(at.warning))
-    assert "verification.exact is false" in warning and "attn.v_proj" in warning
 
 
 def test_plan_table_members_whole_no_none_pins_in_one_click():
