@@ -55,7 +55,6 @@ def _original_graph_file(model: state.LoadedModel) -> Path:
     return out
 
 
-
 def _pruned_graph_file(run: PruneRun) -> Path:
     """The pruned model's ONNX, converted on the first visit after a Prune."""
     path = run.files.get("model.onnx")
