@@ -77,8 +77,9 @@ def test_demo_lm_recovers_with_its_own_calibration_and_disabled_says_why():
     assert "Recover is disabled: Choose at least one method." in _texts(at.caption)
     at.multiselect(key="recover_methods").set_value(["bias", "distill"]).run()
     assert [n for n in at.number_input if n.key == "recover_budget"]
-    # recover with distill alone (what only this page test runs; bias is the data-light
-    # pass test_dashboard_recover's methods share), for the shortest budget
+    # recover with distill alone, for the shortest budget: the page hands the chosen
+    # methods to engine.recover as they are, and only this page test runs distill (bias on
+    # a Llama is test_hf_config's, a data-light method from the page test_dashboard_recover's)
     at.multiselect(key="recover_methods").set_value(["distill"]).run()
     at.number_input(key="recover_budget").set_value(1).run()
     _button(at, "recover").click().run()
