@@ -18,8 +18,8 @@ START_STEPS = (
     ("Prune", "**Prune & compare** tab: press **Prune** to build the smaller model and see "
      "size, speed and accuracy before and after."),
     ("Recover", "below the Prune results: win accuracy back from a little calibration data."),
-    ("Download", "the pruned model (.pt2, .onnx), its report.json, and the history of this "
-     "session's runs as CSV."),
+    ("Download", "the pruned model (.pt2; .onnx after **Make model.onnx**), its report.json, "
+     "and the history of this session's runs as CSV."),
 )
 
 GLOSSARY = {

@@ -1,4 +1,5 @@
 """One "Prune" click: engine.apply, engine.save, latency and fidelity, as plain data.
+model.onnx is made on demand (`onnx_file`), not on every click.
 
 Kept apart from the page so it can be driven by a progress callback (the page's st.status)
 and tested without Streamlit. Pruning itself is the engine's; this only orchestrates.
@@ -40,6 +41,21 @@ class PruneRun:
     notes: list[str] = field(default_factory=list)
     model_label: str = ""
     result: Any = field(default=None, repr=False)  # the engine's PruneResult (for recovery)
+
+
+def onnx_file(engine: Any, files: dict[str, Path], result: Any) -> Path:
+    """The saved result's model.onnx, converted and checked on first request
+    (engine.save_onnx, which also rewrites report.json); `files` gains its paths.
+
+    Converting costs seconds on the demos and minutes on a large model, and most Prune and
+    Recover clicks are steps towards settings, not a download, so a click writes model.pt2
+    and report.json only; the Graphs tab and the model.onnx download ask for this."""
+    path = files.get("model.onnx")
+    if path is not None and path.is_file():
+        return path
+    saved = engine.save_onnx(result, files["model.pt2"].parent)
+    files.update({name: Path(p) for name, p in saved.items()})
+    return files["model.onnx"]
 
 
 def _original_module(model: Any):
@@ -132,10 +148,10 @@ def run_prune(engine: Any, model: Any, plan: Any, out_dir: Path, eval_data: Data
         # report.json carries what the page shows (as `prune --eval-data` writes it)
         result.report["quality"] = quality_section(fid, fid_on)
 
-    progress("Writing model.pt2, model.onnx and report.json (engine.save)…")
+    progress("Writing model.pt2 and report.json (engine.save)…")
     with warnings.catch_warnings():  # the hf/ reason is shown as a note below
         warnings.filterwarnings("ignore", message="hf/ not written")
-        saved = engine.save(result, out_dir, progress=lambda m: progress(f"· {m}"))
+        saved = engine.save(result, out_dir, onnx=False, progress=lambda m: progress(f"· {m}"))
     files = {name: Path(p) for name, p in saved.items()}
     hf = result.report.get("hf")
     if hf and not hf["written"]:

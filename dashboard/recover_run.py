@@ -1,6 +1,7 @@
-"""One "Recover" click: engine.recover on the pruned result, engine.save, and the original /
-pruned / recovered comparison on the evaluation data, as plain data (testable without
-Streamlit). Recovery itself is the engine's; this only orchestrates and measures."""
+"""One "Recover" click: engine.recover on the pruned result, engine.save (model.onnx on
+demand, as for Prune), and the original / pruned / recovered comparison on the evaluation
+data, as plain data (testable without Streamlit). Recovery itself is the engine's; this only
+orchestrates and measures."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class RecoverRun:
     params: dict[str, int]  # original / pruned / recovered
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # measure -> model -> v
     scored_on: str = ""
+    result: Any = field(default=None, repr=False)  # the recovered PruneResult (for its ONNX)
 
 
 def run_recover(engine: Any, result: Any, original: Any, calibration: Any, methods: list[str],
@@ -61,8 +63,8 @@ def run_recover(engine: Any, result: Any, original: Any, calibration: Any, metho
                 "original": 1.0, "pruned": pruned["top1_agreement"],
                 "recovered": after["top1_agreement"]}
         scored_on = f"{eval_data.source} ({pruned['samples']} samples)"
-    progress("Writing model.pt2, model.onnx and report.json (engine.save)…", 1.0)
-    saved = engine.save(recovered, out_dir)
+    progress("Writing model.pt2 and report.json (engine.save)…", 1.0)
+    saved = engine.save(recovered, out_dir, onnx=False)
     return RecoverRun(
         prune_signature=signature,
         methods=list(methods),
@@ -73,6 +75,7 @@ def run_recover(engine: Any, result: Any, original: Any, calibration: Any, metho
                 "recovered": recovered.after["params"]},
         scores=scores,
         scored_on=scored_on,
+        result=recovered,
     )
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time these load lazil
     from engine.graph.dependency import FrozenInfo, GroupInfo
     from engine.io.data import DataOptions, ModelInputs, load_calibration, load_data, model_inputs
     from engine.options import PruningOptions
-    from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, score
+    from engine.pipeline import PruneResult, Scores, apply, masked, prune, save, save_onnx, score
     from engine.quality.embedding import embedding_metrics, mean_pool
     from engine.quality.evaluate import (
         METRICS,
@@ -63,6 +63,7 @@ _LAZY = {
     "masked": "engine.pipeline",
     "prune": "engine.pipeline",
     "save": "engine.pipeline",
+    "save_onnx": "engine.pipeline",
     "score": "engine.pipeline",
     "METRICS": "engine.quality.evaluate",
     "EvalData": "engine.quality.evaluate",
@@ -140,6 +141,7 @@ __all__ = [
     "recover",
     "resolve_device",
     "save",
+    "save_onnx",
     "score",
     "sensitivity",
     "sweep",

@@ -8,6 +8,7 @@ editable), so they are found relative to this file.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,12 +57,12 @@ def builtin_data_path(name: str, kind: str) -> Path:
 
 
 def load_builtin_program(name: str) -> torch.export.ExportedProgram:
-    import torch  # here: engine.io.data reads the built-in data sets without torch
-
+    """A built-in model's program, deserialised once per process (about 0.7 s for demo-lm,
+    paid by every dashboard session, sweep point and CLI call that names it); each caller
+    gets its own copy of the weights and graph, so one caller changing its program never
+    reaches another."""
     model, _, _, target = BUILTINS[name]
-    path = os.fspath(_require(model, target))
-    with TORCH_EXPORT_LOCK:
-        return torch.export.load(path)
+    return _program_copy(_loaded_program(_require(model, target)))
 
 
 def builtin_example_inputs(name: str, batch: int = 8) -> tuple[torch.Tensor]:
@@ -74,11 +75,46 @@ def builtin_example_inputs(name: str, batch: int = 8) -> tuple[torch.Tensor]:
 
 def load_demo_program() -> torch.export.ExportedProgram:
     """The demo model as saved by torch.export.save (batch dimension dynamic, 1..4096)."""
+    return load_builtin_program("demo")
+
+
+# path -> (its size and modification time when loaded, the program): a rebuilt asset
+# (`make demo`) is read again
+_LOADED: dict[Path, tuple[tuple[int, int], torch.export.ExportedProgram]] = {}
+
+
+def _loaded_program(path: Path) -> torch.export.ExportedProgram:
+    import torch  # here: engine.io.data reads the built-in data sets without torch
+
+    stat = path.stat()
+    stamp = (stat.st_size, stat.st_mtime_ns)
+    with TORCH_EXPORT_LOCK:
+        held = _LOADED.get(path)
+        if held is None or held[0] != stamp:
+            held = _LOADED[path] = (stamp, torch.export.load(os.fspath(path)))
+        return held[1]
+
+
+def _program_copy(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """A program with its own graph, weights and constants; the read-only metadata (input
+    ranges, call graph, example inputs) is shared. ``copy.deepcopy`` of a whole program
+    trips a deprecation inside torch's pytree specs, hence the parts."""
     import torch
 
-    path = os.fspath(_require(DEMO_PATH))
-    with TORCH_EXPORT_LOCK:
-        return torch.export.load(path)
+    graph_module = copy.deepcopy(program.graph_module)
+    state = {key: torch.nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+             if isinstance(value, torch.nn.Parameter) else value.clone()
+             for key, value in program.state_dict.items()}
+    constants = {key: value.clone() if isinstance(value, torch.Tensor) else value
+                 for key, value in program.constants.items()}
+    return torch.export.ExportedProgram(
+        root=graph_module, graph=graph_module.graph,
+        graph_signature=copy.deepcopy(program.graph_signature), state_dict=state,
+        range_constraints=dict(program.range_constraints),
+        module_call_graph=list(program.module_call_graph),
+        example_inputs=program.example_inputs, constants=constants,
+        verifiers=program.verifiers,
+    )
 
 
 def load_demo_eval() -> tuple[np.ndarray, np.ndarray]:

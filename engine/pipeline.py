@@ -455,14 +455,7 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         onnx_error = None
         if onnx:
             say("writing model.onnx")
-            try:
-                report["onnx"] = _write_onnx(result, staging / "model.onnx")
-            except Exception as exc:  # noqa: BLE001 - any ONNX failure: keep the rest, say why
-                onnx_error = one_line(exc)
-                for name in ONNX_FILES:
-                    with contextlib.suppress(OSError):
-                        os.remove(staging / name)
-                report["onnx"] = {"error": onnx_error}
+            onnx_error = _stage_onnx(result, staging, report)
         if result.analysis.captured.hf is not None:
             say("writing hf/")
             report["hf"] = _write_hf(result, staging / "hf")
@@ -477,6 +470,50 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_onnx(result: PruneResult, out_dir: str | os.PathLike, *,
+              progress: Progress | None = None) -> dict[str, Path]:
+    """Add model.onnx (+ model.onnx.data for big models) to a folder that
+    `save(result, out_dir, onnx=False)` wrote, checked in ONNX Runtime as `save` checks it,
+    and rewrite report.json with its "onnx" entry; both are moved into place together.
+
+    For a caller that converts on demand (the dashboard converts when its Graphs tab or a
+    download asks for the file: a conversion costs seconds on a small model and minutes on
+    a large one). A failure leaves no model.onnx, writes report.json's "onnx" entry as
+    {"error": ...} and raises OnnxExportError.
+    """
+    say = progress or (lambda _msg: None)
+    out = Path(out_dir)
+    staging = open_staging(out, ExportError)
+    try:
+        report = dict(result.report)
+        say("writing model.onnx")
+        onnx_error = _stage_onnx(result, staging, report)
+        write_json(staging / "report.json", report)
+        paths = _commit(staging, out, (*ONNX_FILES, "report.json"))
+        result.report = report
+        if onnx_error is not None:
+            raise OnnxExportError(f"ONNX export failed: {onnx_error}", paths, report)
+        return paths
+    except OSError as exc:
+        raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _stage_onnx(result: PruneResult, staging: Path, report: dict[str, Any]) -> str | None:
+    """model.onnx into `staging` and report["onnx"] set; the one-line reason on failure (the
+    staged ONNX files then removed), else None."""
+    try:
+        report["onnx"] = _write_onnx(result, staging / "model.onnx")
+    except Exception as exc:  # noqa: BLE001 - any ONNX failure: keep the rest, say why
+        for name in ONNX_FILES:
+            with contextlib.suppress(OSError):
+                os.remove(staging / name)
+        report["onnx"] = {"error": one_line(exc)}
+        return report["onnx"]["error"]
+    return None
 
 
 def _write_hf(result: PruneResult, folder: Path) -> dict[str, Any]:

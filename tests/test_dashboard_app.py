@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
@@ -430,14 +431,26 @@ def test_prune_shows_before_after_fidelity_and_downloads():
     fidelity = _table(at, "Measure").set_index("Measure")
     assert fidelity.loc["Accuracy before", "Value"] == f"{accuracy:.2%}"
     labels = [b.label for b in at.download_button]
-    assert {"Download model.pt2", "Download model.onnx", "Download report.json"} <= set(labels)
+    assert {"Download model.pt2", "Download report.json"} <= set(labels)
     pt2 = next(p for p in run.files.values() if p.name == "model.pt2")
     program = torch.export.load(str(pt2))
     with torch.no_grad():
         out = program.module()(torch.from_numpy(x[:16]))
     assert out.shape == (16, logits.shape[1])
-    report = json.loads(next(p for p in run.files.values() if p.name == "report.json").read_text())
-    assert report
+    report_path = next(p for p in run.files.values() if p.name == "report.json")
+    assert json.loads(report_path.read_text())["after"]["params"] == run.after["params"]
+    # model.onnx is made on request: a button until then, then the download of the pruned model
+    assert "Download model.onnx" not in labels
+    assert sorted(p.name for p in pt2.parent.iterdir()) == ["model.pt2", "report.json"]
+    at.button(key="make_dl_model_onnx").click().run()
+    app_ok(at)
+    assert "Download model.onnx" in [b.label for b in at.download_button]
+    assert not [b for b in at.button if b.key == "make_dl_model_onnx"]
+    session = onnxruntime.InferenceSession(str(pt2.parent / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x[:16]})[0]
+    np.testing.assert_allclose(onnx_out, out.numpy(), rtol=1e-4, atol=1e-4)
+    assert json.loads(report_path.read_text())["onnx"]["max_abs_diff_vs_torch"] < 1e-3
     # Changing an option marks the result as stale instead of silently mixing them.
     at.slider(key="opt_ratio").set_value(0.2).run()
     app_ok(at)
@@ -740,3 +753,39 @@ def test_fidelity_cache_runs_the_original_once_and_gives_the_fresh_numbers():
     on_other = evaluate_pair(original, pruned, other, example, cache=cache)
     assert on_other == fresh(pruned, other) and on_other != first
     assert original.calls > runs_of_original
+
+
+class _SvdHead(torch.nn.Module):
+    """Prunable, but its output goes through SVD, which has no ONNX translation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return torch.linalg.svd(self.fc2(torch.relu(self.fc1(x))).reshape(-1, 4, 4)).S
+
+
+def test_a_model_onnx_cannot_express_prunes_and_says_so_where_onnx_is_asked_for(tmp_path):
+    """Prune writes model.pt2 and report.json; the failed conversion is one line under the
+    button that asked for it, and report.json records it."""
+    torch.manual_seed(0)
+    path = tmp_path / "svd.pt2"
+    torch.export.save(torch.export.export(_SvdHead().eval(), (torch.randn(3, 16),)), str(path))
+    at = open_app(TIMEOUT)
+    at.radio(key="source").set_value("Local file path").run()
+    at.text_input(key="local_path").set_value(str(path)).run()
+    app_ok(at)
+    _prune(at)
+    run = at.session_state["_ps_result"]
+    assert {"Download model.pt2", "Download report.json"} <= {b.label for b in at.download_button}
+    at.button(key="make_dl_model_onnx").click().run()
+    assert not at.exception
+    (error,) = at.error
+    assert error.value.startswith("model.onnx not written: ") and "svd" in error.value.lower()
+    assert "\n" not in error.value
+    folder = run.files["model.pt2"].parent
+    assert sorted(p.name for p in folder.iterdir()) == ["model.pt2", "report.json"]
+    assert "svd" in json.loads((folder / "report.json").read_text())["onnx"]["error"].lower()
+    assert "Download model.onnx" not in {b.label for b in at.download_button}

@@ -7,6 +7,7 @@ Uses /usr/bin/chromium (never `playwright install`); the test fails, not skips, 
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 
@@ -94,6 +95,17 @@ def test_dashboard_in_chromium(dashboard_url, browser, tmp_path):
         logits = program.module()(torch.from_numpy(x[:64]))
     assert logits.shape[0] == 64
     assert float(np.mean(logits.argmax(1).numpy() == y[:64])) > 0.2  # still a classifier
+    # model.onnx is made on request; its download then takes the button's place
+    page.get_by_role("button", name="Make model.onnx").click()
+    with page.expect_download() as info:
+        page.locator(".st-key-dl_model_onnx button").click()
+    assert info.value.suggested_filename == "model.onnx"
+    info.value.save_as(tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: x[:64]})[0]
+    np.testing.assert_allclose(onnx_logits, logits.numpy(), rtol=1e-4, atol=1e-4)
+    assert page.get_by_role("button", name="Make model.onnx").count() == 0
     screenshot(page, "06-download.png")
 
     # 7. The Netron frames show the original and the pruned graph.

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 from streamlit.testing.v1 import AppTest
 
@@ -42,9 +43,17 @@ def test_recover_step_compares_original_pruned_recovered_and_offers_downloads():
     assert accuracy["Recovered"] >= 0.9 > accuracy["Pruned"]
     # the recovered download is the recovered model: recompute its accuracy independently
     labels = {b.label for b in at.download_button}
-    assert {"Download recovered model.pt2", "Download recovered model.onnx",
-            "Download recovered report.json"} <= labels
+    assert {"Download recovered model.pt2", "Download recovered report.json"} <= labels
     x, y = load_demo_eval()
     with torch.no_grad():
         logits = torch.export.load(str(done.files["model.pt2"])).module()(torch.from_numpy(x))
     assert abs(float(np.mean(logits.argmax(1).numpy() == y)) - accuracy["Recovered"]) < 5e-5
+    # the recovered model.onnx, made on request, is the recovered model too
+    at.button(key="make_dl_recovered_model.onnx").click().run()
+    app_ok(at)
+    assert "Download recovered model.onnx" in {b.label for b in at.download_button}
+    session = onnxruntime.InferenceSession(str(done.files["model.onnx"]),
+                                           providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(onnx_logits, logits.numpy(), rtol=1e-4, atol=1e-4)
+    assert done.files["model.onnx"].parent == done.files["model.pt2"].parent

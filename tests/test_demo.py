@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+import engine.demo as demo_module
 from engine.demo import (
     ASSETS_DIR,
     DEMO_CALIB_PATH,
@@ -117,3 +118,55 @@ def test_training_script_reproduces_the_demo(tmp_path: Path) -> None:
     assert meta["parameters"] == shipped_meta["parameters"]
     assert meta["epochs"] == SHORT_EPOCHS and meta["accuracy"] >= MIN_ACCURACY
     assert _accuracy(fresh, x, y) >= MIN_ACCURACY
+
+
+# ----------------------------------------------------------------------------- loaded once
+
+
+def test_a_builtin_is_read_once_per_process_and_every_caller_gets_its_own_copy(monkeypatch):
+    reads: list[str] = []
+    real_load = torch.export.load
+
+    def counting_load(path, *args, **kwargs):
+        reads.append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "load", counting_load)
+    monkeypatch.setattr(demo_module, "_LOADED", {})
+    x = demo_example_inputs()
+    first = demo_module.load_builtin_program("demo")
+    second = demo_module.load_builtin_program("demo")
+    assert reads == [str(DEMO_PATH)]
+    shipped = real_load(str(DEMO_PATH))
+    with torch.no_grad():
+        want = shipped.module()(*x)
+        torch.testing.assert_close(second.module()(*x), want, rtol=0, atol=0)
+        # one caller zeroing its weights and rewriting its graph reaches no other caller
+        for value in first.state_dict.values():
+            value.data.zero_()
+        output = next(n for n in first.graph.nodes if n.op == "output")
+        first.graph.erase_node(output)
+        third = demo_module.load_builtin_program("demo")
+        torch.testing.assert_close(third.module()(*x), want, rtol=0, atol=0)
+        torch.testing.assert_close(second.module()(*x), want, rtol=0, atol=0)
+    assert reads == [str(DEMO_PATH)]
+
+
+def test_a_rebuilt_builtin_is_read_again(monkeypatch, tmp_path):
+    """`make demo` rewrites the asset under a running dashboard: the next load sees it."""
+    path = tmp_path / "demo.pt2"
+    path.write_bytes(DEMO_PATH.read_bytes())
+    monkeypatch.setitem(demo_module.BUILTINS, "demo",
+                        (path, DEMO_CALIB_PATH, DEMO_EVAL_PATH, "demo"))
+    monkeypatch.setattr(demo_module, "_LOADED", {})
+    x = demo_example_inputs()
+    before = demo_module.load_builtin_program("demo")
+    rebuilt = torch.export.load(str(DEMO_PATH))
+    for value in rebuilt.state_dict.values():
+        if value.is_floating_point():
+            value.data.mul_(0.5)
+    torch.export.save(rebuilt, str(path))
+    after = demo_module.load_builtin_program("demo")
+    with torch.no_grad():
+        torch.testing.assert_close(after.module()(*x), rebuilt.module()(*x), rtol=0, atol=0)
+        assert not torch.equal(after.module()(*x), before.module()(*x))

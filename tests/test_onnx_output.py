@@ -127,3 +127,41 @@ def test_export_onnx_with_external_data_leaves_no_temporaries(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     np.testing.assert_allclose(_ort(tmp_path / "m.onnx", x), model(x).detach().numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- on demand
+
+
+def test_onnx_added_later_matches_the_pruned_model_and_joins_the_report(tmp_path: Path) -> None:
+    """save(onnx=False) then save_onnx: the folder ends as `save` with ONNX writes it."""
+    torch.manual_seed(0)
+    result = engine.prune(Mlp().eval(), (torch.randn(3, 16),), ratio=0.5)
+    x = torch.randn(3, 16)  # not the inputs the check ran on
+    out = tmp_path / "out"
+    engine.save(result, out, onnx=False)
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt2", "report.json"]
+    assert "onnx" not in json.loads((out / "report.json").read_text())
+    pt2 = (out / "model.pt2").read_bytes()
+    paths = engine.save_onnx(result, out)
+    assert set(paths) == {"model.onnx", "report.json"}
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt2", "report.json"]
+    assert (out / "model.pt2").read_bytes() == pt2
+    # the file is the pruned model: ONNX Runtime on inputs it was not checked on
+    np.testing.assert_allclose(_ort(out / "model.onnx", x), result.module(x).detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["onnx"]["max_abs_diff_vs_torch"] < 1e-4
+    assert report["after"]["params"] == result.after["params"]
+    assert report == json.loads(json.dumps(result.report))
+
+
+def test_onnx_added_later_that_fails_leaves_no_onnx_and_says_why(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    result = engine.prune(SvdHead().eval(), (torch.randn(3, 16),), ratio=0.5)
+    out = tmp_path / "out"
+    engine.save(result, out, onnx=False)
+    with pytest.raises(engine.OnnxExportError) as info:
+        engine.save_onnx(result, out)
+    assert "\n" not in str(info.value) and "svd" in str(info.value).lower()
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt2", "report.json"]
+    assert "svd" in json.loads((out / "report.json").read_text())["onnx"]["error"].lower()

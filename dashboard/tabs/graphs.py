@@ -10,8 +10,7 @@ import engine.io.export
 from dashboard import netron_server, state
 from dashboard.common import RESULT_KEY, session_files, short, show_error
 from dashboard.page import PageState
-from dashboard.prune_run import PruneRun
-from dashboard.tabs.prune import file_named
+from dashboard.prune_run import PruneRun, onnx_file
 
 
 def render(page: PageState) -> None:
@@ -31,11 +30,11 @@ def render(page: PageState) -> None:
     with right:
         st.markdown("**Pruned**")
         run: PruneRun | None = st.session_state.get(RESULT_KEY)
-        path = file_named(run, "model.onnx") if run and run.model_key == model.key else None
-        if path is None:
+        if run is None or run.model_key != model.key:
             st.info("Prune the model (Prune & compare tab) to see its graph here.")
             return
         try:
+            path = _pruned_graph_file(run)
             server = netron_server.serve(path)
             st.iframe(server.url, height=720)
             st.caption(f"{path.name} · {server.url}")
@@ -55,3 +54,11 @@ def _original_graph_file(model: state.LoadedModel) -> Path:
     model.cache["original_onnx"] = out
     return out
 
+
+def _pruned_graph_file(run: PruneRun) -> Path:
+    """The pruned model's ONNX, converted on the first visit after a Prune."""
+    path = run.files.get("model.onnx")
+    if path is not None and path.is_file():
+        return path
+    with st.spinner("Converting the pruned model to ONNX for Netron…"):
+        return onnx_file(engine, run.files, run.result)

@@ -15,6 +15,7 @@ import engine
 from dashboard import state
 from dashboard.charts_results import widths_figure
 from dashboard.common import RESULT_KEY, session_files, short, show_error
+from dashboard.downloads import file_download, onnx_download
 from dashboard.frames import history_frame, history_view, widths_frame
 from dashboard.guide import glossary_popover
 from dashboard.page import PageState
@@ -41,11 +42,12 @@ def render(page: PageState) -> None:
         + (" with the same count in every repeated layer (uniform)"
            if (plan_args or {}).get("uniform") else "")
         + ". Prune builds the smaller model, saves it as "
-        "`model.pt2`, `model.onnx` and `report.json`"
+        "`model.pt2` and `report.json`"
         + (" (and `hf/` for a transformers model whose pruned config stays standard)"
            if model.captured.hf is not None else "")
         + ", and compares it with the original"
-        + (f" on **{eval_data.source}** ({len(eval_data)} samples)." if eval_data else ".")
+        + (f" on **{eval_data.source}** ({len(eval_data)} samples)" if eval_data else "")
+        + "; `model.onnx` is converted when you ask for it (Downloads, Graphs tab)."
     )
     whole = structure_line(structures or {})
     if whole:
@@ -274,15 +276,15 @@ def show_result(run: PruneRun) -> None:
     mimes = {"model.pt2": "application/octet-stream", "model.onnx": "application/octet-stream",
              "report.json": "application/json"}
     for col, (name, mime) in zip(c, mimes.items()):
+        key = f"dl_{name.replace('.', '_')}"
+        if name == "model.onnx":
+            onnx_download(col, run.files, run.result, f"Download {name}", name, key)
+            continue
         path = file_named(run, name)
         if path is None:
             col.caption(f"{name}: not written")
             continue
-        col.download_button(
-            f"Download {name}", data=lambda p=path: p.read_bytes(), file_name=name, mime=mime,
-            key=f"dl_{name.replace('.', '_')}", icon=":material/download:", width="stretch",
-            on_click="ignore",
-        )
+        file_download(col, path, f"Download {name}", name, key, mime)
     if has_hf:
         c[3].download_button(
             "Download hf/ (zip)", data=lambda p=hf_dir: zip_folder(p), file_name="hf.zip",

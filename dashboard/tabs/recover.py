@@ -12,6 +12,7 @@ import streamlit as st
 import engine
 from dashboard import sources, state
 from dashboard.common import session_files, short, show_error
+from dashboard.downloads import file_download, onnx_download
 from dashboard.long_run import LongRun, wait_for_stopped_run
 from dashboard.prune_run import PruneRun
 from dashboard.recover_run import (
@@ -138,10 +139,13 @@ def show_recovery(done: RecoverRun) -> None:
     st.markdown("**Downloads** (the recovered model)")
     c = st.columns(3)
     for col, name in zip(c, ("model.pt2", "model.onnx", "report.json")):
+        label, file_name, key = f"Download recovered {name}", f"recovered_{name}", \
+            f"dl_recovered_{name}"
+        if name == "model.onnx":
+            onnx_download(col, done.files, done.result, label, file_name, key)
+            continue
         path = done.files.get(name)
         if path is None or not path.is_file():
             col.caption(f"{name}: not written")
             continue
-        col.download_button(f"Download recovered {name}", data=lambda p=path: p.read_bytes(),
-                            file_name=f"recovered_{name}", key=f"dl_recovered_{name}",
-                            icon=":material/download:", width="stretch", on_click="ignore")
+        file_download(col, path, label, file_name, key)
