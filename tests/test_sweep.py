@@ -20,6 +20,7 @@ from engine.errors import OptionError
 from engine.options import CRITERIA, GROUP_POLICIES, LAYER_NORMS, POLICIES
 from engine.quality import executors
 from engine.quality.sweep import axis_values, expand_grid, parse_ratios, sweep
+from engine.quality.sweep_job import ModelSource
 from tests.helpers import cli, one_error_line
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -161,18 +162,40 @@ def test_ray_gives_the_same_results_as_the_process_pool(demo_sweep):
     import ray
 
     report, _ = demo_sweep
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    assert not ray.is_initialized()
+    cpus = []  # what the Ray instance the sweep started offers, asked while it runs
+
+    def ask_ray(done, total, record):
+        cpus.append(ray.cluster_resources().get("CPU"))
+
     try:
+        # `local`: the sweep starts a real local Ray instance (one CPU: one Ray worker
+        # process, which imports torch and loads the model once for all four points)
         on_ray = sweep("demo", {"layer_norm": "tss_norm,linear_scaling"}, [0.2, 0.4],
-                       eval_data="demo", ray="local")
+                       eval_data="demo", ray="local", workers=1, progress=ask_ray)
+        assert not ray.is_initialized()  # and shuts down what it started
     finally:
         ray.shutdown()
+    assert cpus == [1.0] * 4
     assert _without_seconds(on_ray) == _without_seconds(report)
     # each point was its own Ray task, run in a Ray worker process
     tasks = [p["ray_task_id"] for p in on_ray["points"]]
     assert all(isinstance(t, str) and t for t in tasks) and len(set(tasks)) == len(tasks)
     assert os.getpid() not in {p["pid"] for p in on_ray["points"]}
+
+
+def test_a_local_ray_gets_no_more_cpus_than_points():
+    assert executors.local_ray_cpus(None, 1) == 1
+    assert executors.local_ray_cpus(8, 3) == 3
+    assert executors.local_ray_cpus(2, 5) == 2
+    assert executors.local_ray_cpus(None, 10_000) == os.cpu_count()
+
+
+def test_a_built_in_model_travels_by_name_to_ray_workers():
+    # a Ray worker on another machine loads a built-in model from its own engine install
+    for name in ("demo", "demo-lm"):
+        source = ModelSource(name, name)
+        assert source.with_bytes() is source
 
 
 @pytest.mark.slow
@@ -282,13 +305,18 @@ def test_target_flops_from_stored_curves_writes_reusable_ratios(capfd, tmp_path)
 
 
 @pytest.mark.slow
-def test_recovered_points_are_measured_like_a_recovery_run():
+def test_recovered_points_are_measured_like_a_recovery_run(tmp_path):
+    # the first 256 of the demo's 1,347 calibration samples, as a file of the user's: the
+    # recovery's passes over them are most of this test's time
+    calibration = tmp_path / "calibration.npz"
+    with np.load(ASSETS / "demo_calib.npz") as demo:
+        np.savez(calibration, x=demo["x"][:256], y=demo["y"][:256])
     report = sweep("demo", {}, [0.5], eval_data="demo", recover="bn,bias,lsq,norm",
-                   calibration="demo", workers=1)
+                   calibration=calibration, workers=1)
     point = report["points"][0]
     x, y = load_demo_eval()
     result = engine.prune("demo", ratio=0.5)
-    recovered = engine.recover(result, "demo", methods="bn,bias,lsq,norm")
+    recovered = engine.recover(result, calibration, methods="bn,bias,lsq,norm")
     assert point["metric"] == _accuracy(result.module, x, y)
     assert point["recovered"] == _accuracy(recovered.module, x, y)
     assert point["recovered"] > point["metric"] + 0.3  # data-light recovery at 0.5

@@ -380,6 +380,17 @@ def _flat_forward(forward, input_names: tuple[str, ...] = ()):
     return flat_forward
 
 
+def copy_module(module: torch.nn.Module, memo: dict[int, Any] | None = None) -> torch.nn.Module:
+    """``copy.deepcopy`` of a module (a captured program's graph module included) without the
+    FutureWarning that torch's own pytree specs raise while being copied: it concerns torch's
+    internals, and the CLI would print it on every prune and recovery. ``memo``: as
+    deepcopy's (map a tensor's id to itself to share it instead of copying it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`",
+                                category=FutureWarning)
+        return copy.deepcopy(module, memo)
+
+
 def reexport(module: torch.nn.Module, captured: Captured) -> torch.export.ExportedProgram:
     """Capture a changed graph again with the inputs (and dynamic dimensions) of `captured`;
     a failure is one line."""

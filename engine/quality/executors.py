@@ -185,13 +185,20 @@ def check_executor(ray: str | None) -> None:
             _check_reachable(ray)
 
 
+def local_ray_cpus(workers: int | None, points: int) -> int:
+    """The CPUs of a Ray instance a sweep starts here: `workers` (default: the cores), but
+    no more than there are points. Each Ray worker process imports torch and the engine and
+    loads the model before its first point; a CPU no point can use would only start one."""
+    return max(1, min(int(workers or os.cpu_count() or 1), points))
+
+
 def _on_ray(job: SweepJob, points: list[Point], address: str,
             workers: int | None) -> Iterator[tuple[int, dict]]:
     ray = import_ray()
     started = False
     if not ray.is_initialized():
         if address == "local":
-            ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False,
+            ray.init(num_cpus=local_ray_cpus(workers, len(points)), include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         else:
             try:

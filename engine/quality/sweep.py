@@ -203,8 +203,7 @@ def run_points(
     """Run `points`, filling report["points"] (in point order) as they finish; after each,
     rewrite `out_json` atomically so an interrupted run keeps what finished. `stop()`, asked
     after every point, ends the run early (the report then says `complete: false`)."""
-    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
-        raise OptionError(f"--workers {workers!r} must be an integer >= 1")
+    check_workers(workers)
     report.update(points=[], total=len(points), complete=False)
     finished: dict[int, dict] = {}
     runner = execute(prepared.job, points, workers=workers, ray=ray)
@@ -222,6 +221,12 @@ def run_points(
     finally:
         runner.close()
     return report
+
+
+def check_workers(workers: int | None) -> None:
+    """`--workers`: None (the cores) or an integer >= 1."""
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise OptionError(f"--workers {workers!r} must be an integer >= 1")
 
 
 def sweep(
@@ -260,6 +265,7 @@ def sweep(
     """
     options_list = expand_grid(grid)
     ratio_list = parse_ratios(ratios)
+    check_workers(workers)  # before the analysis, scoring and evaluation, not after them
     prepared = prepare(model, eval_data=eval_data, metric=metric,
                        criteria=[o.criterion for o in options_list], calibration=calibration,
                        recover=recover, recover_steps=recover_steps, ray=ray,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.demo import is_builtin
 from engine.device import using
 from engine.errors import PruneScopeError
 from engine.pipeline import apply
@@ -45,8 +46,8 @@ class ModelSource:
 
     def with_bytes(self) -> ModelSource:
         """The same source carrying its file, for workers on other machines."""
-        if self.data is not None or self.path in (None, "demo"):
-            return self
+        if self.data is not None or self.path is None or is_builtin(self.path):
+            return self  # a built-in model ships with the engine on every worker
         return ModelSource(self.name, self.path, Path(self.path).read_bytes(),
                            Path(self.path).suffix, self.trust_pickle, self.input_shapes)
 

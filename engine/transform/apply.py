@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import threading
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from engine.errors import PruneScopeError
+from engine.graph.capture import copy_module
 from engine.graph.dependency import Structure
 from engine.graph.inputs import graph_runner
 from engine.graph.labels import surviving
@@ -87,9 +86,7 @@ def rewrite(gm: fx.GraphModule, structure: Structure, removed: np.ndarray,
     # copy the modules and the graph, not the weights: the sliced ones are replaced below and
     # the untouched ones cloned at the end, so peak memory stays near one model
     memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
-        new = copy.deepcopy(gm, memo)
+    new = copy_module(gm, memo)
     del memo  # it holds every original tensor
     tracer = Tracer(new, structure.state, whole_blocks=structure.whole_blocks, pruned=removed)
     try:

@@ -19,8 +19,6 @@ width pruning then plans on what remains (scores of removed blocks never compete
 
 from __future__ import annotations
 
-import copy
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +28,7 @@ import torch.fx as fx
 
 from engine.errors import OptionError
 from engine.graph.blocks import Block, block_and_span_scores, block_scores, find_blocks
-from engine.graph.capture import Captured, distinct_example_inputs, reexport
+from engine.graph.capture import Captured, copy_module, distinct_example_inputs, reexport
 from engine.graph.inputs import graph_runner
 from engine.graph.outputs import tensor_leaves
 from engine.io.hf_depth import after_depth, layer_of
@@ -95,9 +93,7 @@ def choose(scores: dict[str, float], count: int) -> list[str]:
 def remove(gm: fx.GraphModule, removed: list[Block]) -> fx.GraphModule:
     """A copy of `gm` without the removed blocks' branches and weights."""
     memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        new = copy.deepcopy(gm, memo)
+    new = copy_module(gm, memo)
     nodes = {n.name: n for n in new.graph.nodes}
     used_before = {n.target for n in new.graph.nodes if n.op == "get_attr"}
     branch_nodes: set[fx.Node] = set()

@@ -22,7 +22,7 @@ import torch
 from engine.demo import is_builtin
 from engine.device import CPU, device_scope, on_device, to_device
 from engine.errors import OptionError, PruneScopeError
-from engine.graph.capture import load_model
+from engine.graph.capture import copy_module, load_model
 from engine.graph.outputs import tensor_leaves
 from engine.io.data import as_data
 from engine.io.hf_export import parameter_places
@@ -148,7 +148,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
 
     wanted = list(DATA_LIGHT) if "auto" in names else [m for m in DATA_LIGHT if m in names]
     distilling = "distill" in names or ("auto" in names and (steps or (budget_s or 0) > 0))
-    module = on_device(copy.deepcopy(result.module))
+    module = on_device(copy_module(result.module))
     original_here = _original(analysis)
     original = on_device(original_here)
     teacher_hold = data.outputs(original, holdout) if len(holdout) else None
@@ -188,7 +188,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
                 skipped[name] = reason
                 continue
             say(f"recovery: {name}", 0.6 * k / len(wanted) if distilling else k / len(wanted))
-            trial = copy.deepcopy(module)
+            trial = copy_module(module)
             ctx = Context(original, trial, layout, light.token_mask, may_add=may_add)
             layers = _light_pass(ctx, name, light, chunks)
             layer_skips.update(ctx.skipped)
@@ -213,7 +213,7 @@ def recover(result, calibration: Any, methods: str | Sequence[str] = "auto", *,
             skipped["distill"] = "no time budget (give --recover-budget or --recover-steps)"
         else:
             base = 0.6 if wanted else 0.0
-            trial = copy.deepcopy(module)
+            trial = copy_module(module)
             details = distill.run(
                 trial, fit, data.outputs(original, fit), holdout if len(holdout) else None,
                 teacher_hold, seconds=budget_s, steps=steps, seed=seed,
