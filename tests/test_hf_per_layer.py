@@ -16,7 +16,7 @@ import torch
 import engine
 from engine.io.hf import source_of_model
 from engine.io.hf_config import per_layer_fields, solve_config, solve_per_layer
-from engine.io.hf_export import build_pretrained
+from engine.io.hf_export import build_pretrained, write_hf
 
 tf = pytest.importorskip("transformers")
 step3p7 = pytest.importorskip("transformers.models.step3p7.modeling_step3p7")
@@ -98,9 +98,10 @@ def test_non_uniform_plan_without_per_layer_support_says_uniform(tmp_path):
     # layer 1's MLP stays whole while layer 0's loses channels: one size per config no more
     result = engine.prune(str(tmp_path / "in"), ratio=0.5, options={"reshape_channel_axis": -2},
                           pinned=["model.layers.1.mlp.gate_proj+1"])
-    engine.save(result, tmp_path / "out", onnx=False)
-    hf = result.report["hf"]
+    # the hf/ writer alone (engine.save's model.pt2 is not looked at here; save's refusal
+    # path, report entry and no hf/ folder, is tests/test_hf_folders.py's)
+    hf = write_hf(result, tmp_path / "out" / "hf")
     assert not hf["written"]
     assert "--uniform is needed" in hf["reason"]
     assert "reads no width from per_layer_config" in hf["reason"]
-    assert not (tmp_path / "out" / "hf").exists()
+    assert not (tmp_path / "out").exists()
