@@ -32,9 +32,9 @@ SCRIPT = textwrap.dedent("""
             f.write("5")
 
     torch.manual_seed(0)
-    # 1 layer (the capture's cost) and a large vocabulary (the weights' size, cheap to
+    # 2 layers (the capture's cost) and a large vocabulary (the weights' size, cheap to
     # capture): the embeddings hold most of the bytes
-    config = tf.LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=1,
+    config = tf.LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
                             num_attention_heads=8, num_key_value_heads=2, vocab_size=16000)
     result = engine.prune(tf.LlamaForCausalLM(config).eval(), ratio=0.3, uniform=True,
                           seq_len=8)
