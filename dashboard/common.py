@@ -12,7 +12,7 @@ import streamlit as st
 
 import engine
 from dashboard import charts, netron_server, sources, state
-from engine.demo import is_builtin
+from engine.demo import BUILTIN_NAMES, is_builtin
 from engine.errors import PruneScopeError
 from engine.io.data import DataSet
 from engine.options import PruningOptions
@@ -198,8 +198,6 @@ def calibration_for(eval_data: DataSet | None) -> Any:
     (its training split, so the evaluation set the page measures on stays held out), else
     the uploaded data (inputs x and labels y, which taylor uses). The engine's raw-score cache
     is keyed by the data's content, so every rerun hits it."""
-    from engine.demo import BUILTIN_NAMES
-
     cached = st.session_state.get(EVAL_KEY)
     if eval_data is not None and cached is not None and cached[0] in BUILTIN_NAMES \
             and cached[1] is eval_data:

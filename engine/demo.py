@@ -62,7 +62,10 @@ def load_builtin_program(name: str) -> torch.export.ExportedProgram:
     gets its own copy of the weights and graph, so one caller changing its program never
     reaches another."""
     model, _, _, target = BUILTINS[name]
-    return _program_copy(_loaded_program(_require(model, target)))
+    # copying builds graph nodes, which read torch.fx's global node meta that an export in
+    # another thread writes: the copy holds the lock too
+    with TORCH_EXPORT_LOCK:
+        return _program_copy(_loaded_program(_require(model, target)))
 
 
 def builtin_example_inputs(name: str, batch: int = 8) -> tuple[torch.Tensor]:

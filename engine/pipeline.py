@@ -446,10 +446,8 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
     raised, carrying the written paths.
     """
     say = progress or (lambda _msg: None)
-    out = Path(out_dir)
-    staging = open_staging(out, ExportError)
-    try:
-        report = dict(result.report)
+
+    def fill(staging: Path, report: dict[str, Any]) -> str | None:
         say("writing model.pt2")
         save_program(result.program, staging / "model.pt2")
         onnx_error = None
@@ -459,19 +457,17 @@ def save(result: PruneResult, out_dir: str | os.PathLike, *, onnx: bool = True,
         if result.analysis.captured.hf is not None:
             say("writing hf/")
             report["hf"] = _write_hf(result, staging / "hf")
-        write_json(staging / "report.json", report)
-        paths = _commit(staging, out, ("model.pt2", *ONNX_FILES, "report.json", "hf"))
-        result.report = report
-        if onnx_error is not None:
-            raise OnnxExportError(f"ONNX export failed (model.pt2 and report.json written): "
-                                  f"{onnx_error}", paths, report)
-        return paths
-    except OSError as exc:
-        raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        return onnx_error
+
+    paths, onnx_error = _write_staged(result, out_dir,
+                                      ("model.pt2", *ONNX_FILES, "report.json", "hf"), fill)
+    if onnx_error is not None:
+        raise OnnxExportError(f"ONNX export failed (model.pt2 and report.json written): "
+                              f"{onnx_error}", paths, result.report)
+    return paths
 
 
+@exclusive
 def save_onnx(result: PruneResult, out_dir: str | os.PathLike, *,
               progress: Progress | None = None) -> dict[str, Path]:
     """Add model.onnx (+ model.onnx.data for big models) to a folder that
@@ -484,18 +480,33 @@ def save_onnx(result: PruneResult, out_dir: str | os.PathLike, *,
     {"error": ...} and raises OnnxExportError.
     """
     say = progress or (lambda _msg: None)
+
+    def fill(staging: Path, report: dict[str, Any]) -> str | None:
+        say("writing model.onnx")
+        return _stage_onnx(result, staging, report)
+
+    paths, onnx_error = _write_staged(result, out_dir, (*ONNX_FILES, "report.json"), fill)
+    if onnx_error is not None:
+        raise OnnxExportError(f"ONNX export failed: {onnx_error}", paths, result.report)
+    return paths
+
+
+def _write_staged(result: PruneResult, out_dir: str | os.PathLike, names: tuple[str, ...],
+                  fill: Callable[[Path, dict[str, Any]], str | None]
+                  ) -> tuple[dict[str, Path], str | None]:
+    """`fill(staging, report)` writes files into a staging folder inside `out_dir` and adds
+    their report entries; report.json is written next to them, then `names` are moved into
+    place as one unit and the result's report becomes the written one. Returns the placed
+    paths and what `fill` returned (the ONNX failure, if any)."""
     out = Path(out_dir)
     staging = open_staging(out, ExportError)
     try:
         report = dict(result.report)
-        say("writing model.onnx")
-        onnx_error = _stage_onnx(result, staging, report)
+        onnx_error = fill(staging, report)
         write_json(staging / "report.json", report)
-        paths = _commit(staging, out, (*ONNX_FILES, "report.json"))
+        paths = _commit(staging, out, names)
         result.report = report
-        if onnx_error is not None:
-            raise OnnxExportError(f"ONNX export failed: {onnx_error}", paths, report)
-        return paths
+        return paths, onnx_error
     except OSError as exc:
         raise ExportError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     finally:
