@@ -42,6 +42,13 @@ def bert(folders):
 
 
 @pytest.fixture(scope="module")
+def llama(folders):
+    """The causal LM folder captured once at seq_len 16, read by the perplexity tests (an
+    evaluation and a data load only read it)."""
+    return engine.load_model(folders["llama"], seq_len=16)
+
+
+@pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "heldout.jsonl"
     path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
@@ -140,8 +147,8 @@ def test_classifier_with_labels_gets_accuracy(folders, text) -> None:
     assert result["value"] == pytest.approx(np.mean(pred == np.asarray(LABELS * 2)))
 
 
-def test_causal_lm_gets_perplexity_over_real_tokens_only(folders, text) -> None:
-    original = engine.load_model(folders["llama"], seq_len=16)
+def test_causal_lm_gets_perplexity_over_real_tokens_only(folders, llama, text) -> None:
+    original = llama
     data = load_data(text, model=original, options=DataOptions(label_field="none"))
     result = engine.evaluate(original, data)
     assert result["metric"] == "perplexity" and "spanning the tokenizer's vocabulary of 29" \
@@ -160,7 +167,8 @@ def test_causal_lm_gets_perplexity_over_real_tokens_only(folders, text) -> None:
     assert result["value"] == pytest.approx(float(torch.exp(nll[real].mean())), rel=1e-5)
 
 
-def test_perplexity_needs_logits_spanning_the_tokenizer(folders, text, tmp_path) -> None:
+def test_perplexity_needs_logits_spanning_the_tokenizer(folders, llama, text,
+                                                         tmp_path) -> None:
     """A causal LM whose logits are narrower than its tokenizer's vocabulary is not scored
     with perplexity: here the tokenizer has 69 tokens, the model 29 (text uses only ids the
     model has, so it runs)."""
@@ -173,7 +181,7 @@ def test_perplexity_needs_logits_spanning_the_tokenizer(folders, text, tmp_path)
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>") \
         .save_pretrained(wide_tok)
     assert vocab == 69
-    narrow = engine.load_model(folders["llama"], seq_len=16)
+    narrow = llama
     # ids of the wide tokenizer's words: 43.., beyond the narrow model: refused at loading
     with pytest.raises(Exception, match="beyond the vocabulary"):
         load_data(text, model=narrow, options=DataOptions(tokenizer=str(wide_tok)))

@@ -213,12 +213,16 @@ def test_experts_keep_at_least_top_k(stacked):
 # ----------------------------------------------------------------- transformers models
 
 
-def _mixtral():
+def _mixtral(layers: int = 2):
     config = tf.MixtralConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=100,
         use_cache=False)
     return tf.MixtralForCausalLM(config)
+
+
+def _mixtral_one_layer():
+    return _mixtral(layers=1)
 
 
 def _qwen2_moe():
@@ -279,9 +283,15 @@ def captured():
 
 
 @pytest.fixture(scope="module")
-def mixtral_pt2(tmp_path_factory, captured):
+def mixtral_pt2(tmp_path_factory):
+    """A one-layer Mixtral archive for the file-level tests (CLI with ONNX, the fresh-process
+    loader, a tampered namespace): one routed layer holds every op they look at, and the
+    ONNX conversion and each load cost about half of the two-layer model's."""
     path = tmp_path_factory.mktemp("moe") / "mixtral.pt2"
-    torch.export.save(captured(_mixtral)[0], path)
+    program = _program(_mixtral_one_layer)
+    assert sum(str(n.target) == "transformers.grouped_mm_fallback.default"
+               for n in program.graph.nodes) == 2  # gate_up and down of the one MoE layer
+    torch.export.save(program, path)
     return path
 
 

@@ -139,13 +139,14 @@ def test_partial_rotary_pass_channels_prune_apart_from_pairs(pruned):
     assert pass_groups and all(len(g["pruned"]) for g in pass_groups)
 
 
-def test_whole_heads_mode_leaves_the_frequency_table_alone():
-    """With reshape_channel_axis -2 whole heads go; the table keeps every frequency."""
-    torch.manual_seed(0)
-    model, inputs = architectures.llama()
-    table = model.model.model.rotary_emb.inv_freq.clone()
-    result = engine.prune(model, inputs, engine.PruningOptions(reshape_channel_axis=-2),
-                          ratio=0.5)
+def test_whole_heads_mode_leaves_the_frequency_table_alone(pruned):
+    """With reshape_channel_axis -2 whole heads go; the table keeps every frequency. The
+    Llama capture of the pair test is pruned again here with other options (a prune copies
+    what it cuts: the shared analysis and the table copied before it stay the original's)."""
+    _model, _original, frequencies, pairs_result = pruned("llama")
+    table = frequencies["model.model.rotary_emb.inv_freq"]
+    result = engine.prune(pairs_result.analysis, None,
+                          engine.PruningOptions(reshape_channel_axis=-2), ratio=0.5)
     sliced = dict(result.module.named_buffers())["model.model.rotary_emb.inv_freq"]
     assert torch.equal(sliced, table)
     q = result.module.state_dict()["model.model.layers.0.self_attn.q_proj.weight"]
