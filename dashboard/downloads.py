@@ -10,7 +10,7 @@ import streamlit as st
 
 import engine
 from dashboard.common import show_error
-from dashboard.prune_run import onnx_file
+from dashboard.prune_run import onnx_file, saved_onnx
 
 MAKE_ONNX_HELP = ("Converts the model to ONNX and checks it in ONNX Runtime against the torch "
                   "model (seconds on the demos, minutes on a large model); report.json then "
@@ -29,9 +29,9 @@ def onnx_download(column: Any, files: dict[str, Path], result: Any, label: str,
                   file_name: str, key: str) -> None:
     """model.onnx's download; until it exists, a button that makes it (and gives way to the
     download in the same place)."""
-    path = files.get("model.onnx")
+    path = saved_onnx(files)
     slot = column.empty()
-    if path is None or not path.is_file():
+    if path is None:
         if not slot.button("Make model.onnx", key=f"make_{key}", icon=":material/build:",
                            width="stretch", help=MAKE_ONNX_HELP):
             return

@@ -43,6 +43,12 @@ class PruneRun:
     result: Any = field(default=None, repr=False)  # the engine's PruneResult (for recovery)
 
 
+def saved_onnx(files: dict[str, Path]) -> Path | None:
+    """The saved result's model.onnx if it has been converted, else None."""
+    path = files.get("model.onnx")
+    return path if path is not None and path.is_file() else None
+
+
 def onnx_file(engine: Any, files: dict[str, Path], result: Any) -> Path:
     """The saved result's model.onnx, converted and checked on first request
     (engine.save_onnx, which also rewrites report.json); `files` gains its paths.
@@ -50,8 +56,8 @@ def onnx_file(engine: Any, files: dict[str, Path], result: Any) -> Path:
     Converting costs seconds on the demos and minutes on a large model, and most Prune and
     Recover clicks are steps towards settings, not a download, so a click writes model.pt2
     and report.json only; the Graphs tab and the model.onnx download ask for this."""
-    path = files.get("model.onnx")
-    if path is not None and path.is_file():
+    path = saved_onnx(files)
+    if path is not None:
         return path
     saved = engine.save_onnx(result, files["model.pt2"].parent)
     files.update({name: Path(p) for name, p in saved.items()})

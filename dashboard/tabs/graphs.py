@@ -10,7 +10,7 @@ import engine.io.export
 from dashboard import netron_server, state
 from dashboard.common import RESULT_KEY, session_files, short, show_error
 from dashboard.page import PageState
-from dashboard.prune_run import PruneRun, onnx_file
+from dashboard.prune_run import PruneRun, onnx_file, saved_onnx
 
 
 def render(page: PageState) -> None:
@@ -57,8 +57,8 @@ def _original_graph_file(model: state.LoadedModel) -> Path:
 
 def _pruned_graph_file(run: PruneRun) -> Path:
     """The pruned model's ONNX, converted on the first visit after a Prune."""
-    path = run.files.get("model.onnx")
-    if path is not None and path.is_file():
+    path = saved_onnx(run.files)
+    if path is not None:
         return path
     with st.spinner("Converting the pruned model to ONNX for Netron…"):
         return onnx_file(engine, run.files, run.result)
